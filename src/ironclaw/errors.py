@@ -1,0 +1,236 @@
+"""IronClaw's one exception tree.
+
+Every error IronClaw raises on purpose derives from :class:`IronclawError`, so a caller
+can catch one type at the top and still tell the kinds apart below it::
+
+    IronclawError
+    ├── ConfigError               bad input: ids, specs, policies (nothing was changed)
+    │   └── InvalidSandboxId
+    ├── SandboxError              a sandbox could not do what was asked
+    │   ├── SandboxNotFound
+    │   ├── SandboxTimeout
+    │   ├── BackendError          the jail/VM machinery failed (bwrap, qemu, firecracker)
+    │   └── ResourceLimitExceeded memory, pids, time, disk
+    ├── NetworkError              netns/veth/nftables/proxy set-up failed
+    ├── TransportError            bytes could not move
+    │   ├── ConnectError          could not open the channel (guest not listening yet, ...)
+    │   ├── ReadError
+    │   ├── WriteError
+    │   └── ChannelClosed         the connection is gone; pending calls fail with this
+    ├── ProtocolError             bytes moved but make no sense
+    │   ├── FrameTooLarge
+    │   └── MalformedFrame
+    ├── RpcError(code, message, data)   the peer answered with a JSON-RPC error
+    │   └── RequestCancelled
+    └── ApprovalDenied            a RED action was refused
+
+Errors are translated at layer boundaries: OSError from a socket becomes a
+TransportError in ``transport``; the rpc layer is the single place where exceptions
+become JSON-RPC error objects and back (see :func:`to_wire` / :func:`from_wire`).
+
+This module imports only the standard library: the guest agent uses it too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ApprovalDenied",
+    "BackendError",
+    "ChannelClosed",
+    "ConfigError",
+    "ConnectError",
+    "FrameTooLarge",
+    "InvalidSandboxId",
+    "IronclawError",
+    "MalformedFrame",
+    "NetworkError",
+    "ProtocolError",
+    "ReadError",
+    "RequestCancelled",
+    "ResourceLimitExceeded",
+    "RpcError",
+    "SandboxError",
+    "SandboxNotFound",
+    "SandboxTimeout",
+    "TransportError",
+    "WriteError",
+    "from_wire",
+    "to_wire",
+]
+
+
+class IronclawError(Exception):
+    """Root of every error IronClaw raises on purpose."""
+
+    #: JSON-RPC error code used when this error crosses the channel.
+    wire_code: int = -32000
+
+
+class ConfigError(IronclawError):
+    """Bad input (an id, a spec, a policy). Raised before anything is created."""
+
+    wire_code = -32602
+
+
+class InvalidSandboxId(ConfigError):
+    """A sandbox id does not match ``[a-z0-9][a-z0-9-]{0,62}``."""
+
+
+class SandboxError(IronclawError):
+    """A sandbox could not do what was asked."""
+
+    wire_code = -32010
+
+
+class SandboxNotFound(SandboxError):
+    wire_code = -32011
+
+
+class SandboxTimeout(SandboxError):
+    wire_code = -32012
+
+
+class BackendError(SandboxError):
+    wire_code = -32013
+
+
+class ResourceLimitExceeded(SandboxError):
+    wire_code = -32014
+
+
+class NetworkError(IronclawError):
+    wire_code = -32020
+
+
+class TransportError(IronclawError):
+    """Bytes could not move between host and guest."""
+
+    wire_code = -32030
+
+
+class ConnectError(TransportError):
+    """The channel could not be opened (the guest may not be listening yet)."""
+
+
+class ReadError(TransportError):
+    pass
+
+
+class WriteError(TransportError):
+    pass
+
+
+class ChannelClosed(TransportError):
+    """The connection is gone; every pending call fails with this at once."""
+
+
+class ProtocolError(IronclawError):
+    """Bytes arrived that do not form valid frames or messages."""
+
+    wire_code = -32600
+
+
+class FrameTooLarge(ProtocolError):
+    """A frame header claims more than the configured maximum (checked before allocating)."""
+
+
+class MalformedFrame(ProtocolError):
+    pass
+
+
+class RpcError(IronclawError):
+    """The peer answered a call with a JSON-RPC error object."""
+
+    def __init__(self, code: int, message: str, data: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+    def __str__(self) -> str:
+        return f"{self.message} (code {self.code})"
+
+
+class RequestCancelled(RpcError):
+    """The call was cancelled before it completed."""
+
+    CODE = -32800
+
+    def __init__(self, message: str = "request cancelled", data: Any = None) -> None:
+        super().__init__(self.CODE, message, data)
+
+
+class ApprovalDenied(IronclawError):
+    """A RED action was refused by a person or a policy."""
+
+    wire_code = -32040
+
+
+# Standard JSON-RPC codes, for reference by the rpc layer.
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+
+_BY_NAME: dict[str, type[IronclawError]] = {
+    cls.__name__: cls
+    for cls in (
+        ConfigError,
+        InvalidSandboxId,
+        SandboxError,
+        SandboxNotFound,
+        SandboxTimeout,
+        BackendError,
+        ResourceLimitExceeded,
+        NetworkError,
+        ApprovalDenied,
+    )
+}
+
+# Builtin exceptions that guest handlers raise often; mapped so the host sees a clear type.
+_BUILTIN_CODES: dict[type[BaseException], int] = {
+    FileNotFoundError: -32050,
+    PermissionError: -32051,
+    IsADirectoryError: -32052,
+    NotADirectoryError: -32053,
+    FileExistsError: -32054,
+    ValueError: INVALID_PARAMS,
+    TypeError: INVALID_PARAMS,
+}
+
+
+def to_wire(exc: BaseException) -> dict[str, Any]:
+    """Turn an exception into a JSON-RPC error object (``code``, ``message``, ``data``)."""
+    if isinstance(exc, RpcError):
+        return {"code": exc.code, "message": exc.message, "data": exc.data}
+    if isinstance(exc, IronclawError):
+        return {"code": exc.wire_code, "message": str(exc), "data": {"type": type(exc).__name__}}
+    for btype, code in _BUILTIN_CODES.items():
+        if isinstance(exc, btype):
+            return {"code": code, "message": str(exc), "data": {"type": btype.__name__}}
+    return {
+        "code": INTERNAL_ERROR,
+        "message": f"internal error: {type(exc).__name__}: {exc}",
+        "data": {"type": type(exc).__name__},
+    }
+
+
+def from_wire(error: dict[str, Any]) -> IronclawError:
+    """Turn a JSON-RPC error object back into the matching exception.
+
+    IronClaw's own error types are rebuilt by name; everything else becomes an
+    :class:`RpcError` carrying the code, message and data unchanged.
+    """
+    code = int(error.get("code", INTERNAL_ERROR))
+    message = str(error.get("message", "unknown error"))
+    data = error.get("data")
+    if code == RequestCancelled.CODE:
+        return RequestCancelled(message, data)
+    if isinstance(data, dict):
+        cls = _BY_NAME.get(str(data.get("type", "")))
+        if cls is not None and cls.wire_code == code:
+            return cls(message)
+    return RpcError(code, message, data)

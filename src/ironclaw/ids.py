@@ -41,16 +41,18 @@ def new_sandbox_id(prefix: str = "sb") -> str:
 def id_digest(sandbox_id: str, nbytes: int = 8) -> str:
     """Hex digest (BLAKE2b) of the full, validated id: ``nbytes * 8`` bits of it."""
     validate_sandbox_id(sandbox_id)
-    return hashlib.blake2b(sandbox_id.encode(), digest_size=nbytes, person=b"ironclaw-id").hexdigest()
+    return hashlib.blake2b(
+        sandbox_id.encode(), digest_size=nbytes, person=b"ironclaw-id"
+    ).hexdigest()
 
 
 def derived_name(kind: str, sandbox_id: str, *, max_len: int = 64) -> str:
-    """A kernel-visible name ``ic<kind>-<64-bit hash>`` for one sandbox's resource.
+    """A kernel-visible name ``ic<kind><64-bit hash>`` for one sandbox's resource.
 
     ``max_len`` caps the result (interface names allow 15 characters); the hash part is
     never shorter than 12 hex digits (48 bits) and 16 (64 bits) wherever the cap allows.
     """
-    prefix = f"ic{kind}-"
+    prefix = f"ic{kind}"
     room = max_len - len(prefix)
     if room < 12:
         raise ValueError(f"name for {kind!r} cannot hold a 48-bit hash in {max_len} chars")

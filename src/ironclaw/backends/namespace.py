@@ -1,0 +1,438 @@
+"""The namespace backend: a bubblewrap jail, the embedded default on any Linux host.
+
+How a sandbox is launched, and why:
+
+* **Unprivileged on the host.** bubblewrap started by root would map the sandbox's
+  uid to host root. The launcher therefore drops to a dedicated host uid
+  (``uid_base + slot``: distinct per sandbox) before it execs anything, and bubblewrap
+  builds an unprivileged user namespace from there. Inside, the command runs as uid
+  1000 with every capability dropped, and ``--disable-userns`` plus seccomp stop it
+  from making new namespaces.
+* **No host paths needed.** Because that uid cannot (and must not) traverse IronClaw's
+  0700 runtime directory, nothing of ours is bind-mounted: the agent's code, the
+  synthetic ``/etc`` files and the seccomp program reach bubblewrap as file
+  descriptors, and the agent's listening socket is created by the host and inherited.
+* **A supervisor parent.** bwrap runs under coreutils ``timeout`` (the wall-time
+  limit; 0 = none) with ``--die-with-parent``: killing that one process, which the
+  registry records with its start time, takes the whole sandbox down.
+* **Limits before exec.** The launcher joins the sandbox's cgroups, enters its network
+  namespace (when the policy allows any egress) and sets rlimits while still root,
+  then drops privileges; everything the sandbox runs inherits them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import resource
+import shutil
+import signal
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ironclaw.backends.base import BackendStatus, LaunchContext, process_start_time, same_process
+from ironclaw.config import safe_join
+from ironclaw.errors import BackendError, ConnectError, IronclawError
+from ironclaw.host.guest_bundle import bundle_path
+from ironclaw.policy.limits import rlimits
+from ironclaw.policy.seccomp import compile_bpf
+from ironclaw.spec import SandboxSpec
+from ironclaw.transport import Connection, unix
+
+__all__ = ["GUEST_GID", "GUEST_UID", "NamespaceBackend", "bwrap_argv", "etc_files"]
+
+GUEST_UID = 1000
+GUEST_GID = 1000
+GUEST_ZIP = "/opt/ironclaw/ironclaw.zip"
+WORKSPACE = "/workspace"
+MiB = 1024 * 1024
+CLONE_NEWNET = 0x40000000
+PR_SET_PDEATHSIG = 1
+# Memory pressure kills the command, not the agent: the agent's floor is set here,
+# commands raise theirs (see ironclaw.guest.agent).
+AGENT_OOM_SCORE_ADJ = -500
+
+_AGENT_BOOT = (
+    "import sys; sys.path.insert(0, {zip!r}); "
+    "from ironclaw.guest.__main__ import main; sys.exit(main(sys.argv[1:]))"
+)
+
+# Host files the "host" image shares read-only; everything else in /etc is synthetic.
+_HOST_ETC_BINDS = ("ld.so.cache", "alternatives", "ssl", "ca-certificates", "localtime")
+_USR_LINKS = ("bin", "sbin", "lib", "lib64", "lib32", "libx32")
+
+
+def etc_files(hostname: str) -> dict[str, bytes]:
+    """The synthetic /etc of the "host" image: no host accounts, no secrets."""
+    return {
+        "passwd": (
+            "root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n"
+            f"sandbox:x:{GUEST_UID}:{GUEST_GID}:sandbox:{WORKSPACE}:/bin/sh\n"
+            "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+        ).encode(),
+        "group": f"root:x:0:\nsandbox:x:{GUEST_GID}:\nnogroup:x:65534:\n".encode(),
+        "hostname": f"{hostname}\n".encode(),
+        "hosts": f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n::1\tlocalhost\n".encode(),
+        "nsswitch.conf": b"passwd: files\ngroup: files\nhosts: files dns\n",
+        "resolv.conf": b"# no resolver: names are resolved by the egress proxy, if any\n",
+    }
+
+
+@dataclass(frozen=True)
+class _Fds:
+    """Descriptors handed to bubblewrap; closed in the parent once it started."""
+
+    seccomp: int
+    guest_zip: int
+    etc: dict[str, int]
+    listen: int
+    status: int
+
+    def all(self) -> list[int]:
+        return [self.seccomp, self.guest_zip, self.listen, self.status, *self.etc.values()]
+
+    def close(self) -> None:
+        for fd in self.all():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def bwrap_argv(
+    spec: SandboxSpec,
+    *,
+    hostname: str,
+    fds: _Fds,
+    share_net: bool,
+    extra_env: dict[str, str] | None = None,
+    bwrap: str = "bwrap",
+) -> list[str]:
+    """The full bubblewrap command line for ``spec`` (pure: golden-testable)."""
+    lim = spec.limits
+    a: list[str] = [
+        bwrap,
+        "--unshare-all",
+        "--unshare-user",
+        "--disable-userns",
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
+        "--uid",
+        str(GUEST_UID),
+        "--gid",
+        str(GUEST_GID),
+        "--hostname",
+        hostname,
+        "--ro-bind",
+        "/usr",
+        "/usr",
+    ]
+    if share_net:
+        a.append("--share-net")
+    for name in _USR_LINKS:
+        host = Path("/") / name
+        if host.is_symlink():
+            a += ["--symlink", os.readlink(host), f"/{name}"]
+        elif host.is_dir():
+            a += ["--ro-bind", str(host), f"/{name}"]
+    a += ["--proc", "/proc", "--dev", "/dev", "--dir", "/etc"]
+    for name in _HOST_ETC_BINDS:
+        if (Path("/etc") / name).exists():
+            a += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
+    for name, fd in sorted(fds.etc.items()):
+        a += ["--perms", "0444", "--file", str(fd), f"/etc/{name}"]
+    a += ["--perms", "0555", "--dir", "/opt/ironclaw"]
+    a += ["--perms", "0444", "--file", str(fds.guest_zip), GUEST_ZIP]
+    a += ["--perms", "1777", "--size", str(lim.tmp_mib * MiB), "--tmpfs", "/tmp"]
+    a += ["--perms", "0755", "--size", str(lim.workspace_mib * MiB), "--tmpfs", WORKSPACE]
+    a += ["--symlink", "/tmp", "/var/tmp"]
+    for m in spec.mounts:
+        a += ["--bind" if m.writable else "--ro-bind", m.source, m.target]
+    a += ["--remount-ro", "/"]
+    a += ["--seccomp", str(fds.seccomp), "--json-status-fd", str(fds.status)]
+    a += ["--chdir", WORKSPACE, "--clearenv"]
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+        "HOME": WORKSPACE,
+        "USER": "sandbox",
+        "LANG": "C.UTF-8",
+        "TMPDIR": "/tmp",
+        **(extra_env or {}),
+        **spec.env,
+    }
+    for k, v in env.items():
+        a += ["--setenv", k, v]
+    a += [
+        "--",
+        "/usr/bin/python3",
+        "-I",
+        "-B",
+        "-c",
+        _AGENT_BOOT.format(zip=GUEST_ZIP),
+        "--listen-fd",
+        str(fds.listen),
+        "--workdir",
+        WORKSPACE,
+    ]
+    return a
+
+
+def _memfd(name: str, data: bytes) -> int:
+    fd = os.memfd_create(name, 0)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def _libc_handle() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def _make_preexec(
+    *,
+    uid: int,
+    netns_fd: int | None,
+    cgroup_fds: Sequence[int],
+    limits: list[tuple[int, int, int]],
+    die_with_parent: bool,
+) -> Callable[[], None]:
+    """The child's last steps as root, in the order that keeps them possible."""
+    libc = _libc_handle()
+
+    def preexec() -> None:  # pragma: no cover - runs between fork and exec
+        pid = str(os.getpid()).encode()
+        for fd in cgroup_fds:
+            os.write(fd, pid)
+        if netns_fd is not None and libc.setns(netns_fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns(CLONE_NEWNET) failed")
+        for res, soft, hard in limits:
+            # Only lower: raising a hard limit needs CAP_SYS_RESOURCE, which hosts and
+            # containers often withhold even from root.
+            inf = resource.RLIM_INFINITY
+            cur_hard = resource.getrlimit(res)[1]
+            if cur_hard != inf:
+                hard = cur_hard if hard == inf else min(hard, cur_hard)
+            soft = soft if hard == inf else min(soft, hard)
+            resource.setrlimit(res, (soft, hard))
+        # Best effort (needs CAP_SYS_RESOURCE): commands raise their own score anyway.
+        try:
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write(str(AGENT_OOM_SCORE_ADJ))
+        except OSError:
+            pass
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+        if die_with_parent:
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getuid() == 0 or os.geteuid() == 0:
+            raise OSError("failed to drop root before starting the sandbox")
+
+    return preexec
+
+
+class NamespaceBackend:
+    """bubblewrap + seccomp + cgroups + network namespace."""
+
+    name = "namespace"
+
+    def __init__(self, *, bwrap: str | None = None, timeout_bin: str | None = None) -> None:
+        self.bwrap = bwrap or shutil.which("bwrap") or "/usr/bin/bwrap"
+        self.timeout_bin = timeout_bin or shutil.which("timeout") or "/usr/bin/timeout"
+        # Children this process started: awaited so they never linger as zombies.
+        self._children: dict[int, asyncio.subprocess.Process] = {}
+
+    async def prepare(self, ctx: LaunchContext) -> None:
+        if not os.access(self.bwrap, os.X_OK):
+            raise BackendError(
+                "bubblewrap is not installed: run `apt-get install bubblewrap` "
+                "(or `ironclaw doctor` for everything this host lacks)"
+            )
+        if not os.access("/usr/bin/python3", os.X_OK):
+            raise BackendError("the guest agent needs /usr/bin/python3: apt-get install python3")
+        if ctx.spec.image != "host":
+            raise BackendError(
+                f"image {ctx.spec.image!r} is not available to the namespace backend yet; "
+                "use image 'host'"
+            )
+        for m in ctx.spec.mounts:
+            if not os.path.exists(m.source):
+                raise BackendError(f"mount source {m.source} does not exist")
+
+    async def start(self, ctx: LaunchContext) -> dict[str, Any]:
+        spec = ctx.spec
+        hostname = spec.hostname or ctx.sandbox_id
+        sock_path = safe_join(ctx.run_dir, "agent.sock")
+        status_path = safe_join(ctx.run_dir, "status.json")
+        log_path = safe_join(ctx.run_dir, "sandbox.log")
+        zip_path = await asyncio.to_thread(bundle_path, ctx.settings.state_dir)
+        bpf = compile_bpf(spec.seccomp, allow_inet=ctx.network is not None)
+
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds: _Fds | None = None
+        netns_fd: int | None = None
+        cgroup_fds: list[int] = []
+        log_fd = -1
+        try:
+            listener.bind(str(sock_path))
+            listener.listen(128)
+            fds = _Fds(
+                seccomp=_memfd("ironclaw-seccomp", bpf),
+                guest_zip=os.open(zip_path, os.O_RDONLY),
+                etc={k: _memfd(f"ironclaw-etc-{k}", v) for k, v in etc_files(hostname).items()},
+                listen=listener.fileno(),
+                status=os.open(status_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+            )
+            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            if ctx.network is not None:
+                netns_fd = os.open(ctx.network.netns_path, os.O_RDONLY)
+            if ctx.cgroup is not None:
+                cgroup_fds = ctx.cgroup.attach_fds()
+            wall = spec.limits.wall_time_s
+            argv = [
+                self.timeout_bin,
+                "--signal=KILL",
+                f"{wall:.3f}s" if wall else "0",
+                *bwrap_argv(
+                    spec,
+                    hostname=hostname,
+                    fds=fds,
+                    share_net=ctx.network is not None,
+                    extra_env={**(ctx.network.env if ctx.network else {}), **ctx.extra_env},
+                    bwrap=self.bwrap,
+                ),
+            ]
+            env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=log_fd,
+                pass_fds=fds.all(),
+                start_new_session=True,
+                env=env,
+                preexec_fn=_make_preexec(
+                    uid=ctx.host_uid,
+                    netns_fd=netns_fd,
+                    cgroup_fds=cgroup_fds,
+                    limits=rlimits(spec.limits),
+                    die_with_parent=ctx.one_shot,
+                ),
+            )
+        except OSError as exc:
+            raise BackendError(f"could not launch bubblewrap: {exc}") from exc
+        finally:
+            listener.close()
+            if fds is not None:
+                fds.close()
+            for fd in [netns_fd, log_fd, *cgroup_fds]:
+                if fd is not None and fd >= 0:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+
+        info: dict[str, Any] = {
+            "pid": proc.pid,
+            "pid_start": process_start_time(proc.pid),
+            "socket": str(sock_path),
+            "status_file": str(status_path),
+            "log": str(log_path),
+            "host_uid": ctx.host_uid,
+            "started_at": time.time(),
+            "wall_time_s": spec.limits.wall_time_s,
+        }
+        self._children[proc.pid] = proc
+        return info
+
+    async def wait_exited(self, info: dict[str, Any]) -> None:
+        """Return when the sandbox's supervisor has exited (for readiness races)."""
+        proc = self._children.get(int(info["pid"]))
+        if proc is not None:
+            await proc.wait()
+            return
+        while same_process(info.get("pid"), info.get("pid_start")):
+            await asyncio.sleep(0.05)
+
+    async def open_channel(self, info: dict[str, Any], *, timeout: float = 5.0) -> Connection:
+        try:
+            return await unix.connect(info["socket"], timeout=timeout)
+        except ConnectError as exc:
+            raise ConnectError(
+                f"cannot reach the agent of this sandbox ({exc}); it may have stopped: "
+                "see `ironclaw sandbox ls`"
+            ) from exc
+
+    async def stop(self, info: dict[str, Any], *, timeout: float = 2.0) -> None:
+        pid, start = info.get("pid"), info.get("pid_start")
+        if same_process(pid, start):
+            assert isinstance(pid, int)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc = self._children.pop(int(pid), None) if pid else None
+        deadline = time.monotonic() + timeout
+        if proc is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), timeout)
+        while same_process(pid, start) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    async def inspect(self, info: dict[str, Any]) -> BackendStatus:
+        if same_process(info.get("pid"), info.get("pid_start")):
+            return BackendStatus(alive=True)
+        return BackendStatus(alive=False, reason=self.exit_reason(info))
+
+    @staticmethod
+    def exit_reason(info: dict[str, Any]) -> str:
+        """Why a sandbox ended, from bubblewrap's status file and the wall-time limit."""
+        status = Path(str(info.get("status_file", "")))
+        exit_code: int | None = None
+        with contextlib.suppress(OSError, ValueError):
+            import json
+
+            for line in status.read_text().splitlines():
+                line = line.strip()
+                if line:
+                    doc = json.loads(line)
+                    if "exit-code" in doc:
+                        exit_code = int(doc["exit-code"])
+        wall = info.get("wall_time_s")
+        started = float(info.get("started_at", 0.0))
+        if exit_code is None and wall and time.time() - started >= float(wall) - 0.5:
+            return "timeout: wall-time limit reached"
+        if exit_code is None:
+            return "killed"
+        return f"exited with code {exit_code}"
+
+    def read_log(self, info: dict[str, Any], limit: int = 4000) -> str:
+        try:
+            data = Path(str(info["log"])).read_bytes()
+        except (OSError, KeyError):
+            return ""
+        return data[-limit:].decode(errors="replace").strip()
+
+
+def describe_launch_failure(backend: NamespaceBackend, info: dict[str, Any]) -> IronclawError:
+    """Turn bubblewrap's own words into an error that says what to change."""
+    log = backend.read_log(info)
+    hint = ""
+    if "Permission denied" in log and "source path" in log:
+        hint = (
+            f" A mount source must be readable by the sandbox's host uid {info.get('host_uid')}"
+            " (make it world-readable, or copy files in with `ironclaw sandbox cp`)."
+        )
+    elif "No space left" in log or "user namespace" in log.lower():
+        hint = " Unprivileged user namespaces may be disabled: see `ironclaw doctor`."
+    return BackendError(f"the sandbox failed to start: {log or 'no output'}.{hint}")

@@ -1,0 +1,5 @@
+"""``python -m ironclaw.cli``."""
+
+from ironclaw.cli.main import main
+
+main()

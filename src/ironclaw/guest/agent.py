@@ -1,0 +1,436 @@
+"""The guest agent: the RPC server that runs inside every sandbox.
+
+It is the only IronClaw code inside the jail or VM, so it imports nothing but the
+standard library and IronClaw's own ``proto``/``transport``/``rpc`` layers. Methods:
+
+``ping``            liveness, plus facts about the guest (kernel, uid, pid)
+``exec``            run argv; stdout/stderr stream back as binary frames as they come
+``exec.signal``     signal a running exec's process group
+``files.*``         write/read (streamed in chunks), list, stat, remove, mkdir
+``shutdown``        stop the agent; the sandbox ends with it
+
+Commands run in their own process group (``start_new_session``) so a timeout or a
+kill reaches their children too; their ``oom_score_adj`` is raised so that, under
+memory pressure, the kernel kills the command rather than the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import platform
+import shutil
+import signal
+import stat
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ironclaw.errors import ConfigError
+from ironclaw.rpc import CallContext, Handler, Peer
+from ironclaw.transport import Connection
+
+__all__ = ["GuestAgent"]
+
+CHUNK = 256 * 1024
+# After the main process exits, its pipes may stay open (held by a background child):
+# the agent keeps reading while bytes flow and stops after this long without any.
+PIPE_IDLE_S = 0.2
+DEFAULT_WORKDIR = "/workspace"
+
+
+def _raise_oom_score() -> None:  # pragma: no cover - runs in the child before exec
+    with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
+        f.write("1000")
+
+
+async def _fd_ready(fd: int, *, write: bool) -> None:
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    add, remove = (loop.add_writer, loop.remove_writer) if write else (
+        loop.add_reader, loop.remove_reader)
+    add(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        remove(fd)
+
+
+async def _read_fd(fd: int) -> bytes:
+    """Read what a non-blocking pipe has (b"" at EOF), waiting on the loop, not a thread."""
+    while True:
+        try:
+            return os.read(fd, CHUNK)
+        except BlockingIOError:
+            await _fd_ready(fd, write=False)
+
+
+async def _write_fd(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            await _fd_ready(fd, write=True)
+
+
+def _resolve(path: object, workdir: str) -> Path:
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise ConfigError(f"path must be a non-empty string, got {path!r}")
+    p = Path(path)
+    return p if p.is_absolute() else Path(workdir) / p
+
+
+def _entry(path: Path, st: os.stat_result) -> dict[str, Any]:
+    if stat.S_ISDIR(st.st_mode):
+        kind = "dir"
+    elif stat.S_ISLNK(st.st_mode):
+        kind = "symlink"
+    elif stat.S_ISREG(st.st_mode):
+        kind = "file"
+    else:
+        kind = "other"
+    return {
+        "name": path.name,
+        "path": str(path),
+        "type": kind,
+        "size": st.st_size,
+        "mode": stat.S_IMODE(st.st_mode),
+        "mtime": st.st_mtime,
+    }
+
+
+class _Exec:
+    """One running command."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.timed_out = False
+        self.last_output = time.monotonic()
+        self.sending = 0  # pumps in the middle of handing a chunk to the channel
+
+    def signal_group(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signum)
+
+
+class GuestAgent:
+    """Serves one sandbox. Each accepted connection gets its own :class:`Peer`."""
+
+    def __init__(self, *, workdir: str = DEFAULT_WORKDIR) -> None:
+        self.workdir = workdir if os.path.isdir(workdir) else os.getcwd()
+        self._execs: dict[str, _Exec] = {}
+        self._peers: set[Peer] = set()
+        self._stop = asyncio.Event()
+        self._exec_counter = 0
+
+    @property
+    def handlers(self) -> Mapping[str, Handler]:
+        return {
+            "ping": self.ping,
+            "exec": self.exec,
+            "exec.signal": self.exec_signal,
+            "files.write": self.files_write,
+            "files.read": self.files_read,
+            "files.list": self.files_list,
+            "files.stat": self.files_stat,
+            "files.remove": self.files_remove,
+            "files.mkdir": self.files_mkdir,
+            "shutdown": self.shutdown,
+        }
+
+    async def serve_connection(self, conn: Connection) -> None:
+        peer = Peer(conn, handlers=self.handlers, name="guest")
+        self._peers.add(peer)
+        try:
+            async with peer:
+                stop = asyncio.ensure_future(self._stop.wait())
+                closed = asyncio.ensure_future(peer.wait_closed())
+                try:
+                    await asyncio.wait({stop, closed}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stop.cancel()
+                    closed.cancel()
+        finally:
+            self._peers.discard(peer)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stop.wait()
+
+    # -- methods -----------------------------------------------------------------------
+
+    async def ping(self, params: Any, ctx: CallContext) -> dict[str, Any]:
+        return {
+            "pong": True,
+            "kernel": platform.release(),
+            "uid": os.getuid(),
+            "gid": os.getgid(),
+            "pid": os.getpid(),
+            "hostname": platform.node(),
+            "workdir": self.workdir,
+            "python": platform.python_version(),
+        }
+
+    async def shutdown(self, params: Any, ctx: CallContext) -> dict[str, Any]:
+        for ex in list(self._execs.values()):
+            ex.signal_group(signal.SIGKILL)
+        # Answer first, then stop: the caller gets its reply before the channel closes.
+        asyncio.get_running_loop().call_later(0.05, self._stop.set)
+        return {"stopping": True}
+
+    async def exec(self, params: Any, ctx: CallContext) -> dict[str, Any]:
+        if not isinstance(params, dict):
+            raise ConfigError("exec params must be an object")
+        argv = params.get("argv")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise ConfigError("exec needs 'argv': a non-empty list of strings")
+        env = params.get("env")
+        if env is None:
+            env = dict(os.environ)
+        elif not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+        ):
+            raise ConfigError("exec 'env' must map strings to strings")
+        else:
+            env = {**os.environ, **env}
+        cwd = str(_resolve(params.get("cwd") or self.workdir, self.workdir))
+        if not os.path.isdir(cwd):
+            raise ConfigError(f"working directory {cwd!r} does not exist")
+        timeout = params.get("timeout")
+        if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
+            raise ConfigError("exec 'timeout' must be a positive number of seconds")
+        stdout_id = params.get("stdout_stream")
+        stderr_id = params.get("stderr_stream")
+        stdin_id = params.get("stdin_stream")
+        exec_id = str(params.get("exec_id") or f"x{self._next_exec()}")
+        keep_background = bool(params.get("keep_background", False))
+
+        started = time.monotonic()
+        # Plain pipes rather than asyncio's: asyncio's wait() also waits for the pipes to
+        # close, which a background child may hold open long after the command exited.
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        in_r, in_w = os.pipe() if stdin_id is not None else (-1, -1)
+        ours = [out_r, err_r] + ([in_w] if in_w >= 0 else [])
+        for fd in ours:
+            os.set_blocking(fd, False)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=in_r if in_r >= 0 else asyncio.subprocess.DEVNULL,
+                stdout=out_w,
+                stderr=err_w,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_raise_oom_score,
+            )
+        except OSError as exc:
+            for fd in ours:
+                os.close(fd)
+            code = 127 if isinstance(exc, FileNotFoundError) else 126
+            reason = "command not found" if code == 127 else exc.strerror
+            msg = f"{argv[0]}: {reason}\n"
+            return await self._spawn_failure(code, msg, ctx.peer, stdout_id, stderr_id)
+        finally:
+            for fd in (out_w, err_w, in_r):
+                if fd >= 0:
+                    os.close(fd)
+
+        ex = _Exec(proc)
+        self._execs[exec_id] = ex
+        peer = ctx.peer
+        pumps = [
+            asyncio.ensure_future(self._pump(out_r, peer, stdout_id, ex)),
+            asyncio.ensure_future(self._pump(err_r, peer, stderr_id, ex)),
+        ]
+        feeder = None
+        if stdin_id is not None:
+            feeder = asyncio.ensure_future(self._feed(peer, int(stdin_id), in_w))
+        try:
+            try:
+                async with asyncio.timeout(timeout):
+                    await proc.wait()
+            except TimeoutError:
+                ex.timed_out = True
+                ex.signal_group(signal.SIGKILL)
+                await proc.wait()
+            await self._drain_after_exit(pumps, ex)
+            if not keep_background:
+                # Like a hangup: what the command left running in its group ends with it,
+                # so a fork bomb's remnants cannot hold the pids limit afterwards.
+                ex.signal_group(signal.SIGKILL)
+        except asyncio.CancelledError:
+            ex.signal_group(signal.SIGKILL)
+            raise
+        finally:
+            self._execs.pop(exec_id, None)
+            if feeder is not None:
+                feeder.cancel()
+                await asyncio.gather(feeder, return_exceptions=True)
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            for fd in ours:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            for sid in (stdout_id, stderr_id):
+                if sid is not None and not peer.closed:
+                    with contextlib.suppress(Exception):
+                        await peer.end_stream(int(sid))
+
+        rc = proc.returncode
+        assert rc is not None
+        sig = -rc if rc < 0 else None
+        return {
+            "exit_code": 128 + sig if sig is not None else rc,
+            "signal": sig,
+            "timed_out": ex.timed_out,
+            "duration_ms": round((time.monotonic() - started) * 1000, 3),
+            "pid": proc.pid,
+        }
+
+    def _next_exec(self) -> int:
+        self._exec_counter += 1
+        return self._exec_counter
+
+    async def _spawn_failure(
+        self, code: int, message: str, peer: Peer, stdout_id: object, stderr_id: object
+    ) -> dict[str, Any]:
+        """Report a command that could not start as a shell would (127/126)."""
+        if stderr_id is not None:
+            await peer.send_bytes(int(str(stderr_id)), message.encode())
+        for sid in (stdout_id, stderr_id):
+            if sid is not None:
+                await peer.end_stream(int(str(sid)))
+        return {
+            "exit_code": code,
+            "signal": None,
+            "timed_out": False,
+            "duration_ms": 0.0,
+            "pid": None,
+            "spawn_error": message.strip(),
+        }
+
+    async def _drain_after_exit(self, pumps: list[asyncio.Future[None]], ex: _Exec) -> None:
+        pending = set(pumps)
+        while pending:
+            _done, pending = await asyncio.wait(pending, timeout=PIPE_IDLE_S)
+            idle = time.monotonic() - ex.last_output >= PIPE_IDLE_S
+            if pending and idle and ex.sending == 0:
+                break
+
+    async def _pump(self, fd: int, peer: Peer, stream_id: object, ex: _Exec) -> None:
+        while True:
+            chunk = await _read_fd(fd)
+            if not chunk:
+                return
+            if stream_id is not None:
+                ex.sending += 1
+                try:
+                    await peer.send_bytes(int(str(stream_id)), chunk)
+                finally:
+                    ex.sending -= 1
+            ex.last_output = time.monotonic()
+
+    async def _feed(self, peer: Peer, stream_id: int, fd: int) -> None:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            async for chunk in peer.open_stream(stream_id):
+                await _write_fd(fd, chunk)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+    async def exec_signal(self, params: Any, ctx: CallContext) -> dict[str, Any]:
+        if not isinstance(params, dict):
+            raise ConfigError("exec.signal params must be an object")
+        ex = self._execs.get(str(params.get("exec_id")))
+        if ex is None:
+            return {"signalled": False}
+        ex.signal_group(int(params.get("signal", signal.SIGKILL)))
+        return {"signalled": True}
+
+    # -- files -------------------------------------------------------------------------
+
+    def _path(self, params: Any) -> Path:
+        if not isinstance(params, dict):
+            raise ConfigError("params must be an object")
+        return _resolve(params.get("path"), self.workdir)
+
+    async def files_write(self, params: Any, ctx: CallContext) -> dict[str, Any]:
+        path = self._path(params)
+        stream_id = int(params["stream"])
+        mode = int(params.get("mode", 0o644))
+        if params.get("mkdir", True):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.ironclaw-part")
+        size = 0
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+        try:
+            async for chunk in ctx.peer.open_stream(stream_id):
+                view = memoryview(chunk)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                size += len(chunk)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        os.close(fd)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+        return {"path": str(path), "size": size}
+
+    async def files_read(self, params: Any, ctx: CallContext) -> dict[str, Any]:
+        path = self._path(params)
+        stream_id = int(params["stream"])
+        size = 0
+        try:
+            with open(path, "rb") as f:
+                while True:
+                    chunk = f.read(CHUNK)
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    await ctx.peer.send_bytes(stream_id, chunk)
+        finally:
+            if not ctx.peer.closed:
+                with contextlib.suppress(Exception):
+                    await ctx.peer.end_stream(stream_id)
+        return {"path": str(path), "size": size}
+
+    async def files_list(self, params: Any, ctx: CallContext) -> dict[str, Any]:
+        path = self._path(params)
+        entries = []
+        with os.scandir(path) as it:
+            for entry in it:
+                st = entry.stat(follow_symlinks=False)
+                entries.append(_entry(Path(entry.path), st))
+        entries.sort(key=lambda e: str(e["name"]))
+        return {"path": str(path), "entries": entries}
+
+    async def files_stat(self, params: Any, ctx: CallContext) -> dict[str, Any]:
+        path = self._path(params)
+        return _entry(path, path.lstat())
+
+    async def files_remove(self, params: Any, ctx: CallContext) -> dict[str, Any]:
+        path = self._path(params)
+        if path.is_dir() and not path.is_symlink():
+            if params.get("recursive"):
+                shutil.rmtree(path)
+            else:
+                path.rmdir()
+        else:
+            path.unlink()
+        return {"removed": str(path)}
+
+    async def files_mkdir(self, params: Any, ctx: CallContext) -> dict[str, Any]:
+        path = self._path(params)
+        path.mkdir(parents=bool(params.get("parents", True)), exist_ok=True)
+        return {"path": str(path)}

@@ -1,0 +1,170 @@
+"""``ironclaw doctor``: what this host supports, each missing piece with its fix.
+
+Every check runs the real thing where that is cheap (a user namespace is created, the
+seccomp library is loaded), because a file that exists is not a feature that works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Check", "run_checks"]
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str | None = None
+    required: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "ok": self.ok,
+            "detail": self.detail,
+            "fix": self.fix,
+            "required": self.required,
+        }
+
+
+async def _run(*argv: str, timeout: float = 10.0) -> tuple[int, str]:
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+    except OSError as exc:
+        return 127, str(exc)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return 124, "timed out"
+    return proc.returncode or 0, out.decode(errors="replace").strip()
+
+
+async def _tool(name: str, version_args: list[str], package: str, required: bool) -> Check:
+    path = shutil.which(name)
+    if path is None:
+        return Check(name, False, "not installed", f"apt-get install {package}", required)
+    rc, out = await _run(path, *version_args)
+    first = out.splitlines()[0] if out else ""
+    return Check(
+        name, rc == 0, first or f"exit {rc}", None if rc == 0 else f"reinstall {package}", required
+    )
+
+
+async def _userns() -> Check:
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return Check("user namespaces", False, "bwrap missing", "apt-get install bubblewrap", True)
+    rc, out = await _run(
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        bwrap,
+        "--unshare-all",
+        "--unshare-user",
+        "--ro-bind",
+        "/usr",
+        "/usr",
+        "--symlink",
+        "usr/bin",
+        "/bin",
+        "--symlink",
+        "usr/lib",
+        "/lib",
+        "--symlink",
+        "usr/lib64",
+        "/lib64",
+        "--",
+        "/usr/bin/true",
+    )
+    if rc == 0:
+        return Check("user namespaces", True, "an unprivileged uid can create a jail", None, True)
+    return Check(
+        "user namespaces",
+        False,
+        out or f"exit {rc}",
+        "enable unprivileged user namespaces: sysctl -w user.max_user_namespaces=15000 "
+        "(and kernel.unprivileged_userns_clone=1 or apparmor_restrict_unprivileged_userns=0)",
+        True,
+    )
+
+
+def _seccomp() -> Check:
+    try:
+        from ironclaw.policy.seccomp import compile_bpf
+
+        size = len(compile_bpf("default", allow_inet=False))
+    except Exception as exc:
+        return Check("seccomp", False, str(exc), "apt-get install libseccomp2", True)
+    return Check("seccomp", True, f"default profile compiles to {size} bytes of BPF", None, True)
+
+
+def _cgroups() -> Check:
+    v2 = Path("/sys/fs/cgroup/cgroup.controllers")
+    if v2.exists():
+        ctrls = v2.read_text().split()
+        missing = [c for c in ("memory", "pids", "cpu") if c not in ctrls]
+        ok = not missing
+        return Check(
+            "cgroups",
+            ok,
+            f"v2 controllers: {' '.join(ctrls)}",
+            None if ok else f"delegate {', '.join(missing)} to IronClaw's cgroup",
+            True,
+        )
+    found = [c for c in ("memory", "pids", "cpu") if Path(f"/sys/fs/cgroup/{c}/tasks").exists()]
+    ok = len(found) == 3
+    return Check(
+        "cgroups",
+        ok,
+        f"v1 controllers: {' '.join(found) or 'none'}",
+        None if ok else "mount the memory, pids and cpu cgroup controllers",
+        True,
+    )
+
+
+def _kvm() -> Check:
+    if not os.path.exists("/dev/kvm"):
+        return Check(
+            "kvm", False, "/dev/kvm missing", "enable virtualisation (VMs fall back to TCG)"
+        )
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return Check("kvm", False, "/dev/kvm not accessible", "add the user to group kvm")
+    return Check("kvm", True, "/dev/kvm present (bootability is probed on first VM start)")
+
+
+async def run_checks() -> list[Check]:
+    """All checks, required ones (the namespace backend) first."""
+    tools = await asyncio.gather(
+        _tool("bwrap", ["--version"], "bubblewrap", True),
+        _tool("nft", ["--version"], "nftables", True),
+        _tool("python3", ["--version"], "python3", True),
+        _tool("qemu-system-x86_64", ["--version"], "qemu-system-x86", False),
+        _tool("firecracker", ["--version"], "firecracker (from its release page)", False),
+        _tool("jailer", ["--version"], "firecracker's jailer (from its release page)", False),
+        _tool("debootstrap", ["--version"], "debootstrap", False),
+    )
+    userns = await _userns()
+    checks = [tools[0], userns, _seccomp(), _cgroups(), tools[1], tools[2], _kvm(), *tools[3:]]
+    guest_py = Path("/usr/bin/python3")
+    if not guest_py.exists():
+        checks.append(
+            Check(
+                "guest python", False, "/usr/bin/python3 missing", "apt-get install python3", True
+            )
+        )
+    return checks

@@ -1,0 +1,498 @@
+"""The host manager: create → start → channel → stop → destroy, for every backend.
+
+There is no daemon (as with podman): each CLI invocation, SDK user or API server builds
+a :class:`SandboxManager` over the shared registry. Every resource a sandbox gets is
+recorded as an intent before it is made, and torn down in reverse order; a failure at
+any step of ``create`` undoes the steps before it, so bad input or a failed launch
+changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ironclaw.backends.base import Backend, LaunchContext
+from ironclaw.config import Settings, ensure_private_dir, safe_join
+from ironclaw.errors import (
+    BackendError,
+    ChannelClosed,
+    ConfigError,
+    IronclawError,
+    SandboxError,
+    SandboxNotFound,
+    SandboxTimeout,
+)
+from ironclaw.host.store import SandboxRecord, Store
+from ironclaw.ids import new_sandbox_id, validate_sandbox_id
+from ironclaw.rpc import Peer
+from ironclaw.spec import SandboxSpec, parse_spec
+
+if TYPE_CHECKING:
+    from ironclaw.host.cgroups import CgroupManager
+    from ironclaw.host.net import NetworkManager
+
+__all__ = ["DEFAULT_UID_BASE", "ExecResult", "SandboxManager"]
+
+DEFAULT_UID_BASE = 2_000_000_000
+OutputSink = Callable[[bytes], Awaitable[None] | None]
+
+
+@dataclass
+class ExecResult:
+    """What one command did. ``status`` says why it ended, in words a user acts on."""
+
+    sandbox_id: str
+    exit_code: int
+    signal: int | None
+    stdout: bytes
+    stderr: bytes
+    duration_ms: float
+    status: str = "exited"
+    timed_out: bool = False
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self, backend: str) -> dict[str, Any]:
+        return {
+            "id": self.sandbox_id,
+            "backend": backend,
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "status": self.status,
+            "timed_out": self.timed_out,
+            "stdout": self.stdout.decode(errors="replace"),
+            "stderr": self.stderr.decode(errors="replace"),
+            "stdout_bytes": self.stdout_bytes,
+            "stderr_bytes": self.stderr_bytes,
+            "duration_ms": round(self.duration_ms, 3),
+        }
+
+
+def _backend(name: str) -> Backend:
+    if name == "namespace":
+        from ironclaw.backends.namespace import NamespaceBackend
+
+        return NamespaceBackend()
+    raise ConfigError(
+        f"backend {name!r} is not available on this host yet; use --backend namespace "
+        "(`ironclaw doctor` lists what this host supports)"
+    )
+
+
+class SandboxManager:
+    """Owns sandboxes through the registry. Use as ``async with SandboxManager() as m``."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        uid_base: int | None = None,
+        cgroup_root: str | None = None,
+    ) -> None:
+        self.settings = settings or Settings.from_env()
+        self.uid_base = uid_base or int(os.environ.get("IRONCLAW_UID_BASE", DEFAULT_UID_BASE))
+        self._cgroup_root = cgroup_root or os.environ.get("IRONCLAW_CGROUP_ROOT", "ironclaw")
+        self.store = Store(self.settings.registry_path)
+        self._backends: dict[str, Backend] = {}
+        self._peers: dict[str, Peer] = {}
+        self._cgroups: CgroupManager | None = None
+        self._net: NetworkManager | None = None
+        self._owned: set[str] = set()
+
+    async def __aenter__(self) -> SandboxManager:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def open(self) -> None:
+        self.settings.ensure()
+        await self.store.open()
+
+    async def aclose(self) -> None:
+        for peer in list(self._peers.values()):
+            await peer.aclose()
+        self._peers.clear()
+        await self.store.aclose()
+
+    # -- parts -------------------------------------------------------------------------
+
+    def backend(self, name: str) -> Backend:
+        if name not in self._backends:
+            self._backends[name] = _backend(name)
+        return self._backends[name]
+
+    @property
+    def cgroups(self) -> CgroupManager:
+        if self._cgroups is None:
+            from ironclaw.host.cgroups import CgroupManager
+
+            self._cgroups = CgroupManager(self._cgroup_root)
+        return self._cgroups
+
+    @property
+    def net(self) -> NetworkManager:
+        if self._net is None:
+            from ironclaw.host.net import NetworkManager
+
+            self._net = NetworkManager(self.settings)
+        return self._net
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def create(
+        self,
+        spec: SandboxSpec | dict[str, Any] | None = None,
+        *,
+        sandbox_id: str | None = None,
+        one_shot: bool = False,
+        ready_timeout: float = 20.0,
+    ) -> SandboxRecord:
+        """Create and start a sandbox; return its record once the agent answers."""
+        spec = parse_spec(spec if spec is not None else {})
+        sid = validate_sandbox_id(sandbox_id) if sandbox_id is not None else new_sandbox_id()
+        backend = self.backend(spec.backend)
+        record = await self.store.reserve(
+            sid,
+            backend=spec.backend,
+            spec=spec.model_dump(mode="json"),
+            owner_pid=os.getpid(),
+            one_shot=one_shot,
+        )
+        self._owned.add(sid)
+        try:
+            return await self._start(record, spec, backend, one_shot, ready_timeout)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._teardown(record, reason=f"failed: {exc}"))
+            if isinstance(exc, IronclawError | asyncio.CancelledError | KeyboardInterrupt):
+                raise
+            raise BackendError(f"creating sandbox {sid} failed: {exc}") from exc
+
+    async def _start(
+        self,
+        record: SandboxRecord,
+        spec: SandboxSpec,
+        backend: Backend,
+        one_shot: bool,
+        ready_timeout: float,
+    ) -> SandboxRecord:
+        sid = record.id
+        run_dir = self.settings.sandbox_runtime_dir(sid)
+        ensure_private_dir(run_dir.parent)
+        await self.store.intend(sid, "runtime_dir", str(run_dir))
+        if run_dir.exists():
+            raise SandboxError(f"runtime directory {run_dir} already exists; run `ironclaw gc`")
+        run_dir.mkdir(mode=0o700)
+        await self.store.created(sid, "runtime_dir", str(run_dir))
+
+        ctx = LaunchContext(
+            sandbox_id=sid,
+            slot=record.slot,
+            spec=spec,
+            settings=self.settings,
+            run_dir=run_dir,
+            host_uid=self.uid_base + record.slot,
+            one_shot=one_shot,
+        )
+        await backend.prepare(ctx)
+
+        await self.store.intend(sid, "cgroup", sid)
+        ctx.cgroup = await self.cgroups.create(sid, spec.limits)
+        await self.store.created(sid, "cgroup", sid)
+
+        if spec.network.needs_network:
+            await self.store.intend(sid, "network", sid)
+            ctx.network = await self.net.create(sid, spec.network, slot=record.slot)
+            await self.store.created(sid, "network", sid)
+
+        await self.store.intend(sid, "process", "supervisor")
+        info = await backend.start(ctx)
+        await self.store.update(sid, info={**info, "host_uid": ctx.host_uid})
+        await self.store.created(sid, "process", "supervisor")
+
+        peer = await self._wait_ready(sid, backend, info, ready_timeout)
+        self._peers[sid] = peer
+        await self.store.update(sid, state="running")
+        return await self.store.get(sid)
+
+    async def _wait_ready(
+        self, sid: str, backend: Backend, info: dict[str, Any], timeout: float
+    ) -> Peer:
+        async def ping() -> Peer:
+            conn = await backend.open_channel(info, timeout=timeout)
+            peer = Peer(conn, name=f"host:{sid}")
+            await peer.start()
+            try:
+                await peer.call("ping", timeout=timeout)
+            except BaseException:
+                await peer.aclose()
+                raise
+            return peer
+
+        pinging = asyncio.ensure_future(ping())
+        waiter = getattr(backend, "wait_exited", None)
+        exited = asyncio.ensure_future(waiter(info)) if waiter else None
+        try:
+            waitset: set[asyncio.Future[Any]] = {pinging}
+            if exited is not None:
+                waitset.add(exited)
+            done, _ = await asyncio.wait(
+                waitset, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if pinging in done:
+                return pinging.result()
+            if exited is not None and exited in done:
+                from ironclaw.backends.namespace import NamespaceBackend, describe_launch_failure
+
+                if isinstance(backend, NamespaceBackend):
+                    raise describe_launch_failure(backend, info)
+                raise BackendError("the sandbox exited before its agent answered")
+            raise SandboxTimeout(f"the sandbox's agent did not answer within {timeout:.0f}s")
+        finally:
+            if exited is not None:
+                exited.cancel()
+            if not pinging.done():
+                pinging.cancel()
+                with contextlib.suppress(BaseException):
+                    await pinging
+
+    async def destroy(self, sandbox_id: str) -> None:
+        """Stop the sandbox and remove every resource it had. Idempotent per id."""
+        record = await self.store.get(validate_sandbox_id(sandbox_id))
+        await self._teardown(record, reason="destroyed")
+
+    async def _teardown(self, record: SandboxRecord, *, reason: str) -> None:
+        sid = record.id
+        with contextlib.suppress(SandboxNotFound):
+            await self.store.update(sid, state="stopping", reason=reason)
+        peer = self._peers.pop(sid, None)
+        if peer is not None:
+            await peer.aclose()
+        fresh = await self.store.get(sid)
+        errors: list[str] = []
+        kinds = {r.kind for r in await self.store.resources(sid)}
+        if "process" in kinds:
+            try:
+                await self.backend(fresh.backend).stop(fresh.info)
+                await self.store.removed(sid, "process", "supervisor")
+            except Exception as exc:
+                errors.append(f"stop: {exc}")
+        if "cgroup" in kinds:
+            try:
+                await self.cgroups.destroy(sid)
+                await self.store.removed(sid, "cgroup", sid)
+            except Exception as exc:
+                errors.append(f"cgroup: {exc}")
+        if "network" in kinds:
+            try:
+                await self.net.destroy(sid, slot=fresh.slot)
+                await self.store.removed(sid, "network", sid)
+            except Exception as exc:
+                errors.append(f"network: {exc}")
+        if "runtime_dir" in kinds:
+            run_dir = self.settings.sandbox_runtime_dir(sid)
+            await asyncio.to_thread(shutil.rmtree, run_dir, True)
+            await self.store.removed(sid, "runtime_dir", str(run_dir))
+        self._owned.discard(sid)
+        if errors:
+            await self.store.update(sid, state="failed", reason="; ".join(errors))
+            raise SandboxError(
+                f"sandbox {sid} was not fully removed ({'; '.join(errors)}); `ironclaw gc` retries"
+            )
+        await self.store.delete(sid)
+
+    async def get(self, sandbox_id: str) -> SandboxRecord:
+        return await self._refresh(await self.store.get(validate_sandbox_id(sandbox_id)))
+
+    async def list(self) -> list[SandboxRecord]:
+        return [await self._refresh(r) for r in await self.store.list()]
+
+    async def _refresh(self, record: SandboxRecord) -> SandboxRecord:
+        """Mark a running sandbox whose processes died as dead, with the reason."""
+        if record.state != "running":
+            return record
+        status = await self.backend(record.backend).inspect(record.info)
+        if status.alive:
+            return record
+        await self.store.update(record.id, state="dead", reason=status.reason)
+        return await self.store.get(record.id)
+
+    # -- channel -----------------------------------------------------------------------
+
+    async def peer(self, sandbox_id: str) -> Peer:
+        """A connected peer to the sandbox's agent (cached per manager)."""
+        peer = self._peers.get(sandbox_id)
+        if peer is not None and not peer.closed:
+            return peer
+        record = await self.get(sandbox_id)
+        if record.state != "running":
+            raise SandboxError(
+                f"sandbox {sandbox_id} is {record.state}"
+                + (f" ({record.reason})" if record.reason else "")
+                + "; remove it with `ironclaw sandbox rm`"
+            )
+        conn = await self.backend(record.backend).open_channel(record.info)
+        peer = Peer(conn, name=f"host:{sandbox_id}")
+        await peer.start()
+        self._peers[sandbox_id] = peer
+        return peer
+
+    async def exec(
+        self,
+        sandbox_id: str,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | None = None,
+        on_stdout: OutputSink | None = None,
+        on_stderr: OutputSink | None = None,
+        capture: bool = True,
+    ) -> ExecResult:
+        """Run ``argv`` in the sandbox, streaming output to the sinks as it comes.
+
+        With ``capture=False`` output is only streamed, so memory stays bounded however
+        much a command prints.
+        """
+        if not argv:
+            raise ConfigError("nothing to run: give a command")
+        peer = await self.peer(sandbox_id)
+        cg = self._cgroup_or_none(sandbox_id)
+        before = cg.stats() if cg is not None else None
+        out_id, err_id = peer.new_stream_id(), peer.new_stream_id()
+        in_id = peer.new_stream_id() if stdin is not None else None
+        out_buf, err_buf = bytearray(), bytearray()
+        counts = [0, 0]
+
+        async def drain(stream_id: int, buf: bytearray, sink: OutputSink | None, i: int) -> None:
+            async for chunk in peer.open_stream(stream_id):
+                counts[i] += len(chunk)
+                if capture:
+                    buf += chunk
+                if sink is not None:
+                    res = sink(chunk)
+                    if res is not None:
+                        await res
+
+        drains = [
+            asyncio.ensure_future(drain(out_id, out_buf, on_stdout, 0)),
+            asyncio.ensure_future(drain(err_id, err_buf, on_stderr, 1)),
+        ]
+        params: dict[str, Any] = {
+            "argv": argv,
+            "env": env,
+            "cwd": cwd,
+            "timeout": timeout,
+            "stdout_stream": out_id,
+            "stderr_stream": err_id,
+            "stdin_stream": in_id,
+        }
+        try:
+            call = asyncio.ensure_future(peer.call("exec", params))
+            if stdin is not None and in_id is not None:
+                await peer.send_bytes(in_id, stdin)
+                await peer.end_stream(in_id)
+            result = await call
+            await asyncio.gather(*drains)
+        except ChannelClosed:
+            for d in drains:
+                d.cancel()
+            await asyncio.gather(*drains, return_exceptions=True)
+            record = await self.get(sandbox_id)
+            raise SandboxError(
+                f"sandbox {sandbox_id} went away during the command"
+                + (f": {record.reason}" if record.reason else "")
+            ) from None
+        except BaseException:
+            for d in drains:
+                d.cancel()
+            await asyncio.gather(*drains, return_exceptions=True)
+            raise
+        status = "exited"
+        if result.get("timed_out"):
+            status = "timeout"
+        if cg is not None and before is not None:
+            after = cg.stats()
+            if after.oom_kills > before.oom_kills:
+                status = "memory limit exceeded"
+            elif after.pids_max_hits > before.pids_max_hits:
+                status = "pids limit"
+        return ExecResult(
+            sandbox_id=sandbox_id,
+            exit_code=int(result["exit_code"]),
+            signal=result.get("signal"),
+            stdout=bytes(out_buf),
+            stderr=bytes(err_buf),
+            duration_ms=float(result.get("duration_ms", 0.0)),
+            status=status,
+            timed_out=bool(result.get("timed_out")),
+            stdout_bytes=counts[0],
+            stderr_bytes=counts[1],
+        )
+
+    def _cgroup_or_none(self, sandbox_id: str) -> Any:
+        try:
+            return self.cgroups.open(sandbox_id)
+        except Exception:
+            return None
+
+    async def write_file(
+        self, sandbox_id: str, path: str, data: bytes | AsyncIterator[bytes], *, mode: int = 0o644
+    ) -> int:
+        peer = await self.peer(sandbox_id)
+        sid = peer.new_stream_id()
+        call = asyncio.ensure_future(
+            peer.call("files.write", {"path": path, "stream": sid, "mode": mode})
+        )
+        try:
+            if isinstance(data, bytes | bytearray | memoryview):
+                await peer.send_bytes(sid, data)
+            else:
+                async for chunk in data:
+                    await peer.send_bytes(sid, chunk)
+            await peer.end_stream(sid)
+        except BaseException:
+            call.cancel()
+            raise
+        result = await call
+        return int(result["size"])
+
+    async def read_file(self, sandbox_id: str, path: str, sink: OutputSink | None = None) -> bytes:
+        peer = await self.peer(sandbox_id)
+        sid = peer.new_stream_id()
+        buf = bytearray()
+
+        async def drain() -> None:
+            async for chunk in peer.open_stream(sid):
+                if sink is None:
+                    buf.extend(chunk)
+                else:
+                    res = sink(chunk)
+                    if res is not None:
+                        await res
+
+        reader = asyncio.ensure_future(drain())
+        try:
+            await peer.call("files.read", {"path": path, "stream": sid})
+            await reader
+        finally:
+            if not reader.done():
+                reader.cancel()
+        return bytes(buf)
+
+    async def call(self, sandbox_id: str, method: str, params: Any = None) -> Any:
+        peer = await self.peer(sandbox_id)
+        return await peer.call(method, params)
+
+    async def owned(self) -> list[str]:
+        return sorted(self._owned)

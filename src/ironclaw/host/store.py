@@ -1,0 +1,284 @@
+"""The SQLite registry of sandboxes and of every resource made for them.
+
+There is no daemon: many CLI processes may create and destroy sandboxes at once, so the
+registry is the one source of truth they share. Two rules make it crash-safe:
+
+* the *intent* to create a resource is recorded (and committed) before the resource is
+  made, so a crash between the two leaves a row that reconcile can act on;
+* slots (small integers that pick a sandbox's host uid and subnet) are allocated inside
+  an ``IMMEDIATE`` transaction, so two processes never get the same one.
+
+SQLite calls block, so each :class:`Store` runs them on one private worker thread; the
+event loop never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from ironclaw.errors import ConfigError, SandboxNotFound
+from ironclaw.ids import validate_sandbox_id
+
+__all__ = ["ResourceRow", "SandboxRecord", "SandboxState", "Store"]
+
+T = TypeVar("T")
+SandboxState = Literal["creating", "running", "stopping", "dead", "failed"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sandboxes (
+    id          TEXT PRIMARY KEY,
+    slot        INTEGER NOT NULL UNIQUE,
+    backend     TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    spec        TEXT NOT NULL,
+    info        TEXT NOT NULL DEFAULT '{}',
+    reason      TEXT,
+    owner_pid   INTEGER,
+    one_shot    INTEGER NOT NULL DEFAULT 0,
+    created_at  REAL NOT NULL,
+    updated_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS resources (
+    sandbox_id  TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    PRIMARY KEY (sandbox_id, kind, name)
+);
+"""
+
+
+@dataclass(frozen=True)
+class SandboxRecord:
+    id: str
+    slot: int
+    backend: str
+    state: SandboxState
+    spec: dict[str, Any]
+    info: dict[str, Any] = field(default_factory=dict)
+    reason: str | None = None
+    owner_pid: int | None = None
+    one_shot: bool = False
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class ResourceRow:
+    sandbox_id: str
+    kind: str
+    name: str
+    state: Literal["intent", "created"]
+
+
+def _record(row: sqlite3.Row) -> SandboxRecord:
+    return SandboxRecord(
+        id=row["id"],
+        slot=row["slot"],
+        backend=row["backend"],
+        state=row["state"],
+        spec=json.loads(row["spec"]),
+        info=json.loads(row["info"]),
+        reason=row["reason"],
+        owner_pid=row["owner_pid"],
+        one_shot=bool(row["one_shot"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+class Store:
+    """Async facade over the registry file. Use as ``async with Store(path) as store``."""
+
+    def __init__(self, path: Path, *, max_slots: int = 16384) -> None:
+        self.path = path
+        self.max_slots = max_slots
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ironclaw-store")
+        self._db: sqlite3.Connection | None = None
+
+    async def __aenter__(self) -> Store:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def open(self) -> None:
+        await self._run(self._open)
+
+    async def aclose(self) -> None:
+        if self._db is not None:
+            await self._run(self._db.close)
+            self._db = None
+        self._pool.shutdown(wait=False)
+
+    def _open(self) -> None:
+        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA busy_timeout=30000")
+        db.executescript(_SCHEMA)
+        self._db = db
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, fn, *args)
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("store is not open")
+        return self._db
+
+    # -- sandboxes ---------------------------------------------------------------------
+
+    async def reserve(
+        self,
+        sandbox_id: str,
+        *,
+        backend: str,
+        spec: dict[str, Any],
+        owner_pid: int | None,
+        one_shot: bool,
+    ) -> SandboxRecord:
+        """Claim ``sandbox_id`` and a free slot atomically, in state ``creating``."""
+        validate_sandbox_id(sandbox_id)
+        return await self._run(self._reserve, sandbox_id, backend, spec, owner_pid, one_shot)
+
+    def _reserve(
+        self,
+        sandbox_id: str,
+        backend: str,
+        spec: dict[str, Any],
+        owner_pid: int | None,
+        one_shot: bool,
+    ) -> SandboxRecord:
+        db = self.db
+        now = time.time()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if db.execute("SELECT 1 FROM sandboxes WHERE id = ?", (sandbox_id,)).fetchone():
+                raise ConfigError(
+                    f"a sandbox named {sandbox_id!r} already exists; "
+                    "pick another id or remove it first (ironclaw sandbox rm)"
+                )
+            used = {r[0] for r in db.execute("SELECT slot FROM sandboxes")}
+            slot = next((i for i in range(self.max_slots) if i not in used), None)
+            if slot is None:
+                raise ConfigError(f"all {self.max_slots} sandbox slots are in use")
+            db.execute(
+                "INSERT INTO sandboxes (id, slot, backend, state, spec, owner_pid, one_shot,"
+                " created_at, updated_at) VALUES (?, ?, ?, 'creating', ?, ?, ?, ?, ?)",
+                (sandbox_id, slot, backend, json.dumps(spec), owner_pid, int(one_shot), now, now),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return self._get(sandbox_id)
+
+    async def get(self, sandbox_id: str) -> SandboxRecord:
+        validate_sandbox_id(sandbox_id)
+        return await self._run(self._get, sandbox_id)
+
+    def _get(self, sandbox_id: str) -> SandboxRecord:
+        row = self.db.execute("SELECT * FROM sandboxes WHERE id = ?", (sandbox_id,)).fetchone()
+        if row is None:
+            raise SandboxNotFound(
+                f"no sandbox named {sandbox_id!r}; `ironclaw sandbox ls` lists them"
+            )
+        return _record(row)
+
+    async def list(self) -> list[SandboxRecord]:
+        return await self._run(self._list)
+
+    def _list(self) -> list[SandboxRecord]:
+        rows = self.db.execute("SELECT * FROM sandboxes ORDER BY created_at").fetchall()
+        return [_record(r) for r in rows]
+
+    async def update(
+        self,
+        sandbox_id: str,
+        *,
+        state: SandboxState | None = None,
+        info: dict[str, Any] | None = None,
+        reason: str | None = None,
+    ) -> None:
+        await self._run(self._update, sandbox_id, state, info, reason)
+
+    def _update(
+        self,
+        sandbox_id: str,
+        state: SandboxState | None,
+        info: dict[str, Any] | None,
+        reason: str | None,
+    ) -> None:
+        sets, args = ["updated_at = ?"], [time.time()]
+        if state is not None:
+            sets.append("state = ?")
+            args.append(state)
+        if info is not None:
+            sets.append("info = json_patch(info, ?)")
+            args.append(json.dumps(info))
+        if reason is not None:
+            sets.append("reason = ?")
+            args.append(reason)
+        args.append(sandbox_id)
+        self.db.execute(f"UPDATE sandboxes SET {', '.join(sets)} WHERE id = ?", args)  # noqa: S608
+
+    async def delete(self, sandbox_id: str) -> None:
+        """Forget a sandbox whose resources are all gone."""
+        await self._run(self._delete, sandbox_id)
+
+    def _delete(self, sandbox_id: str) -> None:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("DELETE FROM resources WHERE sandbox_id = ?", (sandbox_id,))
+        db.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
+        db.execute("COMMIT")
+
+    # -- resources ---------------------------------------------------------------------
+
+    async def intend(self, sandbox_id: str, kind: str, name: str) -> None:
+        """Record that ``kind``/``name`` is about to be created for ``sandbox_id``."""
+        await self._run(
+            self.db.execute,
+            "INSERT OR REPLACE INTO resources VALUES (?, ?, ?, 'intent', ?)",
+            (sandbox_id, kind, name, time.time()),
+        )
+
+    async def created(self, sandbox_id: str, kind: str, name: str) -> None:
+        await self._run(
+            self.db.execute,
+            "UPDATE resources SET state = 'created' WHERE sandbox_id = ? AND kind = ? AND name = ?",
+            (sandbox_id, kind, name),
+        )
+
+    async def removed(self, sandbox_id: str, kind: str, name: str) -> None:
+        await self._run(
+            self.db.execute,
+            "DELETE FROM resources WHERE sandbox_id = ? AND kind = ? AND name = ?",
+            (sandbox_id, kind, name),
+        )
+
+    async def resources(self, sandbox_id: str | None = None) -> list[ResourceRow]:
+        return await self._run(self._resources, sandbox_id)
+
+    def _resources(self, sandbox_id: str | None) -> list[ResourceRow]:
+        if sandbox_id is None:
+            rows = self.db.execute("SELECT * FROM resources ORDER BY created_at").fetchall()
+        else:
+            rows = self.db.execute(
+                "SELECT * FROM resources WHERE sandbox_id = ? ORDER BY created_at", (sandbox_id,)
+            ).fetchall()
+        return [ResourceRow(r["sandbox_id"], r["kind"], r["name"], r["state"]) for r in rows]

@@ -1,0 +1,71 @@
+"""The registry: ids and slots claimed atomically, even across processes."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+from pathlib import Path
+
+import pytest
+
+from ironclaw.errors import ConfigError, SandboxNotFound
+from ironclaw.host.store import Store
+
+
+async def test_reserve_get_update_delete(tmp_path: Path) -> None:
+    async with Store(tmp_path / "r.sqlite3") as store:
+        rec = await store.reserve("a1", backend="namespace", spec={}, owner_pid=1, one_shot=False)
+        assert rec.slot == 0 and rec.state == "creating"
+        await store.update("a1", state="running", info={"pid": 5})
+        await store.update("a1", info={"sock": "x"})
+        got = await store.get("a1")
+        assert got.state == "running" and got.info == {"pid": 5, "sock": "x"}
+        with pytest.raises(ConfigError, match="already exists"):
+            await store.reserve("a1", backend="namespace", spec={}, owner_pid=1, one_shot=False)
+        rec2 = await store.reserve("a2", backend="namespace", spec={}, owner_pid=1, one_shot=False)
+        assert rec2.slot == 1
+        await store.delete("a1")
+        with pytest.raises(SandboxNotFound):
+            await store.get("a1")
+        rec3 = await store.reserve("a3", backend="namespace", spec={}, owner_pid=1, one_shot=False)
+        assert rec3.slot == 0  # freed slots are reused
+
+
+async def test_intents_are_recorded_before_creation(tmp_path: Path) -> None:
+    async with Store(tmp_path / "r.sqlite3") as store:
+        await store.reserve("b1", backend="namespace", spec={}, owner_pid=1, one_shot=False)
+        await store.intend("b1", "cgroup", "b1")
+        rows = await store.resources("b1")
+        assert [(r.kind, r.state) for r in rows] == [("cgroup", "intent")]
+        await store.created("b1", "cgroup", "b1")
+        assert (await store.resources("b1"))[0].state == "created"
+        await store.removed("b1", "cgroup", "b1")
+        assert await store.resources("b1") == []
+
+
+def _claim(path: str, prefix: str, n: int, q: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    async def main() -> list[int]:
+        async with Store(Path(path)) as store:
+            slots = []
+            for i in range(n):
+                rec = await store.reserve(
+                    f"{prefix}-{i}", backend="namespace", spec={}, owner_pid=None, one_shot=False
+                )
+                slots.append(rec.slot)
+            return slots
+
+    q.put(asyncio.run(main()))
+
+
+def test_slots_are_unique_across_processes(tmp_path: Path) -> None:
+    path = str(tmp_path / "r.sqlite3")
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_claim, args=(path, f"p{k}", 25, q)) for k in range(4)]
+    for p in procs:
+        p.start()
+    slots = [s for _ in procs for s in q.get(timeout=60)]
+    for p in procs:
+        p.join(60)
+    assert len(slots) == 100
+    assert len(set(slots)) == 100

@@ -110,6 +110,7 @@ class Sandbox:
         on_stdout: OutputSink | None = None,
         on_stderr: OutputSink | None = None,
         capture: bool = True,
+        keep_background: bool = False,
     ) -> ExecResult:
         return await self.manager.exec(
             self.id,
@@ -121,6 +122,7 @@ class Sandbox:
             on_stdout=on_stdout,
             on_stderr=on_stderr,
             capture=capture,
+            keep_background=keep_background,
         )
 
     async def ping(self) -> dict[str, Any]:

@@ -4,20 +4,46 @@ The agent must run inside jails whose processes have no access to the host's
 filesystem (the sandbox's host uid cannot even traverse the runtime directory), so it
 is not bind-mounted from wherever IronClaw is installed: bubblewrap copies this zip into
 the sandbox from a file descriptor, and Python imports it with zipimport. The bundle
-holds only standard-library-only modules; it is content-addressed and built once.
+holds only standard-library-only modules and their bytecode, compiled by the guest's
+own interpreter (so a sandbox never spends its start-up compiling); it is
+content-addressed and built once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import zipfile
+import subprocess
+import sys
 from pathlib import Path
 
 import ironclaw
 from ironclaw.config import ensure_private_dir, safe_join
 
-__all__ = ["GUEST_MODULES", "bundle_path", "guest_sources"]
+__all__ = ["GUEST_MODULES", "GUEST_PYTHON", "bundle_path", "guest_sources"]
+
+GUEST_PYTHON = "/usr/bin/python3"
+
+# Runs under the guest's interpreter: writes sources plus unchecked-hash .pyc files
+# (valid without a timestamp check, so a fixed zip date is fine) into the zip.
+_BUILD = r"""
+import importlib.util, json, marshal, sys, zipfile
+spec = json.loads(sys.stdin.read())
+with zipfile.ZipFile(spec["out"], "w", compression=zipfile.ZIP_STORED) as zf:
+    for arcname, path in spec["files"]:
+        src = open(path, "rb").read()
+        info = zipfile.ZipInfo(arcname, date_time=(2020, 1, 1, 0, 0, 0))
+        info.external_attr = 0o644 << 16
+        zf.writestr(info, src)
+        code = compile(src, arcname, "exec", dont_inherit=True, optimize=0)
+        pyc = bytearray(importlib.util.MAGIC_NUMBER)
+        pyc += (0b01).to_bytes(4, "little")
+        pyc += importlib.util.source_hash(src)
+        pyc += marshal.dumps(code)
+        cinfo = zipfile.ZipInfo(arcname + "c", date_time=(2020, 1, 1, 0, 0, 0))
+        cinfo.external_attr = 0o644 << 16
+        zf.writestr(cinfo, bytes(pyc))
+"""
 
 #: Modules (files or packages, relative to the ``ironclaw`` package) the guest needs.
 GUEST_MODULES = ("__init__.py", "errors.py", "ids.py", "proto", "transport", "rpc", "guest")
@@ -40,10 +66,12 @@ def guest_sources() -> list[tuple[str, Path]]:
     return out
 
 
-def bundle_path(state_dir: Path) -> Path:
+def bundle_path(state_dir: Path, python: str = GUEST_PYTHON) -> Path:
     """Build (once) and return the guest zip for the installed IronClaw sources."""
     sources = guest_sources()
     digest = hashlib.sha256()
+    st = os.stat(python)
+    digest.update(f"{os.path.realpath(python)}:{st.st_size}:{st.st_mtime_ns}".encode())
     for arcname, path in sources:
         digest.update(arcname.encode() + b"\0" + path.read_bytes() + b"\0")
     name = f"guest-{digest.hexdigest()[:16]}.zip"
@@ -52,10 +80,14 @@ def bundle_path(state_dir: Path) -> Path:
     if target.exists():
         return target
     tmp = safe_join(directory, f".{name}.{os.getpid()}.tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-        for arcname, path in sources:
-            info = zipfile.ZipInfo(arcname, date_time=(2020, 1, 1, 0, 0, 0))
-            info.external_attr = 0o644 << 16
-            zf.writestr(info, path.read_bytes())
+    spec = {"out": str(tmp), "files": [(a, str(p)) for a, p in sources]}
+    import json
+
+    subprocess.run(
+        [python, "-I", "-B", "-c", _BUILD],
+        input=json.dumps(spec).encode(),
+        check=True,
+        stdout=sys.stderr,
+    )
     os.replace(tmp, target)
     return target

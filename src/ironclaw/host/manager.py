@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -213,6 +214,7 @@ class SandboxManager:
             await self.store.intend(sid, "network", sid)
             ctx.network = await self.net.create(sid, spec.network, slot=record.slot)
             await self.store.created(sid, "network", sid)
+            await self.store.update(sid, info={"network": dataclasses.asdict(ctx.network)})
 
         await self.store.intend(sid, "process", "supervisor")
         info = await backend.start(ctx)
@@ -358,11 +360,13 @@ class SandboxManager:
         on_stdout: OutputSink | None = None,
         on_stderr: OutputSink | None = None,
         capture: bool = True,
+        keep_background: bool = False,
     ) -> ExecResult:
         """Run ``argv`` in the sandbox, streaming output to the sinks as it comes.
 
         With ``capture=False`` output is only streamed, so memory stays bounded however
-        much a command prints.
+        much a command prints. Processes the command leaves in the background are
+        killed when it exits unless ``keep_background``.
         """
         if not argv:
             raise ConfigError("nothing to run: give a command")
@@ -396,6 +400,7 @@ class SandboxManager:
             "stdout_stream": out_id,
             "stderr_stream": err_id,
             "stdin_stream": in_id,
+            "keep_background": keep_background,
         }
         try:
             call = asyncio.ensure_future(peer.call("exec", params))

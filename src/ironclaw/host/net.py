@@ -1,0 +1,476 @@
+"""Per-sandbox network: namespace, veth pair, addresses, firewall chain and egress proxy.
+
+Netlink work runs on a short-lived dedicated thread, never on the event loop: the thread
+unshares a fresh network namespace for itself (no fork, unlike ``ip netns add``), binds
+it under ``/run/netns``, creates the veth from inside with its host end placed straight
+into the original namespace, configures both ends, then returns to the original
+namespace. If that return ever failed the thread would be left in the wrong namespace,
+which is why it is never reused. Each sandbox gets its own /30 from the pool, so two
+sandboxes never share a layer-2 segment, and IPv6 is disabled inside (the inet chain
+would filter it with the same policy anyway).
+
+Everything is named from a hash of the full sandbox id (``icns-``, ``icv``, ``icc-``,
+``icn-``) so :meth:`NetworkManager.list_resources` can find leftovers by scanning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import ipaddress
+import json
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pyroute2 import IPRoute
+from pyroute2 import netns as pr_netns
+
+from ironclaw.config import Settings, ensure_private_dir, safe_join
+from ironclaw.errors import ConfigError, IronclawError, NetworkError
+from ironclaw.host.firewall import Firewall
+from ironclaw.ids import validate_sandbox_id
+from ironclaw.policy.network import PROXY_PORT, TABLE, NetworkPolicy, sandbox_names
+
+__all__ = ["NETNS_DIR", "NetworkManager", "SandboxNetwork"]
+
+NETNS_DIR = Path("/run/netns")
+GUEST_IFNAME = "eth0"
+_CLONE_NEWNET = 0x40000000
+_MNT_DETACH = 2
+_PROXY_READY_TIMEOUT = 15.0
+_PROXY_STOP_TIMEOUT = 5.0
+_T = TypeVar("_T")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass(frozen=True)
+class SandboxNetwork:
+    """What the launcher needs: the namespace to join and the environment to set."""
+
+    sandbox_id: str
+    slot: int
+    netns_name: str
+    netns_path: str
+    host_ifname: str
+    guest_ifname: str
+    host_ip: str
+    guest_ip: str
+    prefixlen: int
+    env: dict[str, str] = field(default_factory=dict)
+    proxy_pid: int | None = None
+
+
+def _run_on_fresh_thread(fn: Callable[[], _T]) -> asyncio.Future[_T]:
+    """Run ``fn`` on a new thread that may change its own namespace and is then discarded."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[_T] = loop.create_future()
+
+    def settle(result: _T | None, exc: BaseException | None) -> None:
+        if fut.done():
+            return
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)  # type: ignore[arg-type]
+
+    def body() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=body, name="ironclaw-netns", daemon=True).start()
+    return fut
+
+
+def _write_sysctl(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def _remove_netns(name: str) -> None:
+    path = str(NETNS_DIR / name)
+    _libc.umount2(path.encode(), _MNT_DETACH)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _delete_link(ifname: str) -> None:
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=ifname)
+        if idx:
+            with contextlib.suppress(Exception):
+                ipr.link("del", index=idx[0])
+
+
+def _build_netns(net: SandboxNetwork) -> None:
+    """Blocking netlink set-up; must run on a disposable thread (it calls unshare)."""
+    orig = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    made = False
+    try:
+        try:
+            if _libc.unshare(_CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET) failed")
+            NETNS_DIR.mkdir(parents=True, exist_ok=True)
+            if os.path.exists(net.netns_path):
+                raise OSError(errno.EEXIST, f"{net.netns_path} already exists")
+            pr_netns.attach(net.netns_name, "thread-self")
+            made = True
+            for knob in ("all", "default"):
+                _write_sysctl(f"/proc/sys/net/ipv6/conf/{knob}/disable_ipv6", "1")
+            with IPRoute() as ipr:
+                ipr.link(
+                    "add",
+                    ifname=net.guest_ifname,
+                    kind="veth",
+                    peer={"ifname": net.host_ifname, "net_ns_fd": orig},
+                )
+                (lo,) = ipr.link_lookup(ifname="lo")
+                (eth,) = ipr.link_lookup(ifname=net.guest_ifname)
+                ipr.link("set", index=lo, state="up")
+                ipr.addr("add", index=eth, address=net.guest_ip, prefixlen=net.prefixlen)
+                ipr.link("set", index=eth, state="up")
+                ipr.route("add", dst="0.0.0.0", dst_len=0, gateway=net.host_ip)  # noqa: S104 default route
+        finally:
+            if _libc.setns(orig, _CLONE_NEWNET) != 0:
+                # The thread is discarded after this call; never run more work on it.
+                raise OSError(ctypes.get_errno(), "setns back to the host namespace failed")
+        _write_sysctl(f"/proc/sys/net/ipv6/conf/{net.host_ifname}/disable_ipv6", "1")
+        with IPRoute() as ipr:
+            (host,) = ipr.link_lookup(ifname=net.host_ifname)
+            ipr.addr("add", index=host, address=net.host_ip, prefixlen=net.prefixlen)
+            ipr.link("set", index=host, state="up")
+    except BaseException:
+        if made:
+            with contextlib.suppress(Exception):
+                _delete_link(net.host_ifname)
+            with contextlib.suppress(Exception):
+                _remove_netns(net.netns_name)
+        raise
+    finally:
+        os.close(orig)
+
+
+def _teardown_netns(host_ifname: str, netns_name: str) -> None:
+    # Deleting the link first removes both ends at once; removing only the namespace
+    # would leave the host end alive until the kernel's asynchronous netns cleanup.
+    _delete_link(host_ifname)
+    _remove_netns(netns_name)
+
+
+def _scan_links() -> list[str]:
+    with IPRoute() as ipr:
+        names = [str(link.get("ifname")) for link in ipr.link("dump")]
+    return sorted(n for n in names if n.startswith("icv"))
+
+
+class NetworkManager:
+    """Creates, changes and removes sandbox networks; holds no state beyond the system's."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        pool: str = "10.250.0.0/16",
+        table: str = TABLE,
+        firewall: Firewall | None = None,
+        proxy_hosts: Mapping[str, str] | None = None,
+    ) -> None:
+        try:
+            self.pool = ipaddress.IPv4Network(pool, strict=True)
+        except ValueError as exc:
+            raise ConfigError(f"bad address pool {pool!r}: {exc}") from None
+        if self.pool.prefixlen > 30:
+            raise ConfigError(f"address pool {pool} is smaller than one /30")
+        self.settings = settings
+        self.firewall = firewall or Firewall(table=table)
+        #: name -> address map the egress proxy consults before DNS (tests, air-gapped hosts).
+        self.proxy_hosts = dict(proxy_hosts or {})
+        self._forwarding_on = False
+
+    @property
+    def slots(self) -> int:
+        return int(self.pool.num_addresses // 4)
+
+    def describe(self, sandbox_id: str, slot: int, policy: NetworkPolicy) -> SandboxNetwork:
+        """The addresses and names a sandbox gets, computed without touching the system."""
+        validate_sandbox_id(sandbox_id)
+        if not 0 <= slot < self.slots:
+            raise ConfigError(f"slot {slot} is outside the pool {self.pool} (0..{self.slots - 1})")
+        base = int(self.pool.network_address) + 4 * slot
+        host_ip = str(ipaddress.IPv4Address(base + 1))
+        names = sandbox_names(sandbox_id)
+        env: dict[str, str] = {}
+        if policy.needs_proxy:
+            url = f"http://{host_ip}:{PROXY_PORT}"
+            no_proxy = "localhost,127.0.0.1,::1"
+            env = {
+                "HTTP_PROXY": url,
+                "HTTPS_PROXY": url,
+                "http_proxy": url,
+                "https_proxy": url,
+                "NO_PROXY": no_proxy,
+                "no_proxy": no_proxy,
+            }
+        return SandboxNetwork(
+            sandbox_id=sandbox_id,
+            slot=slot,
+            netns_name=names.netns,
+            netns_path=str(NETNS_DIR / names.netns),
+            host_ifname=names.host_ifname,
+            guest_ifname=GUEST_IFNAME,
+            host_ip=host_ip,
+            guest_ip=str(ipaddress.IPv4Address(base + 2)),
+            prefixlen=30,
+            env=env,
+        )
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    async def create(self, sandbox_id: str, policy: NetworkPolicy, *, slot: int) -> SandboxNetwork:
+        """Build the sandbox's network; on any failure undo what was built and raise."""
+        net = self.describe(sandbox_id, slot, policy)
+        try:
+            await self._ensure_forwarding()
+            await self.firewall.ensure_base()
+            await _run_on_fresh_thread(lambda: _build_netns(net))
+        except IronclawError:
+            raise
+        except OSError as exc:
+            raise NetworkError(f"network set-up for {sandbox_id} failed: {exc}") from exc
+        except Exception as exc:  # pyroute2 raises its own NetlinkError and others
+            raise NetworkError(f"network set-up for {sandbox_id} failed: {exc!r}") from exc
+        try:
+            await self.firewall.add_sandbox(sandbox_id, policy, proxy_addr=net.host_ip)
+            pid = await self._start_proxy(net, policy) if policy.needs_proxy else None
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await self.destroy(sandbox_id)
+            if isinstance(exc, IronclawError):
+                raise
+            raise NetworkError(f"network set-up for {sandbox_id} failed: {exc!r}") from exc
+        return SandboxNetwork(**{**net.__dict__, "proxy_pid": pid})
+
+    async def update_policy(self, sandbox_id: str, policy: NetworkPolicy, *, slot: int) -> None:
+        """Swap the sandbox's rules in one transaction and the proxy's allow-list with it.
+
+        Order matters for never being more open than either policy: access to the proxy
+        is granted only after it runs and revoked before it stops.
+        """
+        net = self.describe(sandbox_id, slot, policy)
+        running = self._proxy_pid(sandbox_id)
+        if policy.needs_proxy:
+            if running is None:
+                await self._start_proxy(net, policy)
+            else:
+                await asyncio.to_thread(self._write_proxy_config, sandbox_id, policy)
+        await self.firewall.update_sandbox(sandbox_id, policy, proxy_addr=net.host_ip)
+        if not policy.needs_proxy and running is not None:
+            await self._stop_proxy(sandbox_id)
+
+    async def destroy(self, sandbox_id: str, *, slot: int | None = None) -> None:
+        """Remove everything of the sandbox that exists; calling it twice is fine."""
+        del slot  # every name derives from the id
+        names = sandbox_names(sandbox_id)
+        errors: list[str] = []
+        await self._audit_summary(sandbox_id)
+        for step, action in (
+            ("proxy", lambda: self._stop_proxy(sandbox_id)),
+            ("firewall", lambda: self.firewall.remove_sandbox(sandbox_id)),
+            (
+                "netns",
+                lambda: _run_on_fresh_thread(
+                    lambda: _teardown_netns(names.host_ifname, names.netns)
+                ),
+            ),
+        ):
+            try:
+                await action()
+            except Exception as exc:
+                errors.append(f"{step}: {exc}")
+        if errors:
+            raise NetworkError(f"tear-down of {sandbox_id} incomplete: " + "; ".join(errors))
+
+    async def list_resources(self) -> dict[str, list[str]]:
+        """IronClaw-owned network objects that exist now, found by scanning the system."""
+        netns = sorted(n for n in pr_netns.listnetns() if n.startswith("icns-"))
+        links = await asyncio.to_thread(_scan_links)
+        elements = await self.firewall.elements()
+        return {
+            "netns": netns,
+            "links": links,
+            "chains": await self.firewall.chains(),
+            "map_elements": sorted(set(elements["fwd"]) | set(elements["nat"])),
+            "set_elements": sorted(elements["ifs"]),
+            "proxies": await asyncio.to_thread(self._scan_proxies),
+        }
+
+    async def drop_count(self, sandbox_id: str) -> int:
+        """Packets dropped so far by the sandbox's final rule."""
+        return await self.firewall.drop_count(sandbox_id)
+
+    def audit_path(self, sandbox_id: str) -> Path:
+        """The sandbox's audit log (JSON lines); the proxy appends every decision."""
+        return safe_join(self.settings.sandbox_state_dir(sandbox_id), "audit.jsonl")
+
+    def close(self) -> None:
+        self.firewall.close()
+
+    # --- internals -----------------------------------------------------------------
+
+    async def _ensure_forwarding(self) -> None:
+        if not self._forwarding_on:
+            await asyncio.to_thread(_write_sysctl, "/proc/sys/net/ipv4/ip_forward", "1")
+            self._forwarding_on = True
+
+    def _runtime_dir(self, sandbox_id: str) -> Path:
+        path = self.settings.sandbox_runtime_dir(sandbox_id)
+        ensure_private_dir(self.settings.runtime_dir)
+        ensure_private_dir(path.parent)
+        return ensure_private_dir(path)
+
+    def _proxy_file(self, sandbox_id: str, name: str) -> Path:
+        return safe_join(self.settings.sandbox_runtime_dir(sandbox_id), name)
+
+    def _write_proxy_config(self, sandbox_id: str, policy: NetworkPolicy) -> Path:
+        path = safe_join(self._runtime_dir(sandbox_id), "proxy.json")
+        tmp = path.with_name("proxy.json.tmp")
+        doc = {
+            "sandbox_id": sandbox_id,
+            "allow_domains": list(policy.allow_domains),
+            "deny_domains": list(policy.deny_domains),
+            "hosts": self.proxy_hosts,
+            "block": [str(self.pool)],
+        }
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f)
+        os.replace(tmp, path)  # the proxy sees the old or the new file, never half of one
+        return path
+
+    async def _start_proxy(self, net: SandboxNetwork, policy: NetworkPolicy) -> int:
+        sid = net.sandbox_id
+        config = await asyncio.to_thread(self._write_proxy_config, sid, policy)
+        audit = self.audit_path(sid)
+        await asyncio.to_thread(ensure_private_dir, audit.parent)
+        log = self._proxy_file(sid, "proxy.log")
+        log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "ironclaw.host.proxy",
+                "--listen",
+                f"{net.host_ip}:{PROXY_PORT}",
+                "--config",
+                str(config),
+                "--audit",
+                str(audit),
+                "--sandbox-id",
+                sid,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log_fd,
+                start_new_session=True,
+                cwd="/",
+            )
+        finally:
+            os.close(log_fd)
+        assert proc.stdout is not None
+        try:
+            async with asyncio.timeout(_PROXY_READY_TIMEOUT):
+                line = await proc.stdout.readline()
+        except TimeoutError:
+            line = b""
+        if line.strip() != b"READY":
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            raise NetworkError(f"egress proxy for {sid} did not start; see {log}")
+        pidfile = self._proxy_file(sid, "proxy.pid")
+        await asyncio.to_thread(pidfile.write_text, f"{proc.pid}\n")
+        return proc.pid
+
+    def _proxy_pid(self, sandbox_id: str) -> int | None:
+        """The proxy's pid if the pidfile names a live proxy of this very sandbox."""
+        try:
+            pid = int(self._proxy_file(sandbox_id, "proxy.pid").read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return None
+        # The pid may have been reused since: check it is our proxy for this id.
+        if b"ironclaw.host.proxy" in cmdline and sandbox_id.encode() in cmdline:
+            return pid
+        return None
+
+    async def _stop_proxy(self, sandbox_id: str) -> None:
+        pid = self._proxy_pid(sandbox_id)
+        if pid is not None:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                pidfd = -1
+            if pidfd >= 0:
+                try:
+                    await self._signal_and_wait(pid, pidfd)
+                finally:
+                    os.close(pidfd)
+        for name in ("proxy.pid", "proxy.json"):
+            with contextlib.suppress(FileNotFoundError, ConfigError):
+                self._proxy_file(sandbox_id, name).unlink()
+
+    async def _signal_and_wait(self, pid: int, pidfd: int) -> None:
+        loop = asyncio.get_running_loop()
+        exited = asyncio.Event()
+        loop.add_reader(pidfd, exited.set)
+        try:
+            for sig, wait in ((signal.SIGTERM, _PROXY_STOP_TIMEOUT), (signal.SIGKILL, 5.0)):
+                signal.pidfd_send_signal(pidfd, sig)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await exited.wait()
+                    return
+            raise NetworkError(f"egress proxy {pid} did not exit")
+        except ProcessLookupError:
+            return
+        finally:
+            loop.remove_reader(pidfd)
+
+    def _scan_proxies(self) -> list[str]:
+        root = safe_join(self.settings.runtime_dir, "sandboxes")
+        if not root.is_dir():
+            return []
+        return sorted(p.name for p in root.iterdir() if self._proxy_pid(p.name) is not None)
+
+    async def _audit_summary(self, sandbox_id: str) -> None:
+        """Record the drop counter in the audit log before the chain (and count) go away."""
+        try:
+            dropped = await self.firewall.drop_count(sandbox_id)
+        except IronclawError:
+            return
+        record: dict[str, Any] = {
+            "event": "net.summary",
+            "sandbox_id": sandbox_id,
+            "dropped_packets": dropped,
+        }
+        path = self.audit_path(sandbox_id)
+        await asyncio.to_thread(_append_line, path, json.dumps(record))
+
+
+def _append_line(path: Path, line: str) -> None:
+    ensure_private_dir(path.parent)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)

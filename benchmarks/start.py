@@ -23,9 +23,28 @@ from ironclaw.config import Settings
 from ironclaw.host.manager import SandboxManager
 
 RAW_BWRAP = [
-    "bwrap", "--unshare-all", "--unshare-user", "--die-with-parent",
-    "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
-    "--symlink", "usr/lib64", "/lib64", "--proc", "/proc", "--dev", "/dev", "--", "/usr/bin/true",
+    "bwrap",
+    "--unshare-all",
+    "--unshare-user",
+    "--die-with-parent",
+    "--ro-bind",
+    "/usr",
+    "/usr",
+    "--symlink",
+    "usr/bin",
+    "/bin",
+    "--symlink",
+    "usr/lib",
+    "/lib",
+    "--symlink",
+    "usr/lib64",
+    "/lib64",
+    "--proc",
+    "/proc",
+    "--dev",
+    "/dev",
+    "--",
+    "/usr/bin/true",
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -24,14 +25,10 @@ def _remove_cgroup_root(name: str) -> None:
         if root.is_dir():
             for sub in sorted(root.rglob("*"), reverse=True):
                 if sub.is_dir():
-                    try:
+                    with contextlib.suppress(OSError):
                         sub.rmdir()
-                    except OSError:
-                        pass
-            try:
+            with contextlib.suppress(OSError):
                 root.rmdir()
-            except OSError:
-                pass
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -71,11 +68,9 @@ async def manager(settings: Settings) -> AsyncIterator[object]:
     try:
         yield mgr
     finally:
-        for record in await mgr.store.list():
-            try:
+        for record in await mgr.store.all():
+            with contextlib.suppress(Exception):
                 await mgr.destroy(record.id)
-            except Exception:
-                pass
         await mgr.aclose()
 
 

@@ -27,8 +27,9 @@ def ironclaw(*args: str, home: Path, timeout: float = 60) -> subprocess.Complete
 
 
 def test_exec_json_prints_one_object_and_propagates_status(ironclaw_home: Path) -> None:
-    p = ironclaw("exec", "--json", "--", "sh", "-c", "echo out; echo err >&2; exit 3",
-                 home=ironclaw_home)
+    p = ironclaw(
+        "exec", "--json", "--", "sh", "-c", "echo out; echo err >&2; exit 3", home=ironclaw_home
+    )
     assert p.returncode == 3, p.stderr
     doc = json.loads(p.stdout)
     assert {"id", "backend", "exit_code", "stdout", "stderr", "duration_ms"} <= set(doc)
@@ -39,22 +40,29 @@ def test_exec_json_prints_one_object_and_propagates_status(ironclaw_home: Path) 
 
 
 def test_exec_streams_plain_output(ironclaw_home: Path) -> None:
-    p = ironclaw("exec", "--", "python3", "-c", "print('hi'); import sys; sys.exit(0)",
-                 home=ironclaw_home)
+    p = ironclaw(
+        "exec", "--", "python3", "-c", "print('hi'); import sys; sys.exit(0)", home=ironclaw_home
+    )
     assert p.returncode == 0 and p.stdout == "hi\n"
 
 
 @pytest.mark.parametrize("bad", ["../../etc/passwd", "a/b", "A", "-x", "a" * 64, "", "é"])
 def test_bad_ids_are_refused_and_nothing_is_created(ironclaw_home: Path, bad: str) -> None:
-    before = sorted(p.name for p in Path(f"/sys/fs/cgroup/memory/{CGROUP_ROOT}").glob("*")) \
-        if Path(f"/sys/fs/cgroup/memory/{CGROUP_ROOT}").exists() else []
+    before = (
+        sorted(p.name for p in Path(f"/sys/fs/cgroup/memory/{CGROUP_ROOT}").glob("*"))
+        if Path(f"/sys/fs/cgroup/memory/{CGROUP_ROOT}").exists()
+        else []
+    )
     p = ironclaw("sandbox", "create", f"--id={bad}", home=ironclaw_home)
     assert p.returncode == 2, (p.stdout, p.stderr)
     assert "invalid sandbox id" in (p.stderr + p.stdout)
     run = ironclaw_home / "run" / "sandboxes"
     assert not run.exists() or not any(run.iterdir())
-    after = sorted(p.name for p in Path(f"/sys/fs/cgroup/memory/{CGROUP_ROOT}").glob("*")) \
-        if Path(f"/sys/fs/cgroup/memory/{CGROUP_ROOT}").exists() else []
+    after = (
+        sorted(p.name for p in Path(f"/sys/fs/cgroup/memory/{CGROUP_ROOT}").glob("*"))
+        if Path(f"/sys/fs/cgroup/memory/{CGROUP_ROOT}").exists()
+        else []
+    )
     assert before == after
     assert not Path("/etc/passwd.sock").exists()
 
@@ -69,11 +77,15 @@ def test_long_lived_sandbox_outlives_the_cli(ironclaw_home: Path, tmp_path: Path
         assert ls["sandboxes"][0]["state"] == "running"
         src = tmp_path / "in.txt"
         src.write_text("payload")
-        assert ironclaw("sandbox", "cp", str(src), "keep-1:in.txt", home=ironclaw_home).returncode == 0
+        assert (
+            ironclaw("sandbox", "cp", str(src), "keep-1:in.txt", home=ironclaw_home).returncode == 0
+        )
         r = ironclaw("sandbox", "exec", "keep-1", "--", "cat", "in.txt", home=ironclaw_home)
         assert r.returncode == 0 and r.stdout == "payload"
         out = tmp_path / "out.txt"
-        assert ironclaw("sandbox", "cp", "keep-1:in.txt", str(out), home=ironclaw_home).returncode == 0
+        assert (
+            ironclaw("sandbox", "cp", "keep-1:in.txt", str(out), home=ironclaw_home).returncode == 0
+        )
         assert out.read_text() == "payload"
         dup = ironclaw("sandbox", "create", "--id", "keep-1", home=ironclaw_home)
         assert dup.returncode == 2 and "already exists" in dup.stderr

@@ -82,8 +82,13 @@ async def test_exec_output_keeps_order_and_every_byte(client: Peer) -> None:
 
 
 async def test_bad_exec_params_are_clear_errors(client: Peer) -> None:
-    for params in ({}, {"argv": []}, {"argv": [1]}, {"argv": ["true"], "timeout": -1},
-                   {"argv": ["true"], "cwd": "/nonexistent-dir"}):
+    for params in (
+        {},
+        {"argv": []},
+        {"argv": [1]},
+        {"argv": ["true"], "timeout": -1},
+        {"argv": ["true"], "cwd": "/nonexistent-dir"},
+    ):
         with pytest.raises(ConfigError):
             await client.call("exec", params, timeout=10)
     # The channel is still fine afterwards.

@@ -14,8 +14,21 @@ from ironclaw.config import Settings, ensure_private_dir, safe_join
 from ironclaw.errors import ConfigError, InvalidSandboxId
 from ironclaw.ids import ID_PATTERN, derived_name, new_sandbox_id, validate_sandbox_id
 
-BAD_IDS = ["../../etc/passwd", "a/b", "A", "-x", "a" * 64, "", "café", "a b", "a\0b", ".", "..",
-           "x_y", "a\n"]
+BAD_IDS = [
+    "../../etc/passwd",
+    "a/b",
+    "A",
+    "-x",
+    "a" * 64,
+    "",
+    "café",
+    "a b",
+    "a\0b",
+    ".",
+    "..",
+    "x_y",
+    "a\n",
+]
 
 
 @pytest.mark.parametrize("bad", BAD_IDS)

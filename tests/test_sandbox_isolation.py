@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -41,9 +40,9 @@ print(json.dumps(res))
 
 
 @pytest.fixture
-async def sandbox(manager: SandboxManager) -> AsyncIterator[tuple[SandboxManager, str]]:
+async def sandbox(manager: SandboxManager) -> tuple[SandboxManager, str]:
     record = await manager.create({"limits": {"memory_mib": 256, "pids": 128}})
-    yield manager, record.id
+    return manager, record.id
 
 
 async def run(mgr: SandboxManager, sid: str, script: str, **kw: Any) -> Any:

@@ -58,7 +58,8 @@ async def test_only_the_allowed_ip_and_port_connect_from_a_sandbox(
     # A service inside sandbox two, started through its agent.
     await manager.write_file(two.id, "server.py", PEER_SERVER.encode())
     await manager.exec(
-        two.id, ["sh", "-c", "sleep 600 | python3 server.py sb 9000 > /dev/null &"],
+        two.id,
+        ["sh", "-c", "sleep 600 | python3 server.py sb 9000 > /dev/null &"],
         keep_background=True,
     )
     server, host_port = await host_listener()

@@ -29,7 +29,9 @@ def test_defaults_are_safe() -> None:
         ({"hostname": "Bad_Host"}, "hostname"),
     ],
 )
-def test_bad_specs_raise_config_error_naming_the_field(data: dict[str, object], needle: str) -> None:
+def test_bad_specs_raise_config_error_naming_the_field(
+    data: dict[str, object], needle: str
+) -> None:
     with pytest.raises(ConfigError, match=needle):
         parse_spec(data)
 

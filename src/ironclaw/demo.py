@@ -28,7 +28,8 @@ def attempt(name, fn):
         r = fn()
         out[name] = "ALLOWED" + (f" ({r})" if r not in (None, 0) else "")
     except OSError as e:
-        out[name] = "blocked: " + (errno.errorcode.get(e.errno, str(e.errno)) if e.errno else str(e))
+        code = errno.errorcode.get(e.errno, str(e.errno)) if e.errno else str(e)
+        out[name] = "blocked: " + code
 def sysret(r):
     if r == -1:
         e = ctypes.get_errno(); raise OSError(e, os.strerror(e))

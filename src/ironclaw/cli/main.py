@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import signal
-import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -285,7 +284,7 @@ def sandbox_ls(as_json: JsonOpt = False) -> None:
 
     async def main() -> None:
         async with SandboxManager() as manager:
-            records = await manager.list()
+            records = await manager.sandboxes()
         if as_json:
             print(
                 json.dumps(
@@ -443,4 +442,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -49,9 +49,14 @@ def _raise_oom_score() -> None:  # pragma: no cover - runs in the child before e
 async def _fd_ready(fd: int, *, write: bool) -> None:
     loop = asyncio.get_running_loop()
     ready = loop.create_future()
-    add, remove = (loop.add_writer, loop.remove_writer) if write else (
-        loop.add_reader, loop.remove_reader)
-    add(fd, lambda: ready.done() or ready.set_result(None))
+    add, remove = (
+        (loop.add_writer, loop.remove_writer) if write else (loop.add_reader, loop.remove_reader)
+    )
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    add(fd, wake)
     try:
         await ready
     finally:
@@ -317,7 +322,7 @@ class GuestAgent:
             "spawn_error": message.strip(),
         }
 
-    async def _drain_after_exit(self, pumps: list[asyncio.Future[None]], ex: _Exec) -> None:
+    async def _drain_after_exit(self, pumps: list[asyncio.Task[None]], ex: _Exec) -> None:
         pending = set(pumps)
         while pending:
             _done, pending = await asyncio.wait(pending, timeout=PIPE_IDLE_S)

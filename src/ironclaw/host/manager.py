@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ironclaw.backends.base import Backend, LaunchContext
-from ironclaw.config import Settings, ensure_private_dir, safe_join
+from ironclaw.config import Settings, ensure_private_dir
 from ironclaw.errors import (
     BackendError,
     ChannelClosed,
@@ -315,8 +315,9 @@ class SandboxManager:
     async def get(self, sandbox_id: str) -> SandboxRecord:
         return await self._refresh(await self.store.get(validate_sandbox_id(sandbox_id)))
 
-    async def list(self) -> list[SandboxRecord]:
-        return [await self._refresh(r) for r in await self.store.list()]
+    async def sandboxes(self) -> list[SandboxRecord]:
+        """Every sandbox in the registry, with dead ones marked as such."""
+        return [await self._refresh(r) for r in await self.store.all()]
 
     async def _refresh(self, record: SandboxRecord) -> SandboxRecord:
         """Mark a running sandbox whose processes died as dead, with the reason."""

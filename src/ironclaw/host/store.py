@@ -199,10 +199,10 @@ class Store:
             )
         return _record(row)
 
-    async def list(self) -> list[SandboxRecord]:
-        return await self._run(self._list)
+    async def all(self) -> list[SandboxRecord]:
+        return await self._run(self._all)
 
-    def _list(self) -> list[SandboxRecord]:
+    def _all(self) -> list[SandboxRecord]:
         rows = self.db.execute("SELECT * FROM sandboxes ORDER BY created_at").fetchall()
         return [_record(r) for r in rows]
 
@@ -223,7 +223,8 @@ class Store:
         info: dict[str, Any] | None,
         reason: str | None,
     ) -> None:
-        sets, args = ["updated_at = ?"], [time.time()]
+        sets: list[str] = ["updated_at = ?"]
+        args: list[object] = [time.time()]
         if state is not None:
             sets.append("state = ?")
             args.append(state)

@@ -16,6 +16,15 @@ from ironclaw.config import Settings
 # One cgroup root and uid range per test session, so runs never touch each other.
 SESSION_TAG = secrets.token_hex(3)
 CGROUP_ROOT = f"ironclaw-test-{SESSION_TAG}"
+# Host uids of this session's sandboxes: a range of its own, so that a reconcile run by a
+# test can never touch the sandboxes of another session or of a real installation.
+UID_BASE = 1_000_000_000 + secrets.randbelow(50_000) * 20_000
+os.environ["IRONCLAW_UID_BASE"] = str(UID_BASE)
+os.environ["IRONCLAW_CGROUP_ROOT"] = CGROUP_ROOT
+# And an address pool of its own (10.200-10.239, clear of the default 10.250/16 and of the
+# 10.249/16 that test peer hosts use).
+NET_POOL = f"10.{200 + secrets.randbelow(40)}.0.0/16"
+os.environ["IRONCLAW_NET_POOL"] = NET_POOL
 
 
 def _remove_cgroup_root(name: str) -> None:
@@ -47,11 +56,39 @@ def ironclaw_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     try:
         yield home
     finally:
+        _gc(home)
         if old is None:
             os.environ.pop("IRONCLAW_HOME", None)
         else:
             os.environ["IRONCLAW_HOME"] = old
         shutil.rmtree(home, ignore_errors=True)
+
+
+def _gc(home: Path) -> None:
+    """Remove whatever a failed test left running before its registry is deleted."""
+    import asyncio
+
+    from ironclaw.host.manager import SandboxManager
+
+    async def run() -> None:
+        mgr = SandboxManager(
+            Settings.from_env({"IRONCLAW_HOME": str(home)}),
+            cgroup_root=CGROUP_ROOT,
+            uid_base=UID_BASE,
+            reconcile_on_open=False,
+        )
+        await mgr.open()
+        try:
+            for record in await mgr.store.all():
+                with contextlib.suppress(Exception):
+                    await mgr.destroy(record.id)
+            await mgr.reconcile()
+        finally:
+            await mgr.aclose()
+
+    if (home / "state" / "registry.sqlite3").exists():
+        with contextlib.suppress(Exception):
+            asyncio.run(run())
 
 
 @pytest.fixture
@@ -63,7 +100,7 @@ def settings(ironclaw_home: Path) -> Settings:
 async def manager(settings: Settings) -> AsyncIterator[object]:
     from ironclaw.host.manager import SandboxManager
 
-    mgr = SandboxManager(settings, cgroup_root=CGROUP_ROOT)
+    mgr = SandboxManager(settings, cgroup_root=CGROUP_ROOT, uid_base=UID_BASE)
     await mgr.open()
     try:
         yield mgr

@@ -98,9 +98,12 @@ class _Fds:
         return [self.seccomp, self.guest_zip, self.listen, self.status, *self.etc.values()]
 
     def close(self) -> None:
+        # ``listen`` belongs to its socket object, which closes it exactly once: closing
+        # the number here too could close another sandbox's descriptor that reused it.
         for fd in self.all():
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            if fd != self.listen:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
 
 def bwrap_argv(

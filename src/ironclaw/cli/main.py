@@ -35,6 +35,8 @@ sandbox_app = typer.Typer(
     help="Long-lived sandboxes: create, ls, exec, cp, rm.", no_args_is_help=True
 )
 app.add_typer(sandbox_app, name="sandbox")
+pool_app = typer.Typer(help="The warm pool: pre-created sandboxes.", no_args_is_help=True)
+app.add_typer(pool_app, name="pool")
 
 err_console = Console(stderr=True)
 out_console = Console()
@@ -409,6 +411,76 @@ def sandbox_rm(
     _run(main(), as_json)
 
 
+# -- lifecycle: gc, pool ---------------------------------------------------------------
+
+
+@app.command("gc")
+def gc_cmd(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List what would be removed; change nothing.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove what crashed or dead sandboxes left behind (registry first, then a scan)."""
+    from ironclaw.host.manager import SandboxManager
+
+    async def main() -> None:
+        async with SandboxManager(reconcile_on_open=False) as manager:
+            report = await manager.reconcile(dry_run=dry_run, scan=True)
+        if as_json:
+            print(json.dumps(report.to_json()))
+            return
+        verb = "would remove" if dry_run else "removed"
+        for item in report.removed + report.orphans:
+            out_console.print(f"{verb}: {item}", highlight=False)
+        for err in report.errors:
+            err_console.print(f"[red]error:[/] {err}", highlight=False)
+        if not (report.removed or report.orphans or report.errors):
+            out_console.print("nothing to clean up")
+
+    _run(main(), as_json)
+
+
+@pool_app.command("fill")
+def pool_fill(
+    size: Annotated[int, typer.Option("--size", min=1, help="Ready sandboxes to keep.")] = 2,
+    as_json: JsonOpt = False,
+    backend: BackendOpt = "namespace",
+    wall_time: WallOpt = None,
+    workspace_size: WorkspaceOpt = None,
+    env: EnvOpt = None,
+    mount: MountOpt = None,
+    seccomp: SeccompOpt = "default",
+    network: Annotated[
+        bool, typer.Option("--network", help="Pool sandboxes that will get egress rules.")
+    ] = False,
+) -> None:
+    """Pre-create sandboxes so that later creates of the same template start warm."""
+    from ironclaw.host.manager import SandboxManager
+
+    async def main() -> None:
+        spec = build_spec(
+            backend=backend,
+            wall_time=wall_time,
+            workspace_size=workspace_size,
+            env=env,
+            mount=mount,
+            seccomp=seccomp,
+            # Any allow rule gives the template a network; acquire replaces the rules.
+            allow=["127.0.0.1/32:9/udp"] if network else None,
+        )
+        async with SandboxManager() as manager:
+            with err_console.status(f"filling the pool to {size}…", spinner="dots"):
+                made = await manager.fill_pool(spec, size=size)
+            ready = await manager.warm(spec)
+        if as_json:
+            print(json.dumps({"created": made, "ready": ready}))
+        else:
+            out_console.print(f"created {made}; {ready} ready")
+
+    _run(main(), as_json)
+
+
 # -- doctor, demo ----------------------------------------------------------------------
 
 
@@ -443,3 +515,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+from ironclaw.cli.agent import register as _register_agent  # noqa: E402
+
+_register_agent(app)

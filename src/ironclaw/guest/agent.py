@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ironclaw.errors import ConfigError
+from ironclaw.guest.agent_loop import handle_agent_run
 from ironclaw.rpc import CallContext, Handler, Peer
 from ironclaw.transport import Connection
 
@@ -144,6 +145,7 @@ class GuestAgent:
             "files.remove": self.files_remove,
             "files.mkdir": self.files_mkdir,
             "shutdown": self.shutdown,
+            "agent.run": handle_agent_run,
         }
 
     async def serve_connection(self, conn: Connection) -> None:

@@ -485,6 +485,22 @@ class CgroupManager:
             _write(path, value)
         return skipped
 
+    async def update(self, sandbox_id: str, limits: ResourceLimits) -> None:
+        """Apply new limits to a live sandbox (a warm-pool sandbox taking its real limits)."""
+        cg = self.open(sandbox_id)
+        await asyncio.to_thread(self._update_sync, cg, limits)
+
+    def _update_sync(self, cg: Cgroup, limits: ResourceLimits) -> None:
+        for d in cg.dirs:
+            if d.version == 1 and "memory" in d.controllers:
+                # v1 requires memsw >= limit at every step, whichever way the limit moves:
+                # memsw first (may be refused when shrinking), limit, then memsw again.
+                memsw = d.path / "memory.memsw.limit_in_bytes"
+                if memsw.exists():
+                    with contextlib.suppress(BackendError):
+                        _write(memsw, str(limits.memory_bytes))
+            self._apply(d, limits)
+
     # -- find
 
     def open(self, sandbox_id: str) -> Cgroup:

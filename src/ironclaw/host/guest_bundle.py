@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import ironclaw
@@ -66,8 +68,26 @@ def guest_sources() -> list[tuple[str, Path]]:
     return out
 
 
+_lock = threading.Lock()
+_built: dict[tuple[Path, str], Path] = {}
+
+
 def bundle_path(state_dir: Path, python: str = GUEST_PYTHON) -> Path:
-    """Build (once) and return the guest zip for the installed IronClaw sources."""
+    """Build (once) and return the guest zip for the installed IronClaw sources.
+
+    Safe to call from many threads and processes at once: a per-process lock and
+    cache, and a uniquely named temporary file renamed into place.
+    """
+    with _lock:
+        key = (state_dir, python)
+        cached = _built.get(key)
+        if cached is not None and cached.exists():
+            return cached
+        _built[key] = path = _bundle_path(state_dir, python)
+        return path
+
+
+def _bundle_path(state_dir: Path, python: str) -> Path:
     sources = guest_sources()
     digest = hashlib.sha256()
     st = os.stat(python)
@@ -79,7 +99,7 @@ def bundle_path(state_dir: Path, python: str = GUEST_PYTHON) -> Path:
     target = safe_join(directory, name)
     if target.exists():
         return target
-    tmp = safe_join(directory, f".{name}.{os.getpid()}.tmp")
+    tmp = safe_join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     spec = {"out": str(tmp), "files": [(a, str(p)) for a, p in sources]}
     import json
 

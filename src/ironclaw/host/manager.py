@@ -12,14 +12,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
+import json
 import os
 import shutil
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ironclaw.backends.base import Backend, LaunchContext
-from ironclaw.config import Settings, ensure_private_dir
+from ironclaw.backends.base import Backend, LaunchContext, process_start_time, same_process
+from ironclaw.config import Settings, ensure_private_dir, safe_join
 from ironclaw.errors import (
     BackendError,
     ChannelClosed,
@@ -38,9 +42,10 @@ if TYPE_CHECKING:
     from ironclaw.host.cgroups import CgroupManager
     from ironclaw.host.net import NetworkManager
 
-__all__ = ["DEFAULT_UID_BASE", "ExecResult", "SandboxManager"]
+__all__ = ["DEFAULT_UID_BASE", "ExecResult", "GcReport", "SandboxManager", "pool_key"]
 
 DEFAULT_UID_BASE = 2_000_000_000
+MAX_UID = 2**31 - 1
 OutputSink = Callable[[bytes], Awaitable[None] | None]
 
 
@@ -76,6 +81,13 @@ class ExecResult:
         }
 
 
+def _make_run_dir(run_dir: Path) -> None:
+    ensure_private_dir(run_dir.parent)
+    if run_dir.exists():
+        raise SandboxError(f"runtime directory {run_dir} already exists; run `ironclaw gc`")
+    run_dir.mkdir(mode=0o700)
+
+
 def _backend(name: str) -> Backend:
     if name == "namespace":
         from ironclaw.backends.namespace import NamespaceBackend
@@ -87,6 +99,47 @@ def _backend(name: str) -> Backend:
     )
 
 
+def pool_key(spec: SandboxSpec) -> str:
+    """What a warm sandbox must share with a request to serve it.
+
+    Everything fixed at launch (backend, image, seccomp, mounts, env, hostname, whether
+    there is a network at all, tmpfs sizes, the wall-time supervisor) is in the key;
+    memory, pids, cpu and the egress rules are applied on acquire.
+    """
+    lim = spec.limits
+    fixed = {
+        "backend": spec.backend,
+        "image": spec.image,
+        "seccomp": spec.seccomp,
+        "mounts": [m.model_dump() for m in spec.mounts],
+        "env": spec.env,
+        "hostname": spec.hostname,
+        "network": spec.network.needs_network,
+        "proxy": bool(spec.network.allow_domains),
+        "workspace_mib": lim.workspace_mib,
+        "tmp_mib": lim.tmp_mib,
+        "wall_time_s": lim.wall_time_s,
+        "nofile": lim.nofile,
+        "fsize_mib": lim.fsize_mib,
+    }
+    blob = json.dumps(fixed, sort_keys=True).encode()
+    return hashlib.blake2b(blob, digest_size=8).hexdigest()
+
+
+@dataclass
+class GcReport:
+    """What reconcile found and did (or, with ``dry_run``, would do)."""
+
+    removed: list[str] = field(default_factory=list)
+    marked_dead: list[str] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    dry_run: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 class SandboxManager:
     """Owns sandboxes through the registry. Use as ``async with SandboxManager() as m``."""
 
@@ -96,16 +149,25 @@ class SandboxManager:
         *,
         uid_base: int | None = None,
         cgroup_root: str | None = None,
+        reconcile_on_open: bool = True,
     ) -> None:
         self.settings = settings or Settings.from_env()
         self.uid_base = uid_base or int(os.environ.get("IRONCLAW_UID_BASE", DEFAULT_UID_BASE))
+        if not 65536 <= self.uid_base <= MAX_UID - 16384:
+            # bubblewrap (and user namespaces) refuse uid maps past 2^31 - 1.
+            raise ConfigError(
+                f"uid base {self.uid_base} must lie between 65536 and {MAX_UID - 16384}"
+            )
         self._cgroup_root = cgroup_root or os.environ.get("IRONCLAW_CGROUP_ROOT", "ironclaw")
         self.store = Store(self.settings.registry_path)
+        self._reconcile_on_open = reconcile_on_open
         self._backends: dict[str, Backend] = {}
         self._peers: dict[str, Peer] = {}
         self._cgroups: CgroupManager | None = None
         self._net: NetworkManager | None = None
         self._owned: set[str] = set()
+        self._rids: dict[str, str] = {}  # sandbox id -> resource id, for pooled ones
+        self._me = {"owner_start": process_start_time(os.getpid())}
 
     async def __aenter__(self) -> SandboxManager:
         await self.open()
@@ -115,14 +177,28 @@ class SandboxManager:
         await self.aclose()
 
     async def open(self) -> None:
+        """Open the registry and finish what crashed processes left half done."""
         self.settings.ensure()
         await self.store.open()
+        if self._reconcile_on_open:
+            await self.reconcile(scan=False)
 
-    async def aclose(self) -> None:
+    async def aclose(self, *, destroy_owned: bool = False) -> None:
+        """Close channels; with ``destroy_owned`` also remove the sandboxes made here."""
+        if destroy_owned:
+            await self.destroy_owned()
         for peer in list(self._peers.values()):
             await peer.aclose()
         self._peers.clear()
+        if self._net is not None:
+            self._net.close()
         await self.store.aclose()
+
+    async def destroy_owned(self) -> None:
+        """Remove every sandbox this manager created (graceful shutdown of a service)."""
+        for sid in sorted(self._owned):
+            with contextlib.suppress(SandboxNotFound):
+                await self.destroy(sid)
 
     # -- parts -------------------------------------------------------------------------
 
@@ -144,7 +220,8 @@ class SandboxManager:
         if self._net is None:
             from ironclaw.host.net import NetworkManager
 
-            self._net = NetworkManager(self.settings)
+            pool = os.environ.get("IRONCLAW_NET_POOL", "10.250.0.0/16")
+            self._net = NetworkManager(self.settings, pool=pool)
         return self._net
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -156,10 +233,30 @@ class SandboxManager:
         sandbox_id: str | None = None,
         one_shot: bool = False,
         ready_timeout: float = 20.0,
+        use_pool: bool = True,
     ) -> SandboxRecord:
-        """Create and start a sandbox; return its record once the agent answers."""
+        """Create and start a sandbox; return its record once the agent answers.
+
+        A warm sandbox of the same template (see :func:`pool_key`) is taken when one is
+        ready, and given this request's id, limits and egress rules.
+        """
         spec = parse_spec(spec if spec is not None else {})
         sid = validate_sandbox_id(sandbox_id) if sandbox_id is not None else new_sandbox_id()
+        if use_pool:
+            taken = await self._acquire(spec, sid, one_shot)
+            if taken is not None:
+                return taken
+        return await self._create_cold(spec, sid, one_shot=one_shot, ready_timeout=ready_timeout)
+
+    async def _create_cold(
+        self,
+        spec: SandboxSpec,
+        sid: str,
+        *,
+        one_shot: bool,
+        ready_timeout: float,
+        pooled: str | None = None,
+    ) -> SandboxRecord:
         backend = self.backend(spec.backend)
         record = await self.store.reserve(
             sid,
@@ -167,10 +264,12 @@ class SandboxManager:
             spec=spec.model_dump(mode="json"),
             owner_pid=os.getpid(),
             one_shot=one_shot,
+            info=dict(self._me),
+            pool_key=pooled,
         )
         self._owned.add(sid)
         try:
-            return await self._start(record, spec, backend, one_shot, ready_timeout)
+            return await self._start(record, spec, backend, one_shot, ready_timeout, pooled)
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._teardown(record, reason=f"failed: {exc}"))
@@ -185,14 +284,12 @@ class SandboxManager:
         backend: Backend,
         one_shot: bool,
         ready_timeout: float,
+        pooled: str | None,
     ) -> SandboxRecord:
         sid = record.id
         run_dir = self.settings.sandbox_runtime_dir(sid)
-        ensure_private_dir(run_dir.parent)
         await self.store.intend(sid, "runtime_dir", str(run_dir))
-        if run_dir.exists():
-            raise SandboxError(f"runtime directory {run_dir} already exists; run `ironclaw gc`")
-        run_dir.mkdir(mode=0o700)
+        await asyncio.to_thread(_make_run_dir, run_dir)
         await self.store.created(sid, "runtime_dir", str(run_dir))
 
         ctx = LaunchContext(
@@ -223,7 +320,7 @@ class SandboxManager:
 
         peer = await self._wait_ready(sid, backend, info, ready_timeout)
         self._peers[sid] = peer
-        await self.store.update(sid, state="running")
+        await self.store.update(sid, state="pooled" if pooled else "running")
         return await self.store.get(sid)
 
     async def _wait_ready(
@@ -250,9 +347,15 @@ class SandboxManager:
             done, _ = await asyncio.wait(
                 waitset, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
-            if pinging in done:
+            if pinging in done and (pinging.exception() is None or exited is None):
                 return pinging.result()
-            if exited is not None and exited in done:
+            if pinging in done and exited is not None:
+                # A refused connection usually means the jail died at start: say why.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(exited), 1.0)
+                if not exited.done():
+                    return pinging.result()
+            if exited is not None and exited.done():
                 from ironclaw.backends.namespace import NamespaceBackend, describe_launch_failure
 
                 if isinstance(backend, NamespaceBackend):
@@ -267,6 +370,57 @@ class SandboxManager:
                 with contextlib.suppress(BaseException):
                     await pinging
 
+    # -- warm pool ---------------------------------------------------------------------
+
+    async def fill_pool(
+        self, spec: SandboxSpec | dict[str, Any] | None = None, *, size: int
+    ) -> int:
+        """Top the pool for ``spec``'s template up to ``size`` ready sandboxes."""
+        spec = parse_spec(spec if spec is not None else {})
+        key = pool_key(spec)
+        made = 0
+        while await self.store.count_pooled(key) < size:
+            await self._create_cold(
+                spec, new_sandbox_id("pool"), one_shot=False, ready_timeout=20.0, pooled=key
+            )
+            made += 1
+        return made
+
+    async def _acquire(self, spec: SandboxSpec, sid: str, one_shot: bool) -> SandboxRecord | None:
+        """Give a pooled sandbox its final id, limits and egress rules, or return None."""
+        key = pool_key(spec)
+        record = await self.store.claim_pooled(
+            key,
+            sid,
+            spec=spec.model_dump(mode="json"),
+            owner=dict(self._me),
+            owner_pid=os.getpid(),
+            one_shot=one_shot,
+        )
+        if record is None:
+            return None
+        self._owned.add(sid)
+        self._rids[sid] = record.rid
+        try:
+            rid = record.rid
+            peer = self._peers.pop(rid, None)
+            if peer is not None:
+                self._peers[sid] = peer
+            await self.cgroups.update(rid, spec.limits)
+            if spec.network.needs_network:
+                await self.net.update_policy(rid, spec.network, slot=record.slot)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._teardown(record, reason=f"failed: {exc}"))
+            raise
+        return record
+
+    async def warm(self, spec: SandboxSpec | dict[str, Any] | None = None) -> int:
+        """How many ready sandboxes the pool holds for ``spec``'s template."""
+        return await self.store.count_pooled(pool_key(parse_spec(spec or {})))
+
+    # -- teardown ----------------------------------------------------------------------
+
     async def destroy(self, sandbox_id: str) -> None:
         """Stop the sandbox and remove every resource it had. Idempotent per id."""
         record = await self.store.get(validate_sandbox_id(sandbox_id))
@@ -280,6 +434,7 @@ class SandboxManager:
         if peer is not None:
             await peer.aclose()
         fresh = await self.store.get(sid)
+        rid = fresh.rid
         errors: list[str] = []
         kinds = {r.kind for r in await self.store.resources(sid)}
         if "process" in kinds:
@@ -290,21 +445,22 @@ class SandboxManager:
                 errors.append(f"stop: {exc}")
         if "cgroup" in kinds:
             try:
-                await self.cgroups.destroy(sid)
-                await self.store.removed(sid, "cgroup", sid)
+                await self.cgroups.destroy(rid)
+                await self.store.removed(sid, "cgroup", rid)
             except Exception as exc:
                 errors.append(f"cgroup: {exc}")
         if "network" in kinds:
             try:
-                await self.net.destroy(sid, slot=fresh.slot)
-                await self.store.removed(sid, "network", sid)
+                await self.net.destroy(rid, slot=fresh.slot)
+                await self.store.removed(sid, "network", rid)
             except Exception as exc:
                 errors.append(f"network: {exc}")
         if "runtime_dir" in kinds:
-            run_dir = self.settings.sandbox_runtime_dir(sid)
+            run_dir = self.settings.sandbox_runtime_dir(rid)
             await asyncio.to_thread(shutil.rmtree, run_dir, True)
             await self.store.removed(sid, "runtime_dir", str(run_dir))
         self._owned.discard(sid)
+        self._rids.pop(sid, None)
         if errors:
             await self.store.update(sid, state="failed", reason="; ".join(errors))
             raise SandboxError(
@@ -321,13 +477,96 @@ class SandboxManager:
 
     async def _refresh(self, record: SandboxRecord) -> SandboxRecord:
         """Mark a running sandbox whose processes died as dead, with the reason."""
-        if record.state != "running":
+        if record.state not in ("running", "pooled"):
             return record
         status = await self.backend(record.backend).inspect(record.info)
         if status.alive:
             return record
         await self.store.update(record.id, state="dead", reason=status.reason)
         return await self.store.get(record.id)
+
+    # -- reconcile ---------------------------------------------------------------------
+
+    def _owner_alive(self, record: SandboxRecord) -> bool:
+        if record.owner_pid == os.getpid():
+            return True
+        return same_process(record.owner_pid, record.info.get("owner_start"))
+
+    async def reconcile(self, *, dry_run: bool = False, scan: bool = True) -> GcReport:
+        """Make the system agree with the registry.
+
+        From the registry: sandboxes whose creator died mid-way, one-shot sandboxes whose
+        owner died, and dead sandboxes are torn down (every recorded resource, in
+        reverse order). With ``scan``: cgroups, runtime directories and processes of this
+        installation that no registry row accounts for are removed as well. The system is
+        scanned *before* the registry is read, so a sandbox being created concurrently
+        (its intent is committed before its resources exist) is never mistaken for an
+        orphan. Nothing outside IronClaw's own names, uids and directories is touched.
+        """
+        report = GcReport(dry_run=dry_run)
+        found = await self._scan() if scan else None
+        records = await self.store.all()
+        for record in records:
+            record = await self._refresh(record)
+            owner_alive = self._owner_alive(record)
+            why: str | None = None
+            if record.state in ("creating", "stopping", "failed") and not owner_alive:
+                why = f"left {record.state} by a process that died"
+            elif record.state == "running" and record.one_shot and not owner_alive:
+                why = "one-shot sandbox whose owner died"
+            elif record.state == "dead":
+                why = f"dead ({record.reason})"
+                report.marked_dead.append(record.id)
+            if why is None:
+                continue
+            report.removed.append(f"sandbox {record.id}: {why}")
+            if not dry_run:
+                try:
+                    await self._teardown(record, reason=why)
+                except IronclawError as exc:
+                    report.errors.append(str(exc))
+        if found is not None:
+            await self._remove_orphans(found, records, report)
+        return report
+
+    async def _scan(self) -> dict[str, list[str]]:
+        from ironclaw.host.procs import processes_with_uid_in
+
+        runtime = safe_join(self.settings.runtime_dir, "sandboxes")
+        dirs = sorted(p.name for p in runtime.iterdir()) if runtime.is_dir() else []
+        procs = processes_with_uid_in(self.uid_base, self.uid_base + self.store.max_slots)
+        return {
+            "cgroups": await asyncio.to_thread(self.cgroups.list_owned),
+            "runtime_dirs": dirs,
+            "processes": [f"{pid}:{uid}" for pid, uid in procs],
+        }
+
+    async def _remove_orphans(
+        self, found: dict[str, list[str]], records: list[SandboxRecord], report: GcReport
+    ) -> None:
+        live = {r.rid for r in records} | {r.id for r in records}
+        slots = {r.slot for r in records}
+        for cg in found["cgroups"]:
+            if cg not in live:
+                report.orphans.append(f"cgroup {cg}")
+                if not report.dry_run:
+                    try:
+                        await self.cgroups.destroy(cg)
+                    except IronclawError as exc:
+                        report.errors.append(str(exc))
+        for name in found["runtime_dirs"]:
+            if name not in live:
+                report.orphans.append(f"runtime directory {name}")
+                if not report.dry_run:
+                    path = safe_join(self.settings.runtime_dir, "sandboxes", name)
+                    await asyncio.to_thread(shutil.rmtree, path, True)
+        for item in found["processes"]:
+            pid, uid = (int(x) for x in item.split(":"))
+            if uid - self.uid_base not in slots:
+                report.orphans.append(f"process {pid} (uid {uid})")
+                if not report.dry_run:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
 
     # -- channel -----------------------------------------------------------------------
 
@@ -372,7 +611,7 @@ class SandboxManager:
         if not argv:
             raise ConfigError("nothing to run: give a command")
         peer = await self.peer(sandbox_id)
-        cg = self._cgroup_or_none(sandbox_id)
+        cg = self._cgroup_or_none(await self._rid(sandbox_id))
         before = cg.stats() if cg is not None else None
         out_id, err_id = peer.new_stream_id(), peer.new_stream_id()
         in_id = peer.new_stream_id() if stdin is not None else None
@@ -445,6 +684,12 @@ class SandboxManager:
             stdout_bytes=counts[0],
             stderr_bytes=counts[1],
         )
+
+    async def _rid(self, sandbox_id: str) -> str:
+        rid = self._rids.get(sandbox_id)
+        if rid is None:
+            rid = self._rids[sandbox_id] = (await self.store.get(sandbox_id)).rid
+        return rid
 
     def _cgroup_or_none(self, sandbox_id: str) -> Any:
         try:

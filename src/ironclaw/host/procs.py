@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["descendants", "host_uid"]
+__all__ = ["descendants", "host_uid", "is_zombie", "processes_with_uid_in"]
 
 
 def _parent_map() -> dict[int, list[int]]:
@@ -44,3 +44,30 @@ def host_uid(pid: int) -> int:
     except OSError:
         pass
     return -1
+
+
+def is_zombie(pid: int) -> bool:
+    """True for a process that has exited and waits to be reaped by its parent."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    return data[data.rfind(b")") + 2 :][:1] in (b"Z", b"X")
+
+
+def processes_with_uid_in(low: int, high: int) -> list[tuple[int, int]]:
+    """``(pid, uid)`` of every live process whose host uid is in ``[low, high)``.
+
+    Zombies are left out: they hold nothing but a pid, and only their parent (often the
+    host's init, once the orchestrator that started them is gone) can reap them.
+    """
+    out: list[tuple[int, int]] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        uid = host_uid(pid)
+        if low <= uid < high and not is_zombie(pid):
+            out.append((pid, uid))
+    return out

@@ -30,7 +30,7 @@ from ironclaw.ids import validate_sandbox_id
 __all__ = ["ResourceRow", "SandboxRecord", "SandboxState", "Store"]
 
 T = TypeVar("T")
-SandboxState = Literal["creating", "running", "stopping", "dead", "failed"]
+SandboxState = Literal["creating", "pooled", "running", "stopping", "dead", "failed"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     reason      TEXT,
     owner_pid   INTEGER,
     one_shot    INTEGER NOT NULL DEFAULT 0,
+    pool_key    TEXT,
     created_at  REAL NOT NULL,
     updated_at  REAL NOT NULL
 );
@@ -68,8 +69,14 @@ class SandboxRecord:
     reason: str | None = None
     owner_pid: int | None = None
     one_shot: bool = False
+    pool_key: str | None = None
     created_at: float = 0.0
     updated_at: float = 0.0
+
+    @property
+    def rid(self) -> str:
+        """The id its kernel resources are named after (differs once a pooled one is taken)."""
+        return str(self.info.get("rid", self.id))
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,7 @@ def _record(row: sqlite3.Row) -> SandboxRecord:
         reason=row["reason"],
         owner_pid=row["owner_pid"],
         one_shot=bool(row["one_shot"]),
+        pool_key=row["pool_key"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
     )
@@ -150,10 +158,14 @@ class Store:
         spec: dict[str, Any],
         owner_pid: int | None,
         one_shot: bool,
+        info: dict[str, Any] | None = None,
+        pool_key: str | None = None,
     ) -> SandboxRecord:
         """Claim ``sandbox_id`` and a free slot atomically, in state ``creating``."""
         validate_sandbox_id(sandbox_id)
-        return await self._run(self._reserve, sandbox_id, backend, spec, owner_pid, one_shot)
+        return await self._run(
+            self._reserve, sandbox_id, backend, spec, owner_pid, one_shot, info or {}, pool_key
+        )
 
     def _reserve(
         self,
@@ -162,6 +174,8 @@ class Store:
         spec: dict[str, Any],
         owner_pid: int | None,
         one_shot: bool,
+        info: dict[str, Any],
+        pool_key: str | None,
     ) -> SandboxRecord:
         db = self.db
         now = time.time()
@@ -177,9 +191,21 @@ class Store:
             if slot is None:
                 raise ConfigError(f"all {self.max_slots} sandbox slots are in use")
             db.execute(
-                "INSERT INTO sandboxes (id, slot, backend, state, spec, owner_pid, one_shot,"
-                " created_at, updated_at) VALUES (?, ?, ?, 'creating', ?, ?, ?, ?, ?)",
-                (sandbox_id, slot, backend, json.dumps(spec), owner_pid, int(one_shot), now, now),
+                "INSERT INTO sandboxes (id, slot, backend, state, spec, info, owner_pid, one_shot,"
+                " pool_key, created_at, updated_at)"
+                " VALUES (?, ?, ?, 'creating', ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    sandbox_id,
+                    slot,
+                    backend,
+                    json.dumps(spec),
+                    json.dumps(info),
+                    owner_pid,
+                    int(one_shot),
+                    pool_key,
+                    now,
+                    now,
+                ),
             )
             db.execute("COMMIT")
         except BaseException:
@@ -236,6 +262,86 @@ class Store:
             args.append(reason)
         args.append(sandbox_id)
         self.db.execute(f"UPDATE sandboxes SET {', '.join(sets)} WHERE id = ?", args)  # noqa: S608
+
+    async def claim_pooled(
+        self,
+        pool_key: str,
+        new_id: str,
+        *,
+        spec: dict[str, Any],
+        owner: dict[str, Any],
+        owner_pid: int,
+        one_shot: bool,
+    ) -> SandboxRecord | None:
+        """Take one ready pooled sandbox for ``pool_key`` and give it ``new_id``, atomically.
+
+        Its resources keep the names they were made under (``info['rid']``); every
+        registry row moves to the new id in the same transaction, so no other process
+        can take the same sandbox and none sees it half-renamed.
+        """
+        validate_sandbox_id(new_id)
+        return await self._run(
+            self._claim_pooled, pool_key, new_id, spec, owner, owner_pid, one_shot
+        )
+
+    def _claim_pooled(
+        self,
+        pool_key: str,
+        new_id: str,
+        spec: dict[str, Any],
+        owner: dict[str, Any],
+        owner_pid: int,
+        one_shot: bool,
+    ) -> SandboxRecord | None:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if db.execute("SELECT 1 FROM sandboxes WHERE id = ?", (new_id,)).fetchone():
+                raise ConfigError(
+                    f"a sandbox named {new_id!r} already exists; "
+                    "pick another id or remove it first (ironclaw sandbox rm)"
+                )
+            row = db.execute(
+                "SELECT id, info FROM sandboxes WHERE state = 'pooled' AND pool_key = ?"
+                " ORDER BY created_at LIMIT 1",
+                (pool_key,),
+            ).fetchone()
+            if row is None:
+                db.execute("ROLLBACK")
+                return None
+            old = row["id"]
+            info = {"rid": json.loads(row["info"]).get("rid", old), **owner}
+            db.execute(
+                "UPDATE sandboxes SET id = ?, state = 'running', pool_key = NULL, spec = ?,"
+                " owner_pid = ?, one_shot = ?, info = json_patch(info, ?), updated_at = ?"
+                " WHERE id = ?",
+                (
+                    new_id,
+                    json.dumps(spec),
+                    owner_pid,
+                    int(one_shot),
+                    json.dumps(info),
+                    time.time(),
+                    old,
+                ),
+            )
+            db.execute("UPDATE resources SET sandbox_id = ? WHERE sandbox_id = ?", (new_id, old))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return self._get(new_id)
+
+    async def count_pooled(self, pool_key: str) -> int:
+        return await self._run(self._count_pooled, pool_key)
+
+    def _count_pooled(self, pool_key: str) -> int:
+        row = self.db.execute(
+            "SELECT COUNT(*) FROM sandboxes WHERE pool_key = ? AND state IN ('creating', 'pooled')",
+            (pool_key,),
+        ).fetchone()
+        return int(row[0])
 
     async def delete(self, sandbox_id: str) -> None:
         """Forget a sandbox whose resources are all gone."""

@@ -1,0 +1,138 @@
+"""``ironclaw run`` (an agent task in a fresh sandbox) and ``ironclaw logs`` (its trace)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.prompt import Confirm
+
+from ironclaw.errors import IronclawError
+
+__all__ = ["register"]
+
+_console = Console(stderr=True)
+
+
+def _progress(ev: dict[str, Any]) -> None:
+    from ironclaw.host.trace import _line
+
+    _console.print(f"[dim]#{ev.get('seq'):<3}[/] {_line(ev)}", highlight=False)
+
+
+async def _ask(req: Any) -> bool:
+    """The interactive decision on a RED call: its diff card, then yes/no."""
+    _console.print(Panel(req.card, title=f"RED: {req.name}: {req.classification.reason}"))
+    return bool(await asyncio.to_thread(Confirm.ask, "approve this action?", default=False))
+
+
+def run_cmd(
+    task: Annotated[str, typer.Argument(help="What the agent should do.")],
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="PROVIDER:MODEL: openai:NAME, anthropic:NAME, scripted:FILE."),
+    ] = None,
+    allow: Annotated[
+        list[str] | None, typer.Option("--allow", help="Allow egress to CIDR[:PORT[/PROTO]].")
+    ] = None,
+    allow_domain: Annotated[
+        list[str] | None, typer.Option("--allow-domain", help="Allow NAME or *.SUFFIX.")
+    ] = None,
+    approve: Annotated[
+        str | None,
+        typer.Option("--approve", help="RED calls: prompt, green-only, all or never."),
+    ] = None,
+    mcp: Annotated[
+        list[str] | None, typer.Option("--mcp", help="Extra MCP server: 'cmd args' (repeatable).")
+    ] = None,
+    policy: Annotated[Path | None, typer.Option("--policy", help="Approval rules (JSON).")] = None,
+    max_steps: Annotated[int, typer.Option("--max-steps")] = 20,
+    max_tokens: Annotated[int, typer.Option("--max-tokens")] = 200_000,
+    wall_time: Annotated[float, typer.Option("--wall-time", help="Task time limit (s).")] = 600.0,
+    tool_timeout: Annotated[float, typer.Option("--tool-timeout")] = 120.0,
+    keep: Annotated[bool, typer.Option("--keep", help="Keep the sandbox afterwards.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Run an AI agent on TASK inside a fresh sandbox, with live progress."""
+    from ironclaw.cli.main import _fail, build_spec
+    from ironclaw.guest.agent_loop import Budget
+    from ironclaw.host.approval import ApprovalPolicy, Approver
+    from ironclaw.host.manager import SandboxManager
+    from ironclaw.host.tasks import TaskSpec, parse_mcp, run_task
+
+    interactive = sys.stdin.isatty() and not as_json
+    mode = approve or ("prompt" if interactive else "green-only")
+
+    async def main() -> int:
+        approver = Approver(
+            ApprovalPolicy.from_file(policy) if policy else None,
+            mode,
+            prompt=_ask if interactive and mode == "prompt" else None,
+        )
+        spec = TaskSpec(
+            task=task,
+            model=model or os.environ.get("IRONCLAW_MODEL", "openai:gpt-4o-mini"),
+            sandbox=build_spec(allow=allow, allow_domain=allow_domain),
+            mcp=[parse_mcp(m, i) for i, m in enumerate(mcp or [], 1)],
+            budget=Budget.from_json(
+                {
+                    "max_steps": max_steps,
+                    "max_tokens": max_tokens,
+                    "wall_time_s": wall_time,
+                    "tool_timeout_s": tool_timeout,
+                }
+            ),
+        )
+        async with SandboxManager() as manager:
+            outcome = await run_task(
+                manager, spec, approver=approver, keep=keep,
+                on_event=None if as_json else _progress,
+            )  # fmt: skip
+        if as_json:
+            print(json.dumps(outcome.to_json()))
+        else:
+            if outcome.answer:
+                Console().print(Panel(outcome.answer, title="answer"))
+            _console.print(f"trace: ironclaw logs {outcome.sandbox_id}")
+        return 0 if outcome.status == "completed" else 1
+
+    try:
+        code = asyncio.run(main())
+    except IronclawError as exc:
+        raise typer.Exit(_fail(exc, as_json)) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    raise typer.Exit(code)
+
+
+def logs_cmd(
+    sandbox_id: Annotated[str, typer.Argument(help="Sandbox id of the task.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Raw JSON lines.")] = False,
+) -> None:
+    """Show an agent task's trace as a timeline (or raw with --json)."""
+    from ironclaw.cli.main import _fail
+    from ironclaw.config import Settings
+    from ironclaw.host.trace import read_trace, render_timeline, state_trace_path
+
+    try:
+        path = state_trace_path(Settings.from_env(), sandbox_id)
+        events = read_trace(path)
+    except IronclawError as exc:
+        raise typer.Exit(_fail(exc, as_json)) from None
+    if as_json:
+        for ev in events:
+            print(json.dumps(ev))
+    else:
+        render_timeline(events, Console())
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run")(run_cmd)
+    app.command("logs")(logs_cmd)

@@ -1,0 +1,417 @@
+"""The agent loop, inside the sandbox: model through the host, tools through MCP.
+
+The loop holds no credentials: it asks the host for each model turn
+(``model.complete`` on the same channel the host used to start it), and before every
+tool call it asks the host whether the call may run (``tool.authorize``: the host
+classifies it GREEN or RED and, for RED, waits for a person or a policy). Tools run
+on MCP servers started inside the sandbox over stdio with the official SDK; a refused
+call or a failing tool goes back to the model as a tool error, so the model can adapt.
+
+It stops on a final answer (a turn without tool calls) or on a budget: steps (model
+turns), tokens (input plus output, as the host's gateway counted them), wall time, and
+a per-tool timeout. The ``mcp`` SDK is imported only when a task starts, from the agent
+runtime directory the host names (see :mod:`ironclaw.host.agent_runtime`), so plain
+sandboxes start without it. Host RPC methods this module calls:
+
+``model.complete``  {system, messages, tools} -> {message, usage, stop_reason}
+``tool.authorize``  {call} -> {approved, color, reason}
+``agent.event``     {type: "tool.result" | "step", ...} (recorded in the trace)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ironclaw.errors import ConfigError, IronclawError
+from ironclaw.rpc import CallContext, Peer
+
+if TYPE_CHECKING:
+    from mcp import ClientSession
+
+__all__ = [
+    "TOOL_SEPARATOR",
+    "AgentLoop",
+    "Budget",
+    "McpClient",
+    "ServerSpec",
+    "TaskRequest",
+    "ToolCall",
+    "ToolInfo",
+    "ToolResult",
+    "execute_tool",
+    "handle_agent_run",
+]
+
+#: Model-visible tool names are ``<server>__<tool>`` (allowed by every vendor's rules).
+TOOL_SEPARATOR = "__"
+MAX_RESULT_CHARS = 32_000
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One tool call the model asked for."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
+
+    @classmethod
+    def from_json(cls, doc: Any) -> ToolCall:
+        if not isinstance(doc, dict) or not isinstance(doc.get("name"), str):
+            raise ConfigError(f"bad tool call from the model: {doc!r}")
+        args = doc.get("arguments") or {}
+        if not isinstance(args, dict):
+            raise ConfigError(f"tool call {doc.get('name')}: arguments must be an object")
+        return cls(id=str(doc.get("id") or ""), name=doc["name"], arguments=args)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "arguments": self.arguments}
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    """What a tool call produced, as the model will see it."""
+
+    call_id: str
+    name: str
+    content: str
+    is_error: bool = False
+    duration_ms: float = 0.0
+
+    def to_message(self) -> dict[str, Any]:
+        return {
+            "role": "tool",
+            "tool_call_id": self.call_id,
+            "name": self.name,
+            "content": self.content,
+            "is_error": self.is_error,
+        }
+
+
+@dataclass(frozen=True)
+class ToolInfo:
+    name: str
+    description: str
+    input_schema: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "input_schema": self.input_schema,
+        }
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """An MCP server to start over stdio inside the sandbox."""
+
+    name: str
+    command: str
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, doc: Any) -> ServerSpec:
+        if not isinstance(doc, dict):
+            raise ConfigError("an MCP server must be an object {name, command, args}")
+        name, command = doc.get("name"), doc.get("command")
+        args = doc.get("args") or []
+        env = doc.get("env") or {}
+        if not isinstance(name, str) or not name or TOOL_SEPARATOR in name:
+            raise ConfigError(f"MCP server name {name!r} must be non-empty without '__'")
+        if not isinstance(command, str) or not command:
+            raise ConfigError(f"MCP server {name}: 'command' must be a non-empty string")
+        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+            raise ConfigError(f"MCP server {name}: 'args' must be a list of strings")
+        if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+        ):
+            raise ConfigError(f"MCP server {name}: 'env' must map strings to strings")
+        return cls(name=name, command=command, args=tuple(args), env=dict(env))
+
+
+@dataclass(frozen=True)
+class Budget:
+    """When the loop must stop even if the model does not."""
+
+    max_steps: int = 20
+    max_tokens: int = 200_000
+    wall_time_s: float = 600.0
+    tool_timeout_s: float = 120.0
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Budget:
+        if doc is None:
+            return cls()
+        if not isinstance(doc, dict):
+            raise ConfigError("budget must be an object")
+        try:
+            b = cls(
+                max_steps=int(doc.get("max_steps", cls.max_steps)),
+                max_tokens=int(doc.get("max_tokens", cls.max_tokens)),
+                wall_time_s=float(doc.get("wall_time_s", cls.wall_time_s)),
+                tool_timeout_s=float(doc.get("tool_timeout_s", cls.tool_timeout_s)),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"bad budget: {exc}") from None
+        if min(b.max_steps, b.max_tokens) < 1 or min(b.wall_time_s, b.tool_timeout_s) <= 0:
+            raise ConfigError("every budget must be positive")
+        return b
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    """The ``agent.run`` parameters."""
+
+    task: str
+    system: str
+    runtime: str
+    servers: tuple[ServerSpec, ...]
+    budget: Budget
+
+    @classmethod
+    def from_json(cls, doc: Any) -> TaskRequest:
+        if not isinstance(doc, dict) or not isinstance(doc.get("task"), str):
+            raise ConfigError("agent.run needs {'task': str, ...}")
+        runtime = doc.get("runtime") or ""
+        if not isinstance(runtime, str):
+            raise ConfigError("'runtime' must be a path")
+        servers = tuple(ServerSpec.from_json(s) for s in doc.get("servers") or [])
+        if len({s.name for s in servers}) != len(servers):
+            raise ConfigError("two MCP servers share a name")
+        return cls(
+            task=doc["task"],
+            system=str(doc.get("system") or ""),
+            runtime=runtime,
+            servers=servers,
+            budget=Budget.from_json(doc.get("budget")),
+        )
+
+
+def _use_runtime(path: str) -> None:
+    """Make the agent runtime importable (once); its packages win over the distro's."""
+    if path and path not in sys.path:
+        if not os.path.isdir(path):
+            raise ConfigError(f"the agent runtime {path} is not visible in this sandbox")
+        sys.path.insert(0, path)
+
+
+def _content_text(blocks: list[Any]) -> str:
+    parts: list[str] = []
+    for block in blocks:
+        text = getattr(block, "text", None)
+        parts.append(text if isinstance(text, str) else f"[{getattr(block, 'type', 'content')}]")
+    text = "\n".join(parts)
+    if len(text) > MAX_RESULT_CHARS:
+        text = text[:MAX_RESULT_CHARS] + f"\n[... {len(text) - MAX_RESULT_CHARS} chars cut]"
+    return text
+
+
+class McpClient:
+    """Sessions to every MCP server of one task, and the tool names they expose.
+
+    Use as ``async with McpClient(servers, workdir) as client`` from one task: the SDK's
+    stdio transport keeps task groups that must be entered and left by the same task.
+    """
+
+    def __init__(self, servers: tuple[ServerSpec, ...], *, workdir: str) -> None:
+        self.servers = servers
+        self.workdir = workdir
+        self._stack = contextlib.AsyncExitStack()
+        self._sessions: dict[str, ClientSession] = {}
+        self._tools: dict[str, tuple[str, str]] = {}  # exposed name -> (server, tool)
+        self.tool_infos: list[ToolInfo] = []
+
+    async def __aenter__(self) -> McpClient:
+        from mcp import ClientSession, StdioServerParameters, stdio_client
+
+        try:
+            for spec in self.servers:
+                params = StdioServerParameters(
+                    command=spec.command,
+                    args=list(spec.args),
+                    # The sandbox's environment is clean by construction (bwrap
+                    # --clearenv); servers get all of it, e.g. the proxy settings.
+                    env={**os.environ, **spec.env},
+                    cwd=self.workdir,
+                )
+                read, write = await self._stack.enter_async_context(stdio_client(params))
+                session = await self._stack.enter_async_context(ClientSession(read, write))
+                await session.initialize()
+                self._sessions[spec.name] = session
+                listing = await session.list_tools()
+                for tool in listing.tools:
+                    exposed = f"{spec.name}{TOOL_SEPARATOR}{tool.name}"
+                    self._tools[exposed] = (spec.name, tool.name)
+                    self.tool_infos.append(
+                        ToolInfo(exposed, tool.description or "", dict(tool.input_schema))
+                    )
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+    def resolve(self, exposed: str) -> tuple[str, str] | None:
+        return self._tools.get(exposed)
+
+    async def call(
+        self, server: str, tool: str, arguments: dict[str, Any], *, timeout: float | None
+    ) -> tuple[str, bool]:
+        """Call one tool; returns (text, is_error). Transport failures raise."""
+        session = self._sessions[server]
+        result = await session.call_tool(tool, arguments, read_timeout_seconds=timeout)
+        content = getattr(result, "content", None) or []
+        return _content_text(list(content)), bool(getattr(result, "is_error", False))
+
+
+async def execute_tool(
+    call: ToolCall, mcp_client: McpClient, *, timeout: float | None = None
+) -> ToolResult:
+    """Run one tool call on the server that exposes it; every failure becomes a tool error."""
+    started = time.monotonic()
+
+    def done(text: str, is_error: bool) -> ToolResult:
+        ms = round((time.monotonic() - started) * 1000, 3)
+        return ToolResult(call.id, call.name, text, is_error, ms)
+
+    target = mcp_client.resolve(call.name)
+    if target is None:
+        return done(f"unknown tool {call.name!r}", True)
+    server, tool = target
+    try:
+        text, is_error = await mcp_client.call(server, tool, call.arguments, timeout=timeout)
+    except TimeoutError:
+        return done(f"tool {call.name} timed out after {timeout:g}s", True)
+    except Exception as exc:
+        from mcp import MCPError
+
+        if isinstance(exc, MCPError) and "timed out" in str(exc).lower():
+            return done(f"tool {call.name} timed out after {timeout:g}s", True)
+        return done(f"tool {call.name} failed: {type(exc).__name__}: {exc}", True)
+    return done(text, is_error)
+
+
+class AgentLoop:
+    """One task: conversation, model turns via the host, tool calls via MCP."""
+
+    def __init__(self, request: TaskRequest, peer: Peer, *, workdir: str) -> None:
+        self.request = request
+        self.peer = peer
+        self.workdir = workdir
+        self.messages: list[dict[str, Any]] = [{"role": "user", "content": request.task}]
+        self.steps = 0
+        self.tokens = 0
+        self.tool_calls = 0
+
+    def _outcome(self, status: str, answer: str | None = None, **extra: Any) -> dict[str, Any]:
+        return {
+            "status": status,
+            "answer": answer,
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "tool_calls": self.tool_calls,
+            **extra,
+        }
+
+    async def _event(self, doc: dict[str, Any]) -> None:
+        await self.peer.call("agent.event", doc)
+
+    async def run(self) -> dict[str, Any]:
+        budget = self.request.budget
+        deadline = time.monotonic() + budget.wall_time_s
+        _use_runtime(self.request.runtime)
+        async with McpClient(self.request.servers, workdir=self.workdir) as client:
+            tools = [t.to_json() for t in client.tool_infos]
+            while True:
+                if self.steps >= budget.max_steps:
+                    return self._outcome("budget_exceeded", reason="max_steps")
+                if self.tokens >= budget.max_tokens:
+                    return self._outcome("budget_exceeded", reason="max_tokens")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return self._outcome("budget_exceeded", reason="wall_time")
+                self.steps += 1
+                try:
+                    reply = await self.peer.call(
+                        "model.complete",
+                        {"system": self.request.system, "messages": self.messages, "tools": tools},
+                        timeout=left,
+                    )
+                except TimeoutError:
+                    return self._outcome("budget_exceeded", reason="wall_time")
+                usage = reply.get("usage") or {}
+                self.tokens += int(usage.get("input_tokens", 0)) + int(
+                    usage.get("output_tokens", 0)
+                )
+                message = reply.get("message") or {}
+                calls = [ToolCall.from_json(c) for c in message.get("tool_calls") or []]
+                self.messages.append(
+                    {
+                        "role": "assistant",
+                        "content": message.get("content"),
+                        "tool_calls": [c.to_json() for c in calls],
+                    }
+                )
+                if not calls:
+                    return self._outcome("completed", message.get("content") or "")
+                for call in calls:
+                    result = await self._one_call(call, client, deadline)
+                    self.messages.append(result.to_message())
+
+    async def _one_call(self, call: ToolCall, client: McpClient, deadline: float) -> ToolResult:
+        self.tool_calls += 1
+        target = client.resolve(call.name)
+        decision = await self.peer.call(
+            "tool.authorize",
+            {"call": call.to_json(), "server": target[0] if target else None,
+             "tool": target[1] if target else None, "workdir": self.workdir},
+        )  # fmt: skip
+        if not decision.get("approved"):
+            reason = str(decision.get("reason") or "refused")
+            result = ToolResult(
+                call.id, call.name, f"refused by the approval policy: {reason}", True
+            )
+        else:
+            left = max(0.1, deadline - time.monotonic())
+            timeout = min(self.request.budget.tool_timeout_s, left)
+            result = await execute_tool(call, client, timeout=timeout)
+        await self._event(
+            {
+                "type": "tool.result",
+                "call_id": call.id,
+                "name": call.name,
+                "is_error": result.is_error,
+                "content": result.content,
+                "duration_ms": result.duration_ms,
+                "executed": bool(decision.get("approved")),
+            }
+        )
+        return result
+
+
+async def handle_agent_run(params: Any, ctx: CallContext) -> dict[str, Any]:
+    """The ``agent.run`` handler: run one task to its end and report how it ended.
+
+    Failures after the task started (a server that will not start, a lost channel) end
+    the task with status ``error`` and the reason, rather than as an RPC error, so the
+    host's trace always records an end.
+    """
+    request = TaskRequest.from_json(params)
+    workdir = params.get("workdir") if isinstance(params.get("workdir"), str) else os.getcwd()
+    loop = AgentLoop(request, ctx.peer, workdir=workdir)
+    try:
+        return await loop.run()
+    except IronclawError as exc:
+        return loop._outcome("error", error=f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # the SDK raises ExceptionGroups, OSError, RuntimeError...
+        return loop._outcome("error", error=f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,508 @@
+"""The model gateway: the only place that holds model credentials, on the host.
+
+The agent loop inside the sandbox asks for each turn with ``model.complete``; the
+gateway translates IronClaw's neutral conversation into a vendor's wire format, calls
+the vendor over HTTP (httpx), translates the answer (text and tool calls) back, and
+counts tokens and cost per task. Keys are read from the host's environment, as the
+vendors' SDKs read them, and never leave this process: not in a reply, not in an
+error, not in the trace.
+
+Models are named ``PROVIDER:NAME``:
+
+``openai:NAME``     any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM,
+                    Ollama, llama.cpp server): ``OPENAI_API_KEY``, ``OPENAI_BASE_URL``
+``anthropic:NAME``  Anthropic's Messages API: ``ANTHROPIC_API_KEY``, ``ANTHROPIC_BASE_URL``
+``scripted:FILE``   replays a JSON file of model turns (tests, the offline demo)
+
+The neutral conversation (what the guest sends) is a list of messages::
+
+    {"role": "user", "content": str}
+    {"role": "assistant", "content": str | None, "tool_calls": [{id, name, arguments}]}
+    {"role": "tool", "tool_call_id": str, "name": str, "content": str, "is_error": bool}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+
+from ironclaw.errors import ConfigError, ConnectError, RpcError
+from ironclaw.rpc import CallContext
+
+__all__ = [
+    "PRICES",
+    "AnthropicProvider",
+    "Gateway",
+    "ModelReply",
+    "OpenAIProvider",
+    "Provider",
+    "ScriptedProvider",
+    "TaskUsage",
+    "Usage",
+    "provider_from_name",
+]
+
+#: USD per million (input, output) tokens; unknown models cost 0 (reported as unknown).
+PRICES: dict[str, tuple[float, float]] = {
+    "gpt-4o": (2.5, 10.0),
+    "gpt-4o-mini": (0.15, 0.6),
+    "gpt-4.1": (2.0, 8.0),
+    "gpt-4.1-mini": (0.4, 1.6),
+    "claude-3-5-haiku-latest": (0.8, 4.0),
+    "claude-3-5-sonnet-latest": (3.0, 15.0),
+    "claude-sonnet-4-0": (3.0, 15.0),
+    "claude-opus-4-0": (15.0, 75.0),
+}
+#: JSON-RPC code of a model provider failure as the guest sees it.
+MODEL_ERROR_CODE = -32060
+DEFAULT_MAX_TOKENS = 4096
+ANTHROPIC_VERSION = "2023-06-01"
+
+
+@dataclass(frozen=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ModelReply:
+    """One assistant turn in the neutral format, with what it cost."""
+
+    content: str | None
+    tool_calls: tuple[dict[str, Any], ...]
+    usage: Usage
+    stop_reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "message": {
+                "role": "assistant",
+                "content": self.content,
+                "tool_calls": list(self.tool_calls),
+            },
+            "usage": {
+                "input_tokens": self.usage.input_tokens,
+                "output_tokens": self.usage.output_tokens,
+            },
+            "stop_reason": self.stop_reason,
+        }
+
+
+class Provider(Protocol):
+    name: str
+    model: str
+
+    async def complete(
+        self, system: str, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]
+    ) -> ModelReply: ...
+
+    async def aclose(self) -> None: ...
+
+
+def _model_error(provider: str, exc: BaseException | None = None, *, text: str = "") -> RpcError:
+    """Say what failed without echoing request headers (they carry the key)."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        body = exc.response.text[:300].replace("\n", " ")
+        msg = f"{provider}: HTTP {exc.response.status_code} from {exc.request.url}: {body}"
+    elif exc is not None:
+        msg = f"{provider}: {type(exc).__name__}: {exc}"
+    else:
+        msg = f"{provider}: {text}"
+    return RpcError(MODEL_ERROR_CODE, msg, {"type": "ModelError"})
+
+
+class _HttpProvider:
+    name = "http"
+
+    def __init__(self, model: str, base_url: str, timeout: float) -> None:
+        self.model = model
+        self.base_url = base_url.rstrip("/")
+        self._client = httpx.AsyncClient(timeout=timeout)
+
+    async def _post(self, url: str, headers: dict[str, str], body: dict[str, Any]) -> Any:
+        try:
+            resp = await self._client.post(url, headers=headers, json=body)
+            resp.raise_for_status()
+            return resp.json()
+        except httpx.ConnectError as exc:
+            raise ConnectError(f"{self.name}: cannot reach {url}: {exc}") from None
+        except (httpx.HTTPError, ValueError) as exc:
+            raise _model_error(self.name, exc) from None
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+class OpenAIProvider(_HttpProvider):
+    """Chat completions, as OpenAI, vLLM, Ollama and llama.cpp's server speak it."""
+
+    name = "openai"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        timeout: float = 120.0,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+    ) -> None:
+        super().__init__(
+            model,
+            base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1",
+            timeout,
+        )
+        # Local servers (Ollama, llama.cpp) need no key; OpenAI itself answers 401.
+        self._key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
+        self.max_tokens = max_tokens
+
+    @staticmethod
+    def wire_messages(system: str, messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+        for m in messages:
+            role = m.get("role")
+            if role == "assistant":
+                msg: dict[str, Any] = {"role": "assistant", "content": m.get("content")}
+                calls = m.get("tool_calls") or []
+                if calls:
+                    msg["tool_calls"] = [
+                        {
+                            "id": c["id"],
+                            "type": "function",
+                            "function": {
+                                "name": c["name"],
+                                "arguments": json.dumps(c.get("arguments") or {}),
+                            },
+                        }
+                        for c in calls
+                    ]
+                out.append(msg)
+            elif role == "tool":
+                content = str(m.get("content", ""))
+                if m.get("is_error"):
+                    content = f"ERROR: {content}"
+                out.append(
+                    {"role": "tool", "tool_call_id": m.get("tool_call_id"), "content": content}
+                )
+            else:
+                out.append({"role": "user", "content": str(m.get("content", ""))})
+        return out
+
+    @staticmethod
+    def wire_tools(tools: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        return [
+            {
+                "type": "function",
+                "function": {
+                    "name": t["name"],
+                    "description": t.get("description", ""),
+                    "parameters": t.get("input_schema") or {"type": "object"},
+                },
+            }
+            for t in tools
+        ]
+
+    @staticmethod
+    def parse(doc: Any) -> ModelReply:
+        try:
+            choice = doc["choices"][0]
+            msg = choice["message"]
+            calls = []
+            for c in msg.get("tool_calls") or []:
+                raw = c["function"].get("arguments") or "{}"
+                args = json.loads(raw) if isinstance(raw, str) else raw
+                calls.append({"id": c.get("id") or "", "name": c["function"]["name"],
+                              "arguments": args})  # fmt: skip
+            usage = doc.get("usage") or {}
+            return ModelReply(
+                content=msg.get("content"),
+                tool_calls=tuple(calls),
+                usage=Usage(
+                    int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+                ),
+                stop_reason=str(choice.get("finish_reason") or ""),
+            )
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise _model_error("openai", text=f"unexpected response shape: {exc!r}") from None
+
+    async def complete(
+        self, system: str, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]
+    ) -> ModelReply:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": self.wire_messages(system, messages),
+            "max_tokens": self.max_tokens,
+        }
+        if tools:
+            body["tools"] = self.wire_tools(tools)
+        headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
+        return self.parse(await self._post(f"{self.base_url}/chat/completions", headers, body))
+
+
+class AnthropicProvider(_HttpProvider):
+    """Anthropic's Messages API (``POST /v1/messages``)."""
+
+    name = "anthropic"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        timeout: float = 120.0,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+    ) -> None:
+        super().__init__(
+            model,
+            base_url or os.environ.get("ANTHROPIC_BASE_URL") or "https://api.anthropic.com",
+            timeout,
+        )
+        key = api_key if api_key is not None else os.environ.get("ANTHROPIC_API_KEY")
+        if not key:
+            raise ConfigError("anthropic models need ANTHROPIC_API_KEY in the host's environment")
+        self._key = key
+        self.max_tokens = max_tokens
+
+    @staticmethod
+    def wire_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Tool results become ``tool_result`` blocks of one user turn, as the API wants."""
+        out: list[dict[str, Any]] = []
+        for m in messages:
+            role = m.get("role")
+            if role == "assistant":
+                blocks: list[dict[str, Any]] = []
+                if m.get("content"):
+                    blocks.append({"type": "text", "text": m["content"]})
+                for c in m.get("tool_calls") or []:
+                    blocks.append({"type": "tool_use", "id": c["id"], "name": c["name"],
+                                   "input": c.get("arguments") or {}})  # fmt: skip
+                out.append({"role": "assistant", "content": blocks})
+            elif role == "tool":
+                block = {
+                    "type": "tool_result",
+                    "tool_use_id": m.get("tool_call_id"),
+                    "content": str(m.get("content", "")),
+                    "is_error": bool(m.get("is_error")),
+                }
+                last = out[-1] if out else None
+                if last and last["role"] == "user" and isinstance(last["content"], list):
+                    last["content"].append(block)
+                else:
+                    out.append({"role": "user", "content": [block]})
+            else:
+                out.append({"role": "user", "content": str(m.get("content", ""))})
+        return out
+
+    @staticmethod
+    def wire_tools(tools: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": t["name"],
+                "description": t.get("description", ""),
+                "input_schema": t.get("input_schema") or {"type": "object"},
+            }
+            for t in tools
+        ]
+
+    @staticmethod
+    def parse(doc: Any) -> ModelReply:
+        try:
+            texts: list[str] = []
+            calls: list[dict[str, Any]] = []
+            for block in doc["content"]:
+                if block.get("type") == "text":
+                    texts.append(block.get("text", ""))
+                elif block.get("type") == "tool_use":
+                    calls.append({"id": block["id"], "name": block["name"],
+                                  "arguments": block.get("input") or {}})  # fmt: skip
+            usage = doc.get("usage") or {}
+            return ModelReply(
+                content="\n".join(texts) if texts else None,
+                tool_calls=tuple(calls),
+                usage=Usage(int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))),
+                stop_reason=str(doc.get("stop_reason") or ""),
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise _model_error("anthropic", text=f"unexpected response shape: {exc!r}") from None
+
+    async def complete(
+        self, system: str, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]
+    ) -> ModelReply:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "max_tokens": self.max_tokens,
+            "messages": self.wire_messages(messages),
+        }
+        if system:
+            body["system"] = system
+        if tools:
+            body["tools"] = self.wire_tools(tools)
+        headers = {"x-api-key": self._key, "anthropic-version": ANTHROPIC_VERSION}
+        return self.parse(await self._post(f"{self.base_url}/v1/messages", headers, body))
+
+
+class ScriptedProvider:
+    """Replays model turns from a file (or a list): deterministic, offline, no key.
+
+    The file is JSON: ``{"turns": [turn, ...], "loop": false}`` where a turn is
+    ``{"content": str | null, "tool_calls": [{"name", "arguments", "id"?}],
+    "usage": {"input_tokens", "output_tokens"}?}``. With ``loop`` the turns repeat
+    forever (a model that never stops, for budget tests); otherwise running out of turns
+    is an error.
+    """
+
+    name = "scripted"
+
+    def __init__(self, turns: Sequence[Mapping[str, Any]], *, loop: bool = False,
+                 model: str = "scripted") -> None:  # fmt: skip
+        if not turns:
+            raise ConfigError("a scripted model needs at least one turn")
+        self.model = model
+        self.turns = [dict(t) for t in turns]
+        self.loop = loop
+        self.position = 0
+        self.requests: list[dict[str, Any]] = []
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ScriptedProvider:
+        p = Path(path)
+        try:
+            doc = json.loads(p.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read scripted turns from {p}: {exc}") from None
+        if isinstance(doc, list):
+            doc = {"turns": doc}
+        if not isinstance(doc, dict) or not isinstance(doc.get("turns"), list):
+            raise ConfigError(f"{p}: expected {{'turns': [...]}}")
+        return cls(doc["turns"], loop=bool(doc.get("loop")), model=p.name)
+
+    async def complete(
+        self, system: str, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]
+    ) -> ModelReply:
+        self.requests.append({"system": system, "messages": list(messages), "tools": list(tools)})
+        if self.position >= len(self.turns):
+            if not self.loop:
+                raise _model_error("scripted", text=f"script ended after {len(self.turns)} turns")
+            self.position = 0
+        turn = self.turns[self.position]
+        self.position += 1
+        calls = []
+        for i, c in enumerate(turn.get("tool_calls") or []):
+            calls.append({"id": c.get("id") or f"call_{len(self.requests)}_{i}",
+                          "name": c["name"], "arguments": c.get("arguments") or {}})  # fmt: skip
+        usage = turn.get("usage") or {}
+        # Without counts in the script, estimate (4 characters a token) so budgets work.
+        in_tokens = usage.get("input_tokens", len(json.dumps(list(messages))) // 4)
+        out_tokens = usage.get("output_tokens", len(json.dumps(turn)) // 4)
+        return ModelReply(
+            content=turn.get("content"),
+            tool_calls=tuple(calls),
+            usage=Usage(int(in_tokens), int(out_tokens)),
+            stop_reason="tool_use" if calls else "end_turn",
+        )
+
+    async def aclose(self) -> None:
+        return None
+
+
+def provider_from_name(name: str) -> Provider:
+    """``openai:NAME``, ``anthropic:NAME`` or ``scripted:FILE``."""
+    kind, sep, rest = name.partition(":")
+    if not sep or not rest:
+        raise ConfigError(f"model {name!r}: use openai:NAME, anthropic:NAME or scripted:FILE")
+    if kind == "openai":
+        return OpenAIProvider(rest)
+    if kind == "anthropic":
+        return AnthropicProvider(rest)
+    if kind == "scripted":
+        return ScriptedProvider.from_file(rest)
+    raise ConfigError(f"unknown model provider {kind!r}: use openai, anthropic or scripted")
+
+
+@dataclass
+class TaskUsage:
+    """Per-task accounting, in the units bills use."""
+
+    model: str = ""
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float | None = 0.0
+
+    def add(self, usage: Usage) -> None:
+        self.requests += 1
+        self.input_tokens += usage.input_tokens
+        self.output_tokens += usage.output_tokens
+        price = PRICES.get(self.model)
+        if price is None:
+            self.cost_usd = None
+        elif self.cost_usd is not None:
+            self.cost_usd += (usage.input_tokens * price[0] + usage.output_tokens * price[1]) / 1e6
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "requests": self.requests,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "total_tokens": self.input_tokens + self.output_tokens,
+            "cost_usd": None if self.cost_usd is None else round(self.cost_usd, 6),
+        }
+
+
+EventSink = Callable[..., Awaitable[None]]
+
+
+@dataclass
+class Gateway:
+    """Serves ``model.complete`` for one task and keeps its accounting."""
+
+    provider: Provider
+    on_event: EventSink | None = None
+    usage: TaskUsage = field(default_factory=TaskUsage)
+
+    def __post_init__(self) -> None:
+        self.usage.model = self.provider.model
+
+    async def complete(self, params: Any, ctx: CallContext | None = None) -> dict[str, Any]:
+        if not isinstance(params, dict) or not isinstance(params.get("messages"), list):
+            raise ConfigError("model.complete needs {'messages': [...]}")
+        system = str(params.get("system") or "")
+        messages = params["messages"]
+        tools = params.get("tools") or []
+        if self.on_event is not None:
+            await self.on_event(
+                "model.request",
+                provider=self.provider.name,
+                model=self.provider.model,
+                messages=len(messages),
+                tools=len(tools),
+                last=messages[-1] if messages else None,
+            )
+        started = time.monotonic()
+        reply = await self.provider.complete(system, messages, tools)
+        self.usage.add(reply.usage)
+        doc = reply.to_json()
+        if self.on_event is not None:
+            await self.on_event(
+                "model.response",
+                content=reply.content,
+                tool_calls=list(reply.tool_calls),
+                input_tokens=reply.usage.input_tokens,
+                output_tokens=reply.usage.output_tokens,
+                stop_reason=reply.stop_reason,
+                duration_ms=round((time.monotonic() - started) * 1000, 3),
+            )
+        return doc
+
+    async def aclose(self) -> None:
+        await self.provider.aclose()

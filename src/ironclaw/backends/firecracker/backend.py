@@ -1,0 +1,586 @@
+"""The Firecracker backend: one microVM per sandbox, jailed when the jailer is installed.
+
+Launch order, and why:
+
+* **Files first.** Under the jailer, the kernel, initramfs and read-only root are
+  hard-linked into the chroot and a fresh ext4 workspace is made there, owned by the VM's
+  uid; Firecracker is told chroot-relative paths. Without the jailer the same files are
+  used in place (development hosts; Firecracker then runs as root).
+* **Network before the VMM.** With a network policy, a tap owned by the VM's uid is
+  bridged to the sandbox's veth inside its namespace (:mod:`.tap`), and Firecracker
+  starts in that namespace, so the host firewall and proxy apply unchanged.
+* **A detached process.** The jailer (or Firecracker) runs in its own session inside the
+  sandbox's cgroups, so it outlives the CLI that started it; its pid and start time go
+  into ``info``, and the API and vsock sockets are reached through short symlinks in
+  the run directory (a chroot path can exceed ``sun_path``).
+* **Boot over the API**, every body built by :mod:`.api`; the channel is hybrid vsock
+  with retries, since the host always connects while the guest still boots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ironclaw.backends.base import BackendStatus, LaunchContext, process_start_time, same_process
+from ironclaw.backends.firecracker.api import (
+    AGENT_VSOCK_PORT,
+    NicConfig,
+    SnapshotType,
+    VmConfig,
+    boot_requests,
+    ctrl_alt_del_request,
+    guest_mac,
+    kernel_boot_args,
+    pause_request,
+    resume_request,
+    snapshot_create_request,
+    snapshot_load_request,
+)
+from ironclaw.backends.firecracker.client import FirecrackerApi, RequestCheck
+from ironclaw.backends.firecracker.jailer import JailLayout, jailer_argv, link_into
+from ironclaw.backends.firecracker.tap import TAP, attach_tap
+from ironclaw.config import safe_join
+from ironclaw.errors import BackendError, ConfigError, ConnectError, IronclawError
+from ironclaw.images import ImageArtifacts, find_image, require_tool
+from ironclaw.transport import Connection, SocketConnection, hybrid_vsock
+
+__all__ = [
+    "VMM_OVERHEAD_MIB",
+    "FirecrackerBackend",
+    "SnapshotFiles",
+    "connect_agent",
+    "probe_firecracker",
+]
+
+#: Memory the VMM itself needs inside the sandbox's memory cgroup, beside guest RAM.
+VMM_OVERHEAD_MIB = 32
+_CLONE_NEWNET = 0x40000000
+_JAILED_KERNEL = "/vmlinux"
+_JAILED_INITRD = "/initramfs.cpio"
+_JAILED_ROOTFS = "/rootfs.ext4"
+_JAILED_WORKSPACE = "/workspace.ext4"
+_JAILED_VSOCK = "/v.sock"
+_SNAP_STATE = "vm.state"
+_SNAP_MEM = "vm.mem"
+_SNAP_WORKSPACE = "workspace.ext4"
+
+
+def _binary(explicit: str | None, env: str, name: str) -> str | None:
+    found = explicit or os.environ.get(env) or shutil.which(name)
+    return found if found and os.access(found, os.X_OK) else None
+
+
+def probe_firecracker(
+    *, firecracker: str | None = None, jailer: str | None = None, kvm: str = "/dev/kvm"
+) -> tuple[bool, str]:
+    """For ``ironclaw doctor``: are firecracker, the jailer and a usable KVM present?
+
+    Whether KVM can actually boot a guest is only known from a boot; this says so
+    rather than claiming it (the QEMU backend's cached boot probe covers that question).
+    """
+    fc = _binary(firecracker, "IRONCLAW_FIRECRACKER", "firecracker")
+    jl = _binary(jailer, "IRONCLAW_JAILER", "jailer")
+    missing = [n for n, p in (("firecracker", fc), ("jailer", jl)) if p is None]
+    if not os.path.exists(kvm):
+        missing.append(f"{kvm} (no hardware virtualisation)")
+    elif not os.access(kvm, os.R_OK | os.W_OK):
+        missing.append(f"access to {kvm}")
+    if missing:
+        return False, "missing: " + ", ".join(missing)
+    return True, f"firecracker {fc}, jailer {jl}, {kvm} present; bootability not verified"
+
+
+async def connect_agent(
+    uds_path: str | os.PathLike[str], port: int = AGENT_VSOCK_PORT, *, deadline: float = 10.0
+) -> SocketConnection:
+    """Hybrid vsock to the guest agent, with boot-race retries, ready for a Peer.
+
+    The handshake reads in pull mode and leaves the socket's pull-mode reader armed;
+    a Peer then switching the connection to push mode would never be woken. Pausing and
+    resuming reading drops that stale registration (no-op once the transport does it).
+    """
+    conn = await hybrid_vsock.connect(uds_path, port, deadline=deadline)
+    conn.pause_reading()
+    conn.resume_reading()
+    return conn
+
+
+@dataclass(frozen=True)
+class SnapshotFiles:
+    """A snapshot on the host: VM state, guest memory, and the workspace disk beside them."""
+
+    directory: Path
+    kind: SnapshotType
+
+    @property
+    def state(self) -> Path:
+        return safe_join(self.directory, _SNAP_STATE)
+
+    @property
+    def memory(self) -> Path:
+        return safe_join(self.directory, _SNAP_MEM)
+
+    @property
+    def workspace(self) -> Path:
+        return safe_join(self.directory, _SNAP_WORKSPACE)
+
+
+@dataclass
+class _Plan:
+    """Host and Firecracker views of every path of one launch."""
+
+    layout: JailLayout | None
+    run_dir: Path
+    uid: int
+    gid: int
+
+    def vm_path(self, jailed: str, host: Path) -> str:
+        return jailed if self.layout is not None else str(host)
+
+    def host(self, jailed: str) -> Path:
+        if self.layout is not None:
+            return self.layout.host_path(jailed)
+        return safe_join(self.run_dir, jailed.lstrip("/"))
+
+    @property
+    def api_link(self) -> Path:
+        return safe_join(self.run_dir, "api.sock")
+
+    @property
+    def vsock_link(self) -> Path:
+        return safe_join(self.run_dir, "vsock.sock")
+
+
+class FirecrackerBackend:
+    """Firecracker microVMs behind the :class:`~ironclaw.backends.base.Backend` protocol."""
+
+    name = "firecracker"
+
+    def __init__(
+        self,
+        *,
+        firecracker: str | None = None,
+        jailer: str | None = None,
+        use_jailer: bool | None = None,
+        chroot_base: Path | None = None,
+        artifacts: ImageArtifacts | None = None,
+        console: bool = False,
+        workspace_disk: bool = True,
+        track_dirty_pages: bool = False,
+        check: RequestCheck | None = None,
+        kvm: str = "/dev/kvm",
+        api_timeout: float = 10.0,
+    ) -> None:
+        self.firecracker = _binary(firecracker, "IRONCLAW_FIRECRACKER", "firecracker")
+        self.jailer = _binary(jailer, "IRONCLAW_JAILER", "jailer")
+        self.use_jailer = self.jailer is not None if use_jailer is None else use_jailer
+        self.chroot_base = chroot_base
+        self.artifacts = artifacts
+        self.console = console
+        self.workspace_disk = workspace_disk
+        self.track_dirty_pages = track_dirty_pages
+        self.check = check
+        self.kvm = kvm
+        self.api_timeout = api_timeout
+        self._children: dict[int, asyncio.subprocess.Process] = {}
+
+    # -- protocol ------------------------------------------------------------------------
+
+    async def prepare(self, ctx: LaunchContext) -> None:
+        if self.firecracker is None:
+            raise BackendError(
+                "firecracker is not installed: put the release binary on PATH or set "
+                "IRONCLAW_FIRECRACKER (`ironclaw doctor` lists what this host lacks)"
+            )
+        if self.use_jailer and self.jailer is None:
+            raise BackendError("the jailer is not installed: put it on PATH or set IRONCLAW_JAILER")
+        if not os.access(self.kvm, os.R_OK | os.W_OK):
+            raise BackendError(f"{self.kvm} is missing or not accessible: Firecracker needs KVM")
+        if ctx.spec.mounts:
+            raise BackendError("host mounts are not available in a VM; copy files in instead")
+        self._image(ctx)
+        if ctx.spec.limits.memory_mib - VMM_OVERHEAD_MIB < 64:
+            raise ConfigError(
+                f"memory_mib {ctx.spec.limits.memory_mib} leaves the guest under 64 MiB "
+                f"after the VMM's {VMM_OVERHEAD_MIB} MiB"
+            )
+
+    async def start(self, ctx: LaunchContext) -> dict[str, Any]:
+        return await self._launch(ctx, snapshot=None)
+
+    async def restore(self, ctx: LaunchContext, snapshot: SnapshotFiles) -> dict[str, Any]:
+        """Start the sandbox from a snapshot instead of booting (prepare first)."""
+        if self.layout_for(ctx) is None:
+            raise BackendError("restoring a snapshot needs the jailer (stable chroot paths)")
+        return await self._launch(ctx, snapshot=snapshot)
+
+    async def open_channel(self, info: dict[str, Any], *, timeout: float = 5.0) -> Connection:
+        try:
+            return await connect_agent(
+                info["vsock_uds"], int(info.get("vsock_port", AGENT_VSOCK_PORT)), deadline=timeout
+            )
+        except ConnectError as exc:
+            raise ConnectError(
+                f"cannot reach the agent in this VM ({exc}); it may still be booting or have "
+                "stopped: see `ironclaw sandbox ls`"
+            ) from exc
+
+    async def stop(self, info: dict[str, Any], *, timeout: float = 2.0) -> None:
+        """Ctrl-Alt-Del first (the guest syncs its workspace), then SIGKILL; then clean up."""
+        pid, start = info.get("pid"), info.get("pid_start")
+        if same_process(pid, start):
+            assert isinstance(pid, int)
+            with contextlib.suppress(IronclawError):
+                async with self._api(info, timeout=min(1.0, timeout)) as api:
+                    await api.request(ctrl_alt_del_request())
+            await self._wait_gone(pid, start, timeout / 2)
+            if same_process(pid, start):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+        proc = self._children.pop(int(pid), None) if pid else None
+        if proc is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), timeout)
+        await self._wait_gone(pid, start, timeout)
+        if same_process(pid, start):
+            raise BackendError(f"Firecracker (pid {pid}) did not exit")
+        chroot = info.get("chroot_base")
+        if chroot:
+            JailLayout(Path(chroot), str(info["jail_id"])).remove()
+        for key in ("api_socket", "vsock_uds"):
+            if info.get(key):
+                with contextlib.suppress(OSError):
+                    os.unlink(info[key])
+
+    async def inspect(self, info: dict[str, Any]) -> BackendStatus:
+        if same_process(info.get("pid"), info.get("pid_start")):
+            return BackendStatus(alive=True)
+        tail = _tail(Path(str(info.get("console_log", ""))))
+        return BackendStatus(
+            alive=False, reason="firecracker exited" + (f": {tail}" if tail else "")
+        )
+
+    async def wait_exited(self, info: dict[str, Any]) -> None:
+        """Return once the VMM has exited (the manager races this against readiness)."""
+        proc = self._children.get(int(info["pid"]))
+        if proc is not None:
+            await proc.wait()
+            return
+        while same_process(info.get("pid"), info.get("pid_start")):
+            await asyncio.sleep(0.05)
+
+    # -- VM controls ---------------------------------------------------------------------
+
+    async def pause(self, info: dict[str, Any]) -> None:
+        async with self._api(info) as api:
+            await api.request(pause_request())
+
+    async def resume(self, info: dict[str, Any]) -> None:
+        async with self._api(info) as api:
+            await api.request(resume_request())
+
+    async def snapshot(
+        self, info: dict[str, Any], dest: Path, *, kind: SnapshotType = "Full", resume: bool = True
+    ) -> SnapshotFiles:
+        """Pause, write state and memory, move them (and the workspace) to ``dest``.
+
+        A ``Diff`` snapshot needs a VM started with ``track_dirty_pages``.
+        """
+        if kind == "Diff" and not info.get("track_dirty_pages"):
+            raise ConfigError("a Diff snapshot needs a VM started with track_dirty_pages")
+        plan = self._plan_from(info)
+        dest.mkdir(parents=True, exist_ok=True, mode=0o700)
+        snap = SnapshotFiles(dest, kind)
+        state_vm, mem_vm = "/" + _SNAP_STATE, "/" + _SNAP_MEM
+        async with self._api(info, timeout=120.0) as api:
+            await api.request(pause_request())
+            try:
+                await api.request(
+                    snapshot_create_request(
+                        plan.vm_path(state_vm, plan.host(state_vm)),
+                        plan.vm_path(mem_vm, plan.host(mem_vm)),
+                        kind,
+                    )
+                )
+                await asyncio.to_thread(shutil.move, plan.host(state_vm), snap.state)
+                await asyncio.to_thread(shutil.move, plan.host(mem_vm), snap.memory)
+                ws = plan.host(_JAILED_WORKSPACE)
+                if ws.exists():
+                    await asyncio.to_thread(shutil.copyfile, ws, snap.workspace)
+            finally:
+                if resume:
+                    await api.request(resume_request())
+        return snap
+
+    # -- internals -----------------------------------------------------------------------
+
+    def layout_for(self, ctx: LaunchContext) -> JailLayout | None:
+        if not self.use_jailer:
+            return None
+        base = self.chroot_base or safe_join(ctx.settings.state_dir, "jailer")
+        return JailLayout(base, ctx.sandbox_id)
+
+    def _image(self, ctx: LaunchContext) -> ImageArtifacts:
+        if self.artifacts is not None:
+            return self.artifacts
+        name = "default" if ctx.spec.image == "host" else ctx.spec.image
+        found = find_image(ctx.settings, name)
+        if found is None:
+            raise BackendError(f"no VM image {name!r} is built yet: run `ironclaw image build`")
+        return found
+
+    def _plan_from(self, info: dict[str, Any]) -> _Plan:
+        layout = None
+        if info.get("chroot_base"):
+            layout = JailLayout(Path(info["chroot_base"]), str(info["jail_id"]))
+        return _Plan(layout, Path(info["run_dir"]), int(info["uid"]), int(info["gid"]))
+
+    def _api(self, info: dict[str, Any], *, timeout: float | None = None) -> FirecrackerApi:
+        return FirecrackerApi(
+            info["api_socket"], timeout=timeout or self.api_timeout, check=self.check
+        )
+
+    async def _wait_gone(self, pid: Any, start: Any, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while same_process(pid, start) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    async def _launch(self, ctx: LaunchContext, snapshot: SnapshotFiles | None) -> dict[str, Any]:
+        assert self.firecracker is not None
+        art = self._image(ctx)
+        layout = self.layout_for(ctx)
+        uid = gid = ctx.host_uid
+        plan = _Plan(layout, ctx.run_dir, uid, gid)
+        try:
+            cfg = await self._stage(ctx, plan, art, snapshot)
+            if ctx.network is not None:
+                net = ctx.network
+                await attach_tap(
+                    net.netns_path,
+                    uid=uid,
+                    gid=gid,
+                    guest_ifname=net.guest_ifname,
+                    guest_ip=net.guest_ip,
+                    prefixlen=net.prefixlen,
+                )
+            proc = await self._spawn(ctx, plan)
+        except BaseException:
+            if layout is not None:
+                layout.remove()
+            raise
+        info: dict[str, Any] = {
+            "pid": proc.pid,
+            "pid_start": process_start_time(proc.pid),
+            "api_socket": str(plan.api_link),
+            "vsock_uds": str(plan.vsock_link),
+            "vsock_port": AGENT_VSOCK_PORT,
+            "run_dir": str(ctx.run_dir),
+            "console_log": str(safe_join(ctx.run_dir, "console.log")),
+            "chroot_base": str(layout.chroot_base) if layout else None,
+            "jail_id": layout.jail_id if layout else None,
+            "uid": uid,
+            "gid": gid,
+            "jailed": layout is not None,
+            "tap": TAP if ctx.network is not None else None,
+            "vcpus": cfg.vcpus,
+            "mem_mib": cfg.mem_mib,
+            "track_dirty_pages": cfg.track_dirty_pages,
+            "started_at": time.time(),
+        }
+        self._children[proc.pid] = proc
+        try:
+            async with self._api(info) as api:
+                await api.wait_ready(self.api_timeout, alive=lambda: proc.returncode is None)
+                if snapshot is None:
+                    await api.run(boot_requests(cfg))
+                else:
+                    await api.request(
+                        snapshot_load_request(
+                            "/" + _SNAP_STATE,
+                            "/" + _SNAP_MEM,
+                            resume=True,
+                            track_dirty_pages=cfg.track_dirty_pages or None,
+                            nic=cfg.nic,
+                            vsock_uds=cfg.vsock_uds,
+                        )
+                    )
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await self.stop(info, timeout=1.0)
+            if isinstance(exc, BackendError):
+                tail = _tail(Path(info["console_log"]))
+                raise BackendError(
+                    f"{exc}" + (f"; Firecracker said: {tail}" if tail else "")
+                ) from exc
+            raise
+        return info
+
+    async def _stage(
+        self, ctx: LaunchContext, plan: _Plan, art: ImageArtifacts, snapshot: SnapshotFiles | None
+    ) -> VmConfig:
+        """Put every file where Firecracker will look, and describe the VM."""
+        limits = ctx.spec.limits
+        layout = plan.layout
+        if layout is not None:
+            if layout.instance_dir.exists():
+                raise BackendError(f"jail {layout.instance_dir} exists already; run `ironclaw gc`")
+            layout.root.mkdir(parents=True, mode=0o755)
+            run = layout.host_path("/run")
+            run.mkdir(mode=0o755)
+            os.chown(run, plan.uid, plan.gid)
+            await asyncio.to_thread(link_into, layout, art.vmlinux, _JAILED_KERNEL)
+            await asyncio.to_thread(link_into, layout, art.initramfs, _JAILED_INITRD)
+            await asyncio.to_thread(link_into, layout, art.ext4, _JAILED_ROOTFS)
+            if snapshot is not None:
+                for src, name in ((snapshot.state, _SNAP_STATE), (snapshot.memory, _SNAP_MEM)):
+                    await asyncio.to_thread(link_into, layout, src, "/" + name, mode=0o400)
+                    os.chown(layout.host_path("/" + name), plan.uid, plan.gid)
+        workspace: str | None = None
+        if self.workspace_disk:
+            ws_host = plan.host(_JAILED_WORKSPACE)
+            if snapshot is not None and snapshot.workspace.exists():
+                await asyncio.to_thread(shutil.copyfile, snapshot.workspace, ws_host)
+            else:
+                await _make_workspace(ws_host, limits.workspace_mib)
+            os.chown(ws_host, plan.uid, plan.gid)
+            workspace = plan.vm_path(_JAILED_WORKSPACE, ws_host)
+        for link, target in (
+            (plan.api_link, layout.api_socket if layout else plan.host("/api.socket")),
+            (plan.vsock_link, plan.host(_JAILED_VSOCK)),
+        ):
+            with contextlib.suppress(FileNotFoundError):
+                link.unlink()
+            if layout is not None:
+                link.symlink_to(target)
+        net = ctx.network
+        ip = f"{net.guest_ip}::{net.host_ip}:{net.prefixlen}::eth0:off" if net else None
+        boot_args = kernel_boot_args(
+            console=self.console,
+            hostname=ctx.spec.hostname or ctx.sandbox_id,
+            ip=ip,
+            workspace=workspace is not None,
+        )
+        return VmConfig(
+            kernel=plan.vm_path(_JAILED_KERNEL, art.vmlinux),
+            initrd=plan.vm_path(_JAILED_INITRD, art.initramfs),
+            rootfs=plan.vm_path(_JAILED_ROOTFS, art.ext4),
+            workspace=workspace,
+            vsock_uds=plan.vm_path(_JAILED_VSOCK, plan.vsock_link),
+            boot_args=boot_args,
+            vcpus=min(32, max(1, -(-int(limits.cpus * 1000) // 1000))),
+            mem_mib=limits.memory_mib - VMM_OVERHEAD_MIB,
+            track_dirty_pages=self.track_dirty_pages,
+            nic=NicConfig(tap=TAP, mac=guest_mac(ctx.sandbox_id)) if net else None,
+            guest_cid=3 + ctx.slot,
+        )
+
+    async def _spawn(self, ctx: LaunchContext, plan: _Plan) -> asyncio.subprocess.Process:
+        assert self.firecracker is not None
+        net = ctx.network
+        if plan.layout is not None:
+            assert self.jailer is not None
+            argv = jailer_argv(
+                jailer=self.jailer,
+                firecracker=self.firecracker,
+                layout=plan.layout,
+                uid=plan.uid,
+                gid=plan.gid,
+                netns=net.netns_path if net else None,
+                cgroup_version=_cgroup_version(),
+            )
+        else:
+            argv = [self.firecracker, "--api-sock", str(plan.api_link), "--id", ctx.sandbox_id]
+        netns_fd = None
+        cgroup_fds: list[int] = []
+        log_fd = os.open(
+            safe_join(ctx.run_dir, "console.log"),
+            os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+            0o600,
+        )
+        try:
+            if net is not None and plan.layout is None:
+                netns_fd = os.open(net.netns_path, os.O_RDONLY | os.O_CLOEXEC)
+            if ctx.cgroup is not None:
+                cgroup_fds = ctx.cgroup.attach_fds()
+            return await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=log_fd,
+                start_new_session=True,
+                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+                preexec_fn=_preexec(cgroup_fds, netns_fd),
+            )
+        except OSError as exc:
+            raise BackendError(f"cannot start {argv[0]}: {exc}") from exc
+        finally:
+            for fd in [log_fd, netns_fd, *cgroup_fds]:
+                if fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def _preexec(cgroup_fds: Sequence[int], netns_fd: int | None) -> Callable[[], None]:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    libc = _libc
+
+    def preexec() -> None:  # pragma: no cover - runs between fork and exec
+        pid = str(os.getpid()).encode()
+        for fd in cgroup_fds:
+            os.write(fd, pid)
+        if netns_fd is not None and libc.setns(netns_fd, _CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns(CLONE_NEWNET) failed")
+
+    return preexec
+
+
+def _cgroup_version() -> int:
+    return 2 if os.path.exists("/sys/fs/cgroup/cgroup.controllers") else 1
+
+
+async def _make_workspace(path: Path, mib: int) -> None:
+    """A sparse ext4 image: blocks are only allocated as the guest writes."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, mib * 2**20)
+    finally:
+        os.close(fd)
+    proc = await asyncio.create_subprocess_exec(
+        require_tool("mkfs.ext4", "e2fsprogs"),
+        "-q",
+        "-F",
+        "-m",
+        "0",
+        "-E",
+        "root_owner=0:0,lazy_itable_init=1,lazy_journal_init=1",
+        str(path),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise BackendError(f"mkfs.ext4 of the workspace failed: {out.decode(errors='replace')}")
+
+
+def _tail(path: Path, limit: int = 800) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return ""
+    return data[-limit:].decode(errors="replace").strip()

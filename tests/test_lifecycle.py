@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CGROUP_ROOT, UID_BASE
 
+from conftest import CGROUP_ROOT, UID_BASE
 from ironclaw.host.looplag import LoopLagMonitor
 from ironclaw.host.manager import SandboxManager
 from ironclaw.host.procs import processes_with_uid_in
@@ -65,7 +65,9 @@ async def system_scan(home: Path) -> dict[str, list[str]]:
 
 
 def leaks(before: dict[str, list[str]], after: dict[str, list[str]]) -> dict[str, list[str]]:
-    return {k: sorted(set(after[k]) - set(before[k])) for k in after if set(after[k]) - set(before[k])}
+    return {
+        k: sorted(set(after[k]) - set(before[k])) for k in after if set(after[k]) - set(before[k])
+    }
 
 
 def ironclaw_cli(*args: str, home: Path) -> str:
@@ -106,8 +108,11 @@ async def test_crashed_drivers_leave_nothing_after_gc(ironclaw_home: Path) -> No
         # One-shot-free sandboxes whose processes died with the driver may need a moment.
         after = await system_scan(ironclaw_home)
         left = leaks(before, after)
-        detail = {p: Path(f"/proc/{p}/stat").read_text()[:200] for p in left.get("processes", [])
-                  if Path(f"/proc/{p}/stat").exists()}
+        detail = {
+            p: Path(f"/proc/{p}/stat").read_text()[:200]
+            for p in left.get("processes", [])
+            if Path(f"/proc/{p}/stat").exists()
+        }
         assert left == {}, (report, left, detail)
         ls = json.loads(ironclaw_cli("sandbox", "ls", "--json", home=ironclaw_home))
         assert ls["sandboxes"] == []

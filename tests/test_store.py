@@ -69,3 +69,25 @@ def test_slots_are_unique_across_processes(tmp_path: Path) -> None:
         p.join(60)
     assert len(slots) == 100
     assert len(set(slots)) == 100
+
+
+async def test_an_older_registry_is_migrated(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE sandboxes (id TEXT PRIMARY KEY, slot INTEGER NOT NULL UNIQUE,"
+        " backend TEXT NOT NULL, state TEXT NOT NULL, spec TEXT NOT NULL,"
+        " info TEXT NOT NULL DEFAULT '{}', reason TEXT, owner_pid INTEGER,"
+        " one_shot INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL,"
+        " updated_at REAL NOT NULL);"
+        "INSERT INTO sandboxes VALUES ('old-1', 0, 'namespace', 'running', '{}', '{}', NULL,"
+        " NULL, 0, 1.0, 1.0);"
+    )
+    db.close()
+    async with Store(path) as store:
+        assert (await store.get("old-1")).pool_key is None
+        assert await store.claim_pooled(
+            "k", "new-1", spec={}, owner={}, owner_pid=1, one_shot=False
+        ) is None

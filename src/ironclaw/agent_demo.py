@@ -34,18 +34,22 @@ _PRIMES = (
     "    return [p for p in range(2, n) if all(p % d for d in range(2, int(p**0.5) + 1))]\n\n"
     "print(primes(50))\n"
 )
+# Both attempts stay on this machine: the proxy refuses example.com before any lookup,
+# and the direct connection goes to the sandbox's own gateway (the host end of its
+# veth), where the firewall drops it.
 _FETCH = (
-    "import socket, urllib.request\n"
+    "import os, socket, urllib.request\n"
     "try:\n"
     "    urllib.request.urlopen('http://example.com/', timeout=5)\n"
     "    print('example.com: reached')\n"
     "except Exception as e:\n"
     "    print('example.com via proxy:', e)\n"
+    "gateway = os.environ['HTTP_PROXY'].split('//')[1].split(':')[0]\n"
     "try:\n"
-    "    socket.create_connection(('1.1.1.1', 80), timeout=2)\n"
-    "    print('1.1.1.1:80: reached')\n"
+    "    socket.create_connection((gateway, 22), timeout=2)\n"
+    "    print(gateway + ':22: reached')\n"
     "except OSError as e:\n"
-    "    print('1.1.1.1:80 direct:', e)\n"
+    "    print(gateway + ':22 direct:', e)\n"
 )
 DEMO_TURNS: list[dict[str, Any]] = [
     {

@@ -503,10 +503,16 @@ def doctor_cmd(as_json: JsonOpt = False) -> None:
 
 @app.command("demo")
 def demo_cmd() -> None:
-    """Run untrusted code in a sandbox and show what it can and cannot do."""
+    """Untrusted code in a sandbox, then a scripted agent task with its timeline."""
+    from ironclaw.agent_demo import run_agent_demo
     from ironclaw.demo import run_demo
 
-    raise typer.Exit(_run(run_demo()))
+    async def main() -> int:
+        first = await run_demo()
+        second, _outcome = await run_agent_demo(out_console)
+        return first or second
+
+    raise typer.Exit(_run(main()))
 
 
 def main() -> None:

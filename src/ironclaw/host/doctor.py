@@ -54,9 +54,11 @@ async def _run(*argv: str, timeout: float = 10.0) -> tuple[int, str]:
 
 
 async def _tool(name: str, version_args: list[str], package: str, required: bool) -> Check:
+    """``package`` is a Debian package name, or a sentence when Debian has none."""
     path = shutil.which(name)
     if path is None:
-        return Check(name, False, "not installed", f"apt-get install {package}", required)
+        fix = package if " " in package else f"apt-get install {package}"
+        return Check(name, False, "not installed", fix, required)
     rc, out = await _run(path, *version_args)
     first = out.splitlines()[0] if out else ""
     return Check(
@@ -154,12 +156,26 @@ async def run_checks() -> list[Check]:
         _tool("nft", ["--version"], "nftables", True),
         _tool("python3", ["--version"], "python3", True),
         _tool("qemu-system-x86_64", ["--version"], "qemu-system-x86", False),
-        _tool("firecracker", ["--version"], "firecracker (from its release page)", False),
-        _tool("jailer", ["--version"], "firecracker's jailer (from its release page)", False),
+        _tool("firecracker", ["--version"], "install the firecracker release binary", False),
+        _tool("jailer", ["--version"], "install the jailer from the firecracker release", False),
         _tool("debootstrap", ["--version"], "debootstrap", False),
     )
     userns = await _userns()
     checks = [tools[0], userns, _seccomp(), _cgroups(), tools[1], tools[2], _kvm(), *tools[3:]]
+    from ironclaw.backends.firecracker import probe_firecracker
+
+    fc_ok, fc_detail = probe_firecracker()
+    checks.append(
+        Check(
+            "firecracker backend",
+            fc_ok,
+            fc_detail,
+            None
+            if fc_ok
+            else "install firecracker and jailer from their release page, "
+            "on a host whose KVM can boot guests",
+        )
+    )
     guest_py = Path("/usr/bin/python3")
     if not guest_py.exists():
         checks.append(

@@ -93,6 +93,10 @@ def _backend(name: str) -> Backend:
         from ironclaw.backends.namespace import NamespaceBackend
 
         return NamespaceBackend()
+    if name == "firecracker":
+        from ironclaw.backends.firecracker import FirecrackerBackend
+
+        return FirecrackerBackend()
     raise ConfigError(
         f"backend {name!r} is not available on this host yet; use --backend namespace "
         "(`ironclaw doctor` lists what this host supports)"

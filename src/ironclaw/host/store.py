@@ -136,6 +136,10 @@ class Store:
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA busy_timeout=30000")
         db.executescript(_SCHEMA)
+        # Registries written before the warm pool existed lack its column.
+        columns = {row[1] for row in db.execute("PRAGMA table_info(sandboxes)")}
+        if "pool_key" not in columns:
+            db.execute("ALTER TABLE sandboxes ADD COLUMN pool_key TEXT")
         self._db = db
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:

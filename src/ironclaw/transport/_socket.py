@@ -90,6 +90,9 @@ class SocketConnection:
         """
         if self._receiver is not None or self._reading:
             raise RuntimeError("connection already has a reader")
+        # A pull-mode read (a handshake) may have left the fd registered with the pull
+        # callback; drop it, or push mode would never be armed.
+        self._disarm_reader()
         self._receiver = receiver
         if self._pushback:
             self._loop.call_soon(self._deliver_pushback)

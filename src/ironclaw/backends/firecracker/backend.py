@@ -103,16 +103,8 @@ def probe_firecracker(
 async def connect_agent(
     uds_path: str | os.PathLike[str], port: int = AGENT_VSOCK_PORT, *, deadline: float = 10.0
 ) -> SocketConnection:
-    """Hybrid vsock to the guest agent, with boot-race retries, ready for a Peer.
-
-    The handshake reads in pull mode and leaves the socket's pull-mode reader armed;
-    a Peer then switching the connection to push mode would never be woken. Pausing and
-    resuming reading drops that stale registration (no-op once the transport does it).
-    """
-    conn = await hybrid_vsock.connect(uds_path, port, deadline=deadline)
-    conn.pause_reading()
-    conn.resume_reading()
-    return conn
+    """Hybrid vsock to the guest agent, with boot-race retries, ready for a Peer."""
+    return await hybrid_vsock.connect(uds_path, port, deadline=deadline)
 
 
 @dataclass(frozen=True)

@@ -163,7 +163,9 @@ async def test_budget_stops_a_looping_model(manager: SandboxManager) -> None:
         [{"tool_calls": [{"name": "shell__run", "arguments": {"command": "sleep 30"}}]}],
         loop=True,
     )
-    spec = TaskSpec(task="slow", budget=Budget(wall_time_s=4, tool_timeout_s=1))
+    # Room for the MCP servers to start (about 2 s, more on a loaded machine) and then
+    # for several tool calls to hit their 1 s timeout before the wall-time budget ends.
+    spec = TaskSpec(task="slow", budget=Budget(wall_time_s=9, tool_timeout_s=1))
     out = await run_task(manager, spec, provider=slow, approver=Approver(mode="all"))
     assert out.status == "budget_exceeded" and out.reason == "wall_time"
     results = [e for e in out.events if e["event"] == "tool.result"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-import sys
 from pathlib import Path
 
 import pytest
@@ -55,9 +54,12 @@ def _server(name: str, runtime: Path) -> ServerSpec:
     return ServerSpec(name=name, command="/usr/bin/python3", args=("-I", "-B", "-c", boot))
 
 
-async def test_servers_over_stdio(runtime: Path, tmp_path: Path) -> None:
-    if runtime.as_posix() not in sys.path:
-        sys.path.insert(0, str(runtime))  # what the guest does; harmless here
+async def test_servers_over_stdio(
+    runtime: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What the guest does; undone after the test, or later subprocesses spawned from this
+    # interpreter would import the runtime's partial copy of the ironclaw package.
+    monkeypatch.syspath_prepend(str(runtime))
     servers = tuple(_server(n, runtime) for n in ("shell", "files", "python"))
     async with McpClient(servers, workdir=str(tmp_path)) as client:
         names = {t.name for t in client.tool_infos}

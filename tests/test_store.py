@@ -88,6 +88,7 @@ async def test_an_older_registry_is_migrated(tmp_path: Path) -> None:
     db.close()
     async with Store(path) as store:
         assert (await store.get("old-1")).pool_key is None
-        assert await store.claim_pooled(
-            "k", "new-1", spec={}, owner={}, owner_pid=1, one_shot=False
-        ) is None
+        assert (
+            await store.claim_pooled("k", "new-1", spec={}, owner={}, owner_pid=1, one_shot=False)
+            is None
+        )

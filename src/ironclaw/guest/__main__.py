@@ -44,8 +44,15 @@ async def _serve_listener(agent: GuestAgent, sock: socket.socket) -> None:
 async def _serve_virtio(agent: GuestAgent, name: str) -> None:
     from ironclaw.transport import virtio_serial
 
-    # One port is one byte stream: serve it again after each host disconnect.
+    # One port is one byte stream: serve it again after each host disconnect. While no
+    # host is connected the device reads EOF at once, so a session that ends right after
+    # it began means "nobody there": back off (up to 1 s) instead of spinning a CPU.
+    loop = asyncio.get_running_loop()
+    backoff = 0.0
     while True:
+        if backoff:
+            await asyncio.sleep(backoff)
+        began = loop.time()
         conn = await virtio_serial.open_port(name)
         serving = asyncio.ensure_future(agent.serve_connection(conn))
         stopped = asyncio.ensure_future(agent.wait_stopped())
@@ -54,6 +61,8 @@ async def _serve_virtio(agent: GuestAgent, name: str) -> None:
             serving.cancel()
             return
         stopped.cancel()
+        quick = loop.time() - began < 0.5
+        backoff = min(1.0, max(0.02, backoff * 2)) if quick else 0.0
 
 
 async def _serve_vsock(agent: GuestAgent, port: int) -> None:

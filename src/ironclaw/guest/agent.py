@@ -53,6 +53,7 @@ async def _fd_ready(fd: int, *, write: bool) -> None:
     add, remove = (
         (loop.add_writer, loop.remove_writer) if write else (loop.add_reader, loop.remove_reader)
     )
+
     def wake() -> None:
         if not ready.done():
             ready.set_result(None)

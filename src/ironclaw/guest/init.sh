@@ -59,8 +59,7 @@ EOF
 fi
 
 if [ "$agent" = on ] && [ -f /usr/lib/python3/dist-packages/ironclaw/guest/__main__.py ]; then
-    # From /dev/virtio-ports a bare port name also resolves as a relative device path.
-    cd /dev/virtio-ports || exit 1
+    cd /workspace || cd /
     exec python3 -m ironclaw.guest --virtio-port "$PORT_NAME"
 fi
 

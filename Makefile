@@ -6,7 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMPS := .stamps
 APT_PACKAGES := bubblewrap nftables iproute2 libseccomp2 python3 python3-venv \
-                procps util-linux ca-certificates
+                procps util-linux coreutils ca-certificates \
+                debootstrap qemu-system-x86 e2fsprogs
 
 .PHONY: demo test check lint typecheck unit bench deps venv clean
 
@@ -51,6 +52,9 @@ test: deps lint typecheck unit
 bench: deps
 	$(PY) benchmarks/rpc.py --json
 	$(PY) benchmarks/start.py --json
+	$(PY) benchmarks/firewall.py --json
+	$(PY) benchmarks/lifecycle.py --json
+	$(PY) benchmarks/vm_boot.py --json
 
 clean:
 	rm -rf $(VENV) $(STAMPS)

@@ -134,3 +134,20 @@ async def test_files_write_read_list_stat_remove(client: Peer, tmp_path: Path) -
     with pytest.raises(RpcError) as info:
         await client.call("files.stat", {"path": "a"})
     assert info.value.data["type"] == "FileNotFoundError"
+
+
+def test_guest_command_line_is_checked() -> None:
+    from ironclaw.guest.__main__ import _parse
+
+    assert _parse(["--listen-fd", "3"]).listen_fd == 3
+    opts = _parse(["--virtio-port", "org.ironclaw.agent", "--workdir", "/w"])
+    assert (opts.virtio_port, opts.workdir) == ("org.ironclaw.agent", "/w")
+    for bad in (
+        [],
+        ["--listen-fd"],
+        ["--listen-fd", "x"],
+        ["--unix", "a", "--listen-fd", "3"],
+        ["--bogus", "1"],
+    ):
+        with pytest.raises(SystemExit):
+            _parse(bad)

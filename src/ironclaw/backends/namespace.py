@@ -175,6 +175,7 @@ def bwrap_argv(
         "--",
         "/usr/bin/python3",
         "-I",
+        "-S",
         "-B",
         "-c",
         _AGENT_BOOT.format(zip=GUEST_ZIP),

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from ironclaw.errors import ConfigError
-from ironclaw.guest.agent_loop import handle_agent_run
 from ironclaw.rpc import CallContext, Handler, Peer
 from ironclaw.transport import Connection
 
@@ -109,6 +108,14 @@ def _entry(path: Path, st: os.stat_result) -> dict[str, Any]:
     }
 
 
+async def _agent_run(params: Any, ctx: CallContext) -> Any:
+    # Imported on first use: the agent loop is not needed to start a sandbox, and every
+    # millisecond of import is start-up latency for every sandbox.
+    from ironclaw.guest.agent_loop import handle_agent_run
+
+    return await handle_agent_run(params, ctx)
+
+
 class _Exec:
     """One running command."""
 
@@ -146,7 +153,7 @@ class GuestAgent:
             "files.remove": self.files_remove,
             "files.mkdir": self.files_mkdir,
             "shutdown": self.shutdown,
-            "agent.run": handle_agent_run,
+            "agent.run": _agent_run,
         }
 
     async def serve_connection(self, conn: Connection) -> None:

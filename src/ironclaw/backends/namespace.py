@@ -25,13 +25,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import os
 import resource
 import shutil
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -257,8 +260,11 @@ class NamespaceBackend:
     def __init__(self, *, bwrap: str | None = None, timeout_bin: str | None = None) -> None:
         self.bwrap = bwrap or shutil.which("bwrap") or "/usr/bin/bwrap"
         self.timeout_bin = timeout_bin or shutil.which("timeout") or "/usr/bin/timeout"
-        # Children this process started: awaited so they never linger as zombies.
-        self._children: dict[int, asyncio.subprocess.Process] = {}
+        # Supervisors this process started, by pid: resolved (and reaped) when they exit.
+        self._children: dict[int, asyncio.Future[int]] = {}
+        # Spawning happens here; a one-shot sandbox's PDEATHSIG follows this thread, which
+        # lives as long as the backend (that is, the process).
+        self._spawner = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ironclaw-spawn")
 
     async def prepare(self, ctx: LaunchContext) -> None:
         if not os.access(self.bwrap, os.X_OK):
@@ -321,9 +327,10 @@ class NamespaceBackend:
                 ),
             ]
             env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
+            popen = functools.partial(
+                subprocess.Popen,
+                argv,
+                stdin=subprocess.DEVNULL,
                 stdout=log_fd,
                 stderr=log_fd,
                 pass_fds=fds.all(),
@@ -337,6 +344,11 @@ class NamespaceBackend:
                     die_with_parent=ctx.one_shot,
                 ),
             )
+            # Popen returns only once the child has exec'd, and the child's preexec
+            # (joining cgroups, which waits for an RCU grace period) can take tens of ms
+            # under load: spawn on a worker thread so the event loop never waits for it.
+            loop = asyncio.get_running_loop()
+            proc = await loop.run_in_executor(self._spawner, popen)
         except OSError as exc:
             raise BackendError(f"could not launch bubblewrap: {exc}") from exc
         finally:
@@ -358,14 +370,30 @@ class NamespaceBackend:
             "started_at": time.time(),
             "wall_time_s": spec.limits.wall_time_s,
         }
-        self._children[proc.pid] = proc
+        self._children[proc.pid] = self._watch_exit(proc)
         return info
+
+    def _watch_exit(self, proc: subprocess.Popen[Any]) -> asyncio.Future[int]:
+        """Reap the supervisor when it exits (a pidfd on the loop: no thread, no zombie)."""
+        loop = asyncio.get_running_loop()
+        exited: asyncio.Future[int] = loop.create_future()
+        pidfd = os.pidfd_open(proc.pid)
+
+        def on_exit() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            code = proc.wait()
+            if not exited.done():
+                exited.set_result(code)
+
+        loop.add_reader(pidfd, on_exit)
+        return exited
 
     async def wait_exited(self, info: dict[str, Any]) -> None:
         """Return when the sandbox's supervisor has exited (for readiness races)."""
-        proc = self._children.get(int(info["pid"]))
-        if proc is not None:
-            await proc.wait()
+        exited = self._children.get(int(info["pid"]))
+        if exited is not None:
+            await asyncio.shield(exited)
             return
         while same_process(info.get("pid"), info.get("pid_start")):
             await asyncio.sleep(0.05)
@@ -385,11 +413,11 @@ class NamespaceBackend:
             assert isinstance(pid, int)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        proc = self._children.pop(int(pid), None) if pid else None
+        exited = self._children.pop(int(pid), None) if pid else None
         deadline = time.monotonic() + timeout
-        if proc is not None:
+        if exited is not None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(proc.wait(), timeout)
+                await asyncio.wait_for(asyncio.shield(exited), timeout)
         while same_process(pid, start) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
 

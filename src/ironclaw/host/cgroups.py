@@ -362,6 +362,10 @@ class Cgroup:
 
 # --------------------------------------------------------------------------- manager
 
+#: Weight of IronClaw's root cgroup against its siblings (v1 default 1024, v2 default 100).
+ROOT_CPU_SHARES: Final = 256
+ROOT_CPU_WEIGHT: Final = 25
+
 
 class CgroupManager:
     """Creates, finds and destroys sandbox cgroups below ``<mount>/<root_name>``."""
@@ -468,6 +472,14 @@ class CgroupManager:
                 todo = [c for c in wanted if c not in enabled]
                 if todo:
                     _write(parent / "cgroup.subtree_control", " ".join(f"+{c}" for c in todo))
+        # All sandboxes together weigh a quarter of a default task group against the rest
+        # of the host, so a burst of sandbox start-ups cannot starve the orchestrator's
+        # event loop (each sandbox's own quota still caps it individually).
+        for name, value in (("cpu.shares", ROOT_CPU_SHARES), ("cpu.weight", ROOT_CPU_WEIGHT)):
+            path = root / name
+            if "cpu" in d.controllers and path.exists():
+                with contextlib.suppress(BackendError):
+                    _write(path, str(value))
 
     def _apply(self, d: CgroupDir, limits: ResourceLimits) -> list[str]:
         """Write the limits for this directory's controllers; returns skipped optional files."""

@@ -21,7 +21,8 @@ can catch one type at the top and still tell the kinds apart below it::
     │   ├── FrameTooLarge
     │   └── MalformedFrame
     ├── RpcError(code, message, data)   the peer answered with a JSON-RPC error
-    │   └── RequestCancelled
+    │   ├── RequestCancelled
+    │   └── ModelError            the model provider failed (HTTP error, bad reply)
     └── ApprovalDenied            a RED action was refused
 
 Errors are translated at layer boundaries: OSError from a socket becomes a
@@ -45,6 +46,7 @@ __all__ = [
     "InvalidSandboxId",
     "IronclawError",
     "MalformedFrame",
+    "ModelError",
     "NetworkError",
     "ProtocolError",
     "ReadError",
@@ -162,6 +164,15 @@ class RequestCancelled(RpcError):
         super().__init__(self.CODE, message, data)
 
 
+class ModelError(RpcError):
+    """The model provider failed; the message never echoes request headers (keys)."""
+
+    CODE = -32060
+
+    def __init__(self, message: str, data: Any = None) -> None:
+        super().__init__(self.CODE, message, data if data is not None else {"type": "ModelError"})
+
+
 class ApprovalDenied(IronclawError):
     """A RED action was refused by a person or a policy."""
 
@@ -229,6 +240,8 @@ def from_wire(error: dict[str, Any]) -> IronclawError:
     data = error.get("data")
     if code == RequestCancelled.CODE:
         return RequestCancelled(message, data)
+    if code == ModelError.CODE:
+        return ModelError(message, data)
     if isinstance(data, dict):
         cls = _BY_NAME.get(str(data.get("type", "")))
         if cls is not None and cls.wire_code == code:

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from ironclaw.errors import ConfigError, ConnectError, RpcError
+from ironclaw.errors import ConfigError, ConnectError, ModelError
 from ironclaw.rpc import CallContext
 
 __all__ = [
@@ -60,8 +60,6 @@ PRICES: dict[str, tuple[float, float]] = {
     "claude-sonnet-4-0": (3.0, 15.0),
     "claude-opus-4-0": (15.0, 75.0),
 }
-#: JSON-RPC code of a model provider failure as the guest sees it.
-MODEL_ERROR_CODE = -32060
 DEFAULT_MAX_TOKENS = 4096
 ANTHROPIC_VERSION = "2023-06-01"
 
@@ -107,7 +105,7 @@ class Provider(Protocol):
     async def aclose(self) -> None: ...
 
 
-def _model_error(provider: str, exc: BaseException | None = None, *, text: str = "") -> RpcError:
+def _model_error(provider: str, exc: BaseException | None = None, *, text: str = "") -> ModelError:
     """Say what failed without echoing request headers (they carry the key)."""
     if isinstance(exc, httpx.HTTPStatusError):
         body = exc.response.text[:300].replace("\n", " ")
@@ -116,7 +114,7 @@ def _model_error(provider: str, exc: BaseException | None = None, *, text: str =
         msg = f"{provider}: {type(exc).__name__}: {exc}"
     else:
         msg = f"{provider}: {text}"
-    return RpcError(MODEL_ERROR_CODE, msg, {"type": "ModelError"})
+    return ModelError(msg)
 
 
 class _HttpProvider:

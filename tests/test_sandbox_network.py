@@ -143,3 +143,22 @@ async def test_domain_allow_list_from_a_sandbox(
     audit = [json.loads(x) for x in manager.net.audit_path(rec.id).read_text().splitlines()]
     decisions = {(e.get("host"), e["decision"]) for e in audit if e["event"] == "net.proxy"}
     assert {("allowed.test", "allow"), ("denied.test", "deny")} <= decisions
+
+
+async def test_sandbox_holds_no_capability_over_its_shared_network_namespace(
+    manager: SandboxManager, peers: tuple[PeerHost, PeerHost]
+) -> None:
+    """Invariant 7: the netns is the host's (owned by the initial user namespace)."""
+    a, _ = peers
+    rec = await manager.create({"network": {"allow": [f"{a.ip}:8080"]}})
+    for cmd in (
+        "ip link set eth0 down",
+        "ip addr add 10.1.2.3/32 dev eth0",
+        "ip route del default",
+    ):
+        r = await manager.exec(rec.id, ["sh", "-c", f"{cmd} 2>&1; echo rc=$?"])
+        assert b"rc=0" not in r.stdout, (cmd, r.stdout)
+        assert b"Operation not permitted" in r.stdout, (cmd, r.stdout)
+    # And the link is still up: the allowed peer is still reachable.
+    got = await probe_in(manager, rec.id, [(a.ip, 8080)])
+    assert got[f"{a.ip}:8080"] == a.reply(8080)

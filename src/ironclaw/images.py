@@ -37,6 +37,7 @@ __all__ = [
     "BUILDER_VERSION",
     "GUEST_SOURCES",
     "INITRAMFS_MODULES",
+    "VSOCK_MODULES",
     "ImageArtifacts",
     "ImageRecipe",
     "Progress",
@@ -44,6 +45,7 @@ __all__ = [
     "extract_vmlinux",
     "find_image",
     "host_debian_source",
+    "list_images",
     "recipe_digest",
     "require_tool",
     "resolve_recipe",
@@ -76,6 +78,10 @@ INITRAMFS_MODULES: tuple[str, ...] = (
     "ext4",
     "overlay",
 )
+
+#: Loaded only when the command line asks for a vsock channel (Firecracker): a QEMU boot
+#: does not pay for them.
+VSOCK_MODULES: tuple[str, ...] = ("vmw_vsock_virtio_transport",)
 
 DEFAULT_PACKAGES: tuple[str, ...] = ("python3", "busybox-static")
 KERNEL_META_PACKAGE = "linux-image-amd64"
@@ -113,23 +119,37 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 init=/sbin/ironclaw-init
+want_root=""
+orders=/lib/modules/order
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         ironclaw.init=*) init="${arg#ironclaw.init=}" ;;
+        ironclaw.root=*) want_root="${arg#ironclaw.root=}" ;;
+        ironclaw.channel=vsock:*) orders="$orders /lib/modules/order-vsock" ;;
         ironclaw.probe=1) echo IRONCLAW-PROBE-OK > /dev/console; reboot -f ;;
     esac
 done
-while read -r mod; do insmod "/lib/modules/$mod.ko"; done < /lib/modules/order
+for order in $orders; do
+    while read -r mod; do
+        [ -e "/sys/module/$mod" ] || insmod "/lib/modules/$mod.ko"
+    done < "$order"
+done
 fail() { echo "ironclaw initramfs: $*" > /dev/console; poweroff -f; }
+# The root disk: ironclaw.root= names it (VMMs without disk serials), else the virtio disk
+# whose serial is "ironclaw-root".
 root=""
 n=0
 while [ -z "$root" ]; do
-    for s in /sys/block/vd*/serial; do
-        [ -r "$s" ] && [ "$(cat "$s")" = ironclaw-root ] && root="/dev/${s#/sys/block/}"
-    done
-    root="${root%/serial}"
+    if [ -n "$want_root" ]; then
+        [ -b "$want_root" ] && root="$want_root"
+    else
+        for s in /sys/block/vd*/serial; do
+            [ -r "$s" ] && [ "$(cat "$s")" = ironclaw-root ] && root="/dev/${s#/sys/block/}"
+        done
+        root="${root%/serial}"
+    fi
     n=$((n + 1))
-    [ -n "$root" ] || { [ $n -gt 500 ] && fail "no root disk"; usleep 10000; }
+    [ -n "$root" ] || { [ $n -gt 500 ] && fail "no root disk ${want_root}"; usleep 10000; }
 done
 mount -t ext4 -o ro "$root" /lower || fail "cannot mount $root"
 mount -t tmpfs -o mode=0755 upper /upper
@@ -294,7 +314,7 @@ async def resolve_recipe(packages: Sequence[str] = DEFAULT_PACKAGES) -> ImageRec
         packages=tuple(sorted(set(packages))),
         kernel_package=kpkg,
         kernel_version=v.group(1),
-        modules=INITRAMFS_MODULES,
+        modules=INITRAMFS_MODULES + VSOCK_MODULES,
         guest_files=guest,
         extra=(("initramfs-init", _sha(_INITRAMFS_INIT.encode())),),
     )
@@ -333,6 +353,22 @@ def find_image(settings: Settings, name: str = "default") -> ImageArtifacts | No
     if not re.fullmatch(r"[0-9a-f]{32}", digest):
         return None
     return _load_artifacts(settings, name, digest)
+
+
+def list_images(settings: Settings) -> list[ImageArtifacts]:
+    """Every named image that is complete on disk, by name."""
+    names = safe_join(_images_root(settings), "names")
+    try:
+        entries = sorted(os.listdir(names))
+    except OSError:
+        return []
+    found = []
+    for name in entries:
+        if re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", name):
+            art = find_image(settings, name)
+            if art is not None:
+                found.append(art)
+    return found
 
 
 def _check_name(name: str) -> str:
@@ -509,7 +545,9 @@ async def _kernel(root: Path, recipe: ImageRecipe, work: Path) -> str:
     await asyncio.to_thread(extract_vmlinux, vmlinuz[0], work / "vmlinux")
     candidates = [kdir / p / "modules" / release for p in ("lib", "usr/lib")]
     moddir = next((c for c in candidates if c.is_dir()), candidates[0])
-    _collect_modules(moddir, recipe.modules, work / "modules")
+    base = tuple(m for m in recipe.modules if m not in VSOCK_MODULES)
+    optional = tuple(m for m in recipe.modules if m in VSOCK_MODULES)
+    _collect_modules(moddir, base, work / "modules", extra={"vsock": optional})
     await asyncio.to_thread(shutil.rmtree, kdir)
     return release
 
@@ -569,8 +607,14 @@ def _modinfo_depends(ko: Path) -> list[str]:
     return [d for d in (m.group(1).decode().split(",") if m else []) if d]
 
 
-def _collect_modules(moddir: Path, wanted: Sequence[str], out: Path) -> None:
-    """Copy ``wanted`` and their dependencies into ``out`` plus a load order file."""
+def _collect_modules(
+    moddir: Path, wanted: Sequence[str], out: Path, extra: dict[str, Sequence[str]] | None = None
+) -> None:
+    """Copy ``wanted`` and their dependencies into ``out`` plus a load order file.
+
+    Each ``extra`` group gets its own ``order-<group>`` file, loaded on demand, holding
+    only the modules (and dependencies) the base order lacks.
+    """
     index: dict[str, Path] = {}
     for ko in moddir.rglob("*.ko*"):
         index[ko.name.split(".ko")[0].replace("-", "_")] = ko
@@ -592,9 +636,22 @@ def _collect_modules(moddir: Path, wanted: Sequence[str], out: Path) -> None:
     for name in wanted:
         visit(name, ())
     out.mkdir(parents=True)
+    base = list(order)
+    groups: dict[str, list[str]] = {}
+    for group, names in (extra or {}).items():
+        for name in names:
+            visit(name, ())
+        groups[group] = order[len(base) :]
+        base = list(order)
     for key in order:
         shutil.copyfile(index[key], out / f"{key}.ko")
-    (out / "order").write_text("\n".join(order) + "\n")
+    (out / "order").write_text("\n".join(k for k in order if not _in_group(k, groups)) + "\n")
+    for group, keys in groups.items():
+        (out / f"order-{group}").write_text("".join(f"{k}\n" for k in keys))
+
+
+def _in_group(key: str, groups: dict[str, list[str]]) -> bool:
+    return any(key in keys for keys in groups.values())
 
 
 async def _mkfs(rootfs: Path, image: Path) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import functools
 import hashlib
 import importlib
@@ -22,12 +23,13 @@ import logging
 import os
 import platform
 import re
+import resource
 import select
 import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -38,9 +40,13 @@ from ironclaw.images import GUEST_PKG_DIR, ImageArtifacts, require_tool
 
 __all__ = [
     "AGENT_PORT",
+    "TCG_TB_MIB",
     "Accel",
     "QemuVm",
     "ReadyProbe",
+    "agent_usable",
+    "check_dropped",
+    "guest_env_script",
     "kernel_cmdline",
     "probe_accel",
     "qemu_binary",
@@ -98,6 +104,11 @@ def kernel_cmdline(
     return " ".join([*args, *extra])
 
 
+#: TCG's translation cache, bounded: QEMU's default (up to 1 GiB, filled as code is
+#: translated) would let a long-running guest push QEMU past its memory cgroup.
+TCG_TB_MIB = 64
+
+
 def _machine_args(accel: Accel, cpus: int, memory_mib: int) -> list[str]:
     # "max" measured fastest under TCG (qemu64 +6%, Nehalem +20% to agent ready).
     cpu = "host" if accel == "kvm" else "max"
@@ -105,7 +116,7 @@ def _machine_args(accel: Accel, cpus: int, memory_mib: int) -> list[str]:
         "-M",
         "microvm,acpi=on,rtc=on,isa-serial=on,x-option-roms=off",
         "-accel",
-        accel,
+        accel if accel == "kvm" else f"tcg,tb-size={TCG_TB_MIB}",
         "-cpu",
         cpu,
         "-smp",
@@ -263,6 +274,9 @@ class QemuVm:
         guest_ip: str | None = None,
         settings: Settings | None = None,
         incoming: Path | None = None,
+        run_as: int | None = None,
+        cgroup_fds: Sequence[int] = (),
+        guest_env: Mapping[str, str] | None = None,
     ) -> None:
         """Launch QEMU (detached into its own session) and connect QMP.
 
@@ -271,6 +285,12 @@ class QemuVm:
         started inside that namespace, so the sandbox's firewall applies to it).
         ``workspace_mib`` > 0 gives a fresh ext4 disk at /workspace, else a tmpfs.
         ``incoming`` restores a snapshot written by :meth:`snapshot_save`.
+
+        ``run_as`` makes QEMU drop to that host uid (and gid) once it has opened its
+        files: it starts paused, and the guest runs only after every QEMU thread is seen
+        without root and without capabilities. ``cgroup_fds`` (``cgroup.procs`` files
+        opened by root) are joined before exec. ``guest_env`` is exported to the agent
+        (and so to every command) through a small read-only disk.
         """
         if self._proc is not None:
             raise BackendError("VM already started")
@@ -278,6 +298,9 @@ class QemuVm:
             raise ConfigError(f"bad VM size: cpus={cpus} memory_mib={memory_mib}")
         if (tap_ifname is None) != (netns_path is None) and tap_ifname is not None:
             raise ConfigError("tap_ifname needs netns_path (the tap lives in the sandbox netns)")
+        if run_as is not None and (run_as <= 0 or incoming is not None):
+            # An incoming exec: migration forks its helper before QEMU drops root.
+            raise ConfigError("run_as needs a non-root uid and cannot restore a snapshot")
         qemu = qemu_binary()
         self._run_dir = ensure_private_dir(run_dir)
         for sock in (self.channel_path, self.qmp_path):
@@ -295,7 +318,7 @@ class QemuVm:
             chosen = "kvm" if accel == "kvm" else "tcg"
         self.accel = chosen
         self.kernel_release = artifacts.kernel_release
-        self._agent_in_image = _agent_usable(artifacts)
+        self._agent_in_image = agent_usable(artifacts)
         argv = [
             qemu,
             *_machine_args(chosen, cpus, memory_mib),
@@ -348,31 +371,57 @@ class QemuVm:
                 "-device",
                 f"virtio-net-device,netdev=net0,mac={mac}",
             ]
+        if guest_env:
+            cfg = self._path("guest-env.sh")
+            cfg.write_bytes(guest_env_script(guest_env))
+            argv += [
+                "-drive",
+                f"id=cfg,file={cfg},format=raw,if=none,readonly=on",
+                "-device",
+                "virtio-blk-device,drive=cfg,serial=ironclaw-cfg",
+            ]
         self._agent_reconnects = incoming is not None
         if incoming is not None:
             argv += ["-incoming", f"exec:cat {_shell_quote(str(incoming))}"]
-        if netns_path is not None:
-            argv = [require_tool("nsenter", "util-linux"), f"--net={netns_path}", "--", *argv]
+        if run_as is not None:
+            argv += ["-runas", f"{run_as}:{run_as}", "-S"]
         self.console_log.write_bytes(b"")
         stderr_path = self._path("qemu.stderr")
         err_fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        netns_fd = -1
         try:
+            if netns_path is not None:
+                netns_fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
             self._proc = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=err_fd,
                 stderr=err_fd,
                 start_new_session=True,
+                preexec_fn=_make_preexec(netns_fd, tuple(cgroup_fds)),
             )
         except OSError as exc:
             raise BackendError(f"cannot start {qemu}: {exc}") from exc
         finally:
             os.close(err_fd)
+            if netns_fd >= 0:
+                os.close(netns_fd)
         try:
             self._qmp = await self._connect_qmp(stderr_path, deadline=time.monotonic() + 10)
+            if run_as is not None:
+                # QMP answers only from QEMU's main loop, which runs after the drop.
+                check_dropped(self._proc.pid, run_as)
+                await self._qmp.execute("cont")
         except BaseException:
             await self.kill()
             raise
+
+    async def wait_exit(self) -> int | None:
+        """Wait until QEMU has exited; its status (-1 for an attached VM), None if never run."""
+        proc = self._proc
+        if proc is None:
+            return None
+        return await proc.wait()
 
     async def _make_workspace(self, path: Path, mib: int) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -386,6 +435,8 @@ class QemuVm:
             "-F",
             "-m",
             "0",
+            "-O",
+            "^has_journal",
             "-E",
             "root_owner=0:0,lazy_itable_init=1",
             str(path),
@@ -470,6 +521,12 @@ class QemuVm:
         ret = await self.qmp.execute("query-status")
         return str(ret.get("status", "unknown"))
 
+    async def close_qmp(self) -> None:
+        """Leave QMP free for a later process while this one still watches QEMU exit."""
+        if self._qmp is not None:
+            await self._qmp.close()
+            self._qmp = None
+
     async def detach(self) -> None:
         """Let go of a VM that keeps running (QEMU serves one QMP client at a time)."""
         if self._qmp is not None:
@@ -536,6 +593,69 @@ class QemuVm:
 
 def _shell_quote(s: str) -> str:
     return "'" + s.replace("'", "'\\''") + "'"
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def guest_env_script(env: Mapping[str, str]) -> bytes:
+    """The guest init sources this from the ``ironclaw-cfg`` disk: quoted ``export`` lines.
+
+    Padded with newlines (not NULs, which a shell would choke on) to whole sectors.
+    """
+    lines = []
+    for name, value in env.items():
+        if not _ENV_NAME.fullmatch(name) or "\0" in value:
+            raise ConfigError(f"environment variable {name!r} cannot be passed to a VM")
+        lines.append(f"export {name}={_shell_quote(value)}\n")
+    data = "".join(lines).encode()
+    return data + b"\n" * (512 - len(data) % 512)
+
+
+_CLONE_NEWNET = 0x40000000
+_libc: ctypes.CDLL | None = None
+
+
+def _make_preexec(netns_fd: int, cgroup_fds: tuple[int, ...]) -> Callable[[], None]:
+    """Between fork and exec, still root: join the cgroups and the netns, no core dumps."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    libc = _libc
+
+    def preexec() -> None:  # pragma: no cover - runs between fork and exec
+        pid = str(os.getpid()).encode()
+        for fd in cgroup_fds:
+            os.write(fd, pid)
+        if netns_fd >= 0 and libc.setns(netns_fd, _CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns(CLONE_NEWNET) failed")
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    return preexec
+
+
+def check_dropped(pid: int, uid: int) -> None:
+    """Raise unless every thread of ``pid`` has only ``uid``/gid ``uid`` and no capabilities.
+
+    Checked per thread: a thread that kept root would be root for the guest it runs.
+    """
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        for tid in tasks:
+            fields = dict(
+                line.split(":", 1)
+                for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines()
+                if ":" in line
+            )
+            ids = fields["Uid"].split() + fields["Gid"].split()
+            groups = set(fields.get("Groups", "").split()) - {str(uid)}
+            if any(int(i) != uid for i in ids) or groups or int(fields["CapEff"], 16):
+                raise BackendError(
+                    f"QEMU thread {tid} did not drop to uid {uid}: Uid {fields['Uid'].strip()}, "
+                    f"Gid {fields['Gid'].strip()}, CapEff {fields['CapEff'].strip()}"
+                )
+    except (OSError, KeyError, ValueError) as exc:
+        raise BackendError(f"cannot verify that QEMU (pid {pid}) dropped root: {exc}") from exc
 
 
 class _Proc(Protocol):
@@ -619,7 +739,7 @@ async def _ready_line_probe(path: Path) -> dict[str, Any]:
         writer.close()
 
 
-def _agent_usable(artifacts: ImageArtifacts) -> bool:
+def agent_usable(artifacts: ImageArtifacts) -> bool:
     """Whether to run the image's agent: it must exist and the host must speak its rpc."""
     if not (artifacts.rootfs_dir / GUEST_PKG_DIR / "guest" / "__main__.py").is_file():
         return False

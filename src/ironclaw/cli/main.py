@@ -20,6 +20,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ironclaw.cli.agent import register as register_agent
+from ironclaw.cli.image import register as register_image
 from ironclaw.errors import ConfigError, IronclawError
 
 T = TypeVar("T")
@@ -515,12 +517,13 @@ def demo_cmd() -> None:
     raise typer.Exit(_run(main()))
 
 
+register_agent(app)  # run, logs
+register_image(app)  # image build, image ls
+
+
 def main() -> None:
     app(prog_name="ironclaw")
 
 
 if __name__ == "__main__":
     main()
-from ironclaw.cli.agent import register as _register_agent  # noqa: E402
-
-_register_agent(app)

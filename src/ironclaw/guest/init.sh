@@ -1,8 +1,13 @@
 #!/bin/sh
 # IronClaw guest init: PID 1 inside a microVM, after the initramfs has switched to the
-# (overlay-writable) root. It sets up the minimum a command expects, then hands PID 1 to
-# the guest agent so that a single long-lived process owns the channel and reaps orphans.
+# (overlay-writable) root. It sets up the minimum a command expects, starts the guest
+# agent as its child, and stays PID 1 only to reap orphans (the agent reaps just its own
+# children) and to power the VM off once the agent is gone.
 # Shell rather than Python: under TCG every interpreter start-up costs hundreds of ms.
+#
+# Kernel command line: ironclaw.hostname=, ironclaw.agent=on|off, ip= (see below), and for
+# VMMs whose disks carry no serial (Firecracker) ironclaw.workspace=/dev/vdX and
+# ironclaw.channel=vsock:PORT (default: the virtio-serial port below).
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 BB=/bin/busybox
 PORT_NAME=org.ironclaw.agent
@@ -17,10 +22,31 @@ mount -t tmpfs -o nosuid,nodev,mode=1777 tmp /tmp
 mount -t tmpfs -o nosuid,nodev,mode=0755 run /run
 [ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
 
-# The workspace is the virtio disk whose serial is "ironclaw-ws", else a tmpfs.
+hostname="sandbox"
+ipconf=""
+agent=on
 ws=""
+channel=""
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        ironclaw.hostname=*) hostname="${arg#ironclaw.hostname=}" ;;
+        ironclaw.agent=*) agent="${arg#ironclaw.agent=}" ;;
+        ironclaw.workspace=*) ws="${arg#ironclaw.workspace=}" ;;
+        ironclaw.channel=*) channel="${arg#ironclaw.channel=}" ;;
+        ip=*) ipconf="${arg#ip=}" ;;
+    esac
+done
+
+# Disks are found by virtio serial (QEMU): "ironclaw-ws" is the workspace, "ironclaw-cfg"
+# holds `export` lines for the agent's environment.
+cfg=""
 for s in /sys/block/vd*/serial; do
-    [ -r "$s" ] && [ "$(cat "$s")" = ironclaw-ws ] && ws="/dev/$(basename "$(dirname "$s")")"
+    [ -r "$s" ] || continue
+    dev="/dev/$(basename "$(dirname "$s")")"
+    case "$(cat "$s")" in
+        ironclaw-ws) [ -n "$ws" ] || ws="$dev" ;;
+        ironclaw-cfg) cfg="$dev" ;;
+    esac
 done
 if [ -n "$ws" ]; then
     mount -t ext4 -o nosuid,nodev "$ws" /workspace
@@ -34,16 +60,6 @@ for n in /sys/class/virtio-ports/*/name; do
     [ -r "$n" ] && ln -sf "../$(basename "$(dirname "$n")")" "/dev/virtio-ports/$(cat "$n")"
 done
 
-hostname="sandbox"
-ipconf=""
-agent=on
-for arg in $(cat /proc/cmdline); do
-    case "$arg" in
-        ironclaw.hostname=*) hostname="${arg#ironclaw.hostname=}" ;;
-        ironclaw.agent=*) agent="${arg#ironclaw.agent=}" ;;
-        ip=*) ipconf="${arg#ip=}" ;;
-    esac
-done
 $BB hostname "$hostname"
 $BB ip link set lo up
 
@@ -59,8 +75,19 @@ EOF
 fi
 
 if [ "$agent" = on ] && [ -f /usr/lib/python3/dist-packages/ironclaw/guest/__main__.py ]; then
+    case "$channel" in
+        vsock:*) set -- --vsock-port "${channel#vsock:}" ;;
+        *) set -- --virtio-port "$PORT_NAME" ;;
+    esac
+    [ -n "$cfg" ] && . "$cfg"
     cd /workspace || cd /
-    exec python3 -m ironclaw.guest --virtio-port "$PORT_NAME"
+    python3 -m ironclaw.guest "$@" &
+    # `wait` blocks in waitpid(-1): every orphan reparented to PID 1 is reaped on the way,
+    # and it returns once the agent (our only job) has exited.
+    wait
+    sync
+    $BB poweroff -f
+    $BB reboot -f
 fi
 
 # No agent (or ironclaw.agent=off): announce readiness on the port so the host can still

@@ -97,8 +97,12 @@ def _backend(name: str) -> Backend:
         from ironclaw.backends.firecracker import FirecrackerBackend
 
         return FirecrackerBackend()
+    if name == "qemu":
+        from ironclaw.backends.qemu_backend import QemuBackend
+
+        return QemuBackend()
     raise ConfigError(
-        f"backend {name!r} is not available on this host yet; use --backend namespace "
+        f"unknown backend {name!r}: use namespace, qemu or firecracker "
         "(`ironclaw doctor` lists what this host supports)"
     )
 

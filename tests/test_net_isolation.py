@@ -50,7 +50,9 @@ async def peers() -> AsyncIterator[tuple[PeerHost, PeerHost]]:
 
 
 async def _host_listener() -> tuple[asyncio.Server, int]:
-    async def answer(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    async def answer(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        # Read the probe's line first: closing with unread data would send a reset.
+        await r.readline()
         w.write(b"host-service\n")
         await w.drain()
         w.close()

@@ -14,11 +14,8 @@ from ironclaw.errors import ConfigError
 from ironclaw.policy.network import (
     AllowRule,
     NetworkPolicy,
-    base_ruleset,
     domain_allowed,
-    sandbox_delete_ruleset,
     sandbox_names,
-    sandbox_ruleset,
 )
 
 
@@ -105,52 +102,5 @@ def test_names_distinct_and_bounded(a: str, b: str) -> None:
     assert len(na.chain) - len("icc-") == 16
 
 
-def test_sandbox_ruleset_golden() -> None:
-    pol = NetworkPolicy(allow=("10.9.0.0/16:53", "10.1.2.3:443/tcp"))
-    cmds = sandbox_ruleset("golden-1", pol, proxy_addr="10.250.0.1", table="t")
-    n = sandbox_names("golden-1")
-    rules = [c["add"]["rule"] for c in cmds if "rule" in c.get("add", {})]
-    filt = [r for r in rules if r["chain"] == n.chain]
-    nat = [r for r in rules if r["chain"] == n.nat_chain]
-    assert filt[0]["expr"][0]["match"]["right"] == ["established", "related"]
-    assert filt[-1]["expr"] == [{"counter": None}, {"drop": None}]
-    assert len(filt) == 4
-    assert len(nat) == 2
-    assert nat[1]["expr"] == [
-        {
-            "match": {
-                "op": "==",
-                "left": {"payload": {"protocol": "ip", "field": "daddr"}},
-                "right": "10.1.2.3",
-            }
-        },
-        {
-            "match": {
-                "op": "==",
-                "left": {"payload": {"protocol": "tcp", "field": "dport"}},
-                "right": 443,
-            }
-        },
-        {"masquerade": None},
-    ]
-    elems = [c["add"]["element"] for c in cmds if "element" in c.get("add", {})]
-    assert elems[0]["elem"] == [[n.host_ifname, {"jump": {"target": n.chain}}]]
-    with_proxy = sandbox_ruleset(
-        "golden-1", pol.model_copy(update={"allow_domains": ("a.test",)}), proxy_addr="10.250.0.1"
-    )
-    assert "ironclaw:proxy" in json.dumps(with_proxy)
 
 
-def test_delete_is_add_then_delete_of_the_same_objects() -> None:
-    cmds = sandbox_delete_ruleset("golden-1")
-    added = [json.dumps(c["add"], sort_keys=True) for c in cmds if "add" in c]
-    deleted = [json.dumps(c["delete"], sort_keys=True) for c in cmds if "delete" in c]
-    assert set(deleted) == set(added)
-
-
-def test_base_ruleset_dispatches_through_maps() -> None:
-    text = json.dumps(base_ruleset("t"))
-    assert text.count('"vmap"') == 3
-    assert '"flush"' in text
-    assert '"hook": "forward"' in text
-    assert '"hook": "input"' in text

@@ -40,7 +40,9 @@ async def probe_in(mgr: SandboxManager, sid: str, targets: list[tuple[str, int]]
 
 
 async def host_listener() -> tuple[asyncio.Server, int]:
-    async def answer(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    async def answer(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        # Read the probe's line first: closing with unread data would send a reset.
+        await r.readline()
         w.write(b"host-service\n")
         await w.drain()
         w.close()

@@ -41,8 +41,13 @@ PIPE_IDLE_S = 0.2
 DEFAULT_WORKDIR = "/workspace"
 
 
-def _raise_oom_score() -> None:  # pragma: no cover - runs in the child before exec
-    with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
+def _raise_oom_score(pid: int) -> None:
+    """Make ``pid`` the OOM killer's first choice in the sandbox (raising needs no privilege).
+
+    Done from the parent right after spawning rather than in a ``preexec_fn``: without a
+    Python preexec hook the child is started with vfork, several times faster.
+    """
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/oom_score_adj", "w") as f:
         f.write("1000")
 
 
@@ -243,7 +248,6 @@ class GuestAgent:
                 cwd=cwd,
                 env=env,
                 start_new_session=True,
-                preexec_fn=_raise_oom_score,
             )
         except OSError as exc:
             for fd in ours:
@@ -257,6 +261,7 @@ class GuestAgent:
                 if fd >= 0:
                     os.close(fd)
 
+        _raise_oom_score(proc.pid)
         ex = _Exec(proc)
         self._execs[exec_id] = ex
         peer = ctx.peer

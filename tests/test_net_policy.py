@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import json
 
 import pytest
 from hypothesis import given
@@ -100,7 +99,3 @@ def test_names_distinct_and_bounded(a: str, b: str) -> None:
         assert x != y
     assert len(na.host_ifname) <= 15
     assert len(na.chain) - len("icc-") == 16
-
-
-
-

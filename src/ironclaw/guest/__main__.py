@@ -44,7 +44,7 @@ def _parse(argv: list[str] | None) -> Options:
         if flag in ("-h", "--help"):
             print(USAGE)
             raise SystemExit(0)
-        if flag not in ints and flag not in strs or not args:
+        if (flag not in ints and flag not in strs) or not args:
             raise SystemExit(f"{USAGE}\nbad or incomplete option: {flag}")
         value = args.pop(0)
         if flag in ints:

@@ -257,8 +257,11 @@ async def test_soak_500_cycles_leave_no_leaks_and_flat_resources(
         await asyncio.gather(*(cycle(100 * r + i) for i in range(100)))
         samples.append((fds(), rss_kib()))
     elapsed = time.monotonic() - t0
-    (fd1, rss1), (fd4, rss4) = samples[0], samples[-1]
+    (fd1, rss1), (_, rss2), (fd4, rss4) = samples[0], samples[1], samples[-1]
     assert fd4 - fd1 <= 2, samples
-    assert rss4 - rss1 < 8 * 1024, samples
+    # A leak of even 50 KiB per cycle would add 15 MiB over these 300 cycles; the
+    # allocator may still settle by a few MiB after the first round.
+    assert rss4 - rss1 < 12 * 1024, samples
+    assert rss4 - rss2 < 6 * 1024, samples
     assert leaks(before, await system_scan(ironclaw_home)) == {}
     assert elapsed < 600

@@ -6,7 +6,8 @@ namespace with 1 and with 10,000 sandboxes installed (the others' elements use i
 names with no device behind them), then the round trip with 10,000 linear jump rules (the
 measured sandbox's rule last, as the newest sandbox's would be), and the firewall's
 set-up plus tear-down time per sandbox with few and with 10,000 installed. Uses private
-tables, never the real ``ironclaw`` table. ``--json`` prints one JSON line.
+tables, never the real ``ironclaw`` table. ``--json`` prints one JSON line. ``--no-destroy``
+uses the DEL fallback of kernels before 6.3 for every deletion, whatever this kernel has.
 
 Run as root: ``.venv/bin/python benchmarks/firewall.py --json``.
 """
@@ -165,10 +166,12 @@ async def timed(fn: Any, n: int) -> float:
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     home = tempfile.mkdtemp(prefix="icbench-")
     settings = Settings.from_env({"IRONCLAW_HOME": home})
-    mgr = NetworkManager(settings, pool="10.246.0.0/16", table=TABLE)
+    firewall = Firewall(table=TABLE, destroy=False if args.no_destroy else None)
+    mgr = NetworkManager(settings, pool="10.246.0.0/16", firewall=firewall)
     fw = mgr.firewall
     policy = NetworkPolicy(allow=(f"{PEER_IP}:{PORT}/tcp",))
     result: dict[str, Any] = {"backend": fw.backend_name, "sandboxes": args.count}
+    result["deletions"] = await fw.deletion_mode()
     peer = setup_peer()
     try:
         subprocess.run(["nft", "delete", "table", "inet", TABLE], capture_output=True)
@@ -230,6 +233,9 @@ if __name__ == "__main__":
     parser.add_argument("--pings", type=int, default=4000, help="round trips per measurement")
     parser.add_argument("--cycles", type=int, default=100, help="set-up/tear-down cycles")
     parser.add_argument("--connects", type=int, default=500, help="connects per measurement")
+    parser.add_argument(
+        "--no-destroy", action="store_true", help="delete with DEL messages (pre-6.3 fallback)"
+    )
     ns = parser.parse_args()
     res = asyncio.run(main(ns))
     if ns.json:

@@ -1,8 +1,13 @@
-"""The firewall against the real kernel, in a private table per test, plus its compilers."""
+"""The firewall against the real kernel, in a private table per test, plus its compilers.
+
+Kernel tests run twice: with the deletion path the kernel probe picks (DESTROY messages on
+Linux 6.3+) and with the DEL fallback that kernels before 6.3 get, forced here.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import json
 import os
@@ -17,7 +22,8 @@ import pytest
 from ironclaw.config import Settings
 from ironclaw.errors import NetworkError
 from ironclaw.host import firewall as fwmod
-from ironclaw.host.firewall import Firewall, NfTablesSocket
+from ironclaw.host.doctor import _nftables
+from ironclaw.host.firewall import NO_DESTROY_ENV, Firewall, NfTablesSocket
 from ironclaw.host.net import NetworkManager
 from ironclaw.policy.network import (
     ALLOW_SETS,
@@ -42,10 +48,18 @@ POLICY = NetworkPolicy(allow=("10.9.0.0/16:53", "10.1.2.3:443/tcp"))
 EMPTY = {"fwd": [], "nat": [], "ifs": []}
 
 
-@pytest.fixture
-async def fw() -> AsyncIterator[Firewall]:
+MODES = {"probed": None, "fallback": False}  # Firewall(destroy=...) per test mode
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    release = os.uname().release.split("-")[0].split(".")
+    return (int(release[0]), int(release[1])) >= (major, minor)
+
+
+@pytest.fixture(params=list(MODES))
+async def fw(request: pytest.FixtureRequest) -> AsyncIterator[Firewall]:
     table = f"ictest_{secrets.token_hex(4)}"
-    firewall = Firewall(table=table)
+    firewall = Firewall(table=table, destroy=MODES[request.param])
     yield firewall
     await sh("nft", "delete", "table", "inet", table, check=False)
     firewall.close()
@@ -295,6 +309,256 @@ async def test_set_up_and_tear_down_stay_flat_with_many_sandboxes(fw: Firewall) 
     assert len((await fw.elements())["ifs"]) == 5000
 
 
+# --- the two deletion paths ----------------------------------------------------------------
+
+
+class _Recorder(NfTablesSocket):
+    """A real socket that notes which message types it sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: set[int] = set()
+
+    def transact(
+        self, msgs: list[tuple[int, int, bytes]], *, what: str, genid: int | None = None
+    ) -> None:
+        self.sent.update(kind for kind, _, _ in msgs)
+        super().transact(msgs, what=what, genid=genid)
+
+
+@pytest.mark.root
+@pytest.mark.timeout(60)
+async def test_each_mode_sends_the_deletions_it_claims(fw: Firewall) -> None:
+    recorder = _Recorder()
+    fw._sock = recorder
+    mode = await fw.deletion_mode()
+    await fw.add_sandbox("fw-msgs", POLICY)
+    await fw.update_sandbox("fw-msgs", NetworkPolicy(allow=("192.0.2.0/24",)))
+    await fw.remove_sandbox("fw-msgs")
+    await fw.remove_sandbox("fw-msgs")
+    destroys = {fwmod.MSG_DESTROYSETELEM, fwmod.MSG_DESTROYOBJ}
+    dels = {fwmod.MSG_DELSETELEM, fwmod.MSG_DELOBJ}
+    if fw._destroy is False and mode == "delete":
+        assert not recorder.sent & destroys
+        assert dels <= recorder.sent
+    else:
+        assert mode == "destroy"
+        assert destroys <= recorder.sent
+    assert await fw.elements() == EMPTY
+
+
+@pytest.mark.root
+@pytest.mark.timeout(60)
+async def test_probe_tells_the_kernels_apart_and_changes_nothing(fw: Firewall) -> None:
+    sock = NfTablesSocket()
+    try:
+        # No table yet: a kernel that knows DESTROY answers ENOENT, which still counts.
+        known = fwmod._probe_destroy(sock, fw.table)
+        assert known or not _kernel_at_least(6, 3)
+        await fw.ensure_base()
+        assert fwmod._probe_destroy(sock, fw.table) == known
+        # A type no kernel has yet gets the answer a pre-6.3 kernel gives a DESTROY.
+        assert fwmod._probe_destroy(sock, fw.table, msg_type=200) is False
+        assert fwmod.destroy_supported(sock) == known
+    finally:
+        sock.close()
+    assert await fw.elements() == EMPTY
+    assert await fw.chains() == []
+
+
+@pytest.mark.root
+@pytest.mark.timeout(60)
+async def test_environment_forces_the_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    table = f"ictest_{secrets.token_hex(4)}"
+    monkeypatch.setenv(NO_DESTROY_ENV, "1")
+    forced = Firewall(table=table)
+    monkeypatch.setenv(NO_DESTROY_ENV, "0")
+    probed = Firewall(table=table)
+    try:
+        assert await forced.deletion_mode() == "delete"
+        expected = "destroy" if _kernel_at_least(6, 3) else await probed.deletion_mode()
+        assert await probed.deletion_mode() == expected
+        await forced.add_sandbox("fw-env", POLICY)
+        await forced.remove_sandbox("fw-env")
+        assert await forced.elements() == EMPTY
+    finally:
+        await sh("nft", "delete", "table", "inet", table, check=False)
+        forced.close()
+        probed.close()
+
+
+@pytest.mark.root
+@pytest.mark.timeout(60)
+async def test_concurrent_removers_all_succeed(fw: Firewall) -> None:
+    ids = [f"fw-conc-{i}" for i in range(4)]
+    for sid in ids:
+        await fw.add_sandbox(sid, POLICY)
+    others = [Firewall(table=fw.table, destroy=fw._destroy) for _ in range(5)]
+    try:
+        async with asyncio.timeout(30):
+            await asyncio.gather(*(o.remove_sandbox(s) for o in [fw, *others] for s in ids))
+    finally:
+        for o in others:
+            o.close()
+    assert await fw.chains() == []
+    assert await fw.elements() == EMPTY
+
+
+@pytest.mark.root
+@pytest.mark.timeout(60)
+async def test_racing_updates_leave_exactly_one_policy(fw: Firewall) -> None:
+    """Each racer's batch replaces what it read; a stale read must not leak elements."""
+    await fw.add_sandbox("fw-upd-race", POLICY)
+    policies = [NetworkPolicy(allow=(f"10.{i}.0.0/16:{100 + i}/tcp",)) for i in range(6)]
+    others = [Firewall(table=fw.table, destroy=fw._destroy) for _ in policies]
+    try:
+        async with asyncio.timeout(30):
+            await asyncio.gather(*(o.update_sandbox("fw-upd-race", p)
+                                   for o, p in zip(others, policies, strict=True)))  # fmt: skip
+    finally:
+        for o in others:
+            o.close()
+    rules = await fw.chain_rules(sandbox_names("fw-upd-race").chain)
+    assert len(rules) == 1
+    await fw.remove_sandbox("fw-upd-race")
+    assert await fw.elements() == EMPTY
+    listing = await sh("nft", "-j", "list", "table", "inet", fw.table)
+    assert sandbox_names("fw-upd-race").host_ifname not in listing
+
+
+class _LosesTheRace(NfTablesSocket):
+    """Lets a rival firewall remove the sandbox at a chosen moment of our change.
+
+    ``batch``: between our reads and our first batch. With ``genid`` dropped the kernel
+    cannot see that race, so the fallback meets the ENOENT a concurrent remover causes;
+    with it the kernel refuses the stale batch. ``reads``: between the get of the
+    sandbox's ``ifs`` entry and the get of its record, which then comes back missing.
+    """
+
+    def __init__(self, rival: Firewall, sandbox_id: str, moment: str, keep_genid: bool) -> None:
+        super().__init__()
+        self.rival: Firewall | None = rival
+        self.sandbox_id = sandbox_id
+        self.moment = moment
+        self.keep_genid = keep_genid
+        self.failures: list[int] = []
+
+    def _let_rival_win(self) -> None:
+        if self.rival is not None:
+            rival, self.rival = self.rival, None
+            asyncio.run(rival.remove_sandbox(self.sandbox_id))  # its own thread and socket
+
+    def request(self, kind: int, payload: bytes, *, dump: bool = False) -> list[bytes]:
+        replies = super().request(kind, payload, dump=dump)
+        if self.moment == "reads" and fwmod._str(2, "ifs") in payload and not dump:
+            self._let_rival_win()
+        return replies
+
+    def transact(
+        self, msgs: list[tuple[int, int, bytes]], *, what: str, genid: int | None = None
+    ) -> None:
+        if self.moment == "batch" and what.startswith(("removal", "set-up of sandbox")):
+            self._let_rival_win()
+        try:
+            super().transact(msgs, what=what, genid=genid if self.keep_genid else None)
+        except fwmod._BatchFailed as exc:
+            self.failures.append(exc.code)
+            raise
+
+
+@pytest.mark.root
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("moment", "keep_genid"),
+    [("batch", True), ("batch", False), ("reads", True)],
+    ids=["batch-genid", "batch-no-genid", "reads"],
+)
+@pytest.mark.parametrize("action", ["remove", "update"])
+async def test_losing_a_race_to_a_remover_is_retried(
+    fw: Firewall, action: str, moment: str, keep_genid: bool
+) -> None:
+    await fw.add_sandbox("fw-lost", POLICY)
+    rival = Firewall(table=fw.table, destroy=fw._destroy)
+    sock = _LosesTheRace(rival, "fw-lost", moment, keep_genid)
+    fw._sock = sock
+    try:
+        if action == "remove":
+            await fw.remove_sandbox("fw-lost")
+        else:
+            await fw.update_sandbox("fw-lost", NetworkPolicy(allow=("192.0.2.7:22/tcp",)))
+    finally:
+        rival.close()
+    assert sock.rival is None  # the rival did run first
+    destroy = await fw.deletion_mode() == "destroy"
+    expected = [errno.ERESTART] if keep_genid else ([] if destroy else [errno.ENOENT])
+    if moment == "reads":
+        expected = []  # the torn read is redone before any batch is sent
+    assert sock.failures == expected
+    if action == "remove":
+        assert await fw.elements() == EMPTY
+        assert await fw.chains() == []
+    else:
+        rules = await fw.chain_rules(sandbox_names("fw-lost").chain)
+        assert [r["set"][:3] for r in rules] == ["a4p"]
+        assert "c0000207" in json.dumps(rules)
+        await fw.remove_sandbox("fw-lost")
+        assert await fw.elements() == EMPTY
+
+
+async def _delete_by_hand(table: str, *elems: Element) -> None:
+    sock = NfTablesSocket()
+    try:
+        sock.transact(fwmod._elements_msgs(table, fwmod.MSG_DELSETELEM, list(elems)), what="test")
+    finally:
+        sock.close()
+
+
+@pytest.mark.root
+@pytest.mark.timeout(60)
+async def test_fallback_copes_when_the_record_and_the_table_disagree() -> None:
+    """Elements gone behind the record's back: DEL would abort, so the pieces are looked up."""
+    table = f"ictest_{secrets.token_hex(4)}"
+    fw = Firewall(table=table, destroy=False)
+    try:
+        ifname = sandbox_names("fw-tamper").host_ifname
+        head = ifname.encode().ljust(IFNAMSIZ, b"\0")
+        elems = sandbox_elements("fw-tamper", POLICY)
+        await fw.add_sandbox("fw-tamper", POLICY)
+        await _delete_by_hand(table, Element("natifs", head), elems[-1])
+        await fw.update_sandbox("fw-tamper", POLICY)  # puts back what was missing
+        assert (await fw.elements())["nat"] == [ifname]
+        await _delete_by_hand(table, elems[-1], elems[1])  # a range and the drops entry
+        await fw.remove_sandbox("fw-tamper")
+        assert await fw.elements() == EMPTY
+        assert await fw.chains() == []
+        assert ifname not in await sh("nft", "-j", "list", "table", "inet", table)
+        # A counter whose elements are gone is still removed by the id alone.
+        orphan = sandbox_names("fw-orphan").chain
+        await sh("nft", "add", "counter", "inet", table, orphan)
+        await fw.remove_sandbox("fw-orphan")
+        assert await fw.chains() == []
+        await fw.remove_sandbox("fw-never")  # nothing at all: no batch, no error
+    finally:
+        await sh("nft", "delete", "table", "inet", table, check=False)
+        fw.close()
+
+
+@pytest.mark.root
+@pytest.mark.timeout(30)
+async def test_doctor_reports_the_deletion_path_quickly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(NO_DESTROY_ENV, raising=False)
+    _nftables()  # the first call may load modules
+    started = time.perf_counter()
+    check = _nftables()
+    assert time.perf_counter() - started < 0.05
+    assert check.ok and check.required
+    assert ("DESTROY messages" in check.detail) == fwmod._destroy_known
+    assert "DESTROY" in check.detail or "DEL fallback" in check.detail
+    monkeypatch.setenv(NO_DESTROY_ENV, "1")
+    assert "DEL fallback" in _nftables().detail
+    assert "ironclaw_probe_" not in await sh("nft", "list", "tables")
+
+
 # --- pure compilers ------------------------------------------------------------------------
 
 
@@ -366,11 +630,13 @@ def test_base_table_has_no_per_sandbox_objects() -> None:
 
 @pytest.mark.root
 @pytest.mark.timeout(120)
-async def test_any_port_and_protocol_only_allows_carry_packets(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", list(MODES))
+async def test_any_port_and_protocol_only_allows_carry_packets(tmp_path: Path, mode: str) -> None:
     """The tcp/port path is covered by test_net_isolation; these are the other two shapes."""
     settings = Settings.from_env({"IRONCLAW_HOME": str(tmp_path)})
     pool = os.environ.get("IRONCLAW_NET_POOL", "10.250.0.0/16")
-    mgr = NetworkManager(settings, pool=pool, table=f"ictest_{secrets.token_hex(4)}")
+    firewall = Firewall(table=f"ictest_{secrets.token_hex(4)}", destroy=MODES[mode])
+    mgr = NetworkManager(settings, pool=pool, firewall=firewall)
     a = await PeerHost.start((8080, 8081))
     made: list[str] = []
     try:
@@ -393,6 +659,14 @@ async def test_any_port_and_protocol_only_allows_carry_packets(tmp_path: Path) -
         assert all(v.startswith("err:") for v in got.values()), got
         assert await mgr.drop_count("pkt-udp") >= 2
         assert await mgr.drop_count("pkt-any") == 0
+        # A policy change takes effect for new flows: udp now allowed, tcp no longer.
+        await mgr.firewall.update_sandbox("pkt-tcp", cases["pkt-udp"])
+        got = await probe(nets["pkt-tcp"].netns_name, targets)
+        assert all(v.startswith("err:") for v in got.values()), got
+        for sid in made:
+            await mgr.destroy(sid)
+        made.clear()
+        assert await mgr.firewall.elements() == EMPTY
     finally:
         for sid in made:
             await mgr.destroy(sid)

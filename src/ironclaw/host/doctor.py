@@ -149,6 +149,24 @@ def _kvm() -> Check:
     return Check("kvm", True, "/dev/kvm present (bootability is probed on first VM start)")
 
 
+def _nftables() -> Check:
+    """A private table created and deleted in one batch, and which deletions the kernel has."""
+    from ironclaw.errors import NetworkError
+    from ironclaw.host.firewall import NO_DESTROY_ENV, check_nftables
+
+    try:
+        destroy, forced = check_nftables()
+    except NetworkError as exc:
+        fix = "run as root (needs CAP_NET_ADMIN) and load nf_tables: modprobe nf_tables"
+        return Check("nftables", False, str(exc), fix, True)
+    if destroy and not forced:
+        path = "deletions use DESTROY messages (Linux 6.3+)"
+    else:
+        why = f"{NO_DESTROY_ENV}=1" if forced else "this kernel has no DESTROY messages"
+        path = f"deletions use the DEL fallback ({why}): each sandbox's record lists them"
+    return Check("nftables", True, f"tables can be created and deleted; {path}", None, True)
+
+
 async def run_checks() -> list[Check]:
     """All checks, required ones (the namespace backend) first."""
     tools = await asyncio.gather(
@@ -162,6 +180,7 @@ async def run_checks() -> list[Check]:
     )
     userns = await _userns()
     checks = [tools[0], userns, _seccomp(), _cgroups(), tools[1], tools[2], _kvm(), *tools[3:]]
+    checks.insert(checks.index(tools[1]) + 1, _nftables())
     from ironclaw.backends.firecracker import probe_firecracker
 
     fc_ok, fc_detail = probe_firecracker()

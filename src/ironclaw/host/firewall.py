@@ -5,8 +5,13 @@ batches are built here rather than by libnftables because libnftables 1.0.6 firs
 every chain, set and object of the ruleset (and every element of interval sets) into its
 cache, which costs ~50 ms per transaction at 10,000 sandboxes; a hand-built batch names
 its objects and needs no cache. A sandbox's state is set elements plus one named counter
-(see :mod:`ironclaw.policy.network`), so the kernel side is O(1) as well. Deletions use
-``DESTROY`` messages (Linux 6.3+), which succeed whether or not the object exists.
+(see :mod:`ironclaw.policy.network`), so the kernel side is O(1) as well.
+
+Deletions use ``DESTROY`` messages where the kernel has them (Linux 6.3+): they succeed
+whether or not the object exists. Older kernels (Debian 12 ships 6.1) only have ``DEL``
+messages, which abort the batch on a missing object, so there the sandbox's record says
+exactly what to delete; see :meth:`Firewall._stale`. Which one is used is probed once per
+process (:func:`destroy_supported`); ``IRONCLAW_NFT_NO_DESTROY=1`` forces the fallback.
 
 The socket is used from one dedicated worker thread: a netlink round trip must not block
 the event loop. Only ``inet <table>`` is ever touched: other tables are left alone.
@@ -22,10 +27,12 @@ import socket
 import struct
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ironclaw.errors import ConfigError, NetworkError
 from ironclaw.policy.network import (
+    ALLOW_SETS,
     FWD_MAP,
     IFNAMSIZ,
     IFS_SET,
@@ -59,7 +66,7 @@ from ironclaw.policy.network import (
     sandbox_names,
 )
 
-__all__ = ["Firewall", "NfTablesSocket"]
+__all__ = ["NO_DESTROY_ENV", "Firewall", "NfTablesSocket", "check_nftables", "destroy_supported"]
 
 _T = TypeVar("_T")
 
@@ -69,16 +76,16 @@ NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 16, 17
 NFNL_BATCH_GENID = 1
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
-NLM_F_DUMP, NLM_F_CREATE, NLM_F_APPEND = 0x300, 0x400, 0x800
+NLM_F_EXCL, NLM_F_DUMP, NLM_F_CREATE, NLM_F_APPEND = 0x200, 0x300, 0x400, 0x800
 NLA_F_NESTED = 0x8000
 NFPROTO_INET = 1
 
 MSG_NEWTABLE, MSG_GETTABLE, MSG_DELTABLE = 0, 1, 2
 MSG_NEWCHAIN, MSG_NEWRULE, MSG_DELRULE = 3, 6, 8
 MSG_NEWSET, MSG_GETSET = 9, 10
-MSG_NEWSETELEM, MSG_GETSETELEM = 12, 13
-MSG_GETGEN, MSG_NEWOBJ, MSG_GETOBJ = 16, 18, 19
-MSG_DESTROYSETELEM, MSG_DESTROYOBJ = 30, 31
+MSG_NEWSETELEM, MSG_GETSETELEM, MSG_DELSETELEM = 12, 13, 14
+MSG_GETGEN, MSG_NEWOBJ, MSG_GETOBJ, MSG_DELOBJ = 16, 18, 19, 20
+MSG_DESTROYSETELEM, MSG_DESTROYOBJ = 30, 31  # Linux 6.3+
 
 SET_F_INTERVAL, SET_F_MAP, SET_F_OBJECT = 0x4, 0x8, 0x40
 ELEM_F_INTERVAL_END = 0x1
@@ -87,6 +94,13 @@ DATA_VERDICT = 0xFFFFFF00
 VERDICT_JUMP = -3
 _OLD_DISPATCH = "fwd"  # the verdict map of the earlier layout
 _COMMENT = 0  # NFTNL_UDATA_*_COMMENT: what ``nft list`` prints as a comment
+NO_DESTROY_ENV = "IRONCLAW_NFT_NO_DESTROY"
+_PROBE_COUNTER = "icc-probe"  # never created: sandbox counters are icc-<16 hex digits>
+# What nfnetlink answers for a message type its nf_tables does not know (EINVAL; the
+# other is accepted in case a kernel ever says so more precisely).
+_UNKNOWN_MESSAGE = frozenset({errno.EINVAL, errno.EOPNOTSUPP})
+_ATTEMPTS = 8  # reads and writes of one change before giving up on a busy ruleset
+_ALLOW_NAMES = frozenset(s.name for s in ALLOW_SETS)
 
 
 # --- netlink encoding --------------------------------------------------------------------
@@ -402,18 +416,108 @@ class _Missing(Exception):
     """A get found no such table, set, element or object."""
 
 
-class _GenerationChanged(NetworkError):
+class _BatchFailed(NetworkError):
+    """The kernel refused a batch; ``index`` is the first failing message (None: all)."""
+
+    def __init__(self, text: str, code: int, index: int | None) -> None:
+        super().__init__(text)
+        self.code = code
+        self.index = index
+
+
+class _GenerationChanged(_BatchFailed):
     """Someone else committed between our read and our write: read again."""
 
 
-def _error(what: str, code: int, index: int | None) -> NetworkError:
+class _Unreadable(NetworkError):
+    """A sandbox's record could not be read whole: damaged, or changed between two gets."""
+
+
+def _error(what: str, code: int, index: int | None) -> _BatchFailed:
     where = f" (message {index})" if index is not None else ""
     text = f"nftables {what} failed{where}: {os.strerror(code)}"
     if code == errno.ERESTART:
-        return _GenerationChanged(text)
-    if code == errno.EOPNOTSUPP:
-        text += " (IronClaw's firewall needs Linux 6.3 or later: nf_tables DESTROY messages)"
-    return NetworkError(text)
+        return _GenerationChanged(text, code, index)
+    return _BatchFailed(text, code, index)
+
+
+# --- which deletions the kernel knows ------------------------------------------------------
+
+_destroy_known: bool | None = None  # per process: the running kernel does not change
+
+
+def _probe_destroy(sock: NfTablesSocket, table: str, *, msg_type: int = MSG_DESTROYOBJ) -> bool:
+    """Send a ``DESTROY`` of a counter that never exists in ``table``; nothing can change.
+
+    A kernel that knows the message answers success (or ENOENT while the table does not
+    exist yet); one older than 6.3 answers EINVAL, as for any message type it lacks.
+    ``msg_type`` lets a test send a type no kernel has yet, to see that answer here.
+    """
+    payload = _counter_msg(table, _PROBE_COUNTER, MSG_DESTROYOBJ)[2]
+    try:
+        sock.transact([(msg_type, 0, payload)], what="probe for DESTROY messages")
+    except _BatchFailed as exc:
+        if exc.code == errno.ENOENT:
+            return True
+        if exc.code in _UNKNOWN_MESSAGE:
+            return False
+        raise
+    return True
+
+
+def destroy_supported(sock: NfTablesSocket, table: str = TABLE) -> bool:
+    """Whether this kernel has nf_tables ``DESTROY`` messages; probed once per process.
+
+    A probe rather than the kernel version: distribution kernels backport nf_tables.
+    """
+    global _destroy_known
+    if _destroy_known is None:
+        _destroy_known = _probe_destroy(sock, table)
+    return _destroy_known
+
+
+def _forced_fallback() -> bool:
+    return os.environ.get(NO_DESTROY_ENV, "") not in ("", "0")
+
+
+def check_nftables(timeout: float = 2.0) -> tuple[bool, bool]:
+    """For ``ironclaw doctor``: (DESTROY messages known, fallback forced by the environment).
+
+    Proves nf_tables takes a transaction here by creating and deleting a private table
+    inside one batch (so nothing is left and no other table is touched); the DESTROY probe
+    targets a counter in that table. Raises :class:`NetworkError` when nf_tables is unusable.
+    """
+    global _destroy_known
+    table = f"ironclaw_probe_{os.urandom(4).hex()}"
+    create = (MSG_NEWTABLE, NLM_F_CREATE | NLM_F_EXCL, _str(1, table))
+    delete = (MSG_DELTABLE, 0, _str(1, table))
+    sock = NfTablesSocket(timeout)
+    try:
+        probe = (MSG_DESTROYOBJ, 0, _counter_msg(table, _PROBE_COUNTER, MSG_DESTROYOBJ)[2])
+        try:
+            sock.transact([create, probe, delete], what="table create and delete")
+            known = True
+        except _BatchFailed as exc:
+            if exc.index != 1 or exc.code not in _UNKNOWN_MESSAGE:
+                raise NetworkError(str(exc)) from exc
+            try:
+                sock.transact([create, delete], what="table create and delete")
+            except _BatchFailed as exc2:
+                raise NetworkError(str(exc2)) from exc2
+            known = False
+    finally:
+        sock.close()
+    _destroy_known = known
+    return known, _forced_fallback()
+
+
+@dataclass(frozen=True)
+class _Record:
+    """What a sandbox's ``ifs`` element and ``rec`` chunks say it installed."""
+
+    present: bool  # its ifs element exists (written in the same batch as everything else)
+    chunks: int
+    elements: list[Element]  # the policy-dependent elements the chunks list
 
 
 # --- the table ---------------------------------------------------------------------------
@@ -424,8 +528,11 @@ class Firewall:
 
     backend_name = "nf_tables netlink"
 
-    def __init__(self, *, table: str = TABLE) -> None:
+    def __init__(self, *, table: str = TABLE, destroy: bool | None = None) -> None:
+        """``destroy``: use DESTROY messages (True), the DEL fallback (False), or probe the
+        kernel (None, unless ``IRONCLAW_NFT_NO_DESTROY=1`` selects the fallback)."""
         self.table = table
+        self._destroy = False if destroy is None and _forced_fallback() else destroy
         self._base_ready = False
         self._sock: NfTablesSocket | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ironclaw-nft")
@@ -434,9 +541,21 @@ class Firewall:
         def work() -> _T:
             if self._sock is None:
                 self._sock = NfTablesSocket()
-            return fn(self._sock)
+            try:
+                return fn(self._sock)
+            except (_BatchFailed, _Unreadable) as exc:  # private types stay in this module
+                raise NetworkError(str(exc)) from exc
 
         return await asyncio.get_running_loop().run_in_executor(self._pool, work)
+
+    def _uses_destroy(self, sock: NfTablesSocket) -> bool:
+        if self._destroy is None:
+            self._destroy = destroy_supported(sock, self.table)
+        return self._destroy
+
+    async def deletion_mode(self) -> str:
+        """``"destroy"`` (Linux 6.3+ DESTROY messages) or ``"delete"`` (the DEL fallback)."""
+        return "destroy" if await self._call(self._uses_destroy) else "delete"
 
     def _list_payload(self, set_name: str, *elems: bytes) -> bytes:
         items = _nest(3, *(_nest(1, _data(1, k)) for k in elems)) if elems else b""
@@ -505,18 +624,34 @@ class Firewall:
         what = f"{'removal' if policy is None else 'set-up'} of sandbox {sandbox_id}"
 
         def work(sock: NfTablesSocket) -> None:
-            for _ in range(8):
+            destroy = self._uses_destroy(sock)
+            verify = False
+            for _ in range(_ATTEMPTS):
                 genid = sock.generation()
                 try:
-                    chunks, recorded = self._installed(sock, names.host_ifname)
+                    record = self._installed(sock, names.host_ifname)
                 except _Missing:  # no table: nothing installed
                     if policy is None:
                         return
                     raise NetworkError(f"table inet {self.table} is missing") from None
-                stale = [*fixed_elements(sandbox_id, chunks), *recorded]
-                msgs = _elements_msgs(self.table, MSG_DESTROYSETELEM, stale)
+                except _Unreadable:
+                    if sock.generation() != genid:
+                        continue  # our two gets straddled someone's commit
+                    raise
+                if destroy:
+                    stale = [*fixed_elements(sandbox_id, record.chunks), *record.elements]
+                    msgs = _elements_msgs(self.table, MSG_DESTROYSETELEM, stale)
+                    drop_counter = [_counter_msg(self.table, names.chain, MSG_DESTROYOBJ)]
+                else:
+                    # Removal without a record looks for leftovers, as DESTROY would clear them.
+                    look = verify or (policy is None and not record.present)
+                    stale, counter = self._stale(sock, sandbox_id, record, verify=look)
+                    msgs = _elements_msgs(self.table, MSG_DELSETELEM, stale)
+                    drop_counter = []
+                    if counter:
+                        drop_counter.append(_counter_msg(self.table, names.chain, MSG_DELOBJ))
                 if policy is None:
-                    msgs.append(_counter_msg(self.table, names.chain, MSG_DESTROYOBJ))
+                    msgs += drop_counter
                 else:
                     msgs.append(_counter_msg(self.table, names.chain, MSG_NEWOBJ))
                     msgs += _elements_msgs(self.table, MSG_NEWSETELEM, new)
@@ -525,14 +660,64 @@ class Firewall:
                     return
                 except _GenerationChanged:
                     continue
+                except _BatchFailed as exc:
+                    if destroy or exc.code != errno.ENOENT:
+                        raise
+                    verify = True  # the record and the table disagree: look at each piece
+            if policy is None and not destroy and not self._remains(sock, sandbox_id):
+                return
             raise NetworkError(f"{what}: the ruleset kept changing under us")
 
         await self._call(work)
 
-    def _installed(self, sock: NfTablesSocket, host_ifname: str) -> tuple[int, list[Element]]:
-        """The sandbox's record: its chunk count and the elements it lists (two gets).
+    def _stale(
+        self, sock: NfTablesSocket, sandbox_id: str, record: _Record, *, verify: bool
+    ) -> tuple[list[Element], bool]:
+        """For the DEL fallback: the sandbox's elements that exist, and whether its counter does.
 
-        Raises :class:`_Missing` when the table itself does not exist.
+        A DEL of a missing object aborts the batch, so this must be exact. The record is:
+        one atomic batch wrote it together with everything it lists and the counter (the
+        ``natifs`` element exactly when there are address allows). With ``verify`` (no
+        record on removal, or a DEL just failed) each piece is looked up instead.
+        """
+        fixed = fixed_elements(sandbox_id, record.chunks)
+        if not verify:
+            if not record.present:
+                return [], False
+            nat = any(e.set in _ALLOW_NAMES for e in record.elements)
+            return [e for e in fixed if e.set != NAT_SET or nat] + record.elements, True
+        candidates = [*fixed, *record.elements]
+        found = [e for e in candidates if self._has_element(sock, e)]
+        return found, self._has_counter(sock, sandbox_names(sandbox_id).chain)
+
+    def _remains(self, sock: NfTablesSocket, sandbox_id: str) -> bool:
+        """Whether any piece of the sandbox is still in the table (each one looked up)."""
+        try:
+            record = self._installed(sock, sandbox_names(sandbox_id).host_ifname)
+        except _Missing:
+            return False
+        found, counter = self._stale(sock, sandbox_id, record, verify=True)
+        return bool(found) or counter
+
+    def _has_element(self, sock: NfTablesSocket, elem: Element) -> bool:
+        try:
+            sock.request(MSG_GETSETELEM, self._list_payload(elem.set, elem.key))
+        except _Missing:
+            return False
+        return True
+
+    def _has_counter(self, sock: NfTablesSocket, name: str) -> bool:
+        try:
+            sock.request(MSG_GETOBJ, _counter_msg(self.table, name, MSG_GETOBJ)[2])
+        except _Missing:
+            return False
+        return True
+
+    def _installed(self, sock: NfTablesSocket, host_ifname: str) -> _Record:
+        """The sandbox's record (two gets, one when it has none).
+
+        Raises :class:`_Missing` when the table itself does not exist, :class:`_Unreadable`
+        when the record is damaged or a commit landed between the two gets.
         """
         sock.request(MSG_GETTABLE, _str(1, self.table))
         try:
@@ -540,21 +725,21 @@ class Firewall:
                 MSG_GETSETELEM, self._list_payload(IFS_SET, ifname_key(host_ifname))
             )
         except _Missing:
-            return 0, []
+            return _Record(False, 0, [])
         (elem,) = _elements_of(reply)
         chunks = record_count(_comment(elem.get(6)))
         if not chunks:
-            return 0, []
+            return _Record(True, 0, [])
         keys = record_keys(host_ifname, chunks)
         try:
             replies = sock.request(MSG_GETSETELEM, self._list_payload(REC_SET, *keys))
         except _Missing:
-            raise NetworkError(f"firewall record of {host_ifname} is incomplete") from None
+            raise _Unreadable(f"firewall record of {host_ifname} is incomplete") from None
         comments = [_comment(e.get(6)) or "" for r in replies for e in _elements_of(r)]
         try:
-            return chunks, parse_record(host_ifname, comments)
+            return _Record(True, chunks, parse_record(host_ifname, comments))
         except ConfigError as exc:
-            raise NetworkError(f"firewall record of {host_ifname} is damaged: {exc}") from exc
+            raise _Unreadable(f"firewall record of {host_ifname} is damaged: {exc}") from exc
 
     # --- reads -------------------------------------------------------------------------
 
@@ -616,7 +801,7 @@ class Firewall:
 
         def work(sock: NfTablesSocket) -> list[dict[str, Any]]:
             try:
-                _, recorded = self._installed(sock, host_ifname)
+                recorded = self._installed(sock, host_ifname).elements
             except _Missing:
                 return []
             return [

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import functools
 import os
 import resource
 import shutil
@@ -33,7 +31,6 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,8 +52,6 @@ GUEST_GID = 1000
 GUEST_ZIP = "/opt/ironclaw/ironclaw.zip"
 WORKSPACE = "/workspace"
 MiB = 1024 * 1024
-CLONE_NEWNET = 0x40000000
-PR_SET_PDEATHSIG = 1
 # Memory pressure kills the command, not the agent: the agent's floor is set here,
 # commands raise theirs (see ironclaw.guest.agent).
 AGENT_OOM_SCORE_ADJ = -500
@@ -199,57 +194,54 @@ def _memfd(name: str, data: bytes) -> int:
     return fd
 
 
-_libc: ctypes.CDLL | None = None
+# The launcher's last steps as root, as an exec chain rather than a Python preexec hook:
+# without a hook, Python starts the child with vfork, which does not copy the
+# orchestrator's page tables. (A plain fork of a large process holds its memory-map lock
+# for milliseconds, stalling the event loop's thread even when done on another thread.)
+#   sh      waits until the parent has put it in the sandbox's cgroups (a "go" line on
+#           its stdin, a pipe), then sets the rlimits: all after inherit both;
+#   nsenter enters the sandbox's network namespace (when it has one);
+#   setpriv drops to the sandbox's host uid, no supplementary groups, and for a one-shot
+#           sandbox asks for SIGKILL when the orchestrator goes away.
+LAUNCH_SCRIPT = (
+    'read -r go && [ "$go" = go ] || exit 97; exec </dev/null; '
+    'ulimit -c "$1" && ulimit -n "$2" && ulimit -f "$3" || exit 98; shift 3; exec "$@"'
+)
 
 
-def _libc_handle() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    return _libc
-
-
-def _make_preexec(
+def launch_chain(
     *,
     uid: int,
-    netns_fd: int | None,
-    cgroup_fds: Sequence[int],
     limits: list[tuple[int, int, int]],
+    netns_path: str | None,
     die_with_parent: bool,
-) -> Callable[[], None]:
-    """The child's last steps as root, in the order that keeps them possible."""
-    libc = _libc_handle()
+    sh: str = "/bin/sh",
+    nsenter: str = "nsenter",
+    setpriv: str = "setpriv",
+) -> list[str]:
+    """The argv prefix that turns root into the sandbox's unprivileged launcher (pure)."""
+    values = {res: _clamp(res, soft) for res, soft, _hard in limits}
+    core = values.get(resource.RLIMIT_CORE, 0)
+    nofile = values.get(resource.RLIMIT_NOFILE, 1024)
+    fsize = values.get(resource.RLIMIT_FSIZE, resource.RLIM_INFINITY)
+    blocks = "unlimited" if fsize == resource.RLIM_INFINITY else str(max(1, fsize // 512))
+    argv = [sh, "-c", LAUNCH_SCRIPT, "ironclaw-launch", str(core), str(nofile), blocks]
+    if netns_path is not None:
+        argv += [nsenter, f"--net={netns_path}", "--"]
+    argv += [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+    if die_with_parent:
+        argv += ["--pdeathsig=KILL"]
+    argv += ["--"]
+    return argv
 
-    def preexec() -> None:  # pragma: no cover - runs between fork and exec
-        pid = str(os.getpid()).encode()
-        for fd in cgroup_fds:
-            os.write(fd, pid)
-        if netns_fd is not None and libc.setns(netns_fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns(CLONE_NEWNET) failed")
-        for res, soft, hard in limits:
-            # Only lower: raising a hard limit needs CAP_SYS_RESOURCE, which hosts and
-            # containers often withhold even from root.
-            inf = resource.RLIM_INFINITY
-            cur_hard = resource.getrlimit(res)[1]
-            if cur_hard != inf:
-                hard = cur_hard if hard == inf else min(hard, cur_hard)
-            soft = soft if hard == inf else min(soft, hard)
-            resource.setrlimit(res, (soft, hard))
-        # Best effort (needs CAP_SYS_RESOURCE): commands raise their own score anyway.
-        try:
-            with open("/proc/self/oom_score_adj", "w") as f:
-                f.write(str(AGENT_OOM_SCORE_ADJ))
-        except OSError:
-            pass
-        os.setgroups([])
-        os.setresgid(uid, uid, uid)
-        os.setresuid(uid, uid, uid)
-        if die_with_parent:
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getuid() == 0 or os.geteuid() == 0:
-            raise OSError("failed to drop root before starting the sandbox")
 
-    return preexec
+def _clamp(res: int, value: int) -> int:
+    """Never above the current hard limit: raising it needs CAP_SYS_RESOURCE, which hosts
+    and containers often withhold even from root."""
+    hard = resource.getrlimit(res)[1]
+    if hard == resource.RLIM_INFINITY:
+        return value
+    return hard if value == resource.RLIM_INFINITY else min(value, hard)
 
 
 class NamespaceBackend:
@@ -260,6 +252,8 @@ class NamespaceBackend:
     def __init__(self, *, bwrap: str | None = None, timeout_bin: str | None = None) -> None:
         self.bwrap = bwrap or shutil.which("bwrap") or "/usr/bin/bwrap"
         self.timeout_bin = timeout_bin or shutil.which("timeout") or "/usr/bin/timeout"
+        self.nsenter = shutil.which("nsenter") or "/usr/bin/nsenter"
+        self.setpriv = shutil.which("setpriv") or "/usr/bin/setpriv"
         # Supervisors this process started, by pid: resolved (and reaped) when they exit.
         self._children: dict[int, asyncio.Future[int]] = {}
         # Spawning happens here; a one-shot sandbox's PDEATHSIG follows this thread, which
@@ -272,6 +266,11 @@ class NamespaceBackend:
                 "bubblewrap is not installed: run `apt-get install bubblewrap` "
                 "(or `ironclaw doctor` for everything this host lacks)"
             )
+        for tool in (self.timeout_bin, self.nsenter, self.setpriv):
+            if not os.access(tool, os.X_OK):
+                raise BackendError(
+                    f"{os.path.basename(tool)} is missing: apt-get install coreutils util-linux"
+                )
         if not os.access("/usr/bin/python3", os.X_OK):
             raise BackendError("the guest agent needs /usr/bin/python3: apt-get install python3")
         if ctx.spec.image != "host":
@@ -284,17 +283,30 @@ class NamespaceBackend:
                 raise BackendError(f"mount source {m.source} does not exist")
 
     async def start(self, ctx: LaunchContext) -> dict[str, Any]:
+        # Everything that touches the filesystem or the kernel runs on the spawner thread:
+        # while many jails are being built, even an lstat or a cgroup open can wait tens
+        # of milliseconds on kernel locks, and the event loop must not.
+        loop = asyncio.get_running_loop()
+        try:
+            proc, info = await loop.run_in_executor(self._spawner, self._launch, ctx)
+        except OSError as exc:
+            raise BackendError(f"could not launch bubblewrap: {exc}") from exc
+        self._children[proc.pid] = self._watch_exit(proc)
+        return info
+
+    def _launch(self, ctx: LaunchContext) -> tuple[subprocess.Popen[Any], dict[str, Any]]:
+        """Start the jail (blocking; on the spawner thread). Returns the supervisor."""
         spec = ctx.spec
         hostname = spec.hostname or ctx.sandbox_id
         sock_path = safe_join(ctx.run_dir, "agent.sock")
         status_path = safe_join(ctx.run_dir, "status.json")
         log_path = safe_join(ctx.run_dir, "sandbox.log")
-        zip_path = await asyncio.to_thread(bundle_path, ctx.settings.state_dir)
+        zip_path = bundle_path(ctx.settings.state_dir)
         bpf = compile_bpf(spec.seccomp, allow_inet=ctx.network is not None)
 
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         fds: _Fds | None = None
-        netns_fd: int | None = None
+        go_r = go_w = -1
         cgroup_fds: list[int] = []
         log_fd = -1
         try:
@@ -308,12 +320,19 @@ class NamespaceBackend:
                 status=os.open(status_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
             )
             log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            if ctx.network is not None:
-                netns_fd = os.open(ctx.network.netns_path, os.O_RDONLY)
             if ctx.cgroup is not None:
                 cgroup_fds = ctx.cgroup.attach_fds()
             wall = spec.limits.wall_time_s
+            go_r, go_w = os.pipe2(os.O_CLOEXEC)
             argv = [
+                *launch_chain(
+                    uid=ctx.host_uid,
+                    limits=rlimits(spec.limits),
+                    netns_path=ctx.network.netns_path if ctx.network else None,
+                    die_with_parent=ctx.one_shot,
+                    nsenter=self.nsenter,
+                    setpriv=self.setpriv,
+                ),
                 self.timeout_bin,
                 "--signal=KILL",
                 f"{wall:.3f}s" if wall else "0",
@@ -326,40 +345,37 @@ class NamespaceBackend:
                     bwrap=self.bwrap,
                 ),
             ]
-            env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
-            popen = functools.partial(
-                subprocess.Popen,
+            proc = subprocess.Popen(
                 argv,
-                stdin=subprocess.DEVNULL,
+                stdin=go_r,
                 stdout=log_fd,
                 stderr=log_fd,
                 pass_fds=fds.all(),
                 start_new_session=True,
-                env=env,
-                preexec_fn=_make_preexec(
-                    uid=ctx.host_uid,
-                    netns_fd=netns_fd,
-                    cgroup_fds=cgroup_fds,
-                    limits=rlimits(spec.limits),
-                    die_with_parent=ctx.one_shot,
-                ),
+                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
             )
-            # Popen returns only once the child has exec'd, and the child's preexec
-            # (joining cgroups, which waits for an RCU grace period) can take tens of ms
-            # under load: spawn on a worker thread so the event loop never waits for it.
-            loop = asyncio.get_running_loop()
-            proc = await loop.run_in_executor(self._spawner, popen)
-        except OSError as exc:
-            raise BackendError(f"could not launch bubblewrap: {exc}") from exc
+            try:
+                pid = str(proc.pid).encode()
+                for fd in cgroup_fds:
+                    os.write(fd, pid)
+                with (
+                    contextlib.suppress(OSError),
+                    open(f"/proc/{proc.pid}/oom_score_adj", "w") as f,
+                ):
+                    f.write(str(AGENT_OOM_SCORE_ADJ))  # needs CAP_SYS_RESOURCE
+                os.write(go_w, b"go\n")
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
         finally:
             listener.close()
             if fds is not None:
                 fds.close()
-            for fd in [netns_fd, log_fd, *cgroup_fds]:
-                if fd is not None and fd >= 0:
+            for fd in [go_r, go_w, log_fd, *cgroup_fds]:
+                if fd >= 0:
                     with contextlib.suppress(OSError):
                         os.close(fd)
-
         info: dict[str, Any] = {
             "pid": proc.pid,
             "pid_start": process_start_time(proc.pid),
@@ -370,8 +386,7 @@ class NamespaceBackend:
             "started_at": time.time(),
             "wall_time_s": spec.limits.wall_time_s,
         }
-        self._children[proc.pid] = self._watch_exit(proc)
-        return info
+        return proc, info
 
     def _watch_exit(self, proc: subprocess.Popen[Any]) -> asyncio.Future[int]:
         """Reap the supervisor when it exits (a pidfd on the loop: no thread, no zombie)."""

@@ -15,9 +15,11 @@ How a sandbox is launched, and why:
 * **A supervisor parent.** bwrap runs under coreutils ``timeout`` (the wall-time
   limit; 0 = none) with ``--die-with-parent``: killing that one process, which the
   registry records with its start time, takes the whole sandbox down.
-* **Limits before exec.** The launcher joins the sandbox's cgroups, enters its network
-  namespace (when the policy allows any egress) and sets rlimits while still root,
-  then drops privileges; everything the sandbox runs inherits them.
+* **Limits before exec.** A small exec chain (see :func:`launch_chain`) waits until the
+  parent has put it in the sandbox's cgroups, sets rlimits, enters the network namespace
+  (when the policy allows any egress) and drops privileges; everything the sandbox runs
+  inherits all of it. No Python runs between fork and exec, so the child is started
+  with vfork, and all the launch's blocking work happens on a spawner thread.
 """
 
 from __future__ import annotations

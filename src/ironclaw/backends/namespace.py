@@ -261,25 +261,35 @@ class NamespaceBackend:
         # Spawning happens here; a one-shot sandbox's PDEATHSIG follows this thread, which
         # lives as long as the backend (that is, the process).
         self._spawner = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ironclaw-spawn")
+        self._tools_ok = False
 
     async def prepare(self, ctx: LaunchContext) -> None:
-        if not os.access(self.bwrap, os.X_OK):
-            raise BackendError(
-                "bubblewrap is not installed: run `apt-get install bubblewrap` "
-                "(or `ironclaw doctor` for everything this host lacks)"
-            )
-        for tool in (self.timeout_bin, self.nsenter, self.setpriv):
-            if not os.access(tool, os.X_OK):
-                raise BackendError(
-                    f"{os.path.basename(tool)} is missing: apt-get install coreutils util-linux"
-                )
-        if not os.access("/usr/bin/python3", os.X_OK):
-            raise BackendError("the guest agent needs /usr/bin/python3: apt-get install python3")
         if ctx.spec.image != "host":
             raise BackendError(
                 f"image {ctx.spec.image!r} is not available to the namespace backend yet; "
                 "use image 'host'"
             )
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._spawner, self._check_host, ctx)
+
+    def _check_host(self, ctx: LaunchContext) -> None:
+        """Tools once per backend, mount sources every time (blocking: spawner thread)."""
+        if not self._tools_ok:
+            if not os.access(self.bwrap, os.X_OK):
+                raise BackendError(
+                    "bubblewrap is not installed: run `apt-get install bubblewrap` "
+                    "(or `ironclaw doctor` for everything this host lacks)"
+                )
+            for tool in (self.timeout_bin, self.nsenter, self.setpriv):
+                if not os.access(tool, os.X_OK):
+                    raise BackendError(
+                        f"{os.path.basename(tool)} is missing: apt-get install coreutils util-linux"
+                    )
+            if not os.access("/usr/bin/python3", os.X_OK):
+                raise BackendError(
+                    "the guest agent needs /usr/bin/python3: apt-get install python3"
+                )
+            self._tools_ok = True
         for m in ctx.spec.mounts:
             if not os.path.exists(m.source):
                 raise BackendError(f"mount source {m.source} does not exist")

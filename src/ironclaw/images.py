@@ -46,6 +46,7 @@ __all__ = [
     "find_image",
     "host_debian_source",
     "list_images",
+    "make_workspace_image",
     "recipe_digest",
     "require_tool",
     "resolve_recipe",
@@ -724,3 +725,25 @@ def _write_initramfs(out: Path, rootfs: Path, modules: Path) -> None:
     tmp = out.with_suffix(".tmp")
     tmp.write_bytes(c.finish())
     os.replace(tmp, out)
+
+
+async def make_workspace_image(path: Path, mib: int, *, journal: bool = True) -> None:
+    """A sparse ext4 disk for a VM's /workspace: blocks are allocated only as the guest
+    writes. Without ``journal`` it mounts faster and is fine for a throwaway disk."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, mib * 2**20)
+    finally:
+        os.close(fd)
+    features = [] if journal else ["-O", "^has_journal"]
+    extended = "root_owner=0:0,lazy_itable_init=1" + (",lazy_journal_init=1" if journal else "")
+    proc = await asyncio.create_subprocess_exec(
+        require_tool("mkfs.ext4", "e2fsprogs"),
+        "-q", "-F", "-m", "0", *features, "-E", extended, str(path),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise BackendError(f"mkfs.ext4 of the workspace failed: {out.decode(errors='replace')}")

@@ -36,7 +36,7 @@ from typing import Any, Literal, Protocol
 from ironclaw.backends.qmp import QmpClient, QmpError
 from ironclaw.config import Settings, ensure_private_dir, safe_join
 from ironclaw.errors import BackendError, ConfigError, SandboxNotFound, SandboxTimeout
-from ironclaw.images import GUEST_PKG_DIR, ImageArtifacts, require_tool
+from ironclaw.images import GUEST_PKG_DIR, ImageArtifacts, make_workspace_image, require_tool
 
 __all__ = [
     "AGENT_PORT",
@@ -354,7 +354,7 @@ class QemuVm:
         ]
         if workspace_mib > 0:
             ws = self._path("workspace.ext4")
-            await self._make_workspace(ws, workspace_mib)
+            await make_workspace_image(ws, workspace_mib, journal=False)
             argv += [
                 "-drive",
                 f"id=ws,file={ws},format=raw,if=none,cache=unsafe,discard=unmap",
@@ -422,31 +422,6 @@ class QemuVm:
         if proc is None:
             return None
         return await proc.wait()
-
-    async def _make_workspace(self, path: Path, mib: int) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.ftruncate(fd, mib * 2**20)
-        finally:
-            os.close(fd)
-        proc = await asyncio.create_subprocess_exec(
-            require_tool("mkfs.ext4", "e2fsprogs"),
-            "-q",
-            "-F",
-            "-m",
-            "0",
-            "-O",
-            "^has_journal",
-            "-E",
-            "root_owner=0:0,lazy_itable_init=1",
-            str(path),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        out, _ = await proc.communicate()
-        if proc.returncode != 0:
-            raise BackendError(f"mkfs.ext4 workspace failed: {out.decode(errors='replace')}")
 
     async def _connect_qmp(self, stderr_path: Path, deadline: float) -> QmpClient:
         proc = self._proc

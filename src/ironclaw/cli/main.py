@@ -136,6 +136,17 @@ def build_spec(
     }
 
 
+SPEC_OPTIONS = (
+    "backend", "memory", "pids", "cpus", "wall_time", "workspace_size",
+    "allow", "allow_domain", "env", "mount", "seccomp",
+)  # fmt: skip
+
+
+def spec_from_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The spec for a command whose parameters include the shared sandbox options."""
+    return build_spec(**{name: options[name] for name in SPEC_OPTIONS})
+
+
 async def _stream_to(fd: int) -> Callable[[bytes], Awaitable[None]]:
     loop = asyncio.get_running_loop()
 
@@ -177,23 +188,13 @@ def exec_cmd(
     """Create a sandbox, run one command in it, destroy it. Exits with the command's status."""
     from ironclaw.host.manager import SandboxManager
 
+    options = dict(locals())
+
     if command and command[0] == "--":
         command = command[1:]
 
     async def main() -> int:
-        spec = build_spec(
-            backend=backend,
-            memory=memory,
-            pids=pids,
-            cpus=cpus,
-            wall_time=wall_time,
-            workspace_size=workspace_size,
-            allow=allow,
-            allow_domain=allow_domain,
-            env=env,
-            mount=mount,
-            seccomp=seccomp,
-        )
+        spec = spec_from_options(options)
         loop = asyncio.get_running_loop()
         started = loop.time()
         async with SandboxManager() as manager:
@@ -256,20 +257,10 @@ def sandbox_create(
     """Create a long-lived sandbox and print its id."""
     from ironclaw.host.manager import SandboxManager
 
+    options = dict(locals())
+
     async def main() -> None:
-        spec = build_spec(
-            backend=backend,
-            memory=memory,
-            pids=pids,
-            cpus=cpus,
-            wall_time=wall_time,
-            workspace_size=workspace_size,
-            allow=allow,
-            allow_domain=allow_domain,
-            env=env,
-            mount=mount,
-            seccomp=seccomp,
-        )
+        spec = spec_from_options(options)
         async with SandboxManager() as manager:
             with err_console.status("creating sandbox…", spinner="dots"):
                 record = await manager.create(spec, sandbox_id=sandbox_id)

@@ -51,7 +51,7 @@ from ironclaw.backends.firecracker.jailer import JailLayout, jailer_argv, link_i
 from ironclaw.backends.firecracker.tap import TAP, attach_tap
 from ironclaw.config import safe_join
 from ironclaw.errors import BackendError, ConfigError, ConnectError, IronclawError
-from ironclaw.images import ImageArtifacts, find_image, require_tool
+from ironclaw.images import ImageArtifacts, find_image, make_workspace_image
 from ironclaw.transport import Connection, SocketConnection, hybrid_vsock
 
 __all__ = [
@@ -443,7 +443,7 @@ class FirecrackerBackend:
             if snapshot is not None and snapshot.workspace.exists():
                 await asyncio.to_thread(shutil.copyfile, snapshot.workspace, ws_host)
             else:
-                await _make_workspace(ws_host, limits.workspace_mib)
+                await make_workspace_image(ws_host, limits.workspace_mib)
             os.chown(ws_host, plan.uid, plan.gid)
             workspace = plan.vm_path(_JAILED_WORKSPACE, ws_host)
         for link, target in (
@@ -543,31 +543,6 @@ def _preexec(cgroup_fds: Sequence[int], netns_fd: int | None) -> Callable[[], No
 
 def _cgroup_version() -> int:
     return 2 if os.path.exists("/sys/fs/cgroup/cgroup.controllers") else 1
-
-
-async def _make_workspace(path: Path, mib: int) -> None:
-    """A sparse ext4 image: blocks are only allocated as the guest writes."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.ftruncate(fd, mib * 2**20)
-    finally:
-        os.close(fd)
-    proc = await asyncio.create_subprocess_exec(
-        require_tool("mkfs.ext4", "e2fsprogs"),
-        "-q",
-        "-F",
-        "-m",
-        "0",
-        "-E",
-        "root_owner=0:0,lazy_itable_init=1,lazy_journal_init=1",
-        str(path),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await proc.communicate()
-    if proc.returncode != 0:
-        raise BackendError(f"mkfs.ext4 of the workspace failed: {out.decode(errors='replace')}")
 
 
 def _tail(path: Path, limit: int = 800) -> str:

@@ -137,6 +137,10 @@ def _line(ev: dict[str, Any]) -> str:
     if kind == "tool.result":
         mark = "[red]error[/]" if ev.get("is_error") else "[green]ok[/]"
         return f"  {mark} {escape(_short(ev.get('content', ''), 200))}"
+    if kind == "network" and ev.get("source") == "net.summary":
+        dropped = int(ev.get("dropped_packets") or 0)
+        style = "red" if dropped else "green"
+        return f"[magenta]net[/] firewall dropped [{style}]{dropped}[/] packet(s) in all"
     if kind == "network":
         decision = ev.get("decision") or ev.get("source")
         target = ev.get("host") or ev.get("target") or ev.get("dropped_packets")

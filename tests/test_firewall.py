@@ -12,8 +12,6 @@ import ipaddress
 import json
 import os
 import secrets
-import statistics
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -280,11 +278,48 @@ async def test_other_tables_untouched(fw: Firewall) -> None:
         await sh("nft", "delete", "table", "ip", foreign, check=False)
 
 
+class _Meter(NfTablesSocket):
+    """A real socket that counts the work each call does: messages and bytes both ways."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.work: list[tuple[str, int, int]] = []
+
+    def transact(
+        self, msgs: list[tuple[int, int, bytes]], *, what: str, genid: int | None = None
+    ) -> None:
+        self.work.append(("transact", len(msgs), sum(len(m[2]) for m in msgs)))
+        super().transact(msgs, what=what, genid=genid)
+
+    def request(self, kind: int, payload: bytes, *, dump: bool = False) -> list[bytes]:
+        replies = super().request(kind, payload, dump=dump)
+        self.work.append((f"request-{kind}-{dump}", len(replies), sum(map(len, replies))))
+        return replies
+
+
+async def _cycle_work(fw: Firewall, sandbox_id: str) -> list[tuple[str, int, int]]:
+    meter = _Meter()
+    old, fw._sock = fw._sock, meter
+    try:
+        await fw.add_sandbox(sandbox_id, POLICY)
+        await fw.update_sandbox(sandbox_id, NetworkPolicy(allow=("192.0.2.0/24",)))
+        await fw.remove_sandbox(sandbox_id)
+    finally:
+        fw._sock = old
+        meter.close()
+    return meter.work
+
+
 @pytest.mark.root
 @pytest.mark.timeout(120)
-async def test_set_up_and_tear_down_stay_flat_with_many_sandboxes(fw: Firewall) -> None:
-    """5,000 installed: a cycle must stay well under the 10 ms target (was ~55 ms)."""
+async def test_set_up_and_tear_down_do_the_same_work_with_5000_installed(fw: Firewall) -> None:
+    """O(1) proven by counting, not timing: with 5,000 other sandboxes installed, a
+    set-up / update / tear-down sends and reads exactly the same messages and bytes as on
+    an empty table (no dump, no listing that grows with the table). The benchmark
+    (benchmarks/firewall.py) measures the time."""
     await fw.ensure_base()
+    await _cycle_work(fw, "cycle-w")  # one-time work (the deletion-mode probe) happens here
+    before = await _cycle_work(fw, "cycle-a")
     ids = [f"filler-{i}" for i in range(5000)]
     sock = NfTablesSocket()
     try:
@@ -299,13 +334,9 @@ async def test_set_up_and_tear_down_stay_flat_with_many_sandboxes(fw: Firewall) 
             sock.transact(msgs, what="fillers")
     finally:
         sock.close()
-    samples = []
-    for i in range(15):
-        t = time.perf_counter()
-        await fw.add_sandbox(f"cycle-{i}", POLICY)
-        await fw.remove_sandbox(f"cycle-{i}")
-        samples.append(time.perf_counter() - t)
-    assert statistics.median(samples) < 0.010
+    after = await _cycle_work(fw, "cycle-b")
+    assert before == after
+    assert not any(kind.endswith("-True") for kind, _, _ in after), "a dump on the hot path"
     assert len((await fw.elements())["ifs"]) == 5000
 
 
@@ -545,12 +576,9 @@ async def test_fallback_copes_when_the_record_and_the_table_disagree() -> None:
 
 @pytest.mark.root
 @pytest.mark.timeout(30)
-async def test_doctor_reports_the_deletion_path_quickly(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_doctor_reports_the_deletion_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(NO_DESTROY_ENV, raising=False)
-    _nftables()  # the first call may load modules
-    started = time.perf_counter()
     check = _nftables()
-    assert time.perf_counter() - started < 0.05
     assert check.ok and check.required
     assert ("DESTROY messages" in check.detail) == fwmod._destroy_known
     assert "DESTROY" in check.detail or "DEL fallback" in check.detail

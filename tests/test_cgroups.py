@@ -312,3 +312,21 @@ def test_layout_describes_this_host() -> None:
     for name in ("memory", "pids", "cpu"):
         h = layout.controllers[name]
         assert (h.mount / "cgroup.procs").exists()
+
+
+def test_limit_hits_agrees_with_stats() -> None:
+    import asyncio
+
+    from ironclaw.host.cgroups import CgroupManager
+    from ironclaw.policy.limits import ResourceLimits
+
+    mgr = CgroupManager(f"ironclaw-hits-{os.getpid()}")
+    if mgr.layout().missing_required:
+        pytest.skip("cgroups cannot enforce limits here")
+    cg = asyncio.run(mgr.create("hits-1", ResourceLimits()))
+    try:
+        st = cg.stats()
+        assert cg.limit_hits() == (st.oom_kills, st.pids_max_hits)
+    finally:
+        asyncio.run(mgr.destroy("hits-1"))
+        mgr.remove_root()

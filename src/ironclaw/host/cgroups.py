@@ -324,6 +324,17 @@ class Cgroup:
                 found.update(_read_ints(sub / _PROCS))
         return sorted(found)
 
+    def limit_hits(self) -> tuple[int, int]:
+        """``(oom_kills, pids_max_hits)`` only: two small reads, cheap enough to take
+        around every command so its status can say which limit it hit."""
+        mem, pids = self.dir_for("memory"), self.dir_for("pids")
+        oom = 0
+        if mem is not None:
+            name = "memory.oom_control" if mem.version == 1 else "memory.events"
+            oom = _read_keyed(mem.path / name).get("oom_kill", 0)
+        hits = _read_keyed(pids.path / "pids.events").get("max", 0) if pids is not None else 0
+        return oom, hits
+
     def stats(self) -> CgroupStats:
         mem, pids = self.dir_for("memory"), self.dir_for("pids")
         cpu = self.dir_for("cpuacct") or self.dir_for("cpu")

@@ -620,7 +620,7 @@ class SandboxManager:
             raise ConfigError("nothing to run: give a command")
         peer = await self.peer(sandbox_id)
         cg = self._cgroup_or_none(await self._rid(sandbox_id))
-        before = cg.stats() if cg is not None else None
+        before = cg.limit_hits() if cg is not None else None
         out_id, err_id = peer.new_stream_id(), peer.new_stream_id()
         in_id = peer.new_stream_id() if stdin is not None else None
         out_buf, err_buf = bytearray(), bytearray()
@@ -675,10 +675,10 @@ class SandboxManager:
         if result.get("timed_out"):
             status = "timeout"
         if cg is not None and before is not None:
-            after = cg.stats()
-            if after.oom_kills > before.oom_kills:
+            oom, pids = cg.limit_hits()
+            if oom > before[0]:
                 status = "memory limit exceeded"
-            elif after.pids_max_hits > before.pids_max_hits:
+            elif pids > before[1]:
                 status = "pids limit"
         return ExecResult(
             sandbox_id=sandbox_id,

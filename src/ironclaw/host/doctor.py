@@ -146,7 +146,30 @@ def _kvm() -> Check:
         )
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return Check("kvm", False, "/dev/kvm not accessible", "add the user to group kvm")
+    verdict = _cached_accel_verdict()
+    if verdict == "tcg":
+        return Check(
+            "kvm",
+            False,
+            "/dev/kvm present but a guest kernel did not boot under it (probed); VMs use TCG",
+            "use a host with working nested or bare-metal KVM for fast VMs",
+        )
+    if verdict == "kvm":
+        return Check("kvm", True, "/dev/kvm boots guests (probed)")
     return Check("kvm", True, "/dev/kvm present (bootability is probed on first VM start)")
+
+
+def _cached_accel_verdict() -> str | None:
+    """The QEMU backend's cached KVM probe for this installation, if it ran."""
+    import json
+
+    from ironclaw.config import Settings, safe_join
+
+    try:
+        path = safe_join(Settings.from_env().state_dir, "qemu-accel.json")
+        return str(json.loads(path.read_text())["accel"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _nftables() -> Check:
@@ -172,7 +195,8 @@ async def run_checks() -> list[Check]:
     tools = await asyncio.gather(
         _tool("bwrap", ["--version"], "bubblewrap", True),
         _tool("nft", ["--version"], "nftables", True),
-        _tool("python3", ["--version"], "python3", True),
+        # The guest agent runs on the distribution's interpreter, not on IronClaw's own.
+        _tool("/usr/bin/python3", ["--version"], "python3", True),
         _tool("qemu-system-x86_64", ["--version"], "qemu-system-x86", False),
         _tool("firecracker", ["--version"], "install the firecracker release binary", False),
         _tool("jailer", ["--version"], "install the jailer from the firecracker release", False),
@@ -195,11 +219,4 @@ async def run_checks() -> list[Check]:
             "on a host whose KVM can boot guests",
         )
     )
-    guest_py = Path("/usr/bin/python3")
-    if not guest_py.exists():
-        checks.append(
-            Check(
-                "guest python", False, "/usr/bin/python3 missing", "apt-get install python3", True
-            )
-        )
     return checks

@@ -19,8 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import platform
-import shutil
 import signal
 import stat
 import time
@@ -185,6 +183,8 @@ class GuestAgent:
     # -- methods -----------------------------------------------------------------------
 
     async def ping(self, params: Any, ctx: CallContext) -> dict[str, Any]:
+        import platform  # here, not at start-up: every import delays every sandbox
+
         return {
             "pong": True,
             "kernel": platform.release(),
@@ -443,6 +443,8 @@ class GuestAgent:
         path = self._path(params)
         if path.is_dir() and not path.is_symlink():
             if params.get("recursive"):
+                import shutil
+
                 shutil.rmtree(path)
             else:
                 path.rmdir()

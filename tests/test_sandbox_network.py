@@ -13,6 +13,7 @@ import pytest
 
 from ironclaw.host.manager import SandboxManager
 from ironclaw.host.net import NetworkManager
+from ironclaw.host.procs import host_uid
 from ironclaw.policy.network import sandbox_names
 from nethelpers import PEER_SERVER, PROBE, PeerHost, sh
 
@@ -130,7 +131,10 @@ async def test_domain_allow_list_from_a_sandbox(
 ) -> None:
     a, _ = peers
     manager._net = NetworkManager(
-        manager.settings, proxy_hosts={"allowed.test": a.ip, "denied.test": a.ip}
+        manager.settings,
+        pool=manager.net.pool.with_prefixlen,
+        proxy_hosts={"allowed.test": a.ip, "denied.test": a.ip},
+        proxy_uid=manager.uid_base - 1,
     )
     rec = await manager.create({"network": {"allow_domains": ["allowed.test"]}})
     r = await manager.exec(
@@ -142,6 +146,9 @@ async def test_domain_allow_list_from_a_sandbox(
     # The sandbox cannot go around the proxy.
     direct = await probe_in(manager, rec.id, [(a.ip, 80)])
     assert direct[f"{a.ip}:80"].startswith("err:")
+    # The proxy parses the sandbox's requests: it must not be root on the host either.
+    proxy_pid = int(rec.info["network"]["proxy_pid"])
+    assert host_uid(proxy_pid) == manager.uid_base - 1 != 0
     audit = [json.loads(x) for x in manager.net.audit_path(rec.id).read_text().splitlines()]
     decisions = {(e.get("host"), e["decision"]) for e in audit if e["event"] == "net.proxy"}
     assert {("allowed.test", "allow"), ("denied.test", "deny")} <= decisions

@@ -16,7 +16,11 @@ from pathlib import Path
 from ironclaw.errors import ConfigError
 from ironclaw.ids import validate_sandbox_id
 
-__all__ = ["Settings", "ensure_private_dir", "safe_join"]
+__all__ = ["DEFAULT_UID_BASE", "Settings", "ensure_private_dir", "safe_join"]
+
+#: Host uids of sandboxes are ``base + slot`` (below 2^31: user-namespace maps refuse
+#: more); ``base - 1`` is the egress proxies' uid. ``IRONCLAW_UID_BASE`` moves the range.
+DEFAULT_UID_BASE = 2_000_000_000
 
 
 def safe_join(base: Path, *parts: str) -> Path:

@@ -47,8 +47,21 @@ with zipfile.ZipFile(spec["out"], "w", compression=zipfile.ZIP_STORED) as zf:
         zf.writestr(cinfo, bytes(pyc))
 """
 
-#: Modules (files or packages, relative to the ``ironclaw`` package) the guest needs.
-GUEST_MODULES = ("__init__.py", "errors.py", "ids.py", "proto", "transport", "rpc", "guest")
+#: Modules (files or packages, relative to the ``ironclaw`` package) the guest needs, and
+#: the egress proxy, which runs unprivileged on the same interpreter (all stdlib-only).
+GUEST_MODULES = (
+    "__init__.py",
+    "errors.py",
+    "ids.py",
+    "proto",
+    "transport",
+    "rpc",
+    "guest",
+    "policy/__init__.py",
+    "policy/domains.py",
+    "host/__init__.py",
+    "host/proxy.py",
+)
 
 _PACKAGE_DIR = Path(ironclaw.__file__).resolve().parent
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ironclaw.backends.base import Backend, LaunchContext, process_start_time, same_process
-from ironclaw.config import Settings, ensure_private_dir, safe_join
+from ironclaw.config import DEFAULT_UID_BASE, Settings, ensure_private_dir, safe_join
 from ironclaw.errors import (
     BackendError,
     ChannelClosed,
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_UID_BASE", "ExecResult", "GcReport", "SandboxManager", "pool_key"]
 
-DEFAULT_UID_BASE = 2_000_000_000
 MAX_UID = 2**31 - 1
 OutputSink = Callable[[bytes], Awaitable[None] | None]
 
@@ -229,7 +228,7 @@ class SandboxManager:
             from ironclaw.host.net import NetworkManager
 
             pool = os.environ.get("IRONCLAW_NET_POOL", "10.250.0.0/16")
-            self._net = NetworkManager(self.settings, pool=pool)
+            self._net = NetworkManager(self.settings, pool=pool, proxy_uid=self.uid_base - 1)
         return self._net
 
     # -- lifecycle ---------------------------------------------------------------------

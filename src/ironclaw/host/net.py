@@ -22,8 +22,8 @@ import errno
 import ipaddress
 import json
 import os
+import shutil
 import signal
-import sys
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,9 +33,10 @@ from typing import Any, TypeVar
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
-from ironclaw.config import Settings, ensure_private_dir, safe_join
+from ironclaw.config import DEFAULT_UID_BASE, Settings, ensure_private_dir, safe_join
 from ironclaw.errors import ConfigError, IronclawError, NetworkError
 from ironclaw.host.firewall import Firewall
+from ironclaw.host.guest_bundle import GUEST_PYTHON, bundle_path
 from ironclaw.ids import validate_sandbox_id
 from ironclaw.policy.network import PROXY_PORT, TABLE, NetworkPolicy, sandbox_names
 
@@ -46,6 +47,10 @@ GUEST_IFNAME = "eth0"
 _CLONE_NEWNET = 0x40000000
 _MNT_DETACH = 2
 _PROXY_READY_TIMEOUT = 15.0
+_PROXY_BOOT = (
+    "import sys; sys.path.insert(0, {zip!r}); "
+    "from ironclaw.host.proxy import main; sys.exit(main(sys.argv[1:]))"
+)
 _PROXY_STOP_TIMEOUT = 5.0
 _T = TypeVar("_T")
 
@@ -186,6 +191,7 @@ class NetworkManager:
         table: str = TABLE,
         firewall: Firewall | None = None,
         proxy_hosts: Mapping[str, str] | None = None,
+        proxy_uid: int | None = None,
     ) -> None:
         try:
             self.pool = ipaddress.IPv4Network(pool, strict=True)
@@ -197,6 +203,12 @@ class NetworkManager:
         self.firewall = firewall or Firewall(table=table)
         #: name -> address map the egress proxy consults before DNS (tests, air-gapped hosts).
         self.proxy_hosts = dict(proxy_hosts or {})
+        #: The egress proxies' own unprivileged uid: just below the sandboxes' range.
+        self.proxy_uid = (
+            proxy_uid
+            if proxy_uid is not None
+            else int(os.environ.get("IRONCLAW_UID_BASE", DEFAULT_UID_BASE)) - 1
+        )
         self._forwarding_on = False
 
     @property
@@ -344,8 +356,13 @@ class NetworkManager:
         return safe_join(self.settings.sandbox_runtime_dir(sandbox_id), name)
 
     def _write_proxy_config(self, sandbox_id: str, policy: NetworkPolicy) -> Path:
-        path = safe_join(self._runtime_dir(sandbox_id), "proxy.json")
-        tmp = path.with_name("proxy.json.tmp")
+        # In a directory of its own that only the proxy's uid may search: the proxy keeps a
+        # descriptor to it and re-reads the policy from there after dropping root.
+        directory = safe_join(self._runtime_dir(sandbox_id), "proxy")
+        directory.mkdir(mode=0o700, exist_ok=True)
+        os.chown(directory, self.proxy_uid, self.proxy_uid)
+        path = safe_join(directory, "proxy.json")
+        tmp = safe_join(directory, "proxy.json.tmp")
         doc = {
             "sandbox_id": sandbox_id,
             "allow_domains": list(policy.allow_domains),
@@ -353,7 +370,7 @@ class NetworkManager:
             "hosts": self.proxy_hosts,
             "block": [str(self.pool)],
         }
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         with os.fdopen(fd, "w") as f:
             json.dump(doc, f)
         os.replace(tmp, path)  # the proxy sees the old or the new file, never half of one
@@ -367,10 +384,18 @@ class NetworkManager:
         log = self._proxy_file(sid, "proxy.log")
         log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
+            bundle = await asyncio.to_thread(bundle_path, self.settings.state_dir)
             proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "ironclaw.host.proxy",
+                # The distribution's interpreter and IronClaw's stdlib-only bundle: both stay
+                # readable after the proxy drops to its own uid.
+                GUEST_PYTHON,
+                "-I",
+                "-S",
+                "-B",
+                "-c",
+                _PROXY_BOOT.format(zip=str(bundle)),
+                "--user",
+                str(self.proxy_uid),
                 "--listen",
                 f"{net.host_ip}:{PROXY_PORT}",
                 "--config",
@@ -405,11 +430,11 @@ class NetworkManager:
         """The proxy's pid if the pidfile names a live proxy of this very sandbox."""
         try:
             pid = int(self._proxy_file(sandbox_id, "proxy.pid").read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            raw = Path(f"/proc/{pid}/cmdline").read_bytes()
         except (OSError, ValueError):
             return None
         # The pid may have been reused since: check it is our proxy for this id.
-        if b"ironclaw.host.proxy" in cmdline and sandbox_id.encode() in cmdline:
+        if b"ironclaw.host.proxy" in raw and sandbox_id.encode() in raw.split(b"\0"):
             return pid
         return None
 
@@ -425,9 +450,10 @@ class NetworkManager:
                     await self._signal_and_wait(pid, pidfd)
                 finally:
                     os.close(pidfd)
-        for name in ("proxy.pid", "proxy.json"):
-            with contextlib.suppress(FileNotFoundError, ConfigError):
-                self._proxy_file(sandbox_id, name).unlink()
+        with contextlib.suppress(FileNotFoundError, ConfigError):
+            self._proxy_file(sandbox_id, "proxy.pid").unlink()
+        with contextlib.suppress(OSError, ConfigError):
+            shutil.rmtree(self._proxy_file(sandbox_id, "proxy"))
 
     async def _signal_and_wait(self, pid: int, pidfd: int) -> None:
         loop = asyncio.get_running_loop()

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ironclaw.policy.network import domain_allowed
+from ironclaw.policy.domains import domain_allowed
 
 __all__ = ["ProxyConfig", "ProxyServer", "main", "parse_sni"]
 
@@ -56,8 +56,12 @@ class ProxyConfig:
 
     @classmethod
     def from_file(cls, path: str) -> ProxyConfig:
-        with open(path) as f:
-            doc: dict[str, Any] = json.load(f)
+        with open(path, "rb") as f:
+            return cls.from_json(f.read())
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ProxyConfig:
+        doc: dict[str, Any] = json.loads(data)
         return cls(
             sandbox_id=str(doc.get("sandbox_id", "")),
             allow_domains=tuple(doc.get("allow_domains", ())),
@@ -118,18 +122,29 @@ class ProxyServer:
     """The proxy's state: listening socket, current policy, audit sink."""
 
     def __init__(self, config_path: str, audit_path: str, sandbox_id: str) -> None:
-        self.config_path = config_path
-        self.audit_path = audit_path
+        # Both are opened now, while the proxy may still be root: after it drops to its
+        # own uid it can no longer walk IronClaw's 0700 directories. The policy is then
+        # re-read relative to its directory's descriptor (only that directory, owned by
+        # the proxy's uid, needs to be searchable), the audit log through its descriptor.
+        self.config_dir = os.open(
+            os.path.dirname(config_path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        )
+        self.config_name = os.path.basename(config_path)
+        self.audit_fd = os.open(
+            audit_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
+        )
         self.sandbox_id = sandbox_id
         self._config = ProxyConfig()
         self._config_key: tuple[int, int, int] | None = None
 
     def config(self) -> ProxyConfig:
         """Current policy; re-read whenever the file was replaced."""
-        st = os.stat(self.config_path)
+        st = os.stat(self.config_name, dir_fd=self.config_dir)
         key = (st.st_ino, st.st_mtime_ns, st.st_size)
         if key != self._config_key:
-            self._config = ProxyConfig.from_file(self.config_path)
+            fd = os.open(self.config_name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.config_dir)
+            with os.fdopen(fd, "rb") as f:
+                self._config = ProxyConfig.from_json(f.read())
             self._config_key = key
         return self._config
 
@@ -141,11 +156,8 @@ class ProxyServer:
             "decision": decision,
             **fields,
         }
-        fd = os.open(self.audit_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, (json.dumps(record) + "\n").encode())  # one write: lines never interleave
-        finally:
-            os.close(fd)
+        # One write per line on an O_APPEND descriptor: lines never interleave.
+        os.write(self.audit_fd, (json.dumps(record) + "\n").encode())
 
     async def resolve(self, cfg: ProxyConfig, host: str, port: int) -> str:
         if host in cfg.hosts:
@@ -297,6 +309,16 @@ class ProxyServer:
             up_writer.close()
 
 
+def drop_privileges(uid: int) -> None:
+    """Become ``uid`` (no groups, no capabilities) for good: the proxy parses untrusted
+    requests and needs nothing of root once its socket and files are open."""
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    if os.getuid() == 0 or os.geteuid() == 0:
+        raise SystemExit("failed to drop root")
+
+
 async def _serve_forever(args: argparse.Namespace) -> None:
     host, _, port = args.listen.rpartition(":")
     proxy = ProxyServer(args.config, args.audit, args.sandbox_id)
@@ -304,6 +326,14 @@ async def _serve_forever(args: argparse.Namespace) -> None:
     server = await asyncio.start_server(
         proxy.handle, host.strip("[]"), int(port), limit=_HEAD_LIMIT
     )
+    if args.user is not None:
+        # Modules used later (name resolution runs on a thread pool) are loaded while the
+        # proxy can still read wherever its interpreter lives.
+        import concurrent.futures.thread  # noqa: F401
+        import encodings.idna  # noqa: F401
+
+        drop_privileges(args.user)
+        proxy.config()  # still readable through the directory descriptor
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -324,6 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="policy file (JSON), re-read on change")
     parser.add_argument("--audit", required=True, help="audit log to append JSON lines to")
     parser.add_argument("--sandbox-id", default="", help="recorded in every audit line")
+    parser.add_argument("--user", type=int, help="uid to drop to once listening (as root)")
     args = parser.parse_args(argv)
     asyncio.run(_serve_forever(args))
     return 0

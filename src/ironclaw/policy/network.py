@@ -23,7 +23,6 @@ derives from a hash of the full id."""
 from __future__ import annotations
 
 import ipaddress
-import re
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from ironclaw.errors import ConfigError
 from ironclaw.ids import id_digest, validate_sandbox_id
+from ironclaw.policy.domains import LABEL, domain_allowed
 
 __all__ = [
     "PROXY_PORT",
@@ -58,7 +58,7 @@ TABLE = "ironclaw"
 FAMILY = "inet"
 PROXY_PORT = 3128
 
-_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_LABEL = LABEL
 # Suffixes under which unrelated parties register names: a wildcard directly below one
 # of these is as broad as a TLD wildcard. Not a full public-suffix list, a guard rail.
 _PUBLIC_SUFFIXES = frozenset(
@@ -182,26 +182,6 @@ class NetworkPolicy(BaseModel):
     @property
     def needs_proxy(self) -> bool:
         return bool(self.allow_domains)
-
-
-def _matches(name: str, pattern: str) -> bool:
-    if pattern.startswith("*."):
-        return name.endswith(pattern[1:]) and len(name) > len(pattern) - 1
-    return name == pattern
-
-
-def domain_allowed(name: str, allow: Iterable[str], deny: Iterable[str]) -> tuple[bool, str]:
-    """Decide one host name: (allowed, reason). Deny patterns win over allow patterns."""
-    host = name.strip().lower().rstrip(".")
-    if not host or not all(_LABEL.fullmatch(label) for label in host.split(".")):
-        return False, "not a valid host name"
-    for pattern in deny:
-        if _matches(host, pattern):
-            return False, f"denied by {pattern}"
-    for pattern in allow:
-        if _matches(host, pattern):
-            return True, f"allowed by {pattern}"
-    return False, "not in allow list"
 
 
 # --- names -----------------------------------------------------------------------------

@@ -260,6 +260,26 @@ def cli_env(vm_image: ImageArtifacts, ironclaw_home: Path) -> dict[str, str]:
 @pytest.mark.vm
 @pytest.mark.root
 @pytest.mark.timeout(300)
+async def test_vm_wall_time_limit_ends_it_with_the_reason(
+    manager: SandboxManager, vm_image: ImageArtifacts
+) -> None:
+    """QEMU has no supervisor (-runas clears the parent-death signal): the watchdog ends it."""
+    limits = {"memory_mib": 384, "workspace_mib": 64, "wall_time_s": 20}
+    sid = await _create_timed(manager, _spec(limits=limits))
+    record = await manager.get(sid)
+    assert host_uid(int(record.info["watchdog_pid"])) == record.info["host_uid"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (await manager.get(sid)).state != "dead":
+        await asyncio.sleep(0.5)
+    got = await manager.get(sid)
+    assert got.state == "dead" and got.reason == "timeout: wall-time limit reached"
+    await manager.destroy(sid)
+    assert _qemu_pids(str(record.info["run_dir"])) == []
+
+
+@pytest.mark.vm
+@pytest.mark.root
+@pytest.mark.timeout(300)
 async def test_cli_exec_reports_the_guest_kernel(
     cli_env: dict[str, str], vm_image: ImageArtifacts
 ) -> None:

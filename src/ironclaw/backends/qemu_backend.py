@@ -40,6 +40,7 @@ from ironclaw.backends.qemu import Accel, QemuVm, agent_usable, probe_accel, qem
 from ironclaw.backends.qmp import QmpClient, QmpError
 from ironclaw.config import Settings, safe_join
 from ironclaw.errors import BackendError, ConfigError, ConnectError
+from ironclaw.host.watchdog import spawn_watchdog
 from ironclaw.images import ImageArtifacts, find_image
 from ironclaw.transport import Connection, unix
 
@@ -150,7 +151,18 @@ class QemuBackend:
         pid = vm.pid
         assert pid is not None
         self._vms[pid] = vm
+        # -runas clears the parent-death signal and QEMU has no supervisor: a watchdog
+        # enforces the wall-time limit and ends a one-shot VM with its owner.
+        watchdog = await asyncio.to_thread(
+            spawn_watchdog,
+            pid,
+            uid=ctx.host_uid,
+            wall_time_s=lim.wall_time_s,
+            owner_pid=os.getpid() if ctx.one_shot else None,
+        )
         return {
+            "watchdog_pid": watchdog,
+            "wall_time_s": lim.wall_time_s,
             "pid": pid,
             "pid_start": process_start_time(pid),
             "socket": str(vm.channel_path),
@@ -235,6 +247,9 @@ class QemuBackend:
                 if text:
                     tail = text[-300:]
                     break
+        wall, started = info.get("wall_time_s"), float(info.get("started_at", 0.0))
+        if wall and time.time() - started >= float(wall) - 0.5:
+            return BackendStatus(alive=False, reason="timeout: wall-time limit reached")
         return BackendStatus(alive=False, reason="qemu exited" + (f": {tail}" if tail else ""))
 
     # -- internals -----------------------------------------------------------------------

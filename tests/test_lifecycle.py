@@ -259,3 +259,19 @@ async def test_soak_500_cycles_leave_no_leaks_and_flat_resources(
     assert rss4 - rss1 < 12 * 1024, samples
     assert rss4 - rss2 < 6 * 1024, samples
     assert leaks(before, await system_scan(ironclaw_home)) == {}
+
+
+async def test_wait_gone_wakes_at_the_exit_and_ignores_a_recycled_pid() -> None:
+    import subprocess
+
+    from ironclaw.backends.base import process_start_time, wait_gone
+
+    proc = subprocess.Popen(["sleep", "30"])
+    start = process_start_time(proc.pid)
+    assert await wait_gone(proc.pid, start, timeout=0.2) is False  # still running
+    assert await wait_gone(proc.pid, (start or 0) + 1) is True  # another process's start
+    waiter = asyncio.ensure_future(wait_gone(proc.pid, start, timeout=30))
+    await asyncio.sleep(0.05)
+    proc.kill()
+    assert await asyncio.wait_for(waiter, 10) is True
+    proc.wait()

@@ -9,6 +9,7 @@ socket paths) goes into the ``info`` dict it returns, which the registry stores.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,14 @@ if TYPE_CHECKING:
     from ironclaw.spec import SandboxSpec
     from ironclaw.transport import Connection
 
-__all__ = ["Backend", "BackendStatus", "LaunchContext", "process_start_time", "same_process"]
+__all__ = [
+    "Backend",
+    "BackendStatus",
+    "LaunchContext",
+    "process_start_time",
+    "same_process",
+    "wait_gone",
+]
 
 
 @dataclass
@@ -101,3 +109,41 @@ def same_process(pid: int | None, start_time: int | None) -> bool:
     except (OSError, IndexError):
         return False
     return state not in (b"Z", b"X") and os.path.exists(f"/proc/{pid}")
+
+
+async def wait_gone(
+    pid: int | None, start_time: int | None, *, timeout: float | None = None
+) -> bool:
+    """Wait until the process recorded as ``(pid, start_time)`` has exited.
+
+    Returns False if it still runs after ``timeout``. A pidfd wakes the loop at the exit
+    itself (no polling); the start time is checked again after opening it, so a pid
+    recycled in between is never waited on.
+    """
+    if pid is None or not same_process(pid, start_time):
+        return True
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        if not same_process(pid, start_time):
+            return True
+        loop = asyncio.get_running_loop()
+        exited: asyncio.Future[None] = loop.create_future()
+
+        def on_exit() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        loop.add_reader(pidfd, on_exit)
+        try:
+            async with asyncio.timeout(timeout):
+                await exited
+        except TimeoutError:
+            return False
+        finally:
+            loop.remove_reader(pidfd)
+        return True
+    finally:
+        os.close(pidfd)

@@ -38,7 +38,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ironclaw.backends.base import BackendStatus, LaunchContext, process_start_time, same_process
+from ironclaw.backends.base import (
+    BackendStatus,
+    LaunchContext,
+    process_start_time,
+    same_process,
+    wait_gone,
+)
 from ironclaw.config import safe_join
 from ironclaw.errors import BackendError, ConnectError, IronclawError
 from ironclaw.host.guest_bundle import bundle_path
@@ -422,8 +428,7 @@ class NamespaceBackend:
         if exited is not None:
             await asyncio.shield(exited)
             return
-        while same_process(info.get("pid"), info.get("pid_start")):
-            await asyncio.sleep(0.05)
+        await wait_gone(info.get("pid"), info.get("pid_start"))
 
     async def open_channel(self, info: dict[str, Any], *, timeout: float = 5.0) -> Connection:
         try:
@@ -445,8 +450,7 @@ class NamespaceBackend:
         if exited is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(exited), timeout)
-        while same_process(pid, start) and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        await wait_gone(pid, start, timeout=max(0.0, deadline - time.monotonic()))
 
     async def inspect(self, info: dict[str, Any]) -> BackendStatus:
         if same_process(info.get("pid"), info.get("pid_start")):

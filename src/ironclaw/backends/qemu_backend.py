@@ -34,7 +34,13 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from ironclaw.backends.base import BackendStatus, LaunchContext, process_start_time, same_process
+from ironclaw.backends.base import (
+    BackendStatus,
+    LaunchContext,
+    process_start_time,
+    same_process,
+    wait_gone,
+)
 from ironclaw.backends.firecracker.tap import TAP, attach_tap
 from ironclaw.backends.qemu import Accel, QemuVm, agent_usable, probe_accel, qemu_binary
 from ironclaw.backends.qmp import QmpClient, QmpError
@@ -186,8 +192,7 @@ class QemuBackend:
         if vm is not None:
             await vm.wait_exit()
             return
-        while same_process(info.get("pid"), info.get("pid_start")):
-            await asyncio.sleep(0.05)
+        await wait_gone(info.get("pid"), info.get("pid_start"))
 
     async def open_channel(self, info: dict[str, Any], *, timeout: float = 5.0) -> Connection:
         """Connect to the agent's virtio-serial socket, retrying while QEMU creates it.
@@ -219,7 +224,7 @@ class QemuBackend:
                     await qmp.execute("quit", limit_s=min(1.0, timeout))
                 finally:
                     await qmp.close()
-            await _wait_gone(pid, start, timeout / 2)
+            await wait_gone(pid, start, timeout=timeout / 2)
             if same_process(pid, start):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)
@@ -227,7 +232,7 @@ class QemuBackend:
         if vm is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(vm.wait_exit(), timeout)
-        await _wait_gone(pid, start, timeout)
+        await wait_gone(pid, start, timeout=timeout)
         if same_process(pid, start):
             raise BackendError(f"QEMU (pid {pid}) did not exit")
         # QEMU ran unprivileged and could not remove its own files from the 0700 run dir.
@@ -272,9 +277,3 @@ class QemuBackend:
         if found is None:
             found = self._accel_cache[key] = await asyncio.to_thread(probe_accel, art, settings)
         return found
-
-
-async def _wait_gone(pid: Any, start: Any, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while same_process(pid, start) and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)

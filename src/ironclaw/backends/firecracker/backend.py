@@ -31,7 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ironclaw.backends.base import BackendStatus, LaunchContext, process_start_time, same_process
+from ironclaw.backends.base import (
+    BackendStatus,
+    LaunchContext,
+    process_start_time,
+    same_process,
+    wait_gone,
+)
 from ironclaw.backends.firecracker.api import (
     AGENT_VSOCK_PORT,
     NicConfig,
@@ -235,7 +241,7 @@ class FirecrackerBackend:
             with contextlib.suppress(IronclawError):
                 async with self._api(info, timeout=min(1.0, timeout)) as api:
                     await api.request(ctrl_alt_del_request())
-            await self._wait_gone(pid, start, timeout / 2)
+            await wait_gone(pid, start, timeout=timeout / 2)
             if same_process(pid, start):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)
@@ -243,7 +249,7 @@ class FirecrackerBackend:
         if proc is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), timeout)
-        await self._wait_gone(pid, start, timeout)
+        await wait_gone(pid, start, timeout=timeout)
         if same_process(pid, start):
             raise BackendError(f"Firecracker (pid {pid}) did not exit")
         chroot = info.get("chroot_base")
@@ -268,8 +274,7 @@ class FirecrackerBackend:
         if proc is not None:
             await proc.wait()
             return
-        while same_process(info.get("pid"), info.get("pid_start")):
-            await asyncio.sleep(0.05)
+        await wait_gone(info.get("pid"), info.get("pid_start"))
 
     # -- VM controls ---------------------------------------------------------------------
 
@@ -341,11 +346,6 @@ class FirecrackerBackend:
         return FirecrackerApi(
             info["api_socket"], timeout=timeout or self.api_timeout, check=self.check
         )
-
-    async def _wait_gone(self, pid: Any, start: Any, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while same_process(pid, start) and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
 
     async def _launch(self, ctx: LaunchContext, snapshot: SnapshotFiles | None) -> dict[str, Any]:
         assert self.firecracker is not None

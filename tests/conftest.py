@@ -116,3 +116,25 @@ def host_uids_below(pid: int) -> set[int]:
     from ironclaw.host.procs import descendants, host_uid
 
     return {host_uid(p) for p in descendants(pid)} - {-1}
+
+
+def image_cache_settings() -> Settings:
+    """Where VM tests keep their image: built once per machine, shared across runs."""
+    base = Path(
+        os.environ.get("IRONCLAW_TEST_IMAGE_CACHE")
+        or Path.home() / ".cache" / "ironclaw-test-images"
+    )
+    return Settings(runtime_dir=base / "run", state_dir=base / "state")
+
+
+@pytest.fixture(scope="session")
+def image() -> object:
+    """The VM test image: a cache hit after the first build on this machine (~1 min)."""
+    import asyncio
+
+    from ironclaw import images
+
+    for tool in ("debootstrap", "mkfs.ext4", "qemu-system-x86_64"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not installed (see docs/IMAGES.md)")
+    return asyncio.run(asyncio.wait_for(images.build_image(image_cache_settings()), 600))

@@ -149,3 +149,17 @@ class PeerHost:
                 await self._server.wait()
         await sh("ip", "link", "del", self.host_if, check=False)
         await sh("ip", "netns", "del", self.netns, check=False)
+
+
+async def host_listener() -> tuple[asyncio.Server, int]:
+    """A service on all of the host's addresses (port chosen by the kernel)."""
+
+    async def answer(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        # Read the probe's line first: closing with unread data would send a reset.
+        await r.readline()
+        w.write(b"host-service\n")
+        await w.drain()
+        w.close()
+
+    server = await asyncio.start_server(answer, "0.0.0.0", 0)
+    return server, server.sockets[0].getsockname()[1]

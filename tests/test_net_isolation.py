@@ -14,7 +14,7 @@ import pytest
 from ironclaw.config import Settings
 from ironclaw.host.net import NetworkManager, SandboxNetwork
 from ironclaw.policy.network import NetworkPolicy, sandbox_names
-from nethelpers import PEER_SERVER, PROBE, PeerHost, netns_python, probe, sh
+from nethelpers import PEER_SERVER, PROBE, PeerHost, host_listener, netns_python, probe, sh
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 
@@ -49,18 +49,6 @@ async def peers() -> AsyncIterator[tuple[PeerHost, PeerHost]]:
     await b.stop()
 
 
-async def _host_listener() -> tuple[asyncio.Server, int]:
-    async def answer(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        # Read the probe's line first: closing with unread data would send a reset.
-        await r.readline()
-        w.write(b"host-service\n")
-        await w.drain()
-        w.close()
-
-    server = await asyncio.start_server(answer, "0.0.0.0", 0)
-    return server, server.sockets[0].getsockname()[1]
-
-
 async def _serve_in(net: SandboxNetwork, port: int) -> asyncio.subprocess.Process:
     proc = await asyncio.create_subprocess_exec(
         "ip", "netns", "exec", net.netns_name, sys.executable, "-c", PEER_SERVER, "sb", str(port),
@@ -78,7 +66,7 @@ async def test_only_the_allowed_ip_and_port_connect(
     a, b = peers
     s1 = await netmgr.create("iso-one", NetworkPolicy(allow=(f"{a.ip}:8080/tcp",)), slot=11)
     s2 = await netmgr.create("iso-two", NetworkPolicy(allow=(f"{a.ip}:8080/tcp",)), slot=12)
-    server, host_port = await _host_listener()
+    server, host_port = await host_listener()
     inner = await _serve_in(s2, 9000)
     try:
         # Positive controls: every target is alive when the firewall is not in the way.

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import image_cache_settings
 from ironclaw import images
 from ironclaw.backends import qemu
 from ironclaw.backends.qemu import QemuVm
@@ -31,23 +32,6 @@ from ironclaw.images import ImageArtifacts
 
 HAVE_QEMU = shutil.which("qemu-system-x86_64") is not None
 needs_qemu = pytest.mark.skipif(not HAVE_QEMU, reason="qemu-system-x86 not installed")
-
-
-def _cache_settings() -> Settings:
-    base = Path(
-        os.environ.get("IRONCLAW_TEST_IMAGE_CACHE")
-        or Path.home() / ".cache" / "ironclaw-test-images"
-    )
-    return Settings(runtime_dir=base / "run", state_dir=base / "state")
-
-
-@pytest.fixture(scope="session")
-def image() -> ImageArtifacts:
-    """The test image: a cache hit after the first build on this machine (~1 min)."""
-    for tool in ("debootstrap", "mkfs.ext4", "qemu-system-x86_64"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} not installed (see docs/IMAGES.md)")
-    return asyncio.run(asyncio.wait_for(images.build_image(_cache_settings()), 600))
 
 
 def _kill_leftover(run_dir: Path) -> None:
@@ -189,11 +173,11 @@ def test_cmdline_pins_tsc_under_tcg_only() -> None:
 async def test_image_build_is_cached(image: ImageArtifacts) -> None:
     steps: list[str] = []
     started = time.monotonic()
-    again = await images.build_image(_cache_settings(), progress=lambda s, f: steps.append(s))
+    again = await images.build_image(image_cache_settings(), progress=lambda s, f: steps.append(s))
     assert time.monotonic() - started < 10
     assert steps[-1] == "cached"
     assert again == image
-    assert images.find_image(_cache_settings()) == image
+    assert images.find_image(image_cache_settings()) == image
     for path in (image.ext4, image.initramfs, image.vmlinux):
         assert path.stat().st_size > 0
     assert (image.rootfs_dir / images.GUEST_PKG_DIR / "errors.py").is_file()
@@ -241,7 +225,7 @@ async def test_boot_reports_guest_kernel_and_stop_leaves_nothing(
         run_dir,
         memory_mib=384,
         workspace_mib=32,
-        settings=_cache_settings(),
+        settings=image_cache_settings(),
         netns_path=f"/run/netns/{netns}",
         tap_ifname="ictap0",
         guest_ip="10.77.0.2::10.77.0.1:30::eth0:off",
@@ -287,14 +271,18 @@ async def test_snapshot_save_and_restore(image: ImageArtifacts, run_dir: Path) -
     first, second = QemuVm(), QemuVm()
     snap = run_dir.with_name(run_dir.name + ".snap")
     try:
-        await first.start(image, run_dir, memory_mib=256, settings=_cache_settings())
+        await first.start(image, run_dir, memory_mib=256, settings=image_cache_settings())
         await first.wait_ready(90)
         await first.snapshot_save(snap)
         assert await first.query_status() == "postmigrate"
         await first.kill()
         started = time.monotonic()
         await second.start(
-            image, run_dir / "restored", memory_mib=256, incoming=snap, settings=_cache_settings()
+            image,
+            run_dir / "restored",
+            memory_mib=256,
+            incoming=snap,
+            settings=image_cache_settings(),
         )
         info = await second.wait_ready(30)
         assert info["kernel"] == image.kernel_release

@@ -21,10 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from ironclaw import images
+from conftest import image_cache_settings
 from ironclaw.backends.qemu import guest_env_script
 from ironclaw.backends.qemu_backend import QEMU_OVERHEAD_MIB, QemuBackend
-from ironclaw.config import Settings
 from ironclaw.errors import BackendError, ConfigError
 from ironclaw.host.manager import SandboxManager
 from ironclaw.host.procs import host_uid, processes_with_uid_in
@@ -35,26 +34,10 @@ from nethelpers import PROBE, PeerHost, sh
 BOOTS_MS: list[float] = []  # boot-to-ready through the manager, reported at the end
 
 
-def _cache_settings() -> Settings:
-    base = Path(
-        os.environ.get("IRONCLAW_TEST_IMAGE_CACHE")
-        or Path.home() / ".cache" / "ironclaw-test-images"
-    )
-    return Settings(runtime_dir=base / "run", state_dir=base / "state")
-
-
-@pytest.fixture(scope="session")
-def image() -> ImageArtifacts:
-    for tool in ("debootstrap", "mkfs.ext4", "qemu-system-x86_64"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} not installed (see docs/IMAGES.md)")
-    return asyncio.run(asyncio.wait_for(images.build_image(_cache_settings()), 600))
-
-
 @pytest.fixture
 def vm_image(ironclaw_home: Path, image: ImageArtifacts) -> ImageArtifacts:
     """Make the cached image (and the cached KVM verdict) this home's own."""
-    cache = _cache_settings().state_dir
+    cache = image_cache_settings().state_dir
     state = ironclaw_home / "state"
     state.mkdir(mode=0o700, exist_ok=True)
     (state / "images").symlink_to(cache / "images")
@@ -332,7 +315,7 @@ def test_image_ls_and_a_cached_build(cli_env: dict[str, str], vm_image: ImageArt
     assert row["kernel_release"] == vm_image.kernel_release and row["size_mib"] > 10
     # Unchanged recipe: a cache hit, reported through the progress bar's last step. (The
     # builder refuses a symlinked image store, so this runs against the cache itself.)
-    cache_home = str(_cache_settings().state_dir.parent)
+    cache_home = str(image_cache_settings().state_dir.parent)
     built = _cli("image", "build", env={**cli_env, "IRONCLAW_HOME": cache_home})
     assert built.returncode == 0, built.stderr
     assert vm_image.digest in built.stderr and "cached" in built.stderr

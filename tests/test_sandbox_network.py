@@ -15,7 +15,7 @@ from ironclaw.host.manager import SandboxManager
 from ironclaw.host.net import NetworkManager
 from ironclaw.host.procs import host_uid
 from ironclaw.policy.network import sandbox_names
-from nethelpers import PEER_SERVER, PROBE, PeerHost, sh
+from nethelpers import PEER_SERVER, PROBE, PeerHost, host_listener, sh
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
 
@@ -38,18 +38,6 @@ async def probe_in(mgr: SandboxManager, sid: str, targets: list[tuple[str, int]]
     assert r.exit_code == 0, r.stderr
     result: dict[str, str] = json.loads(r.stdout)
     return result
-
-
-async def host_listener() -> tuple[asyncio.Server, int]:
-    async def answer(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        # Read the probe's line first: closing with unread data would send a reset.
-        await r.readline()
-        w.write(b"host-service\n")
-        await w.drain()
-        w.close()
-
-    server = await asyncio.start_server(answer, "0.0.0.0", 0)
-    return server, server.sockets[0].getsockname()[1]
 
 
 async def test_only_the_allowed_ip_and_port_connect_from_a_sandbox(

@@ -39,7 +39,7 @@ from ironclaw.rpc import Peer
 from ironclaw.spec import SandboxSpec, parse_spec
 
 if TYPE_CHECKING:
-    from ironclaw.host.cgroups import CgroupManager
+    from ironclaw.host.cgroups import Cgroup, CgroupManager
     from ironclaw.host.net import NetworkManager
 
 __all__ = ["DEFAULT_UID_BASE", "ExecResult", "GcReport", "SandboxManager", "pool_key"]
@@ -62,7 +62,6 @@ class ExecResult:
     timed_out: bool = False
     stdout_bytes: int = 0
     stderr_bytes: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self, backend: str) -> dict[str, Any]:
         return {
@@ -698,10 +697,11 @@ class SandboxManager:
             rid = self._rids[sandbox_id] = (await self.store.get(sandbox_id)).rid
         return rid
 
-    def _cgroup_or_none(self, sandbox_id: str) -> Any:
+    def _cgroup_or_none(self, sandbox_id: str) -> Cgroup | None:
+        """The sandbox's cgroup, or None where it has none (its limits then go unnamed)."""
         try:
             return self.cgroups.open(sandbox_id)
-        except Exception:
+        except IronclawError:
             return None
 
     async def write_file(
@@ -751,6 +751,3 @@ class SandboxManager:
     async def call(self, sandbox_id: str, method: str, params: Any = None) -> Any:
         peer = await self.peer(sandbox_id)
         return await peer.call(method, params)
-
-    async def owned(self) -> list[str]:
-        return sorted(self._owned)

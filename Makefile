@@ -9,7 +9,9 @@ APT_PACKAGES := bubblewrap nftables iproute2 libseccomp2 python3 python3-venv \
                 procps util-linux coreutils ca-certificates \
                 debootstrap qemu-system-x86 e2fsprogs
 
-.PHONY: demo test check lint typecheck unit bench deps venv clean
+# Dependencies: ranges in pyproject.toml, exact versions in constraints.txt (regenerate
+# with `make lock` after changing a range), so a fresh clone installs what was tested.
+.PHONY: lock demo test check lint typecheck unit bench deps venv clean
 
 deps: $(STAMPS)/apt $(STAMPS)/venv
 
@@ -25,11 +27,11 @@ $(STAMPS)/apt:
 	fi
 	@touch $@
 
-$(STAMPS)/venv: pyproject.toml
+$(STAMPS)/venv: pyproject.toml constraints.txt
 	@mkdir -p $(STAMPS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	@touch $@
 
 venv: deps
@@ -40,6 +42,7 @@ demo: deps
 lint: deps
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/lint-imports --no-cache
 
 typecheck: deps
 	$(VENV)/bin/mypy
@@ -58,3 +61,6 @@ bench: deps
 
 clean:
 	rm -rf $(VENV) $(STAMPS)
+
+lock: deps
+	$(PY) -m pip freeze --exclude-editable | grep -v '^ironclaw' > constraints.txt

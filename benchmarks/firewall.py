@@ -25,10 +25,10 @@ import time
 from typing import Any
 
 from ironclaw.config import Settings
-from ironclaw.host import firewall as fwmod
-from ironclaw.host.firewall import Firewall
-from ironclaw.host.net import NetworkManager
 from ironclaw.policy.network import FAMILY, NetworkPolicy, sandbox_elements, sandbox_names
+from ironclaw.resources import firewall as fwmod
+from ironclaw.resources.firewall import Firewall
+from ironclaw.resources.net import NetworkManager
 
 TABLE = "icbench"
 LINEAR = "icbench_linear"

@@ -30,7 +30,7 @@ from pathlib import Path
 from ironclaw.config import Settings
 from ironclaw.host.looplag import LoopLagMonitor
 from ironclaw.host.manager import SandboxManager
-from ironclaw.host.procs import descendants
+from ironclaw.resources.procs import descendants
 
 MiB = 1024 * 1024
 

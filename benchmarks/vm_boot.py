@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ironclaw.backends.qemu import QemuVm
+from ironclaw.backends.qemu.vm import QemuVm
 from ironclaw.config import Settings
 from ironclaw.images import build_image, find_image
 

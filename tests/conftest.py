@@ -113,7 +113,7 @@ async def manager(settings: Settings) -> AsyncIterator[object]:
 
 def host_uids_below(pid: int) -> set[int]:
     """Real uids (as the host kernel sees them) of every process below ``pid``."""
-    from ironclaw.host.procs import descendants, host_uid
+    from ironclaw.resources.procs import descendants, host_uid
 
     return {host_uid(p) for p in descendants(pid)} - {-1}
 

@@ -1,7 +1,7 @@
 """Peer hosts in their own network namespaces, and probes run from inside a sandbox's.
 
 Built with the ``ip`` tool, independently of the code under test, so a bug in
-:mod:`ironclaw.host.net` cannot hide itself. Traffic only ever goes to namespaces created
+:mod:`ironclaw.resources.net` cannot hide itself. Traffic only ever goes to namespaces created
 here (or to loopback).
 """
 

@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
+from ironclaw.agent.approval import ApprovalMode, Approver
+from ironclaw.agent.gateway import OpenAIProvider, ScriptedProvider
+from ironclaw.agent.tasks import TaskSpec, run_task
+from ironclaw.agent.trace import read_trace
 from ironclaw.agent_demo import DEMO_TURNS
 from ironclaw.guest.agent_loop import Budget
-from ironclaw.host.approval import ApprovalMode, Approver
-from ironclaw.host.gateway import OpenAIProvider, ScriptedProvider
 from ironclaw.host.manager import SandboxManager
-from ironclaw.host.tasks import TaskSpec, run_task
-from ironclaw.host.trace import read_trace
 from test_gateway_http import FakeModelServer
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from ironclaw.agent.approval import ApprovalPolicy, Approver, Color, build_card
 from ironclaw.errors import ConfigError
-from ironclaw.host.approval import ApprovalPolicy, Approver, Color, build_card
 
 P = ApprovalPolicy()
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from ironclaw.errors import BackendError, InvalidSandboxId, SandboxNotFound
-from ironclaw.host.cgroups import Cgroup, CgroupManager
 from ironclaw.policy.limits import ResourceLimits
+from ironclaw.resources.cgroups import Cgroup, CgroupManager
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(90)]
 
@@ -317,8 +317,8 @@ def test_layout_describes_this_host() -> None:
 def test_limit_hits_agrees_with_stats() -> None:
     import asyncio
 
-    from ironclaw.host.cgroups import CgroupManager
     from ironclaw.policy.limits import ResourceLimits
+    from ironclaw.resources.cgroups import CgroupManager
 
     mgr = CgroupManager(f"ironclaw-hits-{os.getpid()}")
     if mgr.layout().missing_required:

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from ironclaw.errors import BackendError
-from ironclaw.host.cgroups import CgroupManager
 from ironclaw.policy.limits import ResourceLimits
+from ironclaw.resources.cgroups import CgroupManager
 
 MIB = 1024 * 1024
 

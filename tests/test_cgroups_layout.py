@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ironclaw.host.cgroups import detect_layout, parse_mountinfo
+from ironclaw.resources.cgroups import detect_layout, parse_mountinfo
 
 OTHER = "22 1 0:21 / /proc rw,nosuid - proc proc rw\n"
 

@@ -24,11 +24,11 @@ from ironclaw.backends.base import Backend, LaunchContext
 from ironclaw.backends.firecracker import FirecrackerBackend, connect_agent, probe_firecracker
 from ironclaw.backends.firecracker.api import kernel_boot_args
 from ironclaw.backends.firecracker.schema import ApiSpec
-from ironclaw.backends.firecracker.tap import attach_tap
 from ironclaw.config import Settings
 from ironclaw.errors import ConfigError
-from ironclaw.host.net import SandboxNetwork
 from ironclaw.images import ImageArtifacts
+from ironclaw.resources.net import SandboxNetwork
+from ironclaw.resources.tap import attach_tap
 from ironclaw.rpc import Peer
 from ironclaw.spec import parse_spec
 from ironclaw.transport import hybrid_vsock
@@ -415,7 +415,7 @@ def _real_boot_skip_reason(settings: Settings) -> str | None:
     art = find_image(settings, "default")
     if art is None:
         return "no VM image built (`ironclaw image build`)"
-    from ironclaw.backends.qemu import probe_accel
+    from ironclaw.backends.qemu.vm import probe_accel
 
     if probe_accel(art, settings) != "kvm":
         return "KVM cannot boot a kernel on this host (the QEMU backend's boot probe says so)"

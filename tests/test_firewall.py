@@ -19,10 +19,7 @@ import pytest
 
 from ironclaw.config import Settings
 from ironclaw.errors import NetworkError
-from ironclaw.host import firewall as fwmod
 from ironclaw.host.doctor import _nftables
-from ironclaw.host.firewall import NO_DESTROY_ENV, Firewall, NfTablesSocket
-from ironclaw.host.net import NetworkManager
 from ironclaw.policy.network import (
     ALLOW_SETS,
     IFNAMSIZ,
@@ -40,6 +37,9 @@ from ironclaw.policy.network import (
     sandbox_elements,
     sandbox_names,
 )
+from ironclaw.resources import firewall as fwmod
+from ironclaw.resources.firewall import NO_DESTROY_ENV, Firewall, NfTablesSocket
+from ironclaw.resources.net import NetworkManager
 from nethelpers import PeerHost, probe, sh
 
 POLICY = NetworkPolicy(allow=("10.9.0.0/16:53", "10.1.2.3:443/tcp"))

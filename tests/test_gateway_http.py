@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from ironclaw.agent.gateway import Gateway, ScriptedProvider, provider_from_name
 from ironclaw.errors import ConfigError, RpcError
-from ironclaw.host.gateway import Gateway, ScriptedProvider, provider_from_name
 
 pytestmark = pytest.mark.timeout(30)
 

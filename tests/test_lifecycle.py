@@ -22,7 +22,7 @@ import pytest
 from conftest import CGROUP_ROOT, UID_BASE
 from ironclaw.host.looplag import LoopLagMonitor
 from ironclaw.host.manager import SandboxManager
-from ironclaw.host.procs import processes_with_uid_in
+from ironclaw.resources.procs import processes_with_uid_in
 from nethelpers import PeerHost, probe, sh
 
 pytestmark = pytest.mark.root

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from ironclaw.agent.agent_runtime import dependency_closure, ensure_runtime
 from ironclaw.guest.agent_loop import McpClient, ServerSpec, ToolCall, execute_tool
-from ironclaw.host.agent_runtime import dependency_closure, ensure_runtime
 from ironclaw.mcp_servers.patch import PatchError, apply_patch
 
 pytestmark = pytest.mark.timeout(60)

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from ironclaw.config import Settings
-from ironclaw.host.net import NetworkManager, SandboxNetwork
 from ironclaw.policy.network import NetworkPolicy, sandbox_names
+from ironclaw.resources.net import NetworkManager, SandboxNetwork
 from nethelpers import PEER_SERVER, PROBE, PeerHost, host_listener, netns_python, probe, sh
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]

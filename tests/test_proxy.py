@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ironclaw.host.proxy import ProxyServer, parse_sni
+from ironclaw.resources.proxy import ProxyServer, parse_sni
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -23,9 +23,9 @@ import pytest
 
 from conftest import image_cache_settings
 from ironclaw import images
-from ironclaw.backends import qemu
-from ironclaw.backends.qemu import QemuVm
-from ironclaw.backends.qmp import QmpClient, QmpError
+from ironclaw.backends.qemu import vm as qemu
+from ironclaw.backends.qemu.qmp import QmpClient, QmpError
+from ironclaw.backends.qemu.vm import QemuVm
 from ironclaw.config import Settings
 from ironclaw.errors import ConfigError, SandboxNotFound
 from ironclaw.images import ImageArtifacts

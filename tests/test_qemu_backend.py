@@ -22,13 +22,13 @@ from pathlib import Path
 import pytest
 
 from conftest import image_cache_settings
-from ironclaw.backends.qemu import guest_env_script
-from ironclaw.backends.qemu_backend import QEMU_OVERHEAD_MIB, QemuBackend
+from ironclaw.backends.qemu.backend import QEMU_OVERHEAD_MIB, QemuBackend
+from ironclaw.backends.qemu.vm import guest_env_script
 from ironclaw.errors import BackendError, ConfigError
 from ironclaw.host.manager import SandboxManager
-from ironclaw.host.procs import host_uid, processes_with_uid_in
 from ironclaw.images import ImageArtifacts
 from ironclaw.policy.network import sandbox_names
+from ironclaw.resources.procs import host_uid, processes_with_uid_in
 from nethelpers import PROBE, PeerHost, sh
 
 BOOTS_MS: list[float] = []  # boot-to-ready through the manager, reported at the end

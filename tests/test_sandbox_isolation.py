@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from ironclaw.host.manager import SandboxManager
-from ironclaw.host.procs import descendants, host_uid
+from ironclaw.resources.procs import descendants, host_uid
 
 pytestmark = pytest.mark.root
 

@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from ironclaw.host.manager import SandboxManager
-from ironclaw.host.net import NetworkManager
-from ironclaw.host.procs import host_uid
 from ironclaw.policy.network import sandbox_names
+from ironclaw.resources.net import NetworkManager
+from ironclaw.resources.procs import host_uid
 from nethelpers import PEER_SERVER, PROBE, PeerHost, host_listener, sh
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ironclaw.errors import ConfigError, SandboxNotFound
-from ironclaw.host.store import Store
+from ironclaw.resources.store import Store
 
 
 async def test_reserve_get_update_delete(tmp_path: Path) -> None:

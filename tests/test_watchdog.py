@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from ironclaw.host.procs import host_uid, is_zombie
-from ironclaw.host.watchdog import spawn_watchdog
+from ironclaw.resources.procs import host_uid, is_zombie
+from ironclaw.resources.watchdog import spawn_watchdog
 
 pytestmark = pytest.mark.root
 UID = 65534

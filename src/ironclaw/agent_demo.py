@@ -14,12 +14,12 @@ from typing import Any
 
 from rich.console import Console
 
+from ironclaw.agent.approval import ApprovalMode, Approver
+from ironclaw.agent.gateway import ScriptedProvider
+from ironclaw.agent.tasks import TaskOutcome, TaskSpec, run_task
+from ironclaw.agent.trace import render_timeline
 from ironclaw.guest.agent_loop import Budget
-from ironclaw.host.approval import ApprovalMode, Approver
-from ironclaw.host.gateway import ScriptedProvider
 from ironclaw.host.manager import SandboxManager
-from ironclaw.host.tasks import TaskOutcome, TaskSpec, run_task
-from ironclaw.host.trace import render_timeline
 
 __all__ = ["DEMO_SANDBOX", "DEMO_TASK", "DEMO_TURNS", "run_agent_demo"]
 

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ironclaw.host.manager import SandboxManager
-from ironclaw.host.procs import descendants, host_uid
+from ironclaw.resources.procs import descendants, host_uid
 
 __all__ = ["PROBE", "run_demo"]
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from ironclaw.config import Settings
 from ironclaw.host.manager import ExecResult, OutputSink, SandboxManager
-from ironclaw.host.store import SandboxRecord
+from ironclaw.resources.store import SandboxRecord
 from ironclaw.spec import SandboxSpec
 
 __all__ = ["ExecResult", "Files", "Sandbox"]

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from ironclaw.config import Settings
-    from ironclaw.host.cgroups import Cgroup
-    from ironclaw.host.net import SandboxNetwork
+    from ironclaw.resources.cgroups import Cgroup
+    from ironclaw.resources.net import SandboxNetwork
     from ironclaw.spec import SandboxSpec
     from ironclaw.transport import Connection
 

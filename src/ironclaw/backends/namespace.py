@@ -47,9 +47,9 @@ from ironclaw.backends.base import (
 )
 from ironclaw.config import safe_join
 from ironclaw.errors import BackendError, ConnectError, IronclawError
-from ironclaw.host.guest_bundle import bundle_path
 from ironclaw.policy.limits import rlimits
 from ironclaw.policy.seccomp import compile_bpf
+from ironclaw.resources.guest_bundle import bundle_path
 from ironclaw.spec import SandboxSpec
 from ironclaw.transport import Connection, unix
 

@@ -22,7 +22,7 @@ _console = Console(stderr=True)
 
 
 def _progress(ev: dict[str, Any]) -> None:
-    from ironclaw.host.trace import _line
+    from ironclaw.agent.trace import _line
 
     _console.print(f"[dim]#{ev.get('seq'):<3}[/] {_line(ev)}", highlight=False)
 
@@ -61,11 +61,11 @@ def run_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Run an AI agent on TASK inside a fresh sandbox, with live progress."""
+    from ironclaw.agent.approval import ApprovalPolicy, Approver
+    from ironclaw.agent.tasks import TaskSpec, parse_mcp, run_task
     from ironclaw.cli.main import _fail, build_spec
     from ironclaw.guest.agent_loop import Budget
-    from ironclaw.host.approval import ApprovalPolicy, Approver
     from ironclaw.host.manager import SandboxManager
-    from ironclaw.host.tasks import TaskSpec, parse_mcp, run_task
 
     interactive = sys.stdin.isatty() and not as_json
     mode = approve or ("prompt" if interactive else "green-only")
@@ -117,9 +117,9 @@ def logs_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Raw JSON lines.")] = False,
 ) -> None:
     """Show an agent task's trace as a timeline (or raw with --json)."""
+    from ironclaw.agent.trace import read_trace, render_timeline, state_trace_path
     from ironclaw.cli.main import _fail
     from ironclaw.config import Settings
-    from ironclaw.host.trace import read_trace, render_timeline, state_trace_path
 
     try:
         path = state_trace_path(Settings.from_env(), sandbox_id)

@@ -10,7 +10,7 @@ call or a failing tool goes back to the model as a tool error, so the model can 
 It stops on a final answer (a turn without tool calls) or on a budget: steps (model
 turns), tokens (input plus output, as the host's gateway counted them), wall time, and
 a per-tool timeout. The ``mcp`` SDK is imported only when a task starts, from the agent
-runtime directory the host names (see :mod:`ironclaw.host.agent_runtime`), so plain
+runtime directory the host names (see :mod:`ironclaw.agent.agent_runtime`), so plain
 sandboxes start without it. Host RPC methods this module calls:
 
 ``model.complete``  {system, messages, tools} -> {message, usage, stop_reason}

@@ -175,7 +175,7 @@ def _cached_accel_verdict() -> str | None:
 def _nftables() -> Check:
     """A private table created and deleted in one batch, and which deletions the kernel has."""
     from ironclaw.errors import NetworkError
-    from ironclaw.host.firewall import NO_DESTROY_ENV, check_nftables
+    from ironclaw.resources.firewall import NO_DESTROY_ENV, check_nftables
 
     try:
         destroy, forced = check_nftables()

@@ -33,14 +33,14 @@ from ironclaw.errors import (
     SandboxNotFound,
     SandboxTimeout,
 )
-from ironclaw.host.store import SandboxRecord, Store
 from ironclaw.ids import new_sandbox_id, validate_sandbox_id
+from ironclaw.resources.store import SandboxRecord, Store
 from ironclaw.rpc import Peer
 from ironclaw.spec import SandboxSpec, parse_spec
 
 if TYPE_CHECKING:
-    from ironclaw.host.cgroups import Cgroup, CgroupManager
-    from ironclaw.host.net import NetworkManager
+    from ironclaw.resources.cgroups import Cgroup, CgroupManager
+    from ironclaw.resources.net import NetworkManager
 
 __all__ = ["DEFAULT_UID_BASE", "ExecResult", "GcReport", "SandboxManager", "pool_key"]
 
@@ -96,7 +96,7 @@ def _backend(name: str) -> Backend:
 
         return FirecrackerBackend()
     if name == "qemu":
-        from ironclaw.backends.qemu_backend import QemuBackend
+        from ironclaw.backends.qemu.backend import QemuBackend
 
         return QemuBackend()
     raise ConfigError(
@@ -216,7 +216,7 @@ class SandboxManager:
     @property
     def cgroups(self) -> CgroupManager:
         if self._cgroups is None:
-            from ironclaw.host.cgroups import CgroupManager
+            from ironclaw.resources.cgroups import CgroupManager
 
             self._cgroups = CgroupManager(self._cgroup_root)
         return self._cgroups
@@ -224,7 +224,7 @@ class SandboxManager:
     @property
     def net(self) -> NetworkManager:
         if self._net is None:
-            from ironclaw.host.net import NetworkManager
+            from ironclaw.resources.net import NetworkManager
 
             pool = os.environ.get("IRONCLAW_NET_POOL", "10.250.0.0/16")
             self._net = NetworkManager(self.settings, pool=pool, proxy_uid=self.uid_base - 1)
@@ -536,7 +536,7 @@ class SandboxManager:
         return report
 
     async def _scan(self) -> dict[str, list[str]]:
-        from ironclaw.host.procs import processes_with_uid_in
+        from ironclaw.resources.procs import processes_with_uid_in
 
         runtime = safe_join(self.settings.runtime_dir, "sandboxes")
         dirs = sorted(p.name for p in runtime.iterdir()) if runtime.is_dir() else []

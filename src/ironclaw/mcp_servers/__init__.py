@@ -2,7 +2,7 @@
 
 ``shell`` runs commands, ``files`` reads, writes, lists and patches files, ``python``
 runs code; each is ``python3 -m ironclaw.mcp_servers.NAME`` over the agent runtime
-(see :mod:`ironclaw.host.agent_runtime`). They trust nothing the model sends beyond
+(see :mod:`ironclaw.agent.agent_runtime`). They trust nothing the model sends beyond
 what the sandbox itself allows: the jail, not these servers, is the security boundary;
 the host's approval policy decides which calls reach them at all.
 """

@@ -1,7 +1,7 @@
 """Host-name matching for the egress proxy: standard library only.
 
 The proxy runs on the distribution's interpreter with nothing but IronClaw's
-stdlib-only modules (see :mod:`ironclaw.host.guest_bundle`), after dropping privileges;
+stdlib-only modules (see :mod:`ironclaw.resources.guest_bundle`), after dropping privileges;
 this is the part of the network policy it needs.
 """
 

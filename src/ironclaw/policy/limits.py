@@ -1,7 +1,7 @@
 """Resource limits of one sandbox, and their translation into kernel knobs.
 
 Pure: nothing here touches the system. The launcher applies :func:`rlimits` in the child
-before exec, and :mod:`ironclaw.host.cgroups` writes the cgroup settings. Limits that a
+before exec, and :mod:`ironclaw.resources.cgroups` writes the cgroup settings. Limits that a
 per-process rlimit cannot enforce across a process tree (memory, pids, cpu) live only in
 cgroups; rlimits cover what cgroups cannot (core dumps, open files, file size).
 """

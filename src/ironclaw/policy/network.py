@@ -214,7 +214,7 @@ def sandbox_names(sandbox_id: str) -> SandboxNames:
 # a rule. That keeps each transaction O(1) in the kernel too: adding a rule or a jump
 # element makes nf_tables re-validate every chain reachable from the base chains at
 # commit (about 20 ms at 10,000 sandboxes), while adding plain set elements does not.
-# The rule shapes below are compiled to netlink by ``ironclaw.host.firewall``.
+# The rule shapes below are compiled to netlink by ``ironclaw.resources.firewall``.
 
 IFNAMSIZ = 16
 REG = 8  # NFT_REG32_00: keys are built in consecutive 32-bit registers from here

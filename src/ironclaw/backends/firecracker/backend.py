@@ -54,10 +54,10 @@ from ironclaw.backends.firecracker.api import (
 )
 from ironclaw.backends.firecracker.client import FirecrackerApi, RequestCheck
 from ironclaw.backends.firecracker.jailer import JailLayout, jailer_argv, link_into
-from ironclaw.backends.firecracker.tap import TAP, attach_tap
 from ironclaw.config import safe_join
 from ironclaw.errors import BackendError, ConfigError, ConnectError, IronclawError
 from ironclaw.images import ImageArtifacts, find_image, make_workspace_image
+from ironclaw.resources.tap import TAP, attach_tap
 from ironclaw.transport import Connection, SocketConnection, hybrid_vsock
 
 __all__ = [

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ironclaw.agent.approval import Approver
+from ironclaw.agent.gateway import Gateway, Provider, provider_from_name
+from ironclaw.agent.trace import TraceWriter, merge_network_audit, state_trace_path
 from ironclaw.config import safe_join
 from ironclaw.errors import ConfigError, IronclawError
 from ironclaw.guest.agent_loop import Budget
-from ironclaw.host.approval import Approver
-from ironclaw.host.gateway import Gateway, Provider, provider_from_name
 from ironclaw.host.manager import SandboxManager
-from ironclaw.host.trace import TraceWriter, merge_network_audit, state_trace_path
 from ironclaw.mcp_servers import BUILTIN_SERVERS
 from ironclaw.rpc import CallContext
 
@@ -117,7 +117,7 @@ async def run_task(
 
     With ``sandbox_id`` of a running sandbox, that one is used and kept.
     """
-    from ironclaw.host.agent_runtime import ensure_runtime
+    from ironclaw.agent.agent_runtime import ensure_runtime
 
     runtime = await asyncio.to_thread(ensure_runtime)
     provider = provider or provider_from_name(spec.model)

@@ -35,10 +35,10 @@ from pyroute2 import netns as pr_netns
 
 from ironclaw.config import DEFAULT_UID_BASE, Settings, ensure_private_dir, safe_join
 from ironclaw.errors import ConfigError, IronclawError, NetworkError
-from ironclaw.host.firewall import Firewall
-from ironclaw.host.guest_bundle import GUEST_PYTHON, bundle_path
 from ironclaw.ids import validate_sandbox_id
 from ironclaw.policy.network import PROXY_PORT, TABLE, NetworkPolicy, sandbox_names
+from ironclaw.resources.firewall import Firewall
+from ironclaw.resources.guest_bundle import GUEST_PYTHON, bundle_path
 
 __all__ = ["NETNS_DIR", "NetworkManager", "SandboxNetwork"]
 
@@ -49,7 +49,7 @@ _MNT_DETACH = 2
 _PROXY_READY_TIMEOUT = 15.0
 _PROXY_BOOT = (
     "import sys; sys.path.insert(0, {zip!r}); "
-    "from ironclaw.host.proxy import main; sys.exit(main(sys.argv[1:]))"
+    "from ironclaw.resources.proxy import main; sys.exit(main(sys.argv[1:]))"
 )
 _PROXY_STOP_TIMEOUT = 5.0
 _T = TypeVar("_T")
@@ -434,7 +434,7 @@ class NetworkManager:
         except (OSError, ValueError):
             return None
         # The pid may have been reused since: check it is our proxy for this id.
-        if b"ironclaw.host.proxy" in raw and sandbox_id.encode() in raw.split(b"\0"):
+        if b"ironclaw.resources.proxy" in raw and sandbox_id.encode() in raw.split(b"\0"):
             return pid
         return None
 

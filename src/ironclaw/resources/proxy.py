@@ -16,7 +16,7 @@ is appended to the sandbox's audit log as one JSON line. The policy file is re-r
 when it changes (checked per connection), so an update is in force as soon as the
 manager's atomic rename returns.
 
-Run as ``python -m ironclaw.host.proxy --listen ADDR:PORT --config FILE --audit FILE``;
+Run as ``python -m ironclaw.resources.proxy --listen ADDR:PORT --config FILE --audit FILE``;
 it prints ``READY`` once listening.
 """
 
@@ -349,7 +349,7 @@ async def _serve_forever(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ironclaw.host.proxy", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m ironclaw.resources.proxy", description=__doc__)
     parser.add_argument("--listen", required=True, help="ADDR:PORT to listen on")
     parser.add_argument("--config", required=True, help="policy file (JSON), re-read on change")
     parser.add_argument("--audit", required=True, help="audit log to append JSON lines to")

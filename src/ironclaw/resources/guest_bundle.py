@@ -59,8 +59,8 @@ GUEST_MODULES = (
     "guest",
     "policy/__init__.py",
     "policy/domains.py",
-    "host/__init__.py",
-    "host/proxy.py",
+    "resources/__init__.py",
+    "resources/proxy.py",
 )
 
 _PACKAGE_DIR = Path(ironclaw.__file__).resolve().parent

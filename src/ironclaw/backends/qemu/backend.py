@@ -15,7 +15,7 @@ How a sandbox is launched, and why:
   execs QEMU, so every QEMU thread is inside the limits from the first instruction.
 * **Memory.** The sandbox's memory limit covers the whole QEMU process: the guest gets
   ``memory_mib - QEMU_OVERHEAD_MIB`` (TCG's translation cache is capped at
-  :data:`~ironclaw.backends.qemu.TCG_TB_MIB`, so the overhead stays bounded).
+  :data:`~ironclaw.backends.qemu.vm.TCG_TB_MIB`, so the overhead stays bounded).
 * **Network.** With a network policy a tap owned by the sandbox uid is bridged to the
   sandbox's veth inside its namespace (shared with Firecracker), and the guest takes the
   sandbox address from the kernel ``ip=`` argument: the host firewall applies unchanged.
@@ -41,13 +41,13 @@ from ironclaw.backends.base import (
     same_process,
     wait_gone,
 )
-from ironclaw.backends.firecracker.tap import TAP, attach_tap
-from ironclaw.backends.qemu import Accel, QemuVm, agent_usable, probe_accel, qemu_binary
-from ironclaw.backends.qmp import QmpClient, QmpError
+from ironclaw.backends.qemu.qmp import QmpClient, QmpError
+from ironclaw.backends.qemu.vm import Accel, QemuVm, agent_usable, probe_accel, qemu_binary
 from ironclaw.config import Settings, safe_join
 from ironclaw.errors import BackendError, ConfigError, ConnectError
-from ironclaw.host.watchdog import spawn_watchdog
 from ironclaw.images import ImageArtifacts, find_image
+from ironclaw.resources.tap import TAP, attach_tap
+from ironclaw.resources.watchdog import spawn_watchdog
 from ironclaw.transport import Connection, unix
 
 __all__ = ["MIN_GUEST_MIB", "QEMU_OVERHEAD_MIB", "QemuBackend", "guest_memory_mib"]

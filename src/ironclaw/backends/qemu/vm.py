@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from ironclaw.backends.qmp import QmpClient, QmpError
+from ironclaw.backends.qemu.qmp import QmpClient, QmpError
 from ironclaw.config import Settings, ensure_private_dir, safe_join
 from ironclaw.errors import BackendError, ConfigError, SandboxNotFound, SandboxTimeout
 from ironclaw.images import GUEST_PKG_DIR, ImageArtifacts, make_workspace_image, require_tool

@@ -27,7 +27,7 @@ import struct
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypedDict, TypeVar
 
 from ironclaw.errors import ConfigError, NetworkError
 from ironclaw.policy import netlink as nl
@@ -75,6 +75,13 @@ from ironclaw.resources.nft_socket import (
 __all__ = ["NO_DESTROY_ENV", "Firewall", "NfTablesSocket", "check_nftables", "destroy_supported"]
 
 _T = TypeVar("_T")
+
+
+class InstalledRange(TypedDict):
+    """One range a sandbox installed: its set, and first and last key in hex (no veth)."""
+
+    set: str
+    expr: list[str]
 
 _OLD_DISPATCH = "fwd"  # the verdict map of the earlier layout
 _ATTEMPTS = 8  # reads and writes of one change before giving up on a busy ruleset
@@ -365,7 +372,7 @@ class Firewall:
 
         return await self._call(work)
 
-    async def chain_rules(self, chain: str) -> list[dict[str, Any]]:
+    async def chain_rules(self, chain: str) -> list[InstalledRange]:
         """What the sandbox whose counter is ``chain`` has installed, one entry per range.
 
         Each entry is ``{"set": ..., "expr": [key, last]}`` with keys in hex (the veth name
@@ -373,7 +380,7 @@ class Firewall:
         """
         host_ifname = "icv" + chain.removeprefix("icc-")[:12]
 
-        def work(sock: NfTablesSocket) -> list[dict[str, Any]]:
+        def work(sock: NfTablesSocket) -> list[InstalledRange]:
             try:
                 recorded = self._installed(sock, host_ifname).elements
             except Missing:

@@ -92,3 +92,18 @@ def test_decorator_adds_the_named_options_and_passes_them_typed() -> None:
 def test_unknown_shared_option_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown shared options"):
         sandbox_options("memroy")
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_bad_option_is_refused_before_anything_starts(as_json: bool) -> None:
+    """A message quoting ``CIDR[:PORT[/tcp|udp]]`` is printed as text (once read as markup)."""
+    from ironclaw.cli.main import app
+
+    args = ["exec", *(["--json"] if as_json else []), "--allow", "10.0.0.1/8", "--", "true"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, (result.output, result.exception)
+    if as_json:
+        assert json.loads(result.stdout)["error"] == "ConfigError"
+    else:
+        assert "bad allow rule '10.0.0.1/8'" in result.stderr
+        assert "CIDR[:PORT[/tcp|udp]]" in result.stderr

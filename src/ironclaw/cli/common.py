@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ironclaw.errors import ConfigError, IronclawError
 
@@ -38,7 +39,8 @@ def fail(exc: BaseException, as_json: bool) -> int:
     if as_json:
         print(json.dumps({"error": type(exc).__name__, "message": str(exc)}))
     else:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+        # Escaped: messages quote user input such as CIDR[:PORT[/tcp|udp]], not markup.
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
     return code
 
 

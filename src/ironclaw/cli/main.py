@@ -17,6 +17,7 @@ import signal
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ironclaw.cli.agent import register as register_agent
@@ -105,7 +106,7 @@ def gc_cmd(
         for item in report.removed + report.orphans:
             out_console.print(f"{verb}: {item}", highlight=False)
         for err in report.errors:
-            err_console.print(f"[red]error:[/] {err}", highlight=False)
+            err_console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         if not (report.removed or report.orphans or report.errors):
             out_console.print("nothing to clean up")
 

@@ -83,6 +83,7 @@ class InstalledRange(TypedDict):
     set: str
     expr: list[str]
 
+
 _OLD_DISPATCH = "fwd"  # the verdict map of the earlier layout
 _ATTEMPTS = 8  # reads and writes of one change before giving up on a busy ruleset
 _ALLOW_NAMES = frozenset(s.name for s in ALLOW_SETS)

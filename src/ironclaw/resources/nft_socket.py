@@ -197,6 +197,7 @@ def destroy_supported(sock: NfTablesSocket, table: str = TABLE) -> bool:
 
 
 def forced_fallback() -> bool:
+    """Whether the environment asks for the DEL fallback (``IRONCLAW_NFT_NO_DESTROY=1``)."""
     return os.environ.get(NO_DESTROY_ENV, "") not in ("", "0")
 
 

@@ -1,12 +1,13 @@
 """IronClaw's own nftables table, driven over nf_tables netlink directly.
 
 Each sandbox change is one netlink batch, which the kernel applies atomically. The
-batches are built here rather than by libnftables because libnftables 1.0.6 first dumps
+batches are built by hand rather than by libnftables because libnftables 1.0.6 first dumps
 every chain, set and object of the ruleset (and every element of interval sets) into its
 cache, which costs ~50 ms per transaction at 10,000 sandboxes; a hand-built batch names
 its objects and needs no cache. A sandbox's state is set elements plus one named counter
-(see :mod:`ironclaw.policy.nftables`), so the kernel side is O(1) as well. The messages
-are encoded by :mod:`ironclaw.policy.netlink` and sent by
+(see :mod:`ironclaw.policy.nftables`), so the kernel side is O(1) as well. Here are the
+transactions (read the sandbox's record, write one batch, retry on a rival's commit); the
+messages are encoded by :mod:`ironclaw.policy.netlink` and sent by
 :class:`~ironclaw.resources.nft_socket.NfTablesSocket`.
 
 Deletions use ``DESTROY`` messages where the kernel has them (Linux 6.3+): they succeed

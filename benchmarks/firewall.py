@@ -25,7 +25,9 @@ import time
 from typing import Any
 
 from ironclaw.config import Settings
-from ironclaw.policy.network import FAMILY, NetworkPolicy, sandbox_elements, sandbox_names
+from ironclaw.policy import netlink as nl
+from ironclaw.policy.network import FAMILY, NetworkPolicy, sandbox_names
+from ironclaw.policy.nftables import sandbox_elements
 from ironclaw.resources import firewall as fwmod
 from ironclaw.resources.firewall import Firewall
 from ironclaw.resources.net import NetworkManager
@@ -128,11 +130,9 @@ async def add_fillers(fw: Firewall, ids: list[str], policy: NetworkPolicy) -> No
             msgs: list[tuple[int, int, bytes]] = []
             elems = []
             for sid in ids[start : start + 250]:
-                msgs.append(
-                    fwmod._counter_msg(fw.table, sandbox_names(sid).chain, fwmod.MSG_NEWOBJ)
-                )
+                msgs.append(nl.counter_msg(fw.table, sandbox_names(sid).chain, nl.MSG_NEWOBJ))
                 elems += sandbox_elements(sid, policy, proxy_addr=None)
-            msgs += fwmod._elements_msgs(fw.table, fwmod.MSG_NEWSETELEM, elems)
+            msgs += nl.elements_msgs(fw.table, nl.MSG_NEWSETELEM, elems)
             await asyncio.to_thread(sock.transact, msgs, what="fillers")
     finally:
         sock.close()

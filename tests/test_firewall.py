@@ -20,24 +20,23 @@ import pytest
 from ironclaw.config import Settings
 from ironclaw.errors import NetworkError
 from ironclaw.host.doctor import _nftables
-from ironclaw.policy.network import (
+from ironclaw.policy import netlink as nl
+from ironclaw.policy.network import AllowRule, NetworkPolicy, sandbox_names
+from ironclaw.policy.nftables import (
     ALLOW_SETS,
     IFNAMSIZ,
     PROXY_SET,
     REC_SET,
-    AllowRule,
     Element,
     Lookup,
     Masquerade,
-    NetworkPolicy,
     ObjrefMap,
     base_table,
     parse_record,
     record_count,
     sandbox_elements,
-    sandbox_names,
 )
-from ironclaw.resources import firewall as fwmod
+from ironclaw.resources import nft_socket as nfsock
 from ironclaw.resources.firewall import NO_DESTROY_ENV, Firewall, NfTablesSocket
 from ironclaw.resources.net import NetworkManager
 from nethelpers import PeerHost, probe, sh
@@ -65,11 +64,11 @@ async def fw(request: pytest.FixtureRequest) -> AsyncIterator[Firewall]:
 
 def _get(sock: NfTablesSocket, table: str, set_name: str, key: bytes) -> bool:
     """Whether ``key`` is in the set (for a range set: inside one of its ranges)."""
-    payload = fwmod._str(1, table) + fwmod._str(2, set_name)
-    payload += fwmod._nest(3, fwmod._nest(1, fwmod._data(1, key)))
+    payload = nl.strz(1, table) + nl.strz(2, set_name)
+    payload += nl.nest(3, nl.nest(1, nl.data(1, key)))
     try:
-        sock.request(fwmod.MSG_GETSETELEM, payload)
-    except fwmod._Missing:
+        sock.request(nl.MSG_GETSETELEM, payload)
+    except nfsock.Missing:
         return False
     return True
 
@@ -113,8 +112,8 @@ async def test_failed_transaction_leaves_nothing(fw: Firewall) -> None:
     elems = sandbox_elements("fw-atomic", POLICY)
     # The last message names a set that does not exist: the whole batch must fail.
     bad = [*elems, Element("no-such-set", b"x" * 4)]
-    msgs = [fwmod._counter_msg(fw.table, sandbox_names("fw-atomic").chain, fwmod.MSG_NEWOBJ)]
-    msgs += fwmod._elements_msgs(fw.table, fwmod.MSG_NEWSETELEM, bad)
+    msgs = [nl.counter_msg(fw.table, sandbox_names("fw-atomic").chain, nl.MSG_NEWOBJ)]
+    msgs += nl.elements_msgs(fw.table, nl.MSG_NEWSETELEM, bad)
     sock = NfTablesSocket()
     try:
         with pytest.raises(NetworkError, match="No such file"):
@@ -327,10 +326,10 @@ async def test_set_up_and_tear_down_do_the_same_work_with_5000_installed(fw: Fir
             msgs = []
             elems: list[Element] = []
             for sid in ids[start : start + 250]:
-                msgs.append(fwmod._counter_msg(fw.table, sandbox_names(sid).chain,
-                                               fwmod.MSG_NEWOBJ))  # fmt: skip
+                msgs.append(nl.counter_msg(fw.table, sandbox_names(sid).chain,
+                                               nl.MSG_NEWOBJ))  # fmt: skip
                 elems += sandbox_elements(sid, POLICY)
-            msgs += fwmod._elements_msgs(fw.table, fwmod.MSG_NEWSETELEM, elems)
+            msgs += nl.elements_msgs(fw.table, nl.MSG_NEWSETELEM, elems)
             sock.transact(msgs, what="fillers")
     finally:
         sock.close()
@@ -367,8 +366,8 @@ async def test_each_mode_sends_the_deletions_it_claims(fw: Firewall) -> None:
     await fw.update_sandbox("fw-msgs", NetworkPolicy(allow=("192.0.2.0/24",)))
     await fw.remove_sandbox("fw-msgs")
     await fw.remove_sandbox("fw-msgs")
-    destroys = {fwmod.MSG_DESTROYSETELEM, fwmod.MSG_DESTROYOBJ}
-    dels = {fwmod.MSG_DELSETELEM, fwmod.MSG_DELOBJ}
+    destroys = {nl.MSG_DESTROYSETELEM, nl.MSG_DESTROYOBJ}
+    dels = {nl.MSG_DELSETELEM, nl.MSG_DELOBJ}
     if fw._destroy is False and mode == "delete":
         assert not recorder.sent & destroys
         assert dels <= recorder.sent
@@ -384,13 +383,13 @@ async def test_probe_tells_the_kernels_apart_and_changes_nothing(fw: Firewall) -
     sock = NfTablesSocket()
     try:
         # No table yet: a kernel that knows DESTROY answers ENOENT, which still counts.
-        known = fwmod._probe_destroy(sock, fw.table)
+        known = nfsock.probe_destroy(sock, fw.table)
         assert known or not _kernel_at_least(6, 3)
         await fw.ensure_base()
-        assert fwmod._probe_destroy(sock, fw.table) == known
+        assert nfsock.probe_destroy(sock, fw.table) == known
         # A type no kernel has yet gets the answer a pre-6.3 kernel gives a DESTROY.
-        assert fwmod._probe_destroy(sock, fw.table, msg_type=200) is False
-        assert fwmod.destroy_supported(sock) == known
+        assert nfsock.probe_destroy(sock, fw.table, msg_type=200) is False
+        assert nfsock.destroy_supported(sock) == known
     finally:
         sock.close()
     assert await fw.elements() == EMPTY
@@ -481,7 +480,7 @@ class _LosesTheRace(NfTablesSocket):
 
     def request(self, kind: int, payload: bytes, *, dump: bool = False) -> list[bytes]:
         replies = super().request(kind, payload, dump=dump)
-        if self.moment == "reads" and fwmod._str(2, "ifs") in payload and not dump:
+        if self.moment == "reads" and nl.strz(2, "ifs") in payload and not dump:
             self._let_rival_win()
         return replies
 
@@ -492,7 +491,7 @@ class _LosesTheRace(NfTablesSocket):
             self._let_rival_win()
         try:
             super().transact(msgs, what=what, genid=genid if self.keep_genid else None)
-        except fwmod._BatchFailed as exc:
+        except nfsock.BatchFailed as exc:
             self.failures.append(exc.code)
             raise
 
@@ -539,7 +538,7 @@ async def test_losing_a_race_to_a_remover_is_retried(
 async def _delete_by_hand(table: str, *elems: Element) -> None:
     sock = NfTablesSocket()
     try:
-        sock.transact(fwmod._elements_msgs(table, fwmod.MSG_DELSETELEM, list(elems)), what="test")
+        sock.transact(nl.elements_msgs(table, nl.MSG_DELSETELEM, list(elems)), what="test")
     finally:
         sock.close()
 
@@ -580,7 +579,7 @@ async def test_doctor_reports_the_deletion_path(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.delenv(NO_DESTROY_ENV, raising=False)
     check = _nftables()
     assert check.ok and check.required
-    assert ("DESTROY messages" in check.detail) == fwmod._destroy_known
+    assert ("DESTROY messages" in check.detail) == nfsock._destroy_known
     assert "DESTROY" in check.detail or "DEL fallback" in check.detail
     monkeypatch.setenv(NO_DESTROY_ENV, "1")
     assert "DEL fallback" in _nftables().detail

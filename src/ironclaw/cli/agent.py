@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.prompt import Confirm
 
+from ironclaw.cli.common import fail, run_code
+from ironclaw.cli.options import JsonOpt, SandboxOptions, sandbox_options
 from ironclaw.errors import IronclawError
 
 __all__ = ["register"]
@@ -33,17 +35,13 @@ async def _ask(req: Any) -> bool:
     return bool(await asyncio.to_thread(Confirm.ask, "approve this action?", default=False))
 
 
+@sandbox_options("allow", "allow_domain")
 def run_cmd(
     task: Annotated[str, typer.Argument(help="What the agent should do.")],
+    *,
     model: Annotated[
         str | None,
         typer.Option("--model", help="PROVIDER:MODEL: openai:NAME, anthropic:NAME, scripted:FILE."),
-    ] = None,
-    allow: Annotated[
-        list[str] | None, typer.Option("--allow", help="Allow egress to CIDR[:PORT[/PROTO]].")
-    ] = None,
-    allow_domain: Annotated[
-        list[str] | None, typer.Option("--allow-domain", help="Allow NAME or *.SUFFIX.")
     ] = None,
     approve: Annotated[
         str | None,
@@ -58,12 +56,12 @@ def run_cmd(
     wall_time: Annotated[float, typer.Option("--wall-time", help="Task time limit (s).")] = 600.0,
     tool_timeout: Annotated[float, typer.Option("--tool-timeout")] = 120.0,
     keep: Annotated[bool, typer.Option("--keep", help="Keep the sandbox afterwards.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    as_json: JsonOpt = False,
+    opts: SandboxOptions,
 ) -> None:
     """Run an AI agent on TASK inside a fresh sandbox, with live progress."""
     from ironclaw.agent.approval import ApprovalPolicy, Approver
     from ironclaw.agent.tasks import TaskSpec, parse_mcp, run_task
-    from ironclaw.cli.main import _fail, build_spec
     from ironclaw.guest.agent_loop import Budget
     from ironclaw.host.manager import SandboxManager
 
@@ -79,7 +77,8 @@ def run_cmd(
         spec = TaskSpec(
             task=task,
             model=model or os.environ.get("IRONCLAW_MODEL", "openai:gpt-4o-mini"),
-            sandbox=build_spec(allow=allow, allow_domain=allow_domain),
+            # The task takes its sandbox as a mapping: the validated spec, as given.
+            sandbox=opts.spec().model_dump(mode="json", exclude_unset=True),
             mcp=[parse_mcp(m, i) for i, m in enumerate(mcp or [], 1)],
             budget=Budget.from_json(
                 {
@@ -103,13 +102,7 @@ def run_cmd(
             _console.print(f"trace: ironclaw logs {outcome.sandbox_id}")
         return 0 if outcome.status == "completed" else 1
 
-    try:
-        code = asyncio.run(main())
-    except IronclawError as exc:
-        raise typer.Exit(_fail(exc, as_json)) from None
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
-    raise typer.Exit(code)
+    run_code(main(), as_json)
 
 
 def logs_cmd(
@@ -118,14 +111,13 @@ def logs_cmd(
 ) -> None:
     """Show an agent task's trace as a timeline (or raw with --json)."""
     from ironclaw.agent.trace import read_trace, render_timeline, state_trace_path
-    from ironclaw.cli.main import _fail
     from ironclaw.config import Settings
 
     try:
         path = state_trace_path(Settings.from_env(), sandbox_id)
         events = read_trace(path)
     except IronclawError as exc:
-        raise typer.Exit(_fail(exc, as_json)) from None
+        raise typer.Exit(fail(exc, as_json)) from None
     if as_json:
         for ev in events:
             print(json.dumps(ev))

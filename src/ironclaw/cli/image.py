@@ -12,25 +12,18 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ironclaw.errors import ConfigError, IronclawError
+from ironclaw.cli.common import err_console, fail, new_app
+from ironclaw.errors import IronclawError
 
 __all__ = ["image_app", "register"]
 
-image_app = typer.Typer(help="VM root images: build, ls.", no_args_is_help=True)
-_err = Console(stderr=True)
+image_app = new_app("VM root images: build, ls.")
+_err = err_console
 
 _QEMU_HINT = (
     "qemu-system-x86_64 is not installed, so the qemu backend cannot boot this image: "
     "apt-get install qemu-system-x86"
 )
-
-
-def _fail(exc: IronclawError, as_json: bool) -> typer.Exit:
-    if as_json:
-        print(json.dumps({"error": type(exc).__name__, "message": str(exc)}))
-    else:
-        _err.print(f"[bold red]error:[/] {exc}", highlight=False)
-    return typer.Exit(2 if isinstance(exc, ConfigError) else 1)
 
 
 @image_app.command("build")
@@ -64,7 +57,7 @@ def image_build(
 
                 art = asyncio.run(build_image(settings, name=name, force=force, progress=progress))
     except IronclawError as exc:
-        raise _fail(exc, as_json) from None
+        raise typer.Exit(fail(exc, as_json)) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     qemu = shutil.which("qemu-system-x86_64") is not None

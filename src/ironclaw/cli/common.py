@@ -1,0 +1,75 @@
+"""What every ``ironclaw`` command shares: its apps, consoles and error reporting.
+
+Errors are IronClaw errors printed as one line that says what to change (exit status 2
+for bad input, 1 for everything else); with ``--json`` they are one JSON object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from ironclaw.errors import ConfigError, IronclawError
+
+__all__ = ["err_console", "fail", "new_app", "out_console", "run", "run_code", "stream_to"]
+
+T = TypeVar("T")
+
+err_console = Console(stderr=True)
+out_console = Console()
+
+
+def new_app(help_text: str, **kwargs: Any) -> typer.Typer:
+    """A command group. Help is plain text, not Rich markup: option help such as
+    ``CIDR[:PORT[/PROTO]]`` would otherwise be parsed as markup tags (and crash)."""
+    kwargs.setdefault("no_args_is_help", True)
+    return typer.Typer(help=help_text, rich_markup_mode=None, **kwargs)
+
+
+def fail(exc: BaseException, as_json: bool) -> int:
+    """Report ``exc`` on stderr (or as JSON on stdout); return the exit status for it."""
+    code = 2 if isinstance(exc, ConfigError) else 1
+    if as_json:
+        print(json.dumps({"error": type(exc).__name__, "message": str(exc)}))
+    else:
+        # Escaped: messages quote user input such as CIDR[:PORT[/tcp|udp]], not markup.
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+    return code
+
+
+def run(coro: Coroutine[Any, Any, T], as_json: bool = False) -> T:
+    """Run a command's coroutine; IronClaw errors and Ctrl-C become exit statuses."""
+    try:
+        return asyncio.run(coro)
+    except IronclawError as exc:
+        raise typer.Exit(fail(exc, as_json)) from None
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        raise typer.Exit(130) from None
+
+
+def run_code(coro: Coroutine[Any, Any, int], as_json: bool = False) -> None:
+    """Run a command whose coroutine returns the process exit status, and exit with it."""
+    raise typer.Exit(run(coro, as_json))
+
+
+async def stream_to(fd: int) -> Callable[[bytes], Awaitable[None]]:
+    """A writer of output chunks to ``fd`` that does not block the event loop."""
+    loop = asyncio.get_running_loop()
+
+    async def write(chunk: bytes) -> None:
+        await loop.run_in_executor(None, _write_all, fd, chunk)
+
+    return write
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

@@ -1,0 +1,195 @@
+"""``ironclaw sandbox``: long-lived sandboxes (create, ls, exec, cp, rm), and the command
+runner ``exec`` shares with it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+
+from ironclaw.cli.common import err_console, new_app, out_console, run, run_code, stream_to
+from ironclaw.cli.options import EnvOpt, JsonOpt, SandboxOptions, parse_env, sandbox_options
+from ironclaw.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ironclaw.host.manager import ExecResult, SandboxManager
+
+__all__ = ["CommandArg", "run_command", "sandbox_app"]
+
+sandbox_app = new_app("Long-lived sandboxes: create, ls, exec, cp, rm.")
+
+CommandArg = Annotated[list[str], typer.Argument(help="The command to run, after --.")]
+
+
+async def run_command(
+    manager: SandboxManager,
+    sandbox_id: str,
+    command: list[str],
+    *,
+    as_json: bool,
+    timeout: float | None,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+) -> ExecResult:
+    """Run ``command``: captured for ``--json``, else streamed to this process's stdout and
+    stderr, with a note on stderr when it did not simply exit."""
+    if command and command[0] == "--":
+        command = command[1:]
+    if as_json:
+        return await manager.exec(sandbox_id, command, timeout=timeout, env=env, cwd=cwd)
+    result = await manager.exec(
+        sandbox_id,
+        command,
+        timeout=timeout,
+        env=env,
+        cwd=cwd,
+        on_stdout=await stream_to(1),
+        on_stderr=await stream_to(2),
+        capture=False,
+    )
+    if result.status != "exited":
+        err_console.print(f"[yellow]ironclaw:[/] {result.status}", highlight=False)
+    return result
+
+
+@sandbox_app.command("create")
+@sandbox_options(
+    "backend", "memory", "pids", "cpus", "wall_time", "workspace_size",
+    "allow", "allow_domain", "env", "mount", "seccomp",
+)  # fmt: skip
+def sandbox_create(
+    *,
+    sandbox_id: Annotated[str | None, typer.Option("--id", help="Sandbox id.")] = None,
+    as_json: JsonOpt = False,
+    opts: SandboxOptions,
+) -> None:
+    """Create a long-lived sandbox and print its id."""
+    from ironclaw.host.manager import SandboxManager
+
+    async def main() -> None:
+        spec = opts.spec()
+        async with SandboxManager() as manager:
+            with err_console.status("creating sandbox…", spinner="dots"):
+                record = await manager.create(spec, sandbox_id=sandbox_id)
+        if as_json:
+            print(json.dumps({"id": record.id, "backend": record.backend, "state": record.state}))
+        else:
+            print(record.id)
+
+    run(main(), as_json)
+
+
+@sandbox_app.command("ls")
+def sandbox_ls(as_json: JsonOpt = False) -> None:
+    """List sandboxes and their state."""
+    from ironclaw.host.manager import SandboxManager
+
+    async def main() -> None:
+        async with SandboxManager() as manager:
+            records = await manager.sandboxes()
+        if as_json:
+            rows = [
+                {
+                    "id": r.id,
+                    "backend": r.backend,
+                    "state": r.state,
+                    "reason": r.reason,
+                    "created_at": r.created_at,
+                    "pid": r.info.get("pid"),
+                }
+                for r in records
+            ]
+            print(json.dumps({"sandboxes": rows}))
+            return
+        table = Table("ID", "BACKEND", "STATE", "PID", "REASON")
+        for r in records:
+            table.add_row(r.id, r.backend, r.state, str(r.info.get("pid", "")), r.reason or "")
+        out_console.print(table)
+
+    run(main(), as_json)
+
+
+@sandbox_app.command("exec", context_settings={"allow_interspersed_args": False})
+def sandbox_exec(
+    sandbox_id: Annotated[str, typer.Argument(help="Sandbox id.")],
+    command: CommandArg,
+    as_json: JsonOpt = False,
+    timeout: Annotated[float | None, typer.Option("--timeout")] = None,
+    env: EnvOpt = None,
+    cwd: Annotated[str | None, typer.Option("--cwd")] = None,
+) -> None:
+    """Run a command in a running sandbox. Exits with the command's status."""
+    from ironclaw.host.manager import SandboxManager
+
+    async def main() -> int:
+        env_map = parse_env(env)
+        async with SandboxManager() as manager:
+            record = await manager.get(sandbox_id)
+            result = await run_command(
+                manager, sandbox_id, command, as_json=as_json, timeout=timeout,
+                env=env_map or None, cwd=cwd,
+            )  # fmt: skip
+            if as_json:
+                print(json.dumps(result.to_json(record.backend)))
+        return result.exit_code
+
+    run_code(main(), as_json)
+
+
+@sandbox_app.command("cp")
+def sandbox_cp(
+    src: Annotated[str, typer.Argument(help="Source: a host path or ID:PATH.")],
+    dst: Annotated[str, typer.Argument(help="Destination: a host path or ID:PATH.")],
+) -> None:
+    """Copy a file into (host → ID:PATH) or out of (ID:PATH → host) a sandbox."""
+    from ironclaw.host.manager import SandboxManager
+    from ironclaw.ids import ID_PATTERN
+
+    def remote(spec: str) -> tuple[str, str] | None:
+        head, sep, tail = spec.partition(":")
+        if sep and ID_PATTERN.fullmatch(head) and not spec.startswith("/"):
+            return head, tail
+        return None
+
+    async def main() -> None:
+        rs, rd = remote(src), remote(dst)
+        if (rs is None) == (rd is None):
+            raise ConfigError("give exactly one side as ID:PATH (e.g. `cp ./a.py sb-x:a.py`)")
+        async with SandboxManager() as manager:
+            if rd is not None:
+                path = Path(src)
+                if not path.is_file():
+                    raise ConfigError(f"{src} is not a file")
+                data = await asyncio.to_thread(path.read_bytes)
+                await manager.write_file(rd[0], rd[1], data)
+            else:
+                assert rs is not None
+                data = await manager.read_file(rs[0], rs[1])
+                await asyncio.to_thread(Path(dst).write_bytes, data)
+
+    run(main())
+
+
+@sandbox_app.command("rm")
+def sandbox_rm(
+    sandbox_ids: Annotated[list[str], typer.Argument(help="Sandbox ids.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Stop sandboxes and remove everything they had."""
+    from ironclaw.host.manager import SandboxManager
+    from ironclaw.ids import validate_sandbox_id
+
+    async def main() -> None:
+        for sid in sandbox_ids:
+            validate_sandbox_id(sid)
+        async with SandboxManager() as manager:
+            for sid in sandbox_ids:
+                await manager.destroy(sid)
+        if as_json:
+            print(json.dumps({"removed": sandbox_ids}))
+
+    run(main(), as_json)

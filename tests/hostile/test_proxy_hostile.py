@@ -7,6 +7,7 @@ every test nothing but the allowed destinations may have seen a connection.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -223,8 +224,13 @@ def _as_proxy_uid(code: str, *args: str, fd: int) -> None:
 def test_root_does_not_write_through_links_the_proxy_uid_planted(tmp_path: Path) -> None:
     mgr = NetworkManager(Settings.from_env({"IRONCLAW_HOME": str(tmp_path)}), proxy_uid=PROXY_UID)
     try:
-        policy = NetworkPolicy(allow_domains=("allowed.test",))
+        policy = NetworkPolicy(
+            allow_domains=("allowed.test",), allow=("10.9.0.0/16:443", "10.8.0.1:53/udp")
+        )
         path = mgr._write_proxy_config("planted", policy)  # control: a plain write works
+        doc = json.loads(path.read_bytes())
+        # The sandbox's tcp address rules may be used through the proxy too; udp ones not.
+        assert doc["allow_addresses"] == [{"network": "10.9.0.0/16", "port": 443}]
         assert path.stat().st_uid == 0
         assert path.parent.stat().st_uid == PROXY_UID
         target = tmp_path / "root-only"

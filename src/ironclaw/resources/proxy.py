@@ -53,6 +53,7 @@ from ironclaw.resources.proxy_http import (
     EOF,
     BadMessage,
     Message,
+    parse_sni,
     read_message,
     relay_body,
     request_framing,
@@ -134,38 +135,6 @@ def local_networks() -> tuple[IPNetwork, ...]:
             word = line.split()[0]
             nets.add(ipaddress.ip_network(":".join(word[i : i + 4] for i in range(0, 32, 4))))
     return tuple(sorted(nets, key=lambda n: (n.version, n)))
-
-
-def parse_sni(hello: bytes) -> str | None:
-    """The server name of a TLS ClientHello record, or None if absent or malformed."""
-    try:
-        if len(hello) < 5 or hello[0] != 0x16:
-            return None
-        body = hello[5 : 5 + int.from_bytes(hello[3:5], "big")]
-        if body[0] != 0x01:  # handshake type client_hello
-            return None
-        pos = 4 + 2 + 32  # handshake header, legacy version, random
-        pos += 1 + body[pos]  # session id
-        pos += 2 + int.from_bytes(body[pos : pos + 2], "big")  # cipher suites
-        pos += 1 + body[pos]  # compression methods
-        end = pos + 2 + int.from_bytes(body[pos : pos + 2], "big")
-        pos += 2
-        while pos + 4 <= end:
-            etype = int.from_bytes(body[pos : pos + 2], "big")
-            elen = int.from_bytes(body[pos + 2 : pos + 4], "big")
-            ext = body[pos + 4 : pos + 4 + elen]
-            pos += 4 + elen
-            if etype != 0:  # server_name
-                continue
-            p = 2
-            while p + 3 <= len(ext):
-                ntype, nlen = ext[p], int.from_bytes(ext[p + 1 : p + 3], "big")
-                if ntype == 0:
-                    return ext[p + 3 : p + 3 + nlen].decode("ascii").lower()
-                p += 3 + nlen
-        return None
-    except (IndexError, UnicodeDecodeError):
-        return None
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

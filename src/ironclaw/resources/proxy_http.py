@@ -1,4 +1,4 @@
-"""Strict HTTP/1.x message parsing and body framing for the egress proxy. Stdlib only.
+"""What the egress proxy reads from the wire: strict HTTP/1.x and the TLS SNI. Stdlib only.
 
 The proxy checks every request of a connection, so it must see message boundaries
 exactly as the upstream server will: anything two parsers could read differently
@@ -21,6 +21,7 @@ __all__ = [
     "BadMessage",
     "Framing",
     "Message",
+    "parse_sni",
     "read_message",
     "relay_body",
     "request_framing",
@@ -220,3 +221,35 @@ def split_absolute(target: str) -> tuple[str, int, str]:
     if port_text and not (port_text.isdigit() and port_text.isascii() and len(port_text) <= 5):
         raise BadMessage(f"bad port {port_text!r}")
     return host.lower(), int(port_text) if port_text else 80, path
+
+
+def parse_sni(hello: bytes) -> str | None:
+    """The server name of a TLS ClientHello record, or None if absent or malformed."""
+    try:
+        if len(hello) < 5 or hello[0] != 0x16:
+            return None
+        body = hello[5 : 5 + int.from_bytes(hello[3:5], "big")]
+        if body[0] != 0x01:  # handshake type client_hello
+            return None
+        pos = 4 + 2 + 32  # handshake header, legacy version, random
+        pos += 1 + body[pos]  # session id
+        pos += 2 + int.from_bytes(body[pos : pos + 2], "big")  # cipher suites
+        pos += 1 + body[pos]  # compression methods
+        end = pos + 2 + int.from_bytes(body[pos : pos + 2], "big")
+        pos += 2
+        while pos + 4 <= end:
+            etype = int.from_bytes(body[pos : pos + 2], "big")
+            elen = int.from_bytes(body[pos + 2 : pos + 4], "big")
+            ext = body[pos + 4 : pos + 4 + elen]
+            pos += 4 + elen
+            if etype != 0:  # server_name
+                continue
+            p = 2
+            while p + 3 <= len(ext):
+                ntype, nlen = ext[p], int.from_bytes(ext[p + 1 : p + 3], "big")
+                if ntype == 0:
+                    return ext[p + 3 : p + 3 + nlen].decode("ascii").lower()
+                p += 3 + nlen
+        return None
+    except (IndexError, UnicodeDecodeError):
+        return None

@@ -78,7 +78,11 @@ def test_host_and_pool_addresses_are_refused_in_every_form(v4: IPv4Address, low:
         ip = forms(v4, low)[form]
         assert egress_refusal(ip, 80, own=own) == f"{v4} is an address of this host"
         assert "blocked range" in str(egress_refusal(ip, 80, block=own))
-        assert egress_refusal(ip, 80, own=own, allow=[AddressRule(own[0])]) is None
+        # A rule for the IPv4 address covers the mapped form (the kernel delivers that to
+        # the IPv4 address) but not a translated form, which goes somewhere else first.
+        lifted = egress_refusal(ip, 80, own=own, allow=[AddressRule(own[0])])
+        assert (lifted is None) is (form == "mapped"), (form, lifted)
+        assert egress_refusal(ip, 80, own=own, allow=[AddressRule(ip_network(ip))]) is None
 
 
 @pytest.mark.parametrize(

@@ -99,6 +99,7 @@ POOL_PEER = "11.0.3.2"
 TRAP_ADDRS_V4 = ("169.254.169.254", "10.20.30.40", "100.64.1.1", "11.0.0.1")
 OWN_V6 = "2600:ffff::1"
 EXPLICIT = "127.0.0.2"
+LATE = "11.0.0.9"  # becomes an address of the proxy's host after the proxy started
 
 HOSTS: dict[str, str | list[str]] = {
     "ok.allowed.test": PEER,
@@ -123,6 +124,8 @@ HOSTS: dict[str, str | list[str]] = {
     "unspec6.allowed.test": "::",
     "pool.allowed.test": POOL_PEER,
     "mixed.allowed.test": [PEER, "127.0.0.1"],
+    "mappedok.allowed.test": f"::ffff:{PEER}",
+    "late.allowed.test": LATE,
 }
 
 POLICY = {
@@ -235,6 +238,9 @@ class Lab:
             proc.wait(timeout=10)
         for ns in (self.p, self.g):
             subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+
+    def add_address_later(self) -> None:
+        run("ip", "netns", "exec", self.p, "ip", "addr", "add", f"{LATE}/32", "dev", "lo")
 
     # --- observations ------------------------------------------------------------------
 

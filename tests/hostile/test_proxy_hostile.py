@@ -56,6 +56,22 @@ def test_allowed_name_reaches_the_outside(lab: Lab) -> None:
     head, data = lab.tunnel("ok.allowed.test:443", "ok.allowed.test")
     assert head.startswith(b"HTTP/1.1 200")
     assert data.startswith(f"peer-tls:{PEER}:".encode())
+    # The IPv4-mapped form of a global address is that global address: allowed.
+    got = lab.exchange(get("mappedok.allowed.test"))
+    assert statuses(got) == [200]
+    assert f"peer:{PEER}:GET / HTTP/1.1:mappedok.allowed.test:0".encode() in got
+
+
+def test_address_the_host_gains_after_start_is_refused(lab: Lab) -> None:
+    before = lab.exchange(get("late.allowed.test"))
+    # Global and not the host's yet: allowed, tried, and nothing is there.
+    assert statuses(before) == [403]
+    assert b"unreachable" in before
+    lab.add_address_later()
+    got = lab.exchange(get("late.allowed.test"))
+    assert statuses(got) == [403]
+    assert b"11.0.0.9 is an address of this host" in got
+    assert statuses(lab.exchange(get("ok.allowed.test"))) == [200]  # control
 
 
 FORBIDDEN = [

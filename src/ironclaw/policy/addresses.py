@@ -20,6 +20,7 @@ __all__ = [
     "IPNetwork",
     "egress_refusal",
     "embedded_ipv4",
+    "forms",
     "is_ip_literal",
     "non_global_reason",
 ]
@@ -92,9 +93,14 @@ class AddressRule:
         return cls(ip_network(str(doc["network"])), int(str(port)) if port is not None else None)
 
     def covers(self, ip: IPAddress, port: int) -> bool:
+        """The rule covers ``ip`` itself or, for ``::ffff:a.b.c.d``, the IPv4 address the
+        kernel delivers to; never an address merely embedded in a translated form."""
         if self.port is not None and self.port != port:
             return False
-        return any(a.version == self.network.version and a in self.network for a in _forms(ip))
+        seen: tuple[IPAddress, ...] = (ip,)
+        if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
+            seen = (ip, ip.ipv4_mapped)
+        return any(a.version == self.network.version and a in self.network for a in seen)
 
 
 def embedded_ipv4(ip: IPv6Address) -> tuple[str, IPv4Address] | None:
@@ -116,7 +122,7 @@ def embedded_ipv4(ip: IPv6Address) -> tuple[str, IPv4Address] | None:
     return None
 
 
-def _forms(ip: IPAddress) -> tuple[IPAddress, ...]:
+def forms(ip: IPAddress) -> tuple[IPAddress, ...]:
     """The address itself and, for IPv6 carrying IPv4, that IPv4 address."""
     if isinstance(ip, IPv6Address):
         inner = embedded_ipv4(ip)
@@ -177,7 +183,7 @@ def egress_refusal(
     why = non_global_reason(ip)
     if why is not None:
         return why
-    for form in _forms(ip):
+    for form in forms(ip):
         for net in own:
             if form.version == net.version and form in net:
                 return f"{form} is an address of this host"

@@ -61,6 +61,7 @@ GUEST_MODULES = (
     "policy/addresses.py",
     "policy/domains.py",
     "resources/__init__.py",
+    "resources/host_addresses.py",
     "resources/proxy.py",
     "resources/proxy_http.py",
 )

@@ -14,8 +14,9 @@ sends is hostile, so the proxy:
 * resolves each name once (a hosts map first, then the system resolver), refuses the
   name if any address is not global unicast (:mod:`ironclaw.policy.addresses`: the IPv4
   inside mapped, compatible, 6to4, NAT64 and Teredo forms included), inside the sandbox
-  pool or one of the host's own addresses (read once at start), unless an explicit
-  address rule allows it, and connects to the checked address, never by name again.
+  pool or one of the host's own addresses (:mod:`ironclaw.resources.host_addresses`),
+  unless an explicit address rule allows it, and connects to the checked address,
+  never by name again.
 
 Deny patterns win over allow patterns. Every decision is appended to the sandbox's audit
 log as one JSON line. The policy file is re-read when it changes (checked per request),
@@ -46,9 +47,11 @@ from ironclaw.policy.addresses import (
     IPAddress,
     IPNetwork,
     egress_refusal,
+    forms,
     is_ip_literal,
 )
 from ironclaw.policy.domains import domain_allowed
+from ironclaw.resources.host_addresses import is_local_address, local_networks, nonlocal_bind
 from ironclaw.resources.proxy_http import (
     EOF,
     BadMessage,
@@ -61,7 +64,7 @@ from ironclaw.resources.proxy_http import (
     split_absolute,
 )
 
-__all__ = ["ProxyConfig", "ProxyServer", "local_networks", "main", "parse_sni"]
+__all__ = ["ProxyConfig", "ProxyServer", "main", "parse_sni"]
 
 _HEAD_LIMIT = 16384
 _HEAD_TIMEOUT = 15.0
@@ -116,27 +119,6 @@ class _Denied(Exception):
     """A request refused by policy; the message goes to the audit log and the client."""
 
 
-def local_networks() -> tuple[IPNetwork, ...]:
-    """The host's own addresses and local routes (``127.0.0.0/8``, AnyIP ranges).
-
-    Read from /proc, so it describes the network namespace the proxy runs in.
-    """
-    nets: set[IPNetwork] = set()
-    with contextlib.suppress(OSError), open("/proc/net/fib_trie") as f:
-        last = ""
-        for line in f:
-            text = line.strip()
-            if text.startswith("|-- "):
-                last = text[4:]
-            elif text.startswith("/") and text.endswith(("LOCAL", "BROADCAST")) and last:
-                nets.add(ipaddress.ip_network(f"{last}{text.split()[0]}", strict=False))
-    with contextlib.suppress(OSError), open("/proc/net/if_inet6") as f:
-        for line in f:
-            word = line.split()[0]
-            nets.add(ipaddress.ip_network(":".join(word[i : i + 4] for i in range(0, 32, 4))))
-    return tuple(sorted(nets, key=lambda n: (n.version, n)))
-
-
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         while data := await reader.read(65536):
@@ -189,6 +171,8 @@ class ProxyServer:
         self.sandbox_id = sandbox_id
         #: The host's addresses, read once: what an allowed name must never point at.
         self.own = tuple(own) if own is not None else local_networks()
+        #: And asked of the kernel per address, unless any address may be bound here.
+        self.probe_local = not nonlocal_bind()
         self._config = ProxyConfig()
         self._config_key: tuple[int, int, int] | None = None
 
@@ -238,6 +222,11 @@ class ProxyServer:
             except ValueError:
                 raise _Denied(f"{host} resolves to {text!r}, not an address") from None
             why = egress_refusal(ip, port, allow=cfg.allow_addresses, block=cfg.block, own=self.own)
+            explicit = any(rule.covers(ip, port) for rule in cfg.allow_addresses)
+            if why is None and self.probe_local and not explicit:
+                local = [str(f) for f in forms(ip) if is_local_address(f)]
+                if local:
+                    why = f"{local[-1]} is an address of this host"
             if why is not None:
                 raise _Denied(f"{host} resolves to forbidden address {ip}: {why}")
             addrs.append(ip)

@@ -184,6 +184,13 @@ AMBIGUOUS = {
     b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
     "space-before-colon": b"GET http://ok.allowed.test/ HTTP/1.1\r\n"
     b"Host : meta.allowed.test\r\nHost: ok.allowed.test\r\n\r\n",
+    "control-in-target": b"GET http://ok.allowed.test/\x00 HTTP/1.1\r\n"
+    b"Host: ok.allowed.test\r\n\r\n",
+    "control-in-value": b"GET http://ok.allowed.test/ HTTP/1.1\r\nHost: ok.allowed.test\r\n"
+    b"X-A: a\x00b\r\n\r\n",
+    "tab-in-request-line": b"GET\thttp://ok.allowed.test/ HTTP/1.1\r\n"
+    b"Host: ok.allowed.test\r\n\r\n",
+    "bare-cr": b"GET http://ok.allowed.test/ HTTP/1.1\r\nHost: ok.allowed.test\rX-A: b\r\n\r\n",
     "userinfo": b"GET http://ok.allowed.test@meta.allowed.test/ HTTP/1.1\r\n"
     b"Host: meta.allowed.test\r\n\r\n",
 }

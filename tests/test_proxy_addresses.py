@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from ironclaw.policy.addresses import (
     AddressRule,
+    NetworkSet,
     egress_refusal,
     embedded_ipv4,
     is_ip_literal,
@@ -122,3 +123,16 @@ def test_address_rule_port_and_family() -> None:
 )  # fmt: skip
 def test_ip_literals(host: str, literal: bool) -> None:
     assert is_ip_literal(host) is literal
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(24, 32)), max_size=30),
+    st.integers(0, 2**32 - 1),
+)
+def test_network_set_agrees_with_a_linear_scan(nets: list[tuple[int, int]], probe: int) -> None:
+    networks = [IPv4Network((value, plen), strict=False) for value, plen in nets]
+    ip = IPv4Address(probe)
+    every = [*networks, *(IPv4Network((IPv4Address(int(n.network_address)), 32)) for n in networks)]
+    for candidate in (ip, every[0].network_address if every else ip):
+        assert (candidate in NetworkSet(every)) is any(candidate in n for n in every)
+    assert IPv6Address(f"::ffff:{ip}") not in NetworkSet(every)  # families never mix

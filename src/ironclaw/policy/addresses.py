@@ -18,6 +18,7 @@ __all__ = [
     "AddressRule",
     "IPAddress",
     "IPNetwork",
+    "NetworkSet",
     "egress_refusal",
     "embedded_ipv4",
     "forms",
@@ -103,6 +104,24 @@ class AddressRule:
         return any(a.version == self.network.version and a in self.network for a in seen)
 
 
+class NetworkSet:
+    """Networks with constant-time lookup of single addresses: a host with 10,000
+    sandboxes has 10,000 /32s of its own, and every request is checked against them."""
+
+    def __init__(self, nets: Iterable[IPNetwork] = ()) -> None:
+        nets = tuple(nets)
+        self.hosts = frozenset(n.network_address for n in nets if n.num_addresses == 1)
+        self.prefixes = tuple(n for n in nets if n.num_addresses > 1)
+
+    def __contains__(self, ip: object) -> bool:
+        if not isinstance(ip, IPv4Address | IPv6Address):
+            return False
+        return ip in self.hosts or any(ip.version == n.version and ip in n for n in self.prefixes)
+
+    def __len__(self) -> int:
+        return len(self.hosts) + len(self.prefixes)
+
+
 def embedded_ipv4(ip: IPv6Address) -> tuple[str, IPv4Address] | None:
     """The IPv4 address an IPv6 address carries and the form it is in, if any.
 
@@ -170,7 +189,7 @@ def egress_refusal(
     *,
     allow: Iterable[AddressRule] = (),
     block: Iterable[IPNetwork] = (),
-    own: Iterable[IPNetwork] = (),
+    own: NetworkSet | Iterable[IPNetwork] = (),
 ) -> str | None:
     """Why the proxy must not connect to ``ip:port``, or None when it may.
 
@@ -183,10 +202,10 @@ def egress_refusal(
     why = non_global_reason(ip)
     if why is not None:
         return why
+    own_set = own if isinstance(own, NetworkSet) else NetworkSet(own)
     for form in forms(ip):
-        for net in own:
-            if form.version == net.version and form in net:
-                return f"{form} is an address of this host"
+        if form in own_set:
+            return f"{form} is an address of this host"
         for net in block:
             if form.version == net.version and form in net:
                 return f"{form} is inside the blocked range {net}"

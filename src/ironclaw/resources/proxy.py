@@ -46,6 +46,7 @@ from ironclaw.policy.addresses import (
     AddressRule,
     IPAddress,
     IPNetwork,
+    NetworkSet,
     egress_refusal,
     forms,
     is_ip_literal,
@@ -170,7 +171,7 @@ class ProxyServer:
         )
         self.sandbox_id = sandbox_id
         #: The host's addresses, read once: what an allowed name must never point at.
-        self.own = tuple(own) if own is not None else local_networks()
+        self.own = NetworkSet(own if own is not None else local_networks())
         #: And asked of the kernel per address, unless any address may be bound here.
         self.probe_local = not nonlocal_bind()
         self._config = ProxyConfig()

@@ -191,6 +191,11 @@ AMBIGUOUS = {
     "tab-in-request-line": b"GET\thttp://ok.allowed.test/ HTTP/1.1\r\n"
     b"Host: ok.allowed.test\r\n\r\n",
     "bare-cr": b"GET http://ok.allowed.test/ HTTP/1.1\r\nHost: ok.allowed.test\rX-A: b\r\n\r\n",
+    "connection-drops-length": b"POST http://ok.allowed.test/ HTTP/1.1\r\n"
+    b"Host: ok.allowed.test\r\nContent-Length: 41\r\nConnection: content-length\r\n\r\n"
+    b"GET / HTTP/1.1\r\nHost: meta.allowed.test\r\n\r\n",
+    "connection-drops-host": b"GET http://ok.allowed.test/ HTTP/1.1\r\n"
+    b"Host: ok.allowed.test\r\nConnection: Host\r\n\r\n",
     "userinfo": b"GET http://ok.allowed.test@meta.allowed.test/ HTTP/1.1\r\n"
     b"Host: meta.allowed.test\r\n\r\n",
 }

@@ -139,7 +139,14 @@ def _framing(msg: Message, version: str) -> Framing | None:
 
 
 def request_framing(msg: Message) -> Framing:
-    """How the request's body is delimited: no framing headers means no body."""
+    """How the request's body is delimited: no framing headers means no body.
+
+    A Connection header naming Host or a framing header is refused: a proxy drops the
+    headers it names, and the server would then read the body as further requests.
+    """
+    named = {"host", "content-length", "transfer-encoding"} & set(msg.tokens("connection"))
+    if named:
+        raise BadMessage(f"Connection header names {', '.join(sorted(named))}")
     framing = _framing(msg, msg.start[2])
     return 0 if framing is None else framing
 

@@ -157,9 +157,15 @@ def test_request_smuggled_in_a_body_is_parsed_and_checked(lab: Lab) -> None:
     assert statuses(got) == [200, 403]
     assert b"POST / HTTP/1.1:ok.allowed.test:5" in got
     assert b"meta.allowed.test" in got
-    chunked = b"5\r\nhello\r\n0\r\n\r\n"
+    # Chunked, with an extension and a trailer: both are dropped on the way (the server
+    # sees the 15 bytes of "5 hello 0"), and the request after the last chunk is checked.
+    chunked = b"5;x=1\r\nhello\r\n0\r\nX-T: y\r\n\r\n"
     got = lab.exchange(_post("ok.allowed.test", chunked, "Transfer-Encoding: chunked\r\n") + hidden)
     assert statuses(got) == [200, 403]
+    assert b"POST / HTTP/1.1:ok.allowed.test:15" in got
+    bad = b"5\r\nhello\r\nzz\r\n"  # not a chunk size: refused mid-body, nothing after it
+    got = lab.exchange(_post("ok.allowed.test", bad, "Transfer-Encoding: chunked\r\n") + hidden)
+    assert statuses(got) == [400]
     # Control: a body that merely contains request-like bytes is passed on as body.
     got = lab.exchange(
         _post("ok.allowed.test", hidden, f"Content-Length: {len(hidden)}\r\nConnection: close\r\n")

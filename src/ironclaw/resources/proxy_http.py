@@ -188,12 +188,13 @@ async def relay_body(
         if not _HEX.fullmatch(size_text):
             raise BadMessage(f"bad chunk size {size_text[:20]!r}")
         size = int(size_text, 16)
-        writer.write(line + b"\r\n")
+        # Re-encoded, not copied: chunk extensions and trailers are where parsers differ,
+        # so neither is passed on (both are optional to act on).
+        writer.write(b"%x\r\n" % size)
         if size == 0:
             while trailer := await _line(reader, 4096):
                 if trailer[0:1] in (b" ", b"\t") or b":" not in trailer:
                     raise BadMessage("malformed trailer line")
-                writer.write(trailer + b"\r\n")
             writer.write(b"\r\n")
             await writer.drain()
             return

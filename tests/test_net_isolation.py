@@ -192,6 +192,7 @@ async def test_domain_allow_list_through_proxy(
     mgr = NetworkManager(
         Settings.from_env({"IRONCLAW_HOME": str(tmp_path)}),
         proxy_hosts={"allowed.test": a.ip, "denied.test": a.ip, "loop.allowed.test": "127.0.0.1"},
+        proxy_allow=(a.ip,),  # the peer is private: reachable by an explicit address rule
     )
     policy = NetworkPolicy(allow_domains=("allowed.test", "*.allowed.test"))
     net = await mgr.create("proxy-user", policy, slot=40)

@@ -123,6 +123,7 @@ async def test_domain_allow_list_from_a_sandbox(
         pool=manager.net.pool.with_prefixlen,
         proxy_hosts={"allowed.test": a.ip, "denied.test": a.ip},
         proxy_uid=manager.uid_base - 1,
+        proxy_allow=(a.ip,),  # the peer is private: reachable by an explicit address rule
     )
     rec = await manager.create({"network": {"allow_domains": ["allowed.test"]}})
     r = await manager.exec(

@@ -58,9 +58,12 @@ GUEST_MODULES = (
     "rpc",
     "guest",
     "policy/__init__.py",
+    "policy/addresses.py",
     "policy/domains.py",
     "resources/__init__.py",
+    "resources/host_addresses.py",
     "resources/proxy.py",
+    "resources/proxy_http.py",
 )
 
 _PACKAGE_DIR = Path(ironclaw.__file__).resolve().parent

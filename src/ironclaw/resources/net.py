@@ -192,6 +192,7 @@ class NetworkManager:
         firewall: Firewall | None = None,
         proxy_hosts: Mapping[str, str] | None = None,
         proxy_uid: int | None = None,
+        proxy_allow: tuple[str, ...] = (),
     ) -> None:
         try:
             self.pool = ipaddress.IPv4Network(pool, strict=True)
@@ -203,6 +204,12 @@ class NetworkManager:
         self.firewall = firewall or Firewall(table=table)
         #: name -> address map the egress proxy consults before DNS (tests, air-gapped hosts).
         self.proxy_hosts = dict(proxy_hosts or {})
+        #: Networks the egress proxy may reach although not global (an internal mirror):
+        #: without an address rule it connects to global unicast addresses only.
+        try:
+            self.proxy_allow = tuple(str(ipaddress.ip_network(n)) for n in proxy_allow)
+        except ValueError as exc:
+            raise ConfigError(f"bad proxy address allow: {exc}") from None
         #: The egress proxies' own unprivileged uid: just below the sandboxes' range.
         self.proxy_uid = (
             proxy_uid
@@ -357,24 +364,28 @@ class NetworkManager:
 
     def _write_proxy_config(self, sandbox_id: str, policy: NetworkPolicy) -> Path:
         # In a directory of its own that only the proxy's uid may search: the proxy keeps a
-        # descriptor to it and re-reads the policy from there after dropping root.
+        # descriptor to it and re-reads the policy from there after dropping root. That uid
+        # may plant links in it, so root writes there only through _write_untrusted_dir.
         directory = safe_join(self._runtime_dir(sandbox_id), "proxy")
-        directory.mkdir(mode=0o700, exist_ok=True)
-        os.chown(directory, self.proxy_uid, self.proxy_uid)
-        path = safe_join(directory, "proxy.json")
-        tmp = safe_join(directory, "proxy.json.tmp")
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(directory, 0o700)
+        # Address rules the sandbox may use directly may also be reached through the proxy.
+        rules: list[dict[str, Any]] = [
+            {"network": str(r.network), "port": r.port}
+            for r in policy.allow
+            if r.proto in (None, "tcp")
+        ]
+        rules += [{"network": n, "port": None} for n in self.proxy_allow]
         doc = {
             "sandbox_id": sandbox_id,
             "allow_domains": list(policy.allow_domains),
             "deny_domains": list(policy.deny_domains),
             "hosts": self.proxy_hosts,
             "block": [str(self.pool)],
+            "allow_addresses": rules,
         }
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f)
-        os.replace(tmp, path)  # the proxy sees the old or the new file, never half of one
-        return path
+        _write_untrusted_dir(directory, "proxy.json", json.dumps(doc).encode(), self.proxy_uid)
+        return safe_join(directory, "proxy.json")
 
     async def _start_proxy(self, net: SandboxNetwork, policy: NetworkPolicy) -> int:
         sid = net.sandbox_id
@@ -491,6 +502,40 @@ class NetworkManager:
         }
         path = self.audit_path(sandbox_id)
         await asyncio.to_thread(_append_line, path, json.dumps(record))
+
+
+def _write_untrusted_dir(directory: Path, name: str, data: bytes, owner: int) -> None:
+    """Atomically replace ``directory/name`` as root, where ``owner`` may plant links.
+
+    Nothing there is followed: the directory is opened with O_NOFOLLOW and chowned through
+    that descriptor, the temporary file (an unguessable name) is created relative to it
+    with O_CREAT|O_EXCL|O_NOFOLLOW, and the rename stays within it (a rename replaces a
+    planted link, it never writes through one). The readers see the old or the new file.
+    """
+    try:
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise NetworkError(f"cannot open {directory} (it must be a real directory): {exc}") from exc
+    tmp = f".{name}.{os.urandom(8).hex()}"
+    try:
+        os.fchown(dfd, owner, owner)
+        os.fchmod(dfd, 0o700)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o644, dir_fd=dfd)
+        try:
+            os.fchmod(fd, 0o644)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dfd)
+        raise NetworkError(f"cannot write {name} in {directory}: {exc}") from exc
+    finally:
+        os.close(dfd)
 
 
 def _append_line(path: Path, line: str) -> None:

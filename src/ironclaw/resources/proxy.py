@@ -1,20 +1,26 @@
 """Per-sandbox egress proxy: the only way a sandbox reaches hosts by name.
 
 The sandbox's firewall chain lets it reach nothing but this proxy (plus address allows),
-so a name the proxy refuses cannot be reached some other way. The proxy resolves names
-itself (a hosts map first, then the system resolver) so the sandbox needs no DNS, and
-it checks names, not addresses:
+so a name the proxy refuses cannot be reached some other way. Everything the sandbox
+sends is hostile, so the proxy:
 
+* accepts names only, never address literals (``CONNECT 10.0.0.1:443``,
+  ``http://[::1]/``, ``http://2130706433/`` are refused): the policy is names;
 * ``CONNECT name:443``: allowed names only, and the TLS ClientHello that follows must
-  carry the same name as SNI; the upstream connection is opened only after that check.
-* ``GET http://name/...`` (port 80): the URL host and the ``Host`` header must agree.
+  carry the same name as SNI; the upstream connection is opened only after that check;
+* ``GET http://name/...`` (port 80): every request of a keep-alive connection is parsed
+  and checked, and the ``Host`` header must agree with the URL; anything two parsers
+  could read differently gets 400 (:mod:`ironclaw.resources.proxy_http`);
+* resolves each name once (a hosts map first, then the system resolver), refuses the
+  name if any address is not global unicast (:mod:`ironclaw.policy.addresses`: the IPv4
+  inside mapped, compatible, 6to4, NAT64 and Teredo forms included), inside the sandbox
+  pool or one of the host's own addresses (:mod:`ironclaw.resources.host_addresses`),
+  unless an explicit address rule allows it, and connects to the checked address,
+  never by name again.
 
-Deny patterns win over allow patterns. Resolved addresses that are loopback, link-local,
-multicast, unspecified or inside a blocked range (the sandbox pool) are refused, so an
-allowed name cannot be pointed back at the host or at another sandbox. Every decision
-is appended to the sandbox's audit log as one JSON line. The policy file is re-read
-when it changes (checked per connection), so an update is in force as soon as the
-manager's atomic rename returns.
+Deny patterns win over allow patterns. Every decision is appended to the sandbox's audit
+log as one JSON line. The policy file is re-read when it changes (checked per request),
+so an update is in force as soon as the manager's atomic rename returns.
 
 Run as ``python -m ironclaw.resources.proxy --listen ADDR:PORT --config FILE --audit FILE``;
 it prints ``READY`` once listening.
@@ -36,14 +42,44 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ironclaw.policy.addresses import (
+    AddressRule,
+    IPAddress,
+    IPNetwork,
+    NetworkSet,
+    egress_refusal,
+    forms,
+    is_ip_literal,
+)
 from ironclaw.policy.domains import domain_allowed
+from ironclaw.resources.host_addresses import is_local_address, local_networks, nonlocal_bind
+from ironclaw.resources.proxy_http import (
+    EOF,
+    BadMessage,
+    Message,
+    parse_sni,
+    read_message,
+    relay_body,
+    request_framing,
+    response_framing,
+    split_absolute,
+)
 
 __all__ = ["ProxyConfig", "ProxyServer", "main", "parse_sni"]
 
 _HEAD_LIMIT = 16384
 _HEAD_TIMEOUT = 15.0
 _CONNECT_TIMEOUT = 10.0
-_HOP_HEADERS = {"proxy-connection", "proxy-authorization", "connection", "keep-alive"}
+_HOP_HEADERS = {
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "upgrade",
+}
 
 
 @dataclass
@@ -51,8 +87,12 @@ class ProxyConfig:
     sandbox_id: str = ""
     allow_domains: tuple[str, ...] = ()
     deny_domains: tuple[str, ...] = ()
-    hosts: dict[str, str] = field(default_factory=dict)
-    block: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    #: name -> address or addresses, consulted before DNS (tests, air-gapped hosts)
+    hosts: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: never connected to: the sandbox pool
+    block: tuple[IPNetwork, ...] = ()
+    #: explicit address rules: the only way to reach a non-global or host address
+    allow_addresses: tuple[AddressRule, ...] = ()
 
     @classmethod
     def from_file(cls, path: str) -> ProxyConfig:
@@ -62,49 +102,22 @@ class ProxyConfig:
     @classmethod
     def from_json(cls, data: bytes) -> ProxyConfig:
         doc: dict[str, Any] = json.loads(data)
+        hosts = {
+            str(k).lower().rstrip("."): (v,) if isinstance(v, str) else tuple(map(str, v))
+            for k, v in doc.get("hosts", {}).items()
+        }
         return cls(
             sandbox_id=str(doc.get("sandbox_id", "")),
             allow_domains=tuple(doc.get("allow_domains", ())),
             deny_domains=tuple(doc.get("deny_domains", ())),
-            hosts={str(k).lower(): str(v) for k, v in doc.get("hosts", {}).items()},
+            hosts=hosts,
             block=tuple(ipaddress.ip_network(b) for b in doc.get("block", ())),
+            allow_addresses=tuple(AddressRule.from_json(r) for r in doc.get("allow_addresses", ())),
         )
 
 
 class _Denied(Exception):
     """A request refused by policy; the message goes to the audit log and the client."""
-
-
-def parse_sni(hello: bytes) -> str | None:
-    """The server name of a TLS ClientHello record, or None if absent or malformed."""
-    try:
-        if len(hello) < 5 or hello[0] != 0x16:
-            return None
-        body = hello[5 : 5 + int.from_bytes(hello[3:5], "big")]
-        if body[0] != 0x01:  # handshake type client_hello
-            return None
-        pos = 4 + 2 + 32  # handshake header, legacy version, random
-        pos += 1 + body[pos]  # session id
-        pos += 2 + int.from_bytes(body[pos : pos + 2], "big")  # cipher suites
-        pos += 1 + body[pos]  # compression methods
-        end = pos + 2 + int.from_bytes(body[pos : pos + 2], "big")
-        pos += 2
-        while pos + 4 <= end:
-            etype = int.from_bytes(body[pos : pos + 2], "big")
-            elen = int.from_bytes(body[pos + 2 : pos + 4], "big")
-            ext = body[pos + 4 : pos + 4 + elen]
-            pos += 4 + elen
-            if etype != 0:  # server_name
-                continue
-            p = 2
-            while p + 3 <= len(ext):
-                ntype, nlen = ext[p], int.from_bytes(ext[p + 1 : p + 3], "big")
-                if ntype == 0:
-                    return ext[p + 3 : p + 3 + nlen].decode("ascii").lower()
-                p += 3 + nlen
-        return None
-    except (IndexError, UnicodeDecodeError):
-        return None
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -118,10 +131,33 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         pass
 
 
-class ProxyServer:
-    """The proxy's state: listening socket, current policy, audit sink."""
+def _reply(writer: asyncio.StreamWriter, status: str, text: str) -> None:
+    body = f"ironclaw egress proxy: {text}\n".encode()
+    writer.write(
+        f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n".encode()
+        + body
+    )
 
-    def __init__(self, config_path: str, audit_path: str, sandbox_id: str) -> None:
+
+def _authority_host(authority: str) -> tuple[str, int]:
+    """Host and port of a Host header or CONNECT target, lower-cased, no trailing dot."""
+    host, port, path = split_absolute("http://" + authority)
+    if path != "/" or authority.endswith("/"):
+        raise BadMessage(f"bad authority {authority!r}")
+    return host.rstrip("."), port
+
+
+class ProxyServer:
+    """The proxy's state: listening socket, current policy, audit sink, own addresses."""
+
+    def __init__(
+        self,
+        config_path: str,
+        audit_path: str,
+        sandbox_id: str,
+        own: Sequence[IPNetwork] | None = None,
+    ) -> None:
         # Both are opened now, while the proxy may still be root: after it drops to its
         # own uid it can no longer walk IronClaw's 0700 directories. The policy is then
         # re-read relative to its directory's descriptor (only that directory, owned by
@@ -134,15 +170,23 @@ class ProxyServer:
             audit_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
         )
         self.sandbox_id = sandbox_id
+        #: The host's addresses, read once: what an allowed name must never point at.
+        self.own = NetworkSet(own if own is not None else local_networks())
+        #: And asked of the kernel per address, unless any address may be bound here.
+        self.probe_local = not nonlocal_bind()
         self._config = ProxyConfig()
         self._config_key: tuple[int, int, int] | None = None
 
     def config(self) -> ProxyConfig:
         """Current policy; re-read whenever the file was replaced."""
-        st = os.stat(self.config_name, dir_fd=self.config_dir)
+        st = os.stat(self.config_name, dir_fd=self.config_dir, follow_symlinks=False)
         key = (st.st_ino, st.st_mtime_ns, st.st_size)
         if key != self._config_key:
-            fd = os.open(self.config_name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.config_dir)
+            fd = os.open(
+                self.config_name,
+                os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW,
+                dir_fd=self.config_dir,
+            )
             with os.fdopen(fd, "rb") as f:
                 self._config = ProxyConfig.from_json(f.read())
             self._config_key = key
@@ -159,122 +203,200 @@ class ProxyServer:
         # One write per line on an O_APPEND descriptor: lines never interleave.
         os.write(self.audit_fd, (json.dumps(record) + "\n").encode())
 
-    async def resolve(self, cfg: ProxyConfig, host: str, port: int) -> str:
+    async def resolve(self, cfg: ProxyConfig, host: str, port: int) -> list[IPAddress]:
+        """Every address of ``host``, each checked; refused if any one is forbidden."""
         if host in cfg.hosts:
-            addrs = [cfg.hosts[host]]
+            texts = list(cfg.hosts[host])
         else:
             loop = asyncio.get_running_loop()
             try:
-                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                infos = await loop.getaddrinfo(
+                    host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+                )
             except OSError as exc:
                 raise _Denied(f"cannot resolve {host}: {exc}") from None
-            addrs = [str(info[4][0]) for info in infos]
-        for addr in addrs:
-            ip = ipaddress.ip_address(addr)
-            bad = (
-                ip.is_loopback
-                or ip.is_link_local
-                or ip.is_multicast
-                or ip.is_unspecified
-                or any(ip in net for net in cfg.block)
-            )
-            if not bad:
-                return addr
-        raise _Denied(f"{host} resolves only to forbidden addresses {addrs}")
+            texts = [str(info[4][0]) for info in infos]
+        addrs: list[IPAddress] = []
+        for text in dict.fromkeys(texts):
+            try:
+                ip = ipaddress.ip_address(text.split("%", 1)[0])
+            except ValueError:
+                raise _Denied(f"{host} resolves to {text!r}, not an address") from None
+            why = egress_refusal(ip, port, allow=cfg.allow_addresses, block=cfg.block, own=self.own)
+            explicit = any(rule.covers(ip, port) for rule in cfg.allow_addresses)
+            if why is None and self.probe_local and not explicit:
+                local = [str(f) for f in forms(ip) if is_local_address(f)]
+                if local:
+                    why = f"{local[-1]} is an address of this host"
+            if why is not None:
+                raise _Denied(f"{host} resolves to forbidden address {ip}: {why}")
+            addrs.append(ip)
+        if not addrs:
+            raise _Denied(f"{host} has no address")
+        return addrs
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
-        info: dict[str, Any] = {"client": f"{peer[0]}:{peer[1]}" if peer else None}
+        client = f"{peer[0]}:{peer[1]}" if peer else None
         try:
-            async with asyncio.timeout(_HEAD_TIMEOUT):
-                head = await reader.readuntil(b"\r\n\r\n")
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
-            writer.close()
-            return
-        try:
-            await self._serve(head, reader, writer, info)
-        except _Denied as exc:
-            self.audit("deny", reason=str(exc), **info)
-            with contextlib.suppress(OSError):
-                if not info.get("tunnel_open"):
-                    body = f"ironclaw egress proxy: {exc}\n".encode()
-                    writer.write(
-                        b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\n"
-                        + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                        + body
-                    )
-                    await writer.drain()
-        except (ConnectionError, OSError, TimeoutError) as exc:
-            self.audit("error", reason=f"{type(exc).__name__}: {exc}", **info)
+            while True:
+                info: dict[str, Any] = {"client": client}
+                if not await self._one(reader, writer, info):
+                    break
+        except (ConnectionError, OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            self.audit("error", reason=f"{type(exc).__name__}: {exc}", client=client)
         finally:
             writer.close()
 
-    async def _serve(
+    async def _one(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, info: dict[str, Any]
+    ) -> bool:
+        """Serve one request; True if the connection may carry another."""
+        try:
+            try:
+                async with asyncio.timeout(_HEAD_TIMEOUT):
+                    req = await read_message(reader, request=True, limit=_HEAD_LIMIT)
+            except TimeoutError:
+                return False
+            if req is None:
+                return False
+            info["method"] = req.start[0]
+            cfg = self.config()
+            if req.start[0] == "CONNECT":
+                await self._connect(cfg, req, reader, writer, info)
+                return False
+            return await self._forward(cfg, req, reader, writer, info)
+        except BadMessage as exc:
+            self.audit("deny", reason=f"bad request: {exc}", **info)
+            if not info.get("tunnel_open"):
+                with contextlib.suppress(OSError):
+                    _reply(writer, "400 Bad Request", str(exc))
+                    await writer.drain()
+            return False
+        except _Denied as exc:
+            self.audit("deny", reason=str(exc), **info)
+            if not info.get("tunnel_open"):
+                with contextlib.suppress(OSError):
+                    _reply(writer, "403 Forbidden", str(exc))
+                    await writer.drain()
+            return False
+
+    def _check_name(self, cfg: ProxyConfig, host: str) -> None:
+        if is_ip_literal(host):
+            raise _Denied(f"{host}: address literals are refused; the policy allows names")
+        ok, reason = domain_allowed(host, cfg.allow_domains, cfg.deny_domains)
+        if not ok:
+            raise _Denied(f"{host}: {reason}")
+
+    async def _connect(
         self,
-        head: bytes,
+        cfg: ProxyConfig,
+        req: Message,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         info: dict[str, Any],
     ) -> None:
-        lines = head.decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ")
-        if len(parts) != 3:
-            raise _Denied("malformed request line")
-        method, target, version = parts
-        headers = [tuple(h.split(":", 1)) for h in lines[1:] if ":" in h]
-        info["method"] = method
-        cfg = self.config()
-        if method == "CONNECT":
-            host, _, port_text = target.rpartition(":")
-            host = host.strip("[]").lower().rstrip(".")
-            info.update(host=host, port=port_text)
-            if port_text != "443":
-                raise _Denied("CONNECT is allowed to port 443 only")
-            self._check_name(cfg, host)
-            addr = await self.resolve(cfg, host, 443)
-            info["addr"] = addr
-            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            await writer.drain()
-            info["tunnel_open"] = True
-            hello = await self._read_client_hello(reader)
-            sni = parse_sni(hello)
-            if sni != host:
-                raise _Denied(f"TLS SNI {sni!r} does not match CONNECT host {host!r}")
-            up_reader, up_writer = await self._open(addr, 443)
-            up_writer.write(hello)
-            self.audit("allow", **{k: v for k, v in info.items() if k != "tunnel_open"})
-            await self._splice(reader, writer, up_reader, up_writer)
-            return
-        if not target.startswith("http://"):
+        target = req.start[1]
+        host, port = _authority_host(target)
+        if target.rpartition(":")[2] != "443" or port != 443:
+            info.update(host=host, port=str(port))
+            raise _Denied("CONNECT is allowed to port 443 only")
+        info.update(host=host, port="443")
+        hosts = req.get_all("host")
+        if len(hosts) > 1:
+            raise BadMessage("more than one Host header")
+        if hosts and _authority_host(hosts[0])[0] != host:
+            raise BadMessage(f"Host header {hosts[0]!r} does not match CONNECT {target!r}")
+        if req.get_all("content-length") or req.get_all("transfer-encoding"):
+            raise BadMessage("CONNECT with a body")
+        self._check_name(cfg, host)
+        addrs = await self.resolve(cfg, host, 443)
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await writer.drain()
+        info["tunnel_open"] = True
+        hello = await self._read_client_hello(reader)
+        sni = parse_sni(hello)
+        if sni is None or sni.rstrip(".") != host:
+            raise _Denied(f"TLS SNI {sni!r} does not match CONNECT host {host!r}")
+        up_reader, up_writer = await self._open(addrs, 443, info)
+        up_writer.write(hello)
+        self.audit("allow", **{k: v for k, v in info.items() if k != "tunnel_open"})
+        try:
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        finally:
+            up_writer.close()
+
+    async def _forward(
+        self,
+        cfg: ProxyConfig,
+        req: Message,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        info: dict[str, Any],
+    ) -> bool:
+        method, target, version = req.start
+        if not target[:7].lower() == "http://":
             raise _Denied("only CONNECT and absolute http:// requests are proxied")
-        rest = target[len("http://") :]
-        authority, slash, path = rest.partition("/")
-        host, _, port_text = authority.rpartition(":") if ":" in authority else (authority, "", "")
-        host = host.lower().rstrip(".")
-        port = int(port_text) if port_text.isdigit() else (80 if not port_text else -1)
+        host, port, path = split_absolute(target)
+        host = host.rstrip(".")
         info.update(host=host, port=str(port))
+        hosts = req.get_all("host")
+        if len(hosts) != 1:
+            raise BadMessage("more than one Host header" if hosts else "no Host header")
+        if _authority_host(hosts[0]) != (host, port):
+            raise BadMessage(f"Host header {hosts[0]!r} does not match URL host {host!r}")
+        framing = request_framing(req)
         if port != 80:
             raise _Denied("plain HTTP is allowed to port 80 only")
-        host_hdr = next((v.strip() for k, v in headers if k.strip().lower() == "host"), None)
-        hdr_name = (host_hdr or "").lower().rstrip(".")
-        hdr_name = hdr_name[: -len(":80")] if hdr_name.endswith(":80") else hdr_name
-        if hdr_name != host:
-            raise _Denied(f"Host header {host_hdr!r} does not match URL host {host!r}")
         self._check_name(cfg, host)
-        addr = await self.resolve(cfg, host, 80)
-        info["addr"] = addr
-        up_reader, up_writer = await self._open(addr, 80)
-        out = [f"{method} {slash}{path} {version}"]
-        out += [f"{k}:{v}" for k, v in headers if k.strip().lower() not in _HOP_HEADERS]
-        out.append("Connection: close")
-        up_writer.write(("\r\n".join(out) + "\r\n\r\n").encode("latin-1"))
-        self.audit("allow", **info)
-        await self._splice(reader, writer, up_reader, up_writer)
+        addrs = await self.resolve(cfg, host, 80)
+        up_reader, up_writer = await self._open(addrs, 80, info)
+        try:
+            drop = _HOP_HEADERS | set(req.tokens("connection"))
+            out = [f"{method} {path} {version}"]
+            out += [f"{k}: {v}" for k, v in req.headers if k.lower() not in drop]
+            out.append("Connection: close")
+            up_writer.write(("\r\n".join(out) + "\r\n\r\n").encode("latin-1"))
+            self.audit("allow", **info)
+            await relay_body(reader, up_writer, framing)
+            return await self._response(method, version, req, up_reader, writer)
+        finally:
+            up_writer.close()
 
-    def _check_name(self, cfg: ProxyConfig, host: str) -> None:
-        ok, reason = domain_allowed(host, cfg.allow_domains, cfg.deny_domains)
-        if not ok:
-            raise _Denied(f"{host}: {reason}")
+    async def _response(
+        self,
+        method: str,
+        version: str,
+        req: Message,
+        up_reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> bool:
+        """Relay the upstream response; True if the client connection stays usable."""
+        try:
+            while True:
+                resp = await read_message(up_reader, request=False, limit=_HEAD_LIMIT)
+                if resp is None:
+                    raise BadMessage("upstream closed without a response")
+                status = int(resp.start[1])
+                if status == 101:
+                    raise BadMessage("upstream switched protocols")
+                framing = response_framing(resp, method)
+                head = [" ".join(resp.start).rstrip()]
+                head += [f"{k}: {v}" for k, v in resp.headers]
+                writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+                if status >= 200:
+                    break
+        except BadMessage as exc:
+            _reply(writer, "502 Bad Gateway", f"upstream: {exc}")
+            await writer.drain()
+            return False
+        try:
+            await relay_body(up_reader, writer, framing)
+        except BadMessage:
+            return False  # the upstream's framing broke mid-body: end the connection
+        await writer.drain()
+        closing = "close" in req.tokens("connection") or "close" in resp.tokens("connection")
+        return framing != EOF and version == "HTTP/1.1" and not closing
 
     async def _read_client_hello(self, reader: asyncio.StreamReader) -> bytes:
         try:
@@ -288,25 +410,26 @@ class ProxyServer:
             raise _Denied("no TLS ClientHello received") from None
 
     async def _open(
-        self, addr: str, port: int
+        self, addrs: Sequence[IPAddress], port: int, info: dict[str, Any]
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        try:
-            async with asyncio.timeout(_CONNECT_TIMEOUT):
-                return await asyncio.open_connection(addr, port)
-        except (OSError, TimeoutError) as exc:
-            raise _Denied(f"upstream {addr}:{port} unreachable: {exc}") from None
-
-    async def _splice(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        up_reader: asyncio.StreamReader,
-        up_writer: asyncio.StreamWriter,
-    ) -> None:
-        try:
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
-        finally:
-            up_writer.close()
+        """Connect to the first reachable checked address: by address, no second lookup."""
+        loop = asyncio.get_running_loop()
+        errors: list[str] = []
+        for ip in addrs:
+            family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.setblocking(False)
+            try:
+                async with asyncio.timeout(_CONNECT_TIMEOUT):
+                    await loop.sock_connect(sock, (str(ip), port))
+                reader, writer = await asyncio.open_connection(sock=sock, limit=_HEAD_LIMIT)
+            except (OSError, TimeoutError) as exc:
+                sock.close()
+                errors.append(f"{ip}: {exc or type(exc).__name__}")
+                continue
+            info["addr"] = str(ip)
+            return reader, writer
+        raise _Denied(f"upstream port {port} unreachable: {'; '.join(errors)}")
 
 
 def drop_privileges(uid: int) -> None:

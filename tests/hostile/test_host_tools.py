@@ -288,6 +288,8 @@ def test_specs_and_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.delenv("IRONCLAW_TEST_SECRET", raising=False)
     with pytest.raises(ConfigError, match=r"needs \$IRONCLAW_TEST_SECRET"):
         server_spec().resolve({})
+    with pytest.raises(ConfigError, match=r"needs \$IRONCLAW_TEST_SECRET"):
+        HostTools([server_spec()], Approver())  # before any server or sandbox starts
     for bad in (
         {"name": "a__b", "command": "x"},
         {"name": "a", "command": "x", "url": "http://h/"},

@@ -221,7 +221,9 @@ class HostTools:
         self.environ = dict(os.environ if environ is None else environ)
         self.max_call_s = max_call_s
         self.max_result_chars = max_result_chars
-        self._emit = emit
+        self.emit = emit
+        for spec in self.specs:
+            spec.resolve(self.environ)  # every variable it needs is set: fail before starting
         self._stack = contextlib.AsyncExitStack()
         self._sessions: dict[str, ClientSession] = {}
         self._tools: dict[str, tuple[str, str]] = {}  # exposed -> (server, tool)
@@ -250,8 +252,8 @@ class HostTools:
             await self.aclose()
             raise
         self.approver.policy.rules.extend(self._rules)
-        if self._emit is not None and self.specs:
-            await self._emit("host_tools.ready", servers=[s.name for s in self.specs],
+        if self.specs:
+            await self._event("host_tools.ready", servers=[s.name for s in self.specs],
                              tools=[t.name for t in self.tools])  # fmt: skip
 
     async def _start_one(self, spec: HostServerSpec) -> None:
@@ -311,8 +313,8 @@ class HostTools:
         return text
 
     async def _event(self, kind: str, **fields: Any) -> None:
-        if self._emit is not None:
-            await self._emit(kind, **fields)
+        if self.emit is not None:
+            await self.emit(kind, **fields)
 
     # -- channel handlers -------------------------------------------------------------------
     async def handle_list(self, params: Any, ctx: CallContext) -> dict[str, Any]:

@@ -132,6 +132,8 @@ async def run_task(
         raise ConfigError("two MCP servers share a name")
     if spec.host_tools and any(s["name"] == "host" for s in servers):
         raise ConfigError("an MCP server in the sandbox cannot be named 'host' with host tools")
+    # Built before the sandbox: a missing secret is reported before anything exists.
+    host_tools = HostTools(spec.host_tools, approver, max_call_s=spec.budget.tool_timeout_s)
 
     created = False
     if sandbox_id is not None and await _running(manager, sandbox_id):
@@ -150,8 +152,6 @@ async def run_task(
             on_event(record)
 
     gateway = Gateway(provider, on_event=emit)
-    host_tools = HostTools(spec.host_tools, approver, emit=emit,
-                           max_call_s=spec.budget.tool_timeout_s)  # fmt: skip
     outcome: dict[str, Any] = {"status": "error", "steps": 0, "tool_calls": 0}
     try:
         peer = await manager.peer(sid)
@@ -189,6 +189,7 @@ async def run_task(
         peer.register("tool.authorize", authorize)
         peer.register("agent.event", agent_event)
         # Host tools: credentialed MCP servers on this side, each call decided here.
+        host_tools.emit = emit
         peer.register(HOSTTOOLS_LIST, host_tools.handle_list)
         peer.register(HOSTTOOLS_CALL, host_tools.handle_call)
         await emit(

@@ -34,13 +34,18 @@ from ironclaw.agent.host_tools import (
 )
 from ironclaw.agent.tasks import TaskSpec, run_task
 from ironclaw.errors import ConfigError, ProtocolError
+from ironclaw.guest.agent_loop import AgentLoop, TaskRequest, ToolCall
 from ironclaw.host.manager import SandboxManager
 from ironclaw.proto.host_tools_methods import (
+    HOSTTOOLS_CALL,
+    HOSTTOOLS_LIST,
     HostToolsCallRequest,
     HostToolsCallResult,
     HostToolsListRequest,
     HostToolsListResult,
 )
+from ironclaw.rpc import CallContext, Peer
+from ironclaw.transport import unix
 
 SERVER = Path(__file__).with_name("host_secret_server.py")
 DELETE = "host__secretsrv__delete_repo"
@@ -347,3 +352,48 @@ def test_methods_decode_strictly() -> None:
         HostToolsListResult.from_json({"tools": [tool, tool]})
     with pytest.raises(ProtocolError):
         HostToolsListResult.from_json({"tools": [{**tool, "input_schema": "{}"}]})
+
+
+async def test_over_the_channel_guest_loop_and_a_hostile_caller(
+    secret_env: dict[str, str],
+) -> None:
+    """The guest loop's side over a real socketpair; a malformed call is refused whole."""
+    token, marker = secret_env["IRONCLAW_TEST_SECRET"], Path(secret_env["IRONCLAW_TEST_MARKER"])
+    a, b = socket.socketpair()
+    host = Peer(unix.from_socket(a, initiator=True), name="host")
+    guest = Peer(unix.from_socket(b, initiator=False), name="guest")
+    await host.start()
+    await guest.start()
+    loop = AgentLoop(TaskRequest.from_json({"task": "t"}), guest, workdir="/")
+    events: list[Any] = []
+
+    async def agent_event(params: Any, ctx: CallContext) -> dict[str, Any]:
+        events.append(params)
+        return {"ok": True}
+
+    host.register("agent.event", agent_event)
+    try:
+        # A host without host tools: the loop offers none and goes on.
+        assert await loop._list_host_tools() == [] and loop.host_tools == frozenset()
+        async with HostTools([server_spec(green=["whoami"])], Approver(mode="green-only")) as tools:
+            host.register(HOSTTOOLS_LIST, tools.handle_list)
+            host.register(HOSTTOOLS_CALL, tools.handle_call)
+            offered = await loop._list_host_tools()
+            assert "host__secretsrv__whoami" in {t["name"] for t in offered}
+            assert token not in json.dumps(offered)
+            deadline = asyncio.get_running_loop().time() + 30
+            ok = await loop._host_call(ToolCall("1", "host__secretsrv__whoami", {}), deadline)
+            assert (ok.content, ok.is_error) == (derived(token), False)
+            red = await loop._host_call(ToolCall("2", DELETE, {"repo": "r"}), deadline)
+            assert red.is_error and "refused" in red.content
+            # A guest that smuggles an extra field (or skips the loop) gets invalid params.
+            bad = {**req("delete_repo", {"repo": "r"}).to_json(), "approved": True}
+            with pytest.raises(ConfigError, match="unknown field"):
+                await guest.call(HOSTTOOLS_CALL, bad)
+        assert not marker.exists()
+        assert [(e["name"], e["executed"]) for e in events] == [
+            ("host__secretsrv__whoami", True), (DELETE, False)
+        ]  # fmt: skip
+    finally:
+        await guest.aclose()
+        await host.aclose()

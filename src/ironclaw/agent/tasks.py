@@ -19,12 +19,14 @@ from typing import Any
 
 from ironclaw.agent.approval import Approver
 from ironclaw.agent.gateway import Gateway, Provider, provider_from_name
+from ironclaw.agent.host_tools import HostServerSpec, HostTools
 from ironclaw.agent.trace import TraceWriter, merge_network_audit, state_trace_path
 from ironclaw.config import safe_join
 from ironclaw.errors import ConfigError, IronclawError
 from ironclaw.guest.agent_loop import Budget
 from ironclaw.host.manager import SandboxManager
 from ironclaw.mcp_servers import BUILTIN_SERVERS
+from ironclaw.proto.host_tools_methods import HOSTTOOLS_CALL, HOSTTOOLS_LIST
 from ironclaw.rpc import CallContext
 
 __all__ = ["DEFAULT_SYSTEM", "TaskOutcome", "TaskSpec", "builtin_server", "parse_mcp", "run_task"]
@@ -74,6 +76,8 @@ class TaskSpec:
     sandbox: dict[str, Any] = field(default_factory=dict)
     builtin_servers: tuple[str, ...] = ("shell", "files", "python")
     mcp: list[dict[str, Any]] = field(default_factory=list)
+    #: MCP servers run on the host with their secrets (see ironclaw.agent.host_tools).
+    host_tools: list[HostServerSpec] = field(default_factory=list)
     budget: Budget = field(default_factory=Budget)
     system: str = DEFAULT_SYSTEM
 
@@ -126,6 +130,10 @@ async def run_task(
     servers += spec.mcp
     if len({s["name"] for s in servers}) != len(servers):
         raise ConfigError("two MCP servers share a name")
+    if spec.host_tools and any(s["name"] == "host" for s in servers):
+        raise ConfigError("an MCP server in the sandbox cannot be named 'host' with host tools")
+    # Built before the sandbox: a missing secret is reported before anything exists.
+    host_tools = HostTools(spec.host_tools, approver, max_call_s=spec.budget.tool_timeout_s)
 
     created = False
     if sandbox_id is not None and await _running(manager, sandbox_id):
@@ -180,6 +188,10 @@ async def run_task(
         peer.register("model.complete", gateway.complete)
         peer.register("tool.authorize", authorize)
         peer.register("agent.event", agent_event)
+        # Host tools: credentialed MCP servers on this side, each call decided here.
+        host_tools.emit = emit
+        peer.register(HOSTTOOLS_LIST, host_tools.handle_list)
+        peer.register(HOSTTOOLS_CALL, host_tools.handle_call)
         await emit(
             "task.start",
             task=spec.task,
@@ -197,6 +209,7 @@ async def run_task(
             "servers": servers,
             "budget": spec.budget.__dict__,
         }
+        await host_tools.start()
         # The guest enforces the wall time; the host's bound only covers a stuck guest.
         outcome = await peer.call("agent.run", params, timeout=spec.budget.wall_time_s + 30)
     except TimeoutError:
@@ -215,6 +228,8 @@ async def run_task(
         }
         with contextlib.suppress(Exception):
             await gateway.aclose()
+        with contextlib.suppress(Exception):
+            await host_tools.aclose()
         if created and not keep:
             with contextlib.suppress(IronclawError):
                 await asyncio.shield(manager.destroy(sid))

@@ -50,6 +50,14 @@ def run_cmd(
     mcp: Annotated[
         list[str] | None, typer.Option("--mcp", help="Extra MCP server: 'cmd args' (repeatable).")
     ] = None,
+    host_mcp: Annotated[
+        list[str] | None,
+        typer.Option("--host-mcp", help="MCP server run on the host: 'NAME=cmd args' (RED)."),
+    ] = None,
+    host_tools: Annotated[
+        Path | None,
+        typer.Option("--host-tools", help="Host MCP servers with secrets (JSON/YAML file)."),
+    ] = None,
     policy: Annotated[Path | None, typer.Option("--policy", help="Approval rules (JSON).")] = None,
     max_steps: Annotated[int, typer.Option("--max-steps")] = 20,
     max_tokens: Annotated[int, typer.Option("--max-tokens")] = 200_000,
@@ -61,6 +69,7 @@ def run_cmd(
 ) -> None:
     """Run an AI agent on TASK inside a fresh sandbox, with live progress."""
     from ironclaw.agent.approval import ApprovalPolicy, Approver
+    from ironclaw.agent.host_tools import load_host_tools, parse_host_mcp
     from ironclaw.agent.tasks import TaskSpec, parse_mcp, run_task
     from ironclaw.guest.agent_loop import Budget
     from ironclaw.host.manager import SandboxManager
@@ -80,6 +89,8 @@ def run_cmd(
             # The task takes its sandbox as a mapping: the validated spec, as given.
             sandbox=opts.spec().model_dump(mode="json", exclude_unset=True),
             mcp=[parse_mcp(m, i) for i, m in enumerate(mcp or [], 1)],
+            host_tools=(load_host_tools(host_tools) if host_tools else [])
+            + [parse_host_mcp(m) for m in host_mcp or []],
             budget=Budget.from_json(
                 {
                     "max_steps": max_steps,

@@ -16,6 +16,8 @@ sandboxes start without it. Host RPC methods this module calls:
 ``model.complete``  {system, messages, tools} -> {message, usage, stop_reason}
 ``tool.authorize``  {call} -> {approved, color, reason}
 ``agent.event``     {type: "tool.result" | "step", ...} (recorded in the trace)
+``hosttools.list``  the host's own tools (credentialed MCP servers on the host)
+``hosttools.call``  runs one of them; the host authorizes it there, not here
 """
 
 from __future__ import annotations
@@ -28,7 +30,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ironclaw.errors import ConfigError, IronclawError
+from ironclaw.errors import METHOD_NOT_FOUND, ConfigError, IronclawError, RpcError
+from ironclaw.proto.host_tools_methods import (
+    HOSTTOOLS_CALL,
+    HOSTTOOLS_LIST,
+    HostToolsCallRequest,
+    HostToolsCallResult,
+    HostToolsListResult,
+)
 from ironclaw.rpc import CallContext, Peer
 
 if TYPE_CHECKING:
@@ -312,6 +321,7 @@ class AgentLoop:
         self.steps = 0
         self.tokens = 0
         self.tool_calls = 0
+        self.host_tools: frozenset[str] = frozenset()
 
     def _outcome(self, status: str, answer: str | None = None, **extra: Any) -> dict[str, Any]:
         return {
@@ -332,6 +342,7 @@ class AgentLoop:
         _use_runtime(self.request.runtime)
         async with McpClient(self.request.servers, workdir=self.workdir) as client:
             tools = [t.to_json() for t in client.tool_infos]
+            tools += await self._list_host_tools()
             while True:
                 if self.steps >= budget.max_steps:
                     return self._outcome("budget_exceeded", reason="max_steps")
@@ -370,6 +381,8 @@ class AgentLoop:
 
     async def _one_call(self, call: ToolCall, client: McpClient, deadline: float) -> ToolResult:
         self.tool_calls += 1
+        if call.name in self.host_tools:
+            return await self._host_call(call, deadline)
         target = client.resolve(call.name)
         decision = await self.peer.call(
             "tool.authorize",
@@ -396,6 +409,38 @@ class AgentLoop:
                 "executed": bool(decision.get("approved")),
             }
         )
+        return result
+
+    async def _list_host_tools(self) -> list[dict[str, Any]]:
+        """The host's tools, offered to the model next to the sandbox's (none on old hosts)."""
+        try:
+            listing = HostToolsListResult.from_json(await self.peer.call(HOSTTOOLS_LIST, {}))
+        except RpcError as exc:
+            if exc.code == METHOD_NOT_FOUND:
+                return []
+            raise
+        self.host_tools = frozenset(t.name for t in listing.tools)
+        return [t.to_json() for t in listing.tools]
+
+    async def _host_call(self, call: ToolCall, deadline: float) -> ToolResult:
+        """A host tool runs on the host, which classifies and decides it there."""
+        started = time.monotonic()
+        left = max(0.1, deadline - started)
+        req = HostToolsCallRequest(call.id, call.name, call.arguments,
+                                   min(self.request.budget.tool_timeout_s, left))  # fmt: skip
+        try:
+            # Bounded by the wall time only: a RED call may wait for a person.
+            doc = await self.peer.call(HOSTTOOLS_CALL, req.to_json(), timeout=left)
+            res = HostToolsCallResult.from_json(doc)
+        except TimeoutError:
+            res = HostToolsCallResult(f"tool {call.name} timed out", True, False, "", "")
+        ms = round((time.monotonic() - started) * 1000, 3)
+        result = ToolResult(call.id, call.name, res.content, res.is_error, ms)
+        await self._event(
+            {"type": "tool.result", "call_id": call.id, "name": call.name, "is_error":
+             result.is_error, "content": result.content, "duration_ms": ms,
+             "executed": res.executed, "host": True}
+        )  # fmt: skip
         return result
 
 

@@ -24,7 +24,7 @@ from rich.console import Console
 from ironclaw.agent.approval import CARD_MAX_CHARS, CARD_READ_LIMIT, ApprovalMode, Approver
 from ironclaw.agent.budget import GatewayLimits
 from ironclaw.agent.gateway import Gateway, ModelReply, ScriptedProvider, Usage
-from ironclaw.agent.handlers import TaskHandlers, host_outcome
+from ironclaw.agent.handlers import TaskHandlers, await_guest, host_outcome
 from ironclaw.agent.render import escape_controls, literal
 from ironclaw.agent.tasks import TaskSpec, bounded_card_read, run_task
 from ironclaw.agent.trace import TraceWriter, read_trace, render_timeline
@@ -45,6 +45,7 @@ LOOP_TURN = {"tool_calls": [{"name": "shell__run", "arguments": {"command": "tru
 
 @dataclass
 class Wired:
+    host: Peer
     guest: Peer
     handlers: TaskHandlers
     trace_path: Path
@@ -82,7 +83,7 @@ async def wire(tmp_path: Path) -> AsyncIterator[Any]:
         for p in (host, guest):
             await p.start()
             peers.append(p)
-        return Wired(guest, handlers, path)
+        return Wired(host, guest, handlers, path)
 
     yield make
     for p in peers:
@@ -117,6 +118,23 @@ async def test_model_calls_beyond_the_step_budget_are_refused(wire: Any) -> None
     assert not decision["approved"] and decision["decided_by"] == "budget"
     refused = [e for e in w.events if e["event"] == "model.refused"]
     assert len(refused) == 3 and all(e["source"] == "host" for e in refused)
+
+
+async def test_a_guest_that_never_returns_is_ended_by_the_host(wire: Any) -> None:
+    w = await wire(limits=GatewayLimits(max_steps=1))
+
+    async def run_forever(params: Any, ctx: Any) -> Any:
+        await asyncio.Event().wait()  # the hostile loop never reports an end
+
+    w.guest.register("agent.run", run_forever)
+    run = asyncio.ensure_future(w.host.call("agent.run", {}))
+    await w.guest.call("model.complete", ask())
+    with pytest.raises(BudgetExceeded):
+        await w.guest.call("model.complete", ask())
+    claimed = await await_guest(run, w.handlers.gateway, grace=0.2)
+    assert claimed is None and run.cancelled()
+    out = host_outcome(claimed, w.handlers.gateway, w.handlers)
+    assert (out["status"], out["reason"]) == ("budget_exceeded", "max_steps")
 
 
 class SilentProvider:
@@ -367,3 +385,23 @@ async def test_hostile_model_in_a_real_sandbox(manager: SandboxManager) -> None:
     results = [e for e in out.events if e["event"] == "tool.result"]
     assert results and all(e["source"] == "guest" for e in results)
     assert json.dumps(read_trace(out.trace_path)).count('"source": "guest"') == len(results)
+
+
+@pytest.mark.root
+@pytest.mark.timeout(180)
+async def test_a_cost_budget_the_guest_does_not_count_ends_a_real_task(
+    manager: SandboxManager,
+) -> None:
+    # A priced model and a million tokens a turn: $0.75 each at gpt-4o-mini's price.
+    turn = {"tool_calls": [{"name": "shell__run", "arguments": {"command": "true"}}],
+            "usage": {"input_tokens": 1_000_000, "output_tokens": 1_000_000}}  # fmt: skip
+    provider = ScriptedProvider([turn], loop=True, model="gpt-4o-mini")
+    budget = Budget(wall_time_s=150, max_tokens=10**9)  # the guest counts tokens, not money
+    spec = TaskSpec(task="spend", max_cost_usd=1.0, budget=budget)
+    out = await run_task(manager, spec, provider=provider,
+                         approver=Approver(mode=ApprovalMode.GREEN_ONLY))  # fmt: skip
+    assert (out.status, out.reason, out.steps) == ("budget_exceeded", "max_cost_usd", 2)
+    assert len(provider.requests) == 2
+    end = read_trace(out.trace_path)[-1]
+    assert end["event"] == "task.end" and end["enforced_by"] == "host" and end["source"] == "host"
+    assert end["guest_reported"]["status"] == "error"  # the guest only saw a refused call

@@ -137,6 +137,21 @@ async def test_a_guest_that_never_returns_is_ended_by_the_host(wire: Any) -> Non
     assert (out["status"], out["reason"]) == ("budget_exceeded", "max_steps")
 
 
+async def test_the_hosts_wall_time_ends_a_guest_that_asks_for_nothing(wire: Any) -> None:
+    w = await wire(limits=GatewayLimits(wall_time_s=0.2))
+
+    async def run_forever(params: Any, ctx: Any) -> Any:
+        await asyncio.Event().wait()
+
+    w.guest.register("agent.run", run_forever)
+    w.handlers.gateway.meter.start_clock()
+    run = asyncio.ensure_future(w.host.call("agent.run", {}))
+    assert await await_guest(run, w.handlers.gateway, grace=0.1) is None and run.cancelled()
+    out = host_outcome({"status": "completed"}, w.handlers.gateway, w.handlers)
+    assert (out["status"], out["reason"], out["enforced_by"]) == (
+        "budget_exceeded", "wall_time", "host")  # fmt: skip
+
+
 class SilentProvider:
     """Answers without any usage, as some local servers do."""
 

@@ -144,6 +144,12 @@ class BudgetMeter:
     def time_left(self) -> float | None:
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
 
+    def expire(self, limit: str) -> None:
+        """End the task for ``limit`` without a call to refuse (the wall time ran out)."""
+        if self.exceeded is None:
+            self.exceeded = limit
+            self.over_budget.set()
+
     async def refuse(self, limit: str, why: str, *, ends_task: bool = True) -> BudgetExceeded:
         """Record a refusal and return the error to raise."""
         if ends_task and self.exceeded is None:

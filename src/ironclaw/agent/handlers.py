@@ -115,12 +115,18 @@ async def await_guest(
 ) -> Any:
     """The guest's ``agent.run`` result, unless the host's budget ends the task first.
 
-    Over budget, the guest has ``grace`` seconds to return (a well-behaved loop does, as
-    its next model call is refused); then its run is cancelled and None is returned.
+    Over budget (a refused model call, or the host's wall time, which runs whether or
+    not the guest calls anything), the guest has ``grace`` seconds to return (a
+    well-behaved loop does: it counts too); then its run is cancelled and None returned.
     """
-    over = asyncio.ensure_future(gateway.meter.over_budget.wait())
+    meter = gateway.meter
+    over = asyncio.ensure_future(meter.over_budget.wait())
     try:
-        await asyncio.wait((run, over), return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            (run, over), timeout=meter.time_left(), return_when=asyncio.FIRST_COMPLETED
+        )
+        if not done:
+            meter.expire("wall_time")
         if not run.done():
             await asyncio.wait((run,), timeout=grace)
         if not run.done():

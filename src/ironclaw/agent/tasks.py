@@ -191,8 +191,8 @@ async def run_task(
             "budget": spec.budget.__dict__,
         }
         gateway.meter.start_clock()
-        # The host's budget ends the task (refused model calls, then a short grace); this
-        # timeout only covers a guest that is stuck and never asks the model again.
+        # The host's budget ends the task (a refused model call or the wall time, then a
+        # short grace); this timeout is only a backstop.
         run = asyncio.ensure_future(
             peer.call("agent.run", params, timeout=spec.budget.wall_time_s + 30)
         )

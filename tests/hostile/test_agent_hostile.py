@@ -21,7 +21,14 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from ironclaw.agent.approval import CARD_MAX_CHARS, CARD_READ_LIMIT, ApprovalMode, Approver
+from ironclaw.agent.approval import (
+    CARD_MAX_CHARS,
+    CARD_READ_LIMIT,
+    ApprovalMode,
+    Approver,
+    FilePrefix,
+    build_card,
+)
 from ironclaw.agent.budget import GatewayLimits
 from ironclaw.agent.gateway import Gateway, ModelReply, ScriptedProvider, Usage
 from ironclaw.agent.handlers import TaskHandlers, await_guest, host_outcome
@@ -352,6 +359,18 @@ async def test_the_approval_prompt_shows_markup_and_escapes_literally(
     plain = Console(record=True, file=StringIO(), width=200)
     plain.print(literal(req.card))
     assert HIDDEN in plain.export_text()
+
+
+async def test_cards_are_bounded_whatever_the_guest_sends() -> None:
+    async def read(path: str) -> FilePrefix:
+        return FilePrefix("y\n" * (CARD_READ_LIMIT // 2), "a.txt is longer: truncated")
+
+    args = {"path": "/etc/a.txt", "content": "x\n" * 1_000_000}
+    card = await build_card("files__write_file", args, read)
+    assert len(card) <= CARD_MAX_CHARS + 100 and card.endswith("characters not shown]")
+    assert "note: a.txt is longer: truncated" in card and "only the first" in card
+    card = await build_card("shell__run", {"command": "z" * 1_000_000}, None)
+    assert len(card) <= CARD_MAX_CHARS + 100
 
 
 # -- a scripted hostile model in a real sandbox ------------------------------------------------

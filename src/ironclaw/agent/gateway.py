@@ -3,7 +3,8 @@
 The agent loop inside the sandbox asks for each turn with ``model.complete``; the
 gateway translates IronClaw's neutral conversation into a vendor's wire format, calls
 the vendor over HTTP (httpx), translates the answer (text and tool calls) back, and
-counts tokens and cost per task. Keys are read from the host's environment, as the
+counts and enforces the task's budget (:mod:`ironclaw.agent.budget`: the guest's own
+count is only a courtesy). Keys are read from the host's environment, as the
 vendors' SDKs read them, and never leave this process: not in a reply, not in an
 error, not in the trace.
 

@@ -375,7 +375,7 @@ async def test_cards_are_bounded_whatever_the_guest_sends() -> None:
 
 # -- a scripted hostile model in a real sandbox ------------------------------------------------
 @pytest.mark.root
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 async def test_hostile_model_in_a_real_sandbox(manager: SandboxManager) -> None:
     link = "import os; os.symlink('/dev/zero', '/tmp/z.txt')"
     turns = [
@@ -388,7 +388,7 @@ async def test_hostile_model_in_a_real_sandbox(manager: SandboxManager) -> None:
         {"content": f"{HIDDEN}{ANSI}{BIDI}"},
     ]  # fmt: skip
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = await run_task(manager, TaskSpec(task="t", budget=Budget(wall_time_s=150)),
+    out = await run_task(manager, TaskSpec(task="t", budget=Budget(wall_time_s=240)),
                          provider=ScriptedProvider(turns), keep=True,
                          approver=Approver(mode=ApprovalMode.GREEN_ONLY))  # fmt: skip
     grew_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
@@ -422,7 +422,7 @@ async def test_hostile_model_in_a_real_sandbox(manager: SandboxManager) -> None:
 
 
 @pytest.mark.root
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 async def test_a_cost_budget_the_guest_does_not_count_ends_a_real_task(
     manager: SandboxManager,
 ) -> None:
@@ -430,7 +430,7 @@ async def test_a_cost_budget_the_guest_does_not_count_ends_a_real_task(
     turn = {"tool_calls": [{"name": "shell__run", "arguments": {"command": "true"}}],
             "usage": {"input_tokens": 1_000_000, "output_tokens": 1_000_000}}  # fmt: skip
     provider = ScriptedProvider([turn], loop=True, model="gpt-4o-mini")
-    budget = Budget(wall_time_s=150, max_tokens=10**9)  # the guest counts tokens, not money
+    budget = Budget(wall_time_s=240, max_tokens=10**9)  # the guest counts tokens, not money
     spec = TaskSpec(task="spend", max_cost_usd=1.0, budget=budget)
     out = await run_task(manager, spec, provider=provider,
                          approver=Approver(mode=ApprovalMode.GREEN_ONLY))  # fmt: skip

@@ -6,6 +6,7 @@ import pytest
 
 import ironclaw.errors as errors
 from ironclaw.errors import (
+    BudgetExceeded,
     ConfigError,
     IronclawError,
     ModelError,
@@ -28,7 +29,13 @@ def test_every_exported_error_is_in_the_tree_and_documented() -> None:
 
 @pytest.mark.parametrize(
     "exc",
-    [SandboxNotFound("no such sandbox"), ConfigError("bad"), RequestCancelled(), ModelError("x")],
+    [
+        SandboxNotFound("no such sandbox"),
+        ConfigError("bad"),
+        RequestCancelled(),
+        ModelError("x"),
+        BudgetExceeded("max_steps: 3 of 3 model calls made"),
+    ],
 )
 def test_errors_survive_the_wire(exc: IronclawError) -> None:
     back = from_wire(to_wire(exc))

@@ -11,6 +11,8 @@ can catch one type at the top and still tell the kinds apart below it::
     │   ├── SandboxTimeout
     │   ├── BackendError          the jail/VM machinery failed (bwrap, qemu, firecracker)
     │   └── ResourceLimitExceeded memory, pids, time, disk
+    │       └── BudgetExceeded    an agent task's steps, tokens, cost, wall time or
+    │                             concurrent model calls, as the host counts them
     ├── NetworkError              netns/veth/nftables/proxy set-up failed
     ├── TransportError            bytes could not move
     │   ├── ConnectError          could not open the channel (guest not listening yet, ...)
@@ -39,6 +41,7 @@ from typing import Any
 __all__ = [
     "ApprovalDenied",
     "BackendError",
+    "BudgetExceeded",
     "ChannelClosed",
     "ConfigError",
     "ConnectError",
@@ -100,6 +103,12 @@ class BackendError(SandboxError):
 
 class ResourceLimitExceeded(SandboxError):
     wire_code = -32014
+
+
+class BudgetExceeded(ResourceLimitExceeded):
+    """An agent task asked for more than its budget; the host refused the call."""
+
+    wire_code = -32015
 
 
 class NetworkError(IronclawError):
@@ -196,6 +205,7 @@ _BY_NAME: dict[str, type[IronclawError]] = {
         SandboxTimeout,
         BackendError,
         ResourceLimitExceeded,
+        BudgetExceeded,
         NetworkError,
         ApprovalDenied,
     )

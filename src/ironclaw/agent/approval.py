@@ -35,6 +35,8 @@ from typing import Any
 from ironclaw.errors import ConfigError
 
 __all__ = [
+    "CARD_MAX_CHARS",
+    "CARD_READ_LIMIT",
     "DEFAULT_GREEN_COMMANDS",
     "ApprovalMode",
     "ApprovalPolicy",
@@ -43,6 +45,7 @@ __all__ = [
     "Classification",
     "Color",
     "Decision",
+    "FilePrefix",
     "Rule",
     "build_card",
 ]
@@ -255,7 +258,7 @@ class Decision:
     approved: bool
     color: Color
     reason: str
-    decided_by: str  # "policy", "mode:<m>", "person", "api"
+    decided_by: str  # "policy", "mode", "person", "api", "budget"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -266,35 +269,74 @@ class Decision:
         }
 
 
+@dataclass(frozen=True)
+class FilePrefix:
+    """What a card reader saw of a file: its text (None: not shown) and why it is partial."""
+
+    text: str | None
+    note: str | None = None
+
+
 Prompt = Callable[[ApprovalRequest], Awaitable[bool]]
-CardReader = Callable[[str], Awaitable[str | None]]
+CardReader = Callable[[str], Awaitable[str | FilePrefix | None]]
+#: A card reads at most this much of the file it shows (the rest is not read at all).
+CARD_READ_LIMIT = 64 * 1024
+#: And is itself at most this long: arguments come from the guest, as large as it likes.
+CARD_MAX_CHARS = 64 * 1024
+
+
+def _bounded(text: str, what: str) -> tuple[str, str | None]:
+    if len(text) <= CARD_READ_LIMIT:
+        return text, None
+    return text[:CARD_READ_LIMIT], (
+        f"{what} is {len(text)} characters; only the first {CARD_READ_LIMIT} are shown"
+    )
 
 
 async def build_card(name: str, arguments: Mapping[str, Any], read: CardReader | None) -> str:
-    """What a reviewer needs: a unified diff for file changes, the command line and cwd."""
+    """What a reviewer needs: a unified diff for file changes, the command line and cwd.
+
+    Bounded: the file is read only up to :data:`CARD_READ_LIMIT` (the reader's note says
+    when it was cut or not shown) and the card is cut at :data:`CARD_MAX_CHARS`.
+    """
+    card = await _card(name, arguments, read)
+    if len(card) > CARD_MAX_CHARS:
+        cut = len(card) - CARD_MAX_CHARS
+        card = card[:CARD_MAX_CHARS] + f"\n[card truncated: {cut} more characters not shown]"
+    return card
+
+
+async def _card(name: str, arguments: Mapping[str, Any], read: CardReader | None) -> str:
     server, _, tool = name.partition("__")
     if server == "files" and tool in ("write_file", "edit_file", "delete_file"):
         path = str(arguments.get("path", ""))
-        old = await read(path) if read is not None else None
+        got = await read(path) if read is not None else None
+        prefix = got if isinstance(got, FilePrefix) else FilePrefix(got)
+        notes = [f"note: {prefix.note}"] if prefix.note else []
+        old = prefix.text
         if tool == "edit_file":
             from ironclaw.mcp_servers.patch import PatchError, apply_patch
 
-            patch = str(arguments.get("patch", ""))
+            patch, cut = _bounded(str(arguments.get("patch", "")), "the patch")
+            notes += [f"note: {cut}"] if cut else []
             try:
                 new: str | None = apply_patch(old or "", patch)
             except PatchError as exc:
-                return f"edit {path} (patch does not apply: {exc})\n{patch}"
+                return "\n".join([*notes, f"edit {path} (patch does not apply: {exc})", patch])
         elif tool == "write_file":
             new = str(arguments.get("content", ""))
         else:
             new = ""
+        new, cut = _bounded(new or "", "the new content")
+        notes += [f"note: {cut}"] if cut else []
         diff = difflib.unified_diff(
             (old or "").splitlines(keepends=True),
-            (new or "").splitlines(keepends=True),
+            new.splitlines(keepends=True),
             fromfile=f"a/{path}" if old is not None else "/dev/null",
             tofile=f"b/{path}" if tool != "delete_file" else "/dev/null",
         )
-        return "".join(diff) or f"{tool} {path}: no change"
+        body = "".join(diff) or f"{tool} {path}: no change"
+        return "\n".join([*notes, body])
     if server == "shell":
         cwd = str(arguments.get("cwd") or ".")
         return f"$ {arguments.get('command', '')}\n(cwd: {cwd if cwd != '.' else WORKSPACE})"

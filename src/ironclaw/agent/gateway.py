@@ -3,7 +3,8 @@
 The agent loop inside the sandbox asks for each turn with ``model.complete``; the
 gateway translates IronClaw's neutral conversation into a vendor's wire format, calls
 the vendor over HTTP (httpx), translates the answer (text and tool calls) back, and
-counts tokens and cost per task. Keys are read from the host's environment, as the
+counts and enforces the task's budget (:mod:`ironclaw.agent.budget`: the guest's own
+count is only a courtesy). Keys are read from the host's environment, as the
 vendors' SDKs read them, and never leave this process: not in a reply, not in an
 error, not in the trace.
 
@@ -23,16 +24,26 @@ The neutral conversation (what the guest sends) is a list of messages::
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
 
+from ironclaw.agent.budget import (
+    CHARS_PER_TOKEN_ESTIMATE,
+    PRICES,
+    BudgetMeter,
+    EventSink,
+    GatewayLimits,
+    TaskUsage,
+    Usage,
+)
 from ironclaw.errors import ConfigError, ConnectError, ModelError
 from ironclaw.rpc import CallContext
 
@@ -40,6 +51,7 @@ __all__ = [
     "PRICES",
     "AnthropicProvider",
     "Gateway",
+    "GatewayLimits",
     "ModelReply",
     "OpenAIProvider",
     "Provider",
@@ -49,25 +61,8 @@ __all__ = [
     "provider_from_name",
 ]
 
-#: USD per million (input, output) tokens; unknown models cost 0 (reported as unknown).
-PRICES: dict[str, tuple[float, float]] = {
-    "gpt-4o": (2.5, 10.0),
-    "gpt-4o-mini": (0.15, 0.6),
-    "gpt-4.1": (2.0, 8.0),
-    "gpt-4.1-mini": (0.4, 1.6),
-    "claude-3-5-haiku-latest": (0.8, 4.0),
-    "claude-3-5-sonnet-latest": (3.0, 15.0),
-    "claude-sonnet-4-0": (3.0, 15.0),
-    "claude-opus-4-0": (15.0, 75.0),
-}
 DEFAULT_MAX_TOKENS = 4096
 ANTHROPIC_VERSION = "2023-06-01"
-
-
-@dataclass(frozen=True)
-class Usage:
-    input_tokens: int = 0
-    output_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -427,49 +422,25 @@ def provider_from_name(name: str) -> Provider:
 
 
 @dataclass
-class TaskUsage:
-    """Per-task accounting, in the units bills use."""
-
-    model: str = ""
-    requests: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost_usd: float | None = 0.0
-
-    def add(self, usage: Usage) -> None:
-        self.requests += 1
-        self.input_tokens += usage.input_tokens
-        self.output_tokens += usage.output_tokens
-        price = PRICES.get(self.model)
-        if price is None:
-            self.cost_usd = None
-        elif self.cost_usd is not None:
-            self.cost_usd += (usage.input_tokens * price[0] + usage.output_tokens * price[1]) / 1e6
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "requests": self.requests,
-            "input_tokens": self.input_tokens,
-            "output_tokens": self.output_tokens,
-            "total_tokens": self.input_tokens + self.output_tokens,
-            "cost_usd": None if self.cost_usd is None else round(self.cost_usd, 6),
-        }
-
-
-EventSink = Callable[..., Awaitable[None]]
-
-
-@dataclass
 class Gateway:
-    """Serves ``model.complete`` for one task and keeps its accounting."""
+    """Serves ``model.complete`` for one task, counts it and enforces its budget.
+
+    See :class:`~ironclaw.agent.budget.BudgetMeter` for what is refused and how the
+    task ends when a limit is hit.
+    """
 
     provider: Provider
     on_event: EventSink | None = None
     usage: TaskUsage = field(default_factory=TaskUsage)
+    limits: GatewayLimits = field(default_factory=GatewayLimits)
 
     def __post_init__(self) -> None:
         self.usage.model = self.provider.model
+        self.meter = BudgetMeter(self.limits, self.usage, self._emit)
+
+    async def _emit(self, event: str, /, **fields: Any) -> None:
+        if self.on_event is not None:
+            await self.on_event(event, **fields)
 
     async def complete(self, params: Any, ctx: CallContext | None = None) -> dict[str, Any]:
         if not isinstance(params, dict) or not isinstance(params.get("messages"), list):
@@ -477,26 +448,43 @@ class Gateway:
         system = str(params.get("system") or "")
         messages = params["messages"]
         tools = params.get("tools") or []
-        if self.on_event is not None:
-            await self.on_event(
-                "model.request",
-                provider=self.provider.name,
-                model=self.provider.model,
-                messages=len(messages),
-                tools=len(tools),
-                last=messages[-1] if messages else None,
-            )
-        started = time.monotonic()
-        reply = await self.provider.complete(system, messages, tools)
-        self.usage.add(reply.usage)
+        if not isinstance(tools, list):
+            raise ConfigError("model.complete: 'tools' must be a list")
+        await self.meter.admit()
+        async with self.meter.slots:
+            if self.on_event is not None:
+                await self.on_event(
+                    "model.request",
+                    provider=self.provider.name,
+                    model=self.provider.model,
+                    messages=len(messages),
+                    tools=len(tools),
+                    last=messages[-1] if messages else None,
+                )
+            started = time.monotonic()
+            try:
+                async with asyncio.timeout(self.meter.time_left()):
+                    reply = await self.provider.complete(system, messages, tools)
+            except TimeoutError:
+                raise await self.meter.refuse("wall_time", "time ran out in a model call") from None
+        usage, estimated = reply.usage, False
+        if usage.input_tokens <= 0 and usage.output_tokens <= 0:
+            # No usage from the provider: count characters both ways, erring high.
+            sent = len(json.dumps([system, messages, tools], default=str))
+            got = len(json.dumps(reply.to_json()["message"], default=str))
+            per = CHARS_PER_TOKEN_ESTIMATE
+            usage, estimated = Usage(sent // per + 1, got // per + 1), True
+        self.usage.add(usage)
         doc = reply.to_json()
+        doc["usage"] = {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}
         if self.on_event is not None:
             await self.on_event(
                 "model.response",
                 content=reply.content,
                 tool_calls=list(reply.tool_calls),
-                input_tokens=reply.usage.input_tokens,
-                output_tokens=reply.usage.output_tokens,
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                estimated=estimated,
                 stop_reason=reply.stop_reason,
                 duration_ms=round((time.monotonic() - started) * 1000, 3),
             )

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ironclaw.agent.approval import Approver
-from ironclaw.agent.gateway import Gateway, Provider, provider_from_name
+from ironclaw.agent.approval import CARD_READ_LIMIT, Approver, FilePrefix
+from ironclaw.agent.gateway import Gateway, GatewayLimits, Provider, provider_from_name
+from ironclaw.agent.handlers import TaskHandlers, await_guest, host_outcome
 from ironclaw.agent.host_tools import HostServerSpec, HostTools
 from ironclaw.agent.trace import TraceWriter, merge_network_audit, state_trace_path
 from ironclaw.config import safe_join
@@ -27,9 +28,16 @@ from ironclaw.guest.agent_loop import Budget
 from ironclaw.host.manager import SandboxManager
 from ironclaw.mcp_servers import BUILTIN_SERVERS
 from ironclaw.proto.host_tools_methods import HOSTTOOLS_CALL, HOSTTOOLS_LIST
-from ironclaw.rpc import CallContext
 
-__all__ = ["DEFAULT_SYSTEM", "TaskOutcome", "TaskSpec", "builtin_server", "parse_mcp", "run_task"]
+__all__ = [
+    "DEFAULT_SYSTEM",
+    "TaskOutcome",
+    "TaskSpec",
+    "bounded_card_read",
+    "builtin_server",
+    "parse_mcp",
+    "run_task",
+]
 
 GUEST_PYTHON = "/usr/bin/python3"
 DEFAULT_SYSTEM = (
@@ -80,6 +88,9 @@ class TaskSpec:
     host_tools: list[HostServerSpec] = field(default_factory=list)
     budget: Budget = field(default_factory=Budget)
     system: str = DEFAULT_SYSTEM
+    #: Host-enforced only (the guest does not count these): USD, needs a priced model.
+    max_cost_usd: float | None = None
+    max_concurrent_model_calls: int = 2
 
 
 @dataclass
@@ -134,6 +145,14 @@ async def run_task(
         raise ConfigError("an MCP server in the sandbox cannot be named 'host' with host tools")
     # Built before the sandbox: a missing secret is reported before anything exists.
     host_tools = HostTools(spec.host_tools, approver, max_call_s=spec.budget.tool_timeout_s)
+    limits = GatewayLimits(
+        max_steps=spec.budget.max_steps,
+        max_tokens=spec.budget.max_tokens,
+        max_cost_usd=spec.max_cost_usd,
+        max_concurrent=spec.max_concurrent_model_calls,
+        wall_time_s=spec.budget.wall_time_s,
+    )
+    gateway = Gateway(provider, limits=limits)  # before the sandbox: it checks the budget
 
     created = False
     if sandbox_id is not None and await _running(manager, sandbox_id):
@@ -146,48 +165,21 @@ async def run_task(
     paths.append(state_trace_path(manager.settings, sid))
     trace = TraceWriter(paths)
 
-    async def emit(event: str, **fields: Any) -> None:
-        record = trace.emit(event, **fields)
-        if on_event is not None:
-            on_event(record)
+    async def read_for_card(path: str) -> FilePrefix:
+        return await bounded_card_read(manager, sid, path)
 
-    gateway = Gateway(provider, on_event=emit)
-    outcome: dict[str, Any] = {"status": "error", "steps": 0, "tool_calls": 0}
+    handlers = TaskHandlers(
+        gateway=gateway,
+        approver=approver,
+        trace=trace,
+        read_for_card=read_for_card,
+        on_event=on_event,
+    )
+    emit = handlers.emit
+    outcome: dict[str, Any] = {"status": "error", "reason": None, "steps": 0, "tool_calls": 0}
     try:
         peer = await manager.peer(sid)
-
-        async def read_for_card(path: str) -> str | None:
-            try:
-                data = await manager.read_file(sid, path)
-            except IronclawError:
-                return None
-            return data.decode(errors="replace")
-
-        async def authorize(params: Any, ctx: CallContext) -> dict[str, Any]:
-            call = params.get("call") or {}
-            name, args = str(call.get("name", "")), call.get("arguments") or {}
-            await emit("tool.call", call_id=call.get("id"), name=name, arguments=args)
-            cls = approver.policy.classify(name, args)
-            await emit("tool.classified", call_id=call.get("id"), color=cls.color.value,
-                       reason=cls.reason)  # fmt: skip
-            decision, request = await approver.decide_call(name, args, read_for_card)
-            await emit(
-                "tool.decision",
-                call_id=call.get("id"),
-                card=request.card if request else None,
-                **decision.to_json(),
-            )
-            return decision.to_json()
-
-        async def agent_event(params: Any, ctx: CallContext) -> dict[str, Any]:
-            doc = dict(params) if isinstance(params, dict) else {}
-            kind = str(doc.pop("type", "agent.event"))
-            await emit(kind, **doc)
-            return {"ok": True}
-
-        peer.register("model.complete", gateway.complete)
-        peer.register("tool.authorize", authorize)
-        peer.register("agent.event", agent_event)
+        handlers.register(peer)
         # Host tools: credentialed MCP servers on this side, each call decided here.
         host_tools.emit = emit
         peer.register(HOSTTOOLS_LIST, host_tools.handle_list)
@@ -199,6 +191,7 @@ async def run_task(
             sandbox_id=sid,
             servers=[s["name"] for s in servers],
             budget=spec.budget.__dict__,
+            limits=limits.__dict__,
             network={"allow": [str(a) for a in _policy_allow(spec.sandbox)],
                      "allow_domains": list(_policy_domains(spec.sandbox))},
         )  # fmt: skip
@@ -210,22 +203,23 @@ async def run_task(
             "budget": spec.budget.__dict__,
         }
         await host_tools.start()
-        # The guest enforces the wall time; the host's bound only covers a stuck guest.
-        outcome = await peer.call("agent.run", params, timeout=spec.budget.wall_time_s + 30)
+        gateway.meter.start_clock()
+        # The host's budget ends the task (a refused model call or the wall time, then a
+        # short grace); this timeout is only a backstop.
+        run = asyncio.ensure_future(
+            peer.call("agent.run", params, timeout=spec.budget.wall_time_s + 30)
+        )
+        outcome = host_outcome(await await_guest(run, gateway), gateway, handlers)
     except TimeoutError:
-        outcome = {**outcome, "status": "budget_exceeded", "reason": "wall_time (host)"}
+        outcome = {**host_outcome({"status": "budget_exceeded"}, gateway, handlers),
+                   "reason": "wall_time (host)", "enforced_by": "host"}  # fmt: skip
     except IronclawError as exc:
-        outcome = {**outcome, "status": "error", "error": f"{type(exc).__name__}: {exc}"}
+        outcome = host_outcome({"status": "error", "error": f"{type(exc).__name__}: {exc}"},
+                               gateway, handlers)  # fmt: skip
     finally:
         usage = gateway.usage.to_json()
-        end_fields = {
-            "status": outcome.get("status"),
-            "reason": outcome.get("reason") or outcome.get("error"),
-            "answer": outcome.get("answer"),
-            "steps": outcome.get("steps"),
-            "tool_calls": outcome.get("tool_calls"),
-            "usage": usage,
-        }
+        end_fields = {k: outcome.get(k) for k in _END_FIELDS}
+        end_fields["usage"] = usage
         with contextlib.suppress(Exception):
             await gateway.aclose()
         with contextlib.suppress(Exception):
@@ -247,6 +241,39 @@ async def run_task(
         reason=str(end_fields["reason"]) if end_fields["reason"] else None,
         events=list(trace.events),
     )
+
+
+_END_FIELDS = ("status", "reason", "answer", "steps", "tool_calls", "enforced_by", "guest_reported")
+#: How long the host waits for the file behind an approval card (a FIFO never answers).
+CARD_READ_TIMEOUT_S = 10.0
+
+
+async def bounded_card_read(manager: SandboxManager, sid: str, path: str) -> FilePrefix:
+    """At most :data:`CARD_READ_LIMIT` bytes of a file in the sandbox, for a diff card.
+
+    The sandbox is hostile: a directory or device is not read at all, and whatever the
+    path turns out to be (a symlink to ``/dev/zero``, a FIFO), the read stops at the
+    limit or after :data:`CARD_READ_TIMEOUT_S`, and the card says so.
+    """
+    try:
+        info = await manager.call(sid, "files.stat", {"path": path})
+    except IronclawError:
+        return FilePrefix(None)  # a new file: the card diffs against /dev/null
+    kind = info.get("type") if isinstance(info, dict) else None
+    if kind not in ("file", "symlink"):
+        return FilePrefix(None, f"{path} is not a regular file ({kind}): its contents are not read")
+    try:
+        async with asyncio.timeout(CARD_READ_TIMEOUT_S):
+            data = await manager.read_file(sid, path, limit=CARD_READ_LIMIT + 1)
+    except TimeoutError:
+        return FilePrefix(None, f"{path} did not answer in {CARD_READ_TIMEOUT_S:g} s: not shown")
+    except IronclawError as exc:
+        return FilePrefix(None, f"{path} could not be read ({type(exc).__name__}): not shown")
+    text = data[:CARD_READ_LIMIT].decode(errors="replace")
+    if len(data) > CARD_READ_LIMIT:
+        return FilePrefix(text, f"{path} is longer than {CARD_READ_LIMIT} bytes: truncated, "
+                                "only its beginning is compared")  # fmt: skip
+    return FilePrefix(text)
 
 
 async def _running(manager: SandboxManager, sandbox_id: str) -> bool:

@@ -3,10 +3,23 @@
 Events are appended (one ``write`` each, so lines never interleave) to the sandbox's run
 directory and to ``<state>/traces/<id>.jsonl``; the second copy outlives the sandbox so
 ``ironclaw logs ID`` works after a one-shot run. Each line has ``seq``, ``ts`` (Unix
-time), ``event`` and the event's fields. Event names::
+time), ``source`` and ``event`` (all four stamped here, by the host) and the event's
+fields. ``source`` says who the event is from:
 
-    task.start  model.request  model.response  tool.call  tool.classified
-    tool.decision  tool.result  network  task.end
+``host``   what the host saw and decided::
+
+               task.start  model.request  model.response  model.refused  tool.call
+               tool.classified  tool.decision  network  trace.truncated  task.end
+
+``guest``  what the guest reports (``agent.event``), one of :data:`GUEST_KINDS`. The guest
+           is hostile by assumption: it cannot choose ``seq``, ``ts``, ``source`` or a
+           host kind (:meth:`TraceWriter.emit_guest` refuses such an event outright), so
+           a forged approval can never look like the host's.
+
+A task's trace is bounded: an event over :data:`MAX_EVENT_BYTES` has its long strings
+cut (``oversize_bytes`` says so), and past :data:`MAX_TRACE_EVENTS` events or
+:data:`MAX_TRACE_BYTES` bytes one ``trace.truncated`` event is written and the rest are
+dropped and counted; ``task.end`` is always written and carries that count.
 """
 
 from __future__ import annotations
@@ -15,58 +28,160 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.panel import Panel
+from rich.text import Text
 
+from ironclaw.agent.render import literal
 from ironclaw.config import Settings, ensure_private_dir, safe_join
-from ironclaw.errors import SandboxNotFound
+from ironclaw.errors import ConfigError, SandboxNotFound
 from ironclaw.ids import validate_sandbox_id
 
 __all__ = [
+    "GUEST_KINDS",
+    "MAX_EVENT_BYTES",
+    "MAX_TRACE_BYTES",
+    "MAX_TRACE_EVENTS",
     "TraceWriter",
+    "event_line",
     "merge_network_audit",
     "read_trace",
     "render_timeline",
     "state_trace_path",
 ]
 
+#: The only event kinds a guest may report.
+GUEST_KINDS = frozenset({"tool.result", "step", "agent.log"})
+#: Fields only the host stamps.
+STAMPED = frozenset({"seq", "ts", "source", "event"})
+MAX_EVENT_BYTES = 64 * 1024
+MAX_TRACE_EVENTS = 20_000
+MAX_TRACE_BYTES = 32 * 2**20
+_ALWAYS = frozenset({"task.end"})
+
 
 def state_trace_path(settings: Settings, sandbox_id: str) -> Path:
     return safe_join(settings.state_dir, "traces", f"{validate_sandbox_id(sandbox_id)}.jsonl")
 
 
+def _dumps(record: Mapping[str, Any]) -> bytes:
+    return (json.dumps(record, default=str) + "\n").encode()
+
+
+def _shrink(value: Any, cap: int, depth: int = 0) -> Any:
+    """``value`` with strings cut to ``cap`` characters and containers to 64 items."""
+    if isinstance(value, str):
+        return value if len(value) <= cap else value[:cap] + f"…[{len(value) - cap} chars cut]"
+    if depth > 8:
+        return "…[nested too deep]"
+    if isinstance(value, Mapping):
+        items = list(value.items())[:64]
+        return {str(k)[:cap]: _shrink(v, cap, depth + 1) for k, v in items}
+    if isinstance(value, list | tuple):
+        return [_shrink(v, cap, depth + 1) for v in list(value)[:64]]
+    return value
+
+
 class TraceWriter:
     """Appends events to every path given (the run directory and the state copy)."""
 
-    def __init__(self, paths: Iterable[Path]) -> None:
+    def __init__(
+        self,
+        paths: Iterable[Path],
+        *,
+        max_event_bytes: int = MAX_EVENT_BYTES,
+        max_events: int = MAX_TRACE_EVENTS,
+        max_bytes: int = MAX_TRACE_BYTES,
+    ) -> None:
         self.paths = list(paths)
         self.events: list[dict[str, Any]] = []
+        self.max_event_bytes = max_event_bytes
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.dropped = 0
         self._seq = 0
         self._lock = threading.Lock()
         for p in self.paths:
             ensure_private_dir(p.parent)
 
-    def emit(self, event: str, **fields: Any) -> dict[str, Any]:
+    def emit(self, event: str, /, **fields: Any) -> dict[str, Any] | None:
+        """Record a host event; None if the trace is full and it was dropped."""
+        return self._append(event, "host", fields)
+
+    def emit_guest(self, doc: Any) -> dict[str, Any] | None:
+        """Record what a guest reported (``{"type": kind, ...}``) as a ``source: guest`` event.
+
+        Refused with :class:`ConfigError` (the guest's call fails): a kind outside
+        :data:`GUEST_KINDS`, or any of ``seq``, ``ts``, ``source``, ``event`` set by the
+        guest. Refusing rather than silently dropping keeps a forgery attempt visible to
+        the guest's own logic and, through the RPC error, to whoever debugs it.
+        """
+        if not isinstance(doc, Mapping):
+            raise ConfigError("agent.event needs an object {type, ...}")
+        kind = doc.get("type")
+        if not isinstance(kind, str) or kind not in GUEST_KINDS:
+            raise ConfigError(
+                f"agent.event: a guest may report only {', '.join(sorted(GUEST_KINDS))}, "
+                f"not {str(kind)[:80]!r}; the host records everything else itself"
+            )
+        forged = sorted(STAMPED & set(doc))
+        if forged:
+            raise ConfigError(f"agent.event: {', '.join(forged)} are stamped by the host")
+        fields = {str(k): v for k, v in doc.items() if k != "type"}
+        return self._append(kind, "guest", fields)
+
+    def _fit(self, record: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+        line = _dumps(record)
+        if len(line) <= self.max_event_bytes:
+            return record, line
+        stamp = {k: record[k] for k in ("seq", "ts", "source", "event")}
+        rest = {k: v for k, v in record.items() if k not in stamp}
+        shrunk = {**stamp, **_shrink(rest, max(64, self.max_event_bytes // 16))}
+        shrunk["oversize_bytes"] = len(line)
+        small = _dumps(shrunk)
+        if len(small) <= self.max_event_bytes:
+            return shrunk, small
+        keep = {**stamp, "oversize_bytes": len(line), "fields": sorted(rest)[:32]}
+        return keep, _dumps(keep)
+
+    def _append(self, event: str, source: str, fields: Mapping[str, Any]) -> dict[str, Any] | None:
         with self._lock:
-            self._seq += 1
-            record = {"seq": self._seq, "ts": round(time.time(), 6), "event": event, **fields}
-            line = (json.dumps(record, default=str) + "\n").encode()
-            for p in self.paths:
-                try:
-                    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-                except FileNotFoundError:
-                    continue  # the run directory went away with the sandbox
-                try:
-                    os.write(fd, line)
-                finally:
-                    os.close(fd)
-            self.events.append(record)
-            return record
+            full = len(self.events) >= self.max_events or self.bytes >= self.max_bytes
+            if full and event not in _ALWAYS:
+                if not self.dropped:
+                    # Past the bound on purpose: one marker, then silence.
+                    why = (f"trace bound reached ({self.max_events} events or {self.max_bytes} "
+                           "bytes): later events are counted, not kept")  # fmt: skip
+                    self._write("trace.truncated", "host", {"reason": why})
+                self.dropped += 1
+                return None
+            if event in _ALWAYS and self.dropped:
+                fields = {**fields, "trace_dropped": self.dropped}
+            return self._write(event, source, fields)
+
+    def _write(self, event: str, source: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+        self._seq += 1
+        record = {"seq": self._seq, "ts": round(time.time(), 6), "source": source,
+                  "event": event}  # fmt: skip
+        record.update((k, v) for k, v in fields.items() if k not in STAMPED)
+        record, line = self._fit(record)
+        for p in self.paths:
+            try:
+                fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            except FileNotFoundError:
+                continue  # the run directory went away with the sandbox
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+        self.bytes += len(line)
+        self.events.append(record)
+        return record
 
 
 def read_trace(path: Path) -> list[dict[str, Any]]:
@@ -87,7 +202,11 @@ def read_trace(path: Path) -> list[dict[str, Any]]:
 
 
 def merge_network_audit(trace: TraceWriter, audit_path: Path, *, since: float = 0.0) -> int:
-    """Copy the firewall's and proxy's decisions into the trace as ``network`` events."""
+    """Copy the firewall's and proxy's decisions into the trace as ``network`` events.
+
+    The audit file is the host's own (written by the firewall and the proxy outside the
+    sandbox); its ``event`` becomes the ``audit`` field.
+    """
     try:
         lines = audit_path.read_text().splitlines()
     except FileNotFoundError:
@@ -100,9 +219,9 @@ def merge_network_audit(trace: TraceWriter, audit_path: Path, *, since: float = 
             continue
         if not isinstance(doc, dict) or float(doc.get("ts", since) or since) < since:
             continue
-        fields = {k: v for k, v in doc.items() if k not in ("event", "seq")}
-        fields["source"] = doc.get("event", "net")
-        fields["audit_ts"] = fields.pop("ts", None)
+        fields = {k: v for k, v in doc.items() if k not in STAMPED}
+        fields["audit"] = doc.get("event", "net")
+        fields["audit_ts"] = doc.get("ts")
         trace.emit("network", **fields)
         n += 1
     return n
@@ -114,46 +233,74 @@ def _short(value: Any, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _line(ev: dict[str, Any]) -> str:
-    kind = ev.get("event", "?")
+def _t(*parts: str | Text | tuple[str, str]) -> Text:
+    """Host-chosen labels (plain str or (text, style)) and literal guest text, assembled.
+
+    A plain ``str`` here must come from the host's own vocabulary; anything a guest
+    could have influenced is passed through :func:`literal` first.
+    """
+    return Text.assemble(*parts)
+
+
+def _body(ev: dict[str, Any]) -> Text:
+    kind = str(ev.get("event", "?"))
     if kind == "task.start":
-        return f"[bold]task[/] {escape(_short(ev.get('task', ''), 200))} (model {ev.get('model')})"
+        return _t(("task ", "bold"), literal(_short(ev.get("task", ""), 200)),
+                  " (model ", literal(ev.get("model")), ")")  # fmt: skip
     if kind == "model.request":
-        return f"[blue]model ←[/] {ev.get('messages')} messages, {ev.get('tools')} tools"
+        return _t(("model ← ", "blue"), literal(ev.get("messages")), " messages, ",
+                  literal(ev.get("tools")), " tools")  # fmt: skip
+    if kind == "model.refused":
+        return _t(("model ✗ ", "red"), literal(ev.get("reason", "")))
     if kind == "model.response":
-        calls = ", ".join(c.get("name", "?") for c in ev.get("tool_calls") or [])
+        calls = ", ".join(str(c.get("name", "?")) if isinstance(c, dict) else "?"
+                          for c in ev.get("tool_calls") or [])  # fmt: skip
         what = f"calls {calls}" if calls else f"answers: {_short(ev.get('content') or '')}"
-        tokens = f"{ev.get('input_tokens')}+{ev.get('output_tokens')} tokens"
-        return f"[blue]model →[/] {escape(what)} [dim]({tokens})[/]"
+        tokens = f" ({ev.get('input_tokens')}+{ev.get('output_tokens')} tokens)"
+        return _t(("model → ", "blue"), literal(what), literal(tokens, "dim"))
     if kind == "tool.call":
-        return f"[cyan]tool[/] {ev.get('name')} {escape(_short(ev.get('arguments', {})))}"
+        return _t(("tool ", "cyan"), literal(ev.get("name")), " ",
+                  literal(_short(ev.get("arguments", {}))))  # fmt: skip
     if kind == "tool.classified":
-        color = ev.get("color")
-        style = "green" if color == "GREEN" else "red"
-        return f"  [{style}]{color}[/] {escape(str(ev.get('reason', '')))}"
+        color = str(ev.get("color"))
+        return _t("  ", literal(color, "green" if color == "GREEN" else "red"), " ",
+                  literal(ev.get("reason", "")))  # fmt: skip
     if kind == "tool.decision":
-        verdict = "[green]approved[/]" if ev.get("approved") else "[red]refused[/]"
-        return f"  {verdict} by {ev.get('decided_by')}: {escape(str(ev.get('reason', '')))}"
+        verdict = ("approved", "green") if ev.get("approved") else ("refused", "red")
+        return _t("  ", verdict, " by ", literal(ev.get("decided_by")), ": ",
+                  literal(ev.get("reason", "")))  # fmt: skip
     if kind == "tool.result":
-        mark = "[red]error[/]" if ev.get("is_error") else "[green]ok[/]"
-        return f"  {mark} {escape(_short(ev.get('content', ''), 200))}"
-    if kind == "network" and ev.get("source") == "net.summary":
+        mark = ("error", "red") if ev.get("is_error") else ("ok", "green")
+        return _t("  ", mark, " ", literal(ev.get("name", "")), " ",
+                  literal(_short(ev.get("content", ""), 200)))  # fmt: skip
+    if kind == "network" and ev.get("audit") == "net.summary":
         dropped = int(ev.get("dropped_packets") or 0)
         style = "red" if dropped else "green"
-        return f"[magenta]net[/] firewall dropped [{style}]{dropped}[/] packet(s) in all"
+        return _t(("net ", "magenta"), "firewall dropped ", (str(dropped), style),
+                  " packet(s) in all")  # fmt: skip
     if kind == "network":
-        decision = ev.get("decision") or ev.get("source")
+        decision = str(ev.get("decision") or ev.get("audit"))
         target = ev.get("host") or ev.get("target") or ev.get("dropped_packets")
-        reason = ev.get("reason", "")
-        style = "red" if decision in ("deny", "drop", "error") or ev.get("dropped_packets") else ""
-        label = f"[{style}]{decision}[/]" if style else str(decision)
-        return f"[magenta]net[/] {label} {escape(_short(target or ''))} {escape(str(reason))}"
+        bad = decision in ("deny", "drop", "error") or ev.get("dropped_packets")
+        return _t(("net ", "magenta"), literal(decision, "red" if bad else ""), " ",
+                  literal(_short(target or "")), " ", literal(ev.get("reason", "")))  # fmt: skip
     if kind == "task.end":
-        st = ev.get("status")
-        style = "green" if st == "completed" else "red"
+        st = str(ev.get("status"))
+        style = "bold green" if st == "completed" else "bold red"
         extra = f" ({ev.get('reason')})" if ev.get("reason") else ""
-        return f"[bold {style}]end: {st}{escape(extra)}[/] {ev.get('steps')} steps"
-    return f"{kind} {escape(_short({k: v for k, v in ev.items() if k not in ('seq', 'ts')}))}"
+        return _t(("end: ", style), literal(st + extra, style), " ",
+                  literal(ev.get("steps")), " steps")  # fmt: skip
+    rest = {k: v for k, v in ev.items() if k not in STAMPED}
+    return _t(literal(kind), " ", literal(_short(rest)))
+
+
+def event_line(ev: dict[str, Any]) -> Text:
+    """One event as a line: who it is from (``host``/``guest``) and what it says."""
+    source = ev.get("source")
+    tag = ("guest ", "yellow") if source == "guest" else ("host  ", "dim")
+    if source not in ("host", "guest"):
+        tag = ("?     ", "dim")
+    return _t(tag, _body(ev))
 
 
 def render_timeline(events: list[dict[str, Any]], console: Console | None = None) -> None:
@@ -165,14 +312,13 @@ def render_timeline(events: list[dict[str, Any]], console: Console | None = None
     t0 = float(events[0].get("ts", 0.0))
     for ev in events:
         offset = float(ev.get("ts", t0)) - t0
-        console.print(f"[dim]{offset:8.3f}s[/] {_line(ev)}", highlight=False)
+        console.print(_t((f"{offset:8.3f}s ", "dim"), event_line(ev)), highlight=False)
         if ev.get("event") == "tool.decision" and ev.get("card"):
-            console.print(Panel(escape(str(ev["card"])), title="diff card", expand=False))
+            console.print(Panel(literal(ev["card"]), title=Text("diff card"), expand=False))
     end = next((e for e in reversed(events) if e.get("event") == "task.end"), None)
-    if end is not None and end.get("usage"):
+    if end is not None and isinstance(end.get("usage"), dict):
         u = end["usage"]
         cost = u.get("cost_usd")
-        console.print(
-            f"[dim]usage: {u.get('requests')} requests, {u.get('total_tokens')} tokens, "
-            f"cost {'unknown' if cost is None else f'${cost:.4f}'}[/]"
-        )
+        money = "unknown" if not isinstance(cost, int | float) else f"${cost:.4f}"
+        console.print(literal(f"usage: {u.get('requests')} requests, "
+                              f"{u.get('total_tokens')} tokens, cost {money}", "dim"))  # fmt: skip

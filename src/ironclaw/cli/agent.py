@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.panel import Panel
 from rich.prompt import Confirm
+from rich.text import Text
 
 from ironclaw.cli.common import fail, run_code
 from ironclaw.cli.options import JsonOpt, SandboxOptions, sandbox_options
@@ -24,14 +25,23 @@ _console = Console(stderr=True)
 
 
 def _progress(ev: dict[str, Any]) -> None:
-    from ironclaw.agent.trace import _line
+    from ironclaw.agent.trace import event_line
 
-    _console.print(f"[dim]#{ev.get('seq'):<3}[/] {_line(ev)}", highlight=False)
+    seq = Text(f"#{ev.get('seq')!s:<3} ", style="dim")
+    _console.print(Text.assemble(seq, event_line(ev)), highlight=False)
 
 
 async def _ask(req: Any) -> bool:
-    """The interactive decision on a RED call: its diff card, then yes/no."""
-    _console.print(Panel(req.card, title=f"RED: {req.name}: {req.classification.reason}"))
+    """The interactive decision on a RED call: its diff card, then yes/no.
+
+    Card, tool name and reason come from the sandbox: shown literally (no markup,
+    control characters escaped), so what is approved is what is seen.
+    """
+    from ironclaw.agent.render import literal
+
+    title = Text.assemble(("RED: ", "bold red"), literal(req.name), ": ",
+                          literal(req.classification.reason))  # fmt: skip
+    _console.print(Panel(literal(req.card), title=title), highlight=False)
     return bool(await asyncio.to_thread(Confirm.ask, "approve this action?", default=False))
 
 
@@ -109,7 +119,9 @@ def run_cmd(
             print(json.dumps(outcome.to_json()))
         else:
             if outcome.answer:
-                Console().print(Panel(outcome.answer, title="answer"))
+                from ironclaw.agent.render import literal
+
+                Console().print(Panel(literal(outcome.answer), title="answer"), highlight=False)
             _console.print(f"trace: ironclaw logs {outcome.sandbox_id}")
         return 0 if outcome.status == "completed" else 1
 

@@ -725,24 +725,59 @@ class SandboxManager:
         result = await call
         return int(result["size"])
 
-    async def read_file(self, sandbox_id: str, path: str, sink: OutputSink | None = None) -> bytes:
+    async def read_file(
+        self,
+        sandbox_id: str,
+        path: str,
+        sink: OutputSink | None = None,
+        *,
+        limit: int | None = None,
+    ) -> bytes:
+        """The file's bytes (or, with ``sink``, each chunk handed to it).
+
+        With ``limit``, at most that many bytes arrive: the read stops there and the
+        guest's handler is cancelled, so a ``/dev/zero`` cannot fill the host's memory.
+        """
         peer = await self.peer(sandbox_id)
         sid = peer.new_stream_id()
         buf = bytearray()
+        got = 0
 
-        async def drain() -> None:
-            async for chunk in peer.open_stream(sid):
+        async def drain() -> bool:
+            nonlocal got
+            stream = peer.open_stream(sid)
+            async for chunk in stream:
+                if limit is not None:
+                    chunk = chunk[: limit - got]
+                got += len(chunk)
                 if sink is None:
                     buf.extend(chunk)
                 else:
                     res = sink(chunk)
                     if res is not None:
                         await res
+                if limit is not None and got >= limit:
+                    stream.close()  # later chunks are dropped, not buffered
+                    return True
+            return False
 
         reader = asyncio.ensure_future(drain())
+        params = {"path": path, "stream": sid}
         try:
-            await peer.call("files.read", {"path": path, "stream": sid})
-            await reader
+            if limit is None:
+                await peer.call("files.read", params)
+                await reader
+            else:
+                call = asyncio.ensure_future(peer.call("files.read", params))
+                call.add_done_callback(lambda t: t.cancelled() or t.exception())
+                try:
+                    await asyncio.wait((reader, call), return_when=asyncio.FIRST_COMPLETED)
+                    if call.done():
+                        call.result()  # the guest's error, if it failed
+                    if not await reader:
+                        await call
+                finally:
+                    call.cancel()  # stopped at the limit: the guest stops sending
         finally:
             if not reader.done():
                 reader.cancel()

@@ -20,7 +20,9 @@ from types import TracebackType
 from typing import Any
 
 from ironclaw.config import Settings
-from ironclaw.host.manager import ExecResult, OutputSink, SandboxManager
+from ironclaw.host.guest import ExecResult, OutputSink
+from ironclaw.host.manager import SandboxManager
+from ironclaw.proto import methods
 from ironclaw.resources.store import SandboxRecord
 from ironclaw.spec import SandboxSpec
 
@@ -43,19 +45,18 @@ class Files:
         return await self._sb.manager.read_file(self._sb.id, path, sink)
 
     async def list(self, path: str = ".") -> list[dict[str, Any]]:
-        result = await self._sb.manager.call(self._sb.id, "files.list", {"path": path})
-        return list(result["entries"])
+        guest = await self._sb.manager.guest(self._sb.id)
+        return [methods.to_json(e) for e in await guest.list(path)]
 
     async def stat(self, path: str) -> dict[str, Any]:
-        return dict(await self._sb.manager.call(self._sb.id, "files.stat", {"path": path}))
+        guest = await self._sb.manager.guest(self._sb.id)
+        return methods.to_json(await guest.stat(path))
 
     async def remove(self, path: str, *, recursive: bool = False) -> None:
-        await self._sb.manager.call(
-            self._sb.id, "files.remove", {"path": path, "recursive": recursive}
-        )
+        await (await self._sb.manager.guest(self._sb.id)).remove(path, recursive=recursive)
 
     async def mkdir(self, path: str) -> None:
-        await self._sb.manager.call(self._sb.id, "files.mkdir", {"path": path})
+        await (await self._sb.manager.guest(self._sb.id)).mkdir(path)
 
 
 class Sandbox:
@@ -126,7 +127,7 @@ class Sandbox:
         )
 
     async def ping(self) -> dict[str, Any]:
-        return dict(await self.manager.call(self.id, "ping"))
+        return methods.to_json(await (await self.manager.guest(self.id)).ping())
 
     async def destroy(self) -> None:
         if not self._destroyed:

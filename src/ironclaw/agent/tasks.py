@@ -22,9 +22,10 @@ from ironclaw.agent.gateway import Gateway, Provider, provider_from_name
 from ironclaw.agent.trace import TraceWriter, merge_network_audit, state_trace_path
 from ironclaw.config import safe_join
 from ironclaw.errors import ConfigError, IronclawError
-from ironclaw.guest.agent_loop import Budget
 from ironclaw.host.manager import SandboxManager
 from ironclaw.mcp_servers import BUILTIN_SERVERS
+from ironclaw.proto import methods
+from ironclaw.proto.methods import Budget
 from ironclaw.rpc import CallContext
 
 __all__ = ["DEFAULT_SYSTEM", "TaskOutcome", "TaskSpec", "builtin_server", "parse_mcp", "run_task"]
@@ -146,7 +147,7 @@ async def run_task(
     gateway = Gateway(provider, on_event=emit)
     outcome: dict[str, Any] = {"status": "error", "steps": 0, "tool_calls": 0}
     try:
-        peer = await manager.peer(sid)
+        guest = await manager.guest(sid)
 
         async def read_for_card(path: str) -> str | None:
             try:
@@ -177,28 +178,29 @@ async def run_task(
             await emit(kind, **doc)
             return {"ok": True}
 
-        peer.register("model.complete", gateway.complete)
-        peer.register("tool.authorize", authorize)
-        peer.register("agent.event", agent_event)
+        guest.serve("model.complete", gateway.complete)
+        guest.serve("tool.authorize", authorize)
+        guest.serve("agent.event", agent_event)
         await emit(
             "task.start",
             task=spec.task,
             model=f"{provider.name}:{provider.model}",
             sandbox_id=sid,
             servers=[s["name"] for s in servers],
-            budget=spec.budget.__dict__,
+            budget=methods.to_json(spec.budget),
             network={"allow": [str(a) for a in _policy_allow(spec.sandbox)],
                      "allow_domains": list(_policy_domains(spec.sandbox))},
         )  # fmt: skip
-        params = {
-            "task": spec.task,
-            "system": spec.system,
-            "runtime": str(runtime),
-            "servers": servers,
-            "budget": spec.budget.__dict__,
-        }
+        request = methods.AgentRunRequest(
+            task=spec.task,
+            system=spec.system,
+            runtime=str(runtime),
+            servers=tuple(methods.decode(methods.ServerSpec, s, "server") for s in servers),
+            budget=spec.budget,
+        )
         # The guest enforces the wall time; the host's bound only covers a stuck guest.
-        outcome = await peer.call("agent.run", params, timeout=spec.budget.wall_time_s + 30)
+        ran = await guest.run_agent(request, timeout=spec.budget.wall_time_s + 30)
+        outcome = methods.to_json(ran)
     except TimeoutError:
         outcome = {**outcome, "status": "budget_exceeded", "reason": "wall_time (host)"}
     except IronclawError as exc:

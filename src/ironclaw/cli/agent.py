@@ -64,8 +64,8 @@ def run_cmd(
     from ironclaw.agent.approval import ApprovalPolicy, Approver
     from ironclaw.agent.tasks import TaskSpec, parse_mcp, run_task
     from ironclaw.cli.main import _fail, build_spec
-    from ironclaw.guest.agent_loop import Budget
     from ironclaw.host.manager import SandboxManager
+    from ironclaw.proto.methods import Budget
 
     interactive = sys.stdin.isatty() and not as_json
     mode = approve or ("prompt" if interactive else "green-only")

@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import Any
 
 from ironclaw.config import Settings
-from ironclaw.host.guest import ExecResult, OutputSink
+from ironclaw.host.guest import DEFAULT_READ_LIMIT, ExecResult, OutputSink
 from ironclaw.host.manager import SandboxManager
 from ironclaw.proto import methods
 from ironclaw.resources.store import SandboxRecord
@@ -41,8 +41,11 @@ class Files:
         payload = data.encode() if isinstance(data, str) else data
         return await self._sb.manager.write_file(self._sb.id, path, payload, mode=mode)
 
-    async def read(self, path: str, sink: OutputSink | None = None) -> bytes:
-        return await self._sb.manager.read_file(self._sb.id, path, sink)
+    async def read(
+        self, path: str, sink: OutputSink | None = None, *, limit: int | None = DEFAULT_READ_LIMIT
+    ) -> bytes:
+        """The file's bytes; ResourceLimitExceeded past ``limit`` (None: unbounded)."""
+        return await self._sb.manager.read_file(self._sb.id, path, sink, limit=limit)
 
     async def list(self, path: str = ".") -> list[dict[str, Any]]:
         guest = await self._sb.manager.guest(self._sb.id)

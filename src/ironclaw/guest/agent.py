@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 import stat
@@ -93,6 +94,32 @@ async def _write_fd(fd: int, data: bytes) -> None:
 def _resolve(path: str, workdir: str) -> Path:
     p = Path(path)
     return p if p.is_absolute() else Path(workdir) / p
+
+
+def _open_regular(path: Path) -> int:
+    """Open a regular file for reading, refusing anything else before reading a byte.
+
+    A link to ``/dev/zero`` or a FIFO would otherwise stream forever (or block the
+    agent): the last component is not followed (O_NOFOLLOW), the open does not wait
+    (O_NONBLOCK), and fstat on the opened file decides.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(
+                f"{path} is a symbolic link: files.read reads regular files only, "
+                "read the link's target instead"
+            ) from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode):
+        return fd
+    os.close(fd)
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
+    kind = "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+    raise ConfigError(f"{path} is {kind}: files.read reads regular files only")
 
 
 def _typed(method: str, handler: Callable[[Any, CallContext], Awaitable[m.Record]]) -> Handler:
@@ -410,13 +437,13 @@ class GuestAgent:
         stream_id = request.stream
         size = 0
         try:
-            with open(path, "rb") as f:
-                while True:
-                    chunk = f.read(CHUNK)
-                    if not chunk:
-                        break
+            fd = _open_regular(path)
+            try:
+                while chunk := os.read(fd, CHUNK):
                     size += len(chunk)
                     await ctx.peer.send_bytes(stream_id, chunk)
+            finally:
+                os.close(fd)
         finally:
             if not ctx.peer.closed:
                 with contextlib.suppress(Exception):

@@ -7,6 +7,11 @@ sandbox, so a malformed reply is an :class:`~ironclaw.errors.InvalidParams`, nev
 ``KeyError`` deep in the caller. :meth:`GuestClient.serve` registers the host's
 handlers of guest->host methods behind the same checks.
 
+Whatever the host keeps in memory from a sandbox is bounded: :meth:`GuestClient.read_file`
+stops past ``limit`` bytes (a symlink to ``/dev/zero`` is refused by the guest, but a
+huge regular file is not), and captured exec output keeps at most ``capture_limit``
+bytes per stream, marking the result ``truncated``.
+
 The manager keeps the connection cache (its lifecycle code reuses the connections it
 opened) and hands out clients through :meth:`SandboxManager.guest`.
 """
@@ -18,11 +23,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ironclaw.errors import ConfigError
+from ironclaw.errors import ConfigError, ResourceLimitExceeded
 from ironclaw.proto import methods as m
 from ironclaw.rpc import CallContext, Handler, Peer
 
-__all__ = ["ExecResult", "GuestClient", "OutputSink"]
+__all__ = ["DEFAULT_CAPTURE_LIMIT", "DEFAULT_READ_LIMIT", "ExecResult", "GuestClient", "OutputSink"]
+
+#: Bytes :meth:`GuestClient.read_file` accepts before refusing the rest.
+DEFAULT_READ_LIMIT = 64 * 2**20
+#: Bytes of each output stream an exec keeps in memory (the rest is counted, not kept).
+DEFAULT_CAPTURE_LIMIT = 16 * 2**20
 
 OutputSink = Callable[[bytes], Awaitable[None] | None]
 R = TypeVar("R", bound=m.Record)
@@ -42,6 +52,7 @@ class ExecResult:
     timed_out: bool = False
     stdout_bytes: int = 0
     stderr_bytes: int = 0
+    truncated: bool = False  # some output was counted but not kept (``capture_limit``)
 
     def to_json(self, backend: str) -> dict[str, Any]:
         return {
@@ -55,8 +66,13 @@ class ExecResult:
             "stderr": self.stderr.decode(errors="replace"),
             "stdout_bytes": self.stdout_bytes,
             "stderr_bytes": self.stderr_bytes,
+            "truncated": self.truncated,
             "duration_ms": round(self.duration_ms, 3),
         }
+
+
+def _human(n: int) -> str:
+    return f"{n / 2**20:g} MiB" if n >= 2**20 else f"{n} bytes"
 
 
 async def _feed(sink: OutputSink, chunk: bytes) -> None:
@@ -108,8 +124,13 @@ class GuestClient:
         capture: bool = True,
         keep_background: bool = False,
         exec_id: str | None = None,
+        capture_limit: int = DEFAULT_CAPTURE_LIMIT,
     ) -> ExecResult:
-        """Run ``argv``, streaming output to the sinks as it comes (see the manager's exec)."""
+        """Run ``argv``, streaming output to the sinks as it comes (see the manager's exec).
+
+        Captured output keeps the first ``capture_limit`` bytes of each stream; the sinks
+        still get every byte and the result counts them all.
+        """
         if not argv:
             raise ConfigError("nothing to run: give a command")
         peer = self.peer
@@ -132,8 +153,8 @@ class GuestClient:
         async def drain(stream_id: int, buf: bytearray, sink: OutputSink | None, i: int) -> None:
             async for chunk in peer.open_stream(stream_id):
                 counts[i] += len(chunk)
-                if capture:
-                    buf += chunk
+                if capture and len(buf) < capture_limit:
+                    buf += chunk[: capture_limit - len(buf)]
                 if sink is not None:
                     await _feed(sink, chunk)
 
@@ -164,6 +185,7 @@ class GuestClient:
             timed_out=result.timed_out,
             stdout_bytes=counts[0],
             stderr_bytes=counts[1],
+            truncated=capture and (len(out_buf) < counts[0] or len(err_buf) < counts[1]),
         )
 
     async def signal(self, exec_id: str, signum: int = 9) -> bool:
@@ -190,26 +212,50 @@ class GuestClient:
             raise
         return (await call).size
 
-    async def read_file(self, path: str, sink: OutputSink | None = None) -> bytes:
-        """The file's bytes, or b"" with every chunk handed to ``sink`` instead."""
+    async def read_file(
+        self, path: str, sink: OutputSink | None = None, *, limit: int | None = DEFAULT_READ_LIMIT
+    ) -> bytes:
+        """The file's bytes, or b"" with every chunk handed to ``sink`` instead.
+
+        Past ``limit`` bytes (None: no limit) the read stops, the guest is told to stop
+        sending, and :class:`ResourceLimitExceeded` names the limit.
+        """
         peer = self.peer
         sid = peer.new_stream_id()
         buf = bytearray()
+        size = 0
 
         async def drain() -> None:
-            async for chunk in peer.open_stream(sid):
-                if sink is None:
-                    buf.extend(chunk)
-                else:
-                    await _feed(sink, chunk)
+            nonlocal size
+            async with peer.open_stream(sid) as stream:
+                async for chunk in stream:
+                    size += len(chunk)
+                    if limit is not None and size > limit:
+                        raise ResourceLimitExceeded(
+                            f"{path} is larger than the read limit of {_human(limit)}: "
+                            "raise the limit, or copy it in pieces (split, head -c)"
+                        )
+                    if sink is None:
+                        buf.extend(chunk)
+                    else:
+                        await _feed(sink, chunk)
 
         reader = asyncio.ensure_future(drain())
+        request = m.FilesReadRequest(path=path, stream=sid)
+        call = asyncio.ensure_future(self._call(request, m.FilesTransferResult))
         try:
-            await self._call(m.FilesReadRequest(path=path, stream=sid), m.FilesTransferResult)
+            await asyncio.wait({reader, call}, return_when=asyncio.FIRST_EXCEPTION)
+            if reader.done() and reader.exception() is not None:
+                call.cancel()  # tells the guest to stop sending
+                await asyncio.gather(call, return_exceptions=True)
+                await reader  # raises the reader's error
+            await call
             await reader
         finally:
-            if not reader.done():
-                reader.cancel()
+            for task in (call, reader):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(call, reader, return_exceptions=True)
         return bytes(buf)
 
     async def list(self, path: str = ".") -> tuple[m.FileEntry, ...]:

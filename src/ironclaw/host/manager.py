@@ -33,7 +33,13 @@ from ironclaw.errors import (
     SandboxNotFound,
     SandboxTimeout,
 )
-from ironclaw.host.guest import ExecResult, GuestClient, OutputSink
+from ironclaw.host.guest import (
+    DEFAULT_CAPTURE_LIMIT,
+    DEFAULT_READ_LIMIT,
+    ExecResult,
+    GuestClient,
+    OutputSink,
+)
 from ironclaw.ids import new_sandbox_id, validate_sandbox_id
 from ironclaw.resources.store import SandboxRecord, Store
 from ironclaw.rpc import Peer
@@ -588,11 +594,13 @@ class SandboxManager:
         on_stderr: OutputSink | None = None,
         capture: bool = True,
         keep_background: bool = False,
+        capture_limit: int = DEFAULT_CAPTURE_LIMIT,
     ) -> ExecResult:
         """Run ``argv`` in the sandbox, streaming output to the sinks as it comes.
 
         With ``capture=False`` output is only streamed, so memory stays bounded however
-        much a command prints. Processes the command leaves in the background are
+        much a command prints; captured output keeps ``capture_limit`` bytes per stream
+        and says ``truncated`` past that. Processes the command leaves in the background are
         killed when it exits unless ``keep_background``. A command stopped by one of the
         sandbox's cgroup limits says so in ``status``.
         """
@@ -612,6 +620,7 @@ class SandboxManager:
                 on_stderr=on_stderr,
                 capture=capture,
                 keep_background=keep_background,
+                capture_limit=capture_limit,
             )
         except ChannelClosed:
             record = await self.get(sandbox_id)
@@ -645,5 +654,12 @@ class SandboxManager:
     ) -> int:
         return await (await self.guest(sandbox_id)).write_file(path, data, mode=mode)
 
-    async def read_file(self, sandbox_id: str, path: str, sink: OutputSink | None = None) -> bytes:
-        return await (await self.guest(sandbox_id)).read_file(path, sink)
+    async def read_file(
+        self,
+        sandbox_id: str,
+        path: str,
+        sink: OutputSink | None = None,
+        *,
+        limit: int | None = DEFAULT_READ_LIMIT,
+    ) -> bytes:
+        return await (await self.guest(sandbox_id)).read_file(path, sink, limit=limit)

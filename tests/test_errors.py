@@ -7,11 +7,13 @@ import pytest
 import ironclaw.errors as errors
 from ironclaw.errors import (
     ConfigError,
+    InvalidParams,
     IronclawError,
     ModelError,
     RequestCancelled,
     RpcError,
     SandboxNotFound,
+    UnknownMethod,
     from_wire,
     to_wire,
 )
@@ -28,7 +30,14 @@ def test_every_exported_error_is_in_the_tree_and_documented() -> None:
 
 @pytest.mark.parametrize(
     "exc",
-    [SandboxNotFound("no such sandbox"), ConfigError("bad"), RequestCancelled(), ModelError("x")],
+    [
+        SandboxNotFound("no such sandbox"),
+        ConfigError("bad"),
+        RequestCancelled(),
+        ModelError("x"),
+        InvalidParams("exec.argv: must be a list"),
+        UnknownMethod("no such method"),
+    ],
 )
 def test_errors_survive_the_wire(exc: IronclawError) -> None:
     back = from_wire(to_wire(exc))

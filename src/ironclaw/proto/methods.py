@@ -9,7 +9,7 @@ of range with :class:`~ironclaw.errors.InvalidParams` (JSON-RPC invalid params),
 any handler runs.
 
 Records (:mod:`ironclaw.proto.records`) are frozen and slotted; each one's field checks
-are declared beside it with ``_schema``.
+are declared beside it with ``declare``.
 
 Standard library only: the guest imports it.
 """
@@ -34,7 +34,7 @@ from ironclaw.proto.records import (
     Seq,
     Str,
     StrMap,
-    _schema,
+    declare,
     decode,
     schema,
     to_json,
@@ -111,7 +111,7 @@ class Budget(Record):
         return decode(cls, doc, "budget")
 
 
-_schema(Budget, max_steps=Int(1), max_tokens=Int(1), wall_time_s=Float(positive=True),
+declare(Budget, max_steps=Int(1), max_tokens=Int(1), wall_time_s=Float(positive=True),
         tool_timeout_s=Float(positive=True))  # fmt: skip
 
 
@@ -123,7 +123,7 @@ class ToolCall(Record):
     arguments: dict[str, Any]
 
 
-_schema(ToolCall, id=NAME, name=Str(min_len=1, max_len=1024), arguments=Json(obj=True))
+declare(ToolCall, id=NAME, name=Str(min_len=1, max_len=1024), arguments=Json(obj=True))
 
 
 class ServerSpec(Record):
@@ -135,7 +135,7 @@ class ServerSpec(Record):
     env: Mapping[str, str] | None = None
 
 
-_schema(ServerSpec, name=Str(min_len=1, max_len=256, without="__"),
+declare(ServerSpec, name=Str(min_len=1, max_len=256, without="__"),
         command=Str(min_len=1, max_len=MAX_ARG, no_nul=True),
         args=Seq(Str(max_len=MAX_ARG, no_nul=True)), env=Opt(StrMap()))  # fmt: skip
 
@@ -151,7 +151,7 @@ class FileEntry(Record):
     mtime: float
 
 
-_schema(FileEntry, name=Str(max_len=MAX_PATH), path=PATH,
+declare(FileEntry, name=Str(max_len=MAX_PATH), path=PATH,
         type=Str(choices=("file", "dir", "symlink", "other")), size=Int(), mode=MODE,
         mtime=Float())  # fmt: skip
 
@@ -165,7 +165,7 @@ class Decision(Record):
     decided_by: str
 
 
-_schema(Decision, approved=Bool(), color=Str(choices=("GREEN", "RED")), reason=TEXT,
+declare(Decision, approved=Bool(), color=Str(choices=("GREEN", "RED")), reason=TEXT,
         decided_by=NAME)  # fmt: skip
 
 
@@ -174,7 +174,7 @@ class TokenUsage(Record):
     output_tokens: int = 0
 
 
-_schema(TokenUsage, input_tokens=Int(), output_tokens=Int())
+declare(TokenUsage, input_tokens=Int(), output_tokens=Int())
 
 
 class AssistantMessage(Record):
@@ -183,7 +183,7 @@ class AssistantMessage(Record):
     tool_calls: tuple[ToolCall, ...] = ()
 
 
-_schema(AssistantMessage, role=Str(choices=("assistant",)), content=Opt(TEXT),
+declare(AssistantMessage, role=Str(choices=("assistant",)), content=Opt(TEXT),
         tool_calls=Seq(Nested(ToolCall)))  # fmt: skip
 
 # -- host -> guest ------------------------------------------------------------------------
@@ -313,34 +313,34 @@ class AgentRunResult(Record):
     error: str | None = None
 
 
-_schema(PingRequest)
-_schema(PingResult, pong=Bool(), kernel=NAME, uid=Int(), gid=Int(), pid=Int(), hostname=NAME,
+declare(PingRequest)
+declare(PingResult, pong=Bool(), kernel=NAME, uid=Int(), gid=Int(), pid=Int(), hostname=NAME,
         workdir=PATH, python=NAME)  # fmt: skip
-_schema(ExecRequest, argv=Seq(Str(max_len=MAX_ARG, no_nul=True), min_items=1),
+declare(ExecRequest, argv=Seq(Str(max_len=MAX_ARG, no_nul=True), min_items=1),
         env=Opt(StrMap()), cwd=Opt(Str(max_len=MAX_PATH, no_nul=True)),
         timeout=Opt(Float(positive=True)), stdout_stream=Opt(STREAM), stderr_stream=Opt(STREAM),
         stdin_stream=Opt(STREAM), exec_id=Opt(Str(min_len=1, max_len=256)),
         keep_background=Bool())  # fmt: skip
-_schema(ExecExit, exit_code=Int(0, 255), signal=Opt(Int(1, 64)), timed_out=Bool(),
+declare(ExecExit, exit_code=Int(0, 255), signal=Opt(Int(1, 64)), timed_out=Bool(),
         duration_ms=Float(lo=0.0), pid=Opt(Int(1)), spawn_error=Opt(TEXT))  # fmt: skip
-_schema(ExecSignalRequest, exec_id=Str(min_len=1, max_len=256), signal=Int(1, 64))
-_schema(ExecSignalResult, signalled=Bool())
-_schema(FilesWriteRequest, path=PATH, stream=STREAM, mode=MODE, mkdir=Bool())
-_schema(FilesReadRequest, path=PATH, stream=STREAM)
-_schema(FilesTransferResult, path=PATH, size=Int())
-_schema(FilesListRequest, path=PATH)
-_schema(FilesListResult, path=PATH, entries=Seq(Nested(FileEntry), max_items=1 << 20))
-_schema(FilesStatRequest, path=PATH)
-_schema(FilesRemoveRequest, path=PATH, recursive=Bool())
-_schema(FilesRemoveResult, removed=PATH)
-_schema(FilesMkdirRequest, path=PATH, parents=Bool())
-_schema(FilesMkdirResult, path=PATH)
-_schema(ShutdownRequest)
-_schema(ShutdownResult, stopping=Bool())
-_schema(AgentRunRequest, task=TEXT, system=TEXT, runtime=Str(max_len=MAX_PATH, no_nul=True),
+declare(ExecSignalRequest, exec_id=Str(min_len=1, max_len=256), signal=Int(1, 64))
+declare(ExecSignalResult, signalled=Bool())
+declare(FilesWriteRequest, path=PATH, stream=STREAM, mode=MODE, mkdir=Bool())
+declare(FilesReadRequest, path=PATH, stream=STREAM)
+declare(FilesTransferResult, path=PATH, size=Int())
+declare(FilesListRequest, path=PATH)
+declare(FilesListResult, path=PATH, entries=Seq(Nested(FileEntry), max_items=1 << 20))
+declare(FilesStatRequest, path=PATH)
+declare(FilesRemoveRequest, path=PATH, recursive=Bool())
+declare(FilesRemoveResult, removed=PATH)
+declare(FilesMkdirRequest, path=PATH, parents=Bool())
+declare(FilesMkdirResult, path=PATH)
+declare(ShutdownRequest)
+declare(ShutdownResult, stopping=Bool())
+declare(AgentRunRequest, task=TEXT, system=TEXT, runtime=Str(max_len=MAX_PATH, no_nul=True),
         servers=Seq(Nested(ServerSpec), max_items=64), budget=Nested(Budget),
         workdir=Opt(PATH))  # fmt: skip
-_schema(AgentRunResult, status=Str(choices=("completed", "budget_exceeded", "error")),
+declare(AgentRunResult, status=Str(choices=("completed", "budget_exceeded", "error")),
         answer=Opt(TEXT), steps=Int(), tokens=Int(), tool_calls=Int(), reason=Opt(TEXT),
         error=Opt(TEXT))  # fmt: skip
 
@@ -384,15 +384,15 @@ class AgentEventResult(Record):
     ok: bool
 
 
-_schema(ModelCompleteRequest, messages=Seq(Json(obj=True), max_items=1 << 16), system=TEXT,
+declare(ModelCompleteRequest, messages=Seq(Json(obj=True), max_items=1 << 16), system=TEXT,
         tools=Seq(Json(obj=True), max_items=1024))  # fmt: skip
-_schema(ModelCompleteResult, message=Nested(AssistantMessage), usage=Nested(TokenUsage),
+declare(ModelCompleteResult, message=Nested(AssistantMessage), usage=Nested(TokenUsage),
         stop_reason=NAME)  # fmt: skip
-_schema(ToolAuthorizeRequest, call=Nested(ToolCall), server=Opt(NAME), tool=Opt(NAME),
+declare(ToolAuthorizeRequest, call=Nested(ToolCall), server=Opt(NAME), tool=Opt(NAME),
         workdir=Opt(PATH))  # fmt: skip
-_schema(AgentEventRequest, call_id=NAME, name=NAME, is_error=Bool(), content=TEXT,
+declare(AgentEventRequest, call_id=NAME, name=NAME, is_error=Bool(), content=TEXT,
         duration_ms=Float(lo=0.0), executed=Bool(), type=Str(choices=("tool.result",)))  # fmt: skip
-_schema(AgentEventResult, ok=Bool())
+declare(AgentEventResult, ok=Bool())
 
 # -- registry -----------------------------------------------------------------------------
 

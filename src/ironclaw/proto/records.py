@@ -4,7 +4,7 @@
 (``dataclass_transform``); at run time a small metaclass builds them instead of
 :mod:`dataclasses`, whose code generation costs about a millisecond per class, and the
 guest imports every channel type on each sandbox start. Each record's fields get a
-:class:`Field` check with :func:`_schema`; :func:`decode` applies them (unknown or
+:class:`Field` check with :func:`declare`; :func:`decode` applies them (unknown or
 missing fields, wrong JSON types, values out of range raise
 :class:`~ironclaw.errors.InvalidParams`) and :func:`to_json` writes records back.
 Nothing walks type hints at import. Standard library only: the guest imports it.
@@ -31,6 +31,7 @@ __all__ = [
     "Seq",
     "Str",
     "StrMap",
+    "declare",
     "decode",
     "schema",
     "to_json",
@@ -316,7 +317,8 @@ class Record(metaclass=_RecordMeta):
 _SCHEMAS: dict[type[Record], dict[str, Field]] = {}
 
 
-def _schema(cls: type[R], **fields: Field) -> None:
+def declare(cls: type[R], **fields: Field) -> None:
+    """Give each field of ``cls`` its check (every field, no more)."""
     if set(fields) != set(cls._fields):
         raise TypeError(f"{cls.__name__}: schema and fields differ")  # caught by any import
     _SCHEMAS[cls] = fields

@@ -7,7 +7,9 @@ guest imports every channel type on each sandbox start. Each record's fields get
 :class:`Field` check with :func:`declare`; :func:`decode` applies them (unknown or
 missing fields, wrong JSON types, values out of range raise
 :class:`~ironclaw.errors.InvalidParams`) and :func:`to_json` writes records back.
-Nothing walks type hints at import. Standard library only: the guest imports it.
+Nothing walks type hints at import. They are not :mod:`dataclasses` at run time, so use
+:func:`to_json` rather than ``dataclasses.asdict``. Standard library only: the guest
+imports it.
 """
 
 from __future__ import annotations

@@ -278,3 +278,40 @@ async def test_a_real_guest_refuses_bad_params_and_changes_nothing(
     assert [e.name for e in await guest.list(".")] == ["keep.txt"]
     assert await guest.read_file("keep.txt") == b"kept"
     assert (await guest.ping()).pong is True
+
+
+async def test_the_host_checks_the_guests_replies_and_requests() -> None:
+    """A lying guest (an in-memory fake, as an extra layer) cannot hand the host junk."""
+    from ironclaw.host.guest import GuestClient
+    from ironclaw.rpc import CallContext, Peer
+    from ironclaw.transport import memory
+
+    async def bad_stat(params: Any, ctx: CallContext) -> Any:
+        return {"name": "a", "path": "/a", "type": "file", "size": -1, "mode": 0, "mtime": 0}
+
+    async def extra_field(params: Any, ctx: CallContext) -> Any:
+        return {"pong": True, "debug": "x"}
+
+    host_conn, guest_conn = memory.pair()
+    handled: list[Any] = []
+
+    async def authorize(params: Any, ctx: CallContext) -> Any:
+        handled.append(params)
+        return {"approved": False, "color": "RED", "reason": "no", "decided_by": "policy"}
+
+    fake = Peer(guest_conn, handlers={"files.stat": bad_stat, "ping": extra_field})
+    async with Peer(host_conn, name="host") as host, fake:
+        client = GuestClient(host, "fake")
+        with pytest.raises(InvalidParams, match="size"):
+            await client.stat("a")
+        with pytest.raises(InvalidParams, match="debug"):
+            await client.ping()
+        client.serve("tool.authorize", authorize)
+        with pytest.raises(ConfigError):
+            client.serve("exec", authorize)  # not a method the guest calls
+        with pytest.raises(InvalidParams):
+            await fake.call("tool.authorize", {"call": {"id": "1", "name": ""}}, timeout=10)
+        assert handled == []
+        ok = {"call": {"id": "1", "name": "shell__run", "arguments": {}}}
+        decision = await fake.call("tool.authorize", ok, timeout=10)
+        assert decision["approved"] is False and handled[0]["call"]["name"] == "shell__run"

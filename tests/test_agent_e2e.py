@@ -15,8 +15,8 @@ from ironclaw.agent.gateway import OpenAIProvider, ScriptedProvider
 from ironclaw.agent.tasks import TaskSpec, run_task
 from ironclaw.agent.trace import read_trace
 from ironclaw.agent_demo import DEMO_TURNS
-from ironclaw.guest.agent_loop import Budget
 from ironclaw.host.manager import SandboxManager
+from ironclaw.proto.methods import Budget
 from test_gateway_http import FakeModelServer
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
@@ -107,8 +107,8 @@ async def test_red_call_under_never_and_green_only(manager: SandboxManager) -> N
     )  # fmt: skip
     out = await run_task(manager, TaskSpec(task="t"), provider=provider,
                          approver=Approver(mode=ApprovalMode.NEVER), keep=True)  # fmt: skip
-    listing = await manager.call(out.sandbox_id, "files.list", {"path": "."})
-    assert "red" not in {e["name"] for e in listing["entries"]}
+    listing = await (await manager.guest(out.sandbox_id)).list(".")
+    assert "red" not in {e.name for e in listing}
     fed_back = provider.requests[-1]["messages"][-1]
     assert fed_back["is_error"] and "refused" in fed_back["content"]
 

@@ -8,11 +8,13 @@ import ironclaw.errors as errors
 from ironclaw.errors import (
     BudgetExceeded,
     ConfigError,
+    InvalidParams,
     IronclawError,
     ModelError,
     RequestCancelled,
     RpcError,
     SandboxNotFound,
+    UnknownMethod,
     from_wire,
     to_wire,
 )
@@ -35,6 +37,8 @@ def test_every_exported_error_is_in_the_tree_and_documented() -> None:
         RequestCancelled(),
         ModelError("x"),
         BudgetExceeded("max_steps: 3 of 3 model calls made"),
+        InvalidParams("exec.argv: must be a list"),
+        UnknownMethod("no such method"),
     ],
 )
 def test_errors_survive_the_wire(exc: IronclawError) -> None:

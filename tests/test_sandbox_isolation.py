@@ -141,9 +141,9 @@ async def test_files_round_trip_large(sandbox: tuple[SandboxManager, str]) -> No
     import hashlib
 
     assert r.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
-    entries = await mgr.call(sid, "files.list", {"path": "dir"})
-    assert [e["name"] for e in entries["entries"]] == ["blob.bin"]
-    await mgr.call(sid, "files.remove", {"path": "dir", "recursive": True})
+    guest = await mgr.guest(sid)
+    assert [e.name for e in await guest.list("dir")] == ["blob.bin"]
+    await guest.remove("dir", recursive=True)
     from ironclaw.errors import RpcError
 
     with pytest.raises(RpcError) as info:

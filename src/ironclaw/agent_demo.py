@@ -18,8 +18,8 @@ from ironclaw.agent.approval import ApprovalMode, Approver
 from ironclaw.agent.gateway import ScriptedProvider
 from ironclaw.agent.tasks import TaskOutcome, TaskSpec, run_task
 from ironclaw.agent.trace import render_timeline
-from ironclaw.guest.agent_loop import Budget
 from ironclaw.host.manager import SandboxManager
+from ironclaw.proto.methods import Budget
 
 __all__ = ["DEMO_SANDBOX", "DEMO_TASK", "DEMO_TURNS", "run_agent_demo"]
 

@@ -21,7 +21,10 @@ can catch one type at the top and still tell the kinds apart below it::
     │   └── ChannelClosed         the connection is gone; pending calls fail with this
     ├── ProtocolError             bytes moved but make no sense
     │   ├── FrameTooLarge
-    │   └── MalformedFrame
+    │   ├── MalformedFrame
+    │   ├── InvalidParams         a call's params or result do not fit its method's
+    │   │                         type (also a ConfigError: nothing was changed)
+    │   └── UnknownMethod         no such channel method
     ├── RpcError(code, message, data)   the peer answered with a JSON-RPC error
     │   ├── RequestCancelled
     │   └── ModelError            the model provider failed (HTTP error, bad reply)
@@ -46,6 +49,7 @@ __all__ = [
     "ConfigError",
     "ConnectError",
     "FrameTooLarge",
+    "InvalidParams",
     "InvalidSandboxId",
     "IronclawError",
     "MalformedFrame",
@@ -60,6 +64,7 @@ __all__ = [
     "SandboxNotFound",
     "SandboxTimeout",
     "TransportError",
+    "UnknownMethod",
     "WriteError",
     "from_wire",
     "to_wire",
@@ -151,6 +156,20 @@ class MalformedFrame(ProtocolError):
     pass
 
 
+class InvalidParams(ProtocolError, ConfigError):
+    """A call's params (or a reply) do not fit the method's type: unknown or missing
+    fields, wrong JSON types, values out of range. Raised before the handler runs, so
+    nothing was changed; a ConfigError too, as any other bad input."""
+
+    wire_code = -32602
+
+
+class UnknownMethod(ProtocolError):
+    """A method name that is not part of the channel's API."""
+
+    wire_code = -32601
+
+
 class RpcError(IronclawError):
     """The peer answered a call with a JSON-RPC error object."""
 
@@ -208,6 +227,8 @@ _BY_NAME: dict[str, type[IronclawError]] = {
         BudgetExceeded,
         NetworkError,
         ApprovalDenied,
+        InvalidParams,
+        UnknownMethod,
     )
 }
 

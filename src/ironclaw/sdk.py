@@ -20,7 +20,9 @@ from types import TracebackType
 from typing import Any
 
 from ironclaw.config import Settings
-from ironclaw.host.manager import ExecResult, OutputSink, SandboxManager
+from ironclaw.host.guest import DEFAULT_READ_LIMIT, ExecResult, OutputSink
+from ironclaw.host.manager import SandboxManager
+from ironclaw.proto import methods
 from ironclaw.resources.store import SandboxRecord
 from ironclaw.spec import SandboxSpec
 
@@ -39,23 +41,25 @@ class Files:
         payload = data.encode() if isinstance(data, str) else data
         return await self._sb.manager.write_file(self._sb.id, path, payload, mode=mode)
 
-    async def read(self, path: str, sink: OutputSink | None = None) -> bytes:
-        return await self._sb.manager.read_file(self._sb.id, path, sink)
+    async def read(
+        self, path: str, sink: OutputSink | None = None, *, limit: int | None = DEFAULT_READ_LIMIT
+    ) -> bytes:
+        """The file's bytes; ResourceLimitExceeded past ``limit`` (None: unbounded)."""
+        return await self._sb.manager.read_file(self._sb.id, path, sink, limit=limit)
 
     async def list(self, path: str = ".") -> list[dict[str, Any]]:
-        result = await self._sb.manager.call(self._sb.id, "files.list", {"path": path})
-        return list(result["entries"])
+        guest = await self._sb.manager.guest(self._sb.id)
+        return [methods.to_json(e) for e in await guest.list(path)]
 
     async def stat(self, path: str) -> dict[str, Any]:
-        return dict(await self._sb.manager.call(self._sb.id, "files.stat", {"path": path}))
+        guest = await self._sb.manager.guest(self._sb.id)
+        return methods.to_json(await guest.stat(path))
 
     async def remove(self, path: str, *, recursive: bool = False) -> None:
-        await self._sb.manager.call(
-            self._sb.id, "files.remove", {"path": path, "recursive": recursive}
-        )
+        await (await self._sb.manager.guest(self._sb.id)).remove(path, recursive=recursive)
 
     async def mkdir(self, path: str) -> None:
-        await self._sb.manager.call(self._sb.id, "files.mkdir", {"path": path})
+        await (await self._sb.manager.guest(self._sb.id)).mkdir(path)
 
 
 class Sandbox:
@@ -126,7 +130,7 @@ class Sandbox:
         )
 
     async def ping(self) -> dict[str, Any]:
-        return dict(await self.manager.call(self.id, "ping"))
+        return methods.to_json(await (await self.manager.guest(self.id)).ping())
 
     async def destroy(self) -> None:
         if not self._destroyed:

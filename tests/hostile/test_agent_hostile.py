@@ -35,7 +35,7 @@ from ironclaw.agent.handlers import TaskHandlers, await_guest, host_outcome
 from ironclaw.agent.render import escape_controls, literal
 from ironclaw.agent.tasks import TaskSpec, bounded_card_read, run_task
 from ironclaw.agent.trace import TraceWriter, read_trace, render_timeline
-from ironclaw.errors import BudgetExceeded, ConfigError, IronclawError
+from ironclaw.errors import BudgetExceeded, ConfigError, IronclawError, ResourceLimitExceeded
 from ironclaw.guest.agent_loop import Budget
 from ironclaw.host.manager import SandboxManager
 from ironclaw.rpc import Peer
@@ -377,9 +377,13 @@ async def test_cards_are_bounded_whatever_the_guest_sends() -> None:
 @pytest.mark.root
 @pytest.mark.timeout(300)
 async def test_hostile_model_in_a_real_sandbox(manager: SandboxManager) -> None:
-    link = "import os; os.symlink('/dev/zero', '/tmp/z.txt')"
+    # A link to /dev/zero, and a sparse regular file of 1 GiB: endless data either way.
+    link = ("import os; os.symlink('/dev/zero', '/tmp/z.txt'); "
+            "f = open('/tmp/big.txt', 'wb'); f.truncate(1 << 30); f.close()")  # fmt: skip
     turns = [
         {"tool_calls": [{"name": "python__run_python", "arguments": {"code": link}}]},
+        {"tool_calls": [{"name": "files__write_file",
+                         "arguments": {"path": "/tmp/big.txt", "content": "x\n"}}]},
         {"tool_calls": [{"name": "files__write_file",
                          "arguments": {"path": "/tmp/z.txt", "content": "x\n"}}]},
         {"tool_calls": [{"name": f"shell__run{ANSI}",
@@ -394,17 +398,24 @@ async def test_hostile_model_in_a_real_sandbox(manager: SandboxManager) -> None:
     grew_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert out.status == "completed", out.reason
     decisions = [e for e in out.events if e["event"] == "tool.decision"]
-    zero = decisions[1]
-    # The card of the RED write was built from a bounded prefix of /dev/zero, and says so.
+    big, zero = decisions[1], decisions[2]
+    # The card of the RED write was built from a bounded prefix of the 1 GiB file, and says
+    # so; the link to /dev/zero is not read at all.
+    assert big["color"] == "RED" and not big["approved"]
+    assert "truncated" in big["card"] and len(big["card"]) <= CARD_MAX_CHARS + 200
     assert zero["color"] == "RED" and not zero["approved"]
-    assert "truncated" in zero["card"] and len(zero["card"]) <= CARD_MAX_CHARS + 200
+    assert len(zero["card"]) <= CARD_MAX_CHARS + 200 and "not a regular file" in zero["card"]
     assert grew_kib < 128 * 1024  # an unbounded read would have eaten all memory
-    # The same read straight through the manager stops at the limit.
-    data = await manager.read_file(out.sandbox_id, "/tmp/z.txt", limit=1000)
-    assert data == b"\0" * 1000
-    prefix = await bounded_card_read(manager, out.sandbox_id, "/tmp/z.txt")
+    # The same reads straight through the manager: refused at the limit, or not at all.
+    with pytest.raises(ResourceLimitExceeded, match="read limit"):
+        await manager.read_file(out.sandbox_id, "/tmp/big.txt", limit=1000)
+    with pytest.raises(IronclawError):
+        await manager.read_file(out.sandbox_id, "/tmp/z.txt", limit=1000)
+    prefix = await bounded_card_read(manager, out.sandbox_id, "/tmp/big.txt")
     assert prefix.text is not None and len(prefix.text) == CARD_READ_LIMIT
     assert prefix.note is not None and "truncated" in prefix.note
+    prefix = await bounded_card_read(manager, out.sandbox_id, "/tmp/z.txt")
+    assert prefix.text is None and prefix.note is not None and "not a regular file" in prefix.note
     # A directory is not read at all.
     prefix = await bounded_card_read(manager, out.sandbox_id, "/tmp")
     assert prefix.text is None and prefix.note is not None and "not a regular file" in prefix.note

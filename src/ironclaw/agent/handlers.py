@@ -27,6 +27,7 @@ from ironclaw.agent.approval import Approver, CardReader, Decision
 from ironclaw.agent.gateway import Gateway
 from ironclaw.agent.trace import TraceWriter
 from ironclaw.errors import BudgetExceeded, ConfigError
+from ironclaw.host.guest import GuestClient
 from ironclaw.rpc import CallContext, Peer
 
 __all__ = ["GUEST_STATUSES", "TaskHandlers", "await_guest", "host_outcome"]
@@ -69,9 +70,11 @@ class TaskHandlers:
             self.on_event(record)
 
     def register(self, peer: Peer) -> None:
-        peer.register("model.complete", self.model_complete)
-        peer.register("tool.authorize", self.authorize)
-        peer.register("agent.event", self.agent_event)
+        """Serve the guest's calls on ``peer``, each decoded and its reply checked."""
+        guest = GuestClient(peer)
+        guest.serve("model.complete", self.model_complete)
+        guest.serve("tool.authorize", self.authorize)
+        guest.serve("agent.event", self.agent_event)
 
     async def model_complete(self, params: Any, ctx: CallContext | None = None) -> dict[str, Any]:
         return await self.gateway.complete(params, ctx)

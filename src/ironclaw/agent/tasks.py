@@ -23,11 +23,12 @@ from ironclaw.agent.handlers import TaskHandlers, await_guest, host_outcome
 from ironclaw.agent.host_tools import HostServerSpec, HostTools
 from ironclaw.agent.trace import TraceWriter, merge_network_audit, state_trace_path
 from ironclaw.config import safe_join
-from ironclaw.errors import ConfigError, IronclawError
-from ironclaw.guest.agent_loop import Budget
+from ironclaw.errors import ConfigError, IronclawError, ResourceLimitExceeded
 from ironclaw.host.manager import SandboxManager
 from ironclaw.mcp_servers import BUILTIN_SERVERS
+from ironclaw.proto import methods
 from ironclaw.proto.host_tools_methods import HOSTTOOLS_CALL, HOSTTOOLS_LIST
+from ironclaw.proto.methods import Budget
 
 __all__ = [
     "DEFAULT_SYSTEM",
@@ -178,38 +179,38 @@ async def run_task(
     emit = handlers.emit
     outcome: dict[str, Any] = {"status": "error", "reason": None, "steps": 0, "tool_calls": 0}
     try:
-        peer = await manager.peer(sid)
-        handlers.register(peer)
+        guest = await manager.guest(sid)
+        handlers.register(guest.peer)
         # Host tools: credentialed MCP servers on this side, each call decided here.
         host_tools.emit = emit
-        peer.register(HOSTTOOLS_LIST, host_tools.handle_list)
-        peer.register(HOSTTOOLS_CALL, host_tools.handle_call)
+        guest.peer.register(HOSTTOOLS_LIST, host_tools.handle_list)
+        guest.peer.register(HOSTTOOLS_CALL, host_tools.handle_call)
         await emit(
             "task.start",
             task=spec.task,
             model=f"{provider.name}:{provider.model}",
             sandbox_id=sid,
             servers=[s["name"] for s in servers],
-            budget=spec.budget.__dict__,
+            budget=methods.to_json(spec.budget),
             limits=limits.__dict__,
             network={"allow": [str(a) for a in _policy_allow(spec.sandbox)],
                      "allow_domains": list(_policy_domains(spec.sandbox))},
         )  # fmt: skip
-        params = {
-            "task": spec.task,
-            "system": spec.system,
-            "runtime": str(runtime),
-            "servers": servers,
-            "budget": spec.budget.__dict__,
-        }
+        request = methods.AgentRunRequest(
+            task=spec.task,
+            system=spec.system,
+            runtime=str(runtime),
+            servers=tuple(methods.decode(methods.ServerSpec, s, "server") for s in servers),
+            budget=spec.budget,
+        )
         await host_tools.start()
         gateway.meter.start_clock()
         # The host's budget ends the task (a refused model call or the wall time, then a
         # short grace); this timeout is only a backstop.
-        run = asyncio.ensure_future(
-            peer.call("agent.run", params, timeout=spec.budget.wall_time_s + 30)
-        )
-        outcome = host_outcome(await await_guest(run, gateway), gateway, handlers)
+        run = asyncio.ensure_future(guest.run_agent(request, timeout=spec.budget.wall_time_s + 30))
+        ran = await await_guest(run, gateway)
+        claimed = None if ran is None else methods.to_json(ran)
+        outcome = host_outcome(claimed, gateway, handlers)
     except TimeoutError:
         outcome = {**host_outcome({"status": "budget_exceeded"}, gateway, handlers),
                    "reason": "wall_time (host)", "enforced_by": "host"}  # fmt: skip
@@ -255,22 +256,30 @@ async def bounded_card_read(manager: SandboxManager, sid: str, path: str) -> Fil
     path turns out to be (a symlink to ``/dev/zero``, a FIFO), the read stops at the
     limit or after :data:`CARD_READ_TIMEOUT_S`, and the card says so.
     """
+    guest = await manager.guest(sid)
     try:
-        info = await manager.call(sid, "files.stat", {"path": path})
+        info = await guest.stat(path)
     except IronclawError:
         return FilePrefix(None)  # a new file: the card diffs against /dev/null
-    kind = info.get("type") if isinstance(info, dict) else None
-    if kind not in ("file", "symlink"):
-        return FilePrefix(None, f"{path} is not a regular file ({kind}): its contents are not read")
+    if info.type != "file":
+        return FilePrefix(None, f"{path} is not a regular file ({info.type}): not read")
+    kept = bytearray()
+
+    def keep(chunk: bytes) -> None:
+        kept.extend(chunk)
+
+    truncated = False
     try:
         async with asyncio.timeout(CARD_READ_TIMEOUT_S):
-            data = await manager.read_file(sid, path, limit=CARD_READ_LIMIT + 1)
+            await guest.read_file(path, keep, limit=CARD_READ_LIMIT)
     except TimeoutError:
         return FilePrefix(None, f"{path} did not answer in {CARD_READ_TIMEOUT_S:g} s: not shown")
+    except ResourceLimitExceeded:
+        truncated = True  # the guest sent more: the read stopped at the limit
     except IronclawError as exc:
         return FilePrefix(None, f"{path} could not be read ({type(exc).__name__}): not shown")
-    text = data[:CARD_READ_LIMIT].decode(errors="replace")
-    if len(data) > CARD_READ_LIMIT:
+    text = bytes(kept[:CARD_READ_LIMIT]).decode(errors="replace")
+    if truncated:
         return FilePrefix(text, f"{path} is longer than {CARD_READ_LIMIT} bytes: truncated, "
                                 "only its beginning is compared")  # fmt: skip
     return FilePrefix(text)

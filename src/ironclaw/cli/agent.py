@@ -81,8 +81,8 @@ def run_cmd(
     from ironclaw.agent.approval import ApprovalPolicy, Approver
     from ironclaw.agent.host_tools import load_host_tools, parse_host_mcp
     from ironclaw.agent.tasks import TaskSpec, parse_mcp, run_task
-    from ironclaw.guest.agent_loop import Budget
     from ironclaw.host.manager import SandboxManager
+    from ironclaw.proto.methods import Budget
 
     interactive = sys.stdin.isatty() and not as_json
     mode = approve or ("prompt" if interactive else "green-only")

@@ -9,6 +9,10 @@ standard library and IronClaw's own ``proto``/``transport``/``rpc`` layers. Meth
 ``files.*``         write/read (streamed in chunks), list, stat, remove, mkdir
 ``shutdown``        stop the agent; the sandbox ends with it
 
+Every request is decoded through :mod:`ironclaw.proto.methods` before its handler runs
+(unknown fields, wrong types and out-of-range values are refused as invalid params), so
+handlers take typed requests and return typed results.
+
 Commands run in their own process group (``start_new_session``) so a timeout or a
 kill reaches their children too; their ``oom_score_adj`` is raised so that, under
 memory pressure, the kernel kills the command rather than the agent.
@@ -18,15 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 import stat
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from ironclaw.errors import ConfigError
+from ironclaw.proto import methods as m
 from ironclaw.rpc import CallContext, Handler, Peer
 from ironclaw.transport import Connection
 
@@ -85,14 +91,47 @@ async def _write_fd(fd: int, data: bytes) -> None:
             await _fd_ready(fd, write=True)
 
 
-def _resolve(path: object, workdir: str) -> Path:
-    if not isinstance(path, str) or not path or "\0" in path:
-        raise ConfigError(f"path must be a non-empty string, got {path!r}")
+def _resolve(path: str, workdir: str) -> Path:
     p = Path(path)
     return p if p.is_absolute() else Path(workdir) / p
 
 
-def _entry(path: Path, st: os.stat_result) -> dict[str, Any]:
+def _open_regular(path: Path) -> int:
+    """Open a regular file for reading, refusing anything else before reading a byte.
+
+    A link to ``/dev/zero`` or a FIFO would otherwise stream forever (or block the
+    agent): the last component is not followed (O_NOFOLLOW), the open does not wait
+    (O_NONBLOCK), and fstat on the opened file decides.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(
+                f"{path} is a symbolic link: files.read reads regular files only, "
+                "read the link's target instead"
+            ) from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode):
+        return fd
+    os.close(fd)
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
+    kind = "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+    raise ConfigError(f"{path} is {kind}: files.read reads regular files only")
+
+
+def _typed(method: str, handler: Callable[[Any, CallContext], Awaitable[m.Record]]) -> Handler:
+    """``handler`` behind the typed API: params decoded before it runs, result encoded."""
+
+    async def run(params: Any, ctx: CallContext) -> Any:
+        return m.encode_result(await handler(m.decode_request(method, params), ctx))
+
+    return run
+
+
+def _entry(path: Path, st: os.stat_result) -> m.FileEntry:
     if stat.S_ISDIR(st.st_mode):
         kind = "dir"
     elif stat.S_ISLNK(st.st_mode):
@@ -101,22 +140,22 @@ def _entry(path: Path, st: os.stat_result) -> dict[str, Any]:
         kind = "file"
     else:
         kind = "other"
-    return {
-        "name": path.name,
-        "path": str(path),
-        "type": kind,
-        "size": st.st_size,
-        "mode": stat.S_IMODE(st.st_mode),
-        "mtime": st.st_mtime,
-    }
+    return m.FileEntry(
+        name=path.name,
+        path=str(path),
+        type=kind,
+        size=st.st_size,
+        mode=stat.S_IMODE(st.st_mode),
+        mtime=st.st_mtime,
+    )
 
 
-async def _agent_run(params: Any, ctx: CallContext) -> Any:
+async def _agent_run(request: m.AgentRunRequest, ctx: CallContext) -> m.AgentRunResult:
     # Imported on first use: the agent loop is not needed to start a sandbox, and every
     # millisecond of import is start-up latency for every sandbox.
     from ironclaw.guest.agent_loop import handle_agent_run
 
-    return await handle_agent_run(params, ctx)
+    return await handle_agent_run(request, ctx)
 
 
 class _Exec:
@@ -145,7 +184,7 @@ class GuestAgent:
 
     @property
     def handlers(self) -> Mapping[str, Handler]:
-        return {
+        table: dict[str, Callable[[Any, CallContext], Awaitable[m.Record]]] = {
             "ping": self.ping,
             "exec": self.exec,
             "exec.signal": self.exec_signal,
@@ -158,6 +197,7 @@ class GuestAgent:
             "shutdown": self.shutdown,
             "agent.run": _agent_run,
         }
+        return {method: _typed(method, handler) for method, handler in table.items()}
 
     async def serve_connection(self, conn: Connection) -> None:
         peer = Peer(conn, handlers=self.handlers, name="guest")
@@ -182,53 +222,39 @@ class GuestAgent:
 
     # -- methods -----------------------------------------------------------------------
 
-    async def ping(self, params: Any, ctx: CallContext) -> dict[str, Any]:
+    async def ping(self, request: m.PingRequest, ctx: CallContext) -> m.PingResult:
         import platform  # here, not at start-up: every import delays every sandbox
 
-        return {
-            "pong": True,
-            "kernel": platform.release(),
-            "uid": os.getuid(),
-            "gid": os.getgid(),
-            "pid": os.getpid(),
-            "hostname": platform.node(),
-            "workdir": self.workdir,
-            "python": platform.python_version(),
-        }
+        return m.PingResult(
+            pong=True,
+            kernel=platform.release(),
+            uid=os.getuid(),
+            gid=os.getgid(),
+            pid=os.getpid(),
+            hostname=platform.node(),
+            workdir=self.workdir,
+            python=platform.python_version(),
+        )
 
-    async def shutdown(self, params: Any, ctx: CallContext) -> dict[str, Any]:
+    async def shutdown(self, request: m.ShutdownRequest, ctx: CallContext) -> m.ShutdownResult:
         for ex in list(self._execs.values()):
             ex.signal_group(signal.SIGKILL)
         # Answer first, then stop: the caller gets its reply before the channel closes.
         asyncio.get_running_loop().call_later(0.05, self._stop.set)
-        return {"stopping": True}
+        return m.ShutdownResult(stopping=True)
 
-    async def exec(self, params: Any, ctx: CallContext) -> dict[str, Any]:
-        if not isinstance(params, dict):
-            raise ConfigError("exec params must be an object")
-        argv = params.get("argv")
-        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-            raise ConfigError("exec needs 'argv': a non-empty list of strings")
-        env = params.get("env")
-        if env is None:
-            env = dict(os.environ)
-        elif not isinstance(env, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
-        ):
-            raise ConfigError("exec 'env' must map strings to strings")
-        else:
-            env = {**os.environ, **env}
-        cwd = str(_resolve(params.get("cwd") or self.workdir, self.workdir))
+    async def exec(self, request: m.ExecRequest, ctx: CallContext) -> m.ExecExit:
+        argv = request.argv
+        env = dict(os.environ) if request.env is None else {**os.environ, **request.env}
+        cwd = str(_resolve(request.cwd or self.workdir, self.workdir))
         if not os.path.isdir(cwd):
             raise ConfigError(f"working directory {cwd!r} does not exist")
-        timeout = params.get("timeout")
-        if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
-            raise ConfigError("exec 'timeout' must be a positive number of seconds")
-        stdout_id = params.get("stdout_stream")
-        stderr_id = params.get("stderr_stream")
-        stdin_id = params.get("stdin_stream")
-        exec_id = str(params.get("exec_id") or f"x{self._next_exec()}")
-        keep_background = bool(params.get("keep_background", False))
+        timeout = request.timeout
+        stdout_id = request.stdout_stream
+        stderr_id = request.stderr_stream
+        stdin_id = request.stdin_stream
+        exec_id = request.exec_id or f"x{self._next_exec()}"
+        keep_background = request.keep_background
 
         started = time.monotonic()
         # Plain pipes rather than asyncio's: asyncio's wait() also waits for the pipes to
@@ -271,7 +297,7 @@ class GuestAgent:
         ]
         feeder = None
         if stdin_id is not None:
-            feeder = asyncio.ensure_future(self._feed(peer, int(stdin_id), in_w))
+            feeder = asyncio.ensure_future(self._feed(peer, stdin_id, in_w))
         try:
             try:
                 async with asyncio.timeout(timeout):
@@ -302,40 +328,40 @@ class GuestAgent:
             for sid in (stdout_id, stderr_id):
                 if sid is not None and not peer.closed:
                     with contextlib.suppress(Exception):
-                        await peer.end_stream(int(sid))
+                        await peer.end_stream(sid)
 
         rc = proc.returncode
         assert rc is not None
         sig = -rc if rc < 0 else None
-        return {
-            "exit_code": 128 + sig if sig is not None else rc,
-            "signal": sig,
-            "timed_out": ex.timed_out,
-            "duration_ms": round((time.monotonic() - started) * 1000, 3),
-            "pid": proc.pid,
-        }
+        return m.ExecExit(
+            exit_code=128 + sig if sig is not None else rc,
+            signal=sig,
+            timed_out=ex.timed_out,
+            duration_ms=round((time.monotonic() - started) * 1000, 3),
+            pid=proc.pid,
+        )
 
     def _next_exec(self) -> int:
         self._exec_counter += 1
         return self._exec_counter
 
     async def _spawn_failure(
-        self, code: int, message: str, peer: Peer, stdout_id: object, stderr_id: object
-    ) -> dict[str, Any]:
+        self, code: int, message: str, peer: Peer, stdout_id: int | None, stderr_id: int | None
+    ) -> m.ExecExit:
         """Report a command that could not start as a shell would (127/126)."""
         if stderr_id is not None:
-            await peer.send_bytes(int(str(stderr_id)), message.encode())
+            await peer.send_bytes(stderr_id, message.encode())
         for sid in (stdout_id, stderr_id):
             if sid is not None:
-                await peer.end_stream(int(str(sid)))
-        return {
-            "exit_code": code,
-            "signal": None,
-            "timed_out": False,
-            "duration_ms": 0.0,
-            "pid": None,
-            "spawn_error": message.strip(),
-        }
+                await peer.end_stream(sid)
+        return m.ExecExit(
+            exit_code=code,
+            signal=None,
+            timed_out=False,
+            duration_ms=0.0,
+            pid=None,
+            spawn_error=message.strip(),
+        )
 
     async def _drain_after_exit(self, pumps: list[asyncio.Task[None]], ex: _Exec) -> None:
         pending = set(pumps)
@@ -345,7 +371,7 @@ class GuestAgent:
             if pending and idle and ex.sending == 0:
                 break
 
-    async def _pump(self, fd: int, peer: Peer, stream_id: object, ex: _Exec) -> None:
+    async def _pump(self, fd: int, peer: Peer, stream_id: int | None, ex: _Exec) -> None:
         while True:
             chunk = await _read_fd(fd)
             if not chunk:
@@ -353,7 +379,7 @@ class GuestAgent:
             if stream_id is not None:
                 ex.sending += 1
                 try:
-                    await peer.send_bytes(int(str(stream_id)), chunk)
+                    await peer.send_bytes(stream_id, chunk)
                 finally:
                     ex.sending -= 1
             ex.last_output = time.monotonic()
@@ -365,27 +391,24 @@ class GuestAgent:
         with contextlib.suppress(OSError):
             os.close(fd)
 
-    async def exec_signal(self, params: Any, ctx: CallContext) -> dict[str, Any]:
-        if not isinstance(params, dict):
-            raise ConfigError("exec.signal params must be an object")
-        ex = self._execs.get(str(params.get("exec_id")))
+    async def exec_signal(
+        self, request: m.ExecSignalRequest, ctx: CallContext
+    ) -> m.ExecSignalResult:
+        ex = self._execs.get(request.exec_id)
         if ex is None:
-            return {"signalled": False}
-        ex.signal_group(int(params.get("signal", signal.SIGKILL)))
-        return {"signalled": True}
+            return m.ExecSignalResult(signalled=False)
+        ex.signal_group(request.signal)
+        return m.ExecSignalResult(signalled=True)
 
     # -- files -------------------------------------------------------------------------
 
-    def _path(self, params: Any) -> Path:
-        if not isinstance(params, dict):
-            raise ConfigError("params must be an object")
-        return _resolve(params.get("path"), self.workdir)
-
-    async def files_write(self, params: Any, ctx: CallContext) -> dict[str, Any]:
-        path = self._path(params)
-        stream_id = int(params["stream"])
-        mode = int(params.get("mode", 0o644))
-        if params.get("mkdir", True):
+    async def files_write(
+        self, request: m.FilesWriteRequest, ctx: CallContext
+    ) -> m.FilesTransferResult:
+        path = _resolve(request.path, self.workdir)
+        stream_id = request.stream
+        mode = request.mode
+        if request.mkdir:
             path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.ironclaw-part")
         size = 0
@@ -405,44 +428,48 @@ class GuestAgent:
         os.close(fd)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-        return {"path": str(path), "size": size}
+        return m.FilesTransferResult(path=str(path), size=size)
 
-    async def files_read(self, params: Any, ctx: CallContext) -> dict[str, Any]:
-        path = self._path(params)
-        stream_id = int(params["stream"])
+    async def files_read(
+        self, request: m.FilesReadRequest, ctx: CallContext
+    ) -> m.FilesTransferResult:
+        path = _resolve(request.path, self.workdir)
+        stream_id = request.stream
         size = 0
         try:
-            with open(path, "rb") as f:
-                while True:
-                    chunk = f.read(CHUNK)
-                    if not chunk:
-                        break
+            fd = _open_regular(path)
+            try:
+                while chunk := os.read(fd, CHUNK):
                     size += len(chunk)
                     await ctx.peer.send_bytes(stream_id, chunk)
+            finally:
+                os.close(fd)
         finally:
             if not ctx.peer.closed:
                 with contextlib.suppress(Exception):
                     await ctx.peer.end_stream(stream_id)
-        return {"path": str(path), "size": size}
+        return m.FilesTransferResult(path=str(path), size=size)
 
-    async def files_list(self, params: Any, ctx: CallContext) -> dict[str, Any]:
-        path = self._path(params)
+    async def files_list(self, request: m.FilesListRequest, ctx: CallContext) -> m.FilesListResult:
+        path = _resolve(request.path, self.workdir)
         entries = []
         with os.scandir(path) as it:
             for entry in it:
                 st = entry.stat(follow_symlinks=False)
                 entries.append(_entry(Path(entry.path), st))
-        entries.sort(key=lambda e: str(e["name"]))
-        return {"path": str(path), "entries": entries}
+        entries.sort(key=lambda e: e.name)
+        return m.FilesListResult(path=str(path), entries=tuple(entries))
 
-    async def files_stat(self, params: Any, ctx: CallContext) -> dict[str, Any]:
-        path = self._path(params)
+    async def files_stat(self, request: m.FilesStatRequest, ctx: CallContext) -> m.FileEntry:
+        path = _resolve(request.path, self.workdir)
         return _entry(path, path.lstat())
 
-    async def files_remove(self, params: Any, ctx: CallContext) -> dict[str, Any]:
-        path = self._path(params)
+    async def files_remove(
+        self, request: m.FilesRemoveRequest, ctx: CallContext
+    ) -> m.FilesRemoveResult:
+        path = _resolve(request.path, self.workdir)
         if path.is_dir() and not path.is_symlink():
-            if params.get("recursive"):
+            if request.recursive:
                 import shutil
 
                 shutil.rmtree(path)
@@ -450,9 +477,11 @@ class GuestAgent:
                 path.rmdir()
         else:
             path.unlink()
-        return {"removed": str(path)}
+        return m.FilesRemoveResult(removed=str(path))
 
-    async def files_mkdir(self, params: Any, ctx: CallContext) -> dict[str, Any]:
-        path = self._path(params)
-        path.mkdir(parents=bool(params.get("parents", True)), exist_ok=True)
-        return {"path": str(path)}
+    async def files_mkdir(
+        self, request: m.FilesMkdirRequest, ctx: CallContext
+    ) -> m.FilesMkdirResult:
+        path = _resolve(request.path, self.workdir)
+        path.mkdir(parents=request.parents, exist_ok=True)
+        return m.FilesMkdirResult(path=str(path))

@@ -11,11 +11,12 @@ It stops on a final answer (a turn without tool calls) or on a budget: steps (mo
 turns), tokens (input plus output, as the host's gateway counted them), wall time, and
 a per-tool timeout. The ``mcp`` SDK is imported only when a task starts, from the agent
 runtime directory the host names (see :mod:`ironclaw.agent.agent_runtime`), so plain
-sandboxes start without it. Host RPC methods this module calls:
+sandboxes start without it. Host RPC methods this module calls, typed in
+:mod:`ironclaw.proto.methods` (the host's replies are checked like requests):
 
 ``model.complete``  {system, messages, tools} -> {message, usage, stop_reason}
-``tool.authorize``  {call} -> {approved, color, reason}
-``agent.event``     {type: "tool.result" | "step", ...} (recorded in the trace)
+``tool.authorize``  {call, server, tool, workdir} -> {approved, color, reason, decided_by}
+``agent.event``     {type: "tool.result", ...} (recorded in the trace)
 ``hosttools.list``  the host's own tools (credentialed MCP servers on the host)
 ``hosttools.call``  runs one of them; the host authorizes it there, not here
 """
@@ -26,11 +27,11 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ironclaw.errors import METHOD_NOT_FOUND, ConfigError, IronclawError, RpcError
+from ironclaw.proto import methods as m
 from ironclaw.proto.host_tools_methods import (
     HOSTTOOLS_CALL,
     HOSTTOOLS_LIST,
@@ -38,6 +39,7 @@ from ironclaw.proto.host_tools_methods import (
     HostToolsCallResult,
     HostToolsListResult,
 )
+from ironclaw.proto.methods import AgentRunRequest, ServerSpec, ToolCall
 from ironclaw.rpc import CallContext, Peer
 
 if TYPE_CHECKING:
@@ -46,10 +48,8 @@ if TYPE_CHECKING:
 __all__ = [
     "TOOL_SEPARATOR",
     "AgentLoop",
-    "Budget",
     "McpClient",
     "ServerSpec",
-    "TaskRequest",
     "ToolCall",
     "ToolInfo",
     "ToolResult",
@@ -60,27 +60,6 @@ __all__ = [
 #: Model-visible tool names are ``<server>__<tool>`` (allowed by every vendor's rules).
 TOOL_SEPARATOR = "__"
 MAX_RESULT_CHARS = 32_000
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    """One tool call the model asked for."""
-
-    id: str
-    name: str
-    arguments: dict[str, Any]
-
-    @classmethod
-    def from_json(cls, doc: Any) -> ToolCall:
-        if not isinstance(doc, dict) or not isinstance(doc.get("name"), str):
-            raise ConfigError(f"bad tool call from the model: {doc!r}")
-        args = doc.get("arguments") or {}
-        if not isinstance(args, dict):
-            raise ConfigError(f"tool call {doc.get('name')}: arguments must be an object")
-        return cls(id=str(doc.get("id") or ""), name=doc["name"], arguments=args)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "arguments": self.arguments}
 
 
 @dataclass(frozen=True)
@@ -115,93 +94,6 @@ class ToolInfo:
             "description": self.description,
             "input_schema": self.input_schema,
         }
-
-
-@dataclass(frozen=True)
-class ServerSpec:
-    """An MCP server to start over stdio inside the sandbox."""
-
-    name: str
-    command: str
-    args: tuple[str, ...] = ()
-    env: Mapping[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_json(cls, doc: Any) -> ServerSpec:
-        if not isinstance(doc, dict):
-            raise ConfigError("an MCP server must be an object {name, command, args}")
-        name, command = doc.get("name"), doc.get("command")
-        args = doc.get("args") or []
-        env = doc.get("env") or {}
-        if not isinstance(name, str) or not name or TOOL_SEPARATOR in name:
-            raise ConfigError(f"MCP server name {name!r} must be non-empty without '__'")
-        if not isinstance(command, str) or not command:
-            raise ConfigError(f"MCP server {name}: 'command' must be a non-empty string")
-        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-            raise ConfigError(f"MCP server {name}: 'args' must be a list of strings")
-        if not isinstance(env, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
-        ):
-            raise ConfigError(f"MCP server {name}: 'env' must map strings to strings")
-        return cls(name=name, command=command, args=tuple(args), env=dict(env))
-
-
-@dataclass(frozen=True)
-class Budget:
-    """When the loop must stop even if the model does not."""
-
-    max_steps: int = 20
-    max_tokens: int = 200_000
-    wall_time_s: float = 600.0
-    tool_timeout_s: float = 120.0
-
-    @classmethod
-    def from_json(cls, doc: Any) -> Budget:
-        if doc is None:
-            return cls()
-        if not isinstance(doc, dict):
-            raise ConfigError("budget must be an object")
-        try:
-            b = cls(
-                max_steps=int(doc.get("max_steps", cls.max_steps)),
-                max_tokens=int(doc.get("max_tokens", cls.max_tokens)),
-                wall_time_s=float(doc.get("wall_time_s", cls.wall_time_s)),
-                tool_timeout_s=float(doc.get("tool_timeout_s", cls.tool_timeout_s)),
-            )
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"bad budget: {exc}") from None
-        if min(b.max_steps, b.max_tokens) < 1 or min(b.wall_time_s, b.tool_timeout_s) <= 0:
-            raise ConfigError("every budget must be positive")
-        return b
-
-
-@dataclass(frozen=True)
-class TaskRequest:
-    """The ``agent.run`` parameters."""
-
-    task: str
-    system: str
-    runtime: str
-    servers: tuple[ServerSpec, ...]
-    budget: Budget
-
-    @classmethod
-    def from_json(cls, doc: Any) -> TaskRequest:
-        if not isinstance(doc, dict) or not isinstance(doc.get("task"), str):
-            raise ConfigError("agent.run needs {'task': str, ...}")
-        runtime = doc.get("runtime") or ""
-        if not isinstance(runtime, str):
-            raise ConfigError("'runtime' must be a path")
-        servers = tuple(ServerSpec.from_json(s) for s in doc.get("servers") or [])
-        if len({s.name for s in servers}) != len(servers):
-            raise ConfigError("two MCP servers share a name")
-        return cls(
-            task=doc["task"],
-            system=str(doc.get("system") or ""),
-            runtime=runtime,
-            servers=servers,
-            budget=Budget.from_json(doc.get("budget")),
-        )
 
 
 def _use_runtime(path: str) -> None:
@@ -248,7 +140,7 @@ class McpClient:
                     args=list(spec.args),
                     # The sandbox's environment is clean by construction (bwrap
                     # --clearenv); servers get all of it, e.g. the proxy settings.
-                    env={**os.environ, **spec.env},
+                    env={**os.environ, **(spec.env or {})},
                     cwd=self.workdir,
                 )
                 read, write = await self._stack.enter_async_context(stdio_client(params))
@@ -313,7 +205,7 @@ async def execute_tool(
 class AgentLoop:
     """One task: conversation, model turns via the host, tool calls via MCP."""
 
-    def __init__(self, request: TaskRequest, peer: Peer, *, workdir: str) -> None:
+    def __init__(self, request: AgentRunRequest, peer: Peer, *, workdir: str) -> None:
         self.request = request
         self.peer = peer
         self.workdir = workdir
@@ -323,26 +215,31 @@ class AgentLoop:
         self.tool_calls = 0
         self.host_tools: frozenset[str] = frozenset()
 
-    def _outcome(self, status: str, answer: str | None = None, **extra: Any) -> dict[str, Any]:
-        return {
-            "status": status,
-            "answer": answer,
-            "steps": self.steps,
-            "tokens": self.tokens,
-            "tool_calls": self.tool_calls,
-            **extra,
-        }
+    def _outcome(
+        self,
+        status: str,
+        answer: str | None = None,
+        *,
+        reason: str | None = None,
+        error: str | None = None,
+    ) -> m.AgentRunResult:
+        return m.AgentRunResult(
+            status=status,
+            answer=answer,
+            steps=self.steps,
+            tokens=self.tokens,
+            tool_calls=self.tool_calls,
+            reason=reason,
+            error=error,
+        )
 
-    async def _event(self, doc: dict[str, Any]) -> None:
-        await self.peer.call("agent.event", doc)
-
-    async def run(self) -> dict[str, Any]:
+    async def run(self) -> m.AgentRunResult:
         budget = self.request.budget
         deadline = time.monotonic() + budget.wall_time_s
         _use_runtime(self.request.runtime)
         async with McpClient(self.request.servers, workdir=self.workdir) as client:
-            tools = [t.to_json() for t in client.tool_infos]
-            tools += await self._list_host_tools()
+            tools = tuple(t.to_json() for t in client.tool_infos)
+            tools += tuple(await self._list_host_tools())
             while True:
                 if self.steps >= budget.max_steps:
                     return self._outcome("budget_exceeded", reason="max_steps")
@@ -352,29 +249,25 @@ class AgentLoop:
                 if left <= 0:
                     return self._outcome("budget_exceeded", reason="wall_time")
                 self.steps += 1
+                turn = m.ModelCompleteRequest(
+                    messages=tuple(self.messages), system=self.request.system, tools=tools
+                )
                 try:
-                    reply = await self.peer.call(
-                        "model.complete",
-                        {"system": self.request.system, "messages": self.messages, "tools": tools},
-                        timeout=left,
-                    )
+                    reply = await m.call(self.peer, turn, m.ModelCompleteResult, timeout=left)
                 except TimeoutError:
                     return self._outcome("budget_exceeded", reason="wall_time")
-                usage = reply.get("usage") or {}
-                self.tokens += int(usage.get("input_tokens", 0)) + int(
-                    usage.get("output_tokens", 0)
-                )
-                message = reply.get("message") or {}
-                calls = [ToolCall.from_json(c) for c in message.get("tool_calls") or []]
+                self.tokens += reply.usage.input_tokens + reply.usage.output_tokens
+                message = reply.message
+                calls = message.tool_calls
                 self.messages.append(
                     {
                         "role": "assistant",
-                        "content": message.get("content"),
-                        "tool_calls": [c.to_json() for c in calls],
+                        "content": message.content,
+                        "tool_calls": [m.to_json(c) for c in calls],
                     }
                 )
                 if not calls:
-                    return self._outcome("completed", message.get("content") or "")
+                    return self._outcome("completed", message.content or "")
                 for call in calls:
                     result = await self._one_call(call, client, deadline)
                     self.messages.append(result.to_message())
@@ -384,13 +277,11 @@ class AgentLoop:
         if call.name in self.host_tools:
             return await self._host_call(call, deadline)
         target = client.resolve(call.name)
-        decision = await self.peer.call(
-            "tool.authorize",
-            {"call": call.to_json(), "server": target[0] if target else None,
-             "tool": target[1] if target else None, "workdir": self.workdir},
-        )  # fmt: skip
-        if not decision.get("approved"):
-            reason = str(decision.get("reason") or "refused")
+        server, tool = target if target else (None, None)
+        ask = m.ToolAuthorizeRequest(call=call, server=server, tool=tool, workdir=self.workdir)
+        decision = await m.call(self.peer, ask, m.Decision)
+        if not decision.approved:
+            reason = decision.reason or "refused"
             result = ToolResult(
                 call.id, call.name, f"refused by the approval policy: {reason}", True
             )
@@ -398,17 +289,15 @@ class AgentLoop:
             left = max(0.1, deadline - time.monotonic())
             timeout = min(self.request.budget.tool_timeout_s, left)
             result = await execute_tool(call, client, timeout=timeout)
-        await self._event(
-            {
-                "type": "tool.result",
-                "call_id": call.id,
-                "name": call.name,
-                "is_error": result.is_error,
-                "content": result.content,
-                "duration_ms": result.duration_ms,
-                "executed": bool(decision.get("approved")),
-            }
+        event = m.AgentEventRequest(
+            call_id=call.id,
+            name=call.name,
+            is_error=result.is_error,
+            content=result.content,
+            duration_ms=result.duration_ms,
+            executed=decision.approved,
         )
+        await m.call(self.peer, event, m.AgentEventResult)
         return result
 
     async def _list_host_tools(self) -> list[dict[str, Any]]:
@@ -436,24 +325,28 @@ class AgentLoop:
             res = HostToolsCallResult(f"tool {call.name} timed out", True, False, "", "")
         ms = round((time.monotonic() - started) * 1000, 3)
         result = ToolResult(call.id, call.name, res.content, res.is_error, ms)
-        await self._event(
-            {"type": "tool.result", "call_id": call.id, "name": call.name, "is_error":
-             result.is_error, "content": result.content, "duration_ms": ms,
-             "executed": res.executed, "host": True}
-        )  # fmt: skip
+        event = m.AgentEventRequest(
+            call_id=call.id,
+            name=call.name,
+            is_error=result.is_error,
+            content=result.content,
+            duration_ms=ms,
+            executed=res.executed,
+        )
+        await m.call(self.peer, event, m.AgentEventResult)
         return result
 
 
-async def handle_agent_run(params: Any, ctx: CallContext) -> dict[str, Any]:
+async def handle_agent_run(request: AgentRunRequest, ctx: CallContext) -> m.AgentRunResult:
     """The ``agent.run`` handler: run one task to its end and report how it ended.
 
     Failures after the task started (a server that will not start, a lost channel) end
     the task with status ``error`` and the reason, rather than as an RPC error, so the
     host's trace always records an end.
     """
-    request = TaskRequest.from_json(params)
-    workdir = params.get("workdir") if isinstance(params.get("workdir"), str) else os.getcwd()
-    loop = AgentLoop(request, ctx.peer, workdir=workdir)
+    if len({s.name for s in request.servers}) != len(request.servers):
+        raise ConfigError("two MCP servers share a name")
+    loop = AgentLoop(request, ctx.peer, workdir=request.workdir or os.getcwd())
     try:
         return await loop.run()
     except IronclawError as exc:

@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +33,13 @@ from ironclaw.errors import (
     SandboxNotFound,
     SandboxTimeout,
 )
+from ironclaw.host.guest import (
+    DEFAULT_CAPTURE_LIMIT,
+    DEFAULT_READ_LIMIT,
+    ExecResult,
+    GuestClient,
+    OutputSink,
+)
 from ironclaw.ids import new_sandbox_id, validate_sandbox_id
 from ironclaw.resources.store import SandboxRecord, Store
 from ironclaw.rpc import Peer
@@ -42,41 +49,17 @@ if TYPE_CHECKING:
     from ironclaw.resources.cgroups import Cgroup, CgroupManager
     from ironclaw.resources.net import NetworkManager
 
-__all__ = ["DEFAULT_UID_BASE", "ExecResult", "GcReport", "SandboxManager", "pool_key"]
+__all__ = [
+    "DEFAULT_UID_BASE",
+    "ExecResult",
+    "GcReport",
+    "GuestClient",
+    "OutputSink",
+    "SandboxManager",
+    "pool_key",
+]
 
 MAX_UID = 2**31 - 1
-OutputSink = Callable[[bytes], Awaitable[None] | None]
-
-
-@dataclass
-class ExecResult:
-    """What one command did. ``status`` says why it ended, in words a user acts on."""
-
-    sandbox_id: str
-    exit_code: int
-    signal: int | None
-    stdout: bytes
-    stderr: bytes
-    duration_ms: float
-    status: str = "exited"
-    timed_out: bool = False
-    stdout_bytes: int = 0
-    stderr_bytes: int = 0
-
-    def to_json(self, backend: str) -> dict[str, Any]:
-        return {
-            "id": self.sandbox_id,
-            "backend": backend,
-            "exit_code": self.exit_code,
-            "signal": self.signal,
-            "status": self.status,
-            "timed_out": self.timed_out,
-            "stdout": self.stdout.decode(errors="replace"),
-            "stderr": self.stderr.decode(errors="replace"),
-            "stdout_bytes": self.stdout_bytes,
-            "stderr_bytes": self.stderr_bytes,
-            "duration_ms": round(self.duration_ms, 3),
-        }
 
 
 def _make_run_dir(run_dir: Path) -> None:
@@ -594,6 +577,10 @@ class SandboxManager:
         self._peers[sandbox_id] = peer
         return peer
 
+    async def guest(self, sandbox_id: str) -> GuestClient:
+        """A typed client of the sandbox's agent, over the cached connection."""
+        return GuestClient(await self.peer(sandbox_id), sandbox_id)
+
     async def exec(
         self,
         sandbox_id: str,
@@ -607,89 +594,47 @@ class SandboxManager:
         on_stderr: OutputSink | None = None,
         capture: bool = True,
         keep_background: bool = False,
+        capture_limit: int = DEFAULT_CAPTURE_LIMIT,
     ) -> ExecResult:
         """Run ``argv`` in the sandbox, streaming output to the sinks as it comes.
 
         With ``capture=False`` output is only streamed, so memory stays bounded however
-        much a command prints. Processes the command leaves in the background are
-        killed when it exits unless ``keep_background``.
+        much a command prints; captured output keeps ``capture_limit`` bytes per stream
+        and says ``truncated`` past that. Processes the command leaves in the background are
+        killed when it exits unless ``keep_background``. A command stopped by one of the
+        sandbox's cgroup limits says so in ``status``.
         """
         if not argv:
             raise ConfigError("nothing to run: give a command")
-        peer = await self.peer(sandbox_id)
+        guest = await self.guest(sandbox_id)
         cg = self._cgroup_or_none(await self._rid(sandbox_id))
         before = cg.limit_hits() if cg is not None else None
-        out_id, err_id = peer.new_stream_id(), peer.new_stream_id()
-        in_id = peer.new_stream_id() if stdin is not None else None
-        out_buf, err_buf = bytearray(), bytearray()
-        counts = [0, 0]
-
-        async def drain(stream_id: int, buf: bytearray, sink: OutputSink | None, i: int) -> None:
-            async for chunk in peer.open_stream(stream_id):
-                counts[i] += len(chunk)
-                if capture:
-                    buf += chunk
-                if sink is not None:
-                    res = sink(chunk)
-                    if res is not None:
-                        await res
-
-        drains = [
-            asyncio.ensure_future(drain(out_id, out_buf, on_stdout, 0)),
-            asyncio.ensure_future(drain(err_id, err_buf, on_stderr, 1)),
-        ]
-        params: dict[str, Any] = {
-            "argv": argv,
-            "env": env,
-            "cwd": cwd,
-            "timeout": timeout,
-            "stdout_stream": out_id,
-            "stderr_stream": err_id,
-            "stdin_stream": in_id,
-            "keep_background": keep_background,
-        }
         try:
-            call = asyncio.ensure_future(peer.call("exec", params))
-            if stdin is not None and in_id is not None:
-                await peer.send_bytes(in_id, stdin)
-                await peer.end_stream(in_id)
-            result = await call
-            await asyncio.gather(*drains)
+            result = await guest.exec(
+                argv,
+                env=env,
+                cwd=cwd,
+                timeout=timeout,
+                stdin=stdin,
+                on_stdout=on_stdout,
+                on_stderr=on_stderr,
+                capture=capture,
+                keep_background=keep_background,
+                capture_limit=capture_limit,
+            )
         except ChannelClosed:
-            for d in drains:
-                d.cancel()
-            await asyncio.gather(*drains, return_exceptions=True)
             record = await self.get(sandbox_id)
             raise SandboxError(
                 f"sandbox {sandbox_id} went away during the command"
                 + (f": {record.reason}" if record.reason else "")
             ) from None
-        except BaseException:
-            for d in drains:
-                d.cancel()
-            await asyncio.gather(*drains, return_exceptions=True)
-            raise
-        status = "exited"
-        if result.get("timed_out"):
-            status = "timeout"
         if cg is not None and before is not None:
             oom, pids = cg.limit_hits()
             if oom > before[0]:
-                status = "memory limit exceeded"
+                result.status = "memory limit exceeded"
             elif pids > before[1]:
-                status = "pids limit"
-        return ExecResult(
-            sandbox_id=sandbox_id,
-            exit_code=int(result["exit_code"]),
-            signal=result.get("signal"),
-            stdout=bytes(out_buf),
-            stderr=bytes(err_buf),
-            duration_ms=float(result.get("duration_ms", 0.0)),
-            status=status,
-            timed_out=bool(result.get("timed_out")),
-            stdout_bytes=counts[0],
-            stderr_bytes=counts[1],
-        )
+                result.status = "pids limit"
+        return result
 
     async def _rid(self, sandbox_id: str) -> str:
         rid = self._rids.get(sandbox_id)
@@ -707,23 +652,7 @@ class SandboxManager:
     async def write_file(
         self, sandbox_id: str, path: str, data: bytes | AsyncIterator[bytes], *, mode: int = 0o644
     ) -> int:
-        peer = await self.peer(sandbox_id)
-        sid = peer.new_stream_id()
-        call = asyncio.ensure_future(
-            peer.call("files.write", {"path": path, "stream": sid, "mode": mode})
-        )
-        try:
-            if isinstance(data, bytes | bytearray | memoryview):
-                await peer.send_bytes(sid, data)
-            else:
-                async for chunk in data:
-                    await peer.send_bytes(sid, chunk)
-            await peer.end_stream(sid)
-        except BaseException:
-            call.cancel()
-            raise
-        result = await call
-        return int(result["size"])
+        return await (await self.guest(sandbox_id)).write_file(path, data, mode=mode)
 
     async def read_file(
         self,
@@ -731,58 +660,6 @@ class SandboxManager:
         path: str,
         sink: OutputSink | None = None,
         *,
-        limit: int | None = None,
+        limit: int | None = DEFAULT_READ_LIMIT,
     ) -> bytes:
-        """The file's bytes (or, with ``sink``, each chunk handed to it).
-
-        With ``limit``, at most that many bytes arrive: the read stops there and the
-        guest's handler is cancelled, so a ``/dev/zero`` cannot fill the host's memory.
-        """
-        peer = await self.peer(sandbox_id)
-        sid = peer.new_stream_id()
-        buf = bytearray()
-        got = 0
-
-        async def drain() -> bool:
-            nonlocal got
-            stream = peer.open_stream(sid)
-            async for chunk in stream:
-                if limit is not None:
-                    chunk = chunk[: limit - got]
-                got += len(chunk)
-                if sink is None:
-                    buf.extend(chunk)
-                else:
-                    res = sink(chunk)
-                    if res is not None:
-                        await res
-                if limit is not None and got >= limit:
-                    stream.close()  # later chunks are dropped, not buffered
-                    return True
-            return False
-
-        reader = asyncio.ensure_future(drain())
-        params = {"path": path, "stream": sid}
-        try:
-            if limit is None:
-                await peer.call("files.read", params)
-                await reader
-            else:
-                call = asyncio.ensure_future(peer.call("files.read", params))
-                call.add_done_callback(lambda t: t.cancelled() or t.exception())
-                try:
-                    await asyncio.wait((reader, call), return_when=asyncio.FIRST_COMPLETED)
-                    if call.done():
-                        call.result()  # the guest's error, if it failed
-                    if not await reader:
-                        await call
-                finally:
-                    call.cancel()  # stopped at the limit: the guest stops sending
-        finally:
-            if not reader.done():
-                reader.cancel()
-        return bytes(buf)
-
-    async def call(self, sandbox_id: str, method: str, params: Any = None) -> Any:
-        peer = await self.peer(sandbox_id)
-        return await peer.call(method, params)
+        return await (await self.guest(sandbox_id)).read_file(path, sink, limit=limit)

@@ -36,8 +36,8 @@ from ironclaw.agent.render import escape_controls, literal
 from ironclaw.agent.tasks import TaskSpec, bounded_card_read, run_task
 from ironclaw.agent.trace import TraceWriter, read_trace, render_timeline
 from ironclaw.errors import BudgetExceeded, ConfigError, IronclawError, ResourceLimitExceeded
-from ironclaw.guest.agent_loop import Budget
 from ironclaw.host.manager import SandboxManager
+from ironclaw.proto.methods import Budget
 from ironclaw.rpc import Peer
 from ironclaw.transport import memory
 

@@ -34,7 +34,7 @@ from ironclaw.agent.host_tools import (
 )
 from ironclaw.agent.tasks import TaskSpec, run_task
 from ironclaw.errors import ConfigError, ProtocolError
-from ironclaw.guest.agent_loop import AgentLoop, TaskRequest, ToolCall
+from ironclaw.guest.agent_loop import AgentLoop, ToolCall
 from ironclaw.host.manager import SandboxManager
 from ironclaw.proto.host_tools_methods import (
     HOSTTOOLS_CALL,
@@ -44,6 +44,7 @@ from ironclaw.proto.host_tools_methods import (
     HostToolsListRequest,
     HostToolsListResult,
 )
+from ironclaw.proto.methods import AgentRunRequest
 from ironclaw.rpc import CallContext, Peer
 from ironclaw.transport import unix
 
@@ -364,7 +365,7 @@ async def test_over_the_channel_guest_loop_and_a_hostile_caller(
     guest = Peer(unix.from_socket(b, initiator=False), name="guest")
     await host.start()
     await guest.start()
-    loop = AgentLoop(TaskRequest.from_json({"task": "t"}), guest, workdir="/")
+    loop = AgentLoop(AgentRunRequest(task="t"), guest, workdir="/")
     events: list[Any] = []
 
     async def agent_event(params: Any, ctx: CallContext) -> dict[str, Any]:

@@ -231,6 +231,9 @@ class GuestClient:
                 async for chunk in stream:
                     size += len(chunk)
                     if limit is not None and size > limit:
+                        if sink is not None and size - len(chunk) < limit:
+                            # The sink gets exactly ``limit`` bytes (a prefix is useful).
+                            await _feed(sink, chunk[: len(chunk) - (size - limit)])
                         raise ResourceLimitExceeded(
                             f"{path} is larger than the read limit of {_human(limit)}: "
                             "raise the limit, or copy it in pieces (split, head -c)"

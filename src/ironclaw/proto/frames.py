@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Final
 
-from ironclaw.errors import FrameTooLarge, MalformedFrame
+from ironclaw.errors import FrameTooLarge, LimitExceeded, MalformedFrame
 
+from .limits import DEFAULT_MAX_FRAME, ChannelLimits, check_json_shape
 from .messages import InvalidMessage, Message, decode_message, encode_message
 
 __all__ = [
@@ -46,7 +47,6 @@ __all__ = [
 
 HEADER: Final = struct.Struct(">IBI")
 HEADER_SIZE: Final = HEADER.size
-DEFAULT_MAX_FRAME: Final = 16 * 2**20
 MAX_STREAM_ID: Final = 2**32 - 1
 
 
@@ -104,22 +104,50 @@ class Decoder:
     intact, the stream goes on). An oversize header or an unknown frame type raises
     (:class:`FrameTooLarge` / :class:`MalformedFrame`) and leaves the decoder failed: every
     later call raises the same error, because the byte stream can no longer be trusted.
+    With ``limits`` (:class:`ChannelLimits`) the header is checked against the cap of its
+    frame type and a MESSAGE's JSON shape before it is parsed; a breach raises
+    :class:`LimitExceeded` and fails the decoder the same way.
 
     One buffer serves the decoder's whole life: unconsumed bytes move to its front only
     when more room is needed, and it grows only when a single frame needs it (bounded by
     ``max_frame``), so steady traffic causes no allocation besides the payloads handed out.
     """
 
-    __slots__ = ("_buf", "_end", "_error", "_max_frame", "_off")
+    __slots__ = (
+        "_buf",
+        "_end",
+        "_error",
+        "_max_data",
+        "_max_depth",
+        "_max_frame",
+        "_max_items",
+        "_max_message",
+        "_off",
+        "last_size",
+    )
 
-    def __init__(self, *, max_frame: int = DEFAULT_MAX_FRAME, initial_size: int = 2**20) -> None:
+    def __init__(
+        self,
+        *,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        initial_size: int = 2**20,
+        limits: ChannelLimits | None = None,
+    ) -> None:
+        if limits is not None:
+            max_frame = limits.max_frame
         if max_frame < 0 or max_frame > 2**32 - 1:
             raise ValueError("max_frame must be within 0 .. 2**32-1")
         self._max_frame = max_frame
+        self._max_message = limits.max_message if limits is not None else max_frame
+        self._max_data = limits.max_data_frame if limits is not None else max_frame
+        self._max_depth = limits.max_json_depth if limits is not None else None
+        self._max_items = limits.max_json_containers if limits is not None else None
         self._buf = bytearray(initial_size)
         self._off = 0  # first unconsumed byte
         self._end = 0  # one past the last received byte
-        self._error: MalformedFrame | FrameTooLarge | None = None
+        self._error: MalformedFrame | LimitExceeded | None = None
+        #: Payload size of the last event returned (what a handler's request costs).
+        self.last_size = 0
 
     @property
     def max_frame(self) -> int:
@@ -174,11 +202,27 @@ class Decoder:
         length, ftype, stream_id = HEADER.unpack_from(buf, off)
         if length > self._max_frame:
             self._error = FrameTooLarge(
-                f"frame header claims {length} bytes, maximum is {self._max_frame}"
+                f"frame header claims {length} bytes, maximum is {self._max_frame}",
+                limit="max_frame",
+                value=self._max_frame,
             )
             raise self._error
         if ftype not in _KNOWN_TYPES:
             self._error = MalformedFrame(f"unknown frame type {ftype}")
+            raise self._error
+        if ftype == FrameType.MESSAGE and length > self._max_message:
+            self._error = FrameTooLarge(
+                f"MESSAGE frame of {length} bytes, more than max_message={self._max_message}",
+                limit="max_message",
+                value=self._max_message,
+            )
+            raise self._error
+        if ftype == FrameType.DATA and length > self._max_data:
+            self._error = FrameTooLarge(
+                f"DATA frame of {length} bytes, more than max_data_frame={self._max_data}",
+                limit="max_data_frame",
+                value=self._max_data,
+            )
             raise self._error
         if ftype == FrameType.END and length:
             self._error = MalformedFrame(f"END frame for stream {stream_id} has a payload")
@@ -188,10 +232,19 @@ class Decoder:
         if end > self._end:
             return None
         self._off = end
+        self.last_size = length
         if ftype == FrameType.DATA:
             with memoryview(buf) as view:
                 return StreamData(stream_id, view[start:end].tobytes())
         if ftype == FrameType.MESSAGE:
+            if self._max_depth is not None or self._max_items is not None:
+                try:
+                    check_json_shape(
+                        buf, start, end, max_depth=self._max_depth, max_containers=self._max_items
+                    )
+                except LimitExceeded as exc:
+                    self._error = exc
+                    raise
             with memoryview(buf) as view, view[start:end] as payload:
                 return decode_message(payload)
         return StreamEnd(stream_id)

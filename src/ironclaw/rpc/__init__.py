@@ -37,14 +37,29 @@ Rules, which ``docs/CHANNEL.md`` states with the wire format:
 
 from __future__ import annotations
 
-from .peer import CANCEL_METHOD, MAX_CHUNK, ByteStream, CallContext, Handler, Peer, Subscription
+from ironclaw.proto import ChannelLimits
+
+from .peer import (
+    CANCEL_METHOD,
+    HOST_LIMITS,
+    MAX_CHUNK,
+    ByteStream,
+    CallContext,
+    Handler,
+    Peer,
+    ProtocolErrorHook,
+    Subscription,
+)
 
 __all__ = [
     "CANCEL_METHOD",
+    "HOST_LIMITS",
     "MAX_CHUNK",
     "ByteStream",
     "CallContext",
+    "ChannelLimits",
     "Handler",
     "Peer",
+    "ProtocolErrorHook",
     "Subscription",
 ]

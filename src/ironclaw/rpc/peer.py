@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
@@ -15,8 +16,10 @@ from ironclaw.errors import (
     INTERNAL_ERROR,
     METHOD_NOT_FOUND,
     ChannelClosed,
+    ChannelViolation,
     ConfigError,
     FrameTooLarge,
+    LimitExceeded,
     MalformedFrame,
     ProtocolError,
     RequestCancelled,
@@ -27,6 +30,7 @@ from ironclaw.errors import (
 from ironclaw.proto import (
     HEADER,
     MAX_STREAM_ID,
+    ChannelLimits,
     Decoder,
     ErrorObject,
     ErrorResponse,
@@ -48,21 +52,44 @@ from ._queue import BoundedQueue
 
 __all__ = [
     "CANCEL_METHOD",
+    "HOST_LIMITS",
     "MAX_CHUNK",
     "ByteStream",
     "CallContext",
     "Handler",
     "Peer",
+    "ProtocolErrorHook",
     "Subscription",
 ]
 
 log = logging.getLogger(__name__)
 
 CANCEL_METHOD: Final = "$/cancel"
-MAX_STREAMS: Final = 4096
 # Payloads stay below glibc's default 128 KiB mmap threshold: larger ``bytes`` objects
 # are mmap'ed, page-faulted and zeroed afresh for every chunk, which halves throughput.
 MAX_CHUNK: Final = 128 * 1024 - 64
+
+HOST_LIMITS: Final = ChannelLimits(
+    max_message=2 * 2**20,
+    max_data_frame=MAX_CHUNK,
+    max_json_depth=64,
+    max_json_containers=50_000,
+    max_open_streams=256,
+    stream_buffer=64,
+    max_buffered_bytes=16 * 2**20,
+    max_inbound_calls=16,
+    max_inbound_bytes=4 * 2**20,
+    max_outbound_calls=256,
+    max_queued_notifications=256,
+    own_stream_ids=True,
+    overflow_closes=True,
+)
+"""Caps for the host's end of a sandbox channel: everything on the other end is hostile.
+
+A guest's own traffic stays far below them (DATA frames are MAX_CHUNK, replies and the
+agent's model calls are well under 2 MiB and 64 levels deep, the agent makes one call at
+a time), while a guest that passes one loses its channel, not the host's memory.
+"""
 # Reads of 128 KiB into a 384 KiB decoder buffer keep the receive path inside the L2 cache.
 _READ_SIZE: Final = 128 * 1024
 _DECODER_BUFFER: Final = 3 * _READ_SIZE
@@ -78,6 +105,7 @@ class CallContext:
 
 
 Handler = Callable[[Any, CallContext], Awaitable[Any]]
+ProtocolErrorHook = Callable[["Peer", ProtocolError], None]
 
 
 class Subscription:
@@ -121,6 +149,7 @@ class ByteStream:
         self.stream_id = stream_id
         self._peer = peer
         self._queue: BoundedQueue[bytes] = BoundedQueue(max_buffered)
+        self._bytes = 0  # queued, counted against the peer's max_buffered_bytes
         self.opened = False
         self.discarding = False
 
@@ -128,7 +157,10 @@ class ByteStream:
         return self
 
     async def __anext__(self) -> bytes:
-        return await self._queue.get()
+        chunk = await self._queue.get()
+        self._bytes -= len(chunk)
+        self._peer._consumed(len(chunk))
+        return chunk
 
     async def read_all(self, *, limit: int | None = None) -> bytes:
         """Everything until the end marker; ProtocolError past ``limit`` bytes."""
@@ -146,6 +178,8 @@ class ByteStream:
         """Stop reading: chunks still to come for this stream are dropped, not buffered."""
         self.discarding = True
         self._queue.discard()
+        self._peer._consumed(self._bytes)
+        self._bytes = 0
         self._peer._stream_done(self)
 
     async def __aenter__(self) -> Self:
@@ -171,24 +205,35 @@ class Peer:
         conn: Connection,
         *,
         handlers: Mapping[str, Handler] | None = None,
-        max_frame: int = 16 * 2**20,
-        max_inflight: int = 1024,
+        limits: ChannelLimits | None = None,
+        max_frame: int | None = None,
+        max_inflight: int | None = None,
         name: str = "",
         initiator: bool | None = None,
-        stream_buffer: int = 64,
+        stream_buffer: int | None = None,
+        on_protocol_error: ProtocolErrorHook | None = None,
     ) -> None:
-        if max_inflight < 1:
-            raise ValueError("max_inflight must be at least 1")
+        limits = _apply_overrides(limits or ChannelLimits(), max_frame, max_inflight, stream_buffer)
+        self.limits = limits
         self.name = name or "peer"
         self._conn = conn
         self._handlers: dict[str, Handler] = dict(handlers or {})
-        self._max_frame = max_frame
-        self._decoder = Decoder(max_frame=max_frame, initial_size=_DECODER_BUFFER)
-        self._max_inflight = max_inflight
+        self._max_frame = limits.max_frame
+        self._decoder = Decoder(limits=limits, initial_size=_DECODER_BUFFER)
+        self._max_inflight = limits.max_inbound_calls
+        self._strict = limits.overflow_closes
+        self.on_protocol_error = on_protocol_error
         if initiator is None:
             initiator = getattr(conn, "initiator", None)
         self._initiator: bool | None = initiator
-        self._stream_buffer = stream_buffer
+        self._stream_buffer = limits.stream_buffer
+        self._own_ids = limits.own_stream_ids
+        self._expected: set[int] = set()  # ids allocated here that the other end may feed
+        self._buffered_bytes = 0
+        self._bytes_room: asyncio.Event | None = None
+        self._inbound: set[asyncio.Task[None]] = set()  # replies/notification handlers
+        self._handler_bytes: dict[RequestId, int] = {}
+        self._inbound_bytes = 0
         self._ids = itertools.count(1)
         self._stream_ids = itertools.count(1 if initiator else 2, 2)
         self._pending: dict[RequestId, asyncio.Future[Any]] = {}
@@ -220,7 +265,8 @@ class Peer:
         self._wlock = asyncio.Lock()
         self._closed_event = asyncio.Event()
         self._handler_room = asyncio.Event()
-        self._call_slots = asyncio.Semaphore(self._max_inflight)
+        self._bytes_room = asyncio.Event()
+        self._call_slots = asyncio.Semaphore(self.limits.max_outbound_calls)
         attach = getattr(self._conn, "attach_receiver", None)
         if attach is not None:
             # Push mode: the connection reads into the decoder from its readiness callback
@@ -293,6 +339,8 @@ class Peer:
         self._streams.clear()
         if self._handler_room is not None:
             self._handler_room.set()
+        if self._bytes_room is not None:
+            self._bytes_room.set()
         if self._closed_event is not None:
             self._closed_event.set()
 
@@ -310,8 +358,8 @@ class Peer:
             raise ValueError(f"{CANCEL_METHOD} is reserved")
         self._handlers[method] = handler
 
-    def subscribe(self, method: str, *, maxsize: int = 1024) -> Subscription:
-        sub = Subscription(self, method, maxsize)
+    def subscribe(self, method: str, *, maxsize: int | None = None) -> Subscription:
+        sub = Subscription(self, method, maxsize or self.limits.max_queued_notifications)
         if self._closed:
             sub._queue.end()
         else:
@@ -405,12 +453,15 @@ class Peer:
         sid = next(self._stream_ids)
         if sid > MAX_STREAM_ID:
             raise ConfigError("stream ids exhausted on this channel")
+        if self._own_ids:
+            self._expected.add(sid)
         return sid
 
     async def send_bytes(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
         """Send ``data`` on ``stream_id`` as DATA frames of at most MAX_CHUNK bytes."""
         if not 0 < stream_id <= MAX_STREAM_ID:
             raise ValueError(f"stream id out of range: {stream_id}")
+        self._sending(stream_id)
         chunk = min(MAX_CHUNK, self._max_frame)
         with memoryview(data) as view, view.cast("B") as flat:
             for off in range(0, len(flat), chunk):
@@ -419,12 +470,29 @@ class Peer:
     async def end_stream(self, stream_id: int) -> None:
         if not 0 < stream_id <= MAX_STREAM_ID:
             raise ValueError(f"stream id out of range: {stream_id}")
+        self._sending(stream_id)
         await self._send(encode_end(stream_id))
 
-    def open_stream(self, stream_id: int, *, max_buffered: int = 64) -> ByteStream:
-        """The receiving end of ``stream_id``, with whatever already arrived for it."""
+    def _sending(self, stream_id: int) -> None:
+        """This end writes ``stream_id``: the other end may no longer feed it."""
+        if self._own_ids and stream_id in self._expected:
+            self._expected.discard(stream_id)
+            stream = self._streams.get(stream_id)
+            if stream is not None and not stream.opened:
+                stream.close()
+
+    def open_stream(self, stream_id: int, *, max_buffered: int | None = None) -> ByteStream:
+        """The receiving end of ``stream_id``, with whatever already arrived for it.
+
+        With ``own_stream_ids`` only ids from :meth:`new_stream_id` can be opened.
+        """
+        max_buffered = max_buffered or self._stream_buffer
         stream = self._streams.get(stream_id)
         if stream is None:
+            if self._own_ids and stream_id not in self._expected and not self._closed:
+                raise ConfigError(
+                    f"stream {stream_id} was not allocated by this end: use new_stream_id()"
+                )
             stream = ByteStream(self, stream_id, max_buffered)
             if self._closed:
                 stream._queue.end(self._closed_error(self._close_reason or ChannelClosed("")))
@@ -442,6 +510,13 @@ class Peer:
     def _stream_done(self, stream: ByteStream) -> None:
         if stream._queue.ended and self._streams.get(stream.stream_id) is stream:
             del self._streams[stream.stream_id]
+            self._expected.discard(stream.stream_id)
+
+    def _consumed(self, nbytes: int) -> None:
+        """Stream bytes left the buffers (read or dropped): the reader may go on."""
+        self._buffered_bytes -= nbytes
+        if self._bytes_room is not None:
+            self._bytes_room.set()
 
     # -- receiving ----------------------------------------------------------------------------
     async def _read_loop(self) -> None:
@@ -522,6 +597,12 @@ class Peer:
             log.warning("%s: closing channel: %s", self.name, reason)
         self._shutdown(reason)
         self._spawn(self._conn.aclose())
+        hook = self.on_protocol_error
+        if hook is not None and isinstance(reason, ProtocolError):
+            try:
+                hook(self, reason)
+            except Exception:
+                log.exception("%s: on_protocol_error hook failed", self.name)
 
     def _dispatch(self, event: Any) -> Awaitable[Any] | None:
         """Route one event; returns an awaitable only when the reader must wait (backpressure)."""
@@ -544,37 +625,58 @@ class Peer:
             stream._queue.end()
             if stream.opened or stream.discarding:
                 self._streams.pop(event.stream_id, None)
+                self._expected.discard(event.stream_id)
             return None
         if isinstance(event, InvalidMessage):
             self._on_invalid(event)
             return None
         raise MalformedFrame(f"unexpected event {type(event).__name__}")
 
-    def _on_request(self, req: Request) -> Awaitable[Any] | None:
+    def _on_request(self, req: Request, size: int | None = None) -> Awaitable[Any] | None:
+        if size is None:
+            size = self._decoder.last_size
         if len(self._handler_tasks) >= self._max_inflight:
-            return self._wait_room_then(req)
+            if self._strict:
+                raise LimitExceeded(
+                    f"more than max_inbound_calls={self._max_inflight} calls at once",
+                    limit="max_inbound_calls",
+                    value=self._max_inflight,
+                )
+            return self._wait_room_then(req, size)
         if req.id in self._handler_tasks:
-            self._spawn(self._reply_error(req.id, ErrorObject(-32600, "duplicate request id")))
+            self._spawn_inbound(
+                self._reply_error(req.id, ErrorObject(-32600, "duplicate request id"))
+            )
             return None
         handler = self._handlers.get(req.method)
         if handler is None:
             err = ErrorObject(METHOD_NOT_FOUND, f"method not found: {req.method}")
-            self._spawn(self._reply_error(req.id, err))
+            self._spawn_inbound(self._reply_error(req.id, err))
             return None
+        budget = self.limits.max_inbound_bytes
+        if budget is not None and self._inbound_bytes + size > budget:
+            raise LimitExceeded(
+                f"running calls hold {self._inbound_bytes + size} request bytes, "
+                f"more than max_inbound_bytes={budget}",
+                limit="max_inbound_bytes",
+                value=budget,
+            )
         task = asyncio.create_task(
             self._run_handler(req, handler), name=f"{self.name}-{req.method}"
         )
         self._handler_tasks[req.id] = task
+        self._handler_bytes[req.id] = size
+        self._inbound_bytes += size
         return None
 
-    async def _wait_room_then(self, req: Request) -> None:
+    async def _wait_room_then(self, req: Request, size: int) -> None:
         room = self._handler_room
         assert room is not None
         while len(self._handler_tasks) >= self._max_inflight and not self._closed:
             room.clear()
             await room.wait()
         if not self._closed:
-            self._on_request(req)
+            self._on_request(req, size)
 
     async def _run_handler(self, req: Request, handler: Handler) -> None:
         rid = req.id
@@ -603,6 +705,7 @@ class Peer:
         finally:
             if self._handler_tasks.get(rid) is asyncio.current_task():
                 del self._handler_tasks[rid]
+                self._inbound_bytes -= self._handler_bytes.pop(rid, 0)
             room = self._handler_room
             if room is not None:
                 room.set()
@@ -643,7 +746,7 @@ class Peer:
             else:
                 log.warning("%s: dropped invalid response: %s", self.name, event.reason)
             return
-        self._spawn(self._reply_error(event.id, ErrorObject(event.code, event.reason)))
+        self._spawn_inbound(self._reply_error(event.id, ErrorObject(event.code, event.reason)))
 
     def _on_notification(self, note: Notification) -> Awaitable[Any] | None:
         if note.method == CANCEL_METHOD:
@@ -654,13 +757,21 @@ class Peer:
             return None
         handler = self._handlers.get(note.method)
         if handler is not None:
-            self._spawn(self._run_notification_handler(note, handler))
+            self._spawn_inbound(self._run_notification_handler(note, handler))
         subs = self._subs.get(note.method)
         if not subs:
             if handler is None:
                 log.debug("%s: no subscriber for notification %s", self.name, note.method)
             return None
         blocked = [s for s in subs if s._queue.full()]
+        if blocked and self._strict:
+            size = blocked[0]._queue.maxsize
+            raise LimitExceeded(
+                f"{size} {note.method} notifications already queued unread "
+                f"(max_queued_notifications={size})",
+                limit="max_queued_notifications",
+                value=size,
+            )
         for sub in subs:
             if not sub._queue.full():
                 sub._queue.put_nowait(note.params)
@@ -677,9 +788,19 @@ class Peer:
     def _stream_for(self, stream_id: int) -> ByteStream:
         stream = self._streams.get(stream_id)
         if stream is None:
-            if len(self._streams) >= MAX_STREAMS:
+            if self._own_ids and stream_id not in self._expected:
+                raise ChannelViolation(
+                    f"DATA/END for stream {stream_id}, which this end did not open "
+                    "(own_stream_ids: streams are allocated by their reader)"
+                )
+            cap = self.limits.max_open_streams
+            if len(self._streams) >= cap:
                 # Each unopened stream holds buffers: a peer inventing ids could exhaust memory.
-                raise MalformedFrame(f"more than {MAX_STREAMS} streams open at once")
+                raise LimitExceeded(
+                    f"more than max_open_streams={cap} streams at once",
+                    limit="max_open_streams",
+                    value=cap,
+                )
             stream = ByteStream(self, stream_id, self._stream_buffer)
             self._streams[stream_id] = stream
         return stream
@@ -688,16 +809,65 @@ class Peer:
         stream = self._stream_for(event.stream_id)
         if stream.discarding or stream._queue.ended:
             return None
+        budget = self.limits.max_buffered_bytes
+        if (
+            budget is not None
+            and self._buffered_bytes
+            and self._buffered_bytes + len(event.data) > budget
+        ):
+            return self._wait_bytes_then(event)
         if stream._queue.full():
-            return stream._queue.put(event.data)
-        stream._queue.put_nowait(event.data)
+            return self._put_later(stream, event.data)
+        self._queued(stream, event.data)
         return None
 
+    def _queued(self, stream: ByteStream, data: bytes) -> None:
+        stream._queue.put_nowait(data)
+        stream._bytes += len(data)
+        self._buffered_bytes += len(data)
+
+    async def _put_later(self, stream: ByteStream, data: bytes) -> None:
+        if await stream._queue.put(data):
+            stream._bytes += len(data)
+            self._buffered_bytes += len(data)
+
+    async def _wait_bytes_then(self, event: StreamData) -> None:
+        """Flow control on the connection's stream budget: read on once consumers caught up."""
+        room = self._bytes_room
+        assert room is not None
+        budget = self.limits.max_buffered_bytes
+        assert budget is not None
+        while self._buffered_bytes and self._buffered_bytes + len(event.data) > budget:
+            if self._closed:
+                return
+            room.clear()
+            await room.wait()
+        if not self._closed:
+            waiter = self._on_data(event)
+            if waiter is not None:
+                await waiter
+
     # -- housekeeping ------------------------------------------------------------------------
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
         self._anon_tasks.add(task)
         task.add_done_callback(self._anon_tasks.discard)
+        return task
+
+    def _spawn_inbound(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Work the other end caused (an error reply, a notification handler): capped too."""
+        cap = self._max_inflight
+        if self._strict and len(self._inbound) >= cap:
+            coro.close()
+            raise LimitExceeded(
+                f"more than max_inbound_calls={cap} replies and notification handlers "
+                "pending (the other end sends faster than it reads)",
+                limit="max_inbound_calls",
+                value=cap,
+            )
+        task = self._spawn(coro)
+        self._inbound.add(task)
+        task.add_done_callback(self._inbound.discard)
 
     def stats(self) -> dict[str, int]:
         """Counts for tests and debugging: nothing here should grow without bound."""
@@ -706,6 +876,8 @@ class Peer:
             "handler_tasks": len(self._handler_tasks),
             "background_tasks": len(self._anon_tasks),
             "streams": len(self._streams),
+            "stream_bytes": self._buffered_bytes,
+            "inbound_bytes": self._inbound_bytes,
             "subscriptions": sum(len(s) for s in self._subs.values()),
             "decoder_buffered": self._decoder.buffered,
         }
@@ -715,3 +887,19 @@ class Peer:
         with self.subscribe(method) as sub:
             async for params in sub:
                 yield params
+
+
+def _apply_overrides(
+    limits: ChannelLimits, max_frame: int | None, max_inflight: int | None, buffer: int | None
+) -> ChannelLimits:
+    """The older keyword arguments, kept as shorthands for fields of ChannelLimits."""
+    changes: dict[str, Any] = {}
+    if max_frame is not None:
+        changes.update(max_message=max_frame, max_data_frame=max_frame)
+    if max_inflight is not None:
+        if max_inflight < 1:
+            raise ValueError("max_inflight must be at least 1")
+        changes.update(max_inbound_calls=max_inflight, max_outbound_calls=max_inflight)
+    if buffer is not None:
+        changes.update(stream_buffer=buffer)
+    return dataclasses.replace(limits, **changes) if changes else limits

@@ -200,28 +200,21 @@ class Decoder:
             return None
         buf = self._buf
         length, ftype, stream_id = HEADER.unpack_from(buf, off)
-        if length > self._max_frame:
-            self._error = FrameTooLarge(
-                f"frame header claims {length} bytes, maximum is {self._max_frame}",
-                limit="max_frame",
-                value=self._max_frame,
-            )
-            raise self._error
         if ftype not in _KNOWN_TYPES:
             self._error = MalformedFrame(f"unknown frame type {ftype}")
             raise self._error
-        if ftype == FrameType.MESSAGE and length > self._max_message:
+        if ftype == FrameType.MESSAGE:
+            cap, name = self._max_message, "max_message"
+        elif ftype == FrameType.DATA:
+            cap, name = self._max_data, "max_data_frame"
+        else:
+            cap, name = self._max_frame, "max_frame"
+        if length > cap:
             self._error = FrameTooLarge(
-                f"MESSAGE frame of {length} bytes, more than max_message={self._max_message}",
-                limit="max_message",
-                value=self._max_message,
-            )
-            raise self._error
-        if ftype == FrameType.DATA and length > self._max_data:
-            self._error = FrameTooLarge(
-                f"DATA frame of {length} bytes, more than max_data_frame={self._max_data}",
-                limit="max_data_frame",
-                value=self._max_data,
+                f"{FrameType(ftype).name} frame header claims {length} bytes, "
+                f"maximum is {name}={cap}",
+                limit=name,
+                value=cap,
             )
             raise self._error
         if ftype == FrameType.END and length:

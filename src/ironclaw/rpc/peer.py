@@ -316,6 +316,10 @@ class Peer:
                 tasks.append(t)
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        # A handler cancelled before its first step never ran its own clean-up.
+        self._handler_tasks.clear()
+        self._handler_bytes.clear()
+        self._inbound_bytes = 0
         await self._conn.aclose()
 
     def _shutdown(self, reason: BaseException) -> None:
@@ -505,6 +509,7 @@ class Peer:
         stream.opened = True
         if stream._queue.ended:
             self._streams.pop(stream_id, None)
+            self._expected.discard(stream_id)
         return stream
 
     def _stream_done(self, stream: ByteStream) -> None:

@@ -256,31 +256,42 @@ async def first_response(conn: memory.MemoryConnection) -> dict[str, Any]:
             return {"error": {"code": ev.error.code}} if hasattr(ev, "error") else {}
 
 
-async def test_a_flood_on_an_opened_stream_is_held_to_the_byte_budget(host: Host) -> None:
-    """The stream is legitimate, so it is flow control, not a violation: bounded, lossless."""
+async def test_a_flood_on_opened_streams_is_held_to_the_byte_budget(host: Host) -> None:
+    """The streams are legitimate, so this is flow control, not a violation: the host
+    holds at most ``max_buffered_bytes`` across them (each alone would take 8 MiB) and
+    loses nothing once it reads."""
     peer = host.peer
-    out = peer.new_stream_id()
-    stream = peer.open_stream(out)
-    chunk = hg.frame(hg.DATA, out, b"y" * hg.CHUNK)
-    total = 400  # ~50 MiB, three times the budget
-    writer = asyncio.ensure_future(feed(host.raw, [*(chunk for _ in range(total))]))
+    sids = [peer.new_stream_id() for _ in range(3)]
+    streams = [peer.open_stream(sid) for sid in sids]
+    per_stream = 150  # 3 x ~19 MiB, three times the budget
+    frames = [hg.frame(hg.DATA, sid, b"y" * hg.CHUNK) for sid in sids]
+    writer = asyncio.ensure_future(feed(host.raw, frames * per_stream))
+    budget = HOST_LIMITS.max_buffered_bytes
+    assert budget is not None
     tracemalloc.start()
     try:
-        for _ in range(50):  # the host is busy elsewhere; the guest keeps writing
-            await asyncio.sleep(0.01)
+        # Nobody reads yet: the host fills its budget, then stops reading the guest.
+        while peer.stats()["stream_bytes"] + hg.CHUNK <= budget:
+            await asyncio.sleep(0.001)
+        for _ in range(200):
+            await asyncio.sleep(0)
         held = peer.stats()["stream_bytes"]
-        got = 0
-        async for piece in stream:
-            got += len(piece)
-            if got == total * hg.CHUNK:
-                break
+
+        async def drain(stream: Any) -> int:
+            got = 0
+            async for piece in stream:
+                got += len(piece)
+                if got == per_stream * hg.CHUNK:
+                    break
+            return got
+
+        got = await asyncio.gather(*(drain(s) for s in streams))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     await writer
-    assert got == total * hg.CHUNK and not peer.closed
-    budget = HOST_LIMITS.max_buffered_bytes
-    assert budget is not None and held <= budget
+    assert got == [per_stream * hg.CHUNK] * 3 and not peer.closed
+    assert held <= budget
     assert peak < budget + 4 * MiB, peak
 
 

@@ -146,9 +146,11 @@ def attack(mode: str, params: dict[str, Any], rid: Any) -> Iterator[bytes]:
         for _ in range(200_000):
             yield note
     elif mode == "stream_flood":
-        chunk = frame(DATA, sid, b"y" * CHUNK)
-        while True:
-            yield chunk
+        # Legitimate streams, written as fast as the host lets us; then one invented id.
+        chunks = [frame(DATA, int(s), b"y" * CHUNK) for s in params.get("streams") or [sid]]
+        for i in range(int(params.get("count", 2**62))):
+            yield chunks[i % len(chunks)]
+        yield frame(DATA, 2, b"and now a stream the host never opened")
     elif mode == "fuzz":
         for _ in range(int(params.get("count", 1))):
             yield mutated(rng)

@@ -599,7 +599,9 @@ class Peer:
         if isinstance(reason, ProtocolError | TransportError) and not isinstance(
             reason, ChannelClosed
         ):
-            log.warning("%s: closing channel: %s", self.name, reason)
+            # A string, not the exception: a log handler that keeps records must not keep
+            # the traceback's frames, and with them this peer and its buffers, alive.
+            log.warning("%s: closing channel: %s", self.name, str(reason))
         self._shutdown(reason)
         self._spawn(self._conn.aclose())
         hook = self.on_protocol_error

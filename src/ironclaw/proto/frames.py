@@ -115,6 +115,7 @@ class Decoder:
 
     __slots__ = (
         "_buf",
+        "_caps",
         "_end",
         "_error",
         "_max_data",
@@ -123,6 +124,7 @@ class Decoder:
         "_max_items",
         "_max_message",
         "_off",
+        "_shape_free",
         "last_size",
     )
 
@@ -142,6 +144,10 @@ class Decoder:
         self._max_data = limits.max_data_frame if limits is not None else max_frame
         self._max_depth = limits.max_json_depth if limits is not None else None
         self._max_items = limits.max_json_containers if limits is not None else None
+        caps = [c for c in (self._max_depth, self._max_items) if c is not None]
+        self._shape_free = min(caps) if caps else None  # bracket count needing no scan
+        # Indexed by frame type: the cap its header is checked against.
+        self._caps = (0, self._max_message, self._max_data, max_frame)
         self._buf = bytearray(initial_size)
         self._off = 0  # first unconsumed byte
         self._end = 0  # one past the last received byte
@@ -203,21 +209,9 @@ class Decoder:
         if ftype not in _KNOWN_TYPES:
             self._error = MalformedFrame(f"unknown frame type {ftype}")
             raise self._error
-        if ftype == FrameType.MESSAGE:
-            cap, name = self._max_message, "max_message"
-        elif ftype == FrameType.DATA:
-            cap, name = self._max_data, "max_data_frame"
-        else:
-            cap, name = self._max_frame, "max_frame"
-        if length > cap:
-            self._error = FrameTooLarge(
-                f"{FrameType(ftype).name} frame header claims {length} bytes, "
-                f"maximum is {name}={cap}",
-                limit=name,
-                value=cap,
-            )
-            raise self._error
-        if ftype == FrameType.END and length:
+        if length > self._caps[ftype]:
+            raise self._too_large(ftype, length)
+        if ftype == _END and length:
             self._error = MalformedFrame(f"END frame for stream {stream_id} has a payload")
             raise self._error
         start = off + HEADER_SIZE
@@ -226,11 +220,15 @@ class Decoder:
             return None
         self._off = end
         self.last_size = length
-        if ftype == FrameType.DATA:
+        if ftype == _DATA:
             with memoryview(buf) as view:
                 return StreamData(stream_id, view[start:end].tobytes())
-        if ftype == FrameType.MESSAGE:
-            if self._max_depth is not None or self._max_items is not None:
+        if ftype == _MESSAGE:
+            # Fewer brackets than both caps settle it here (nearly every message).
+            if (
+                self._shape_free is not None
+                and buf.count(b"[", start, end) + buf.count(b"{", start, end) > self._shape_free
+            ):
                 try:
                     check_json_shape(
                         buf, start, end, max_depth=self._max_depth, max_containers=self._max_items
@@ -242,6 +240,16 @@ class Decoder:
                 return decode_message(payload)
         return StreamEnd(stream_id)
 
+    def _too_large(self, ftype: int, length: int) -> FrameTooLarge:
+        name = _CAP_NAMES[ftype]
+        cap = self._caps[ftype]
+        self._error = FrameTooLarge(
+            f"{FrameType(ftype).name} frame header claims {length} bytes, maximum is {name}={cap}",
+            limit=name,
+            value=cap,
+        )
+        return self._error
+
     def events(self) -> list[Event]:
         """Every complete event buffered right now (convenience for tests and simple loops)."""
         out: list[Event] = []
@@ -251,3 +259,7 @@ class Decoder:
 
 
 _KNOWN_TYPES: Final = frozenset(int(t) for t in FrameType)
+_MESSAGE: Final = int(FrameType.MESSAGE)
+_DATA: Final = int(FrameType.DATA)
+_END: Final = int(FrameType.END)
+_CAP_NAMES: Final = ("", "max_message", "max_data_frame", "max_frame")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
@@ -48,7 +47,8 @@ from ironclaw.proto import (
 )
 from ironclaw.transport import Connection
 
-from ._queue import BoundedQueue
+from ._streams import ByteStream, Subscription
+from .limits import HOST_LIMITS, MAX_CHUNK, apply_overrides
 
 __all__ = [
     "CANCEL_METHOD",
@@ -65,31 +65,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CANCEL_METHOD: Final = "$/cancel"
-# Payloads stay below glibc's default 128 KiB mmap threshold: larger ``bytes`` objects
-# are mmap'ed, page-faulted and zeroed afresh for every chunk, which halves throughput.
-MAX_CHUNK: Final = 128 * 1024 - 64
-
-HOST_LIMITS: Final = ChannelLimits(
-    max_message=2 * 2**20,
-    max_data_frame=MAX_CHUNK,
-    max_json_depth=64,
-    max_json_containers=50_000,
-    max_open_streams=256,
-    stream_buffer=64,
-    max_buffered_bytes=16 * 2**20,
-    max_inbound_calls=16,
-    max_inbound_bytes=4 * 2**20,
-    max_outbound_calls=256,
-    max_queued_notifications=256,
-    own_stream_ids=True,
-    overflow_closes=True,
-)
-"""Caps for the host's end of a sandbox channel: everything on the other end is hostile.
-
-A guest's own traffic stays far below them (DATA frames are MAX_CHUNK, replies and the
-agent's model calls are well under 2 MiB and 64 levels deep, the agent makes one call at
-a time), while a guest that passes one loses its channel, not the host's memory.
-"""
 # Reads of 128 KiB into a 384 KiB decoder buffer keep the receive path inside the L2 cache.
 _READ_SIZE: Final = 128 * 1024
 _DECODER_BUFFER: Final = 3 * _READ_SIZE
@@ -106,87 +81,6 @@ class CallContext:
 
 Handler = Callable[[Any, CallContext], Awaitable[Any]]
 ProtocolErrorHook = Callable[["Peer", ProtocolError], None]
-
-
-class Subscription:
-    """Notifications of one method, in arrival order; ends when the peer closes.
-
-    Bounded: when ``maxsize`` notifications wait unread, the peer's reader waits too, and
-    so (through the transport) does the remote writer. Leave it (``with`` or
-    :meth:`close`) to stop receiving.
-    """
-
-    def __init__(self, peer: Peer, method: str, maxsize: int) -> None:
-        self.method = method
-        self._peer = peer
-        self._queue: BoundedQueue[Any] = BoundedQueue(maxsize)
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> Any:
-        return await self._queue.get()
-
-    def close(self) -> None:
-        self._peer._unsubscribe(self)
-        self._queue.discard()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class ByteStream:
-    """Receiver side of a bulk stream: ``bytes`` chunks until the sender's end marker.
-
-    If the channel closes before the end marker, iteration raises :class:`ChannelClosed`
-    after the chunks that did arrive: a truncated stream never looks complete.
-    """
-
-    def __init__(self, peer: Peer, stream_id: int, max_buffered: int) -> None:
-        self.stream_id = stream_id
-        self._peer = peer
-        self._queue: BoundedQueue[bytes] = BoundedQueue(max_buffered)
-        self._bytes = 0  # queued, counted against the peer's max_buffered_bytes
-        self.opened = False
-        self.discarding = False
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> bytes:
-        chunk = await self._queue.get()
-        self._bytes -= len(chunk)
-        self._peer._consumed(len(chunk))
-        return chunk
-
-    async def read_all(self, *, limit: int | None = None) -> bytes:
-        """Everything until the end marker; ProtocolError past ``limit`` bytes."""
-        parts: list[bytes] = []
-        size = 0
-        async for chunk in self:
-            size += len(chunk)
-            if limit is not None and size > limit:
-                self.close()
-                raise ProtocolError(f"stream {self.stream_id} exceeds {limit} bytes")
-            parts.append(chunk)
-        return b"".join(parts)
-
-    def close(self) -> None:
-        """Stop reading: chunks still to come for this stream are dropped, not buffered."""
-        self.discarding = True
-        self._queue.discard()
-        self._peer._consumed(self._bytes)
-        self._bytes = 0
-        self._peer._stream_done(self)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _check_params(params: Any) -> Any:
@@ -213,7 +107,7 @@ class Peer:
         stream_buffer: int | None = None,
         on_protocol_error: ProtocolErrorHook | None = None,
     ) -> None:
-        limits = _apply_overrides(limits or ChannelLimits(), max_frame, max_inflight, stream_buffer)
+        limits = apply_overrides(limits or ChannelLimits(), max_frame, max_inflight, stream_buffer)
         self.limits = limits
         self.name = name or "peer"
         self._conn = conn
@@ -894,19 +788,3 @@ class Peer:
         with self.subscribe(method) as sub:
             async for params in sub:
                 yield params
-
-
-def _apply_overrides(
-    limits: ChannelLimits, max_frame: int | None, max_inflight: int | None, buffer: int | None
-) -> ChannelLimits:
-    """The older keyword arguments, kept as shorthands for fields of ChannelLimits."""
-    changes: dict[str, Any] = {}
-    if max_frame is not None:
-        changes.update(max_message=max_frame, max_data_frame=max_frame)
-    if max_inflight is not None:
-        if max_inflight < 1:
-            raise ValueError("max_inflight must be at least 1")
-        changes.update(max_inbound_calls=max_inflight, max_outbound_calls=max_inflight)
-    if buffer is not None:
-        changes.update(stream_buffer=buffer)
-    return dataclasses.replace(limits, **changes) if changes else limits

@@ -143,6 +143,19 @@ async def test_data_on_a_stream_the_host_writes_is_refused(host: Host) -> None:
     assert_closed_by(host, ChannelViolation)
 
 
+async def test_data_on_a_stream_before_the_host_writes_it_is_refused(host: Host) -> None:
+    """The guest writes first on the id the host allocated for stdin: found when the host
+    starts writing it, and the host's write fails instead of feeding a hijacked stream."""
+    peer = host.peer
+    stdin = peer.new_stream_id()
+    await host.raw.write(hg.frame(hg.DATA, stdin, b"pretend stdin"))
+    while peer.stats()["streams"] == 0:
+        await asyncio.sleep(0.001)
+    with pytest.raises(ChannelClosed):
+        await peer.send_bytes(stdin, b"input")
+    assert_closed_by(host, ChannelViolation)
+
+
 async def test_16_mib_of_nested_json_is_refused_at_its_header(host: Host) -> None:
     peak = await attack(host, hg.huge_nested_chunks(16 * MiB))
     assert_closed_by(host, FrameTooLarge, "max_message")

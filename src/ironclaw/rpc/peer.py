@@ -375,9 +375,12 @@ class Peer:
         """This end writes ``stream_id``: the other end may no longer feed it."""
         if self._own_ids and stream_id in self._expected:
             self._expected.discard(stream_id)
-            stream = self._streams.get(stream_id)
-            if stream is not None and not stream.opened:
-                stream.close()
+            if stream_id in self._streams:
+                self._fail(
+                    ChannelViolation(
+                        f"the other end wrote stream {stream_id}, which this end writes"
+                    )
+                )
 
     def open_stream(self, stream_id: int, *, max_buffered: int | None = None) -> ByteStream:
         """The receiving end of ``stream_id``, with whatever already arrived for it.
@@ -479,6 +482,8 @@ class Peer:
     async def _drain(self, waiter: Awaitable[Any]) -> None:
         try:
             await waiter
+        except ProtocolError as exc:  # the held-back event broke a rule after all
+            self._fail(exc)
         finally:
             self._backlog = None
         if self._closed:

@@ -122,6 +122,14 @@ async def run_attack(sock: Path, mode: str, **params: Any) -> tuple[Peer, list[P
     return peer, seen
 
 
+def rss() -> int:
+    """This process's resident set (the host orchestrator's memory, as the kernel sees it)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
 ATTACKS = [
     ("invented_ids", ChannelViolation, None),
     ("huge_nested", FrameTooLarge, "max_message"),
@@ -137,6 +145,7 @@ async def test_every_attack_from_a_real_sandbox_is_refused_with_bounded_memory(
     hostile: HostileSandbox, capsys: pytest.CaptureFixture[str]
 ) -> None:
     peaks: dict[str, int] = {}
+    rss_before = rss()
     for mode, kind, limit in ATTACKS:
         tracemalloc.start()
         try:
@@ -149,9 +158,12 @@ async def test_every_attack_from_a_real_sandbox_is_refused_with_bounded_memory(
         assert seen == [reason], mode  # the hook saw it once, for the trace and audit log
         if limit is not None:
             assert isinstance(reason, LimitExceeded) and reason.limit == limit, (mode, reason)
+    grew = rss() - rss_before
     with capsys.disabled():
         print("\nhost tracemalloc peak per attack (MiB):",
-              {m: round(p / MiB, 2) for m, p in peaks.items()})  # fmt: skip
+              {m: round(p / MiB, 2) for m, p in peaks.items()},
+              f"; host RSS grew {grew / MiB:.1f} MiB over all attacks")  # fmt: skip
+    assert grew < 64 * MiB, grew  # the unbounded host grew by 200 MiB on the first one
     # The worst is the 2 MiB wide frame, held once before its bracket count refuses it.
     assert max(peaks.values()) < 16 * MiB, peaks
 

@@ -92,7 +92,15 @@ def _check_params(params: Any) -> Any:
 
 
 class Peer:
-    """One end of the channel. See :mod:`ironclaw.rpc` for the rules it follows."""
+    """One end of the channel. See :mod:`ironclaw.rpc` for the rules it follows.
+
+    ``limits`` caps what the other end may make this one hold (the host passes
+    :data:`HOST_LIMITS`; ``max_frame``/``max_inflight``/``stream_buffer`` are older
+    shorthands for its fields). ``on_protocol_error(peer, error)`` is called once when the
+    channel closes because the other end broke a rule (a ``ProtocolError``: a violation,
+    an oversize or malformed frame), so its owner can put it in the trace and audit log;
+    it may also be set later as the ``on_protocol_error`` attribute.
+    """
 
     def __init__(
         self,

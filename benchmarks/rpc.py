@@ -9,6 +9,7 @@ server->client as binary stream frames versus a raw socket copy
 (``sock_sendall``/``sock_recv_into``), best of ``--rounds`` each (the per-round median
 ratio is reported too). Rounds interleave both sides so drift hits them alike. Servers
 run in a child process so client and server each have a core, as host and guest would.
+The client is the host's end and runs with ``HOST_LIMITS``, so their checks are measured.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from ironclaw.rpc import CallContext, Peer
+from ironclaw.rpc import HOST_LIMITS, CallContext, Peer
 from ironclaw.transport import SocketConnection, unix
 
 BULK_BLOCK = 16 * 2**20
@@ -108,7 +109,7 @@ def _pct(samples: list[float], q: float) -> float:
 
 async def _rtt_rpc(path: str, n: int) -> list[float]:
     conn = await unix.connect(path)
-    async with Peer(conn, name="bench-client") as peer:
+    async with Peer(conn, name="bench-client", limits=HOST_LIMITS) as peer:
         for _ in range(200):
             await peer.call("echo", ECHO_PARAMS)
         out = []
@@ -138,7 +139,7 @@ async def _rtt_raw(path: str, n: int) -> list[float]:
 
 async def _bulk_rpc(path: str, total: int) -> float:
     conn = await unix.connect(path)
-    async with Peer(conn, name="bench-client") as peer:
+    async with Peer(conn, name="bench-client", limits=HOST_LIMITS) as peer:
         sid = peer.new_stream_id()
         stream = peer.open_stream(sid)
         t0 = time.perf_counter()

@@ -20,11 +20,14 @@ can catch one type at the top and still tell the kinds apart below it::
     │   ├── WriteError
     │   └── ChannelClosed         the connection is gone; pending calls fail with this
     ├── ProtocolError             bytes moved but make no sense
-    │   ├── FrameTooLarge
     │   ├── MalformedFrame
     │   ├── InvalidParams         a call's params or result do not fit its method's
     │   │                         type (also a ConfigError: nothing was changed)
-    │   └── UnknownMethod         no such channel method
+    │   ├── UnknownMethod         no such channel method
+    │   └── ChannelViolation      the other end broke a rule of this end (a stream id it
+    │       │                     may not use); the channel is closed
+    │       └── LimitExceeded     a per-connection cap (``.limit``, ``.value``) was passed
+    │           └── FrameTooLarge
     ├── RpcError(code, message, data)   the peer answered with a JSON-RPC error
     │   ├── RequestCancelled
     │   └── ModelError            the model provider failed (HTTP error, bad reply)
@@ -46,12 +49,14 @@ __all__ = [
     "BackendError",
     "BudgetExceeded",
     "ChannelClosed",
+    "ChannelViolation",
     "ConfigError",
     "ConnectError",
     "FrameTooLarge",
     "InvalidParams",
     "InvalidSandboxId",
     "IronclawError",
+    "LimitExceeded",
     "MalformedFrame",
     "ModelError",
     "NetworkError",
@@ -148,12 +153,29 @@ class ProtocolError(IronclawError):
     wire_code = -32600
 
 
-class FrameTooLarge(ProtocolError):
+class MalformedFrame(ProtocolError):
+    pass
+
+
+# -- channel limits: what a hostile other end may not do (see ChannelLimits) -------------
+class ChannelViolation(ProtocolError):
+    """The other end broke a rule of the channel; this end closed it (never a retry)."""
+
+
+class LimitExceeded(ChannelViolation):
+    """A per-connection cap was passed; ``limit`` names it, ``value`` is its setting."""
+
+    def __init__(self, message: str, *, limit: str = "", value: int | None = None) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.value = value
+
+
+class FrameTooLarge(LimitExceeded):
     """A frame header claims more than the configured maximum (checked before allocating)."""
 
 
-class MalformedFrame(ProtocolError):
-    pass
+# -- end of channel limits ---------------------------------------------------------------
 
 
 class InvalidParams(ProtocolError, ConfigError):

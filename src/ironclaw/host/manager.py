@@ -42,7 +42,7 @@ from ironclaw.host.guest import (
 )
 from ironclaw.ids import new_sandbox_id, validate_sandbox_id
 from ironclaw.resources.store import SandboxRecord, Store
-from ironclaw.rpc import Peer
+from ironclaw.rpc import HOST_LIMITS, Peer
 from ironclaw.spec import SandboxSpec, parse_spec
 
 if TYPE_CHECKING:
@@ -317,7 +317,7 @@ class SandboxManager:
     ) -> Peer:
         async def ping() -> Peer:
             conn = await backend.open_channel(info, timeout=timeout)
-            peer = Peer(conn, name=f"host:{sid}")
+            peer = Peer(conn, name=f"host:{sid}", limits=HOST_LIMITS)
             await peer.start()
             try:
                 await peer.call("ping", timeout=timeout)
@@ -572,7 +572,7 @@ class SandboxManager:
                 + "; remove it with `ironclaw sandbox rm`"
             )
         conn = await self.backend(record.backend).open_channel(record.info)
-        peer = Peer(conn, name=f"host:{sandbox_id}")
+        peer = Peer(conn, name=f"host:{sandbox_id}", limits=HOST_LIMITS)
         await peer.start()
         self._peers[sandbox_id] = peer
         return peer

@@ -24,6 +24,7 @@ from .frames import (
     encode_message_frame,
 )
 from .handshake import HandshakeClient, HandshakeServer, connect_line, ok_line
+from .limits import ChannelLimits, check_json_shape
 from .messages import (
     ErrorObject,
     ErrorResponse,
@@ -42,6 +43,7 @@ __all__ = [
     "HEADER",
     "HEADER_SIZE",
     "MAX_STREAM_ID",
+    "ChannelLimits",
     "Decoder",
     "ErrorObject",
     "ErrorResponse",
@@ -57,6 +59,7 @@ __all__ = [
     "Response",
     "StreamData",
     "StreamEnd",
+    "check_json_shape",
     "connect_line",
     "decode_message",
     "encode_data",

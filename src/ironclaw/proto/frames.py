@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Final
 
-from ironclaw.errors import FrameTooLarge, MalformedFrame
+from ironclaw.errors import FrameTooLarge, LimitExceeded, MalformedFrame
 
+from .limits import DEFAULT_MAX_FRAME, ChannelLimits, check_json_shape
 from .messages import InvalidMessage, Message, decode_message, encode_message
 
 __all__ = [
@@ -46,7 +47,6 @@ __all__ = [
 
 HEADER: Final = struct.Struct(">IBI")
 HEADER_SIZE: Final = HEADER.size
-DEFAULT_MAX_FRAME: Final = 16 * 2**20
 MAX_STREAM_ID: Final = 2**32 - 1
 
 
@@ -104,22 +104,56 @@ class Decoder:
     intact, the stream goes on). An oversize header or an unknown frame type raises
     (:class:`FrameTooLarge` / :class:`MalformedFrame`) and leaves the decoder failed: every
     later call raises the same error, because the byte stream can no longer be trusted.
+    With ``limits`` (:class:`ChannelLimits`) the header is checked against the cap of its
+    frame type and a MESSAGE's JSON shape before it is parsed; a breach raises
+    :class:`LimitExceeded` and fails the decoder the same way.
 
     One buffer serves the decoder's whole life: unconsumed bytes move to its front only
     when more room is needed, and it grows only when a single frame needs it (bounded by
     ``max_frame``), so steady traffic causes no allocation besides the payloads handed out.
     """
 
-    __slots__ = ("_buf", "_end", "_error", "_max_frame", "_off")
+    __slots__ = (
+        "_buf",
+        "_caps",
+        "_end",
+        "_error",
+        "_max_data",
+        "_max_depth",
+        "_max_frame",
+        "_max_items",
+        "_max_message",
+        "_off",
+        "_shape_free",
+        "last_size",
+    )
 
-    def __init__(self, *, max_frame: int = DEFAULT_MAX_FRAME, initial_size: int = 2**20) -> None:
+    def __init__(
+        self,
+        *,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        initial_size: int = 2**20,
+        limits: ChannelLimits | None = None,
+    ) -> None:
+        if limits is not None:
+            max_frame = limits.max_frame
         if max_frame < 0 or max_frame > 2**32 - 1:
             raise ValueError("max_frame must be within 0 .. 2**32-1")
         self._max_frame = max_frame
+        self._max_message = limits.max_message if limits is not None else max_frame
+        self._max_data = limits.max_data_frame if limits is not None else max_frame
+        self._max_depth = limits.max_json_depth if limits is not None else None
+        self._max_items = limits.max_json_containers if limits is not None else None
+        caps = [c for c in (self._max_depth, self._max_items) if c is not None]
+        self._shape_free = min(caps) if caps else None  # bracket count needing no scan
+        # Indexed by frame type: the cap its header is checked against.
+        self._caps = (0, self._max_message, self._max_data, max_frame)
         self._buf = bytearray(initial_size)
         self._off = 0  # first unconsumed byte
         self._end = 0  # one past the last received byte
-        self._error: MalformedFrame | FrameTooLarge | None = None
+        self._error: MalformedFrame | LimitExceeded | None = None
+        #: Payload size of the last event returned (what a handler's request costs).
+        self.last_size = 0
 
     @property
     def max_frame(self) -> int:
@@ -172,15 +206,12 @@ class Decoder:
             return None
         buf = self._buf
         length, ftype, stream_id = HEADER.unpack_from(buf, off)
-        if length > self._max_frame:
-            self._error = FrameTooLarge(
-                f"frame header claims {length} bytes, maximum is {self._max_frame}"
-            )
-            raise self._error
         if ftype not in _KNOWN_TYPES:
             self._error = MalformedFrame(f"unknown frame type {ftype}")
             raise self._error
-        if ftype == FrameType.END and length:
+        if length > self._caps[ftype]:
+            raise self._too_large(ftype, length)
+        if ftype == _END and length:
             self._error = MalformedFrame(f"END frame for stream {stream_id} has a payload")
             raise self._error
         start = off + HEADER_SIZE
@@ -188,13 +219,36 @@ class Decoder:
         if end > self._end:
             return None
         self._off = end
-        if ftype == FrameType.DATA:
+        self.last_size = length
+        if ftype == _DATA:
             with memoryview(buf) as view:
                 return StreamData(stream_id, view[start:end].tobytes())
-        if ftype == FrameType.MESSAGE:
+        if ftype == _MESSAGE:
+            # Fewer brackets than both caps settle it here (nearly every message).
+            if (
+                self._shape_free is not None
+                and buf.count(b"[", start, end) + buf.count(b"{", start, end) > self._shape_free
+            ):
+                try:
+                    check_json_shape(
+                        buf, start, end, max_depth=self._max_depth, max_containers=self._max_items
+                    )
+                except LimitExceeded as exc:
+                    self._error = exc
+                    raise
             with memoryview(buf) as view, view[start:end] as payload:
                 return decode_message(payload)
         return StreamEnd(stream_id)
+
+    def _too_large(self, ftype: int, length: int) -> FrameTooLarge:
+        name = _CAP_NAMES[ftype]
+        cap = self._caps[ftype]
+        self._error = FrameTooLarge(
+            f"{FrameType(ftype).name} frame header claims {length} bytes, maximum is {name}={cap}",
+            limit=name,
+            value=cap,
+        )
+        return self._error
 
     def events(self) -> list[Event]:
         """Every complete event buffered right now (convenience for tests and simple loops)."""
@@ -205,3 +259,7 @@ class Decoder:
 
 
 _KNOWN_TYPES: Final = frozenset(int(t) for t in FrameType)
+_MESSAGE: Final = int(FrameType.MESSAGE)
+_DATA: Final = int(FrameType.DATA)
+_END: Final = int(FrameType.END)
+_CAP_NAMES: Final = ("", "max_message", "max_data_frame", "max_frame")

@@ -14,6 +14,11 @@ Rules, which ``docs/CHANNEL.md`` states with the wire format:
   otherwise invalid message gets ``-32600``, both with ``id: null`` when the id could
   not be read; an unknown method gets ``-32601``. Invalid *responses* are never
   answered (that could loop): the matching call fails with ``MalformedFrame``.
+* **Limits.** ``Peer(limits=ChannelLimits(...))`` caps what the other end may make this
+  end hold; the host uses :data:`HOST_LIMITS` (its stream ids checked, small frames,
+  JSON depth and size checked before parsing). A breach closes the channel with
+  ``ChannelViolation``/``LimitExceeded`` and calls ``on_protocol_error(peer, error)``
+  once, for the owner's trace and audit log.
 * **Broken framing closes it.** A frame header over ``max_frame`` (``FrameTooLarge``,
   detected before anything is allocated) or an unknown frame type (``MalformedFrame``)
   means the byte stream cannot be resynchronised: the connection is closed and every
@@ -25,9 +30,10 @@ Rules, which ``docs/CHANNEL.md`` states with the wire format:
   a timed-out or cancelled call sends ``$/cancel {"id": id}`` and the other side cancels
   that handler (which answers ``RequestCancelled``, ignored by then).
 * **Backpressure.** Every queue is bounded: subscriptions (``maxsize``), streams
-  (``max_buffered`` chunks, also before ``open_stream``), running handlers and calls
-  (``max_inflight``). When one is full the reader waits, the transport stops reading,
-  and the remote writer's ``drain`` blocks. Consumers must therefore read subscriptions
+  (``max_buffered`` chunks, also before ``open_stream``, and ``max_buffered_bytes`` in
+  all), running handlers and calls (``max_inbound_calls``/``max_outbound_calls``).
+  When one is full the reader waits, the transport stops reading, and the remote
+  writer's ``drain`` blocks. Consumers must therefore read subscriptions
   and streams they asked for concurrently with awaiting calls; an unread full queue
   stalls the whole channel rather than dropping or growing without bound.
 * **Order.** Frames are processed in the order they arrive, so bytes a handler sent with
@@ -37,14 +43,29 @@ Rules, which ``docs/CHANNEL.md`` states with the wire format:
 
 from __future__ import annotations
 
-from .peer import CANCEL_METHOD, MAX_CHUNK, ByteStream, CallContext, Handler, Peer, Subscription
+from ironclaw.proto import ChannelLimits
+
+from .peer import (
+    CANCEL_METHOD,
+    HOST_LIMITS,
+    MAX_CHUNK,
+    ByteStream,
+    CallContext,
+    Handler,
+    Peer,
+    ProtocolErrorHook,
+    Subscription,
+)
 
 __all__ = [
     "CANCEL_METHOD",
+    "HOST_LIMITS",
     "MAX_CHUNK",
     "ByteStream",
     "CallContext",
+    "ChannelLimits",
     "Handler",
     "Peer",
+    "ProtocolErrorHook",
     "Subscription",
 ]

@@ -33,6 +33,10 @@ class BoundedQueue(Generic[T]):
         return len(self._items)
 
     @property
+    def maxsize(self) -> int:
+        return self._maxsize
+
+    @property
     def ended(self) -> bool:
         return self._ended
 

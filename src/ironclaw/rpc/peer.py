@@ -15,8 +15,10 @@ from ironclaw.errors import (
     INTERNAL_ERROR,
     METHOD_NOT_FOUND,
     ChannelClosed,
+    ChannelViolation,
     ConfigError,
     FrameTooLarge,
+    LimitExceeded,
     MalformedFrame,
     ProtocolError,
     RequestCancelled,
@@ -27,6 +29,7 @@ from ironclaw.errors import (
 from ironclaw.proto import (
     HEADER,
     MAX_STREAM_ID,
+    ChannelLimits,
     Decoder,
     ErrorObject,
     ErrorResponse,
@@ -44,25 +47,24 @@ from ironclaw.proto import (
 )
 from ironclaw.transport import Connection
 
-from ._queue import BoundedQueue
+from ._streams import ByteStream, Subscription
+from .limits import HOST_LIMITS, MAX_CHUNK, apply_overrides
 
 __all__ = [
     "CANCEL_METHOD",
+    "HOST_LIMITS",
     "MAX_CHUNK",
     "ByteStream",
     "CallContext",
     "Handler",
     "Peer",
+    "ProtocolErrorHook",
     "Subscription",
 ]
 
 log = logging.getLogger(__name__)
 
 CANCEL_METHOD: Final = "$/cancel"
-MAX_STREAMS: Final = 4096
-# Payloads stay below glibc's default 128 KiB mmap threshold: larger ``bytes`` objects
-# are mmap'ed, page-faulted and zeroed afresh for every chunk, which halves throughput.
-MAX_CHUNK: Final = 128 * 1024 - 64
 # Reads of 128 KiB into a 384 KiB decoder buffer keep the receive path inside the L2 cache.
 _READ_SIZE: Final = 128 * 1024
 _DECODER_BUFFER: Final = 3 * _READ_SIZE
@@ -78,81 +80,7 @@ class CallContext:
 
 
 Handler = Callable[[Any, CallContext], Awaitable[Any]]
-
-
-class Subscription:
-    """Notifications of one method, in arrival order; ends when the peer closes.
-
-    Bounded: when ``maxsize`` notifications wait unread, the peer's reader waits too, and
-    so (through the transport) does the remote writer. Leave it (``with`` or
-    :meth:`close`) to stop receiving.
-    """
-
-    def __init__(self, peer: Peer, method: str, maxsize: int) -> None:
-        self.method = method
-        self._peer = peer
-        self._queue: BoundedQueue[Any] = BoundedQueue(maxsize)
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> Any:
-        return await self._queue.get()
-
-    def close(self) -> None:
-        self._peer._unsubscribe(self)
-        self._queue.discard()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class ByteStream:
-    """Receiver side of a bulk stream: ``bytes`` chunks until the sender's end marker.
-
-    If the channel closes before the end marker, iteration raises :class:`ChannelClosed`
-    after the chunks that did arrive: a truncated stream never looks complete.
-    """
-
-    def __init__(self, peer: Peer, stream_id: int, max_buffered: int) -> None:
-        self.stream_id = stream_id
-        self._peer = peer
-        self._queue: BoundedQueue[bytes] = BoundedQueue(max_buffered)
-        self.opened = False
-        self.discarding = False
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> bytes:
-        return await self._queue.get()
-
-    async def read_all(self, *, limit: int | None = None) -> bytes:
-        """Everything until the end marker; ProtocolError past ``limit`` bytes."""
-        parts: list[bytes] = []
-        size = 0
-        async for chunk in self:
-            size += len(chunk)
-            if limit is not None and size > limit:
-                self.close()
-                raise ProtocolError(f"stream {self.stream_id} exceeds {limit} bytes")
-            parts.append(chunk)
-        return b"".join(parts)
-
-    def close(self) -> None:
-        """Stop reading: chunks still to come for this stream are dropped, not buffered."""
-        self.discarding = True
-        self._queue.discard()
-        self._peer._stream_done(self)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
+ProtocolErrorHook = Callable[["Peer", ProtocolError], None]
 
 
 def _check_params(params: Any) -> Any:
@@ -164,31 +92,50 @@ def _check_params(params: Any) -> Any:
 
 
 class Peer:
-    """One end of the channel. See :mod:`ironclaw.rpc` for the rules it follows."""
+    """One end of the channel. See :mod:`ironclaw.rpc` for the rules it follows.
+
+    ``limits`` caps what the other end may make this one hold (the host passes
+    :data:`HOST_LIMITS`; ``max_frame``/``max_inflight``/``stream_buffer`` are older
+    shorthands for its fields). ``on_protocol_error(peer, error)`` is called once when the
+    channel closes because the other end broke a rule (a ``ProtocolError``: a violation,
+    an oversize or malformed frame), so its owner can put it in the trace and audit log;
+    it may also be set later as the ``on_protocol_error`` attribute.
+    """
 
     def __init__(
         self,
         conn: Connection,
         *,
         handlers: Mapping[str, Handler] | None = None,
-        max_frame: int = 16 * 2**20,
-        max_inflight: int = 1024,
+        limits: ChannelLimits | None = None,
+        max_frame: int | None = None,
+        max_inflight: int | None = None,
         name: str = "",
         initiator: bool | None = None,
-        stream_buffer: int = 64,
+        stream_buffer: int | None = None,
+        on_protocol_error: ProtocolErrorHook | None = None,
     ) -> None:
-        if max_inflight < 1:
-            raise ValueError("max_inflight must be at least 1")
+        limits = apply_overrides(limits or ChannelLimits(), max_frame, max_inflight, stream_buffer)
+        self.limits = limits
         self.name = name or "peer"
         self._conn = conn
         self._handlers: dict[str, Handler] = dict(handlers or {})
-        self._max_frame = max_frame
-        self._decoder = Decoder(max_frame=max_frame, initial_size=_DECODER_BUFFER)
-        self._max_inflight = max_inflight
+        self._max_frame = limits.max_frame
+        self._decoder = Decoder(limits=limits, initial_size=_DECODER_BUFFER)
+        self._max_inflight = limits.max_inbound_calls
+        self._strict = limits.overflow_closes
+        self.on_protocol_error = on_protocol_error
         if initiator is None:
             initiator = getattr(conn, "initiator", None)
         self._initiator: bool | None = initiator
-        self._stream_buffer = stream_buffer
+        self._stream_buffer = limits.stream_buffer
+        self._own_ids = limits.own_stream_ids
+        self._expected: set[int] = set()  # ids allocated here that the other end may feed
+        self._buffered_bytes = 0
+        self._bytes_room: asyncio.Event | None = None
+        self._inbound: set[asyncio.Task[None]] = set()  # replies/notification handlers
+        self._handler_bytes: dict[RequestId, int] = {}
+        self._inbound_bytes = 0
         self._ids = itertools.count(1)
         self._stream_ids = itertools.count(1 if initiator else 2, 2)
         self._pending: dict[RequestId, asyncio.Future[Any]] = {}
@@ -220,7 +167,8 @@ class Peer:
         self._wlock = asyncio.Lock()
         self._closed_event = asyncio.Event()
         self._handler_room = asyncio.Event()
-        self._call_slots = asyncio.Semaphore(self._max_inflight)
+        self._bytes_room = asyncio.Event()
+        self._call_slots = asyncio.Semaphore(self.limits.max_outbound_calls)
         attach = getattr(self._conn, "attach_receiver", None)
         if attach is not None:
             # Push mode: the connection reads into the decoder from its readiness callback
@@ -270,6 +218,10 @@ class Peer:
                 tasks.append(t)
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        # A handler cancelled before its first step never ran its own clean-up.
+        self._handler_tasks.clear()
+        self._handler_bytes.clear()
+        self._inbound_bytes = 0
         await self._conn.aclose()
 
     def _shutdown(self, reason: BaseException) -> None:
@@ -293,6 +245,8 @@ class Peer:
         self._streams.clear()
         if self._handler_room is not None:
             self._handler_room.set()
+        if self._bytes_room is not None:
+            self._bytes_room.set()
         if self._closed_event is not None:
             self._closed_event.set()
 
@@ -310,8 +264,8 @@ class Peer:
             raise ValueError(f"{CANCEL_METHOD} is reserved")
         self._handlers[method] = handler
 
-    def subscribe(self, method: str, *, maxsize: int = 1024) -> Subscription:
-        sub = Subscription(self, method, maxsize)
+    def subscribe(self, method: str, *, maxsize: int | None = None) -> Subscription:
+        sub = Subscription(self, method, maxsize or self.limits.max_queued_notifications)
         if self._closed:
             sub._queue.end()
         else:
@@ -405,12 +359,15 @@ class Peer:
         sid = next(self._stream_ids)
         if sid > MAX_STREAM_ID:
             raise ConfigError("stream ids exhausted on this channel")
+        if self._own_ids:
+            self._expected.add(sid)
         return sid
 
     async def send_bytes(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
         """Send ``data`` on ``stream_id`` as DATA frames of at most MAX_CHUNK bytes."""
         if not 0 < stream_id <= MAX_STREAM_ID:
             raise ValueError(f"stream id out of range: {stream_id}")
+        self._sending(stream_id)
         chunk = min(MAX_CHUNK, self._max_frame)
         with memoryview(data) as view, view.cast("B") as flat:
             for off in range(0, len(flat), chunk):
@@ -419,12 +376,32 @@ class Peer:
     async def end_stream(self, stream_id: int) -> None:
         if not 0 < stream_id <= MAX_STREAM_ID:
             raise ValueError(f"stream id out of range: {stream_id}")
+        self._sending(stream_id)
         await self._send(encode_end(stream_id))
 
-    def open_stream(self, stream_id: int, *, max_buffered: int = 64) -> ByteStream:
-        """The receiving end of ``stream_id``, with whatever already arrived for it."""
+    def _sending(self, stream_id: int) -> None:
+        """This end writes ``stream_id``: the other end may no longer feed it."""
+        if self._own_ids and stream_id in self._expected:
+            self._expected.discard(stream_id)
+            if stream_id in self._streams:
+                self._fail(
+                    ChannelViolation(
+                        f"the other end wrote stream {stream_id}, which this end writes"
+                    )
+                )
+
+    def open_stream(self, stream_id: int, *, max_buffered: int | None = None) -> ByteStream:
+        """The receiving end of ``stream_id``, with whatever already arrived for it.
+
+        With ``own_stream_ids`` only ids from :meth:`new_stream_id` can be opened.
+        """
+        max_buffered = max_buffered or self._stream_buffer
         stream = self._streams.get(stream_id)
         if stream is None:
+            if self._own_ids and stream_id not in self._expected and not self._closed:
+                raise ConfigError(
+                    f"stream {stream_id} was not allocated by this end: use new_stream_id()"
+                )
             stream = ByteStream(self, stream_id, max_buffered)
             if self._closed:
                 stream._queue.end(self._closed_error(self._close_reason or ChannelClosed("")))
@@ -437,11 +414,19 @@ class Peer:
         stream.opened = True
         if stream._queue.ended:
             self._streams.pop(stream_id, None)
+            self._expected.discard(stream_id)
         return stream
 
     def _stream_done(self, stream: ByteStream) -> None:
         if stream._queue.ended and self._streams.get(stream.stream_id) is stream:
             del self._streams[stream.stream_id]
+            self._expected.discard(stream.stream_id)
+
+    def _consumed(self, nbytes: int) -> None:
+        """Stream bytes left the buffers (read or dropped): the reader may go on."""
+        self._buffered_bytes -= nbytes
+        if self._bytes_room is not None:
+            self._bytes_room.set()
 
     # -- receiving ----------------------------------------------------------------------------
     async def _read_loop(self) -> None:
@@ -505,6 +490,8 @@ class Peer:
     async def _drain(self, waiter: Awaitable[Any]) -> None:
         try:
             await waiter
+        except ProtocolError as exc:  # the held-back event broke a rule after all
+            self._fail(exc)
         finally:
             self._backlog = None
         if self._closed:
@@ -519,9 +506,17 @@ class Peer:
         if isinstance(reason, ProtocolError | TransportError) and not isinstance(
             reason, ChannelClosed
         ):
-            log.warning("%s: closing channel: %s", self.name, reason)
+            # A string, not the exception: a log handler that keeps records must not keep
+            # the traceback's frames, and with them this peer and its buffers, alive.
+            log.warning("%s: closing channel: %s", self.name, str(reason))
         self._shutdown(reason)
         self._spawn(self._conn.aclose())
+        hook = self.on_protocol_error
+        if hook is not None and isinstance(reason, ProtocolError):
+            try:
+                hook(self, reason)
+            except Exception:
+                log.exception("%s: on_protocol_error hook failed", self.name)
 
     def _dispatch(self, event: Any) -> Awaitable[Any] | None:
         """Route one event; returns an awaitable only when the reader must wait (backpressure)."""
@@ -544,37 +539,58 @@ class Peer:
             stream._queue.end()
             if stream.opened or stream.discarding:
                 self._streams.pop(event.stream_id, None)
+                self._expected.discard(event.stream_id)
             return None
         if isinstance(event, InvalidMessage):
             self._on_invalid(event)
             return None
         raise MalformedFrame(f"unexpected event {type(event).__name__}")
 
-    def _on_request(self, req: Request) -> Awaitable[Any] | None:
+    def _on_request(self, req: Request, size: int | None = None) -> Awaitable[Any] | None:
+        if size is None:
+            size = self._decoder.last_size
         if len(self._handler_tasks) >= self._max_inflight:
-            return self._wait_room_then(req)
+            if self._strict:
+                raise LimitExceeded(
+                    f"more than max_inbound_calls={self._max_inflight} calls at once",
+                    limit="max_inbound_calls",
+                    value=self._max_inflight,
+                )
+            return self._wait_room_then(req, size)
         if req.id in self._handler_tasks:
-            self._spawn(self._reply_error(req.id, ErrorObject(-32600, "duplicate request id")))
+            self._spawn_inbound(
+                self._reply_error(req.id, ErrorObject(-32600, "duplicate request id"))
+            )
             return None
         handler = self._handlers.get(req.method)
         if handler is None:
             err = ErrorObject(METHOD_NOT_FOUND, f"method not found: {req.method}")
-            self._spawn(self._reply_error(req.id, err))
+            self._spawn_inbound(self._reply_error(req.id, err))
             return None
+        budget = self.limits.max_inbound_bytes
+        if budget is not None and self._inbound_bytes + size > budget:
+            raise LimitExceeded(
+                f"running calls hold {self._inbound_bytes + size} request bytes, "
+                f"more than max_inbound_bytes={budget}",
+                limit="max_inbound_bytes",
+                value=budget,
+            )
         task = asyncio.create_task(
             self._run_handler(req, handler), name=f"{self.name}-{req.method}"
         )
         self._handler_tasks[req.id] = task
+        self._handler_bytes[req.id] = size
+        self._inbound_bytes += size
         return None
 
-    async def _wait_room_then(self, req: Request) -> None:
+    async def _wait_room_then(self, req: Request, size: int) -> None:
         room = self._handler_room
         assert room is not None
         while len(self._handler_tasks) >= self._max_inflight and not self._closed:
             room.clear()
             await room.wait()
         if not self._closed:
-            self._on_request(req)
+            self._on_request(req, size)
 
     async def _run_handler(self, req: Request, handler: Handler) -> None:
         rid = req.id
@@ -603,6 +619,7 @@ class Peer:
         finally:
             if self._handler_tasks.get(rid) is asyncio.current_task():
                 del self._handler_tasks[rid]
+                self._inbound_bytes -= self._handler_bytes.pop(rid, 0)
             room = self._handler_room
             if room is not None:
                 room.set()
@@ -643,7 +660,7 @@ class Peer:
             else:
                 log.warning("%s: dropped invalid response: %s", self.name, event.reason)
             return
-        self._spawn(self._reply_error(event.id, ErrorObject(event.code, event.reason)))
+        self._spawn_inbound(self._reply_error(event.id, ErrorObject(event.code, event.reason)))
 
     def _on_notification(self, note: Notification) -> Awaitable[Any] | None:
         if note.method == CANCEL_METHOD:
@@ -654,13 +671,21 @@ class Peer:
             return None
         handler = self._handlers.get(note.method)
         if handler is not None:
-            self._spawn(self._run_notification_handler(note, handler))
+            self._spawn_inbound(self._run_notification_handler(note, handler))
         subs = self._subs.get(note.method)
         if not subs:
             if handler is None:
                 log.debug("%s: no subscriber for notification %s", self.name, note.method)
             return None
         blocked = [s for s in subs if s._queue.full()]
+        if blocked and self._strict:
+            size = blocked[0]._queue.maxsize
+            raise LimitExceeded(
+                f"{size} {note.method} notifications already queued unread "
+                f"(max_queued_notifications={size})",
+                limit="max_queued_notifications",
+                value=size,
+            )
         for sub in subs:
             if not sub._queue.full():
                 sub._queue.put_nowait(note.params)
@@ -677,9 +702,19 @@ class Peer:
     def _stream_for(self, stream_id: int) -> ByteStream:
         stream = self._streams.get(stream_id)
         if stream is None:
-            if len(self._streams) >= MAX_STREAMS:
+            if self._own_ids and stream_id not in self._expected:
+                raise ChannelViolation(
+                    f"DATA/END for stream {stream_id}, which this end did not open "
+                    "(own_stream_ids: streams are allocated by their reader)"
+                )
+            cap = self.limits.max_open_streams
+            if len(self._streams) >= cap:
                 # Each unopened stream holds buffers: a peer inventing ids could exhaust memory.
-                raise MalformedFrame(f"more than {MAX_STREAMS} streams open at once")
+                raise LimitExceeded(
+                    f"more than max_open_streams={cap} streams at once",
+                    limit="max_open_streams",
+                    value=cap,
+                )
             stream = ByteStream(self, stream_id, self._stream_buffer)
             self._streams[stream_id] = stream
         return stream
@@ -688,16 +723,65 @@ class Peer:
         stream = self._stream_for(event.stream_id)
         if stream.discarding or stream._queue.ended:
             return None
+        budget = self.limits.max_buffered_bytes
+        if (
+            budget is not None
+            and self._buffered_bytes
+            and self._buffered_bytes + len(event.data) > budget
+        ):
+            return self._wait_bytes_then(event)
         if stream._queue.full():
-            return stream._queue.put(event.data)
-        stream._queue.put_nowait(event.data)
+            return self._put_later(stream, event.data)
+        self._queued(stream, event.data)
         return None
 
+    def _queued(self, stream: ByteStream, data: bytes) -> None:
+        stream._queue.put_nowait(data)
+        stream._bytes += len(data)
+        self._buffered_bytes += len(data)
+
+    async def _put_later(self, stream: ByteStream, data: bytes) -> None:
+        if await stream._queue.put(data):
+            stream._bytes += len(data)
+            self._buffered_bytes += len(data)
+
+    async def _wait_bytes_then(self, event: StreamData) -> None:
+        """Flow control on the connection's stream budget: read on once consumers caught up."""
+        room = self._bytes_room
+        assert room is not None
+        budget = self.limits.max_buffered_bytes
+        assert budget is not None
+        while self._buffered_bytes and self._buffered_bytes + len(event.data) > budget:
+            if self._closed:
+                return
+            room.clear()
+            await room.wait()
+        if not self._closed:
+            waiter = self._on_data(event)
+            if waiter is not None:
+                await waiter
+
     # -- housekeeping ------------------------------------------------------------------------
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
         self._anon_tasks.add(task)
         task.add_done_callback(self._anon_tasks.discard)
+        return task
+
+    def _spawn_inbound(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Work the other end caused (an error reply, a notification handler): capped too."""
+        cap = self._max_inflight
+        if self._strict and len(self._inbound) >= cap:
+            coro.close()
+            raise LimitExceeded(
+                f"more than max_inbound_calls={cap} replies and notification handlers "
+                "pending (the other end sends faster than it reads)",
+                limit="max_inbound_calls",
+                value=cap,
+            )
+        task = self._spawn(coro)
+        self._inbound.add(task)
+        task.add_done_callback(self._inbound.discard)
 
     def stats(self) -> dict[str, int]:
         """Counts for tests and debugging: nothing here should grow without bound."""
@@ -706,6 +790,8 @@ class Peer:
             "handler_tasks": len(self._handler_tasks),
             "background_tasks": len(self._anon_tasks),
             "streams": len(self._streams),
+            "stream_bytes": self._buffered_bytes,
+            "inbound_bytes": self._inbound_bytes,
             "subscriptions": sum(len(s) for s in self._subs.values()),
             "decoder_buffered": self._decoder.buffered,
         }

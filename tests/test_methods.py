@@ -73,7 +73,9 @@ def strategy(f: Field) -> st.SearchStrategy[Any]:
         return st.integers(f.lo, f.hi)
     if isinstance(f, Float):
         lo = 0.0 if f.positive else None if math.isinf(f.lo) else f.lo
-        return st.floats(min_value=lo, exclude_min=f.positive, allow_infinity=False)
+        return st.floats(
+            min_value=lo, exclude_min=f.positive, allow_infinity=False, allow_nan=False
+        )
     if isinstance(f, Opt):
         return st.none() | strategy(f.inner)
     if isinstance(f, Seq):

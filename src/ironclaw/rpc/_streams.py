@@ -58,6 +58,7 @@ class ByteStream:
         self._bytes = 0  # queued, counted against the peer's max_buffered_bytes
         self.opened = False
         self.discarding = False
+        self.sender_ended = False  # the END marker arrived
 
     def __aiter__(self) -> Self:
         return self

@@ -418,6 +418,10 @@ class Peer:
         return stream
 
     def _stream_done(self, stream: ByteStream) -> None:
+        if stream.discarding and not stream.sender_ended:
+            # Closed by its reader before the sender's END: chunks already in flight are
+            # still this stream's and are dropped, not a violation; END retires the id.
+            return
         if stream._queue.ended and self._streams.get(stream.stream_id) is stream:
             del self._streams[stream.stream_id]
             self._expected.discard(stream.stream_id)
@@ -536,6 +540,7 @@ class Peer:
             return None
         if isinstance(event, StreamEnd):
             stream = self._stream_for(event.stream_id)
+            stream.sender_ended = True
             stream._queue.end()
             if stream.opened or stream.discarding:
                 self._streams.pop(event.stream_id, None)

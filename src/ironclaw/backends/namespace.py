@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import resource
 import shutil
@@ -33,14 +34,17 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ironclaw.backends.base import (
+    BackendInfo,
     BackendStatus,
     LaunchContext,
+    log_tail,
     process_start_time,
     same_process,
     wait_gone,
@@ -53,7 +57,14 @@ from ironclaw.resources.guest_bundle import bundle_path
 from ironclaw.spec import SandboxSpec
 from ironclaw.transport import Connection, unix
 
-__all__ = ["GUEST_GID", "GUEST_UID", "NamespaceBackend", "bwrap_argv", "etc_files"]
+__all__ = [
+    "GUEST_GID",
+    "GUEST_UID",
+    "NamespaceBackend",
+    "NamespaceInfo",
+    "bwrap_argv",
+    "etc_files",
+]
 
 GUEST_UID = 1000
 GUEST_GID = 1000
@@ -88,6 +99,17 @@ def etc_files(hostname: str) -> dict[str, bytes]:
         "nsswitch.conf": b"passwd: files\ngroup: files\nhosts: files dns\n",
         "resolv.conf": b"# no resolver: names are resolved by the egress proxy, if any\n",
     }
+
+
+@dataclass(frozen=True, kw_only=True)
+class NamespaceInfo(BackendInfo):
+    """One jail as the registry keeps it: its supervisor (``pid``) and its files."""
+
+    socket: str
+    status_file: str
+    log: str
+    host_uid: int
+    wall_time_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -269,6 +291,9 @@ class NamespaceBackend:
         self._spawner = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ironclaw-spawn")
         self._tools_ok = False
 
+    def load_info(self, data: Mapping[str, Any]) -> NamespaceInfo:
+        return NamespaceInfo.from_json(data)
+
     async def prepare(self, ctx: LaunchContext) -> None:
         if ctx.spec.image != "host":
             raise BackendError(
@@ -300,7 +325,7 @@ class NamespaceBackend:
             if not os.path.exists(m.source):
                 raise BackendError(f"mount source {m.source} does not exist")
 
-    async def start(self, ctx: LaunchContext) -> dict[str, Any]:
+    async def start(self, ctx: LaunchContext) -> NamespaceInfo:
         # Everything that touches the filesystem or the kernel runs on the spawner thread:
         # while many jails are being built, even an lstat or a cgroup open can wait tens
         # of milliseconds on kernel locks, and the event loop must not.
@@ -312,7 +337,7 @@ class NamespaceBackend:
         self._children[proc.pid] = self._watch_exit(proc)
         return info
 
-    def _launch(self, ctx: LaunchContext) -> tuple[subprocess.Popen[Any], dict[str, Any]]:
+    def _launch(self, ctx: LaunchContext) -> tuple[subprocess.Popen[Any], NamespaceInfo]:
         """Start the jail (blocking; on the spawner thread). Returns the supervisor."""
         spec = ctx.spec
         hostname = spec.hostname or ctx.sandbox_id
@@ -394,16 +419,16 @@ class NamespaceBackend:
                 if fd >= 0:
                     with contextlib.suppress(OSError):
                         os.close(fd)
-        info: dict[str, Any] = {
-            "pid": proc.pid,
-            "pid_start": process_start_time(proc.pid),
-            "socket": str(sock_path),
-            "status_file": str(status_path),
-            "log": str(log_path),
-            "host_uid": ctx.host_uid,
-            "started_at": time.time(),
-            "wall_time_s": spec.limits.wall_time_s,
-        }
+        info = NamespaceInfo(
+            pid=proc.pid,
+            pid_start=process_start_time(proc.pid),
+            socket=str(sock_path),
+            status_file=str(status_path),
+            log=str(log_path),
+            host_uid=ctx.host_uid,
+            started_at=time.time(),
+            wall_time_s=spec.limits.wall_time_s,
+        )
         return proc, info
 
     def _watch_exit(self, proc: subprocess.Popen[Any]) -> asyncio.Future[int]:
@@ -422,80 +447,70 @@ class NamespaceBackend:
         loop.add_reader(pidfd, on_exit)
         return exited
 
-    async def wait_exited(self, info: dict[str, Any]) -> None:
+    async def wait_exited(self, info: NamespaceInfo) -> None:
         """Return when the sandbox's supervisor has exited (for readiness races)."""
-        exited = self._children.get(int(info["pid"]))
+        exited = self._children.get(info.pid)
         if exited is not None:
             await asyncio.shield(exited)
             return
-        await wait_gone(info.get("pid"), info.get("pid_start"))
+        await wait_gone(info.pid, info.pid_start)
 
-    async def open_channel(self, info: dict[str, Any], *, timeout: float = 5.0) -> Connection:
+    async def start_failure(self, info: NamespaceInfo) -> IronclawError:
+        """Turn bubblewrap's own words into an error that says what to change."""
+        log = log_tail(Path(info.log), 4000)
+        hint = ""
+        if "Permission denied" in log and "source path" in log:
+            hint = (
+                f" A mount source must be readable by the sandbox's host uid {info.host_uid}"
+                " (make it world-readable, or copy files in with `ironclaw sandbox cp`)."
+            )
+        elif "No space left" in log or "user namespace" in log.lower():
+            hint = " Unprivileged user namespaces may be disabled: see `ironclaw doctor`."
+        return BackendError(f"the sandbox failed to start: {log or 'no output'}.{hint}")
+
+    async def open_channel(
+        self, info: NamespaceInfo | Mapping[str, Any], *, timeout: float = 5.0
+    ) -> Connection:
+        info = NamespaceInfo.of(info)
         try:
-            return await unix.connect(info["socket"], timeout=timeout)
+            return await unix.connect(info.socket, timeout=timeout)
         except ConnectError as exc:
             raise ConnectError(
                 f"cannot reach the agent of this sandbox ({exc}); it may have stopped: "
                 "see `ironclaw sandbox ls`"
             ) from exc
 
-    async def stop(self, info: dict[str, Any], *, timeout: float = 2.0) -> None:
-        pid, start = info.get("pid"), info.get("pid_start")
+    async def stop(self, info: NamespaceInfo, *, timeout: float = 2.0) -> None:
+        pid, start = info.pid, info.pid_start
         if same_process(pid, start):
-            assert isinstance(pid, int)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        exited = self._children.pop(int(pid), None) if pid else None
+        exited = self._children.pop(pid, None)
         deadline = time.monotonic() + timeout
         if exited is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(exited), timeout)
         await wait_gone(pid, start, timeout=max(0.0, deadline - time.monotonic()))
 
-    async def inspect(self, info: dict[str, Any]) -> BackendStatus:
-        if same_process(info.get("pid"), info.get("pid_start")):
+    async def inspect(self, info: NamespaceInfo) -> BackendStatus:
+        if same_process(info.pid, info.pid_start):
             return BackendStatus(alive=True)
-        return BackendStatus(alive=False, reason=self.exit_reason(info))
-
-    @staticmethod
-    def exit_reason(info: dict[str, Any]) -> str:
-        """Why a sandbox ended, from bubblewrap's status file and the wall-time limit."""
-        status = Path(str(info.get("status_file", "")))
-        exit_code: int | None = None
-        with contextlib.suppress(OSError, ValueError):
-            import json
-
-            for line in status.read_text().splitlines():
-                line = line.strip()
-                if line:
-                    doc = json.loads(line)
-                    if "exit-code" in doc:
-                        exit_code = int(doc["exit-code"])
-        wall = info.get("wall_time_s")
-        started = float(info.get("started_at", 0.0))
-        if exit_code is None and wall and time.time() - started >= float(wall) - 0.5:
-            return "timeout: wall-time limit reached"
-        if exit_code is None:
-            return "killed"
-        return f"exited with code {exit_code}"
-
-    def read_log(self, info: dict[str, Any], limit: int = 4000) -> str:
-        try:
-            data = Path(str(info["log"])).read_bytes()
-        except (OSError, KeyError):
-            return ""
-        return data[-limit:].decode(errors="replace").strip()
+        return BackendStatus(alive=False, reason=exit_reason(info))
 
 
-def describe_launch_failure(backend: NamespaceBackend, info: dict[str, Any]) -> IronclawError:
-    """Turn bubblewrap's own words into an error that says what to change."""
-    log = backend.read_log(info)
-    hint = ""
-    if "Permission denied" in log and "source path" in log:
-        hint = (
-            f" A mount source must be readable by the sandbox's host uid {info.get('host_uid')}"
-            " (make it world-readable, or copy files in with `ironclaw sandbox cp`)."
-        )
-    elif "No space left" in log or "user namespace" in log.lower():
-        hint = " Unprivileged user namespaces may be disabled: see `ironclaw doctor`."
-    return BackendError(f"the sandbox failed to start: {log or 'no output'}.{hint}")
+def exit_reason(info: NamespaceInfo) -> str:
+    """Why a sandbox ended, from bubblewrap's status file and the wall-time limit."""
+    exit_code: int | None = None
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(info.status_file).read_text().splitlines():
+            line = line.strip()
+            if line:
+                doc = json.loads(line)
+                if "exit-code" in doc:
+                    exit_code = int(doc["exit-code"])
+    wall = info.wall_time_s
+    if exit_code is None and wall and time.time() - info.started_at >= float(wall) - 0.5:
+        return "timeout: wall-time limit reached"
+    if exit_code is None:
+        return "killed"
+    return f"exited with code {exit_code}"

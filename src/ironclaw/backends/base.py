@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar, runtime_checkable
 
-from ironclaw.errors import BackendError, IronclawError
+from ironclaw.errors import BackendError, ConnectError, IronclawError
 
 if TYPE_CHECKING:
     from ironclaw.config import Settings
@@ -33,6 +33,7 @@ __all__ = [
     "BackendInfo",
     "BackendStatus",
     "LaunchContext",
+    "agent_unreachable",
     "log_tail",
     "process_start_time",
     "same_process",
@@ -217,3 +218,11 @@ def log_tail(path: Path, limit: int = 800) -> str:
     except OSError:
         return ""
     return data[-limit:].decode(errors="replace").strip()
+
+
+def agent_unreachable(exc: ConnectError, where: str, *, booting: bool = False) -> ConnectError:
+    """The error for a failed connection to a guest agent, with what the user can check."""
+    state = "it may still be booting or have stopped" if booting else "it may have stopped"
+    return ConnectError(
+        f"cannot reach the agent {where} ({exc}); {state}: see `ironclaw sandbox ls`"
+    )

@@ -44,6 +44,7 @@ from ironclaw.backends.base import (
     BackendInfo,
     BackendStatus,
     LaunchContext,
+    agent_unreachable,
     log_tail,
     process_start_time,
     same_process,
@@ -475,10 +476,7 @@ class NamespaceBackend:
         try:
             return await unix.connect(info.socket, timeout=timeout)
         except ConnectError as exc:
-            raise ConnectError(
-                f"cannot reach the agent of this sandbox ({exc}); it may have stopped: "
-                "see `ironclaw sandbox ls`"
-            ) from exc
+            raise agent_unreachable(exc, "of this sandbox") from exc
 
     async def stop(self, info: NamespaceInfo, *, timeout: float = 2.0) -> None:
         pid, start = info.pid, info.pid_start

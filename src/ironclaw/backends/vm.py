@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ironclaw.backends.base import BackendInfo, LaunchContext, same_process, wait_gone
+from ironclaw.backends.base import BackendInfo, LaunchContext, log_tail, same_process, wait_gone
 from ironclaw.config import safe_join
 from ironclaw.errors import BackendError
 from ironclaw.images import ImageArtifacts, find_image
@@ -30,6 +30,7 @@ __all__ = [
     "VmChildren",
     "VmInfo",
     "attach_sandbox_tap",
+    "exited_early",
     "find_vm_image",
     "kernel_ip",
     "remove_run_files",
@@ -199,3 +200,11 @@ def remove_run_files(run_dir: Path, names: Iterable[str]) -> None:
     for name in names:
         with contextlib.suppress(OSError):
             safe_join(run_dir, name).unlink()
+
+
+def exited_early(log: Path) -> BackendError:
+    """The error for a VM that exited before its agent answered, with the VMM's last words."""
+    tail = log_tail(log, 300)
+    return BackendError(
+        "the sandbox exited before its agent answered" + (f": {tail}" if tail else "")
+    )

@@ -32,6 +32,7 @@ from typing import Any
 from ironclaw.backends.base import (
     BackendStatus,
     LaunchContext,
+    agent_unreachable,
     log_tail,
     process_start_time,
     same_process,
@@ -56,6 +57,7 @@ from ironclaw.backends.vm import (
     VmChildren,
     VmInfo,
     attach_sandbox_tap,
+    exited_early,
     find_vm_image,
     kernel_ip,
     spawn_vmm,
@@ -255,10 +257,7 @@ class FirecrackerBackend:
         try:
             return await connect_agent(info.vsock_uds, info.vsock_port, deadline=timeout)
         except ConnectError as exc:
-            raise ConnectError(
-                f"cannot reach the agent in this VM ({exc}); it may still be booting or have "
-                "stopped: see `ironclaw sandbox ls`"
-            ) from exc
+            raise agent_unreachable(exc, "in this VM", booting=True) from exc
 
     async def stop(self, info: FirecrackerInfo, *, timeout: float = 2.0) -> None:
         """Ctrl-Alt-Del first (the guest syncs its workspace), then SIGKILL; then clean up."""
@@ -294,10 +293,7 @@ class FirecrackerBackend:
         await self._children.wait_exited(info)
 
     async def start_failure(self, info: FirecrackerInfo) -> IronclawError:
-        tail = log_tail(Path(info.console_log), 300)
-        return BackendError(
-            "the sandbox exited before its agent answered" + (f": {tail}" if tail else "")
-        )
+        return exited_early(Path(info.console_log))
 
     # -- VM controls ---------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ How a sandbox is launched, and why:
   execs QEMU, so every QEMU thread is inside the limits from the first instruction.
 * **Memory.** The sandbox's memory limit covers the whole QEMU process: the guest gets
   ``memory_mib - QEMU_OVERHEAD_MIB`` (TCG's translation cache is capped at
-  :data:`~ironclaw.backends.qemu.vm.TCG_TB_MIB`, so the overhead stays bounded).
+  :data:`~ironclaw.backends.qemu.cmdline.TCG_TB_MIB`, so the overhead stays bounded).
 * **Network.** With a network policy a tap owned by the sandbox uid is bridged to the
   sandbox's veth inside its namespace (shared with Firecracker), and the guest takes the
   sandbox address from the kernel ``ip=`` argument: the host firewall applies unchanged.
@@ -38,6 +38,7 @@ from typing import Any, Literal
 from ironclaw.backends.base import (
     BackendStatus,
     LaunchContext,
+    agent_unreachable,
     log_tail,
     process_start_time,
     same_process,
@@ -51,6 +52,7 @@ from ironclaw.backends.vm import (
     VmChildren,
     VmInfo,
     attach_sandbox_tap,
+    exited_early,
     find_vm_image,
     kernel_ip,
     remove_run_files,
@@ -208,10 +210,7 @@ class QemuBackend:
         await self._vms.wait_exited(info)
 
     async def start_failure(self, info: QemuInfo) -> IronclawError:
-        tail = log_tail(Path(info.stderr_log), 300)
-        return BackendError(
-            "the sandbox exited before its agent answered" + (f": {tail}" if tail else "")
-        )
+        return exited_early(Path(info.stderr_log))
 
     async def open_channel(
         self, info: QemuInfo | Mapping[str, Any], *, timeout: float = 5.0
@@ -229,10 +228,7 @@ class QemuBackend:
             except ConnectError as exc:
                 alive = same_process(info.pid, info.pid_start)
                 if not alive or time.monotonic() >= deadline:
-                    raise ConnectError(
-                        f"cannot reach the agent in this VM ({exc}); it may have stopped: "
-                        "see `ironclaw sandbox ls`"
-                    ) from exc
+                    raise agent_unreachable(exc, "in this VM") from exc
             await asyncio.sleep(0.02)
 
     async def stop(self, info: QemuInfo, *, timeout: float = 2.0) -> None:

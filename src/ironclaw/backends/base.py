@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ __all__ = [
     "process_start_time",
     "same_process",
     "wait_gone",
+    "wall_time_reached",
 ]
 
 
@@ -226,3 +228,8 @@ def agent_unreachable(exc: ConnectError, where: str, *, booting: bool = False) -
     return ConnectError(
         f"cannot reach the agent {where} ({exc}); {state}: see `ironclaw sandbox ls`"
     )
+
+
+def wall_time_reached(info: BackendInfo, wall_time_s: float | None) -> bool:
+    """Whether a sandbox that ended had used up its wall-time limit (so that ended it)."""
+    return bool(wall_time_s) and time.time() - info.started_at >= float(wall_time_s or 0) - 0.5

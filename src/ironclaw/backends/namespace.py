@@ -49,6 +49,7 @@ from ironclaw.backends.base import (
     process_start_time,
     same_process,
     wait_gone,
+    wall_time_reached,
 )
 from ironclaw.config import safe_join
 from ironclaw.errors import BackendError, ConnectError, IronclawError
@@ -506,8 +507,7 @@ def exit_reason(info: NamespaceInfo) -> str:
                 doc = json.loads(line)
                 if "exit-code" in doc:
                     exit_code = int(doc["exit-code"])
-    wall = info.wall_time_s
-    if exit_code is None and wall and time.time() - info.started_at >= float(wall) - 0.5:
+    if exit_code is None and wall_time_reached(info, info.wall_time_s):
         return "timeout: wall-time limit reached"
     if exit_code is None:
         return "killed"

@@ -20,7 +20,15 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ironclaw.backends.base import BackendInfo, LaunchContext, log_tail, same_process, wait_gone
+from ironclaw.backends.base import (
+    BackendInfo,
+    BackendStatus,
+    LaunchContext,
+    log_tail,
+    same_process,
+    wait_gone,
+    wall_time_reached,
+)
 from ironclaw.config import safe_join
 from ironclaw.errors import BackendError
 from ironclaw.images import ImageArtifacts, find_image
@@ -36,6 +44,7 @@ __all__ = [
     "remove_run_files",
     "spawn_vmm",
     "stop_vmm",
+    "vm_status",
     "vmm_preexec",
 ]
 
@@ -208,3 +217,23 @@ def exited_early(log: Path) -> BackendError:
     return BackendError(
         "the sandbox exited before its agent answered" + (f": {tail}" if tail else "")
     )
+
+
+def vm_status(
+    info: BackendInfo,
+    name: str,
+    logs: Sequence[str],
+    *,
+    limit: int,
+    wall_time_s: float | None = None,
+) -> BackendStatus:
+    """Alive while the VMM runs; else why it ended: the wall-time limit, or its last words.
+
+    ``logs`` are tried in order; the first with any text gives the reason its tail.
+    """
+    if same_process(info.pid, info.pid_start):
+        return BackendStatus(alive=True)
+    if wall_time_reached(info, wall_time_s):
+        return BackendStatus(alive=False, reason="timeout: wall-time limit reached")
+    tail = next(filter(None, (log_tail(Path(p), limit) for p in logs)), "")
+    return BackendStatus(alive=False, reason=f"{name} exited" + (f": {tail}" if tail else ""))

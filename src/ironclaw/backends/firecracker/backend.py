@@ -29,13 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ironclaw.backends import vm
 from ironclaw.backends.base import (
     BackendStatus,
     LaunchContext,
     agent_unreachable,
     log_tail,
     process_start_time,
-    same_process,
 )
 from ironclaw.backends.firecracker.api import (
     AGENT_VSOCK_PORT,
@@ -53,16 +53,6 @@ from ironclaw.backends.firecracker.api import (
 )
 from ironclaw.backends.firecracker.client import FirecrackerApi, RequestCheck
 from ironclaw.backends.firecracker.jailer import JailLayout, jailer_argv, link_into
-from ironclaw.backends.vm import (
-    VmChildren,
-    VmInfo,
-    attach_sandbox_tap,
-    exited_early,
-    find_vm_image,
-    kernel_ip,
-    spawn_vmm,
-    stop_vmm,
-)
 from ironclaw.config import safe_join
 from ironclaw.errors import BackendError, ConfigError, ConnectError, IronclawError
 from ironclaw.images import ImageArtifacts, make_workspace_image
@@ -143,7 +133,7 @@ class SnapshotFiles:
 
 
 @dataclass(frozen=True, kw_only=True)
-class FirecrackerInfo(VmInfo):
+class FirecrackerInfo(vm.VmInfo):
     """One Firecracker sandbox as the registry keeps it."""
 
     api_socket: str
@@ -215,7 +205,7 @@ class FirecrackerBackend:
         self.check = check
         self.kvm = kvm
         self.api_timeout = api_timeout
-        self._children = VmChildren()
+        self._children = vm.VmChildren()
 
     # -- protocol ------------------------------------------------------------------------
 
@@ -234,7 +224,7 @@ class FirecrackerBackend:
             raise BackendError(f"{self.kvm} is missing or not accessible: Firecracker needs KVM")
         if ctx.spec.mounts:
             raise BackendError("host mounts are not available in a VM; copy files in instead")
-        find_vm_image(ctx, self.artifacts)
+        vm.find_vm_image(ctx, self.artifacts)
         if ctx.spec.limits.memory_mib - VMM_OVERHEAD_MIB < 64:
             raise ConfigError(
                 f"memory_mib {ctx.spec.limits.memory_mib} leaves the guest under 64 MiB "
@@ -267,7 +257,7 @@ class FirecrackerBackend:
                 async with self._api(info, timeout=min(1.0, timeout)) as api:
                     await api.request(ctrl_alt_del_request())
 
-        await stop_vmm(
+        await vm.stop_vmm(
             info,
             name="Firecracker",
             graceful=ctrl_alt_del,
@@ -282,18 +272,13 @@ class FirecrackerBackend:
                     os.unlink(path)
 
     async def inspect(self, info: FirecrackerInfo) -> BackendStatus:
-        if same_process(info.pid, info.pid_start):
-            return BackendStatus(alive=True)
-        tail = log_tail(Path(info.console_log))
-        return BackendStatus(
-            alive=False, reason="firecracker exited" + (f": {tail}" if tail else "")
-        )
+        return vm.vm_status(info, "firecracker", [info.console_log], limit=800)
 
     async def wait_exited(self, info: FirecrackerInfo) -> None:
         await self._children.wait_exited(info)
 
     async def start_failure(self, info: FirecrackerInfo) -> IronclawError:
-        return exited_early(Path(info.console_log))
+        return vm.exited_early(Path(info.console_log))
 
     # -- VM controls ---------------------------------------------------------------------
 
@@ -359,13 +344,13 @@ class FirecrackerBackend:
 
     async def _launch(self, ctx: LaunchContext, snapshot: SnapshotFiles | None) -> FirecrackerInfo:
         assert self.firecracker is not None
-        art = find_vm_image(ctx, self.artifacts)
+        art = vm.find_vm_image(ctx, self.artifacts)
         layout = self.layout_for(ctx)
         uid = gid = ctx.host_uid
         plan = _Plan(layout, ctx.run_dir, uid, gid)
         try:
             cfg = await self._stage(ctx, plan, art, snapshot)
-            tap = await attach_sandbox_tap(ctx, uid)
+            tap = await vm.attach_sandbox_tap(ctx, uid)
             proc = await self._spawn(ctx, plan)
         except BaseException:
             if layout is not None:
@@ -459,7 +444,7 @@ class FirecrackerBackend:
         boot_args = kernel_boot_args(
             console=self.console,
             hostname=ctx.spec.hostname or ctx.sandbox_id,
-            ip=kernel_ip(ctx),
+            ip=vm.kernel_ip(ctx),
             workspace=workspace is not None,
         )
         return VmConfig(
@@ -494,7 +479,7 @@ class FirecrackerBackend:
             argv = [self.firecracker, "--api-sock", str(plan.api_link), "--id", ctx.sandbox_id]
         cgroup_fds = ctx.cgroup.attach_fds() if ctx.cgroup is not None else []
         try:
-            return await spawn_vmm(
+            return await vm.spawn_vmm(
                 argv,
                 output=safe_join(ctx.run_dir, "console.log"),
                 truncate=False,

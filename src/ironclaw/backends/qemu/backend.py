@@ -39,7 +39,6 @@ from ironclaw.backends.base import (
     BackendStatus,
     LaunchContext,
     agent_unreachable,
-    log_tail,
     process_start_time,
     same_process,
 )
@@ -57,6 +56,7 @@ from ironclaw.backends.vm import (
     kernel_ip,
     remove_run_files,
     stop_vmm,
+    vm_status,
 )
 from ironclaw.config import Settings, safe_join
 from ironclaw.errors import BackendError, ConfigError, ConnectError, IronclawError
@@ -248,12 +248,8 @@ class QemuBackend:
             remove_run_files(Path(info.run_dir), RUN_FILES)
 
     async def inspect(self, info: QemuInfo) -> BackendStatus:
-        if same_process(info.pid, info.pid_start):
-            return BackendStatus(alive=True)
-        tail = log_tail(Path(info.stderr_log), 300) or log_tail(Path(info.console_log), 300)
-        if info.wall_time_s and time.time() - info.started_at >= float(info.wall_time_s) - 0.5:
-            return BackendStatus(alive=False, reason="timeout: wall-time limit reached")
-        return BackendStatus(alive=False, reason="qemu exited" + (f": {tail}" if tail else ""))
+        logs = (info.stderr_log, info.console_log)
+        return vm_status(info, "qemu", logs, limit=300, wall_time_s=info.wall_time_s)
 
     # -- internals -----------------------------------------------------------------------
 

@@ -200,7 +200,7 @@ async def test_plain_firecracker_boot_channel_pause_and_stop(
     info = await backend.start(ctx)
     try:
         assert (await backend.inspect(info)).alive
-        assert info["jailed"] is False
+        assert info.jailed is False
         conn = await backend.open_channel(info, timeout=15)
         peer = Peer(conn, name="host")
         await peer.start()
@@ -343,9 +343,7 @@ async def test_jailed_boot_with_network_snapshot_and_restore(
     root = chroot_base / "firecracker" / "fc-jailed" / "root"
     snap_dir = tmp_path / "snap"
     try:
-        assert (
-            info["jailed"] and Path(info["api_socket"]).resolve() == root / "run/firecracker.socket"
-        )
+        assert info.jailed and Path(info.api_socket).resolve() == root / "run/firecracker.socket"
         assert os.stat(root / "vmlinux").st_ino == artifacts.vmlinux.stat().st_ino  # hard link
         assert os.stat(root / "workspace.ext4").st_uid == UID
         jailer = next(e for e in read_record(fake_bins[2]) if e["kind"] == "jailer")["argv"]

@@ -23,6 +23,7 @@ import pytest
 
 from conftest import image_cache_settings
 from ironclaw import images
+from ironclaw.backends.qemu import accel
 from ironclaw.backends.qemu import vm as qemu
 from ironclaw.backends.qemu.qmp import QmpClient, QmpError
 from ironclaw.backends.qemu.vm import QemuVm
@@ -143,7 +144,7 @@ def test_probe_verdict_is_cached(tmp_path: Path) -> None:
         "x", "0" * 32, tmp_path, tmp_path, tmp_path / "none", tmp_path / "none", "6.1-test"
     )
     cache = settings.state_dir / "qemu-accel.json"
-    cache.write_text(json.dumps({"key": qemu._probe_key(art), "accel": "kvm"}))
+    cache.write_text(json.dumps({"key": accel._probe_key(art), "accel": "kvm"}))
     assert qemu.probe_accel(art, settings, timeout=5) == "kvm"
     cache.write_text(json.dumps({"key": "stale", "accel": "kvm"}))
     # With a missing kernel the probe boot fails at once: the verdict is tcg, and cached.

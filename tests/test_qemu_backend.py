@@ -171,7 +171,8 @@ async def test_vm_sandbox_runs_commands_unprivileged_and_reaps(
     # The whole QEMU stays inside the sandbox's memory cgroup, even with guest RAM full:
     # the guest's own OOM killer may end the command, the host's must not end QEMU.
     await manager.exec(sid, ["python3", "-c", "b = b'x' * (280 * 2**20)"], timeout=60)
-    assert (await manager.backend("qemu").inspect(info)).alive
+    backend = manager.backend("qemu")
+    assert (await backend.inspect(backend.load_info(info))).alive
     stats = manager.cgroups.open(sid).stats()
     if stats.memory_peak_bytes is not None:
         print(f"\nmemory peak {stats.memory_peak_bytes / 2**20:.0f} MiB of 384 MiB")

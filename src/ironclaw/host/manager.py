@@ -16,14 +16,18 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ironclaw.backends.base import Backend, LaunchContext, process_start_time, same_process
-from ironclaw.config import DEFAULT_UID_BASE, Settings, ensure_private_dir, safe_join
+from ironclaw.backends.base import (
+    Backend,
+    BackendInfo,
+    BackendStatus,
+    LaunchContext,
+    process_start_time,
+)
+from ironclaw.config import DEFAULT_UID_BASE, Settings, ensure_private_dir
 from ironclaw.errors import (
     BackendError,
     ChannelClosed,
@@ -33,6 +37,7 @@ from ironclaw.errors import (
     SandboxNotFound,
     SandboxTimeout,
 )
+from ironclaw.host import reconcile as _reconcile
 from ironclaw.host.guest import (
     DEFAULT_CAPTURE_LIMIT,
     DEFAULT_READ_LIMIT,
@@ -40,6 +45,7 @@ from ironclaw.host.guest import (
     GuestClient,
     OutputSink,
 )
+from ironclaw.host.reconcile import GcReport
 from ironclaw.ids import new_sandbox_id, validate_sandbox_id
 from ironclaw.resources.store import SandboxRecord, Store
 from ironclaw.rpc import HOST_LIMITS, Peer
@@ -69,7 +75,8 @@ def _make_run_dir(run_dir: Path) -> None:
     run_dir.mkdir(mode=0o700)
 
 
-def _backend(name: str) -> Backend:
+def _backend(name: str) -> Backend[Any]:
+    """The one place that maps a backend's name to its class."""
     if name == "namespace":
         from ironclaw.backends.namespace import NamespaceBackend
 
@@ -115,20 +122,6 @@ def pool_key(spec: SandboxSpec) -> str:
     return hashlib.blake2b(blob, digest_size=8).hexdigest()
 
 
-@dataclass
-class GcReport:
-    """What reconcile found and did (or, with ``dry_run``, would do)."""
-
-    removed: list[str] = field(default_factory=list)
-    marked_dead: list[str] = field(default_factory=list)
-    orphans: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    dry_run: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
 class SandboxManager:
     """Owns sandboxes through the registry. Use as ``async with SandboxManager() as m``."""
 
@@ -150,7 +143,7 @@ class SandboxManager:
         self._cgroup_root = cgroup_root or os.environ.get("IRONCLAW_CGROUP_ROOT", "ironclaw")
         self.store = Store(self.settings.registry_path)
         self._reconcile_on_open = reconcile_on_open
-        self._backends: dict[str, Backend] = {}
+        self._backends: dict[str, Backend[Any]] = {}
         self._peers: dict[str, Peer] = {}
         self._cgroups: CgroupManager | None = None
         self._net: NetworkManager | None = None
@@ -191,7 +184,7 @@ class SandboxManager:
 
     # -- parts -------------------------------------------------------------------------
 
-    def backend(self, name: str) -> Backend:
+    def backend(self, name: str) -> Backend[Any]:
         if name not in self._backends:
             self._backends[name] = _backend(name)
         return self._backends[name]
@@ -270,7 +263,7 @@ class SandboxManager:
         self,
         record: SandboxRecord,
         spec: SandboxSpec,
-        backend: Backend,
+        backend: Backend[Any],
         one_shot: bool,
         ready_timeout: float,
         pooled: str | None,
@@ -304,7 +297,7 @@ class SandboxManager:
 
         await self.store.intend(sid, "process", "supervisor")
         info = await backend.start(ctx)
-        await self.store.update(sid, info={**info, "host_uid": ctx.host_uid})
+        await self.store.update(sid, info={**info.to_json(), "host_uid": ctx.host_uid})
         await self.store.created(sid, "process", "supervisor")
 
         peer = await self._wait_ready(sid, backend, info, ready_timeout)
@@ -313,7 +306,7 @@ class SandboxManager:
         return await self.store.get(sid)
 
     async def _wait_ready(
-        self, sid: str, backend: Backend, info: dict[str, Any], timeout: float
+        self, sid: str, backend: Backend[Any], info: BackendInfo, timeout: float
     ) -> Peer:
         async def ping() -> Peer:
             conn = await backend.open_channel(info, timeout=timeout)
@@ -327,33 +320,24 @@ class SandboxManager:
             return peer
 
         pinging = asyncio.ensure_future(ping())
-        waiter = getattr(backend, "wait_exited", None)
-        exited = asyncio.ensure_future(waiter(info)) if waiter else None
+        exited = asyncio.ensure_future(backend.wait_exited(info))
         try:
-            waitset: set[asyncio.Future[Any]] = {pinging}
-            if exited is not None:
-                waitset.add(exited)
             done, _ = await asyncio.wait(
-                waitset, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                {pinging, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
-            if pinging in done and (pinging.exception() is None or exited is None):
+            if pinging in done and pinging.exception() is None:
                 return pinging.result()
-            if pinging in done and exited is not None:
-                # A refused connection usually means the jail died at start: say why.
+            if pinging in done:
+                # A refused connection usually means the sandbox died at start: say why.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(exited), 1.0)
                 if not exited.done():
                     return pinging.result()
-            if exited is not None and exited.done():
-                from ironclaw.backends.namespace import NamespaceBackend, describe_launch_failure
-
-                if isinstance(backend, NamespaceBackend):
-                    raise describe_launch_failure(backend, info)
-                raise BackendError("the sandbox exited before its agent answered")
+            if exited.done():
+                raise await backend.start_failure(info)
             raise SandboxTimeout(f"the sandbox's agent did not answer within {timeout:.0f}s")
         finally:
-            if exited is not None:
-                exited.cancel()
+            exited.cancel()
             if not pinging.done():
                 pinging.cancel()
                 with contextlib.suppress(BaseException):
@@ -428,7 +412,7 @@ class SandboxManager:
         kinds = {r.kind for r in await self.store.resources(sid)}
         if "process" in kinds:
             try:
-                await self.backend(fresh.backend).stop(fresh.info)
+                await self._stop_process(fresh)
                 await self.store.removed(sid, "process", "supervisor")
             except Exception as exc:
                 errors.append(f"stop: {exc}")
@@ -457,6 +441,16 @@ class SandboxManager:
             )
         await self.store.delete(sid)
 
+    async def _stop_process(self, record: SandboxRecord) -> None:
+        backend = self.backend(record.backend)
+        try:
+            info = backend.load_info(record.info)
+        except BackendError:
+            # The launch never returned, so nothing was recorded to stop; a process it
+            # left runs under the sandbox's uid, and the reconcile scan removes it.
+            return
+        await backend.stop(info)
+
     async def get(self, sandbox_id: str) -> SandboxRecord:
         return await self._refresh(await self.store.get(validate_sandbox_id(sandbox_id)))
 
@@ -468,18 +462,17 @@ class SandboxManager:
         """Mark a running sandbox whose processes died as dead, with the reason."""
         if record.state not in ("running", "pooled"):
             return record
-        status = await self.backend(record.backend).inspect(record.info)
+        backend = self.backend(record.backend)
+        try:
+            status = await backend.inspect(backend.load_info(record.info))
+        except BackendError as exc:
+            status = BackendStatus(alive=False, reason=str(exc))
         if status.alive:
             return record
         await self.store.update(record.id, state="dead", reason=status.reason)
         return await self.store.get(record.id)
 
     # -- reconcile ---------------------------------------------------------------------
-
-    def _owner_alive(self, record: SandboxRecord) -> bool:
-        if record.owner_pid == os.getpid():
-            return True
-        return same_process(record.owner_pid, record.info.get("owner_start"))
 
     async def reconcile(self, *, dry_run: bool = False, scan: bool = True) -> GcReport:
         """Make the system agree with the registry.
@@ -492,70 +485,7 @@ class SandboxManager:
         (its intent is committed before its resources exist) is never mistaken for an
         orphan. Nothing outside IronClaw's own names, uids and directories is touched.
         """
-        report = GcReport(dry_run=dry_run)
-        found = await self._scan() if scan else None
-        records = await self.store.all()
-        for record in records:
-            record = await self._refresh(record)
-            owner_alive = self._owner_alive(record)
-            why: str | None = None
-            if record.state in ("creating", "stopping", "failed") and not owner_alive:
-                why = f"left {record.state} by a process that died"
-            elif record.state == "running" and record.one_shot and not owner_alive:
-                why = "one-shot sandbox whose owner died"
-            elif record.state == "dead":
-                why = f"dead ({record.reason})"
-                report.marked_dead.append(record.id)
-            if why is None:
-                continue
-            report.removed.append(f"sandbox {record.id}: {why}")
-            if not dry_run:
-                try:
-                    await self._teardown(record, reason=why)
-                except IronclawError as exc:
-                    report.errors.append(str(exc))
-        if found is not None:
-            await self._remove_orphans(found, records, report)
-        return report
-
-    async def _scan(self) -> dict[str, list[str]]:
-        from ironclaw.resources.procs import processes_with_uid_in
-
-        runtime = safe_join(self.settings.runtime_dir, "sandboxes")
-        dirs = sorted(p.name for p in runtime.iterdir()) if runtime.is_dir() else []
-        procs = processes_with_uid_in(self.uid_base, self.uid_base + self.store.max_slots)
-        return {
-            "cgroups": await asyncio.to_thread(self.cgroups.list_owned),
-            "runtime_dirs": dirs,
-            "processes": [f"{pid}:{uid}" for pid, uid in procs],
-        }
-
-    async def _remove_orphans(
-        self, found: dict[str, list[str]], records: list[SandboxRecord], report: GcReport
-    ) -> None:
-        live = {r.rid for r in records} | {r.id for r in records}
-        slots = {r.slot for r in records}
-        for cg in found["cgroups"]:
-            if cg not in live:
-                report.orphans.append(f"cgroup {cg}")
-                if not report.dry_run:
-                    try:
-                        await self.cgroups.destroy(cg)
-                    except IronclawError as exc:
-                        report.errors.append(str(exc))
-        for name in found["runtime_dirs"]:
-            if name not in live:
-                report.orphans.append(f"runtime directory {name}")
-                if not report.dry_run:
-                    path = safe_join(self.settings.runtime_dir, "sandboxes", name)
-                    await asyncio.to_thread(shutil.rmtree, path, True)
-        for item in found["processes"]:
-            pid, uid = (int(x) for x in item.split(":"))
-            if uid - self.uid_base not in slots:
-                report.orphans.append(f"process {pid} (uid {uid})")
-                if not report.dry_run:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
+        return await _reconcile.reconcile(self, dry_run=dry_run, scan=scan)
 
     # -- channel -----------------------------------------------------------------------
 

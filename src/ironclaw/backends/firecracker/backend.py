@@ -21,22 +21,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import shutil
-import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ironclaw.backends import vm
 from ironclaw.backends.base import (
     BackendStatus,
     LaunchContext,
+    agent_unreachable,
+    log_tail,
     process_start_time,
-    same_process,
-    wait_gone,
 )
 from ironclaw.backends.firecracker.api import (
     AGENT_VSOCK_PORT,
@@ -56,13 +55,14 @@ from ironclaw.backends.firecracker.client import FirecrackerApi, RequestCheck
 from ironclaw.backends.firecracker.jailer import JailLayout, jailer_argv, link_into
 from ironclaw.config import safe_join
 from ironclaw.errors import BackendError, ConfigError, ConnectError, IronclawError
-from ironclaw.images import ImageArtifacts, find_image, make_workspace_image
-from ironclaw.resources.tap import TAP, attach_tap
+from ironclaw.images import ImageArtifacts, make_workspace_image
+from ironclaw.resources.tap import TAP
 from ironclaw.transport import Connection, SocketConnection, hybrid_vsock
 
 __all__ = [
     "VMM_OVERHEAD_MIB",
     "FirecrackerBackend",
+    "FirecrackerInfo",
     "SnapshotFiles",
     "connect_agent",
     "probe_firecracker",
@@ -70,7 +70,6 @@ __all__ = [
 
 #: Memory the VMM itself needs inside the sandbox's memory cgroup, beside guest RAM.
 VMM_OVERHEAD_MIB = 32
-_CLONE_NEWNET = 0x40000000
 _JAILED_KERNEL = "/vmlinux"
 _JAILED_INITRD = "/initramfs.cpio"
 _JAILED_ROOTFS = "/rootfs.ext4"
@@ -133,6 +132,22 @@ class SnapshotFiles:
         return safe_join(self.directory, _SNAP_WORKSPACE)
 
 
+@dataclass(frozen=True, kw_only=True)
+class FirecrackerInfo(vm.VmInfo):
+    """One Firecracker sandbox as the registry keeps it."""
+
+    api_socket: str
+    vsock_uds: str
+    uid: int
+    gid: int
+    vsock_port: int = AGENT_VSOCK_PORT
+    chroot_base: str | None = None
+    jail_id: str | None = None
+    jailed: bool = False
+    mem_mib: int = 0
+    track_dirty_pages: bool = False
+
+
 @dataclass
 class _Plan:
     """Host and Firecracker views of every path of one launch."""
@@ -190,9 +205,12 @@ class FirecrackerBackend:
         self.check = check
         self.kvm = kvm
         self.api_timeout = api_timeout
-        self._children: dict[int, asyncio.subprocess.Process] = {}
+        self._children = vm.VmChildren()
 
     # -- protocol ------------------------------------------------------------------------
+
+    def load_info(self, data: Mapping[str, Any]) -> FirecrackerInfo:
+        return FirecrackerInfo.from_json(data)
 
     async def prepare(self, ctx: LaunchContext) -> None:
         if self.firecracker is None:
@@ -206,94 +224,80 @@ class FirecrackerBackend:
             raise BackendError(f"{self.kvm} is missing or not accessible: Firecracker needs KVM")
         if ctx.spec.mounts:
             raise BackendError("host mounts are not available in a VM; copy files in instead")
-        self._image(ctx)
+        vm.find_vm_image(ctx, self.artifacts)
         if ctx.spec.limits.memory_mib - VMM_OVERHEAD_MIB < 64:
             raise ConfigError(
                 f"memory_mib {ctx.spec.limits.memory_mib} leaves the guest under 64 MiB "
                 f"after the VMM's {VMM_OVERHEAD_MIB} MiB"
             )
 
-    async def start(self, ctx: LaunchContext) -> dict[str, Any]:
+    async def start(self, ctx: LaunchContext) -> FirecrackerInfo:
         return await self._launch(ctx, snapshot=None)
 
-    async def restore(self, ctx: LaunchContext, snapshot: SnapshotFiles) -> dict[str, Any]:
+    async def restore(self, ctx: LaunchContext, snapshot: SnapshotFiles) -> FirecrackerInfo:
         """Start the sandbox from a snapshot instead of booting (prepare first)."""
         if self.layout_for(ctx) is None:
             raise BackendError("restoring a snapshot needs the jailer (stable chroot paths)")
         return await self._launch(ctx, snapshot=snapshot)
 
-    async def open_channel(self, info: dict[str, Any], *, timeout: float = 5.0) -> Connection:
+    async def open_channel(
+        self, info: FirecrackerInfo | Mapping[str, Any], *, timeout: float = 5.0
+    ) -> Connection:
+        info = FirecrackerInfo.of(info)
         try:
-            return await connect_agent(
-                info["vsock_uds"], int(info.get("vsock_port", AGENT_VSOCK_PORT)), deadline=timeout
-            )
+            return await connect_agent(info.vsock_uds, info.vsock_port, deadline=timeout)
         except ConnectError as exc:
-            raise ConnectError(
-                f"cannot reach the agent in this VM ({exc}); it may still be booting or have "
-                "stopped: see `ironclaw sandbox ls`"
-            ) from exc
+            raise agent_unreachable(exc, "in this VM", booting=True) from exc
 
-    async def stop(self, info: dict[str, Any], *, timeout: float = 2.0) -> None:
+    async def stop(self, info: FirecrackerInfo, *, timeout: float = 2.0) -> None:
         """Ctrl-Alt-Del first (the guest syncs its workspace), then SIGKILL; then clean up."""
-        pid, start = info.get("pid"), info.get("pid_start")
-        if same_process(pid, start):
-            assert isinstance(pid, int)
+
+        async def ctrl_alt_del() -> None:
             with contextlib.suppress(IronclawError):
                 async with self._api(info, timeout=min(1.0, timeout)) as api:
                     await api.request(ctrl_alt_del_request())
-            await wait_gone(pid, start, timeout=timeout / 2)
-            if same_process(pid, start):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
-        proc = self._children.pop(int(pid), None) if pid else None
-        if proc is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(proc.wait(), timeout)
-        await wait_gone(pid, start, timeout=timeout)
-        if same_process(pid, start):
-            raise BackendError(f"Firecracker (pid {pid}) did not exit")
-        chroot = info.get("chroot_base")
-        if chroot:
-            JailLayout(Path(chroot), str(info["jail_id"])).remove()
-        for key in ("api_socket", "vsock_uds"):
-            if info.get(key):
-                with contextlib.suppress(OSError):
-                    os.unlink(info[key])
 
-    async def inspect(self, info: dict[str, Any]) -> BackendStatus:
-        if same_process(info.get("pid"), info.get("pid_start")):
-            return BackendStatus(alive=True)
-        tail = _tail(Path(str(info.get("console_log", ""))))
-        return BackendStatus(
-            alive=False, reason="firecracker exited" + (f": {tail}" if tail else "")
+        await vm.stop_vmm(
+            info,
+            name="Firecracker",
+            graceful=ctrl_alt_del,
+            children=self._children,
+            timeout=timeout,
         )
+        if info.chroot_base:
+            JailLayout(Path(info.chroot_base), str(info.jail_id)).remove()
+        for path in (info.api_socket, info.vsock_uds):
+            if path:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
 
-    async def wait_exited(self, info: dict[str, Any]) -> None:
-        """Return once the VMM has exited (the manager races this against readiness)."""
-        proc = self._children.get(int(info["pid"]))
-        if proc is not None:
-            await proc.wait()
-            return
-        await wait_gone(info.get("pid"), info.get("pid_start"))
+    async def inspect(self, info: FirecrackerInfo) -> BackendStatus:
+        return vm.vm_status(info, "firecracker", [info.console_log], limit=800)
+
+    async def wait_exited(self, info: FirecrackerInfo) -> None:
+        await self._children.wait_exited(info)
+
+    async def start_failure(self, info: FirecrackerInfo) -> IronclawError:
+        return vm.exited_early(Path(info.console_log))
 
     # -- VM controls ---------------------------------------------------------------------
 
-    async def pause(self, info: dict[str, Any]) -> None:
+    async def pause(self, info: FirecrackerInfo) -> None:
         async with self._api(info) as api:
             await api.request(pause_request())
 
-    async def resume(self, info: dict[str, Any]) -> None:
+    async def resume(self, info: FirecrackerInfo) -> None:
         async with self._api(info) as api:
             await api.request(resume_request())
 
     async def snapshot(
-        self, info: dict[str, Any], dest: Path, *, kind: SnapshotType = "Full", resume: bool = True
+        self, info: FirecrackerInfo, dest: Path, *, kind: SnapshotType = "Full", resume: bool = True
     ) -> SnapshotFiles:
         """Pause, write state and memory, move them (and the workspace) to ``dest``.
 
         A ``Diff`` snapshot needs a VM started with ``track_dirty_pages``.
         """
-        if kind == "Diff" and not info.get("track_dirty_pages"):
+        if kind == "Diff" and not info.track_dirty_pages:
             raise ConfigError("a Diff snapshot needs a VM started with track_dirty_pages")
         plan = self._plan_from(info)
         dest.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -327,69 +331,51 @@ class FirecrackerBackend:
         base = self.chroot_base or safe_join(ctx.settings.state_dir, "jailer")
         return JailLayout(base, ctx.sandbox_id)
 
-    def _image(self, ctx: LaunchContext) -> ImageArtifacts:
-        if self.artifacts is not None:
-            return self.artifacts
-        name = "default" if ctx.spec.image == "host" else ctx.spec.image
-        found = find_image(ctx.settings, name)
-        if found is None:
-            raise BackendError(f"no VM image {name!r} is built yet: run `ironclaw image build`")
-        return found
-
-    def _plan_from(self, info: dict[str, Any]) -> _Plan:
+    def _plan_from(self, info: FirecrackerInfo) -> _Plan:
         layout = None
-        if info.get("chroot_base"):
-            layout = JailLayout(Path(info["chroot_base"]), str(info["jail_id"]))
-        return _Plan(layout, Path(info["run_dir"]), int(info["uid"]), int(info["gid"]))
+        if info.chroot_base:
+            layout = JailLayout(Path(info.chroot_base), str(info.jail_id))
+        return _Plan(layout, Path(info.run_dir), info.uid, info.gid)
 
-    def _api(self, info: dict[str, Any], *, timeout: float | None = None) -> FirecrackerApi:
+    def _api(self, info: FirecrackerInfo, *, timeout: float | None = None) -> FirecrackerApi:
         return FirecrackerApi(
-            info["api_socket"], timeout=timeout or self.api_timeout, check=self.check
+            info.api_socket, timeout=timeout or self.api_timeout, check=self.check
         )
 
-    async def _launch(self, ctx: LaunchContext, snapshot: SnapshotFiles | None) -> dict[str, Any]:
+    async def _launch(self, ctx: LaunchContext, snapshot: SnapshotFiles | None) -> FirecrackerInfo:
         assert self.firecracker is not None
-        art = self._image(ctx)
+        art = vm.find_vm_image(ctx, self.artifacts)
         layout = self.layout_for(ctx)
         uid = gid = ctx.host_uid
         plan = _Plan(layout, ctx.run_dir, uid, gid)
         try:
             cfg = await self._stage(ctx, plan, art, snapshot)
-            if ctx.network is not None:
-                net = ctx.network
-                await attach_tap(
-                    net.netns_path,
-                    uid=uid,
-                    gid=gid,
-                    guest_ifname=net.guest_ifname,
-                    guest_ip=net.guest_ip,
-                    prefixlen=net.prefixlen,
-                )
+            tap = await vm.attach_sandbox_tap(ctx, uid)
             proc = await self._spawn(ctx, plan)
         except BaseException:
             if layout is not None:
                 layout.remove()
             raise
-        info: dict[str, Any] = {
-            "pid": proc.pid,
-            "pid_start": process_start_time(proc.pid),
-            "api_socket": str(plan.api_link),
-            "vsock_uds": str(plan.vsock_link),
-            "vsock_port": AGENT_VSOCK_PORT,
-            "run_dir": str(ctx.run_dir),
-            "console_log": str(safe_join(ctx.run_dir, "console.log")),
-            "chroot_base": str(layout.chroot_base) if layout else None,
-            "jail_id": layout.jail_id if layout else None,
-            "uid": uid,
-            "gid": gid,
-            "jailed": layout is not None,
-            "tap": TAP if ctx.network is not None else None,
-            "vcpus": cfg.vcpus,
-            "mem_mib": cfg.mem_mib,
-            "track_dirty_pages": cfg.track_dirty_pages,
-            "started_at": time.time(),
-        }
-        self._children[proc.pid] = proc
+        info = FirecrackerInfo(
+            pid=proc.pid,
+            pid_start=process_start_time(proc.pid),
+            api_socket=str(plan.api_link),
+            vsock_uds=str(plan.vsock_link),
+            vsock_port=AGENT_VSOCK_PORT,
+            run_dir=str(ctx.run_dir),
+            console_log=str(safe_join(ctx.run_dir, "console.log")),
+            chroot_base=str(layout.chroot_base) if layout else None,
+            jail_id=layout.jail_id if layout else None,
+            uid=uid,
+            gid=gid,
+            jailed=layout is not None,
+            tap=tap,
+            vcpus=cfg.vcpus,
+            mem_mib=cfg.mem_mib,
+            track_dirty_pages=cfg.track_dirty_pages,
+            started_at=time.time(),
+        )
+        self._children.add(proc.pid, proc.wait)
         try:
             async with self._api(info) as api:
                 await api.wait_ready(self.api_timeout, alive=lambda: proc.returncode is None)
@@ -410,7 +396,7 @@ class FirecrackerBackend:
             with contextlib.suppress(Exception):
                 await self.stop(info, timeout=1.0)
             if isinstance(exc, BackendError):
-                tail = _tail(Path(info["console_log"]))
+                tail = log_tail(Path(info.console_log))
                 raise BackendError(
                     f"{exc}" + (f"; Firecracker said: {tail}" if tail else "")
                 ) from exc
@@ -455,11 +441,10 @@ class FirecrackerBackend:
             if layout is not None:
                 link.symlink_to(target)
         net = ctx.network
-        ip = f"{net.guest_ip}::{net.host_ip}:{net.prefixlen}::eth0:off" if net else None
         boot_args = kernel_boot_args(
             console=self.console,
             hostname=ctx.spec.hostname or ctx.sandbox_id,
-            ip=ip,
+            ip=vm.kernel_ip(ctx),
             workspace=workspace is not None,
         )
         return VmConfig(
@@ -492,62 +477,22 @@ class FirecrackerBackend:
             )
         else:
             argv = [self.firecracker, "--api-sock", str(plan.api_link), "--id", ctx.sandbox_id]
-        netns_fd = None
-        cgroup_fds: list[int] = []
-        log_fd = os.open(
-            safe_join(ctx.run_dir, "console.log"),
-            os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-            0o600,
-        )
+        cgroup_fds = ctx.cgroup.attach_fds() if ctx.cgroup is not None else []
         try:
-            if net is not None and plan.layout is None:
-                netns_fd = os.open(net.netns_path, os.O_RDONLY | os.O_CLOEXEC)
-            if ctx.cgroup is not None:
-                cgroup_fds = ctx.cgroup.attach_fds()
-            return await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_fd,
-                stderr=log_fd,
-                start_new_session=True,
+            return await vm.spawn_vmm(
+                argv,
+                output=safe_join(ctx.run_dir, "console.log"),
+                truncate=False,
+                # The jailer enters the namespace itself (its --netns).
+                netns_path=net.netns_path if net is not None and plan.layout is None else None,
+                cgroup_fds=cgroup_fds,
                 env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-                preexec_fn=_preexec(cgroup_fds, netns_fd),
             )
-        except OSError as exc:
-            raise BackendError(f"cannot start {argv[0]}: {exc}") from exc
         finally:
-            for fd in [log_fd, netns_fd, *cgroup_fds]:
-                if fd is not None:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-
-
-_libc: ctypes.CDLL | None = None
-
-
-def _preexec(cgroup_fds: Sequence[int], netns_fd: int | None) -> Callable[[], None]:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    libc = _libc
-
-    def preexec() -> None:  # pragma: no cover - runs between fork and exec
-        pid = str(os.getpid()).encode()
-        for fd in cgroup_fds:
-            os.write(fd, pid)
-        if netns_fd is not None and libc.setns(netns_fd, _CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns(CLONE_NEWNET) failed")
-
-    return preexec
+            for fd in cgroup_fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
 
 def _cgroup_version() -> int:
     return 2 if os.path.exists("/sys/fs/cgroup/cgroup.controllers") else 1
-
-
-def _tail(path: Path, limit: int = 800) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return ""
-    return data[-limit:].decode(errors="replace").strip()

@@ -15,7 +15,7 @@ How a sandbox is launched, and why:
   execs QEMU, so every QEMU thread is inside the limits from the first instruction.
 * **Memory.** The sandbox's memory limit covers the whole QEMU process: the guest gets
   ``memory_mib - QEMU_OVERHEAD_MIB`` (TCG's translation cache is capped at
-  :data:`~ironclaw.backends.qemu.vm.TCG_TB_MIB`, so the overhead stays bounded).
+  :data:`~ironclaw.backends.qemu.cmdline.TCG_TB_MIB`, so the overhead stays bounded).
 * **Network.** With a network policy a tap owned by the sandbox uid is bridged to the
   sandbox's veth inside its namespace (shared with Firecracker), and the guest takes the
   sandbox address from the kernel ``ip=`` argument: the host firewall applies unchanged.
@@ -29,35 +29,64 @@ import asyncio
 import contextlib
 import math
 import os
-import signal
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from ironclaw.backends.base import (
     BackendStatus,
     LaunchContext,
+    agent_unreachable,
     process_start_time,
     same_process,
-    wait_gone,
 )
+from ironclaw.backends.qemu.accel import probe_accel
+from ironclaw.backends.qemu.cmdline import Accel, qemu_binary
 from ironclaw.backends.qemu.qmp import QmpClient, QmpError
-from ironclaw.backends.qemu.vm import Accel, QemuVm, agent_usable, probe_accel, qemu_binary
+from ironclaw.backends.qemu.ready import agent_usable
+from ironclaw.backends.qemu.vm import RUN_FILES, QemuVm
+from ironclaw.backends.vm import (
+    VmChildren,
+    VmInfo,
+    attach_sandbox_tap,
+    exited_early,
+    find_vm_image,
+    kernel_ip,
+    remove_run_files,
+    stop_vmm,
+    vm_status,
+)
 from ironclaw.config import Settings, safe_join
-from ironclaw.errors import BackendError, ConfigError, ConnectError
-from ironclaw.images import ImageArtifacts, find_image
-from ironclaw.resources.tap import TAP, attach_tap
+from ironclaw.errors import BackendError, ConfigError, ConnectError, IronclawError
+from ironclaw.images import ImageArtifacts
 from ironclaw.resources.watchdog import spawn_watchdog
 from ironclaw.transport import Connection, unix
 
-__all__ = ["MIN_GUEST_MIB", "QEMU_OVERHEAD_MIB", "QemuBackend", "guest_memory_mib"]
+__all__ = ["MIN_GUEST_MIB", "QEMU_OVERHEAD_MIB", "QemuBackend", "QemuInfo", "guest_memory_mib"]
 
 #: Host memory QEMU itself needs inside the sandbox's memory cgroup, beside guest RAM:
 #: the TCG translation cache (64 MiB) plus QEMU's own heap; measured peak in docs/IMAGES.md.
 QEMU_OVERHEAD_MIB = 96
 #: Below this the guest kernel, the agent and a command do not fit.
 MIN_GUEST_MIB = 128
-_RUN_FILES = ("agent.sock", "qmp.sock", "qemu.pid")
+
+
+@dataclass(frozen=True, kw_only=True)
+class QemuInfo(VmInfo):
+    """One QEMU sandbox as the registry keeps it."""
+
+    socket: str
+    qmp: str
+    stderr_log: str
+    host_uid: int
+    watchdog_pid: int | None = None
+    wall_time_s: float | None = None
+    image: str = ""
+    kernel_release: str = ""
+    accel: Accel = "tcg"
+    guest_mib: int = 0
 
 
 def guest_memory_mib(memory_mib: int) -> int:
@@ -83,11 +112,13 @@ class QemuBackend:
     ) -> None:
         self.artifacts = artifacts
         self.accel = accel
-        # VMs this process started: awaited so they never linger as zombies.
-        self._vms: dict[int, QemuVm] = {}
+        self._vms = VmChildren()
         self._accel_cache: dict[tuple[Path, str], Accel] = {}
 
     # -- protocol ------------------------------------------------------------------------
+
+    def load_info(self, data: Mapping[str, Any]) -> QemuInfo:
+        return QemuInfo.from_json(data)
 
     async def prepare(self, ctx: LaunchContext) -> None:
         try:
@@ -96,7 +127,7 @@ class QemuBackend:
             raise BackendError(str(exc)) from None
         if ctx.spec.mounts:
             raise BackendError("host mounts are not available in a VM; copy files in instead")
-        art = self._image(ctx)
+        art = find_vm_image(ctx, self.artifacts)
         if not agent_usable(art):
             raise BackendError(
                 f"image {art.name!r} has no guest agent: rebuild it with `ironclaw image build`"
@@ -109,23 +140,12 @@ class QemuBackend:
                 f"{QEMU_OVERHEAD_MIB} for QEMU)"
             )
 
-    async def start(self, ctx: LaunchContext) -> dict[str, Any]:
+    async def start(self, ctx: LaunchContext) -> QemuInfo:
         spec, lim = ctx.spec, ctx.spec.limits
-        art = self._image(ctx)
+        art = find_vm_image(ctx, self.artifacts)
         accel = await self._accel(art, ctx.settings)
-        hostname = spec.hostname or ctx.sandbox_id
         net = ctx.network
-        guest_ip = None
-        if net is not None:
-            await attach_tap(
-                net.netns_path,
-                uid=ctx.host_uid,
-                gid=ctx.host_uid,
-                guest_ifname=net.guest_ifname,
-                guest_ip=net.guest_ip,
-                prefixlen=net.prefixlen,
-            )
-            guest_ip = f"{net.guest_ip}::{net.host_ip}:{net.prefixlen}::eth0:off"
+        tap = await attach_sandbox_tap(ctx, ctx.host_uid)
         env = {**(net.env if net else {}), **ctx.extra_env, **spec.env}
         cgroup_fds = ctx.cgroup.attach_fds() if ctx.cgroup is not None else []
         vm = QemuVm()
@@ -137,10 +157,10 @@ class QemuBackend:
                 memory_mib=guest_memory_mib(lim.memory_mib),
                 accel=accel,
                 netns_path=net.netns_path if net else None,
-                tap_ifname=TAP if net else None,
+                tap_ifname=tap,
                 workspace_mib=lim.workspace_mib,
-                hostname=hostname,
-                guest_ip=guest_ip,
+                hostname=spec.hostname or ctx.sandbox_id,
+                guest_ip=kernel_ip(ctx),
                 settings=ctx.settings,
                 run_as=ctx.host_uid,
                 cgroup_fds=cgroup_fds,
@@ -156,7 +176,7 @@ class QemuBackend:
                     os.close(fd)
         pid = vm.pid
         assert pid is not None
-        self._vms[pid] = vm
+        self._vms.add(pid, vm.wait_exit)
         # -runas clears the parent-death signal and QEMU has no supervisor: a watchdog
         # enforces the wall-time limit and ends a one-shot VM with its owner.
         watchdog = await asyncio.to_thread(
@@ -166,107 +186,72 @@ class QemuBackend:
             wall_time_s=lim.wall_time_s,
             owner_pid=os.getpid() if ctx.one_shot else None,
         )
-        return {
-            "watchdog_pid": watchdog,
-            "wall_time_s": lim.wall_time_s,
-            "pid": pid,
-            "pid_start": process_start_time(pid),
-            "socket": str(vm.channel_path),
-            "qmp": str(vm.qmp_path),
-            "console_log": str(vm.console_log),
-            "stderr_log": str(safe_join(ctx.run_dir, "qemu.stderr")),
-            "run_dir": str(ctx.run_dir),
-            "image": art.digest,
-            "kernel_release": art.kernel_release,
-            "accel": accel,
-            "vcpus": _vcpus(lim.cpus),
-            "guest_mib": guest_memory_mib(lim.memory_mib),
-            "tap": TAP if net else None,
-            "host_uid": ctx.host_uid,
-            "started_at": time.time(),
-        }
+        return QemuInfo(
+            watchdog_pid=watchdog,
+            wall_time_s=lim.wall_time_s,
+            pid=pid,
+            pid_start=process_start_time(pid),
+            socket=str(vm.channel_path),
+            qmp=str(vm.qmp_path),
+            console_log=str(vm.console_log),
+            stderr_log=str(safe_join(ctx.run_dir, "qemu.stderr")),
+            run_dir=str(ctx.run_dir),
+            image=art.digest,
+            kernel_release=art.kernel_release,
+            accel=accel,
+            vcpus=_vcpus(lim.cpus),
+            guest_mib=guest_memory_mib(lim.memory_mib),
+            tap=tap,
+            host_uid=ctx.host_uid,
+            started_at=time.time(),
+        )
 
-    async def wait_exited(self, info: dict[str, Any]) -> None:
-        """Return once QEMU has exited (the manager races this against readiness)."""
-        vm = self._vms.get(int(info["pid"]))
-        if vm is not None:
-            await vm.wait_exit()
-            return
-        await wait_gone(info.get("pid"), info.get("pid_start"))
+    async def wait_exited(self, info: QemuInfo) -> None:
+        await self._vms.wait_exited(info)
 
-    async def open_channel(self, info: dict[str, Any], *, timeout: float = 5.0) -> Connection:
+    async def start_failure(self, info: QemuInfo) -> IronclawError:
+        return exited_early(Path(info.stderr_log))
+
+    async def open_channel(
+        self, info: QemuInfo | Mapping[str, Any], *, timeout: float = 5.0
+    ) -> Connection:
         """Connect to the agent's virtio-serial socket, retrying while QEMU creates it.
 
         Bytes sent before the guest opens its port wait in the socket, so a booting VM
         is simply slow to answer, not unreachable.
         """
+        info = QemuInfo.of(info)
         deadline = time.monotonic() + timeout
         while True:
             try:
-                return await unix.connect(info["socket"], timeout=max(0.1, timeout))
+                return await unix.connect(info.socket, timeout=max(0.1, timeout))
             except ConnectError as exc:
-                alive = same_process(info.get("pid"), info.get("pid_start"))
+                alive = same_process(info.pid, info.pid_start)
                 if not alive or time.monotonic() >= deadline:
-                    raise ConnectError(
-                        f"cannot reach the agent in this VM ({exc}); it may have stopped: "
-                        "see `ironclaw sandbox ls`"
-                    ) from exc
+                    raise agent_unreachable(exc, "in this VM") from exc
             await asyncio.sleep(0.02)
 
-    async def stop(self, info: dict[str, Any], *, timeout: float = 2.0) -> None:
+    async def stop(self, info: QemuInfo, *, timeout: float = 2.0) -> None:
         """QMP ``quit`` (QEMU exits at once; the workspace is scratch), then SIGKILL."""
-        pid, start = info.get("pid"), info.get("pid_start")
-        if same_process(pid, start):
-            assert isinstance(pid, int)
+
+        async def quit_vm() -> None:
             with contextlib.suppress(QmpError, OSError):
-                qmp = await QmpClient.connect(Path(info["qmp"]), limit_s=min(1.0, timeout))
+                qmp = await QmpClient.connect(Path(info.qmp), limit_s=min(1.0, timeout))
                 try:
                     await qmp.execute("quit", limit_s=min(1.0, timeout))
                 finally:
                     await qmp.close()
-            await wait_gone(pid, start, timeout=timeout / 2)
-            if same_process(pid, start):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
-        vm = self._vms.pop(int(pid), None) if pid else None
-        if vm is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(vm.wait_exit(), timeout)
-        await wait_gone(pid, start, timeout=timeout)
-        if same_process(pid, start):
-            raise BackendError(f"QEMU (pid {pid}) did not exit")
-        # QEMU ran unprivileged and could not remove its own files from the 0700 run dir.
-        run_dir = Path(str(info.get("run_dir", "")))
-        if info.get("run_dir"):
-            for name in _RUN_FILES:
-                with contextlib.suppress(OSError):
-                    safe_join(run_dir, name).unlink()
 
-    async def inspect(self, info: dict[str, Any]) -> BackendStatus:
-        if same_process(info.get("pid"), info.get("pid_start")):
-            return BackendStatus(alive=True)
-        tail = ""
-        for key in ("stderr_log", "console_log"):
-            with contextlib.suppress(OSError, KeyError):
-                text = Path(str(info[key])).read_text(errors="replace").strip()
-                if text:
-                    tail = text[-300:]
-                    break
-        wall, started = info.get("wall_time_s"), float(info.get("started_at", 0.0))
-        if wall and time.time() - started >= float(wall) - 0.5:
-            return BackendStatus(alive=False, reason="timeout: wall-time limit reached")
-        return BackendStatus(alive=False, reason="qemu exited" + (f": {tail}" if tail else ""))
+        await stop_vmm(info, name="QEMU", graceful=quit_vm, children=self._vms, timeout=timeout)
+        # QEMU ran unprivileged and could not remove its own files from the 0700 run dir.
+        if info.run_dir:
+            remove_run_files(Path(info.run_dir), RUN_FILES)
+
+    async def inspect(self, info: QemuInfo) -> BackendStatus:
+        logs = (info.stderr_log, info.console_log)
+        return vm_status(info, "qemu", logs, limit=300, wall_time_s=info.wall_time_s)
 
     # -- internals -----------------------------------------------------------------------
-
-    def _image(self, ctx: LaunchContext) -> ImageArtifacts:
-        if self.artifacts is not None:
-            return self.artifacts
-        name = "default" if ctx.spec.image == "host" else ctx.spec.image
-        found = find_image(ctx.settings, name)
-        if found is None:
-            raise BackendError(f"no VM image {name!r} is built yet: run `ironclaw image build`")
-        return found
 
     async def _accel(self, art: ImageArtifacts, settings: Settings) -> Accel:
         """KVM when a probe boot works there; the verdict is cached on disk and here."""

@@ -8,38 +8,46 @@ outlives the CLI that started it; ``stop`` ends it for good and removes its sock
 
 KVM is used when a real boot under it works: some hosts expose ``/dev/kvm`` but cannot
 run a stock kernel with it, so :func:`probe_accel` boots once and caches the verdict.
+The command line is built by :mod:`.cmdline`, readiness proven by :mod:`.ready`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import functools
-import hashlib
-import importlib
-import json
 import logging
 import os
-import platform
-import re
-import resource
 import select
 import shutil
 import signal
-import subprocess
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from ironclaw.backends.qemu.accel import probe_accel
+from ironclaw.backends.qemu.cmdline import (
+    AGENT_PORT,
+    TCG_TB_MIB,
+    Accel,
+    QemuPaths,
+    guest_env_script,
+    kernel_cmdline,
+    qemu_argv,
+    qemu_binary,
+    shell_quote,
+)
 from ironclaw.backends.qemu.qmp import QmpClient, QmpError
+from ironclaw.backends.qemu.ready import ReadyProbe, agent_usable, ping_probe, ready_line_probe
+from ironclaw.backends.vm import remove_run_files, spawn_vmm
 from ironclaw.config import Settings, ensure_private_dir, safe_join
 from ironclaw.errors import BackendError, ConfigError, SandboxNotFound, SandboxTimeout
-from ironclaw.images import GUEST_PKG_DIR, ImageArtifacts, make_workspace_image, require_tool
+from ironclaw.images import ImageArtifacts, make_workspace_image
 
 __all__ = [
     "AGENT_PORT",
+    "RUN_FILES",
     "TCG_TB_MIB",
     "Accel",
     "QemuVm",
@@ -54,142 +62,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Accel = Literal["kvm", "tcg"]
-#: Given the channel's socket path; returns whatever proves the guest is ready.
-ReadyProbe = Callable[[Path], Awaitable[dict[str, Any]]]
-
-AGENT_PORT = "org.ironclaw.agent"
-_QEMU = "qemu-system-x86_64"
-_QEMU_PACKAGE = "qemu-system-x86"
-_PROBE_MARK = "IRONCLAW-PROBE-OK"
+#: What QEMU leaves in the run directory and ``stop`` removes (QEMU, run unprivileged,
+#: cannot remove them itself).
+RUN_FILES = ("agent.sock", "qmp.sock", "qemu.pid")
 _SUN_PATH_MAX = 107
 _warned_tcg: list[bool] = []  # warn once per process, not once per VM
-
-
-def qemu_binary() -> str:
-    return require_tool(_QEMU, _QEMU_PACKAGE)
-
-
-def _tsc_khz() -> int | None:
-    """The host TSC rate: TCG's guest TSC ticks with the host's, and telling the guest
-    kernel so skips a calibration that hangs at random under TCG."""
-    with contextlib.suppress(OSError):
-        m = re.search(r"^cpu MHz\s*:\s*([0-9.]+)", Path("/proc/cpuinfo").read_text(), re.M)
-        if m:
-            return int(float(m.group(1)) * 1000)
-    return None
-
-
-def kernel_cmdline(
-    accel: Accel, *, hostname: str = "sandbox", ip: str | None = None, extra: tuple[str, ...] = ()
-) -> str:
-    """The guest kernel's command line (virtio-mmio devices are found through ACPI)."""
-    args = [
-        "console=ttyS0",
-        "reboot=t",
-        "panic=-1",
-        "quiet",
-        "loglevel=4",
-        "random.trust_cpu=on",
-        "i8042.noaux",
-        "i8042.nokbd",
-        f"ironclaw.hostname={hostname}",
-    ]
-    if accel == "tcg":
-        khz = _tsc_khz()
-        if khz:
-            args.append(f"tsc_early_khz={khz}")
-    if ip:
-        args.append(f"ip={ip}")
-    return " ".join([*args, *extra])
-
-
-#: TCG's translation cache, bounded: QEMU's default (up to 1 GiB, filled as code is
-#: translated) would let a long-running guest push QEMU past its memory cgroup.
-TCG_TB_MIB = 64
-
-
-def _machine_args(accel: Accel, cpus: int, memory_mib: int) -> list[str]:
-    # "max" measured fastest under TCG (qemu64 +6%, Nehalem +20% to agent ready).
-    cpu = "host" if accel == "kvm" else "max"
-    return [
-        "-M",
-        "microvm,acpi=on,rtc=on,isa-serial=on,x-option-roms=off",
-        "-accel",
-        accel if accel == "kvm" else f"tcg,tb-size={TCG_TB_MIB}",
-        "-cpu",
-        cpu,
-        "-smp",
-        str(cpus),
-        "-m",
-        f"{memory_mib}M",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-no-reboot",
-    ]
-
-
-def _probe_cache(settings: Settings) -> Path:
-    return safe_join(settings.state_dir, "qemu-accel.json")
-
-
-def _probe_key(artifacts: ImageArtifacts) -> str:
-    qemu = Path(qemu_binary())
-    st = qemu.stat()
-    raw = f"{platform.release()}|{qemu}|{st.st_mtime_ns}|{artifacts.kernel_release}"
-    return hashlib.sha256(raw.encode()).hexdigest()[:24]
-
-
-def probe_accel(
-    artifacts: ImageArtifacts, settings: Settings | None = None, *, timeout: float = 15.0
-) -> Accel:
-    """``"kvm"`` if the image's kernel reaches its initramfs under KVM, else ``"tcg"``.
-
-    The verdict is cached in the state directory per host kernel, QEMU binary and guest
-    kernel. The probe boot is bounded by ``timeout``: a KVM that hangs counts as broken.
-    """
-    settings = settings or Settings.from_env()
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "tcg"
-    cache = _probe_cache(settings)
-    key = _probe_key(artifacts)
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        data = json.loads(cache.read_text())
-        if data["key"] == key and data["accel"] in ("kvm", "tcg"):
-            return "kvm" if data["accel"] == "kvm" else "tcg"
-    verdict: Accel = "tcg"
-    argv = [
-        qemu_binary(),
-        *_machine_args("kvm", 1, 256),
-        "-kernel",
-        str(artifacts.vmlinux),
-        "-initrd",
-        str(artifacts.initramfs),
-        "-append",
-        kernel_cmdline("kvm", extra=("ironclaw.probe=1",)),
-        "-serial",
-        "stdio",
-    ]
-    started = time.monotonic()
-    try:
-        out = subprocess.run(
-            argv,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=timeout,
-            check=False,
-        )
-        if _PROBE_MARK.encode() in out.stdout:
-            verdict = "kvm"
-    except subprocess.TimeoutExpired:
-        pass
-    log.info("KVM probe: %s after %.1fs", verdict, time.monotonic() - started)
-    ensure_private_dir(settings.state_dir)
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "accel": verdict}))
-    os.replace(tmp, cache)
-    return verdict
 
 
 class QemuVm:
@@ -319,93 +196,46 @@ class QemuVm:
         self.accel = chosen
         self.kernel_release = artifacts.kernel_release
         self._agent_in_image = agent_usable(artifacts)
-        argv = [
-            qemu,
-            *_machine_args(chosen, cpus, memory_mib),
-            "-kernel",
-            str(artifacts.vmlinux),
-            "-initrd",
-            str(artifacts.initramfs),
-            "-append",
-            kernel_cmdline(
-                chosen,
-                hostname=hostname,
-                ip=guest_ip,
-                extra=() if self._agent_in_image else ("ironclaw.agent=off",),
-            ),
-            "-chardev",
-            f"file,id=con,path={self.console_log}",
-            "-serial",
-            "chardev:con",
-            "-drive",
-            f"id=root,file={artifacts.ext4},format=raw,if=none,readonly=on",
-            "-device",
-            "virtio-blk-device,drive=root,serial=ironclaw-root",
-            "-device",
-            "virtio-serial-device,max_ports=4",
-            "-chardev",
-            f"socket,id=agent,path={self.channel_path},server=on,wait=off",
-            "-device",
-            f"virtserialport,chardev=agent,name={AGENT_PORT}",
-            "-qmp",
-            f"unix:{self.qmp_path},server=on,wait=off",
-            "-pidfile",
-            str(self._path("qemu.pid")),
-        ]
+        workspace: Path | None = None
         if workspace_mib > 0:
-            ws = self._path("workspace.ext4")
-            await make_workspace_image(ws, workspace_mib, journal=False)
-            argv += [
-                "-drive",
-                f"id=ws,file={ws},format=raw,if=none,cache=unsafe,discard=unmap",
-                "-device",
-                "virtio-blk-device,drive=ws,serial=ironclaw-ws",
-            ]
-        if tap_ifname is not None:
-            mac = "52:54:00:" + ":".join(
-                f"{b:02x}" for b in hashlib.blake2b(tap_ifname.encode(), digest_size=3).digest()
-            )
-            argv += [
-                "-netdev",
-                f"tap,id=net0,ifname={tap_ifname},script=no,downscript=no",
-                "-device",
-                f"virtio-net-device,netdev=net0,mac={mac}",
-            ]
+            workspace = self._path("workspace.ext4")
+            await make_workspace_image(workspace, workspace_mib, journal=False)
+        env_disk: Path | None = None
         if guest_env:
-            cfg = self._path("guest-env.sh")
-            cfg.write_bytes(guest_env_script(guest_env))
-            argv += [
-                "-drive",
-                f"id=cfg,file={cfg},format=raw,if=none,readonly=on",
-                "-device",
-                "virtio-blk-device,drive=cfg,serial=ironclaw-cfg",
-            ]
+            env_disk = self._path("guest-env.sh")
+            env_disk.write_bytes(guest_env_script(guest_env))
+        argv = qemu_argv(
+            qemu,
+            artifacts,
+            QemuPaths(
+                channel=self.channel_path,
+                qmp=self.qmp_path,
+                console_log=self.console_log,
+                pid_file=self._path("qemu.pid"),
+            ),
+            accel=chosen,
+            cpus=cpus,
+            memory_mib=memory_mib,
+            hostname=hostname,
+            guest_ip=guest_ip,
+            agent=self._agent_in_image,
+            workspace=workspace,
+            tap_ifname=tap_ifname,
+            env_disk=env_disk,
+            incoming=incoming,
+            run_as=run_as,
+        )
         self._agent_reconnects = incoming is not None
-        if incoming is not None:
-            argv += ["-incoming", f"exec:cat {_shell_quote(str(incoming))}"]
-        if run_as is not None:
-            argv += ["-runas", f"{run_as}:{run_as}", "-S"]
         self.console_log.write_bytes(b"")
         stderr_path = self._path("qemu.stderr")
-        err_fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        netns_fd = -1
-        try:
-            if netns_path is not None:
-                netns_fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
-            self._proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=err_fd,
-                stderr=err_fd,
-                start_new_session=True,
-                preexec_fn=_make_preexec(netns_fd, tuple(cgroup_fds)),
-            )
-        except OSError as exc:
-            raise BackendError(f"cannot start {qemu}: {exc}") from exc
-        finally:
-            os.close(err_fd)
-            if netns_fd >= 0:
-                os.close(netns_fd)
+        self._proc = await spawn_vmm(
+            argv,
+            output=stderr_path,
+            truncate=True,
+            netns_path=netns_path,
+            cgroup_fds=cgroup_fds,
+            no_core_dumps=True,
+        )
         try:
             self._qmp = await self._connect_qmp(stderr_path, deadline=time.monotonic() + 10)
             if run_as is not None:
@@ -452,13 +282,13 @@ class QemuVm:
         """
         if probe is None:
             if not self._agent_in_image:
-                probe = _ready_line_probe
+                probe = ready_line_probe
             elif self._agent_reconnects:
                 # Not a fresh boot: the agent may be between host connections (see
                 # _ping_probe), as after a restore, an attach or an earlier probe.
-                probe = functools.partial(_ping_probe, attempt_s=3.0)
+                probe = functools.partial(ping_probe, attempt_s=3.0)
             else:
-                probe = _ping_probe
+                probe = ping_probe
         proc = self._proc
         if proc is None:
             raise BackendError("VM not started")
@@ -537,9 +367,7 @@ class QemuVm:
             await self._qmp.close()
             self._qmp = None
         if self._run_dir is not None:
-            for name in ("agent.sock", "qmp.sock", "qemu.pid"):
-                with contextlib.suppress(FileNotFoundError):
-                    self._path(name).unlink()
+            remove_run_files(self._run_dir, RUN_FILES)
 
     # -- snapshots -----------------------------------------------------------------
     async def snapshot_save(self, path: Path, limit_s: float = 120.0) -> None:
@@ -550,7 +378,7 @@ class QemuVm:
         (if any) is not inside the file: copy ``workspace.ext4`` alongside it.
         """
         cat = shutil.which("cat") or "/bin/cat"
-        uri = f"exec:{_shell_quote(cat)} > {_shell_quote(str(path))}"
+        uri = f"exec:{shell_quote(cat)} > {shell_quote(str(path))}"
         await self.qmp.execute("migrate", {"uri": uri})
         async with asyncio.timeout(limit_s):
             while True:
@@ -564,49 +392,6 @@ class QemuVm:
 
     async def resume(self) -> None:
         await self.qmp.execute("cont")
-
-
-def _shell_quote(s: str) -> str:
-    return "'" + s.replace("'", "'\\''") + "'"
-
-
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def guest_env_script(env: Mapping[str, str]) -> bytes:
-    """The guest init sources this from the ``ironclaw-cfg`` disk: quoted ``export`` lines.
-
-    Padded with newlines (not NULs, which a shell would choke on) to whole sectors.
-    """
-    lines = []
-    for name, value in env.items():
-        if not _ENV_NAME.fullmatch(name) or "\0" in value:
-            raise ConfigError(f"environment variable {name!r} cannot be passed to a VM")
-        lines.append(f"export {name}={_shell_quote(value)}\n")
-    data = "".join(lines).encode()
-    return data + b"\n" * (512 - len(data) % 512)
-
-
-_CLONE_NEWNET = 0x40000000
-_libc: ctypes.CDLL | None = None
-
-
-def _make_preexec(netns_fd: int, cgroup_fds: tuple[int, ...]) -> Callable[[], None]:
-    """Between fork and exec, still root: join the cgroups and the netns, no core dumps."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    libc = _libc
-
-    def preexec() -> None:  # pragma: no cover - runs between fork and exec
-        pid = str(os.getpid()).encode()
-        for fd in cgroup_fds:
-            os.write(fd, pid)
-        if netns_fd >= 0 and libc.setns(netns_fd, _CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns(CLONE_NEWNET) failed")
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-    return preexec
 
 
 def check_dropped(pid: int, uid: int) -> None:
@@ -689,61 +474,3 @@ async def _wait_exit(proc: _Proc, limit_s: float) -> bool:
     except TimeoutError:
         return False
     return True
-
-
-async def _connect_channel(path: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    while True:
-        try:
-            return await asyncio.open_unix_connection(str(path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            await asyncio.sleep(0.02)
-
-
-async def _ready_line_probe(path: Path) -> dict[str, Any]:
-    """Read the fallback init's ``READY <release>`` line (images without an agent)."""
-    reader, writer = await _connect_channel(path)
-    try:
-        while True:
-            line = await reader.readline()
-            if not line:
-                raise BackendError("channel closed before READY")
-            text = line.decode(errors="replace").strip()
-            if text.startswith("READY "):
-                return {"kernel": text.split(" ", 1)[1], "agent": False}
-    finally:
-        writer.close()
-
-
-def agent_usable(artifacts: ImageArtifacts) -> bool:
-    """Whether to run the image's agent: it must exist and the host must speak its rpc."""
-    if not (artifacts.rootfs_dir / GUEST_PKG_DIR / "guest" / "__main__.py").is_file():
-        return False
-    try:
-        rpc = importlib.import_module("ironclaw.rpc")
-    except ImportError:
-        return False
-    return hasattr(rpc, "Peer")
-
-
-async def _ping_probe(path: Path, attempt_s: float | None = None) -> dict[str, Any]:
-    """Call the guest agent's ``ping`` over ironclaw.rpc on the channel.
-
-    On a fresh boot the first attempt waits as long as it takes: bytes sent before the
-    agent opens its port wait in the socket. A guest restored from a snapshot may have
-    been closing and reopening its port when it was saved, which can drop a request, so
-    there each attempt is bounded by ``attempt_s`` and retried on a new connection.
-    """
-    unix: Any = importlib.import_module("ironclaw.transport.unix")
-    rpc: Any = importlib.import_module("ironclaw.rpc")
-    while True:
-        conn = await unix.connect(path)
-        peer = rpc.Peer(conn, name="qemu-ready-probe")
-        await peer.start()
-        try:
-            async with asyncio.timeout(attempt_s):
-                result: dict[str, Any] = await peer.call("ping")
-            return {**result, "agent": True}
-        except TimeoutError:
-            continue
-        finally:
-            await peer.aclose()

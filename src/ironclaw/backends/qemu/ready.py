@@ -1,0 +1,69 @@
+"""How a booting VM proves it is ready: its agent answers ``ping`` on the channel, or,
+in an image without the agent, the fallback init writes ``READY <kernel release>``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from ironclaw.errors import BackendError
+from ironclaw.images import GUEST_PKG_DIR, ImageArtifacts
+from ironclaw.rpc import Peer
+from ironclaw.transport import unix
+
+__all__ = ["ReadyProbe", "agent_usable", "ping_probe", "ready_line_probe"]
+
+#: Given the channel's socket path; returns whatever proves the guest is ready.
+ReadyProbe = Callable[[Path], Awaitable[dict[str, Any]]]
+
+
+def agent_usable(artifacts: ImageArtifacts) -> bool:
+    """Whether to run the image's agent: the image must carry it."""
+    return (artifacts.rootfs_dir / GUEST_PKG_DIR / "guest" / "__main__.py").is_file()
+
+
+async def _connect_channel(path: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    while True:
+        try:
+            return await asyncio.open_unix_connection(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            await asyncio.sleep(0.02)
+
+
+async def ready_line_probe(path: Path) -> dict[str, Any]:
+    """Read the fallback init's ``READY <release>`` line (images without an agent)."""
+    reader, writer = await _connect_channel(path)
+    try:
+        while True:
+            line = await reader.readline()
+            if not line:
+                raise BackendError("channel closed before READY")
+            text = line.decode(errors="replace").strip()
+            if text.startswith("READY "):
+                return {"kernel": text.split(" ", 1)[1], "agent": False}
+    finally:
+        writer.close()
+
+
+async def ping_probe(path: Path, attempt_s: float | None = None) -> dict[str, Any]:
+    """Call the guest agent's ``ping`` over ironclaw.rpc on the channel.
+
+    On a fresh boot the first attempt waits as long as it takes: bytes sent before the
+    agent opens its port wait in the socket. A guest restored from a snapshot may have
+    been closing and reopening its port when it was saved, which can drop a request, so
+    there each attempt is bounded by ``attempt_s`` and retried on a new connection.
+    """
+    while True:
+        conn = await unix.connect(path)
+        peer = Peer(conn, name="qemu-ready-probe")
+        await peer.start()
+        try:
+            async with asyncio.timeout(attempt_s):
+                result: dict[str, Any] = await peer.call("ping")
+            return {**result, "agent": True}
+        except TimeoutError:
+            continue
+        finally:
+            await peer.aclose()

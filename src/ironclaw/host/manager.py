@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +28,7 @@ from ironclaw.backends.base import (
     LaunchContext,
     process_start_time,
 )
-from ironclaw.config import DEFAULT_UID_BASE, Settings, ensure_private_dir
+from ironclaw.config import DEFAULT_UID_BASE, Settings, ensure_private_dir, safe_join
 from ironclaw.errors import (
     BackendError,
     ChannelClosed,
@@ -47,9 +48,11 @@ from ironclaw.host.guest import (
 )
 from ironclaw.host.reconcile import GcReport
 from ironclaw.ids import new_sandbox_id, validate_sandbox_id
+from ironclaw.resources.audit import append_line
 from ironclaw.resources.store import SandboxRecord, Store
 from ironclaw.rpc import HOST_LIMITS, Peer
 from ironclaw.spec import SandboxSpec, parse_spec
+from ironclaw.transport import Connection
 
 if TYPE_CHECKING:
     from ironclaw.resources.cgroups import Cgroup, CgroupManager
@@ -145,6 +148,7 @@ class SandboxManager:
         self._reconcile_on_open = reconcile_on_open
         self._backends: dict[str, Backend[Any]] = {}
         self._peers: dict[str, Peer] = {}
+        self._background: set[asyncio.Future[None]] = set()  # audit writes in flight
         self._cgroups: CgroupManager | None = None
         self._net: NetworkManager | None = None
         self._owned: set[str] = set()
@@ -310,10 +314,10 @@ class SandboxManager:
     ) -> Peer:
         async def ping() -> Peer:
             conn = await backend.open_channel(info, timeout=timeout)
-            peer = Peer(conn, name=f"host:{sid}", limits=HOST_LIMITS)
+            peer = self._host_peer(sid, conn)
             await peer.start()
             try:
-                await peer.call("ping", timeout=timeout)
+                await GuestClient(peer, sid).ping(timeout=timeout)
             except BaseException:
                 await peer.aclose()
                 raise
@@ -502,10 +506,29 @@ class SandboxManager:
                 + "; remove it with `ironclaw sandbox rm`"
             )
         conn = await self.backend(record.backend).open_channel(record.info)
-        peer = Peer(conn, name=f"host:{sandbox_id}", limits=HOST_LIMITS)
+        peer = self._host_peer(sandbox_id, conn)
         await peer.start()
         self._peers[sandbox_id] = peer
         return peer
+
+    def _host_peer(self, sid: str, conn: Connection) -> Peer:
+        """The host's end of a sandbox's channel: strict limits, violations audited.
+
+        A guest that breaks a rule of the channel loses that channel (the peer closes
+        it); the violation goes into the sandbox's audit log, which a task's trace
+        merges, so a person can see why.
+        """
+
+        def record(peer: Peer, error: BaseException) -> None:
+            doc = {"event": "channel.violation", "sandbox_id": sid, "ts": time.time(),
+                   "error": f"{type(error).__name__}: {error}"}  # fmt: skip
+            line = json.dumps(doc)
+            path = safe_join(self.settings.sandbox_state_dir(sid), "audit.jsonl")
+            task = asyncio.ensure_future(asyncio.to_thread(append_line, path, line))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+        return Peer(conn, name=f"host:{sid}", limits=HOST_LIMITS, on_protocol_error=record)
 
     async def guest(self, sandbox_id: str) -> GuestClient:
         """A typed client of the sandbox's agent, over the cached connection."""

@@ -37,6 +37,7 @@ from ironclaw.config import DEFAULT_UID_BASE, Settings, ensure_private_dir, safe
 from ironclaw.errors import ConfigError, IronclawError, NetworkError
 from ironclaw.ids import validate_sandbox_id
 from ironclaw.policy.network import PROXY_PORT, TABLE, NetworkPolicy, sandbox_names
+from ironclaw.resources.audit import append_line
 from ironclaw.resources.firewall import Firewall
 from ironclaw.resources.guest_bundle import GUEST_PYTHON, bundle_path
 
@@ -501,7 +502,7 @@ class NetworkManager:
             "dropped_packets": dropped,
         }
         path = self.audit_path(sandbox_id)
-        await asyncio.to_thread(_append_line, path, json.dumps(record))
+        await asyncio.to_thread(append_line, path, json.dumps(record))
 
 
 def _write_untrusted_dir(directory: Path, name: str, data: bytes, owner: int) -> None:
@@ -536,12 +537,3 @@ def _write_untrusted_dir(directory: Path, name: str, data: bytes, owner: int) ->
         raise NetworkError(f"cannot write {name} in {directory}: {exc}") from exc
     finally:
         os.close(dfd)
-
-
-def _append_line(path: Path, line: str) -> None:
-    ensure_private_dir(path.parent)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, (line + "\n").encode())
-    finally:
-        os.close(fd)

@@ -10,7 +10,8 @@ from typing import Any
 
 from ironclaw.errors import BackendError
 from ironclaw.images import GUEST_PKG_DIR, ImageArtifacts
-from ironclaw.rpc import Peer
+from ironclaw.proto import methods
+from ironclaw.rpc import HOST_LIMITS, Peer
 from ironclaw.transport import unix
 
 __all__ = ["ReadyProbe", "agent_usable", "ping_probe", "ready_line_probe"]
@@ -57,12 +58,12 @@ async def ping_probe(path: Path, attempt_s: float | None = None) -> dict[str, An
     """
     while True:
         conn = await unix.connect(path)
-        peer = Peer(conn, name="qemu-ready-probe")
+        peer = Peer(conn, name="qemu-ready-probe", limits=HOST_LIMITS)
         await peer.start()
         try:
             async with asyncio.timeout(attempt_s):
-                result: dict[str, Any] = await peer.call("ping")
-            return {**result, "agent": True}
+                pong = await methods.call(peer, methods.PingRequest(), methods.PingResult)
+            return {**methods.to_json(pong), "agent": True}
         except TimeoutError:
             continue
         finally:

@@ -14,13 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from proxy_lab import EXPLICIT, PEER, Lab, get, statuses
 
 from ironclaw.config import Settings
 from ironclaw.errors import NetworkError
 from ironclaw.policy.network import NetworkPolicy
 from ironclaw.resources.guest_bundle import GUEST_PYTHON
 from ironclaw.resources.net import NetworkManager
+
+from .proxy_lab import EXPLICIT, PEER, Lab, get, statuses
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 

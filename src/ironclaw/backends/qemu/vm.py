@@ -25,7 +25,6 @@ import platform
 import re
 import resource
 import select
-import shutil
 import signal
 import subprocess
 import time
@@ -40,6 +39,7 @@ from ironclaw.images import GUEST_PKG_DIR, ImageArtifacts, make_workspace_image,
 
 __all__ = [
     "AGENT_PORT",
+    "SANDBOX_ENV",
     "TCG_TB_MIB",
     "Accel",
     "QemuVm",
@@ -50,6 +50,8 @@ __all__ = [
     "kernel_cmdline",
     "probe_accel",
     "qemu_binary",
+    "sandbox_args",
+    "sandbox_problem",
 ]
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,69 @@ _warned_tcg: list[bool] = []  # warn once per process, not once per VM
 
 def qemu_binary() -> str:
     return require_tool(_QEMU, _QEMU_PACKAGE)
+
+
+#: ``off`` runs QEMU without its seccomp filter (a QEMU built without libseccomp).
+SANDBOX_ENV = "IRONCLAW_QEMU_SANDBOX"
+
+
+def _sandbox_value(runas: bool) -> str:
+    """QEMU's own seccomp filter: no obsolete syscalls, no fork/exec, no scheduler,
+    priority, affinity or rlimit changes, no set*id.
+
+    Except with ``-runas``: QEMU 7.2 installs the filter before ``-runas`` calls
+    setgid/setuid, so ``elevateprivileges=deny`` kills it (SIGSYS) at start. After that
+    drop QEMU holds no root id and no capability (``check_dropped``) and runs with
+    no_new_privs, so a set*id call can only trade the sandbox uid for itself.
+    """
+    elevate = "allow" if runas else "deny"
+    return f"on,obsolete=deny,elevateprivileges={elevate},spawn=deny,resourcecontrol=deny"
+
+
+@functools.cache
+def _probe_sandbox(qemu: str, mtime_ns: int) -> str | None:
+    argv = [qemu, "-sandbox", _sandbox_value(False), "-M", "none", "-nodefaults"]
+    argv += ["-display", "none", "-qmp", "stdio"]
+    try:
+        out = subprocess.run(
+            argv,
+            input=b'{"execute": "qmp_capabilities"}\n{"execute": "quit"}\n',
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return str(exc)
+    if out.returncode == 0:
+        return None
+    return out.stderr.decode(errors="replace").strip()[-300:] or f"exit {out.returncode}"
+
+
+def sandbox_problem() -> str | None:
+    """Why this host's QEMU cannot install its seccomp filter (``-sandbox``), or None.
+
+    Probed once per binary: QEMU built without libseccomp rejects the option.
+    """
+    qemu = Path(qemu_binary())
+    return _probe_sandbox(str(qemu), qemu.stat().st_mtime_ns)
+
+
+def sandbox_args(*, runas: bool) -> list[str]:
+    """The ``-sandbox`` option for every QEMU launch; raise if QEMU cannot honour it.
+
+    Blocking on the first call (one probe run of QEMU). :data:`SANDBOX_ENV` ``=off``
+    opts out, for a QEMU built without seccomp support.
+    """
+    if os.environ.get(SANDBOX_ENV, "on") == "off":
+        return []
+    why = sandbox_problem()
+    if why is not None:
+        raise ConfigError(
+            f"{_QEMU} cannot confine itself with seccomp (-sandbox): {why}. Install a QEMU "
+            f"built with libseccomp (apt-get install {_QEMU_PACKAGE}), or set {SANDBOX_ENV}=off "
+            "to run VMs without QEMU's own syscall filter"
+        )
+    return ["-sandbox", _sandbox_value(runas)]
 
 
 def _tsc_khz() -> int | None:
@@ -161,6 +226,7 @@ def probe_accel(
     verdict: Accel = "tcg"
     argv = [
         qemu_binary(),
+        *sandbox_args(runas=False),
         *_machine_args("kvm", 1, 256),
         "-kernel",
         str(artifacts.vmlinux),
@@ -284,7 +350,8 @@ class QemuVm:
         NIC on ``tap_ifname``; the tap must already exist in ``netns_path`` (QEMU is
         started inside that namespace, so the sandbox's firewall applies to it).
         ``workspace_mib`` > 0 gives a fresh ext4 disk at /workspace, else a tmpfs.
-        ``incoming`` restores a snapshot written by :meth:`snapshot_save`.
+        ``incoming`` restores a snapshot written by :meth:`snapshot_save` (read from a
+        descriptor this process opens: QEMU may neither spawn a reader nor open the file).
 
         ``run_as`` makes QEMU drop to that host uid (and gid) once it has opened its
         files: it starts paused, and the guest runs only after every QEMU thread is seen
@@ -298,10 +365,10 @@ class QemuVm:
             raise ConfigError(f"bad VM size: cpus={cpus} memory_mib={memory_mib}")
         if (tap_ifname is None) != (netns_path is None) and tap_ifname is not None:
             raise ConfigError("tap_ifname needs netns_path (the tap lives in the sandbox netns)")
-        if run_as is not None and (run_as <= 0 or incoming is not None):
-            # An incoming exec: migration forks its helper before QEMU drops root.
-            raise ConfigError("run_as needs a non-root uid and cannot restore a snapshot")
+        if run_as is not None and run_as <= 0:
+            raise ConfigError("run_as needs a non-root uid")
         qemu = qemu_binary()
+        sandbox = await asyncio.to_thread(sandbox_args, runas=run_as is not None)
         self._run_dir = ensure_private_dir(run_dir)
         for sock in (self.channel_path, self.qmp_path):
             if len(os.fsencode(sock)) > _SUN_PATH_MAX:
@@ -321,6 +388,7 @@ class QemuVm:
         self._agent_in_image = agent_usable(artifacts)
         argv = [
             qemu,
+            *sandbox,
             *_machine_args(chosen, cpus, memory_mib),
             "-kernel",
             str(artifacts.vmlinux),
@@ -381,31 +449,34 @@ class QemuVm:
                 "virtio-blk-device,drive=cfg,serial=ironclaw-cfg",
             ]
         self._agent_reconnects = incoming is not None
-        if incoming is not None:
-            argv += ["-incoming", f"exec:cat {_shell_quote(str(incoming))}"]
         if run_as is not None:
             argv += ["-runas", f"{run_as}:{run_as}", "-S"]
         self.console_log.write_bytes(b"")
         stderr_path = self._path("qemu.stderr")
         err_fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        netns_fd = -1
+        netns_fd = in_fd = -1
         try:
             if netns_path is not None:
                 netns_fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+            if incoming is not None:
+                in_fd = os.open(incoming, os.O_RDONLY | os.O_CLOEXEC)
+                argv += ["-incoming", f"fd:{in_fd}"]
             self._proc = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=err_fd,
                 stderr=err_fd,
                 start_new_session=True,
+                pass_fds=(in_fd,) if in_fd >= 0 else (),
                 preexec_fn=_make_preexec(netns_fd, tuple(cgroup_fds)),
             )
         except OSError as exc:
             raise BackendError(f"cannot start {qemu}: {exc}") from exc
         finally:
             os.close(err_fd)
-            if netns_fd >= 0:
-                os.close(netns_fd)
+            for fd in (netns_fd, in_fd):
+                if fd >= 0:
+                    os.close(fd)
         try:
             self._qmp = await self._connect_qmp(stderr_path, deadline=time.monotonic() + 10)
             if run_as is not None:
@@ -547,11 +618,16 @@ class QemuVm:
 
         Migration to a file: microvm has no writable qcow2 for ``savevm``. The VM is
         paused afterwards; ``cont`` or :meth:`resume` continues it. The workspace disk
-        (if any) is not inside the file: copy ``workspace.ext4`` alongside it.
+        (if any) is not inside the file: copy ``workspace.ext4`` alongside it. The file
+        is opened here and handed over on the QMP socket: a sandboxed QEMU may not spawn
+        a writer, and an unprivileged one could not open the path.
         """
-        cat = shutil.which("cat") or "/bin/cat"
-        uri = f"exec:{_shell_quote(cat)} > {_shell_quote(str(path))}"
-        await self.qmp.execute("migrate", {"uri": uri})
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            await self.qmp.execute("getfd", {"fdname": "snapshot"}, fds=(fd,))
+        finally:
+            os.close(fd)
+        await self.qmp.execute("migrate", {"uri": "fd:snapshot"})
         async with asyncio.timeout(limit_s):
             while True:
                 info = await self.qmp.execute("query-migrate")

@@ -29,6 +29,7 @@ from ironclaw.backends.qemu.qmp import QmpClient, QmpError
 from ironclaw.backends.qemu.vm import QemuVm
 from ironclaw.config import Settings
 from ironclaw.errors import ConfigError, SandboxNotFound
+from ironclaw.host.doctor import _qemu_sandbox
 from ironclaw.images import ImageArtifacts
 
 HAVE_QEMU = shutil.which("qemu-system-x86_64") is not None
@@ -216,7 +217,11 @@ def test_a_qemu_without_seccomp_is_refused_with_the_fix(
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     monkeypatch.delenv(qemu.SANDBOX_ENV, raising=False)
     assert "seccomp support is disabled" in (qemu.sandbox_problem() or "")
-    with pytest.raises(ConfigError, match=f"apt-get install qemu-system-x86.*{qemu.SANDBOX_ENV}=off"):
+    check = _qemu_sandbox()
+    assert not check.ok and check.fix is not None and qemu.SANDBOX_ENV in check.fix
+    with pytest.raises(
+        ConfigError, match=f"apt-get install qemu-system-x86.*{qemu.SANDBOX_ENV}=off"
+    ):
         qemu.sandbox_args(runas=True)
     monkeypatch.setenv(qemu.SANDBOX_ENV, "off")
     assert qemu.sandbox_args(runas=True) == []
@@ -224,6 +229,7 @@ def test_a_qemu_without_seccomp_is_refused_with_the_fix(
     monkeypatch.setenv("PATH", os.defpath)
     monkeypatch.delenv(qemu.SANDBOX_ENV)
     assert qemu.sandbox_problem() is None
+    assert _qemu_sandbox().ok
 
 
 async def _closed(client: QmpClient) -> bool:

@@ -10,6 +10,11 @@ How a sandbox is launched, and why:
   capabilities before it lets the guest run (QMP ``cont``). Handing every file over as a
   descriptor instead was rejected: QEMU 7.2 opens ``/dev/kvm`` by path, which that uid
   may not open.
+* **QEMU's own seccomp filter.** Every launch carries ``-sandbox on`` with obsolete
+  syscalls, fork/exec and scheduler/priority/rlimit changes denied (QEMU dies of SIGSYS
+  if it tries to spawn); ``elevateprivileges`` stays allowed only because QEMU 7.2
+  installs the filter before ``-runas`` drops root. A QEMU without seccomp support is
+  refused unless ``IRONCLAW_QEMU_SANDBOX=off``.
 * **Limits before exec.** The child joins the sandbox's cgroups (``cgroup.procs`` opened
   by root in the parent) and its network namespace, and loses core dumps, before it
   execs QEMU, so every QEMU thread is inside the limits from the first instruction.
@@ -42,7 +47,14 @@ from ironclaw.backends.base import (
     wait_gone,
 )
 from ironclaw.backends.qemu.qmp import QmpClient, QmpError
-from ironclaw.backends.qemu.vm import Accel, QemuVm, agent_usable, probe_accel, qemu_binary
+from ironclaw.backends.qemu.vm import (
+    Accel,
+    QemuVm,
+    agent_usable,
+    probe_accel,
+    qemu_binary,
+    sandbox_args,
+)
 from ironclaw.config import Settings, safe_join
 from ironclaw.errors import BackendError, ConfigError, ConnectError
 from ironclaw.images import ImageArtifacts, find_image
@@ -92,6 +104,7 @@ class QemuBackend:
     async def prepare(self, ctx: LaunchContext) -> None:
         try:
             qemu_binary()
+            await asyncio.to_thread(sandbox_args, runas=True)
         except ConfigError as exc:
             raise BackendError(str(exc)) from None
         if ctx.spec.mounts:
@@ -158,7 +171,8 @@ class QemuBackend:
         assert pid is not None
         self._vms[pid] = vm
         # -runas clears the parent-death signal and QEMU has no supervisor: a watchdog
-        # enforces the wall-time limit and ends a one-shot VM with its owner.
+        # enforces the wall-time limit and ends a one-shot VM with its owner. It runs as
+        # a uid of its own, which QEMU's uid cannot signal.
         watchdog = await asyncio.to_thread(
             spawn_watchdog,
             pid,

@@ -122,6 +122,20 @@ def test_the_watched_uid_cannot_kill_its_watchdog_which_still_kills_on_time() ->
             capture_output=True, text=True, check=False,
         )  # fmt: skip
         assert via_pidfd.stdout.strip() == "EPERM", via_pidfd.stderr
+        # Nor inspect it: reading its memory map needs ptrace access (PTRACE_MODE_READ).
+        peek = subprocess.run(
+            [*as_target, "cat", f"/proc/{wd}/maps"], capture_output=True, text=True, check=False
+        )
+        assert peek.returncode != 0 and "Permission denied" in peek.stderr
+        # Non-dumpable: its /proc files belong to root, so that uid cannot, say, raise its
+        # oom_score_adj to make it the OOM killer's first choice.
+        assert os.stat(f"/proc/{wd}/oom_score_adj").st_uid == 0
+        raise_oom = subprocess.run(
+            [*as_target, "sh", "-c", f"echo 1000 > /proc/{wd}/oom_score_adj"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert raise_oom.returncode != 0
+        assert Path(f"/proc/{wd}/oom_score_adj").read_text().strip() == "0"
         # The same uid can still signal the target, so the check above is not vacuous.
         same = subprocess.run([*as_target, "kill", "-0", str(target.pid)], check=False)
         assert same.returncode == 0

@@ -24,14 +24,17 @@ import pytest
 
 from conftest import image_cache_settings
 from ironclaw import images
+from ironclaw.backends.qemu import seccomp
 from ironclaw.backends.qemu import vm as qemu
 from ironclaw.backends.qemu.qmp import QmpClient, QmpError
+from ironclaw.backends.qemu.seccomp import sandbox_args
 from ironclaw.backends.qemu.vm import QemuVm
 from ironclaw.config import Settings
 from ironclaw.errors import ConfigError, SandboxNotFound
 from ironclaw.host.doctor import _qemu_sandbox
 from ironclaw.images import ImageArtifacts
 
+_QEMU = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
 HAVE_QEMU = shutil.which("qemu-system-x86_64") is not None
 needs_qemu = pytest.mark.skipif(not HAVE_QEMU, reason="qemu-system-x86 not installed")
 
@@ -182,7 +185,7 @@ async def _spawn_attempt(run_dir: Path, sandbox: list[str]) -> int | None:
 async def test_the_sandboxed_qemu_is_killed_when_it_tries_to_spawn(run_dir: Path) -> None:
     """The production flags (with -runas): a fork ends QEMU with SIGSYS. The same QEMU
     without -sandbox forks its migration helper and lives on."""
-    assert await _spawn_attempt(run_dir / "on", qemu.sandbox_args(runas=True)) == -signal.SIGSYS
+    assert await _spawn_attempt(run_dir / "on", sandbox_args(_QEMU, runas=True)) == -signal.SIGSYS
     assert await _spawn_attempt(run_dir / "off", []) is None
 
 
@@ -193,7 +196,7 @@ async def test_elevateprivileges_deny_still_breaks_runas(run_dir: Path) -> None:
     before -runas drops root, and dies of it. If this starts failing, deny it there too."""
     run_dir.mkdir(mode=0o700)
     out = await asyncio.create_subprocess_exec(
-        "qemu-system-x86_64", "-sandbox", qemu._sandbox_value(False), "-M", "none",
+        "qemu-system-x86_64", "-sandbox", seccomp.sandbox_value(runas=False), "-M", "none",
         "-nodefaults", "-display", "none", "-runas", "65534:65534", "-qmp", "stdio",
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
@@ -215,20 +218,19 @@ def test_a_qemu_without_seccomp_is_refused_with_the_fix(
     )
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
-    monkeypatch.delenv(qemu.SANDBOX_ENV, raising=False)
-    assert "seccomp support is disabled" in (qemu.sandbox_problem() or "")
+    monkeypatch.delenv(seccomp.SANDBOX_ENV, raising=False)
+    assert "seccomp support is disabled" in (seccomp.sandbox_problem(str(fake)) or "")
     check = _qemu_sandbox()
-    assert not check.ok and check.fix is not None and qemu.SANDBOX_ENV in check.fix
+    assert not check.ok and check.fix is not None and seccomp.SANDBOX_ENV in check.fix
     with pytest.raises(
-        ConfigError, match=f"apt-get install qemu-system-x86.*{qemu.SANDBOX_ENV}=off"
+        ConfigError, match=f"apt-get install qemu-system-x86.*{seccomp.SANDBOX_ENV}=off"
     ):
-        qemu.sandbox_args(runas=True)
-    monkeypatch.setenv(qemu.SANDBOX_ENV, "off")
-    assert qemu.sandbox_args(runas=True) == []
-    monkeypatch.delenv("PATH")
-    monkeypatch.setenv("PATH", os.defpath)
-    monkeypatch.delenv(qemu.SANDBOX_ENV)
-    assert qemu.sandbox_problem() is None
+        sandbox_args(str(fake), runas=True)
+    monkeypatch.setenv(seccomp.SANDBOX_ENV, "off")
+    assert sandbox_args(str(fake), runas=True) == []
+    monkeypatch.setenv("PATH", os.defpath)  # the real QEMU again
+    monkeypatch.delenv(seccomp.SANDBOX_ENV)
+    assert seccomp.sandbox_problem(_QEMU) is None
     assert _qemu_sandbox().ok
 
 

@@ -117,9 +117,10 @@ def _seccomp() -> Check:
 
 def _qemu_sandbox() -> Check:
     """QEMU must install its own seccomp filter (``-sandbox``): probed with a real run."""
-    from ironclaw.backends.qemu.vm import SANDBOX_ENV, sandbox_problem
+    from ironclaw.backends.qemu.seccomp import SANDBOX_ENV, sandbox_problem
+    from ironclaw.backends.qemu.vm import qemu_binary
 
-    why = sandbox_problem()
+    why = sandbox_problem(qemu_binary())
     if why is None:
         return Check("qemu sandbox", True, "QEMU confines itself with seccomp (-sandbox on)")
     off = os.environ.get(SANDBOX_ENV) == "off"

@@ -47,14 +47,8 @@ from ironclaw.backends.base import (
     wait_gone,
 )
 from ironclaw.backends.qemu.qmp import QmpClient, QmpError
-from ironclaw.backends.qemu.vm import (
-    Accel,
-    QemuVm,
-    agent_usable,
-    probe_accel,
-    qemu_binary,
-    sandbox_args,
-)
+from ironclaw.backends.qemu.seccomp import sandbox_args
+from ironclaw.backends.qemu.vm import Accel, QemuVm, agent_usable, probe_accel, qemu_binary
 from ironclaw.config import Settings, safe_join
 from ironclaw.errors import BackendError, ConfigError, ConnectError
 from ironclaw.images import ImageArtifacts, find_image
@@ -103,8 +97,7 @@ class QemuBackend:
 
     async def prepare(self, ctx: LaunchContext) -> None:
         try:
-            qemu_binary()
-            await asyncio.to_thread(sandbox_args, runas=True)
+            await asyncio.to_thread(sandbox_args, qemu_binary(), runas=True)
         except ConfigError as exc:
             raise BackendError(str(exc)) from None
         if ctx.spec.mounts:

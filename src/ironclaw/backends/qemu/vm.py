@@ -33,13 +33,13 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from ironclaw.backends.qemu.qmp import QmpClient, QmpError
+from ironclaw.backends.qemu.seccomp import sandbox_args
 from ironclaw.config import Settings, ensure_private_dir, safe_join
 from ironclaw.errors import BackendError, ConfigError, SandboxNotFound, SandboxTimeout
 from ironclaw.images import GUEST_PKG_DIR, ImageArtifacts, make_workspace_image, require_tool
 
 __all__ = [
     "AGENT_PORT",
-    "SANDBOX_ENV",
     "TCG_TB_MIB",
     "Accel",
     "QemuVm",
@@ -50,8 +50,6 @@ __all__ = [
     "kernel_cmdline",
     "probe_accel",
     "qemu_binary",
-    "sandbox_args",
-    "sandbox_problem",
 ]
 
 log = logging.getLogger(__name__)
@@ -70,69 +68,6 @@ _warned_tcg: list[bool] = []  # warn once per process, not once per VM
 
 def qemu_binary() -> str:
     return require_tool(_QEMU, _QEMU_PACKAGE)
-
-
-#: ``off`` runs QEMU without its seccomp filter (a QEMU built without libseccomp).
-SANDBOX_ENV = "IRONCLAW_QEMU_SANDBOX"
-
-
-def _sandbox_value(runas: bool) -> str:
-    """QEMU's own seccomp filter: no obsolete syscalls, no fork/exec, no scheduler,
-    priority, affinity or rlimit changes, no set*id.
-
-    Except with ``-runas``: QEMU 7.2 installs the filter before ``-runas`` calls
-    setgid/setuid, so ``elevateprivileges=deny`` kills it (SIGSYS) at start. After that
-    drop QEMU holds no root id and no capability (``check_dropped``) and runs with
-    no_new_privs, so a set*id call can only trade the sandbox uid for itself.
-    """
-    elevate = "allow" if runas else "deny"
-    return f"on,obsolete=deny,elevateprivileges={elevate},spawn=deny,resourcecontrol=deny"
-
-
-@functools.cache
-def _probe_sandbox(qemu: str, mtime_ns: int) -> str | None:
-    argv = [qemu, "-sandbox", _sandbox_value(False), "-M", "none", "-nodefaults"]
-    argv += ["-display", "none", "-qmp", "stdio"]
-    try:
-        out = subprocess.run(
-            argv,
-            input=b'{"execute": "qmp_capabilities"}\n{"execute": "quit"}\n',
-            capture_output=True,
-            timeout=30,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return str(exc)
-    if out.returncode == 0:
-        return None
-    return out.stderr.decode(errors="replace").strip()[-300:] or f"exit {out.returncode}"
-
-
-def sandbox_problem() -> str | None:
-    """Why this host's QEMU cannot install its seccomp filter (``-sandbox``), or None.
-
-    Probed once per binary: QEMU built without libseccomp rejects the option.
-    """
-    qemu = Path(qemu_binary())
-    return _probe_sandbox(str(qemu), qemu.stat().st_mtime_ns)
-
-
-def sandbox_args(*, runas: bool) -> list[str]:
-    """The ``-sandbox`` option for every QEMU launch; raise if QEMU cannot honour it.
-
-    Blocking on the first call (one probe run of QEMU). :data:`SANDBOX_ENV` ``=off``
-    opts out, for a QEMU built without seccomp support.
-    """
-    if os.environ.get(SANDBOX_ENV, "on") == "off":
-        return []
-    why = sandbox_problem()
-    if why is not None:
-        raise ConfigError(
-            f"{_QEMU} cannot confine itself with seccomp (-sandbox): {why}. Install a QEMU "
-            f"built with libseccomp (apt-get install {_QEMU_PACKAGE}), or set {SANDBOX_ENV}=off "
-            "to run VMs without QEMU's own syscall filter"
-        )
-    return ["-sandbox", _sandbox_value(runas)]
 
 
 def _tsc_khz() -> int | None:
@@ -224,9 +159,10 @@ def probe_accel(
         if data["key"] == key and data["accel"] in ("kvm", "tcg"):
             return "kvm" if data["accel"] == "kvm" else "tcg"
     verdict: Accel = "tcg"
+    qemu = qemu_binary()
     argv = [
-        qemu_binary(),
-        *sandbox_args(runas=False),
+        qemu,
+        *sandbox_args(qemu, runas=False),
         *_machine_args("kvm", 1, 256),
         "-kernel",
         str(artifacts.vmlinux),
@@ -368,7 +304,7 @@ class QemuVm:
         if run_as is not None and run_as <= 0:
             raise ConfigError("run_as needs a non-root uid")
         qemu = qemu_binary()
-        sandbox = await asyncio.to_thread(sandbox_args, runas=run_as is not None)
+        sandbox = await asyncio.to_thread(sandbox_args, qemu, runas=run_as is not None)
         self._run_dir = ensure_private_dir(run_dir)
         for sock in (self.channel_path, self.qmp_path):
             if len(os.fsencode(sock)) > _SUN_PATH_MAX:

@@ -33,6 +33,7 @@ from ironclaw.config import Settings
 from ironclaw.errors import ConfigError, SandboxNotFound
 from ironclaw.host.doctor import _qemu_sandbox
 from ironclaw.images import ImageArtifacts
+from ironclaw.resources.procs import is_zombie
 
 _QEMU = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
 HAVE_QEMU = shutil.which("qemu-system-x86_64") is not None
@@ -90,11 +91,13 @@ def _assert_confined(pid: int, *, runas: bool) -> list[bytes]:
 
 
 def _alive(pid: int) -> bool:
+    """Running, that is: a zombie (exited, its parent's child watcher not yet through
+    with it) is not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    return not is_zombie(pid)
 
 
 @needs_qemu

@@ -8,6 +8,7 @@ makes a stale cache impossible, so a change to the guest sources simply rebuilds
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -23,14 +24,18 @@ import pytest
 
 from conftest import image_cache_settings
 from ironclaw import images
-from ironclaw.backends.qemu import accel
+from ironclaw.backends.qemu import accel, seccomp
 from ironclaw.backends.qemu import vm as qemu
 from ironclaw.backends.qemu.qmp import QmpClient, QmpError
+from ironclaw.backends.qemu.seccomp import sandbox_args
 from ironclaw.backends.qemu.vm import QemuVm
 from ironclaw.config import Settings
 from ironclaw.errors import ConfigError, SandboxNotFound
+from ironclaw.host.doctor import _qemu_sandbox
 from ironclaw.images import ImageArtifacts
+from ironclaw.resources.procs import is_zombie
 
+_QEMU = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
 HAVE_QEMU = shutil.which("qemu-system-x86_64") is not None
 needs_qemu = pytest.mark.skipif(not HAVE_QEMU, reason="qemu-system-x86 not installed")
 
@@ -63,12 +68,36 @@ async def vm() -> AsyncIterator[QemuVm]:
     await machine.kill()
 
 
+def _status(pid: int) -> dict[str, str]:
+    text = Path(f"/proc/{pid}/status").read_text()
+    return {k: v.strip() for k, v in (line.split(":", 1) for line in text.splitlines())}
+
+
+def _assert_confined(pid: int, *, runas: bool) -> list[bytes]:
+    """QEMU's seccomp filter is on (mode 2) with every denial; returns its command line."""
+    assert _status(pid)["Seccomp"] == "2"
+    assert _status(pid)["NoNewPrivs"] == "1"
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    value = cmdline[cmdline.index(b"-sandbox") + 1].decode()
+    opts = dict(kv.split("=") for kv in value.split(",")[1:])
+    assert value.startswith("on,")
+    assert opts == {
+        "obsolete": "deny",
+        "elevateprivileges": "allow" if runas else "deny",
+        "spawn": "deny",
+        "resourcecontrol": "deny",
+    }
+    return cmdline
+
+
 def _alive(pid: int) -> bool:
+    """Running, that is: a zombie (exited, its parent's child watcher not yet through
+    with it) is not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    return not is_zombie(pid)
 
 
 @needs_qemu
@@ -116,6 +145,96 @@ async def test_qmp_against_real_qemu(run_dir: Path) -> None:
             proc.kill()
             await proc.wait()
     assert not sock.exists()
+
+
+async def _spawn_attempt(run_dir: Path, sandbox: list[str]) -> int | None:
+    """Start a paused, de-privileged microvm and ask it to fork (an ``exec:`` migration).
+
+    Its exit status if QEMU died of it within a few seconds, else None (it survived).
+    """
+    run_dir.mkdir(mode=0o700, parents=True)
+    sock = run_dir / "qmp.sock"
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-system-x86_64", *sandbox, "-M", "microvm", "-accel", "tcg", "-nodefaults",
+        "-no-user-config", "-display", "none", "-S", "-runas", "65534:65534",
+        "-qmp", f"unix:{sock},server=on,wait=off",
+        stdin=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(20):
+            while not sock.exists():
+                await asyncio.sleep(0.01)
+        client = await QmpClient.connect(sock)
+        try:
+            if sandbox:
+                _assert_confined(proc.pid, runas=True)
+            with contextlib.suppress(QmpError):
+                await client.execute("migrate", {"uri": "exec:true"})
+                await asyncio.sleep(0.5)
+                await client.execute("query-migrate")
+        finally:
+            await client.close()
+        with contextlib.suppress(TimeoutError):
+            return await asyncio.wait_for(proc.wait(), 3)
+        return None
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+@needs_qemu
+@pytest.mark.root
+async def test_the_sandboxed_qemu_is_killed_when_it_tries_to_spawn(run_dir: Path) -> None:
+    """The production flags (with -runas): a fork ends QEMU with SIGSYS. The same QEMU
+    without -sandbox forks its migration helper and lives on."""
+    assert await _spawn_attempt(run_dir / "on", sandbox_args(_QEMU, runas=True)) == -signal.SIGSYS
+    assert await _spawn_attempt(run_dir / "off", []) is None
+
+
+@needs_qemu
+@pytest.mark.root
+async def test_elevateprivileges_deny_still_breaks_runas(run_dir: Path) -> None:
+    """Why ``elevateprivileges`` stays allowed with -runas: QEMU 7.2 installs its filter
+    before -runas drops root, and dies of it. If this starts failing, deny it there too."""
+    run_dir.mkdir(mode=0o700)
+    out = await asyncio.create_subprocess_exec(
+        "qemu-system-x86_64", "-sandbox", seccomp.sandbox_value(runas=False), "-M", "none",
+        "-nodefaults", "-display", "none", "-runas", "65534:65534", "-qmp", "stdio",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        await asyncio.wait_for(out.communicate(b'{"execute": "qmp_capabilities"}\n'), 20)
+    assert out.returncode == -signal.SIGSYS
+
+
+@needs_qemu
+def test_a_qemu_without_seccomp_is_refused_with_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stand-in for a QEMU built without libseccomp (it rejects -sandbox as such a build
+    does); the opt-out setting lets it run unconfined."""
+    fake = tmp_path / "qemu-system-x86_64"
+    fake.write_text(
+        "#!/bin/sh\necho 'qemu-system-x86_64: -sandbox on: "
+        "seccomp support is disabled' >&2\nexit 1\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.delenv(seccomp.SANDBOX_ENV, raising=False)
+    assert "seccomp support is disabled" in (seccomp.sandbox_problem(str(fake)) or "")
+    check = _qemu_sandbox()
+    assert not check.ok and check.fix is not None and seccomp.SANDBOX_ENV in check.fix
+    with pytest.raises(
+        ConfigError, match=f"apt-get install qemu-system-x86.*{seccomp.SANDBOX_ENV}=off"
+    ):
+        sandbox_args(str(fake), runas=True)
+    monkeypatch.setenv(seccomp.SANDBOX_ENV, "off")
+    assert sandbox_args(str(fake), runas=True) == []
+    monkeypatch.setenv("PATH", os.defpath)  # the real QEMU again
+    monkeypatch.delenv(seccomp.SANDBOX_ENV)
+    assert seccomp.sandbox_problem(_QEMU) is None
+    assert _qemu_sandbox().ok
 
 
 async def _closed(client: QmpClient) -> bool:
@@ -234,6 +353,7 @@ async def test_boot_reports_guest_kernel_and_stop_leaves_nothing(
     pid = vm.pid
     assert pid is not None
     assert vm.channel_path.exists()
+    assert b"-runas" not in _assert_confined(pid, runas=False)
     info = await vm.wait_ready(90)
     assert info["kernel"] == image.kernel_release
     assert info["kernel"] != platform.release()
@@ -267,15 +387,22 @@ async def test_boot_reports_guest_kernel_and_stop_leaves_nothing(
 
 
 @pytest.mark.vm
+@pytest.mark.root
 @pytest.mark.timeout(900)
 async def test_snapshot_save_and_restore(image: ImageArtifacts, run_dir: Path) -> None:
+    """Both VMs de-privileged and sandboxed: the snapshot file and the restore source are
+    descriptors handed to QEMU, which may neither fork a helper nor open them itself."""
     first, second = QemuVm(), QemuVm()
     snap = run_dir.with_name(run_dir.name + ".snap")
+    uid = 65534
     try:
-        await first.start(image, run_dir, memory_mib=256, settings=image_cache_settings())
+        await first.start(
+            image, run_dir, memory_mib=256, settings=image_cache_settings(), run_as=uid
+        )
         await first.wait_ready(90)
         await first.snapshot_save(snap)
         assert await first.query_status() == "postmigrate"
+        assert snap.stat().st_uid == 0 and snap.stat().st_size > 1 << 20
         await first.kill()
         started = time.monotonic()
         await second.start(
@@ -284,11 +411,22 @@ async def test_snapshot_save_and_restore(image: ImageArtifacts, run_dir: Path) -
             memory_mib=256,
             incoming=snap,
             settings=image_cache_settings(),
+            run_as=uid,
         )
+        pid = second.pid
+        assert pid is not None
+        cmdline = _assert_confined(pid, runas=True)
+        assert cmdline[cmdline.index(b"-runas") + 1] == f"{uid}:{uid}".encode()
+        assert cmdline[cmdline.index(b"-incoming") + 1].startswith(b"fd:")
+        assert _status(pid)["Uid"].split() == [str(uid)] * 4
         info = await second.wait_ready(30)
         assert info["kernel"] == image.kernel_release
         # Restoring skips the boot entirely.
         assert time.monotonic() - started < 15
+        # The restored QEMU is confined too: asked to fork, it dies of its filter.
+        with contextlib.suppress(QmpError):
+            await second.qmp.execute("migrate", {"uri": "exec:true"})
+        assert await asyncio.wait_for(second.wait_exit(), 10) == -signal.SIGSYS
     finally:
         await first.kill()
         await second.kill()

@@ -29,6 +29,7 @@ from ironclaw.host.manager import SandboxManager
 from ironclaw.images import ImageArtifacts
 from ironclaw.policy.network import sandbox_names
 from ironclaw.resources.procs import host_uid, processes_with_uid_in
+from ironclaw.resources.watchdog import watchdog_uid
 from nethelpers import PROBE, PeerHost, sh
 
 BOOTS_MS: list[float] = []  # boot-to-ready through the manager, reported at the end
@@ -70,6 +71,8 @@ def _assert_unprivileged(mgr: SandboxManager, sid: str, info: dict[str, object])
     uid = int(str(info["host_uid"]))
     pids = set(_qemu_pids(str(info["run_dir"]))) | set(mgr.cgroups.open(sid).pids())
     assert int(str(info["pid"])) in pids
+    qemu_status = Path(f"/proc/{info['pid']}/status").read_text()
+    assert "\nSeccomp:\t2\n" in qemu_status, "QEMU runs without its seccomp filter"
     for pid in pids:
         assert host_uid(pid) == uid, (pid, host_uid(pid))
         status = Path(f"/proc/{pid}/status").read_text()
@@ -251,7 +254,16 @@ async def test_vm_wall_time_limit_ends_it_with_the_reason(
     limits = {"memory_mib": 384, "workspace_mib": 64, "wall_time_s": 20}
     sid = await _create_timed(manager, _spec(limits=limits))
     record = await manager.get(sid)
-    assert host_uid(int(record.info["watchdog_pid"])) == record.info["host_uid"]
+    watchdog, uid = int(record.info["watchdog_pid"]), int(record.info["host_uid"])
+    assert host_uid(watchdog) == watchdog_uid() != uid
+    # A guest escaped into QEMU has QEMU's uid, and cannot end the watchdog with it.
+    kill = subprocess.run(
+        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+         "kill", "-9", str(watchdog)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert kill.returncode != 0 and "Operation not permitted" in kill.stderr
+    assert host_uid(watchdog) == watchdog_uid()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (await manager.get(sid)).state != "dead":
         await asyncio.sleep(0.5)

@@ -19,7 +19,8 @@ from ironclaw.ids import validate_sandbox_id
 __all__ = ["DEFAULT_UID_BASE", "Settings", "ensure_private_dir", "safe_join"]
 
 #: Host uids of sandboxes are ``base + slot`` (below 2^31: user-namespace maps refuse
-#: more); ``base - 1`` is the egress proxies' uid. ``IRONCLAW_UID_BASE`` moves the range.
+#: more); ``base - 1`` is the egress proxies' uid, ``base - 2`` the VM watchdogs'.
+#: ``IRONCLAW_UID_BASE`` moves the range.
 DEFAULT_UID_BASE = 2_000_000_000
 
 

@@ -125,11 +125,13 @@ async def spawn_vmm(
     cgroup_fds: Sequence[int],
     env: Mapping[str, str] | None = None,
     no_core_dumps: bool = False,
+    pass_fds: Sequence[int] = (),
 ) -> asyncio.subprocess.Process:
     """Start the VMM in its own session, stdout and stderr to ``output``.
 
     The session lets it outlive the CLI that started it; the cgroup descriptors
-    (``cgroup.procs`` opened by root) stay the caller's to close.
+    (``cgroup.procs`` opened by root) and ``pass_fds`` (inherited as they are) stay the
+    caller's to close.
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if truncate else os.O_APPEND)
     out_fd = os.open(output, flags, 0o600)
@@ -144,6 +146,7 @@ async def spawn_vmm(
             stderr=out_fd,
             start_new_session=True,
             env=dict(env) if env is not None else None,
+            pass_fds=tuple(pass_fds),
             preexec_fn=vmm_preexec(cgroup_fds, netns_fd, no_core_dumps=no_core_dumps),
         )
     except OSError as exc:

@@ -115,6 +115,24 @@ def _seccomp() -> Check:
     return Check("seccomp", True, f"default profile compiles to {size} bytes of BPF", None, True)
 
 
+def _qemu_sandbox() -> Check:
+    """QEMU must install its own seccomp filter (``-sandbox``): probed with a real run."""
+    from ironclaw.backends.qemu.seccomp import SANDBOX_ENV, sandbox_problem
+    from ironclaw.backends.qemu.vm import qemu_binary
+
+    why = sandbox_problem(qemu_binary())
+    if why is None:
+        return Check("qemu sandbox", True, "QEMU confines itself with seccomp (-sandbox on)")
+    off = os.environ.get(SANDBOX_ENV) == "off"
+    return Check(
+        "qemu sandbox",
+        False,
+        f"QEMU lacks seccomp support: {why}"
+        + (f" ({SANDBOX_ENV}=off: VMs run without it)" if off else ""),
+        f"apt-get install qemu-system-x86 (a QEMU built with libseccomp), or set {SANDBOX_ENV}=off",
+    )
+
+
 def _cgroups() -> Check:
     v2 = Path("/sys/fs/cgroup/cgroup.controllers")
     if v2.exists():
@@ -204,6 +222,8 @@ async def run_checks() -> list[Check]:
     )
     userns = await _userns()
     checks = [tools[0], userns, _seccomp(), _cgroups(), tools[1], tools[2], _kvm(), *tools[3:]]
+    if tools[3].ok:
+        checks.insert(checks.index(tools[3]) + 1, await asyncio.to_thread(_qemu_sandbox))
     checks.insert(checks.index(tools[1]) + 1, _nftables())
     from ironclaw.backends.firecracker import probe_firecracker
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from ironclaw.backends.qemu.cmdline import Accel, kernel_cmdline, machine_args, qemu_binary
+from ironclaw.backends.qemu.seccomp import sandbox_args
 from ironclaw.config import Settings, ensure_private_dir, safe_join
 from ironclaw.images import ImageArtifacts
 
@@ -56,8 +57,10 @@ def probe_accel(
         if data["key"] == key and data["accel"] in ("kvm", "tcg"):
             return "kvm" if data["accel"] == "kvm" else "tcg"
     verdict: Accel = "tcg"
+    qemu = qemu_binary()
     argv = [
-        qemu_binary(),
+        qemu,
+        *sandbox_args(qemu, runas=False),
         *machine_args("kvm", 1, 256),
         "-kernel",
         str(artifacts.vmlinux),

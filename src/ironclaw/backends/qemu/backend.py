@@ -10,6 +10,11 @@ How a sandbox is launched, and why:
   capabilities before it lets the guest run (QMP ``cont``). Handing every file over as a
   descriptor instead was rejected: QEMU 7.2 opens ``/dev/kvm`` by path, which that uid
   may not open.
+* **QEMU's own seccomp filter.** Every launch carries ``-sandbox on`` with obsolete
+  syscalls, fork/exec and scheduler/priority/rlimit changes denied (QEMU dies of SIGSYS
+  if it tries to spawn); ``elevateprivileges`` stays allowed only because QEMU 7.2
+  installs the filter before ``-runas`` drops root. A QEMU without seccomp support is
+  refused unless ``IRONCLAW_QEMU_SANDBOX=off``.
 * **Limits before exec.** The child joins the sandbox's cgroups (``cgroup.procs`` opened
   by root in the parent) and its network namespace, and loses core dumps, before it
   execs QEMU, so every QEMU thread is inside the limits from the first instruction.
@@ -46,6 +51,7 @@ from ironclaw.backends.qemu.accel import probe_accel
 from ironclaw.backends.qemu.cmdline import Accel, qemu_binary
 from ironclaw.backends.qemu.qmp import QmpClient, QmpError
 from ironclaw.backends.qemu.ready import agent_usable
+from ironclaw.backends.qemu.seccomp import sandbox_args
 from ironclaw.backends.qemu.vm import RUN_FILES, QemuVm
 from ironclaw.backends.vm import (
     VmChildren,
@@ -122,7 +128,7 @@ class QemuBackend:
 
     async def prepare(self, ctx: LaunchContext) -> None:
         try:
-            qemu_binary()
+            await asyncio.to_thread(sandbox_args, qemu_binary(), runas=True)
         except ConfigError as exc:
             raise BackendError(str(exc)) from None
         if ctx.spec.mounts:
@@ -178,7 +184,8 @@ class QemuBackend:
         assert pid is not None
         self._vms.add(pid, vm.wait_exit)
         # -runas clears the parent-death signal and QEMU has no supervisor: a watchdog
-        # enforces the wall-time limit and ends a one-shot VM with its owner.
+        # enforces the wall-time limit and ends a one-shot VM with its owner. It runs as
+        # a uid of its own, which QEMU's uid cannot signal.
         watchdog = await asyncio.to_thread(
             spawn_watchdog,
             pid,

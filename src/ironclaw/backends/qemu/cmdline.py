@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -122,17 +122,20 @@ def qemu_argv(
     workspace: Path | None = None,
     tap_ifname: str | None = None,
     env_disk: Path | None = None,
-    incoming: Path | None = None,
+    incoming_fd: int | None = None,
     run_as: int | None = None,
+    sandbox: Sequence[str] = (),
 ) -> list[str]:
     """The whole QEMU command line of one sandbox VM.
 
     ``workspace`` is a fresh ext4 image for /workspace, ``env_disk`` the guest
-    environment script (:func:`guest_env_script`), ``incoming`` a snapshot to restore;
-    ``run_as`` makes QEMU drop to that uid and gid and start paused (``-S``).
+    environment script (:func:`guest_env_script`), ``incoming_fd`` an inherited
+    descriptor of a snapshot to restore; ``run_as`` makes QEMU drop to that uid and gid
+    and start paused (``-S``); ``sandbox`` is QEMU's own seccomp option (:mod:`.seccomp`).
     """
     argv = [
         qemu,
+        *sandbox,
         *machine_args(accel, cpus, memory_mib),
         "-kernel",
         str(artifacts.vmlinux),
@@ -188,8 +191,8 @@ def qemu_argv(
             "-device",
             "virtio-blk-device,drive=cfg,serial=ironclaw-cfg",
         ]
-    if incoming is not None:
-        argv += ["-incoming", f"exec:cat {shell_quote(str(incoming))}"]
+    if incoming_fd is not None:
+        argv += ["-incoming", f"fd:{incoming_fd}"]
     if run_as is not None:
         argv += ["-runas", f"{run_as}:{run_as}", "-S"]
     return argv

@@ -12,6 +12,9 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
+import socket
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,9 +96,17 @@ class QmpClient:
         return self._closed is not None
 
     async def execute(
-        self, command: str, arguments: dict[str, Any] | None = None, *, limit_s: float = 10.0
+        self,
+        command: str,
+        arguments: dict[str, Any] | None = None,
+        *,
+        limit_s: float = 10.0,
+        fds: Sequence[int] = (),
     ) -> Any:
-        """Run one command and return its ``return`` value; raise :class:`QmpError`."""
+        """Run one command and return its ``return`` value; raise :class:`QmpError`.
+
+        ``fds`` ride along with the command as SCM_RIGHTS (for ``getfd``/``add-fd``).
+        """
         if self._closed is not None:
             raise QmpError(f"QMP {command}: connection closed")
         ident = next(self._ids)
@@ -105,7 +116,12 @@ class QmpClient:
         if arguments:
             msg["arguments"] = arguments
         try:
-            self._writer.write(json.dumps(msg).encode() + b"\n")
+            data = json.dumps(msg).encode() + b"\n"
+            if fds:
+                await self._writer.drain()  # nothing of an earlier command may follow
+                self._send_with_fds(data, fds)
+            else:
+                self._writer.write(data)
             await self._writer.drain()
             async with asyncio.timeout(limit_s):
                 return await fut
@@ -115,6 +131,17 @@ class QmpClient:
             raise QmpError(f"QMP {command}: no answer within {limit_s}s") from exc
         finally:
             self._pending.pop(ident, None)
+
+    def _send_with_fds(self, data: bytes, fds: Sequence[int]) -> None:
+        """Send ``data`` with ``fds`` attached, straight on the socket (asyncio's writer
+        cannot carry ancillary data); the rest, if the send was short, goes the usual way."""
+        transport_sock = self._writer.get_extra_info("socket")
+        if transport_sock is None:
+            raise OSError("QMP transport has no socket to pass descriptors on")
+        with socket.socket(fileno=os.dup(transport_sock.fileno())) as sock:
+            sent = socket.send_fds(sock, [data], list(fds))
+        if sent < len(data):
+            self._writer.write(data[sent:])
 
     async def wait_event(self, name: str, limit_s: float) -> dict[str, Any]:
         """Wait for (and consume) the first event called ``name``, past or future."""

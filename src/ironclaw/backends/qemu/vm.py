@@ -19,7 +19,6 @@ import functools
 import logging
 import os
 import select
-import shutil
 import signal
 import time
 from collections.abc import Mapping, Sequence
@@ -36,10 +35,10 @@ from ironclaw.backends.qemu.cmdline import (
     kernel_cmdline,
     qemu_argv,
     qemu_binary,
-    shell_quote,
 )
 from ironclaw.backends.qemu.qmp import QmpClient, QmpError
 from ironclaw.backends.qemu.ready import ReadyProbe, agent_usable, ping_probe, ready_line_probe
+from ironclaw.backends.qemu.seccomp import sandbox_args
 from ironclaw.backends.vm import remove_run_files, spawn_vmm
 from ironclaw.config import Settings, ensure_private_dir, safe_join
 from ironclaw.errors import BackendError, ConfigError, SandboxNotFound, SandboxTimeout
@@ -161,7 +160,8 @@ class QemuVm:
         NIC on ``tap_ifname``; the tap must already exist in ``netns_path`` (QEMU is
         started inside that namespace, so the sandbox's firewall applies to it).
         ``workspace_mib`` > 0 gives a fresh ext4 disk at /workspace, else a tmpfs.
-        ``incoming`` restores a snapshot written by :meth:`snapshot_save`.
+        ``incoming`` restores a snapshot written by :meth:`snapshot_save` (read from a
+        descriptor this process opens: QEMU may neither spawn a reader nor open the file).
 
         ``run_as`` makes QEMU drop to that host uid (and gid) once it has opened its
         files: it starts paused, and the guest runs only after every QEMU thread is seen
@@ -175,10 +175,10 @@ class QemuVm:
             raise ConfigError(f"bad VM size: cpus={cpus} memory_mib={memory_mib}")
         if (tap_ifname is None) != (netns_path is None) and tap_ifname is not None:
             raise ConfigError("tap_ifname needs netns_path (the tap lives in the sandbox netns)")
-        if run_as is not None and (run_as <= 0 or incoming is not None):
-            # An incoming exec: migration forks its helper before QEMU drops root.
-            raise ConfigError("run_as needs a non-root uid and cannot restore a snapshot")
+        if run_as is not None and run_as <= 0:
+            raise ConfigError("run_as needs a non-root uid")
         qemu = qemu_binary()
+        sandbox = await asyncio.to_thread(sandbox_args, qemu, runas=run_as is not None)
         self._run_dir = ensure_private_dir(run_dir)
         for sock in (self.channel_path, self.qmp_path):
             if len(os.fsencode(sock)) > _SUN_PATH_MAX:
@@ -204,6 +204,7 @@ class QemuVm:
         if guest_env:
             env_disk = self._path("guest-env.sh")
             env_disk.write_bytes(guest_env_script(guest_env))
+        in_fd = os.open(incoming, os.O_RDONLY | os.O_CLOEXEC) if incoming is not None else None
         argv = qemu_argv(
             qemu,
             artifacts,
@@ -222,20 +223,26 @@ class QemuVm:
             workspace=workspace,
             tap_ifname=tap_ifname,
             env_disk=env_disk,
-            incoming=incoming,
+            incoming_fd=in_fd,
             run_as=run_as,
+            sandbox=sandbox,
         )
         self._agent_reconnects = incoming is not None
         self.console_log.write_bytes(b"")
         stderr_path = self._path("qemu.stderr")
-        self._proc = await spawn_vmm(
-            argv,
-            output=stderr_path,
-            truncate=True,
-            netns_path=netns_path,
-            cgroup_fds=cgroup_fds,
-            no_core_dumps=True,
-        )
+        try:
+            self._proc = await spawn_vmm(
+                argv,
+                output=stderr_path,
+                truncate=True,
+                netns_path=netns_path,
+                cgroup_fds=cgroup_fds,
+                no_core_dumps=True,
+                pass_fds=() if in_fd is None else (in_fd,),
+            )
+        finally:
+            if in_fd is not None:
+                os.close(in_fd)
         try:
             self._qmp = await self._connect_qmp(stderr_path, deadline=time.monotonic() + 10)
             if run_as is not None:
@@ -375,11 +382,16 @@ class QemuVm:
 
         Migration to a file: microvm has no writable qcow2 for ``savevm``. The VM is
         paused afterwards; ``cont`` or :meth:`resume` continues it. The workspace disk
-        (if any) is not inside the file: copy ``workspace.ext4`` alongside it.
+        (if any) is not inside the file: copy ``workspace.ext4`` alongside it. The file
+        is opened here and handed over on the QMP socket: a sandboxed QEMU may not spawn
+        a writer, and an unprivileged one could not open the path.
         """
-        cat = shutil.which("cat") or "/bin/cat"
-        uri = f"exec:{shell_quote(cat)} > {shell_quote(str(path))}"
-        await self.qmp.execute("migrate", {"uri": uri})
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            await self.qmp.execute("getfd", {"fdname": "snapshot"}, fds=(fd,))
+        finally:
+            os.close(fd)
+        await self.qmp.execute("migrate", {"uri": "fd:snapshot"})
         async with asyncio.timeout(limit_s):
             while True:
                 info = await self.qmp.execute("query-migrate")

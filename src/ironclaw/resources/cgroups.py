@@ -14,6 +14,9 @@ sandbox can escape by racing the exec.
 Killing is done against the cgroup, never against a pid list remembered elsewhere: v2
 writes ``cgroup.kill``; v1 freezes the freezer cgroup so nothing can fork or exit while we
 look, SIGKILLs every member through a pidfd (so a recycled pid is never hit), then thaws.
+
+This module is the manager; host detection is in :mod:`.cgroup_layout`, a sandbox's
+directories and their files in :mod:`.cgroupfs`.
 """
 
 from __future__ import annotations

@@ -134,6 +134,7 @@ class PeerCore:
         """Why the channel closed (EOF, a transport error, a protocol error), once closed."""
         return self._close_reason
 
+    # -- closing -----------------------------------------------------------------------------
     def _shutdown(self, reason: BaseException) -> None:
         """Fail everything that waits on the channel, at once (sync: no await in between)."""
         if self._closed:
@@ -168,12 +169,28 @@ class PeerCore:
         err.__cause__ = reason
         return err
 
+    # -- called back by the receiving ends (Subscription, ByteStream) ----------------------
     def _unsubscribe(self, sub: Subscription) -> None:
         subs = self._subs.get(sub.method)
         if subs is not None and sub in subs:
             subs.remove(sub)
             if not subs:
                 del self._subs[sub.method]
+
+    def _stream_done(self, stream: ByteStream) -> None:
+        if stream.discarding and not stream.sender_ended:
+            # Closed by its reader before the sender's END: chunks already in flight are
+            # still this stream's and are dropped, not a violation; END retires the id.
+            return
+        if stream._queue.ended and self._streams.get(stream.stream_id) is stream:
+            del self._streams[stream.stream_id]
+            self._expected.discard(stream.stream_id)
+
+    def _consumed(self, nbytes: int) -> None:
+        """Stream bytes left the buffers (read or dropped): the reader may go on."""
+        self._buffered_bytes -= nbytes
+        if self._bytes_room is not None:
+            self._bytes_room.set()
 
     # -- sending --------------------------------------------------------------------------
     async def _send(self, frame: bytes) -> None:
@@ -200,21 +217,6 @@ class PeerCore:
         if len(payload) > self._max_frame:
             raise FrameTooLarge(f"message of {len(payload)} bytes exceeds {self._max_frame}")
         return encode_frame(FrameType.MESSAGE, 0, payload)
-
-    def _stream_done(self, stream: ByteStream) -> None:
-        if stream.discarding and not stream.sender_ended:
-            # Closed by its reader before the sender's END: chunks already in flight are
-            # still this stream's and are dropped, not a violation; END retires the id.
-            return
-        if stream._queue.ended and self._streams.get(stream.stream_id) is stream:
-            del self._streams[stream.stream_id]
-            self._expected.discard(stream.stream_id)
-
-    def _consumed(self, nbytes: int) -> None:
-        """Stream bytes left the buffers (read or dropped): the reader may go on."""
-        self._buffered_bytes -= nbytes
-        if self._bytes_room is not None:
-            self._bytes_room.set()
 
     def _error_frame(self, rid: RequestId | None, exc: BaseException) -> bytes:
         wire = to_wire(exc)

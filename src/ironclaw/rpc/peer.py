@@ -1,4 +1,8 @@
-"""The JSON-RPC peer: calls, notifications and byte streams over one connection."""
+"""The JSON-RPC peer: calls, notifications and byte streams over one connection.
+
+This module is its public API; its state, closing and writing are in :mod:`._core`, and
+reading and dispatching what arrives in :mod:`._receive`.
+"""
 
 from __future__ import annotations
 
@@ -130,6 +134,7 @@ class Peer(Receiver):
             self._subs.setdefault(method, []).append(sub)
         return sub
 
+    # -- calls and notifications ---------------------------------------------------------
     async def call(
         self,
         method: str,

@@ -31,7 +31,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import httpx
 
@@ -113,11 +113,31 @@ def _model_error(provider: str, exc: BaseException | None = None, *, text: str =
 
 
 class _HttpProvider:
-    name = "http"
+    """What the HTTP providers share: where the URL and key come from, and one client."""
 
-    def __init__(self, model: str, base_url: str, timeout: float) -> None:
+    name = "http"
+    _url_env: ClassVar[str]
+    _default_url: ClassVar[str]
+    _key_env: ClassVar[str]
+    _key_required: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        timeout: float = 120.0,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+    ) -> None:
+        key = api_key if api_key is not None else os.environ.get(self._key_env, "")
+        if self._key_required and not key:
+            raise ConfigError(f"{self.name} models need {self._key_env} in the host's environment")
         self.model = model
-        self.base_url = base_url.rstrip("/")
+        url = base_url or os.environ.get(self._url_env) or self._default_url
+        self.base_url = url.rstrip("/")
+        self._key = key
+        self.max_tokens = max_tokens
         self._client = httpx.AsyncClient(timeout=timeout)
 
     async def _post(self, url: str, headers: dict[str, str], body: dict[str, Any]) -> Any:
@@ -138,24 +158,10 @@ class OpenAIProvider(_HttpProvider):
     """Chat completions, as OpenAI, vLLM, Ollama and llama.cpp's server speak it."""
 
     name = "openai"
-
-    def __init__(
-        self,
-        model: str,
-        *,
-        api_key: str | None = None,
-        base_url: str | None = None,
-        timeout: float = 120.0,
-        max_tokens: int = DEFAULT_MAX_TOKENS,
-    ) -> None:
-        super().__init__(
-            model,
-            base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1",
-            timeout,
-        )
-        # Local servers (Ollama, llama.cpp) need no key; OpenAI itself answers 401.
-        self._key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
-        self.max_tokens = max_tokens
+    _url_env = "OPENAI_BASE_URL"
+    _default_url = "https://api.openai.com/v1"
+    # Local servers (Ollama, llama.cpp) need no key; OpenAI itself answers 401.
+    _key_env = "OPENAI_API_KEY"
 
     @staticmethod
     def wire_messages(system: str, messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -244,26 +250,10 @@ class AnthropicProvider(_HttpProvider):
     """Anthropic's Messages API (``POST /v1/messages``)."""
 
     name = "anthropic"
-
-    def __init__(
-        self,
-        model: str,
-        *,
-        api_key: str | None = None,
-        base_url: str | None = None,
-        timeout: float = 120.0,
-        max_tokens: int = DEFAULT_MAX_TOKENS,
-    ) -> None:
-        super().__init__(
-            model,
-            base_url or os.environ.get("ANTHROPIC_BASE_URL") or "https://api.anthropic.com",
-            timeout,
-        )
-        key = api_key if api_key is not None else os.environ.get("ANTHROPIC_API_KEY")
-        if not key:
-            raise ConfigError("anthropic models need ANTHROPIC_API_KEY in the host's environment")
-        self._key = key
-        self.max_tokens = max_tokens
+    _url_env = "ANTHROPIC_BASE_URL"
+    _default_url = "https://api.anthropic.com"
+    _key_env = "ANTHROPIC_API_KEY"
+    _key_required = True
 
     @staticmethod
     def wire_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -21,7 +21,6 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from types import TracebackType
 
 __all__ = ["LoopLagMonitor", "Stall"]
 
@@ -52,12 +51,7 @@ class LoopLagMonitor:
         self.start()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
     def start(self) -> None:

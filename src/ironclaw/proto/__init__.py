@@ -7,66 +7,15 @@ bytes. See ``docs/CHANNEL.md`` for the wire format.
 
 from __future__ import annotations
 
-from .frames import (
-    DEFAULT_MAX_FRAME,
-    HEADER,
-    HEADER_SIZE,
-    MAX_STREAM_ID,
-    Decoder,
-    Event,
-    FrameType,
-    StreamData,
-    StreamEnd,
-    encode_data,
-    encode_data_header,
-    encode_end,
-    encode_frame,
-    encode_message_frame,
-)
-from .handshake import HandshakeClient, HandshakeServer, connect_line, ok_line
-from .limits import ChannelLimits, check_json_shape
-from .messages import (
-    ErrorObject,
-    ErrorResponse,
-    InvalidMessage,
-    Message,
-    Notification,
-    Request,
-    RequestId,
-    Response,
-    decode_message,
-    encode_message,
-)
+# Each module lists its public names once, in its own ``__all__``; this package is their union.
+from . import frames, handshake, limits, messages
+from .frames import *  # noqa: F403
+from .handshake import *  # noqa: F403
+from .limits import *  # noqa: F403
+from .messages import *  # noqa: F403
 
-__all__ = [
-    "DEFAULT_MAX_FRAME",
-    "HEADER",
-    "HEADER_SIZE",
-    "MAX_STREAM_ID",
-    "ChannelLimits",
-    "Decoder",
-    "ErrorObject",
-    "ErrorResponse",
-    "Event",
-    "FrameType",
-    "HandshakeClient",
-    "HandshakeServer",
-    "InvalidMessage",
-    "Message",
-    "Notification",
-    "Request",
-    "RequestId",
-    "Response",
-    "StreamData",
-    "StreamEnd",
-    "check_json_shape",
-    "connect_line",
-    "decode_message",
-    "encode_data",
-    "encode_data_header",
-    "encode_end",
-    "encode_frame",
-    "encode_message",
-    "encode_message_frame",
-    "ok_line",
-]
+__all__ = []
+__all__ += frames.__all__
+__all__ += handshake.__all__
+__all__ += limits.__all__
+__all__ += messages.__all__

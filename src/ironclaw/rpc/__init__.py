@@ -45,27 +45,9 @@ from __future__ import annotations
 
 from ironclaw.proto import ChannelLimits
 
-from .peer import (
-    CANCEL_METHOD,
-    HOST_LIMITS,
-    MAX_CHUNK,
-    ByteStream,
-    CallContext,
-    Handler,
-    Peer,
-    ProtocolErrorHook,
-    Subscription,
-)
+from . import peer
+from .peer import *  # noqa: F403 -- the names in peer.__all__, listed once there
 
-__all__ = [
-    "CANCEL_METHOD",
-    "HOST_LIMITS",
-    "MAX_CHUNK",
-    "ByteStream",
-    "CallContext",
-    "ChannelLimits",
-    "Handler",
-    "Peer",
-    "ProtocolErrorHook",
-    "Subscription",
-]
+# The Peer's names, and the limits type its constructor takes.
+__all__ = ["ChannelLimits"]
+__all__ += peer.__all__

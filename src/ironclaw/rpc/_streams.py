@@ -9,7 +9,7 @@ from ironclaw.errors import ProtocolError
 from ._queue import BoundedQueue
 
 if TYPE_CHECKING:
-    from .peer import Peer
+    from ._core import PeerCore
 
 __all__ = ["ByteStream", "Subscription"]
 
@@ -22,7 +22,7 @@ class Subscription:
     :meth:`close`) to stop receiving.
     """
 
-    def __init__(self, peer: Peer, method: str, maxsize: int) -> None:
+    def __init__(self, peer: PeerCore, method: str, maxsize: int) -> None:
         self.method = method
         self._peer = peer
         self._queue: BoundedQueue[Any] = BoundedQueue(maxsize)
@@ -51,7 +51,7 @@ class ByteStream:
     after the chunks that did arrive: a truncated stream never looks complete.
     """
 
-    def __init__(self, peer: Peer, stream_id: int, max_buffered: int) -> None:
+    def __init__(self, peer: PeerCore, stream_id: int, max_buffered: int) -> None:
         self.stream_id = stream_id
         self._peer = peer
         self._queue: BoundedQueue[bytes] = BoundedQueue(max_buffered)

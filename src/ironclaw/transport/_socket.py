@@ -24,11 +24,11 @@ import errno
 import socket
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Final, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
-from ironclaw.errors import ChannelClosed, ReadError, WriteError
+from ironclaw.errors import ChannelClosed, ConnectError, ReadError, WriteError
 
-__all__ = ["HIGH_WATER", "Receiver", "SocketConnection"]
+__all__ = ["HIGH_WATER", "Receiver", "SocketConnection", "connect_socket"]
 
 HIGH_WATER: Final = 2**20  # queued bytes above which write() waits
 _MAX_IOV: Final = 64
@@ -378,6 +378,27 @@ class SocketConnection:
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return f"<SocketConnection {self.name or self._fd} {state} queued={self._wbytes}>"
+
+
+async def connect_socket(
+    sock: socket.socket, address: Any, *, what: str, name: str, timeout: float
+) -> SocketConnection:
+    """Connect ``sock`` and wrap it; on any failure it is closed, and ``what`` says where to."""
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, address)
+    except TimeoutError as exc:
+        sock.close()
+        raise ConnectError(f"{what}: timed out after {timeout}s") from exc
+    except OSError as exc:
+        sock.close()
+        raise ConnectError(f"{what}: {exc.strerror or exc}") from exc
+    except BaseException:
+        sock.close()
+        raise
+    return SocketConnection(sock, initiator=True, name=name)
 
 
 def _flat(data: Buffer) -> memoryview:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -10,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from ironclaw.errors import ConnectError
 
 from ._server import SocketServer, serve_socket
-from ._socket import SocketConnection
+from ._socket import SocketConnection, connect_socket
 
 __all__ = ["connect", "from_socket", "serve"]
 
@@ -21,23 +20,11 @@ async def connect(
     timeout: float = 5.0,
 ) -> SocketConnection:
     """Connect to a listening Unix socket; :class:`ConnectError` if missing or refused."""
-    loop = asyncio.get_running_loop()
     fspath = os.fspath(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    try:
-        async with asyncio.timeout(timeout):
-            await loop.sock_connect(sock, fspath)
-    except TimeoutError as exc:
-        sock.close()
-        raise ConnectError(f"connect to {fspath}: timed out after {timeout}s") from exc
-    except OSError as exc:
-        sock.close()
-        raise ConnectError(f"connect to {fspath}: {exc.strerror or exc}") from exc
-    except BaseException:
-        sock.close()
-        raise
-    return SocketConnection(sock, initiator=True, name=fspath)
+    return await connect_socket(
+        sock, fspath, what=f"connect to {fspath}", name=fspath, timeout=timeout
+    )
 
 
 def from_socket(sock: socket.socket, *, initiator: bool | None = None) -> SocketConnection:

@@ -6,7 +6,6 @@ reason, so callers can fall back to another medium.
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -14,7 +13,7 @@ from typing import Final
 from ironclaw.errors import ConnectError
 
 from ._server import SocketServer, serve_socket
-from ._socket import SocketConnection
+from ._socket import SocketConnection, connect_socket
 
 __all__ = ["CID_ANY", "CID_HOST", "CID_LOCAL", "available", "connect", "listen", "serve"]
 
@@ -51,22 +50,13 @@ async def connect(
     *,
     timeout: float = 5.0,
 ) -> SocketConnection:
-    loop = asyncio.get_running_loop()
-    sock = _new_socket()
-    sock.setblocking(False)
-    try:
-        async with asyncio.timeout(timeout):
-            await loop.sock_connect(sock, (cid, port))
-    except TimeoutError as exc:
-        sock.close()
-        raise ConnectError(f"vsock connect to {cid}:{port}: timed out after {timeout}s") from exc
-    except OSError as exc:
-        sock.close()
-        raise ConnectError(f"vsock connect to {cid}:{port}: {exc.strerror or exc}") from exc
-    except BaseException:
-        sock.close()
-        raise
-    return SocketConnection(sock, initiator=True, name=f"vsock:{cid}:{port}")
+    return await connect_socket(
+        _new_socket(),
+        (cid, port),
+        what=f"vsock connect to {cid}:{port}",
+        name=f"vsock:{cid}:{port}",
+        timeout=timeout,
+    )
 
 
 def listen(port: int, *, cid: int = CID_ANY, backlog: int = 16) -> socket.socket:

@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 from collections.abc import Callable, Sequence
-from types import TracebackType
 from typing import Any
 
 import httpx
@@ -48,12 +47,7 @@ class FirecrackerApi:
     async def __aenter__(self) -> FirecrackerApi:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:

@@ -45,6 +45,10 @@ PIPE_IDLE_S = 0.2
 DEFAULT_WORKDIR = "/workspace"
 
 
+_PROC_METHODS = ("proc.start", "proc.list", "proc.connect", "proc.stdin", "proc.signal",
+                 "proc.wait", "proc.resize")  # fmt: skip
+
+
 def _raise_oom_score(pid: int) -> None:
     """Make ``pid`` the OOM killer's first choice in the sandbox (raising needs no privilege).
 
@@ -181,6 +185,7 @@ class GuestAgent:
         self._peers: set[Peer] = set()
         self._stop = asyncio.Event()
         self._exec_counter = 0
+        self._procs: Any = None  # guest.processes.ProcessTable, made on first use
 
     @property
     def handlers(self) -> Mapping[str, Handler]:
@@ -196,7 +201,9 @@ class GuestAgent:
             "files.mkdir": self.files_mkdir,
             "shutdown": self.shutdown,
             "agent.run": _agent_run,
+            "files.watch": self._files_watch,
         }
+        table.update({name: self._proc_method(name) for name in _PROC_METHODS})
         return {method: _typed(method, handler) for method, handler in table.items()}
 
     async def serve_connection(self, conn: Connection) -> None:
@@ -216,6 +223,25 @@ class GuestAgent:
 
     def stop(self) -> None:
         self._stop.set()
+
+    # -- detached commands, PTYs and watches (their modules load on first use) ------------
+
+    def _proc_method(self, name: str) -> Callable[[Any, CallContext], Awaitable[m.Record]]:
+        async def run(request: Any, ctx: CallContext) -> m.Record:
+            if self._procs is None:
+                from ironclaw.guest.processes import ProcessTable
+
+                self._procs = ProcessTable(self.workdir)
+            handler = self._procs.handlers()[name]
+            result: m.Record = await handler(request, ctx)
+            return result
+
+        return run
+
+    async def _files_watch(self, request: m.WatchRequest, ctx: CallContext) -> m.WatchResult:
+        from ironclaw.guest.watch import watch
+
+        return await watch(request, ctx, self.workdir)
 
     async def wait_stopped(self) -> None:
         await self._stop.wait()
@@ -239,6 +265,8 @@ class GuestAgent:
     async def shutdown(self, request: m.ShutdownRequest, ctx: CallContext) -> m.ShutdownResult:
         for ex in list(self._execs.values()):
             ex.signal_group(signal.SIGKILL)
+        if self._procs is not None:
+            self._procs.kill_all()
         # Answer first, then stop: the caller gets its reply before the channel closes.
         asyncio.get_running_loop().call_later(0.05, self._stop.set)
         return m.ShutdownResult(stopping=True)

@@ -131,3 +131,60 @@ async def test_pty_create_resize_and_exit_status(settings: Settings) -> None:
         await h.send_stdin(b"exit 5\n")
         info = await h.wait(timeout=30)
         assert info.exit_code == 5 and info.pty
+
+
+async def test_watch_reports_events_in_order_and_refuses_outside_paths(settings: Settings) -> None:
+    async with Sandbox.create(settings=settings) as sb:
+        await sb.files.mkdir("w")
+        events: list[tuple[str, str, str | None]] = []
+
+        async def collect() -> None:
+            async for ev in sb.files.watch("w", recursive=True):
+                events.append((ev.type, ev.path, ev.dest))
+                if ev.type == "deleted" and ev.path.endswith("b.txt"):
+                    return
+
+        watcher = asyncio.ensure_future(collect())
+        # The watch is installed once the guest answered anything after it: ping twice.
+        await sb.ping()
+        await sb.ping()
+        script = (
+            "mkdir w/sub && echo 1 > w/sub/a.txt && mv w/sub/a.txt w/b.txt "
+            "&& echo 2 >> w/b.txt && rm w/b.txt"
+        )
+        r = await sb.exec(["sh", "-c", script])
+        assert r.exit_code == 0, r.stderr
+        await asyncio.wait_for(watcher, 30)
+        ws = "/workspace/w"
+        assert events == [
+            ("created", f"{ws}/sub", None),
+            ("created", f"{ws}/sub/a.txt", None),
+            ("modified", f"{ws}/sub/a.txt", None),
+            ("moved", f"{ws}/sub/a.txt", f"{ws}/b.txt"),
+            ("modified", f"{ws}/b.txt", None),
+            ("deleted", f"{ws}/b.txt", None),
+        ]
+        for bad in ("/etc", "../..", "/workspace/../tmp"):
+            with pytest.raises(ConfigError, match="outside the workspace"):
+                async for _ in sb.files.watch(bad):
+                    pass
+
+
+async def test_watch_overflow_is_marked_and_the_watch_goes_on(settings: Settings) -> None:
+    async with Sandbox.create(settings=settings) as sb:
+        await sb.files.mkdir("flood")
+        seen: list[str] = []
+
+        async def collect() -> None:
+            async for ev in sb.files.watch("flood", max_queue=1):
+                seen.append(ev.type if ev.type == "overflow" else ev.path.rsplit("/", 1)[1])
+                if seen[-1] == "after":
+                    return
+
+        watcher = asyncio.ensure_future(collect())
+        await sb.ping()
+        burst = "import os\nfor i in range(3000): os.close(os.open(f'flood/f{i}', os.O_CREAT))"
+        assert (await sb.exec(["python3", "-c", burst])).exit_code == 0
+        await sb.exec(["sh", "-c", "sleep 0.5; : > flood/after"])
+        await asyncio.wait_for(watcher, 30)
+        assert "overflow" in seen and len(seen) < 3000 and seen[-1] == "after"

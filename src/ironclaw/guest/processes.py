@@ -245,8 +245,12 @@ class ProcessTable:
         return m.ProcListResult(procs=tuple(p.info() for p in self._procs.values()))
 
     async def connect(self, request: m.ProcConnectRequest, ctx: CallContext) -> m.ProcInfo:
-        p = self._find(request.ref)
         peer, sid = ctx.peer, request.stream
+        try:
+            p = self._find(request.ref)
+        except BaseException:
+            await peer.end_stream(sid)
+            raise
         offset = p.base if request.replay else p.total
         try:
             while True:

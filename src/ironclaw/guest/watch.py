@@ -150,7 +150,11 @@ class _Watcher:
 
 
 async def watch(request: m.WatchRequest, ctx: CallContext, workdir: str) -> m.WatchResult:
-    root = inside_workspace(request.path, workdir)
+    try:
+        root = inside_workspace(request.path, workdir)
+    except BaseException:
+        await ctx.peer.end_stream(request.stream)
+        raise
     libc = _inotify()
     fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
     if fd < 0:
@@ -169,6 +173,9 @@ async def watch(request: m.WatchRequest, ctx: CallContext, workdir: str) -> m.Wa
             lines = []
             while w.queue and len(lines) < 256:
                 lines.append(json.dumps(w.queue.popleft(), separators=(",", ":")))
+            if w.pending_overflow and not w.queue:  # the gap after the last kept event
+                w.pending_overflow = False
+                lines.append('{"type":"overflow","path":""}')
             sent += len(lines)
             await peer.send_bytes(sid, ("\n".join(lines) + "\n").encode())
     finally:

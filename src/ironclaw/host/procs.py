@@ -21,6 +21,7 @@ from ironclaw.errors import ConfigError, ProtocolError
 from ironclaw.host.guest import GuestClient
 from ironclaw.proto import methods as m
 from ironclaw.proto.proc_methods import MAX_WATCH_LINE
+from ironclaw.rpc import ByteStream
 
 __all__ = ["ProcessHandle", "connect_process", "list_processes", "start_process", "watch"]
 
@@ -35,6 +36,28 @@ def proc_ref(target: int | str) -> m.ProcRef:
     if not target or len(target) > 128:
         raise ConfigError("a tag is 1 to 128 characters")
     return m.ProcRef(tag=target)
+
+
+async def _chunks(stream: ByteStream, call: asyncio.Future[Any]) -> AsyncIterator[bytes]:
+    """The stream's chunks; if the call fails first (a refused request), its error.
+
+    A guest that refuses a request may never end the stream it was given: waiting on the
+    stream alone would hang the host.
+    """
+    while True:
+        nxt = asyncio.ensure_future(stream.__anext__())
+        try:
+            await asyncio.wait({nxt, call}, return_when=asyncio.FIRST_COMPLETED)
+            if not nxt.done() and call.exception() is not None:
+                raise call.exception()  # type: ignore[misc]
+            chunk = await nxt
+        except StopAsyncIteration:
+            return
+        finally:
+            if not nxt.done():
+                nxt.cancel()
+                await asyncio.gather(nxt, return_exceptions=True)
+        yield chunk
 
 
 class ProcessHandle:
@@ -64,7 +87,7 @@ class ProcessHandle:
             request = m.ProcConnectRequest(ref=self._ref, stream=sid, replay=replay)
             call = asyncio.ensure_future(m.call(peer, request, m.ProcInfo))
             try:
-                async for chunk in stream:
+                async for chunk in _chunks(stream, call):
                     yield chunk
                 self.info = await call
             finally:
@@ -166,7 +189,7 @@ async def watch(
         call = asyncio.ensure_future(m.call(peer, request, m.WatchResult))
         pending = b""
         try:
-            async for chunk in stream:
+            async for chunk in _chunks(stream, call):
                 *lines, pending = (pending + chunk).split(b"\n")
                 if len(pending) > MAX_WATCH_LINE:
                     raise ProtocolError(

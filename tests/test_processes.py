@@ -188,3 +188,32 @@ async def test_watch_overflow_is_marked_and_the_watch_goes_on(settings: Settings
         await sb.exec(["sh", "-c", "sleep 0.5; : > flood/after"])
         await asyncio.wait_for(watcher, 30)
         assert "overflow" in seen and len(seen) < 3000 and seen[-1] == "after"
+
+
+async def test_cli_exec_t_is_a_terminal_that_follows_resizes(
+    settings: Settings, ironclaw_home: Path
+) -> None:
+    import pexpect
+
+    sb = await Sandbox.create(sandbox_id="procs-tty", settings=settings)
+    try:
+        env = {**os.environ, "IRONCLAW_HOME": str(ironclaw_home), "PS1": "$ "}
+        child = pexpect.spawn(
+            sys.executable, ["-m", "ironclaw.cli", "sandbox", "exec", "-t", "procs-tty", "--",
+                             "/bin/sh"], env=env, dimensions=(24, 80), timeout=30,
+        )  # fmt: skip
+        try:
+            child.sendline("stty size")
+            await asyncio.to_thread(child.expect, "24 80")
+            child.setwinsize(40, 120)  # the CLI gets SIGWINCH and resizes the sandbox's PTY
+            child.sendline("stty size")
+            await asyncio.to_thread(child.expect, "40 120")
+            child.sendline("tty; exit 7")
+            await asyncio.to_thread(child.expect, "/dev/pts/")
+            await asyncio.to_thread(child.expect, pexpect.EOF)
+        finally:
+            child.close()
+        assert child.exitstatus == 7
+    finally:
+        await sb.destroy()
+        await sb.aclose()

@@ -193,7 +193,7 @@ async def run_tty(
         finally:
             loop.remove_reader(0)
 
-    tty.setraw(0)
+    tty.setraw(0, termios.TCSANOW)  # not TCSAFLUSH: keys typed ahead are kept
     loop.add_signal_handler(signal.SIGWINCH, on_winch)
     feeder = asyncio.ensure_future(handle.stdin_from(keys()))
     try:

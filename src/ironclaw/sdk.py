@@ -20,15 +20,25 @@ from types import TracebackType
 from typing import Any
 
 from ironclaw.config import Settings
-from ironclaw.host import procs
+from ironclaw.host import ports, procs
 from ironclaw.host.guest import DEFAULT_READ_LIMIT, ExecResult, OutputSink
 from ironclaw.host.manager import SandboxManager
+from ironclaw.host.ports import ExposedPort
 from ironclaw.host.procs import ProcessHandle
 from ironclaw.proto import methods
 from ironclaw.resources.store import SandboxRecord
 from ironclaw.spec import SandboxSpec
 
-__all__ = ["Commands", "ExecResult", "Files", "ProcessHandle", "Pty", "Sandbox"]
+__all__ = [
+    "Commands",
+    "ExecResult",
+    "ExposedPort",
+    "Files",
+    "Ports",
+    "ProcessHandle",
+    "Pty",
+    "Sandbox",
+]
 
 
 class Files:
@@ -129,6 +139,26 @@ class Pty:
         )
 
 
+class Ports:
+    """Servers inside reachable from the host: ``url = await sb.ports.expose(8000)``."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sb = sandbox
+
+    async def expose(self, port: int, *, host: str = "127.0.0.1", host_port: int = 0) -> str:
+        """The URL on the host (``host``: where to listen; 0: any free ``host_port``)."""
+        exposed = await ports.expose(
+            self._sb.manager, self._sb.id, port, host=host, host_port=host_port
+        )
+        return exposed.url
+
+    async def list(self) -> list[ExposedPort]:
+        return await ports.list_ports(self._sb.manager, self._sb.id)
+
+    async def unexpose(self, port: int) -> None:
+        await ports.unexpose(self._sb.manager, self._sb.id, port)
+
+
 class Sandbox:
     """A running sandbox. Build with :meth:`create` or :meth:`connect`."""
 
@@ -138,6 +168,7 @@ class Sandbox:
         self.files = Files(self)
         self.commands = Commands(self)
         self.pty = Pty(self)
+        self.ports = Ports(self)
         self._owns_manager = owns
         self._destroyed = False
 

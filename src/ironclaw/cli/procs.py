@@ -207,3 +207,35 @@ async def run_tty(
             await feeder
     sys.stdout.flush()
     return _exit_status(await handle.wait())
+
+
+@sandbox_app.command("port")
+def sandbox_port(
+    sandbox_id: IdArg,
+    port: Annotated[int | None, typer.Argument(help="The port inside the sandbox.")] = None,
+    host: Annotated[str, typer.Option("--host", help="Host address to listen on.")] = "127.0.0.1",
+    host_port: Annotated[int, typer.Option("--host-port", help="0: any free port.")] = 0,
+    remove: Annotated[bool, typer.Option("--rm", help="Stop exposing PORT.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Expose PORT on the host and print its URL (--rm: stop; no PORT: list)."""
+    from ironclaw.host import ports
+    from ironclaw.host.manager import SandboxManager
+
+    async def main() -> None:
+        async with SandboxManager() as manager:
+            if port is None:
+                listed = await ports.list_ports(manager, sandbox_id)
+                if as_json:
+                    print(json.dumps({"ports": [p.to_json() for p in listed]}))
+                for p in [] if as_json else listed:
+                    print(f"{p.port}\t{p.url}")
+            elif remove:
+                await ports.unexpose(manager, sandbox_id, port)
+            else:
+                exposed = await ports.expose(
+                    manager, sandbox_id, port, host=host, host_port=host_port
+                )
+                print(json.dumps(exposed.to_json()) if as_json else exposed.url)
+
+    run(main(), as_json)

@@ -33,7 +33,9 @@ def cli(*args: str, home: Path, timeout: float = 60) -> subprocess.CompletedProc
 
 
 async def _alive(sb: Sandbox, pid: int) -> bool:
-    r = await sb.exec(["sh", "-c", f"test -d /proc/{pid} && ! grep -q '^State:.*Z' /proc/{pid}/status"])
+    r = await sb.exec(
+        ["sh", "-c", f"test -d /proc/{pid} && ! grep -q '^State:.*Z' /proc/{pid}/status"]
+    )
     return r.exit_code == 0
 
 
@@ -92,7 +94,7 @@ async def test_stdin_wait_and_bad_targets(settings: Settings) -> None:
             await sb.commands.connect(4000000)
         with pytest.raises(ConfigError, match="no command with tag 'nope'"):
             await sb.commands.connect("nope")
-        with pytest.raises(ConfigError, match="command not found|No such file"):
+        with pytest.raises(ConfigError, match=r"command not found|No such file"):
             await sb.commands.start(["/no/such/binary"])
         with pytest.raises(ConfigError):
             await sb.commands.start(["true"], ring_bytes=10)

@@ -180,9 +180,13 @@ async def run_tty(
     loop = asyncio.get_running_loop()
     saved = termios.tcgetattr(0)
 
+    resizes: set[asyncio.Task[None]] = set()
+
     def on_winch() -> None:
         size = os.get_terminal_size(0)
-        loop.create_task(handle.resize(size.columns, size.lines))
+        task = loop.create_task(handle.resize(size.columns, size.lines))
+        resizes.add(task)
+        task.add_done_callback(resizes.discard)
 
     async def keys() -> AsyncIterator[bytes]:
         queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=64)

@@ -170,7 +170,7 @@ async def watch(request: m.WatchRequest, ctx: CallContext, workdir: str) -> m.Wa
                 w.ready.clear()
                 await w.ready.wait()
                 continue
-            lines = []
+            lines: list[str] = []
             while w.queue and len(lines) < 256:
                 lines.append(json.dumps(w.queue.popleft(), separators=(",", ":")))
             if w.pending_overflow and not w.queue:  # the gap after the last kept event

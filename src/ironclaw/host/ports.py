@@ -14,6 +14,7 @@ that file exclusively is what refuses a second expose of the same port.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import json
@@ -113,7 +114,8 @@ async def expose(
             fds = (listener.fileno(), netns, pidfd)
             args = ["--listen-fd", fds[0], "--netns-fd", fds[1], "--pidfd", fds[2],
                     "--port", port, "--uid", int(record.info["host_uid"])]  # fmt: skip
-            proc = subprocess.Popen(
+            proc = await asyncio.to_thread(
+                subprocess.Popen,
                 [sys.executable, "-m", "ironclaw.resources.portfwd", *map(str, args)],
                 pass_fds=fds, start_new_session=True, stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,

@@ -213,5 +213,3 @@ def _event(line: bytes) -> m.WatchEvent:
     except ValueError:
         raise ProtocolError("the guest sent a watch event that is not JSON") from None
     return m.decode(m.WatchEvent, doc, "watch event")
-
-

@@ -61,8 +61,13 @@ async def serve(listener: socket.socket, port: int, pidfd: int) -> None:
                     await s.wait_closed()
 
     loop = asyncio.get_running_loop()
-    gone = loop.create_future()
-    loop.add_reader(pidfd, lambda: gone.done() or gone.set_result(None))
+    gone: asyncio.Future[None] = loop.create_future()
+
+    def ended() -> None:
+        if not gone.done():
+            gone.set_result(None)
+
+    loop.add_reader(pidfd, ended)
     server = await asyncio.start_server(client, sock=listener, limit=_BUF)
     async with server:
         await gone

@@ -219,3 +219,26 @@ async def test_cli_exec_t_is_a_terminal_that_follows_resizes(
     finally:
         await sb.destroy()
         await sb.aclose()
+
+
+async def test_cli_run_detached_returns_the_pid_and_attach_replays(
+    settings: Settings, ironclaw_home: Path
+) -> None:
+    sb = await Sandbox.create(sandbox_id="procs-cli", settings=settings)
+    try:
+        started = cli("sandbox", "run", "-d", "--tag", "job", "procs-cli", "--",
+                      "sh", "-c", "echo one; echo two >&2; exit 4", home=ironclaw_home)  # fmt: skip
+        assert started.returncode == 0, started.stderr
+        pid = int(started.stdout)
+        h = await sb.commands.connect(pid)
+        assert h.tag == "job" and (await h.wait(timeout=30)).exit_code == 4
+        again = cli("sandbox", "attach", "procs-cli", str(pid), home=ironclaw_home)
+        assert (again.returncode, again.stdout, again.stderr) == (4, "one\ntwo\n", "")
+        for bad in ("4000000", "nope"):
+            p = cli("sandbox", "kill", "procs-cli", bad, home=ironclaw_home)
+            assert p.returncode == 2 and "no command with" in p.stderr
+        p = cli("sandbox", "kill", "--signal", "BOGUS", "procs-cli", "job", home=ironclaw_home)
+        assert p.returncode == 2 and "unknown signal" in p.stderr
+    finally:
+        await sb.destroy()
+        await sb.aclose()

@@ -138,9 +138,8 @@ def sandbox_kill(
     from ironclaw.host.manager import SandboxManager
     from ironclaw.proto.methods import to_json
 
-    signum = _signum(sig)
-
     async def main() -> None:
+        signum = _signum(sig)
         async with SandboxManager() as manager:
             handle = await procs.connect_process(await manager.guest(sandbox_id), target)
             await handle.kill(signum)

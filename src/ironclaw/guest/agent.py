@@ -6,7 +6,8 @@ standard library and IronClaw's own ``proto``/``transport``/``rpc`` layers. Meth
 ``ping``            liveness, plus facts about the guest (kernel, uid, pid)
 ``exec``            run argv; stdout/stderr stream back as binary frames as they come
 ``exec.signal``     signal a running exec's process group
-``files.*``         write/read (streamed in chunks), list, stat, remove, mkdir
+``files.*``         write/read (streamed in chunks), list, stat, remove, mkdir, watch
+``proc.*``          detached commands and PTYs (:mod:`ironclaw.guest.processes`)
 ``shutdown``        stop the agent; the sandbox ends with it
 
 Every request is decoded through :mod:`ironclaw.proto.methods` before its handler runs

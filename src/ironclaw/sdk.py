@@ -117,7 +117,7 @@ class Commands:
 
 
 class Pty:
-    """Interactive terminals: ``h = await sb.pty.create(80, 24)``, then ``h.send_stdin``,
+    """Interactive terminals: ``h = await sb.pty.create(80, 24)``, then ``h.send``,
     ``h.resize``, ``h.output()`` and ``h.kill``."""
 
     def __init__(self, sandbox: Sandbox) -> None:

@@ -109,6 +109,10 @@ class ProcessHandle:
             raise
         self.info = await call
 
+    async def send(self, data: bytes | str) -> None:
+        """Keys to a terminal (``send_stdin`` by its PTY name)."""
+        await self.send_stdin(data)
+
     async def stdin_from(self, chunks: AsyncIterator[bytes]) -> None:
         """Feed every chunk of ``chunks`` to stdin over one stream (a terminal session)."""
         peer = self.guest.peer

@@ -98,6 +98,10 @@ async def test_stdin_wait_and_bad_targets(settings: Settings) -> None:
             await sb.commands.start(["/no/such/binary"])
         with pytest.raises(ConfigError):
             await sb.commands.start(["true"], ring_bytes=10)
+        await sb.commands.start(["sleep", "100"], tag="one")
+        before = await sb.commands.list()
+        with pytest.raises(ConfigError, match="already has tag 'one'"):
+            await sb.commands.start(["sleep", "100"], tag="one")
         assert await sb.commands.list() == before
 
 

@@ -125,6 +125,7 @@ async def expose(
             for f in (netns, pidfd):
                 os.close(f)
             listener.close()
+        _reap_later(proc)
         shown = f"[{host}]" if addr.version == 6 else host
         info = ExposedPort(port, host, bound, f"http://{shown}:{bound}", proc.pid,
                            process_start_time(proc.pid))  # fmt: skip
@@ -135,6 +136,20 @@ async def expose(
     finally:
         os.close(fd)
     return info
+
+
+def _reap_later(proc: subprocess.Popen[bytes]) -> None:
+    """Collect the forwarder's exit status if it ends while this process still runs (an
+    SDK program outliving its sandbox would otherwise keep a zombie)."""
+    loop = asyncio.get_running_loop()
+    pidfd = os.pidfd_open(proc.pid)
+
+    def reap() -> None:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        proc.poll()
+
+    loop.add_reader(pidfd, reap)
 
 
 def _load(entry: Path) -> ExposedPort | None:

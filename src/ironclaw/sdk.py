@@ -20,13 +20,25 @@ from types import TracebackType
 from typing import Any
 
 from ironclaw.config import Settings
+from ironclaw.host import ports, procs
 from ironclaw.host.guest import DEFAULT_READ_LIMIT, ExecResult, OutputSink
 from ironclaw.host.manager import SandboxManager
+from ironclaw.host.ports import ExposedPort
+from ironclaw.host.procs import ProcessHandle
 from ironclaw.proto import methods
 from ironclaw.resources.store import SandboxRecord
 from ironclaw.spec import SandboxSpec
 
-__all__ = ["ExecResult", "Files", "Sandbox"]
+__all__ = [
+    "Commands",
+    "ExecResult",
+    "ExposedPort",
+    "Files",
+    "Ports",
+    "ProcessHandle",
+    "Pty",
+    "Sandbox",
+]
 
 
 class Files:
@@ -61,6 +73,91 @@ class Files:
     async def mkdir(self, path: str) -> None:
         await (await self._sb.manager.guest(self._sb.id)).mkdir(path)
 
+    async def watch(
+        self, path: str = ".", *, recursive: bool = True, max_queue: int = 4096
+    ) -> AsyncIterator[methods.WatchEvent]:
+        """Changes under ``path`` (inside the workspace) as they happen, in order.
+
+        ``max_queue`` events wait in the guest for a slow reader; past that an
+        ``overflow`` event marks the ones dropped.
+        """
+        guest = await self._sb.manager.guest(self._sb.id)
+        async for event in procs.watch(guest, path, recursive=recursive, max_queue=max_queue):
+            yield event
+
+
+class Commands:
+    """Detached commands: start, list, and re-attach from any process."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sb = sandbox
+
+    async def start(
+        self,
+        argv: list[str],
+        *,
+        tag: str | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        ring_bytes: int = 2**20,
+    ) -> ProcessHandle:
+        """Start ``argv`` and return at once; its last ``ring_bytes`` of output are kept."""
+        guest = await self._sb.manager.guest(self._sb.id)
+        return await procs.start_process(
+            guest, argv, tag=tag, env=env, cwd=cwd, ring_bytes=ring_bytes
+        )
+
+    async def list(self) -> list[methods.ProcInfo]:
+        return await procs.list_processes(await self._sb.manager.guest(self._sb.id))
+
+    async def connect(self, target: int | str) -> ProcessHandle:
+        """The command with pid (int) or tag (str) ``target``."""
+        guest = await self._sb.manager.guest(self._sb.id)
+        return await procs.connect_process(guest, target)
+
+
+class Pty:
+    """Interactive terminals: ``h = await sb.pty.create(80, 24)``, then ``h.send``,
+    ``h.resize``, ``h.output()`` and ``h.kill``."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sb = sandbox
+
+    async def create(
+        self,
+        cols: int = 80,
+        rows: int = 24,
+        *,
+        argv: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        tag: str | None = None,
+    ) -> ProcessHandle:
+        guest = await self._sb.manager.guest(self._sb.id)
+        return await procs.start_process(
+            guest, argv or ["/bin/sh"], tag=tag, env=env, cwd=cwd, pty=(cols, rows)
+        )
+
+
+class Ports:
+    """Servers inside reachable from the host: ``url = await sb.ports.expose(8000)``."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sb = sandbox
+
+    async def expose(self, port: int, *, host: str = "127.0.0.1", host_port: int = 0) -> str:
+        """The URL on the host (``host``: where to listen; 0: any free ``host_port``)."""
+        exposed = await ports.expose(
+            self._sb.manager, self._sb.id, port, host=host, host_port=host_port
+        )
+        return exposed.url
+
+    async def list(self) -> list[ExposedPort]:
+        return await ports.list_ports(self._sb.manager, self._sb.id)
+
+    async def unexpose(self, port: int) -> None:
+        await ports.unexpose(self._sb.manager, self._sb.id, port)
+
 
 class Sandbox:
     """A running sandbox. Build with :meth:`create` or :meth:`connect`."""
@@ -69,6 +166,9 @@ class Sandbox:
         self.manager = manager
         self.record = record
         self.files = Files(self)
+        self.commands = Commands(self)
+        self.pty = Pty(self)
+        self.ports = Ports(self)
         self._owns_manager = owns
         self._destroyed = False
 

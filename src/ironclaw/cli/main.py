@@ -24,9 +24,10 @@ from ironclaw.cli.agent import register as register_agent
 from ironclaw.cli.common import err_console, new_app, out_console, run, run_code
 from ironclaw.cli.image import register as register_image
 from ironclaw.cli.options import JsonOpt, SandboxOptions, sandbox_options
+from ironclaw.cli.procs import run_tty  # also registers sandbox run/ps/attach/kill
 from ironclaw.cli.sandbox import CommandArg, run_command, sandbox_app
 
-__all__ = ["app", "main"]
+__all__ = ["app", "main", "run_tty"]
 
 app = new_app(
     "Run untrusted code and AI agents in isolated sandboxes.",

@@ -121,6 +121,7 @@ def sandbox_exec(
     timeout: Annotated[float | None, typer.Option("--timeout")] = None,
     env: EnvOpt = None,
     cwd: Annotated[str | None, typer.Option("--cwd")] = None,
+    tty: Annotated[bool, typer.Option("-t", "--tty", help="An interactive terminal.")] = False,
 ) -> None:
     """Run a command in a running sandbox. Exits with the command's status."""
     from ironclaw.host.manager import SandboxManager
@@ -128,6 +129,11 @@ def sandbox_exec(
     async def main() -> int:
         env_map = parse_env(env)
         async with SandboxManager() as manager:
+            if tty:
+                from ironclaw.cli.procs import run_tty
+
+                argv = command[1:] if command and command[0] == "--" else command
+                return await run_tty(manager, sandbox_id, argv, env_map or None, cwd)
             record = await manager.get(sandbox_id)
             result = await run_command(
                 manager, sandbox_id, command, as_json=as_json, timeout=timeout,

@@ -6,7 +6,8 @@ standard library and IronClaw's own ``proto``/``transport``/``rpc`` layers. Meth
 ``ping``            liveness, plus facts about the guest (kernel, uid, pid)
 ``exec``            run argv; stdout/stderr stream back as binary frames as they come
 ``exec.signal``     signal a running exec's process group
-``files.*``         write/read (streamed in chunks), list, stat, remove, mkdir
+``files.*``         write/read (streamed in chunks), list, stat, remove, mkdir, watch
+``proc.*``          detached commands and PTYs (:mod:`ironclaw.guest.processes`)
 ``shutdown``        stop the agent; the sandbox ends with it
 
 Every request is decoded through :mod:`ironclaw.proto.methods` before its handler runs
@@ -43,6 +44,10 @@ CHUNK = 256 * 1024
 # the agent keeps reading while bytes flow and stops after this long without any.
 PIPE_IDLE_S = 0.2
 DEFAULT_WORKDIR = "/workspace"
+
+
+_PROC_METHODS = ("proc.start", "proc.list", "proc.connect", "proc.stdin", "proc.signal",
+                 "proc.wait", "proc.resize")  # fmt: skip
 
 
 def _raise_oom_score(pid: int) -> None:
@@ -181,6 +186,7 @@ class GuestAgent:
         self._peers: set[Peer] = set()
         self._stop = asyncio.Event()
         self._exec_counter = 0
+        self._procs: Any = None  # guest.processes.ProcessTable, made on first use
 
     @property
     def handlers(self) -> Mapping[str, Handler]:
@@ -196,7 +202,9 @@ class GuestAgent:
             "files.mkdir": self.files_mkdir,
             "shutdown": self.shutdown,
             "agent.run": _agent_run,
+            "files.watch": self._files_watch,
         }
+        table.update({name: self._proc_method(name) for name in _PROC_METHODS})
         return {method: _typed(method, handler) for method, handler in table.items()}
 
     async def serve_connection(self, conn: Connection) -> None:
@@ -216,6 +224,25 @@ class GuestAgent:
 
     def stop(self) -> None:
         self._stop.set()
+
+    # -- detached commands, PTYs and watches (their modules load on first use) ------------
+
+    def _proc_method(self, name: str) -> Callable[[Any, CallContext], Awaitable[m.Record]]:
+        async def run(request: Any, ctx: CallContext) -> m.Record:
+            if self._procs is None:
+                from ironclaw.guest.processes import ProcessTable
+
+                self._procs = ProcessTable(self.workdir)
+            handler = self._procs.handlers()[name]
+            result: m.Record = await handler(request, ctx)
+            return result
+
+        return run
+
+    async def _files_watch(self, request: m.WatchRequest, ctx: CallContext) -> m.WatchResult:
+        from ironclaw.guest.watch import watch
+
+        return await watch(request, ctx, self.workdir)
 
     async def wait_stopped(self) -> None:
         await self._stop.wait()
@@ -239,6 +266,8 @@ class GuestAgent:
     async def shutdown(self, request: m.ShutdownRequest, ctx: CallContext) -> m.ShutdownResult:
         for ex in list(self._execs.values()):
             ex.signal_group(signal.SIGKILL)
+        if self._procs is not None:
+            self._procs.kill_all()
         # Answer first, then stop: the caller gets its reply before the channel closes.
         asyncio.get_running_loop().call_later(0.05, self._stop.set)
         return m.ShutdownResult(stopping=True)

@@ -1,0 +1,244 @@
+"""``ironclaw sandbox run -d / ps / attach / kill`` and the terminal of ``exec -t``.
+
+Each command is its own short-lived process: the guest keeps detached commands and their
+output, so ``attach`` from a new shell replays what the command printed and follows it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+
+from ironclaw.cli.common import out_console, run, run_code
+from ironclaw.cli.options import EnvOpt, JsonOpt, parse_env
+from ironclaw.cli.sandbox import CommandArg, sandbox_app
+from ironclaw.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ironclaw.host.procs import ProcessHandle
+
+__all__ = ["run_tty"]
+
+IdArg = Annotated[str, typer.Argument(help="Sandbox id.")]
+TargetArg = Annotated[str, typer.Argument(help="The command's pid or tag.")]
+
+
+def _exit_status(info: object) -> int:
+    code = getattr(info, "exit_code", None)
+    return 0 if code is None else int(code)
+
+
+@sandbox_app.command("run", context_settings={"allow_interspersed_args": False})
+def sandbox_run(
+    sandbox_id: IdArg,
+    command: CommandArg,
+    detach: Annotated[bool, typer.Option("-d", "--detach", help="Start and return.")] = False,
+    tag: Annotated[str | None, typer.Option("--tag", help="A name to find it by.")] = None,
+    env: EnvOpt = None,
+    cwd: Annotated[str | None, typer.Option("--cwd")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start a command that outlives this CLI (-d), or start it and stay attached."""
+    from ironclaw.host import procs
+    from ironclaw.host.manager import SandboxManager
+    from ironclaw.proto.methods import to_json
+
+    async def main() -> int:
+        argv = command[1:] if command and command[0] == "--" else command
+        async with SandboxManager() as manager:
+            guest = await manager.guest(sandbox_id)
+            handle = await procs.start_process(
+                guest, argv, tag=tag, env=parse_env(env) or None, cwd=cwd
+            )
+            if as_json:
+                print(json.dumps(to_json(handle.info)))
+            elif detach:
+                print(handle.pid)
+            if detach:
+                return 0
+            return await _follow(handle)
+
+    run_code(main(), as_json)
+
+
+async def _follow(handle: ProcessHandle) -> int:
+    async for chunk in handle.output():
+        await asyncio.to_thread(_write, 1, chunk)
+    return _exit_status(await handle.wait())
+
+
+def _write(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+@sandbox_app.command("ps")
+def sandbox_ps(sandbox_id: IdArg, as_json: JsonOpt = False) -> None:
+    """List the sandbox's detached commands (running and recently ended)."""
+    from ironclaw.host import procs
+    from ironclaw.host.manager import SandboxManager
+    from ironclaw.proto.methods import to_json
+
+    async def main() -> None:
+        async with SandboxManager() as manager:
+            infos = await procs.list_processes(await manager.guest(sandbox_id))
+        if as_json:
+            print(json.dumps({"procs": [to_json(i) for i in infos]}))
+            return
+        table = Table("PID", "TAG", "STATE", "AGE", "COMMAND")
+        for i in infos:
+            state = "running" if i.running else f"exited {i.exit_code}"
+            age = f"{time.time() - i.started_at:.0f}s"
+            table.add_row(str(i.pid), i.tag or "", state, age, " ".join(i.argv)[:60])
+        out_console.print(table)
+
+    run(main(), as_json)
+
+
+@sandbox_app.command("attach")
+def sandbox_attach(
+    sandbox_id: IdArg,
+    target: TargetArg,
+    no_replay: Annotated[bool, typer.Option("--no-replay", help="Live output only.")] = False,
+) -> None:
+    """Print what a detached command printed so far, then follow it until it ends."""
+    from ironclaw.host import procs
+    from ironclaw.host.manager import SandboxManager
+
+    async def main() -> int:
+        async with SandboxManager() as manager:
+            handle = await procs.connect_process(await manager.guest(sandbox_id), target)
+            async for chunk in handle.output(replay=not no_replay):
+                await asyncio.to_thread(_write, 1, chunk)
+            return _exit_status(await handle.wait())
+
+    run_code(main())
+
+
+@sandbox_app.command("kill")
+def sandbox_kill(
+    sandbox_id: IdArg,
+    target: TargetArg,
+    sig: Annotated[str, typer.Option("--signal", "-s", help="Name or number.")] = "KILL",
+    as_json: JsonOpt = False,
+) -> None:
+    """Signal a detached command and everything in its process group."""
+    from ironclaw.host import procs
+    from ironclaw.host.manager import SandboxManager
+    from ironclaw.proto.methods import to_json
+
+    async def main() -> None:
+        signum = _signum(sig)
+        async with SandboxManager() as manager:
+            handle = await procs.connect_process(await manager.guest(sandbox_id), target)
+            await handle.kill(signum)
+            info = await handle.wait(timeout=5.0)
+        if as_json:
+            print(json.dumps(to_json(info)))
+
+    run(main(), as_json)
+
+
+def _signum(sig: str) -> int:
+    if sig.isdigit() and 0 < int(sig) <= 64:
+        return int(sig)
+    name = sig.upper() if sig.upper().startswith("SIG") else "SIG" + sig.upper()
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise ConfigError(f"unknown signal {sig!r}: give a name (TERM) or number (15)") from None
+
+
+async def run_tty(
+    manager: object, sandbox_id: str, argv: list[str], env: dict[str, str] | None, cwd: str | None
+) -> int:
+    """An interactive terminal: raw mode here, a PTY there, window size followed."""
+    import termios
+    import tty
+
+    from ironclaw.host import procs
+    from ironclaw.host.manager import SandboxManager
+
+    assert isinstance(manager, SandboxManager)
+    if not os.isatty(0):
+        raise ConfigError("-t needs a terminal on stdin: run it from a shell, or drop -t")
+    cols, rows = os.get_terminal_size(0)
+    guest = await manager.guest(sandbox_id)
+    handle = await procs.start_process(guest, argv, env=env, cwd=cwd, pty=(cols, rows))
+    loop = asyncio.get_running_loop()
+    saved = termios.tcgetattr(0)
+
+    resizes: set[asyncio.Task[None]] = set()
+
+    def on_winch() -> None:
+        size = os.get_terminal_size(0)
+        task = loop.create_task(handle.resize(size.columns, size.lines))
+        resizes.add(task)
+        task.add_done_callback(resizes.discard)
+
+    async def keys() -> AsyncIterator[bytes]:
+        queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=64)
+        loop.add_reader(0, lambda: queue.put_nowait(os.read(0, 4096)) if not queue.full() else None)
+        try:
+            while chunk := await queue.get():
+                yield chunk
+        finally:
+            loop.remove_reader(0)
+
+    tty.setraw(0, termios.TCSANOW)  # not TCSAFLUSH: keys typed ahead are kept
+    loop.add_signal_handler(signal.SIGWINCH, on_winch)
+    feeder = asyncio.ensure_future(handle.stdin_from(keys()))
+    try:
+        async for chunk in handle.output():
+            await asyncio.to_thread(_write, 1, chunk)
+    finally:
+        loop.remove_signal_handler(signal.SIGWINCH)
+        termios.tcsetattr(0, termios.TCSADRAIN, saved)
+        feeder.cancel()
+        with contextlib.suppress(BaseException):
+            await feeder
+    sys.stdout.flush()
+    return _exit_status(await handle.wait())
+
+
+@sandbox_app.command("port")
+def sandbox_port(
+    sandbox_id: IdArg,
+    port: Annotated[int | None, typer.Argument(help="The port inside the sandbox.")] = None,
+    host: Annotated[str, typer.Option("--host", help="Host address to listen on.")] = "127.0.0.1",
+    host_port: Annotated[int, typer.Option("--host-port", help="0: any free port.")] = 0,
+    remove: Annotated[bool, typer.Option("--rm", help="Stop exposing PORT.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Expose PORT on the host and print its URL (--rm: stop; no PORT: list)."""
+    from ironclaw.host import ports
+    from ironclaw.host.manager import SandboxManager
+
+    async def main() -> None:
+        async with SandboxManager() as manager:
+            if port is None:
+                listed = await ports.list_ports(manager, sandbox_id)
+                if as_json:
+                    print(json.dumps({"ports": [p.to_json() for p in listed]}))
+                for p in [] if as_json else listed:
+                    print(f"{p.port}\t{p.url}")
+            elif remove:
+                await ports.unexpose(manager, sandbox_id, port)
+            else:
+                exposed = await ports.expose(
+                    manager, sandbox_id, port, host=host, host_port=host_port
+                )
+                print(json.dumps(exposed.to_json()) if as_json else exposed.url)
+
+    run(main(), as_json)

@@ -24,7 +24,7 @@ from ironclaw.host import ports, procs
 from ironclaw.host.guest import DEFAULT_READ_LIMIT, ExecResult, OutputSink
 from ironclaw.host.manager import SandboxManager
 from ironclaw.host.ports import ExposedPort
-from ironclaw.host.procs import ProcessHandle
+from ironclaw.host.processes import ProcessHandle
 from ironclaw.proto import methods
 from ironclaw.resources.store import SandboxRecord
 from ironclaw.spec import SandboxSpec

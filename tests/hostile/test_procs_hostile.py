@@ -1,6 +1,6 @@
 """A hostile guest against the host's process-output and file-watch readers.
 
-The host's Peer (``HOST_LIMITS``) and the real host code (:mod:`ironclaw.host.procs`)
+The host's Peer (``HOST_LIMITS``) and the real host code (:mod:`ironclaw.host.processes`)
 face a raw guest over the in-memory transport: it answers ``proc.connect`` and
 ``files.watch`` with floods. What the host keeps stays bounded (tracemalloc), whether
 its reader is slow or the guest's lines never end.
@@ -17,7 +17,7 @@ import pytest
 
 from ironclaw.errors import ProtocolError
 from ironclaw.host.guest import GuestClient
-from ironclaw.host.procs import ProcessHandle, watch
+from ironclaw.host.processes import ProcessHandle, watch
 from ironclaw.proto import methods as m
 from ironclaw.proto.proc_methods import MAX_WATCH_LINE
 from ironclaw.rpc import HOST_LIMITS, Peer

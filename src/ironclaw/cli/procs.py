@@ -25,7 +25,7 @@ from ironclaw.cli.sandbox import CommandArg, sandbox_app
 from ironclaw.errors import ConfigError
 
 if TYPE_CHECKING:
-    from ironclaw.host.procs import ProcessHandle
+    from ironclaw.host.processes import ProcessHandle
 
 __all__ = ["run_tty"]
 

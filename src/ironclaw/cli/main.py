@@ -25,6 +25,8 @@ from ironclaw.cli.common import err_console, new_app, out_console, run, run_code
 from ironclaw.cli.image import register as register_image
 from ironclaw.cli.options import JsonOpt, SandboxOptions, sandbox_options
 from ironclaw.cli.sandbox import CommandArg, run_command, sandbox_app
+from ironclaw.cli.serve import register as register_serve
+from ironclaw.cli.token import token_app
 
 __all__ = ["app", "main"]
 
@@ -182,6 +184,8 @@ register_agent(app)  # run, logs
 app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(pool_app, name="pool")
 register_image(app)  # image build, image ls
+register_serve(app)  # serve
+app.add_typer(token_app, name="token")
 
 
 def main() -> None:

@@ -16,21 +16,13 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from ironclaw.errors import ConfigError, IronclawError
+from ironclaw.errors import AuthError, ConfigError, ScopeError
 from ironclaw.resources.store import Store, TokenRow
 
-__all__ = ["SCOPES", "AuthError", "Principal", "ScopeError", "create_token", "verify_token"]
+__all__ = ["SCOPES", "Principal", "create_token", "verify_token"]
 
 SCOPES = ("read", "write", "approve", "admin")
 PREFIX = "icw_"
-
-
-class AuthError(IronclawError):
-    """No token, or one that is unknown, malformed or revoked (HTTP 401)."""
-
-
-class ScopeError(IronclawError):
-    """The token lacks the scope an operation needs (HTTP 403)."""
 
 
 @dataclass(frozen=True)

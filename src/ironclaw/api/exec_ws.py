@@ -74,6 +74,7 @@ def _request(doc: Any) -> dict[str, Any]:
         "cwd": cwd,
         "timeout": timeout,
         "stdin": bool(doc.get("stdin", True)),
+        "keep_background": bool(doc.get("keep_background", False)),
     }
 
 
@@ -130,7 +131,7 @@ async def exec_ws(ws: WebSocket, sandbox_id: str) -> None:
         "stdout_stream": out_id,
         "stderr_stream": err_id,
         "stdin_stream": in_id,
-        "keep_background": False,
+        "keep_background": req["keep_background"],
     }
     try:
         result = await peer.call("exec", params)

@@ -11,7 +11,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ironclaw.api.problems import PROBLEM_JSON, BodyTooLarge
+from ironclaw.api.problems import PROBLEM_JSON
+from ironclaw.errors import BodyTooLarge
 
 __all__ = ["BodyLimit", "Metrics", "RequestMetrics"]
 

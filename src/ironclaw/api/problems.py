@@ -15,47 +15,36 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from ironclaw.api.auth import AuthError, ScopeError
 from ironclaw.errors import (
     ApprovalDenied,
+    AuthError,
     BackendError,
+    BodyTooLarge,
     ConfigError,
     IronclawError,
     NetworkError,
+    NotFound,
     ProtocolError,
+    QuotaExceeded,
     RequestCancelled,
     ResourceLimitExceeded,
     RpcError,
     SandboxError,
     SandboxNotFound,
     SandboxTimeout,
+    ScopeError,
     TransportError,
 )
 
 __all__ = [
     "RPC_STATUS",
     "STATUS",
-    "BodyTooLarge",
-    "NotFound",
-    "QuotaExceeded",
     "install",
     "problem",
     "status_for",
 ]
 
 PROBLEM_JSON = "application/problem+json"
-
-
-class QuotaExceeded(ResourceLimitExceeded):
-    """A token's quota (sandboxes, memory) would be exceeded (HTTP 403)."""
-
-
-class BodyTooLarge(ConfigError):
-    """A request body is larger than the server accepts (HTTP 413)."""
-
-
-class NotFound(ConfigError):
-    """A task, approval or other API object that does not exist (HTTP 404)."""
 
 
 #: exception class -> (HTTP status, short title). First match wins.
@@ -118,9 +107,11 @@ def problem(status: int, title: str, detail: str, error: str, **extra: Any) -> J
 def exception_response(exc: BaseException) -> JSONResponse:
     status, title = status_for(exc)
     extra: dict[str, Any] = {}
+    detail = str(exc)
     if isinstance(exc, RpcError):
         extra["code"] = exc.code
-    return problem(status, title, str(exc), type(exc).__name__, **extra)
+        detail = exc.message
+    return problem(status, title, detail, type(exc).__name__, **extra)
 
 
 async def _ironclaw(request: Request, exc: Exception) -> JSONResponse:

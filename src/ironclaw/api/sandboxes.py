@@ -17,9 +17,8 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from ironclaw.api.problems import BodyTooLarge
 from ironclaw.api.service import Read, ServiceDep, Write
-from ironclaw.errors import ConfigError, IronclawError
+from ironclaw.errors import BodyTooLarge, ConfigError, IronclawError
 from ironclaw.ids import new_sandbox_id, validate_sandbox_id
 from ironclaw.resources.store import SandboxRecord
 from ironclaw.spec import parse_spec
@@ -54,6 +53,7 @@ class ExecRequest(BaseModel):
     timeout: float | None = Field(default=None, gt=0, le=86400)
     stdin: str | None = Field(default=None, description="UTF-8 text fed to stdin")
     stdin_b64: str | None = Field(default=None, description="stdin bytes, base64")
+    keep_background: bool = False
 
 
 class ExecOut(BaseModel):
@@ -144,7 +144,13 @@ async def exec_plain(
         stdin = body.stdin.encode()
     await service.peer(sandbox_id)
     result = await service.manager.exec(
-        sandbox_id, body.argv, env=body.env, cwd=body.cwd, timeout=body.timeout, stdin=stdin
+        sandbox_id,
+        body.argv,
+        env=body.env,
+        cwd=body.cwd,
+        timeout=body.timeout,
+        stdin=stdin,
+        keep_background=body.keep_background,
     )
     service.metrics.execs.labels("plain").inc()
     return ExecOut(

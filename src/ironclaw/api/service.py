@@ -17,9 +17,8 @@ from fastapi import Depends
 from starlette.requests import HTTPConnection
 
 from ironclaw.api.auth import Principal, verify_token
-from ironclaw.api.problems import QuotaExceeded
 from ironclaw.config import Settings
-from ironclaw.errors import SandboxNotFound
+from ironclaw.errors import QuotaExceeded, SandboxNotFound
 from ironclaw.host.manager import SandboxManager
 from ironclaw.resources.store import SandboxRecord, Store
 from ironclaw.rpc import Peer

@@ -24,9 +24,8 @@ from ironclaw.agent.approval import Approver
 from ironclaw.agent.gateway import Provider, ScriptedProvider, provider_from_name
 from ironclaw.agent.tasks import TaskOutcome, TaskSpec, run_task
 from ironclaw.api.auth import Principal
-from ironclaw.api.problems import NotFound
 from ironclaw.api.service import Approve, Read, Service, ServiceDep, Write
-from ironclaw.errors import ConfigError, IronclawError
+from ironclaw.errors import ConfigError, IronclawError, NotFound
 from ironclaw.guest.agent_loop import Budget
 from ironclaw.ids import new_sandbox_id
 from ironclaw.spec import parse_spec

@@ -87,6 +87,7 @@ async def serve(
     tcp: bool = True,
     grace: int = 10,
     log_level: str = "warning",
+    max_upload_mib: int = 4096,
 ) -> None:
     """Serve until interrupted."""
     sockets: list[socket.socket] = []
@@ -102,7 +103,7 @@ async def serve(
     if not sockets:
         raise ConfigError("nothing to listen on: give --port or --socket")
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, max_upload=max_upload_mib * 1024 * 1024),
         log_level=log_level,
         lifespan="on",
         timeout_graceful_shutdown=grace,

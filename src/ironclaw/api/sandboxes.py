@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from ironclaw.api.service import Read, ServiceDep, Write
 from ironclaw.errors import BodyTooLarge, ConfigError, IronclawError
@@ -169,7 +169,23 @@ async def exec_plain(
 
 # -- files -----------------------------------------------------------------------------
 
-PathQ = Annotated[str, Query(min_length=1, max_length=4096, description="Relative to /workspace")]
+
+def _check_path(path: str) -> str:
+    """Refuse what no filesystem takes, before the guest is asked (422, not a failed call)."""
+    if "\x00" in path:
+        raise ValueError("a path cannot contain NUL")
+    if len(path.encode()) > 4095:
+        raise ValueError("a path is at most 4095 bytes")
+    if any(len(part.encode()) > 255 for part in path.split("/")):
+        raise ValueError("a path component is at most 255 bytes")
+    return path
+
+
+PathQ = Annotated[
+    str,
+    Query(min_length=1, max_length=4095, description="Relative to /workspace"),
+    AfterValidator(_check_path),
+]
 
 
 @router.put("/{sandbox_id}/files/content", response_model=WriteOut)

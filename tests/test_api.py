@@ -403,7 +403,7 @@ def test_cli_runs_through_the_api(server: Server, tmp_path_factory: pytest.TempP
     cli("sandbox", "cp", str(src), "api-cli:in.bin")
     cli("sandbox", "cp", "api-cli:in.bin", str(home / "out.bin"))
     assert (home / "out.bin").read_bytes() == src.read_bytes()
-    doc = json.loads(cli("sandbox", "exec", "api-cli", "--json", "--", "wc", "-c", "in.bin").stdout)
+    doc = json.loads(cli("sandbox", "exec", "--json", "api-cli", "--", "wc", "-c", "in.bin").stdout)
     assert doc["stdout"] == f"{3 * 1024 * 1024 + 7} in.bin\n"
     one = json.loads(cli("exec", "--json", "--", "echo", "once").stdout)
     assert one["stdout"] == "once\n" and one["exit_code"] == 0

@@ -116,6 +116,16 @@ async def test_websocket_exec_streams_output_and_takes_stdin_while_running(
             ["sh", "-c", "echo a; sleep 0.2; echo b"], on_stdout=chunks.append, capture=False
         )
         assert b"".join(chunks) == b"a\nb\n" and res.stdout == b"" and res.stdout_bytes == 4
+        # A client that goes away mid-command takes the command with it (killed).
+        async with sb.api._ws(sb.id) as ws:
+            await ws.send(
+                json.dumps({"argv": ["sh", "-c", "echo up; exec sleep 1000"], "stdin": False})
+            )
+            assert await ws.recv() == b"\x01up\n"
+        ps = ["sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"]
+        async with asyncio.timeout(30):
+            while b"sleep 1000" in (await sb.exec(ps)).stdout:
+                await asyncio.sleep(0.1)
 
 
 async def test_auth_failures_scopes_and_other_tokens_sandboxes(server: Server) -> None:

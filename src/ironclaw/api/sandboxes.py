@@ -95,7 +95,7 @@ async def create_sandbox(body: SandboxCreate, who: Write, service: ServiceDep) -
         raise ConfigError(f"a sandbox named {sid!r} already exists; pick another id")
     await service.claim(who, sid, spec)
     try:
-        record = await service.manager.create(spec, sandbox_id=sid)
+        record = await service.create(spec, sid)
     except BaseException:
         await service.store.drop_owner(sid)
         raise
@@ -124,6 +124,7 @@ async def delete_sandbox(sandbox_id: str, who: Write, service: ServiceDep) -> Re
     await service.visible(who, sandbox_id)
     await service.manager.destroy(sandbox_id)
     await service.store.drop_owner(sandbox_id)
+    service.forget(sandbox_id)
     service.metrics.destroyed.inc()
     return Response(status_code=204)
 

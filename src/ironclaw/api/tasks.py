@@ -83,15 +83,24 @@ class TaskRun:
     status: str = "running"
     outcome: TaskOutcome | None = None
     job: asyncio.Task[None] | None = None
-    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
     def add(self, event: dict[str, Any]) -> None:
         self.events.append(event)
-        self._wake.set()
+        self.wake()
 
-    async def changed(self) -> None:
-        await self._wake.wait()
-        self._wake.clear()
+    def wake(self) -> None:
+        """Wake every subscriber (each SSE stream waits on a future of its own)."""
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def next_change(self) -> asyncio.Future[None]:
+        """A future done at the next event (registered now: nothing can slip between)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        return fut
 
     def to_out(self) -> TaskOut:
         o = self.outcome
@@ -168,7 +177,7 @@ async def _run(
         service.metrics.tasks.dec()
         if not keep:  # its sandbox was destroyed with the task: release the quota
             await asyncio.shield(service.store.drop_owner(run.sandbox_id))
-        run._wake.set()
+        run.wake()
 
 
 @router.post("/v1/tasks", status_code=201, response_model=TaskOut)
@@ -240,7 +249,7 @@ async def task_events(task_id: str, who: Read, service: ServiceDep) -> Streaming
                     return
                 continue
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(run.changed(), timeout=15)
+                await asyncio.wait_for(run.next_change(), timeout=15)
             if sent >= len(run.events) and run.job is not None and not run.job.done():
                 yield b": keep-alive\n\n"
 

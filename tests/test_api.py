@@ -44,6 +44,7 @@ async def test_lifecycle_through_the_remote_sdk(server: Server) -> None:
         {"limits": {"memory_mib": 256}}, sandbox_id="api-life", api_url=server.url, token=token
     ) as sb:
         assert sb.id == "api-life" and sb.backend == "namespace"
+        assert (await sb.ping())["uid"] == 1000
         result = await sb.exec(["python3", "-c", "import sys; print(6 * 7); sys.exit(3)"])
         assert (result.exit_code, result.stdout) == (3, b"42\n")
         fed = await sb.exec(["cat"], stdin=b"\x00\xffbinary")
@@ -179,6 +180,13 @@ async def test_auth_failures_scopes_and_other_tokens_sandboxes(server: Server) -
         env={**os.environ, "PYTHONPATH": SRC},
     )
     doc = json.loads(out.stdout)
+    listed = subprocess.run(
+        [sys.executable, "-m", "ironclaw.cli", "token", "ls", "--json"],
+        capture_output=True, check=True, env={**os.environ, "PYTHONPATH": SRC},
+    )  # fmt: skip
+    rows = {r["id"]: r for r in json.loads(listed.stdout)["tokens"]}
+    assert rows[doc["id"]]["scopes"] == ["read"] and not rows[doc["id"]]["revoked"]
+    assert doc["token"] not in listed.stdout.decode()  # never shown again
     async with ApiClient(server.url, doc["token"]) as fresh:
         assert await fresh.list_sandboxes() == []
         subprocess.run(
@@ -188,6 +196,11 @@ async def test_auth_failures_scopes_and_other_tokens_sandboxes(server: Server) -
         )
         with pytest.raises(AuthError, match="revoked"):
             await fresh.list_sandboxes()
+    listed = subprocess.run(
+        [sys.executable, "-m", "ironclaw.cli", "token", "ls", "--json"],
+        capture_output=True, check=True, env={**os.environ, "PYTHONPATH": SRC},
+    )  # fmt: skip
+    assert {r["id"]: r["revoked"] for r in json.loads(listed.stdout)["tokens"]}[doc["id"]]
 
 
 async def test_quotas_on_sandboxes_and_memory(server: Server) -> None:

@@ -129,6 +129,14 @@ async def delete_sandbox(sandbox_id: str, who: Write, service: ServiceDep) -> Re
     return Response(status_code=204)
 
 
+@router.post("/{sandbox_id}/ping")
+async def ping(sandbox_id: str, who: Read, service: ServiceDep) -> dict[str, Any]:
+    """Ask the sandbox's agent to answer (its uid, pid, version): the channel works."""
+    await service.visible(who, sandbox_id)
+    await service.peer(sandbox_id)
+    return dict(await service.manager.call(sandbox_id, "ping"))
+
+
 @router.post("/{sandbox_id}/exec", response_model=ExecOut)
 async def exec_plain(
     sandbox_id: str, body: ExecRequest, who: Write, service: ServiceDep

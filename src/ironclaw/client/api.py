@@ -146,6 +146,10 @@ class ApiClient:
     async def delete(self, sandbox_id: str) -> None:
         await self.request("DELETE", f"/v1/sandboxes/{_seg(sandbox_id)}")
 
+    async def ping(self, sandbox_id: str) -> dict[str, Any]:
+        doc: dict[str, Any] = await self.request("POST", f"/v1/sandboxes/{_seg(sandbox_id)}/ping")
+        return doc
+
     # -- exec --------------------------------------------------------------------------
 
     async def exec(

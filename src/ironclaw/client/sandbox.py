@@ -134,9 +134,8 @@ class Sandbox:
         )
 
     async def ping(self) -> dict[str, Any]:
-        """The sandbox's record, fetched anew (the API has no raw channel ping)."""
-        self.record = await self.api.get(self.id)
-        return dict(self.record)
+        """The sandbox's agent answers through the server (uid, pid, version)."""
+        return await self.api.ping(self.id)
 
     async def destroy(self) -> None:
         if not self._destroyed:

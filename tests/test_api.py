@@ -437,3 +437,28 @@ def test_cli_runs_through_the_api(server: Server, tmp_path_factory: pytest.TempP
     env["IRONCLAW_API_TOKEN"] = "icw_bad_token"
     denied = cli("sandbox", "ls", check=False)
     assert denied.returncode == 1 and b"unknown token" in denied.stderr
+
+
+def test_shutdown_cancels_running_tasks_and_their_sandboxes_go(settings: Settings) -> None:
+    server = start_server(settings)
+    try:
+        token, admin = server.token("read", "write"), server.token("admin")
+
+        async def start() -> tuple[str, str]:
+            async with ApiClient(server.url, token) as api:
+                kept = (await api.create())["id"]
+                task = await api.start_task("t", script=RED_TURNS)  # holds at the RED call
+                async with asyncio.timeout(60):
+                    while not await api.approvals():
+                        await asyncio.sleep(0.1)
+                return kept, task["sandbox_id"]
+
+        kept, task_sandbox = asyncio.run(start())
+    finally:
+        assert server.stop() == 0
+    again = start_server(settings)
+    try:
+        ids = asyncio.run(_ids(again.url, admin))  # admin: every sandbox, owned or not
+        assert ids == [kept] and task_sandbox not in ids
+    finally:
+        again.stop()

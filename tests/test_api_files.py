@@ -69,6 +69,15 @@ async def test_100_mib_up_and_down_with_the_server_memory_flat(server: Server) -
         )
         # A buffered 100 MiB body would raise the peak by at least 100 MiB.
         assert growth < 32, f"server peak RSS grew {growth:.1f} MiB"
+        # A client that walks away mid-download leaves the sandbox's channel usable.
+        async with api.http.stream(
+            "GET", f"/v1/sandboxes/{sid}/files/content", params={"path": "big.bin"}
+        ) as resp:
+            async for _chunk in resp.aiter_bytes():
+                break
+        async with asyncio.timeout(60):
+            assert (await api.exec(sid, ["echo", "still"])).stdout == b"still\n"
+            assert (await api.stat(sid, "big.bin"))["size"] == SIZE
         await api.delete(sid)
 
 

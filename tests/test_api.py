@@ -462,3 +462,33 @@ def test_shutdown_cancels_running_tasks_and_their_sandboxes_go(settings: Setting
         assert ids == [kept] and task_sandbox not in ids
     finally:
         again.stop()
+
+
+def test_cli_run_through_the_api(server: Server, tmp_path_factory: pytest.TempPathFactory) -> None:
+    token = server.token("read", "write")
+    home = tmp_path_factory.mktemp("runhome")
+    script = home / "turns.json"
+    script.write_text(json.dumps({"turns": [
+        {"tool_calls": [{"name": "shell__run", "arguments": {"command": "echo hi > a.txt"}}]},
+        {"tool_calls": [{"name": "shell__run", "arguments": {"command": "rm a.txt"}}]},
+        {"content": "finished"},
+    ]}))  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": SRC, "IRONCLAW_HOME": str(home),
+           "IRONCLAW_API_TOKEN": token}  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "ironclaw.cli", "--api", server.url, "run", "--json",
+         "--model", f"scripted:{script}", "--approve", "green-only", "--keep", "tidy up"],
+        capture_output=True, env=env, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode()
+    doc = json.loads(proc.stdout)
+    assert doc["status"] == "completed" and doc["answer"] == "finished"
+    assert doc["tool_calls"] == 2
+
+    async def check() -> None:
+        async with ApiClient(server.url, token) as api:
+            # The GREEN write ran; the RED deletion was refused (green-only).
+            assert await api.read_file(doc["sandbox_id"], "a.txt") == b"hi\n"
+            await api.delete(doc["sandbox_id"])
+
+    asyncio.run(check())

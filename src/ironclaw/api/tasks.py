@@ -41,6 +41,7 @@ class TaskCreate(BaseModel):
     script: list[dict[str, Any]] | None = Field(
         default=None, description="Scripted model turns (instead of a real model)"
     )
+    script_loop: bool = Field(default=False, description="Repeat the scripted turns forever")
     sandbox: dict[str, Any] = Field(default_factory=dict)
     budget: dict[str, Any] | None = None
     approve: Literal["prompt", "green-only", "all", "never"] = "prompt"
@@ -146,7 +147,7 @@ class TaskRegistry:
 
 def _provider(body: TaskCreate) -> Provider:
     if body.script is not None:
-        return ScriptedProvider(body.script)
+        return ScriptedProvider(body.script, loop=body.script_loop)
     if body.model.startswith("scripted"):
         raise ConfigError("over the API a scripted model takes its turns inline in 'script'")
     return provider_from_name(body.model)

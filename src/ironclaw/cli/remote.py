@@ -1,8 +1,10 @@
 """The CLI's commands run through ``ironclaw serve`` when ``--api URL`` (or
 ``IRONCLAW_API_URL``) is given: the token comes from ``IRONCLAW_API_TOKEN``.
 
-Routed: ``exec``, ``sandbox create/ls/exec/cp/rm``. Output streams as it is printed
-(over the API's WebSocket), and ``cp`` streams files both ways.
+Routed: ``exec``, ``sandbox create/ls/exec/cp/rm`` and ``run``. Output streams as it is
+printed (over the API's WebSocket), ``cp`` streams files both ways, and ``run`` follows
+the task's trace (Server-Sent Events) and, when interactive, asks about each held RED
+call and answers it through the API (the token then needs the ``approve`` scope).
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
+from rich.panel import Panel
 from rich.table import Table
 
 from ironclaw.cli.common import err_console, out_console, stream_to
@@ -23,7 +27,7 @@ if TYPE_CHECKING:
     from ironclaw.client import ApiClient, ExecResult
     from ironclaw.spec import SandboxSpec
 
-__all__ = ["active", "cp", "create", "exec_in", "exec_oneshot", "ls", "rm"]
+__all__ = ["active", "cp", "create", "exec_in", "exec_oneshot", "ls", "rm", "run_task"]
 
 CHUNK = 1024 * 1024
 
@@ -174,3 +178,67 @@ async def rm(sandbox_ids: list[str], *, as_json: bool) -> None:
             await api.delete(sid)
     if as_json:
         print(json.dumps({"removed": sandbox_ids}))
+
+
+async def run_task(
+    task: str,
+    *,
+    model: str,
+    approve: str,
+    sandbox: dict[str, Any],
+    budget: dict[str, Any],
+    keep: bool,
+    as_json: bool,
+    progress: Callable[[dict[str, Any]], None] | None,
+    ask: Callable[[Any], Awaitable[bool]] | None,
+) -> int:
+    """``ironclaw run`` through the API; returns the exit status (0: completed)."""
+    body: dict[str, Any] = {
+        "model": model,
+        "approve": approve,
+        "sandbox": sandbox,
+        "budget": budget,
+        "keep": keep,
+    }
+    if model.startswith("scripted:"):
+        # The server never reads a client's file: the turns travel inline.
+        path = Path(model.removeprefix("scripted:"))
+        try:
+            doc = json.loads(await asyncio.to_thread(path.read_text))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read scripted turns from {path}: {exc}") from None
+        doc = {"turns": doc} if isinstance(doc, list) else doc
+        body["script"], body["script_loop"] = doc.get("turns"), bool(doc.get("loop"))
+    async with _client() as api:
+        started = await api.start_task(task, **body)
+        async for event in api.events(started["id"]):
+            if progress is not None:
+                progress(event)
+            if (
+                ask is not None
+                and event.get("event") == "tool.classified"
+                and (event.get("color") == "RED")
+            ):
+                await _decide(api, started["id"], ask)
+        done = await api.task(started["id"])
+    if as_json:
+        print(json.dumps({**done, "id": done["sandbox_id"], "task_id": done["id"]}))
+    else:
+        if done.get("answer"):
+            out_console.print(Panel(str(done["answer"]), title="answer"))
+        err_console.print(f"task {done['id']} in sandbox {done['sandbox_id']}: {done['status']}")
+    return 0 if done["status"] == "completed" else 1
+
+
+async def _decide(api: ApiClient, task_id: str, ask: Callable[[Any], Awaitable[bool]]) -> None:
+    """Ask about the RED call this task now holds (it appears once its card is built)."""
+    for _ in range(100):
+        held = [a for a in await api.approvals() if a["task_id"] == task_id]
+        if held:
+            a = held[0]
+            card = SimpleNamespace(
+                card=a["card"], name=a["name"], classification=SimpleNamespace(reason=a["reason"])
+            )
+            await api.decide(a["id"], await ask(card))
+            return
+        await asyncio.sleep(0.05)

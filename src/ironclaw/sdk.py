@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Generator
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
 from ironclaw.config import Settings
-from ironclaw.host import ports, procs
+from ironclaw.host import ports, processes
 from ironclaw.host.guest import DEFAULT_READ_LIMIT, ExecResult, OutputSink
 from ironclaw.host.manager import SandboxManager
 from ironclaw.host.ports import ExposedPort
@@ -28,6 +28,9 @@ from ironclaw.host.processes import ProcessHandle
 from ironclaw.proto import methods
 from ironclaw.resources.store import SandboxRecord
 from ironclaw.spec import SandboxSpec
+
+if TYPE_CHECKING:
+    from ironclaw.client.sandbox import RemoteCreating
 
 __all__ = [
     "Commands",
@@ -82,7 +85,7 @@ class Files:
         ``overflow`` event marks the ones dropped.
         """
         guest = await self._sb.manager.guest(self._sb.id)
-        async for event in procs.watch(guest, path, recursive=recursive, max_queue=max_queue):
+        async for event in processes.watch(guest, path, recursive=recursive, max_queue=max_queue):
             yield event
 
 
@@ -103,17 +106,17 @@ class Commands:
     ) -> ProcessHandle:
         """Start ``argv`` and return at once; its last ``ring_bytes`` of output are kept."""
         guest = await self._sb.manager.guest(self._sb.id)
-        return await procs.start_process(
+        return await processes.start_process(
             guest, argv, tag=tag, env=env, cwd=cwd, ring_bytes=ring_bytes
         )
 
     async def list(self) -> list[methods.ProcInfo]:
-        return await procs.list_processes(await self._sb.manager.guest(self._sb.id))
+        return await processes.list_processes(await self._sb.manager.guest(self._sb.id))
 
     async def connect(self, target: int | str) -> ProcessHandle:
         """The command with pid (int) or tag (str) ``target``."""
         guest = await self._sb.manager.guest(self._sb.id)
-        return await procs.connect_process(guest, target)
+        return await processes.connect_process(guest, target)
 
 
 class Pty:
@@ -134,7 +137,7 @@ class Pty:
         tag: str | None = None,
     ) -> ProcessHandle:
         guest = await self._sb.manager.guest(self._sb.id)
-        return await procs.start_process(
+        return await processes.start_process(
             guest, argv or ["/bin/sh"], tag=tag, env=env, cwd=cwd, pty=(cols, rows)
         )
 
@@ -180,6 +183,7 @@ class Sandbox:
     def backend(self) -> str:
         return self.record.backend
 
+    @overload
     @classmethod
     def create(
         cls,
@@ -188,8 +192,40 @@ class Sandbox:
         sandbox_id: str | None = None,
         settings: Settings | None = None,
         manager: SandboxManager | None = None,
-    ) -> _Creating:
-        """Create a sandbox: ``await`` it, or use it as ``async with`` (destroyed on exit)."""
+    ) -> _Creating: ...
+
+    @overload
+    @classmethod
+    def create(
+        cls,
+        spec: SandboxSpec | dict[str, Any] | None = None,
+        *,
+        sandbox_id: str | None = None,
+        api_url: str,
+        token: str | None = None,
+    ) -> RemoteCreating: ...
+
+    @classmethod
+    def create(
+        cls,
+        spec: SandboxSpec | dict[str, Any] | None = None,
+        *,
+        sandbox_id: str | None = None,
+        settings: Settings | None = None,
+        manager: SandboxManager | None = None,
+        api_url: str | None = None,
+        token: str | None = None,
+    ) -> _Creating | RemoteCreating:
+        """Create a sandbox: ``await`` it, or use it as ``async with`` (destroyed on exit).
+
+        With ``api_url`` (and ``token``) it is created by ``ironclaw serve`` there, through
+        the remote SDK (:mod:`ironclaw.client`), which has the same surface.
+        """
+        if api_url is not None:
+            from ironclaw.client.sandbox import Sandbox as RemoteSandbox
+
+            doc = spec.model_dump() if isinstance(spec, SandboxSpec) else spec
+            return RemoteSandbox.create(doc, sandbox_id=sandbox_id, api_url=api_url, token=token)
         return _Creating(spec, sandbox_id, settings, manager)
 
     @classmethod

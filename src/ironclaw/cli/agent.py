@@ -15,9 +15,10 @@ from rich.panel import Panel
 from rich.prompt import Confirm
 from rich.text import Text
 
+from ironclaw.cli import remote as via_api
 from ironclaw.cli.common import fail, run_code
 from ironclaw.cli.options import JsonOpt, SandboxOptions, sandbox_options
-from ironclaw.errors import IronclawError
+from ironclaw.errors import ConfigError, IronclawError
 
 __all__ = ["register"]
 
@@ -110,6 +111,15 @@ def run_cmd(
                 }
             ),
         )
+        if via_api.active():
+            if mcp or policy:
+                raise ConfigError("--mcp and --policy apply to local runs; the server uses its own")
+            return await via_api.run_task(
+                task, model=spec.model, approve=mode, sandbox=spec.sandbox,
+                budget=spec.budget.__dict__, keep=keep, as_json=as_json,
+                progress=None if as_json else _progress,
+                ask=_ask if interactive and mode == "prompt" else None,
+            )  # fmt: skip
         async with SandboxManager() as manager:
             outcome = await run_task(
                 manager, spec, approver=approver, keep=keep,

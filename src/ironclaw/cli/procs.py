@@ -49,7 +49,7 @@ def sandbox_run(
     as_json: JsonOpt = False,
 ) -> None:
     """Start a command that outlives this CLI (-d), or start it and stay attached."""
-    from ironclaw.host import procs
+    from ironclaw.host import processes
     from ironclaw.host.manager import SandboxManager
     from ironclaw.proto.methods import to_json
 
@@ -57,7 +57,7 @@ def sandbox_run(
         argv = command[1:] if command and command[0] == "--" else command
         async with SandboxManager() as manager:
             guest = await manager.guest(sandbox_id)
-            handle = await procs.start_process(
+            handle = await processes.start_process(
                 guest, argv, tag=tag, env=parse_env(env) or None, cwd=cwd
             )
             if as_json:
@@ -86,13 +86,13 @@ def _write(fd: int, data: bytes) -> None:
 @sandbox_app.command("ps")
 def sandbox_ps(sandbox_id: IdArg, as_json: JsonOpt = False) -> None:
     """List the sandbox's detached commands (running and recently ended)."""
-    from ironclaw.host import procs
+    from ironclaw.host import processes
     from ironclaw.host.manager import SandboxManager
     from ironclaw.proto.methods import to_json
 
     async def main() -> None:
         async with SandboxManager() as manager:
-            infos = await procs.list_processes(await manager.guest(sandbox_id))
+            infos = await processes.list_processes(await manager.guest(sandbox_id))
         if as_json:
             print(json.dumps({"procs": [to_json(i) for i in infos]}))
             return
@@ -113,12 +113,12 @@ def sandbox_attach(
     no_replay: Annotated[bool, typer.Option("--no-replay", help="Live output only.")] = False,
 ) -> None:
     """Print what a detached command printed so far, then follow it until it ends."""
-    from ironclaw.host import procs
+    from ironclaw.host import processes
     from ironclaw.host.manager import SandboxManager
 
     async def main() -> int:
         async with SandboxManager() as manager:
-            handle = await procs.connect_process(await manager.guest(sandbox_id), target)
+            handle = await processes.connect_process(await manager.guest(sandbox_id), target)
             async for chunk in handle.output(replay=not no_replay):
                 await asyncio.to_thread(_write, 1, chunk)
             return _exit_status(await handle.wait())
@@ -134,14 +134,14 @@ def sandbox_kill(
     as_json: JsonOpt = False,
 ) -> None:
     """Signal a detached command and everything in its process group."""
-    from ironclaw.host import procs
+    from ironclaw.host import processes
     from ironclaw.host.manager import SandboxManager
     from ironclaw.proto.methods import to_json
 
     async def main() -> None:
         signum = _signum(sig)
         async with SandboxManager() as manager:
-            handle = await procs.connect_process(await manager.guest(sandbox_id), target)
+            handle = await processes.connect_process(await manager.guest(sandbox_id), target)
             await handle.kill(signum)
             info = await handle.wait(timeout=5.0)
         if as_json:
@@ -167,7 +167,7 @@ async def run_tty(
     import termios
     import tty
 
-    from ironclaw.host import procs
+    from ironclaw.host import processes
     from ironclaw.host.manager import SandboxManager
 
     assert isinstance(manager, SandboxManager)
@@ -175,7 +175,7 @@ async def run_tty(
         raise ConfigError("-t needs a terminal on stdin: run it from a shell, or drop -t")
     cols, rows = os.get_terminal_size(0)
     guest = await manager.guest(sandbox_id)
-    handle = await procs.start_process(guest, argv, env=env, cwd=cwd, pty=(cols, rows))
+    handle = await processes.start_process(guest, argv, env=env, cwd=cwd, pty=(cols, rows))
     loop = asyncio.get_running_loop()
     saved = termios.tcgetattr(0)
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import uvicorn
@@ -22,6 +24,28 @@ from ironclaw.config import Settings
 from ironclaw.errors import ConfigError
 
 __all__ = ["serve"]
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises SIGTERM after its shutdown (the process dies of the signal);
+    here the signal only starts the graceful shutdown, and ``serve`` returns normally."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGINT, signal.SIGTERM)
+        for signum in signals:
+            loop.add_signal_handler(signum, self._stop)
+        try:
+            yield
+        finally:
+            for signum in signals:
+                loop.remove_signal_handler(signum)
+
+    def _stop(self) -> None:
+        if self.should_exit:  # a second signal: do not wait for running requests
+            self.force_exit = True
+        self.should_exit = True
 
 
 def _tcp(host: str, port: int) -> socket.socket:
@@ -63,6 +87,7 @@ async def serve(
     tcp: bool = True,
     grace: int = 10,
     log_level: str = "warning",
+    max_upload_mib: int = 4096,
 ) -> None:
     """Serve until interrupted."""
     sockets: list[socket.socket] = []
@@ -78,13 +103,13 @@ async def serve(
     if not sockets:
         raise ConfigError("nothing to listen on: give --port or --socket")
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, max_upload=max_upload_mib * 1024 * 1024),
         log_level=log_level,
         lifespan="on",
         timeout_graceful_shutdown=grace,
         access_log=False,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
 
     async def announce() -> None:
         while not server.started:

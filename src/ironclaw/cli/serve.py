@@ -26,6 +26,9 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--no-tcp", help="Listen on the Unix socket only.")
         ] = False,
         log_level: Annotated[str, typer.Option("--log-level")] = "warning",
+        max_upload: Annotated[
+            int, typer.Option("--max-upload", min=1, help="Largest file upload, in MiB.")
+        ] = 4096,
     ) -> None:
         """Serve the HTTP API (sandboxes, exec, files, agent tasks, approvals, metrics).
 
@@ -36,6 +39,11 @@ def register(app: typer.Typer) -> None:
 
         run(
             serve(
-                host=host, port=port, unix_socket=unix_socket, tcp=not no_tcp, log_level=log_level
+                host=host,
+                port=port,
+                unix_socket=unix_socket,
+                tcp=not no_tcp,
+                log_level=log_level,
+                max_upload_mib=max_upload,
             )
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import re
@@ -19,10 +20,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
+from apiserver import serve as _serve_gen
 from ironclaw.config import Settings
 from ironclaw.host.manager import SandboxManager
 
@@ -236,3 +239,47 @@ async def test_http_keep_leaves_sandboxes(ironclaw_home: Path) -> None:
         await s.initialize()
         sid = (await _call(s, "sandbox_create", {}))["id"]
     assert await _live(ironclaw_home) == [sid]  # the conftest's gc removes it
+
+
+async def test_http_refuses_foreign_hosts(ironclaw_home: Path) -> None:
+    # Not on a public address: the transport has no authentication of its own.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ironclaw.cli", "mcp", "--transport", "http", "--host", "0.0.0.0",
+        env=_env(ironclaw_home), stdin=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 2 and b"loopback only" in err
+    # On loopback, a request naming another Host (DNS rebinding) is refused.
+    async with _http_server(ironclaw_home) as (url, _proc), httpx.AsyncClient() as http:
+        body = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+        headers = {"Host": "evil.example", "Accept": "application/json, text/event-stream"}
+        resp = await http.post(url, json=body, headers=headers)
+        assert resp.status_code in (403, 421), resp.text
+
+
+async def test_stdio_over_the_api_service(ironclaw_home: Path, settings: Settings) -> None:
+    """``--api URL``: the same tools through ``ironclaw serve`` and its token."""
+    with contextlib.closing(_serve_gen(settings)) as gen:
+        server = next(gen)
+        env = _env(ironclaw_home) | {
+            "IRONCLAW_API_URL": server.url,
+            "IRONCLAW_API_TOKEN": server.token("read", "write"),
+        }
+        params = StdioServerParameters(
+            command=sys.executable, args=["-m", "ironclaw.cli", "mcp"], env=env
+        )
+        async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+            sid = await _exercise(session)
+            script = [
+                {"tool_calls": [{"name": "shell__run", "arguments": {"command": "rm -f x"}}]},
+                {"content": "ok"},
+            ]
+            out = await _call(session, "agent_run", {"task": "remove", "script": script})
+            assert out["status"] == "completed" and out["answer"] == "ok"
+            assert [(d["color"], d["approved"]) for d in out["decisions"]] == [("RED", False)]
+            left = (await _call(session, "sandbox_create", {}))["id"]
+            await _call(session, "sandbox_destroy", {"sandbox_id": sid})
+            assert sid not in await _live(ironclaw_home)
+        # The MCP server removed what it left, through the API, when the client went away.
+        assert left not in await _live(ironclaw_home)

@@ -4,7 +4,16 @@ Not to be confused with :mod:`ironclaw.mcp_servers`, the tool servers that run i
 a sandbox for the agent loop.
 """
 
-from ironclaw.mcp_server.backend import LocalBackend
+from ironclaw.mcp_server.backend import Backend, LocalBackend
+from ironclaw.mcp_server.remote import RemoteBackend
 from ironclaw.mcp_server.server import IronclawMCP, build_server, serve_http, serve_stdio
 
-__all__ = ["IronclawMCP", "LocalBackend", "build_server", "serve_http", "serve_stdio"]
+__all__ = [
+    "Backend",
+    "IronclawMCP",
+    "LocalBackend",
+    "RemoteBackend",
+    "build_server",
+    "serve_http",
+    "serve_stdio",
+]

@@ -1,11 +1,13 @@
-"""What the MCP tools do, over the in-process sandbox manager.
+"""What the MCP tools do: :class:`Backend`, over the in-process manager (:class:`LocalBackend`)
+or over ``ironclaw serve`` (:class:`~ironclaw.mcp_server.remote.RemoteBackend`).
 
-The tools of ``ironclaw mcp`` are thin wrappers over :class:`LocalBackend`: it owns one
-:class:`~ironclaw.host.manager.SandboxManager`, remembers the sandboxes it created (the
-tools act on those only: an MCP client, often a model, should not reach sandboxes that
-other programs run) and removes them when the server stops unless told to keep them.
-Every answer is a JSON-ready dict; errors stay :class:`~ironclaw.errors.IronclawError`
-and are turned into MCP tool errors one layer up.
+The tools of ``ironclaw mcp`` are thin wrappers over a backend: it remembers the
+sandboxes it created (the tools act on those only: an MCP client, often a model, should
+not reach sandboxes that other programs run) and removes them when the server stops
+unless told to keep them. The argument checks, output bounds and encodings live in the
+base class once; a subclass supplies the primitives. Every answer is a JSON-ready dict;
+errors stay :class:`~ironclaw.errors.IronclawError` and become MCP tool errors one
+layer up.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from ironclaw.errors import ConfigError, IronclawError, SandboxNotFound
 from ironclaw.host.manager import SandboxManager
 from ironclaw.resources.store import SandboxRecord
 
-__all__ = ["APPROVE_MODES", "MAX_OUTPUT_LIMIT", "BoundedBuffer", "LocalBackend"]
+__all__ = ["APPROVE_MODES", "MAX_OUTPUT_LIMIT", "Backend", "BoundedBuffer", "LocalBackend"]
 
 #: Largest output one ``exec`` or ``read`` returns (a model's context is the scarce part).
 MAX_OUTPUT_LIMIT = 1024 * 1024
@@ -54,41 +56,128 @@ def _limit(value: int) -> int:
     return value
 
 
-def _record_json(record: SandboxRecord) -> dict[str, Any]:
-    spec = record.spec or {}
+def sandbox_json(doc: dict[str, Any]) -> dict[str, Any]:
+    """What a tool shows of a sandbox, from a record's fields (local or over the API)."""
+    spec = doc.get("spec") or {}
     limits = spec.get("limits") or {}
     return {
-        "id": record.id,
-        "backend": record.backend,
-        "state": record.state,
-        "reason": record.reason,
-        "created_at": record.created_at,
+        "id": doc["id"],
+        "backend": doc.get("backend"),
+        "state": doc.get("state"),
+        "reason": doc.get("reason"),
+        "created_at": doc.get("created_at"),
         "image": spec.get("image"),
         "memory_mib": limits.get("memory_mib"),
     }
 
 
-class LocalBackend:
-    """Sandbox operations for the MCP tools, in this process."""
+def _record_json(record: SandboxRecord) -> dict[str, Any]:
+    return sandbox_json(
+        {
+            "id": record.id,
+            "backend": record.backend,
+            "state": record.state,
+            "reason": record.reason,
+            "created_at": record.created_at,
+            "spec": record.spec,
+        }
+    )
 
-    def __init__(self, settings: Settings | None = None, *, keep: bool = False) -> None:
-        self.manager = SandboxManager(settings)
+
+def task_summary(doc: dict[str, Any], events: list[dict[str, Any]], keep: bool) -> dict[str, Any]:
+    """An agent task's outcome for the model: answer, status and each tool decision."""
+    names = {e.get("call_id"): e.get("name") for e in events if e.get("event") == "tool.call"}
+    return {
+        **doc,
+        "kept": keep,
+        "decisions": [
+            {
+                "name": names.get(e.get("call_id")),
+                "color": e.get("color"),
+                "approved": e.get("approved"),
+                "reason": e.get("reason"),
+            }
+            for e in events
+            if e.get("event") == "tool.decision"
+        ],
+    }
+
+
+class Backend:
+    """The tools' operations; subclasses provide the ``_`` primitives."""
+
+    def __init__(self, *, keep: bool = False) -> None:
         self.keep = keep
         self.owned: set[str] = set()
 
+    # -- primitives --------------------------------------------------------------------
+
     async def open(self) -> None:
-        await self.manager.open()
+        raise NotImplementedError
+
+    async def _close(self) -> None:
+        raise NotImplementedError
+
+    async def _create(self, spec: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def _list(self) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    async def _get(self, sandbox_id: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def _destroy(self, sandbox_id: str) -> None:
+        raise NotImplementedError
+
+    async def _exec(
+        self,
+        sandbox_id: str,
+        argv: list[str],
+        *,
+        cwd: str | None,
+        env: dict[str, str] | None,
+        stdin: bytes | None,
+        timeout: float,
+        out: BoundedBuffer,
+        err: BoundedBuffer,
+    ) -> dict[str, Any]:
+        """Run; stream output into ``out``/``err``; return exit_code, signal, status,
+        timed_out and duration_ms."""
+        raise NotImplementedError
+
+    async def _write(self, sandbox_id: str, path: str, data: bytes) -> int:
+        raise NotImplementedError
+
+    async def _read(self, sandbox_id: str, path: str, sink: BoundedBuffer) -> None:
+        raise NotImplementedError
+
+    async def _task(
+        self,
+        task: str,
+        *,
+        model: str,
+        script: list[dict[str, Any]] | None,
+        approve: str,
+        sandbox: dict[str, Any],
+        budget: dict[str, Any],
+        keep: bool,
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Run an agent task to its end: (outcome with id/status/answer..., events)."""
+        raise NotImplementedError
+
+    # -- the tools' operations ---------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Remove the sandboxes made here (unless ``keep``), then close the manager."""
+        """Remove the sandboxes made here (unless ``keep``), then close."""
         try:
             if not self.keep:
                 for sid in sorted(self.owned):
                     with contextlib.suppress(IronclawError):
-                        await self.manager.destroy(sid)
+                        await self._destroy(sid)
                 self.owned.clear()
         finally:
-            await self.manager.aclose()
+            await self._close()
 
     def _mine(self, sandbox_id: str) -> str:
         if sandbox_id not in self.owned:
@@ -100,19 +189,15 @@ class LocalBackend:
         return sandbox_id
 
     async def create(self, spec: dict[str, Any]) -> dict[str, Any]:
-        record = await self.manager.create(spec)
-        self.owned.add(record.id)
-        return _record_json(record)
+        doc = await self._create(spec)
+        self.owned.add(doc["id"])
+        return doc
 
     async def sandboxes(self) -> list[dict[str, Any]]:
-        out = []
-        for record in await self.manager.sandboxes():
-            if record.id in self.owned:
-                out.append(_record_json(record))
-        return out
+        return [doc for doc in await self._list() if doc["id"] in self.owned]
 
     async def get(self, sandbox_id: str) -> dict[str, Any]:
-        return _record_json(await self.manager.get(self._mine(sandbox_id)))
+        return await self._get(self._mine(sandbox_id))
 
     async def exec(
         self,
@@ -133,28 +218,23 @@ class LocalBackend:
         if timeout <= 0:
             raise ConfigError("timeout must be more than 0 seconds")
         out, err = BoundedBuffer(_limit(max_output)), BoundedBuffer(max_output)
-        result = await self.manager.exec(
+        result = await self._exec(
             self._mine(sandbox_id),
             argv,
             cwd=cwd,
             env=env,
-            timeout=timeout,
             stdin=stdin.encode() if stdin is not None else None,
-            on_stdout=out,
-            on_stderr=err,
-            capture=False,
+            timeout=timeout,
+            out=out,
+            err=err,
         )
         return {
-            "exit_code": result.exit_code,
-            "signal": result.signal,
-            "status": result.status,
-            "timed_out": result.timed_out,
+            **result,
             "stdout": out.data.decode(errors="replace"),
             "stderr": err.data.decode(errors="replace"),
             "stdout_bytes": out.total,
             "stderr_bytes": err.total,
             "truncated": out.truncated or err.truncated,
-            "duration_ms": round(result.duration_ms, 1),
         }
 
     async def write_file(
@@ -169,7 +249,7 @@ class LocalBackend:
                 raise ConfigError("content is not valid base64 (encoding='base64')") from None
         else:
             raise ConfigError(f"encoding {encoding!r}: use 'text' or 'base64'")
-        size = await self.manager.write_file(self._mine(sandbox_id), path, data)
+        size = await self._write(self._mine(sandbox_id), path, data)
         return {"path": path, "size": size}
 
     async def read_file(
@@ -178,7 +258,7 @@ class LocalBackend:
         if encoding not in ("text", "base64"):
             raise ConfigError(f"encoding {encoding!r}: use 'text' or 'base64'")
         buf = BoundedBuffer(_limit(max_bytes))
-        await self.manager.read_file(self._mine(sandbox_id), path, buf)
+        await self._read(self._mine(sandbox_id), path, buf)
         data = bytes(buf.data)
         if encoding == "base64":
             content = base64.b64encode(data).decode()
@@ -200,7 +280,7 @@ class LocalBackend:
         }
 
     async def destroy(self, sandbox_id: str) -> dict[str, Any]:
-        await self.manager.destroy(self._mine(sandbox_id))
+        await self._destroy(self._mine(sandbox_id))
         self.owned.discard(sandbox_id)
         return {"id": sandbox_id, "destroyed": True}
 
@@ -217,22 +297,100 @@ class LocalBackend:
     ) -> dict[str, Any]:
         """An agent task in a fresh sandbox; the model is reached through the host's
         gateway, which alone holds the API key. RED calls follow ``approve``."""
+        if approve not in APPROVE_MODES:
+            raise ConfigError(
+                f"approve={approve!r}: with nobody to ask, use one of {', '.join(APPROVE_MODES)}"
+            )
+        if script is None and model.startswith("scripted"):
+            raise ConfigError("a scripted model takes its turns inline in 'script'")
+        doc, events = await self._task(
+            task,
+            model=model,
+            script=script,
+            approve=approve,
+            sandbox=sandbox,
+            budget=budget,
+            keep=keep,
+        )
+        if keep:
+            self.owned.add(doc["id"])
+        return task_summary(doc, events, keep)
+
+
+class LocalBackend(Backend):
+    """In this process, over a :class:`~ironclaw.host.manager.SandboxManager`."""
+
+    def __init__(self, settings: Settings | None = None, *, keep: bool = False) -> None:
+        super().__init__(keep=keep)
+        self.manager = SandboxManager(settings)
+
+    async def open(self) -> None:
+        await self.manager.open()
+
+    async def _close(self) -> None:
+        await self.manager.aclose()
+
+    async def _create(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return _record_json(await self.manager.create(spec))
+
+    async def _list(self) -> list[dict[str, Any]]:
+        return [_record_json(r) for r in await self.manager.sandboxes()]
+
+    async def _get(self, sandbox_id: str) -> dict[str, Any]:
+        return _record_json(await self.manager.get(sandbox_id))
+
+    async def _destroy(self, sandbox_id: str) -> None:
+        await self.manager.destroy(sandbox_id)
+
+    async def _exec(
+        self,
+        sandbox_id: str,
+        argv: list[str],
+        *,
+        cwd: str | None,
+        env: dict[str, str] | None,
+        stdin: bytes | None,
+        timeout: float,
+        out: BoundedBuffer,
+        err: BoundedBuffer,
+    ) -> dict[str, Any]:
+        result = await self.manager.exec(
+            sandbox_id, argv, cwd=cwd, env=env, timeout=timeout, stdin=stdin,
+            on_stdout=out, on_stderr=err, capture=False,
+        )  # fmt: skip
+        return {
+            "exit_code": result.exit_code,
+            "signal": result.signal,
+            "status": result.status,
+            "timed_out": result.timed_out,
+            "duration_ms": round(result.duration_ms, 1),
+        }
+
+    async def _write(self, sandbox_id: str, path: str, data: bytes) -> int:
+        return await self.manager.write_file(sandbox_id, path, data)
+
+    async def _read(self, sandbox_id: str, path: str, sink: BoundedBuffer) -> None:
+        await self.manager.read_file(sandbox_id, path, sink)
+
+    async def _task(
+        self,
+        task: str,
+        *,
+        model: str,
+        script: list[dict[str, Any]] | None,
+        approve: str,
+        sandbox: dict[str, Any],
+        budget: dict[str, Any],
+        keep: bool,
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         from ironclaw.agent.approval import Approver
         from ironclaw.agent.gateway import Provider, ScriptedProvider, provider_from_name
         from ironclaw.agent.tasks import TaskSpec, run_task
         from ironclaw.guest.agent_loop import Budget
 
-        if approve not in APPROVE_MODES:
-            raise ConfigError(
-                f"approve={approve!r}: with nobody to ask, use one of {', '.join(APPROVE_MODES)}"
-            )
-        provider: Provider
-        if script is not None:
-            provider = ScriptedProvider(script)
-        elif model.startswith("scripted"):
-            raise ConfigError("a scripted model takes its turns inline in 'script'")
-        else:
-            provider = provider_from_name(model)
+        provider: Provider = ScriptedProvider(script) if script is not None else (
+            provider_from_name(model)
+        )  # fmt: skip
         spec = TaskSpec(
             task=task,
             model=f"{provider.name}:{provider.model}",
@@ -242,21 +400,4 @@ class LocalBackend:
         outcome = await run_task(
             self.manager, spec, provider=provider, approver=Approver(mode=approve), keep=keep
         )
-        if keep:
-            self.owned.add(outcome.sandbox_id)
-        doc = outcome.to_json()
-        doc["kept"] = keep
-        names = {
-            e.get("call_id"): e.get("name") for e in outcome.events if e["event"] == "tool.call"
-        }
-        doc["decisions"] = [
-            {
-                "name": names.get(e.get("call_id")),
-                "color": e.get("color"),
-                "approved": e.get("approved"),
-                "reason": e.get("reason"),
-            }
-            for e in outcome.events
-            if e.get("event") == "tool.decision"
-        ]
-        return doc
+        return outcome.to_json(), outcome.events

@@ -28,12 +28,12 @@ from mcp_types import Resource as MCPResource
 from pydantic import Field
 
 import ironclaw
-from ironclaw.config import Settings
 from ironclaw.errors import ConfigError, IronclawError
-from ironclaw.mcp_server.backend import LocalBackend
+from ironclaw.mcp_server.backend import Backend
 
 __all__ = ["IronclawMCP", "build_server", "serve_http", "serve_stdio"]
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 INSTRUCTIONS = (
     "IronClaw sandboxes: isolated Linux environments. Create one with sandbox_create, run "
     "commands with sandbox_exec (workspace /workspace), move files with sandbox_write_file "
@@ -54,7 +54,7 @@ async def _tool_errors() -> AsyncIterator[None]:
 class IronclawMCP(MCPServer[Any]):
     """An MCP server that also lists one resource per sandbox."""
 
-    def __init__(self, backend: LocalBackend) -> None:
+    def __init__(self, backend: Backend) -> None:
         super().__init__(
             "ironclaw", instructions=INSTRUCTIONS, version=ironclaw.__version__, log_level="WARNING"
         )
@@ -75,7 +75,7 @@ class IronclawMCP(MCPServer[Any]):
         return listed
 
 
-def build_server(backend: LocalBackend) -> IronclawMCP:
+def build_server(backend: Backend) -> IronclawMCP:
     """The MCP server with its tools and resources bound to ``backend``."""
     mcp = IronclawMCP(backend)
 
@@ -213,14 +213,13 @@ def build_server(backend: LocalBackend) -> IronclawMCP:
     return mcp
 
 
-async def serve_stdio(settings: Settings | None = None, *, keep: bool = False) -> None:
+async def serve_stdio(backend: Backend) -> None:
     """Serve over stdin/stdout until the client closes them (or sends SIGTERM, as MCP
     clients do when stdin alone did not stop a server); the cleanup runs either way."""
     loop = asyncio.get_running_loop()
     me = asyncio.current_task()
     if me is not None:
         loop.add_signal_handler(signal.SIGTERM, me.cancel)
-    backend = LocalBackend(settings, keep=keep)
     try:
         await backend.open()
         await build_server(backend).run_stdio_async()
@@ -261,18 +260,20 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve_http(
-    settings: Settings | None = None,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8765,
-    keep: bool = False,
-) -> None:
-    """Serve streamable HTTP at ``/mcp`` until interrupted; prints ``listening on URL``."""
+async def serve_http(backend: Backend, *, host: str = "127.0.0.1", port: int = 8765) -> None:
+    """Serve streamable HTTP at ``/mcp`` until interrupted; prints ``listening on URL``.
+
+    Loopback only: the transport has no authentication of its own (the SDK also checks
+    Host and Origin against DNS rebinding)."""
+    if host not in LOOPBACK:
+        raise ConfigError(
+            f"--host {host}: the MCP HTTP transport has no authentication, so it listens on "
+            "loopback only (127.0.0.1, ::1 or localhost); put an authenticating proxy in front "
+            "to reach it from elsewhere"
+        )
     sock = _bind(host, port)
-    backend = LocalBackend(settings, keep=keep)
-    await backend.open()
     try:
+        await backend.open()
         app = build_server(backend).streamable_http_app(host=host)
         server = _Server(uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False))
         bound = sock.getsockname()[1]

@@ -48,6 +48,16 @@ def server(settings: Settings) -> Iterator[Server]:
     yield from serve(settings)
 
 
+def test_render_escapes_all_but_markup() -> None:
+    from ironclaw.api.dashboard import Markup, csrf_token, render
+
+    out = render('<p title="{t}">{body}{safe}</p>', t='"><x', body="<b>&", safe=Markup("<i>"))
+    assert out == '<p title="&quot;&gt;&lt;x">&lt;b&gt;&amp;<i></p>'
+    assert isinstance(out, Markup) and render("{x}", x=out) == out  # not escaped twice
+    assert render("{x}", x=None) == ""
+    assert csrf_token("a") != csrf_token("b") and len(csrf_token("a")) == 64
+
+
 async def _held(api: ApiClient) -> dict[str, Any]:
     async with asyncio.timeout(60):
         while not (pending := await api.approvals()):
@@ -167,6 +177,10 @@ async def test_browser_logs_in_sees_sandbox_and_approves_a_held_red_call(
         assert "<script>window.pwned=1</script>" in await diff.inner_text()
         assert await diff.locator("script, b, img").count() == 0
         assert await page.evaluate("window.pwned === undefined")
+        # Live: a sandbox made after the page loaded shows up without a reload.
+        late = (await adm.create({"limits": {"memory_mib": 128}}))["id"]
+        await page.locator(f'tr[data-sandbox="{late}"] .state-running').wait_for(timeout=30_000)
+        assert await card.count() == 1  # the held card stayed while the table changed
         await page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
 
         await card.locator("button.approve").click()
@@ -177,6 +191,7 @@ async def test_browser_logs_in_sees_sandbox_and_approves_a_held_red_call(
         # The stream's "end" event marks the list done (the page's CSP forbids eval).
         await page.locator("#timeline[data-done='1']").wait_for(state="attached", timeout=60_000)
         assert await status.inner_text() == "completed"
+        await page.locator("#panels .status-completed").wait_for(timeout=30_000)  # refreshed
         timeline = await page.locator("#timeline").inner_text()
         assert "approved by api" in timeline and "end: completed" in timeline
         assert f"task escape {EVIL}" in timeline  # the task's text, literally
@@ -191,4 +206,5 @@ async def test_browser_logs_in_sees_sandbox_and_approves_a_held_red_call(
         assert await api.read_file(sid, "/tmp/outside.txt") == EVIL.encode()
         assert await adm.approvals() == []
         await api.delete(sid)
+        await adm.delete(late)
     print(f"screenshots: {tmp_path}")

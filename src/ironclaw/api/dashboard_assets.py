@@ -45,12 +45,16 @@ button.deny { background:var(--red); color:#fff; border-color:var(--red); }
 .error { color:var(--red); }
 ol.timeline { padding-left:2.4rem; margin:0; }
 ol.timeline li { padding:.15rem 0; border-bottom:1px dotted var(--line); }
-ol.timeline li .kind { display:inline-block; min-width:9rem; color:var(--blue); }
+ol.timeline li .kind { display:inline-block; width:9rem; color:var(--blue); vertical-align:top; }
+ol.timeline li .text { display:inline-block; width:calc(100% - 9.5rem); vertical-align:top;
+                       word-break:break-word; }
 """
 
 APP_JS = r"""
 "use strict";
-// Live panels: the server renders (and escapes) them; we only swap in new HTML.
+// Live panels: the server renders (and escapes) them; each <section> is swapped only when
+// its HTML changed, so a card being read (or a button being pressed) is left alone while
+// the sandbox figures tick.
 function pollPanels() {
   const box = document.getElementById("panels");
   if (!box) return;
@@ -59,15 +63,20 @@ function pollPanels() {
     try {
       const resp = await fetch(src, {credentials: "same-origin", cache: "no-store"});
       if (resp.status === 401) { location.href = "/"; return; }
-      if (resp.ok) {
-        const html = await resp.text();
-        if (html !== box.dataset.last) { box.innerHTML = html; box.dataset.last = html; }
-        box.dataset.updated = String(Date.now());
-      }
+      if (!resp.ok) return;
+      const fresh = document.createElement("template");
+      fresh.innerHTML = await resp.text();
+      const kids = Array.from(fresh.content.children);
+      const old = Array.from(box.children);
+      if (kids.length !== old.length) { box.replaceChildren(...kids); return; }
+      kids.forEach((kid, i) => {
+        if (kid.outerHTML !== old[i].outerHTML) old[i].replaceWith(kid);
+      });
+      box.dataset.updated = String(Date.now());
     } catch (e) { /* the server restarts: try again next tick */ }
   }
-  box.dataset.last = box.innerHTML;
   setInterval(tick, 1500);
+  window.refreshPanels = tick;
 }
 
 function short(value, n) {
@@ -114,6 +123,7 @@ function followTimeline() {
     kind.className = "kind";
     kind.textContent = ev.event;
     const text = document.createElement("span");
+    text.className = "text";
     text.textContent = describe(ev);
     if (ev.color) text.classList.add(ev.color === "RED" ? "RED" : "GREEN");
     li.append(kind, text);
@@ -128,6 +138,7 @@ function followTimeline() {
   source.addEventListener("end", () => {
     source.close();
     list.dataset.done = "1";
+    if (window.refreshPanels) window.refreshPanels();
   });
 }
 

@@ -179,9 +179,20 @@ async def test_stdio_agent_run_refuses_red_calls(ironclaw_home: Path) -> None:
     )
     async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
         await session.initialize()
-        out = await _call(
-            session, "agent_run", {"task": "make and remove a file", "script": script, "keep": True}
-        )
+        seen: list[tuple[float, str | None]] = []
+
+        async def on_progress(done: float, total: float | None, message: str | None) -> None:
+            seen.append((done, message))
+
+        args = {"task": "make and remove a file", "script": script, "keep": True}
+        result = await session.call_tool("agent_run", args, progress_callback=on_progress)
+        assert not result.is_error, result.content
+        out = result.structured_content
+        # Progress notifications followed the task, in order, one per trace event.
+        assert [n for n, _ in seen] == list(range(1, len(seen) + 1)), seen
+        messages = [m for _, m in seen]
+        assert messages[0] == "task.start" and messages[-1] == "task.end completed"
+        assert any(m and m.startswith("tool.decision refused") for m in messages), messages
         assert out["status"] == "completed" and out["answer"] == "finished"
         assert [(d["color"], d["approved"]) for d in out["decisions"]] == [
             ("GREEN", True),

@@ -12,9 +12,11 @@ layer up.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,12 +25,21 @@ from ironclaw.errors import ConfigError, IronclawError, SandboxNotFound
 from ironclaw.host.manager import SandboxManager
 from ironclaw.resources.store import SandboxRecord
 
-__all__ = ["APPROVE_MODES", "MAX_OUTPUT_LIMIT", "Backend", "BoundedBuffer", "LocalBackend"]
+__all__ = [
+    "APPROVE_MODES",
+    "MAX_OUTPUT_LIMIT",
+    "Backend",
+    "BoundedBuffer",
+    "LocalBackend",
+    "Progress",
+]
 
 #: Largest output one ``exec`` or ``read`` returns (a model's context is the scarce part).
 MAX_OUTPUT_LIMIT = 1024 * 1024
 #: RED calls with nobody to ask: refused (``green-only``) or nothing runs (``never``).
 APPROVE_MODES = ("green-only", "never")
+#: Told of each trace event of an agent task: (its number, the event).
+Progress = Callable[[int, dict[str, Any]], Awaitable[None]]
 
 
 @dataclass
@@ -162,8 +173,10 @@ class Backend:
         sandbox: dict[str, Any],
         budget: dict[str, Any],
         keep: bool,
+        on_event: Callable[[dict[str, Any]], None],
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """Run an agent task to its end: (outcome with id/status/answer..., events)."""
+        """Run an agent task to its end, calling ``on_event`` with each trace event as it
+        happens: (outcome with id/status/answer..., events)."""
         raise NotImplementedError
 
     # -- the tools' operations ---------------------------------------------------------
@@ -294,24 +307,43 @@ class Backend:
         sandbox: dict[str, Any],
         budget: dict[str, Any],
         keep: bool,
+        progress: Progress | None = None,
     ) -> dict[str, Any]:
         """An agent task in a fresh sandbox; the model is reached through the host's
-        gateway, which alone holds the API key. RED calls follow ``approve``."""
+        gateway, which alone holds the API key. RED calls follow ``approve``.
+        ``progress`` hears of each trace event, in order (MCP progress notifications keep
+        a client's request alive through a long task)."""
         if approve not in APPROVE_MODES:
             raise ConfigError(
                 f"approve={approve!r}: with nobody to ask, use one of {', '.join(APPROVE_MODES)}"
             )
         if script is None and model.startswith("scripted"):
             raise ConfigError("a scripted model takes its turns inline in 'script'")
-        doc, events = await self._task(
-            task,
-            model=model,
-            script=script,
-            approve=approve,
-            sandbox=sandbox,
-            budget=budget,
-            keep=keep,
-        )
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+        async def forward() -> None:
+            n = 0
+            while (event := await queue.get()) is not None:
+                n += 1
+                if progress is not None:
+                    with contextlib.suppress(Exception):  # a gone client must not stop the task
+                        await progress(n, event)
+
+        forwarder = asyncio.ensure_future(forward())
+        try:
+            doc, events = await self._task(
+                task,
+                model=model,
+                script=script,
+                approve=approve,
+                sandbox=sandbox,
+                budget=budget,
+                keep=keep,
+                on_event=queue.put_nowait,
+            )
+        finally:
+            queue.put_nowait(None)
+            await forwarder
         if keep:
             self.owned.add(doc["id"])
         return task_summary(doc, events, keep)
@@ -382,6 +414,7 @@ class LocalBackend(Backend):
         sandbox: dict[str, Any],
         budget: dict[str, Any],
         keep: bool,
+        on_event: Callable[[dict[str, Any]], None],
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         from ironclaw.agent.approval import Approver
         from ironclaw.agent.gateway import Provider, ScriptedProvider, provider_from_name
@@ -398,6 +431,7 @@ class LocalBackend(Backend):
             budget=Budget.from_json(budget),
         )
         outcome = await run_task(
-            self.manager, spec, provider=provider, approver=Approver(mode=approve), keep=keep
-        )
+            self.manager, spec, provider=provider, approver=Approver(mode=approve), keep=keep,
+            on_event=on_event,
+        )  # fmt: skip
         return outcome.to_json(), outcome.events

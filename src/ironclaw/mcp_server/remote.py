@@ -6,6 +6,7 @@ this server may do (its scopes and quotas), and the service holds the model keys
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ironclaw.client import ApiClient
@@ -82,6 +83,7 @@ class RemoteBackend(Backend):
         sandbox: dict[str, Any],
         budget: dict[str, Any],
         keep: bool,
+        on_event: Callable[[dict[str, Any]], None],
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         fields: dict[str, Any] = {
             "model": model, "sandbox": sandbox, "budget": budget, "approve": approve,
@@ -90,7 +92,10 @@ class RemoteBackend(Backend):
         if script is not None:
             fields["script"] = script
         started = await self.api.start_task(task, **fields)
-        events = [e async for e in self.api.events(started["id"])]
+        events = []
+        async for event in self.api.events(started["id"]):
+            events.append(event)
+            on_event(event)
         done = await self.api.task(started["id"])
         end: dict[str, Any] = next(
             (e for e in reversed(events) if e.get("event") == "task.end"), {}

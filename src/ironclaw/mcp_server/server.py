@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, Literal
 
 import uvicorn
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import Resource as MCPResource
 from pydantic import Field
@@ -49,6 +49,19 @@ async def _tool_errors() -> AsyncIterator[None]:
         yield
     except IronclawError as exc:
         raise ToolError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _event_line(event: dict[str, Any]) -> str:
+    """A short progress message for one trace event."""
+    kind = str(event.get("event", "event"))
+    if kind in ("tool.call", "tool.decision", "tool.result"):
+        detail = event.get("name") or event.get("reason") or ""
+        if kind == "tool.decision":
+            detail = ("approved" if event.get("approved") else "refused") + f": {detail}"
+        return f"{kind} {detail}"[:200]
+    if kind == "task.end":
+        return f"task.end {event.get('status')}"
+    return kind
 
 
 class IronclawMCP(MCPServer[Any]):
@@ -183,11 +196,17 @@ def build_server(backend: Backend) -> IronclawMCP:
         max_steps: Annotated[int, Field(ge=1, le=200)] = 20,
         wall_time_s: Annotated[float, Field(gt=0, le=3600)] = 600.0,
         keep: Annotated[bool, Field(description="Keep the sandbox afterwards.")] = False,
+        ctx: Context | None = None,
     ) -> dict[str, Any]:
         """Run an AI agent on TASK in a fresh sandbox and return its answer and trace
         summary. Nobody is asked about RED calls here: they are refused."""
         if (sandbox or {}).get("mounts"):
             raise ToolError("host mounts are not offered over MCP: copy files in instead")
+
+        async def progress(n: int, event: dict[str, Any]) -> None:
+            if ctx is not None:
+                await ctx.report_progress(n, None, _event_line(event))
+
         async with _tool_errors():
             return await backend.run_task(
                 task,
@@ -197,6 +216,7 @@ def build_server(backend: Backend) -> IronclawMCP:
                 sandbox=dict(sandbox or {}),
                 budget={"max_steps": max_steps, "wall_time_s": wall_time_s},
                 keep=keep,
+                progress=progress,
             )
 
     @mcp.resource(

@@ -62,9 +62,9 @@ async def _token(settings: Settings, scopes: list[str], **quota: int) -> str:
     return token
 
 
-def start_server(settings: Settings, *extra: str) -> Server:
+def start_server(settings: Settings, *extra: str, env: dict[str, str] | None = None) -> Server:
     settings.ensure()
-    env = {**os.environ, "PYTHONPATH": SRC}
+    env = {**os.environ, "PYTHONPATH": SRC, **(env or {})}
     proc = subprocess.Popen(
         [sys.executable, "-m", "ironclaw.cli", "serve", "--port", "0", *extra],
         stdout=subprocess.PIPE,

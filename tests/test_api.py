@@ -40,8 +40,9 @@ def _auth(token: str) -> dict[str, str]:
 
 async def test_lifecycle_through_the_remote_sdk(server: Server) -> None:
     token = server.token("read", "write")
-    async with Sandbox.create({"limits": {"memory_mib": 256}}, sandbox_id="api-life",
-                              api_url=server.url, token=token) as sb:  # fmt: skip
+    async with Sandbox.create(
+        {"limits": {"memory_mib": 256}}, sandbox_id="api-life", api_url=server.url, token=token
+    ) as sb:
         assert sb.id == "api-life" and sb.backend == "namespace"
         result = await sb.exec(["python3", "-c", "import sys; print(6 * 7); sys.exit(3)"])
         assert (result.exit_code, result.stdout) == (3, b"42\n")
@@ -100,25 +101,43 @@ async def test_websocket_exec_streams_output_and_takes_stdin_while_running(
             assert await asyncio.wait_for(lines.get(), 30) == b"got:two\n"
 
         result = await sb.api.exec_stream(
-            sb.id, ["sh", "-c", script], stdin=stdin(), on_stdout=lines.put,
+            sb.id,
+            ["sh", "-c", script],
+            stdin=stdin(),
+            on_stdout=lines.put,
             on_stderr=lambda c: errs.extend(c),
-        )  # fmt: skip
+        )
         assert result.exit_code == 0
         assert result.stdout == b"got:one\ngot:two\nbye\n"
         assert bytes(errs) == result.stderr == b"err:one\nerr:two\n"
         # The SDK's own exec streams over the WebSocket when given sinks.
         chunks: list[bytes] = []
-        res = await sb.exec(["sh", "-c", "echo a; sleep 0.2; echo b"], on_stdout=chunks.append,
-                            capture=False)  # fmt: skip
+        res = await sb.exec(
+            ["sh", "-c", "echo a; sleep 0.2; echo b"], on_stdout=chunks.append, capture=False
+        )
         assert b"".join(chunks) == b"a\nb\n" and res.stdout == b"" and res.stdout_bytes == 4
+        # A client that goes away mid-command takes the command with it (killed).
+        async with sb.api._ws(sb.id) as ws:
+            await ws.send(
+                json.dumps({"argv": ["sh", "-c", "echo up; exec sleep 1000"], "stdin": False})
+            )
+            assert await ws.recv() == b"\x01up\n"
+        ps = ["sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"]
+        async with asyncio.timeout(30):
+            while b"sleep 1000" in (await sb.exec(ps)).stdout:
+                await asyncio.sleep(0.1)
 
 
 async def test_auth_failures_scopes_and_other_tokens_sandboxes(server: Server) -> None:
     writer, reader = server.token("read", "write"), server.token("read")
     other, admin = server.token("read", "write"), server.token("admin")
     async with httpx.AsyncClient(base_url=server.url) as http:
-        for headers in ({}, _auth("icw_nope"), _auth("icw_000000000000_wrong"),
-                        {"Authorization": f"Basic {writer}"}):  # fmt: skip
+        for headers in (
+            {},
+            _auth("icw_nope"),
+            _auth("icw_000000000000_wrong"),
+            {"Authorization": f"Basic {writer}"},
+        ):
             resp = await http.get("/v1/sandboxes", headers=headers)
             assert resp.status_code == 401, headers
             assert resp.headers["content-type"] == "application/problem+json"
@@ -155,13 +174,18 @@ async def test_auth_failures_scopes_and_other_tokens_sandboxes(server: Server) -
     # A revoked token stops working at once.
     out = subprocess.run(
         [sys.executable, "-m", "ironclaw.cli", "token", "create", "--scope", "read", "--json"],
-        capture_output=True, check=True, env={**os.environ, "PYTHONPATH": SRC},
-    )  # fmt: skip
+        capture_output=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": SRC},
+    )
     doc = json.loads(out.stdout)
     async with ApiClient(server.url, doc["token"]) as fresh:
         assert await fresh.list_sandboxes() == []
-        subprocess.run([sys.executable, "-m", "ironclaw.cli", "token", "revoke", doc["id"]],
-                       check=True, env={**os.environ, "PYTHONPATH": SRC})  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-m", "ironclaw.cli", "token", "revoke", doc["id"]],
+            check=True,
+            env={**os.environ, "PYTHONPATH": SRC},
+        )
         with pytest.raises(AuthError, match="revoked"):
             await fresh.list_sandboxes()
 
@@ -192,11 +216,13 @@ async def test_problem_details_for_bad_input_change_nothing(server: Server) -> N
         assert doc["error"] == "ConfigError" and "memory_mib" in doc["detail"]
         resp = await http.post("/v1/sandboxes", json={"id": "Bad_Id"})
         assert resp.status_code == 422 and resp.json()["title"] == "invalid request"
-        resp = await http.post("/v1/sandboxes", content=b"{not json",
-                               headers={"content-type": "application/json"})  # fmt: skip
+        resp = await http.post(
+            "/v1/sandboxes", content=b"{not json", headers={"content-type": "application/json"}
+        )
         assert resp.status_code == 422
-        resp = await http.post("/v1/sandboxes", content=b"x" * (2 << 20),
-                               headers={"content-type": "application/json"})  # fmt: skip
+        resp = await http.post(
+            "/v1/sandboxes", content=b"x" * (2 << 20), headers={"content-type": "application/json"}
+        )
         assert resp.status_code == 413 and resp.json()["error"] == "BodyTooLarge"
         resp = await http.get("/v1/sandboxes/nope-nope")
         assert resp.status_code == 404 and resp.json()["error"] == "SandboxNotFound"
@@ -210,6 +236,8 @@ async def test_problem_details_for_bad_input_change_nothing(server: Server) -> N
         assert info.value.code == -32050 and "missing.txt" in info.value.message
         with pytest.raises(ConfigError):
             await api.exec("api-pd", [])
+        with pytest.raises(ConfigError, match="at most 255 bytes"):
+            await api.stat("api-pd", "d/" + "n" * 300)
         with pytest.raises(ConfigError, match="already exists"):
             await api.create(sandbox_id="api-pd")
         with pytest.raises(NotFound):
@@ -227,11 +255,17 @@ async def test_problem_details_for_bad_input_change_nothing(server: Server) -> N
 
 
 RED_TURNS = [
-    {"tool_calls": [{"name": "files__write_file",
-                     "arguments": {"path": "/tmp/outside.txt", "content": "approved"}}]},
+    {
+        "tool_calls": [
+            {
+                "name": "files__write_file",
+                "arguments": {"path": "/tmp/outside.txt", "content": "approved"},
+            }
+        ]
+    },
     {"tool_calls": [{"name": "shell__run", "arguments": {"command": "rm -f /workspace/keep"}}]},
     {"content": "done"},
-]  # fmt: skip
+]
 
 
 async def test_agent_task_holds_a_red_call_until_approved_over_the_api(server: Server) -> None:
@@ -276,7 +310,9 @@ async def test_agent_task_holds_a_red_call_until_approved_over_the_api(server: S
         assert names[0] == "task.start" and names[-1] == "task.end"
         decisions = [e for e in events if e["event"] == "tool.decision"]
         assert [(d["approved"], d["decided_by"]) for d in decisions] == [
-            (True, "api"), (False, "api")]  # fmt: skip
+            (True, "api"),
+            (False, "api"),
+        ]
         # A late subscriber still gets the whole trace, from the start.
         replay = [e["event"] async for e in api.events(task["id"])]
         assert replay == names
@@ -337,3 +373,54 @@ async def _create(url: str, token: str) -> str:
 async def _ids(url: str, token: str) -> list[str]:
     async with ApiClient(url, token) as api:
         return [d["id"] for d in await api.list_sandboxes()]
+
+
+def test_cli_runs_through_the_api(server: Server, tmp_path_factory: pytest.TempPathFactory) -> None:
+    token = server.token("read", "write")
+    # An empty home of its own: only the API can know the server's sandboxes.
+    home = tmp_path_factory.mktemp("clihome")
+    env = {**os.environ, "PYTHONPATH": SRC, "IRONCLAW_HOME": str(home), "IRONCLAW_API_TOKEN": token}
+
+    def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "ironclaw.cli", "--api", server.url, *args],
+            capture_output=True,
+            env=env,
+        )
+        if check:
+            assert proc.returncode == 0, proc.stderr.decode()
+        return proc
+
+    made = json.loads(
+        cli("sandbox", "create", "--id", "api-cli", "--memory", "128", "--json").stdout
+    )
+    assert made == {"id": "api-cli", "backend": "namespace", "state": "running"}
+    [row] = json.loads(cli("sandbox", "ls", "--json").stdout)["sandboxes"]
+    assert row["id"] == "api-cli" and row["owner"] == token.split("_")[1]
+    run = cli(
+        "sandbox",
+        "exec",
+        "api-cli",
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 4",
+        check=False,
+    )
+    assert (run.returncode, run.stdout, run.stderr) == (4, b"out\n", b"err\n")
+    src = home / "in.bin"
+    src.write_bytes(os.urandom(3 * 1024 * 1024 + 7))
+    cli("sandbox", "cp", str(src), "api-cli:in.bin")
+    cli("sandbox", "cp", "api-cli:in.bin", str(home / "out.bin"))
+    assert (home / "out.bin").read_bytes() == src.read_bytes()
+    doc = json.loads(cli("sandbox", "exec", "--json", "api-cli", "--", "wc", "-c", "in.bin").stdout)
+    assert doc["stdout"] == f"{3 * 1024 * 1024 + 7} in.bin\n"
+    one = json.loads(cli("exec", "--json", "--", "echo", "once").stdout)
+    assert one["stdout"] == "once\n" and one["exit_code"] == 0
+    assert json.loads(cli("sandbox", "rm", "api-cli", "--json").stdout) == {"removed": ["api-cli"]}
+    assert json.loads(cli("sandbox", "ls", "--json").stdout)["sandboxes"] == []
+    bad = cli("sandbox", "exec", "nope-x", "--", "true", check=False)
+    assert bad.returncode == 1 and b"no sandbox named 'nope-x'" in bad.stderr
+    env["IRONCLAW_API_TOKEN"] = "icw_bad_token"
+    denied = cli("sandbox", "ls", check=False)
+    assert denied.returncode == 1 and b"unknown token" in denied.stderr

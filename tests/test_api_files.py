@@ -61,10 +61,12 @@ async def test_100_mib_up_and_down_with_the_server_memory_flat(server: Server) -
         assert size == SIZE and got.hexdigest() == sent.hexdigest()
 
         growth = (hwm_down - hwm0) / 1024
-        print(f"server RSS: before {rss0 / 1024:.1f} MiB (peak {hwm0 / 1024:.1f}), after upload "
-              f"{rss_up / 1024:.1f} (peak {hwm_up / 1024:.1f}), after download "
-              f"{rss_down / 1024:.1f} (peak {hwm_down / 1024:.1f}); peak growth {growth:.1f} MiB "
-              f"for {SIZE // MIB} MiB each way")  # fmt: skip
+        print(
+            f"server RSS: before {rss0 / 1024:.1f} MiB (peak {hwm0 / 1024:.1f}), after upload "
+            f"{rss_up / 1024:.1f} (peak {hwm_up / 1024:.1f}), after download "
+            f"{rss_down / 1024:.1f} (peak {hwm_down / 1024:.1f}); peak growth {growth:.1f} MiB "
+            f"for {SIZE // MIB} MiB each way"
+        )
         # A buffered 100 MiB body would raise the peak by at least 100 MiB.
         assert growth < 32, f"server peak RSS grew {growth:.1f} MiB"
         await api.delete(sid)

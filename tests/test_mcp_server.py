@@ -44,7 +44,7 @@ EXPECTED_TOOLS = {
 
 
 def _env(home: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IRONCLAW_API_")}
     env["IRONCLAW_HOME"] = str(home)
     env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
     return env

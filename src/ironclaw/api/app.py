@@ -53,6 +53,7 @@ def create_app(
     routers: Sequence[APIRouter] = (),
     max_body: int = 1 * MIB,
     max_upload: int = 4096 * MIB,
+    max_creating: int | None = None,
 ) -> FastAPI:
     """Build the app. Its lifespan opens the manager (which reconciles the registry: what
     crashed processes left half done is finished or removed) unless one is given, and
@@ -68,6 +69,8 @@ def create_app(
         max_body=max_body,
         max_upload=max_upload,
     )
+    if max_creating is not None:
+        service.max_creating = max_creating
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

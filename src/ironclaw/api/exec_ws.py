@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -98,31 +99,42 @@ async def exec_ws(ws: WebSocket, sandbox_id: str) -> None:
     in_id = peer.new_stream_id() if req["stdin"] else None
     send_lock = asyncio.Lock()
 
-    async def pump(stream_id: int, tag: int) -> None:
-        async for chunk in peer.open_stream(stream_id):
-            async with send_lock:
-                await ws.send_bytes(bytes([tag]) + chunk)
+    gone = asyncio.Event()  # the client went away: the command is cancelled (killed)
+    streams = [(peer.open_stream(out_id), STDOUT), (peer.open_stream(err_id), STDERR)]
 
-    async def feed() -> None:
-        assert in_id is not None
+    async def pump(stream: AsyncIterator[bytes], tag: int) -> None:
+        async for chunk in stream:
+            if gone.is_set():
+                continue  # keep draining so the guest is never blocked on a dead client
+            try:
+                async with send_lock:
+                    await ws.send_bytes(bytes([tag]) + chunk)
+            except Exception:  # the client vanished mid-send
+                gone.set()
+
+    async def receive() -> None:
+        """Stdin frames while stdin is open; after that, only watch for a disconnect."""
+        open_ = in_id is not None
         try:
             while True:
                 msg = await ws.receive()
                 if msg["type"] == "websocket.disconnect":
+                    gone.set()
                     return
+                if not open_ or in_id is None:
+                    continue
                 if msg.get("bytes"):
                     await peer.send_bytes(in_id, msg["bytes"])
                 elif msg.get("text") and json.loads(msg["text"]).get("type") == "eof":
-                    return
+                    open_ = False
+                    await peer.end_stream(in_id)
         finally:
-            with contextlib.suppress(IronclawError):
-                await peer.end_stream(in_id)
+            if open_ and in_id is not None:
+                with contextlib.suppress(IronclawError):
+                    await peer.end_stream(in_id)
 
-    pumps = [
-        asyncio.ensure_future(pump(out_id, STDOUT)),
-        asyncio.ensure_future(pump(err_id, STDERR)),
-    ]
-    feeder = asyncio.ensure_future(feed()) if in_id is not None else None
+    pumps = [asyncio.ensure_future(pump(st, tag)) for st, tag in streams]
+    receiver = asyncio.ensure_future(receive())
     params = {
         "argv": req["argv"],
         "env": req["env"],
@@ -133,9 +145,16 @@ async def exec_ws(ws: WebSocket, sandbox_id: str) -> None:
         "stdin_stream": in_id,
         "keep_background": req["keep_background"],
     }
+    call = asyncio.ensure_future(peer.call("exec", params))
+    watch = asyncio.ensure_future(gone.wait())
     try:
-        result = await peer.call("exec", params)
+        await asyncio.wait({call, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if not call.done():
+            return  # the client is gone; ``finally`` cancels the call, which kills it
+        result = call.result()
         await asyncio.gather(*pumps)
+        if gone.is_set():
+            return
         doc = {
             "type": "exit",
             "exit_code": result.get("exit_code"),
@@ -151,6 +170,7 @@ async def exec_ws(ws: WebSocket, sandbox_id: str) -> None:
     except WebSocketDisconnect:
         pass
     finally:
-        for t in [*pumps, *([feeder] if feeder else [])]:
+        rest = [call, watch, receiver, *pumps]
+        for t in rest:
             t.cancel()
-        await asyncio.gather(*pumps, *([feeder] if feeder else []), return_exceptions=True)
+        await asyncio.gather(*rest, return_exceptions=True)

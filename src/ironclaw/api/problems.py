@@ -83,6 +83,9 @@ def status_for(exc: BaseException) -> tuple[int, str]:
         if isinstance(exc, cls):
             return status, title
     if isinstance(exc, RpcError):
+        if isinstance(exc.data, dict) and exc.data.get("type") == "OSError":
+            # Any other file-system refusal inside the sandbox (ELOOP, EROFS, ENOSPC...).
+            return 400, "file operation failed"
         return RPC_STATUS.get(exc.code, (502, "sandbox call failed"))
     return 500, "internal error"
 

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from ironclaw.api.service import Read, ServiceDep, Write
 from ironclaw.errors import BodyTooLarge, ConfigError, IronclawError
@@ -95,7 +95,7 @@ async def create_sandbox(body: SandboxCreate, who: Write, service: ServiceDep) -
         raise ConfigError(f"a sandbox named {sid!r} already exists; pick another id")
     await service.claim(who, sid, spec)
     try:
-        record = await service.manager.create(spec, sandbox_id=sid)
+        record = await service.create(spec, sid)
     except BaseException:
         await service.store.drop_owner(sid)
         raise
@@ -124,6 +124,7 @@ async def delete_sandbox(sandbox_id: str, who: Write, service: ServiceDep) -> Re
     await service.visible(who, sandbox_id)
     await service.manager.destroy(sandbox_id)
     await service.store.drop_owner(sandbox_id)
+    service.forget(sandbox_id)
     service.metrics.destroyed.inc()
     return Response(status_code=204)
 
@@ -169,7 +170,23 @@ async def exec_plain(
 
 # -- files -----------------------------------------------------------------------------
 
-PathQ = Annotated[str, Query(min_length=1, max_length=4096, description="Relative to /workspace")]
+
+def _check_path(path: str) -> str:
+    """Refuse what no filesystem takes, before the guest is asked (422, not a failed call)."""
+    if "\x00" in path:
+        raise ValueError("a path cannot contain NUL")
+    if len(path.encode()) > 4095:
+        raise ValueError("a path is at most 4095 bytes")
+    if any(len(part.encode()) > 255 for part in path.split("/")):
+        raise ValueError("a path component is at most 255 bytes")
+    return path
+
+
+PathQ = Annotated[
+    str,
+    Query(min_length=1, max_length=4095, description="Relative to /workspace"),
+    AfterValidator(_check_path),
+]
 
 
 @router.put("/{sandbox_id}/files/content", response_model=WriteOut)

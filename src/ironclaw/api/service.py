@@ -9,6 +9,7 @@ routers (a dashboard) mounted on the same app get the same objects.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated
@@ -54,10 +55,21 @@ class Service:
     metrics: Metrics
     max_body: int = 1 * MIB
     max_upload: int = 4096 * MIB
+    #: Sandboxes starting at once; more wait their turn (a start is CPU-bound: fifty at
+    #: once on two cores would each miss the guest's ready deadline).
+    max_creating: int = field(default_factory=lambda: 2 * (os.cpu_count() or 1))
     _quota_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _peer_locks: defaultdict[str, asyncio.Lock] = field(
         default_factory=lambda: defaultdict(asyncio.Lock)
     )
+    _creating: asyncio.Semaphore | None = None
+
+    async def create(self, spec: SandboxSpec, sandbox_id: str) -> SandboxRecord:
+        """Create and start a sandbox, at most ``max_creating`` at a time."""
+        if self._creating is None:
+            self._creating = asyncio.Semaphore(self.max_creating)
+        async with self._creating:
+            return await self.manager.create(spec, sandbox_id=sandbox_id)
 
     @property
     def store(self) -> Store:
@@ -88,6 +100,9 @@ class Service:
     async def claim(self, who: Principal, sandbox_id: str, spec: SandboxSpec) -> None:
         """Charge a new sandbox to ``who`` (before it is made), or :class:`QuotaExceeded`."""
         memory = spec.limits.memory_mib
+        if who.max_sandboxes is None and who.max_memory_mib is None:
+            await self.store.set_owner(sandbox_id, who.token_id, memory)
+            return
         async with self._quota_lock:
             live = {r.id for r in await self.manager.sandboxes()}
             mine = [
@@ -106,6 +121,10 @@ class Service:
                     f"{sum(mine)} MiB in use; asking {memory} MiB more exceeds it"
                 )
             await self.store.set_owner(sandbox_id, who.token_id, memory)
+
+    def forget(self, sandbox_id: str) -> None:
+        """Drop per-sandbox state of a destroyed sandbox."""
+        self._peer_locks.pop(sandbox_id, None)
 
     async def peer(self, sandbox_id: str) -> Peer:
         """The sandbox's channel, opened once even when requests race for it."""

@@ -166,6 +166,8 @@ async def _run(
         run.add({"event": "task.error", "error": type(exc).__name__, "message": str(exc)})
     finally:
         service.metrics.tasks.dec()
+        if not keep:  # its sandbox was destroyed with the task: release the quota
+            await asyncio.shield(service.store.drop_owner(run.sandbox_id))
         run._wake.set()
 
 

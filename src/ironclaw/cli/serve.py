@@ -29,6 +29,14 @@ def register(app: typer.Typer) -> None:
         max_upload: Annotated[
             int, typer.Option("--max-upload", min=1, help="Largest file upload, in MiB.")
         ] = 4096,
+        max_creating: Annotated[
+            int | None,
+            typer.Option(
+                "--max-creating",
+                min=1,
+                help="Sandboxes starting at once (default: 2 per CPU); others queue.",
+            ),
+        ] = None,
     ) -> None:
         """Serve the HTTP API (sandboxes, exec, files, agent tasks, approvals, metrics).
 
@@ -45,5 +53,6 @@ def register(app: typer.Typer) -> None:
                 tcp=not no_tcp,
                 log_level=log_level,
                 max_upload_mib=max_upload,
+                max_creating=max_creating,
             )
         )

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import os
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -84,7 +85,11 @@ class ApiClient:
             self.uds = url.removeprefix("unix:")
             base, transport = "http://ironclaw", httpx.AsyncHTTPTransport(uds=self.uds)
         elif url.startswith(("http://", "https://")):
-            base, transport = url.rstrip("/"), httpx.AsyncHTTPTransport()
+            # No Nagle: a request's body is written after its headers, and would otherwise
+            # wait for the server's delayed ACK (~40 ms per request with a body).
+            nodelay = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+            base = url.rstrip("/")
+            transport = httpx.AsyncHTTPTransport(socket_options=nodelay)
         else:
             raise ConfigError(f"API URL {url!r}: use http://HOST:PORT or unix:/PATH")
         self.base = base

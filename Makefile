@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMPS := .stamps
 APT_PACKAGES := bubblewrap nftables iproute2 libseccomp2 python3 python3-venv \
                 procps util-linux coreutils ca-certificates \
-                debootstrap qemu-system-x86 e2fsprogs
+                debootstrap qemu-system-x86 e2fsprogs chromium
 
 # Dependencies: ranges in pyproject.toml, exact versions in constraints.txt (regenerate
 # with `make lock` after changing a range), so a fresh clone installs what was tested.

@@ -14,7 +14,7 @@ from fastapi import APIRouter, FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import ironclaw
-from ironclaw.api import exec_ws, problems, sandboxes, tasks
+from ironclaw.api import dashboard, exec_ws, problems, sandboxes, tasks
 from ironclaw.api.metrics import BodyLimit, Metrics, RequestMetrics
 from ironclaw.api.service import Read, Service, ServiceDep
 from ironclaw.api.tasks import TaskRegistry
@@ -93,6 +93,7 @@ def create_app(
     problems.install(app)
     for router in (meta, sandboxes.router, exec_ws.router, tasks.router, *routers):
         app.include_router(router)
+    app.include_router(dashboard.router)  # the web dashboard at /
     app.add_middleware(BodyLimit, max_body=max_body, exempt_suffix=sandboxes.UPLOAD_SUFFIX)
     app.add_middleware(RequestMetrics, metrics=service.metrics)
     return app

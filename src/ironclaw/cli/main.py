@@ -25,6 +25,7 @@ from ironclaw.cli import remote as via_api
 from ironclaw.cli.agent import register as register_agent
 from ironclaw.cli.common import err_console, new_app, out_console, run, run_code
 from ironclaw.cli.image import register as register_image
+from ironclaw.cli.mcp import register as register_mcp
 from ironclaw.cli.options import JsonOpt, SandboxOptions, sandbox_options
 from ironclaw.cli.procs import run_tty  # also registers sandbox run/ps/attach/kill
 from ironclaw.cli.sandbox import CommandArg, run_command, sandbox_app
@@ -210,6 +211,7 @@ app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(pool_app, name="pool")
 register_image(app)  # image build, image ls
 register_serve(app)  # serve
+register_mcp(app)  # mcp
 app.add_typer(token_app, name="token")
 
 

@@ -1,0 +1,437 @@
+"""What the MCP tools do: :class:`Backend`, over the in-process manager (:class:`LocalBackend`)
+or over ``ironclaw serve`` (:class:`~ironclaw.mcp_server.remote.RemoteBackend`).
+
+The tools of ``ironclaw mcp`` are thin wrappers over a backend: it remembers the
+sandboxes it created (the tools act on those only: an MCP client, often a model, should
+not reach sandboxes that other programs run) and removes them when the server stops
+unless told to keep them. The argument checks, output bounds and encodings live in the
+base class once; a subclass supplies the primitives. Every answer is a JSON-ready dict;
+errors stay :class:`~ironclaw.errors.IronclawError` and become MCP tool errors one
+layer up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ironclaw.config import Settings
+from ironclaw.errors import ConfigError, IronclawError, SandboxNotFound
+from ironclaw.host.manager import SandboxManager
+from ironclaw.resources.store import SandboxRecord
+
+__all__ = [
+    "APPROVE_MODES",
+    "MAX_OUTPUT_LIMIT",
+    "Backend",
+    "BoundedBuffer",
+    "LocalBackend",
+    "Progress",
+]
+
+#: Largest output one ``exec`` or ``read`` returns (a model's context is the scarce part).
+MAX_OUTPUT_LIMIT = 1024 * 1024
+#: RED calls with nobody to ask: refused (``green-only``) or nothing runs (``never``).
+APPROVE_MODES = ("green-only", "never")
+#: Told of each trace event of an agent task: (its number, the event).
+Progress = Callable[[int, dict[str, Any]], Awaitable[None]]
+
+
+@dataclass
+class BoundedBuffer:
+    """Keeps the first ``limit`` bytes of a stream and counts the rest."""
+
+    limit: int
+    data: bytearray = field(default_factory=bytearray)
+    total: int = 0
+
+    def __call__(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        room = self.limit - len(self.data)
+        if room > 0:
+            self.data += chunk[:room]
+
+    @property
+    def truncated(self) -> bool:
+        return self.total > len(self.data)
+
+
+def _limit(value: int) -> int:
+    if not 1 <= value <= MAX_OUTPUT_LIMIT:
+        raise ConfigError(f"max_output must be between 1 and {MAX_OUTPUT_LIMIT} bytes")
+    return value
+
+
+def sandbox_json(doc: dict[str, Any]) -> dict[str, Any]:
+    """What a tool shows of a sandbox, from a record's fields (local or over the API)."""
+    spec = doc.get("spec") or {}
+    limits = spec.get("limits") or {}
+    return {
+        "id": doc["id"],
+        "backend": doc.get("backend"),
+        "state": doc.get("state"),
+        "reason": doc.get("reason"),
+        "created_at": doc.get("created_at"),
+        "image": spec.get("image"),
+        "memory_mib": limits.get("memory_mib"),
+    }
+
+
+def _record_json(record: SandboxRecord) -> dict[str, Any]:
+    return sandbox_json(
+        {
+            "id": record.id,
+            "backend": record.backend,
+            "state": record.state,
+            "reason": record.reason,
+            "created_at": record.created_at,
+            "spec": record.spec,
+        }
+    )
+
+
+def task_summary(doc: dict[str, Any], events: list[dict[str, Any]], keep: bool) -> dict[str, Any]:
+    """An agent task's outcome for the model: answer, status and each tool decision."""
+    names = {e.get("call_id"): e.get("name") for e in events if e.get("event") == "tool.call"}
+    return {
+        **doc,
+        "kept": keep,
+        "decisions": [
+            {
+                "name": names.get(e.get("call_id")),
+                "color": e.get("color"),
+                "approved": e.get("approved"),
+                "reason": e.get("reason"),
+            }
+            for e in events
+            if e.get("event") == "tool.decision"
+        ],
+    }
+
+
+class Backend:
+    """The tools' operations; subclasses provide the ``_`` primitives."""
+
+    def __init__(self, *, keep: bool = False) -> None:
+        self.keep = keep
+        self.owned: set[str] = set()
+
+    # -- primitives --------------------------------------------------------------------
+
+    async def open(self) -> None:
+        raise NotImplementedError
+
+    async def _close(self) -> None:
+        raise NotImplementedError
+
+    async def _create(self, spec: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def _list(self) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    async def _get(self, sandbox_id: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def _destroy(self, sandbox_id: str) -> None:
+        raise NotImplementedError
+
+    async def _exec(
+        self,
+        sandbox_id: str,
+        argv: list[str],
+        *,
+        cwd: str | None,
+        env: dict[str, str] | None,
+        stdin: bytes | None,
+        timeout: float,
+        out: BoundedBuffer,
+        err: BoundedBuffer,
+    ) -> dict[str, Any]:
+        """Run; stream output into ``out``/``err``; return exit_code, signal, status,
+        timed_out and duration_ms."""
+        raise NotImplementedError
+
+    async def _write(self, sandbox_id: str, path: str, data: bytes) -> int:
+        raise NotImplementedError
+
+    async def _read(self, sandbox_id: str, path: str, sink: BoundedBuffer) -> None:
+        raise NotImplementedError
+
+    async def _task(
+        self,
+        task: str,
+        *,
+        model: str,
+        script: list[dict[str, Any]] | None,
+        approve: str,
+        sandbox: dict[str, Any],
+        budget: dict[str, Any],
+        keep: bool,
+        on_event: Callable[[dict[str, Any]], None],
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Run an agent task to its end, calling ``on_event`` with each trace event as it
+        happens: (outcome with id/status/answer..., events)."""
+        raise NotImplementedError
+
+    # -- the tools' operations ---------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Remove the sandboxes made here (unless ``keep``), then close."""
+        try:
+            if not self.keep:
+                for sid in sorted(self.owned):
+                    with contextlib.suppress(IronclawError):
+                        await self._destroy(sid)
+                self.owned.clear()
+        finally:
+            await self._close()
+
+    def _mine(self, sandbox_id: str) -> str:
+        if sandbox_id not in self.owned:
+            known = ", ".join(sorted(self.owned)) or "none yet"
+            raise SandboxNotFound(
+                f"no sandbox {sandbox_id!r} made by this MCP server (yours: {known}); "
+                "create one with sandbox_create"
+            )
+        return sandbox_id
+
+    async def create(self, spec: dict[str, Any]) -> dict[str, Any]:
+        doc = await self._create(spec)
+        self.owned.add(doc["id"])
+        return doc
+
+    async def sandboxes(self) -> list[dict[str, Any]]:
+        return [doc for doc in await self._list() if doc["id"] in self.owned]
+
+    async def get(self, sandbox_id: str) -> dict[str, Any]:
+        return await self._get(self._mine(sandbox_id))
+
+    async def exec(
+        self,
+        sandbox_id: str,
+        command: str | list[str],
+        *,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        stdin: str | None = None,
+        timeout: float = 60.0,
+        max_output: int = 64 * 1024,
+    ) -> dict[str, Any]:
+        """Run a command: a string through ``/bin/sh -c``, a list as argv. Output beyond
+        ``max_output`` bytes per stream is dropped and ``truncated`` says so."""
+        argv = ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
+        if not argv or not argv[-1 if isinstance(command, str) else 0].strip():
+            raise ConfigError("command is empty: give a shell line or an argv list")
+        if timeout <= 0:
+            raise ConfigError("timeout must be more than 0 seconds")
+        out, err = BoundedBuffer(_limit(max_output)), BoundedBuffer(max_output)
+        result = await self._exec(
+            self._mine(sandbox_id),
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=stdin.encode() if stdin is not None else None,
+            timeout=timeout,
+            out=out,
+            err=err,
+        )
+        return {
+            **result,
+            "stdout": out.data.decode(errors="replace"),
+            "stderr": err.data.decode(errors="replace"),
+            "stdout_bytes": out.total,
+            "stderr_bytes": err.total,
+            "truncated": out.truncated or err.truncated,
+        }
+
+    async def write_file(
+        self, sandbox_id: str, path: str, content: str, *, encoding: str = "text"
+    ) -> dict[str, Any]:
+        if encoding == "text":
+            data = content.encode()
+        elif encoding == "base64":
+            try:
+                data = base64.b64decode(content, validate=True)
+            except (binascii.Error, ValueError):
+                raise ConfigError("content is not valid base64 (encoding='base64')") from None
+        else:
+            raise ConfigError(f"encoding {encoding!r}: use 'text' or 'base64'")
+        size = await self._write(self._mine(sandbox_id), path, data)
+        return {"path": path, "size": size}
+
+    async def read_file(
+        self, sandbox_id: str, path: str, *, encoding: str = "text", max_bytes: int = 256 * 1024
+    ) -> dict[str, Any]:
+        if encoding not in ("text", "base64"):
+            raise ConfigError(f"encoding {encoding!r}: use 'text' or 'base64'")
+        buf = BoundedBuffer(_limit(max_bytes))
+        await self._read(self._mine(sandbox_id), path, buf)
+        data = bytes(buf.data)
+        if encoding == "base64":
+            content = base64.b64encode(data).decode()
+        else:
+            try:
+                content = data.decode()
+            except UnicodeDecodeError:
+                if not buf.truncated:
+                    raise ConfigError(
+                        f"{path} is not UTF-8 text; read it with encoding='base64'"
+                    ) from None
+                content = data.decode(errors="ignore")  # a character cut at the limit
+        return {
+            "path": path,
+            "encoding": encoding,
+            "content": content,
+            "size": buf.total,
+            "truncated": buf.truncated,
+        }
+
+    async def destroy(self, sandbox_id: str) -> dict[str, Any]:
+        await self._destroy(self._mine(sandbox_id))
+        self.owned.discard(sandbox_id)
+        return {"id": sandbox_id, "destroyed": True}
+
+    async def run_task(
+        self,
+        task: str,
+        *,
+        model: str,
+        script: list[dict[str, Any]] | None,
+        approve: str,
+        sandbox: dict[str, Any],
+        budget: dict[str, Any],
+        keep: bool,
+        progress: Progress | None = None,
+    ) -> dict[str, Any]:
+        """An agent task in a fresh sandbox; the model is reached through the host's
+        gateway, which alone holds the API key. RED calls follow ``approve``.
+        ``progress`` hears of each trace event, in order (MCP progress notifications keep
+        a client's request alive through a long task)."""
+        if approve not in APPROVE_MODES:
+            raise ConfigError(
+                f"approve={approve!r}: with nobody to ask, use one of {', '.join(APPROVE_MODES)}"
+            )
+        if script is None and model.startswith("scripted"):
+            raise ConfigError("a scripted model takes its turns inline in 'script'")
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+        async def forward() -> None:
+            n = 0
+            while (event := await queue.get()) is not None:
+                n += 1
+                if progress is not None:
+                    with contextlib.suppress(Exception):  # a gone client must not stop the task
+                        await progress(n, event)
+
+        forwarder = asyncio.ensure_future(forward())
+        try:
+            doc, events = await self._task(
+                task,
+                model=model,
+                script=script,
+                approve=approve,
+                sandbox=sandbox,
+                budget=budget,
+                keep=keep,
+                on_event=queue.put_nowait,
+            )
+        finally:
+            queue.put_nowait(None)
+            await forwarder
+        if keep:
+            self.owned.add(doc["id"])
+        return task_summary(doc, events, keep)
+
+
+class LocalBackend(Backend):
+    """In this process, over a :class:`~ironclaw.host.manager.SandboxManager`."""
+
+    def __init__(self, settings: Settings | None = None, *, keep: bool = False) -> None:
+        super().__init__(keep=keep)
+        self.manager = SandboxManager(settings)
+
+    async def open(self) -> None:
+        await self.manager.open()
+
+    async def _close(self) -> None:
+        await self.manager.aclose()
+
+    async def _create(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return _record_json(await self.manager.create(spec))
+
+    async def _list(self) -> list[dict[str, Any]]:
+        return [_record_json(r) for r in await self.manager.sandboxes()]
+
+    async def _get(self, sandbox_id: str) -> dict[str, Any]:
+        return _record_json(await self.manager.get(sandbox_id))
+
+    async def _destroy(self, sandbox_id: str) -> None:
+        await self.manager.destroy(sandbox_id)
+
+    async def _exec(
+        self,
+        sandbox_id: str,
+        argv: list[str],
+        *,
+        cwd: str | None,
+        env: dict[str, str] | None,
+        stdin: bytes | None,
+        timeout: float,
+        out: BoundedBuffer,
+        err: BoundedBuffer,
+    ) -> dict[str, Any]:
+        result = await self.manager.exec(
+            sandbox_id, argv, cwd=cwd, env=env, timeout=timeout, stdin=stdin,
+            on_stdout=out, on_stderr=err, capture=False,
+        )  # fmt: skip
+        return {
+            "exit_code": result.exit_code,
+            "signal": result.signal,
+            "status": result.status,
+            "timed_out": result.timed_out,
+            "duration_ms": round(result.duration_ms, 1),
+        }
+
+    async def _write(self, sandbox_id: str, path: str, data: bytes) -> int:
+        return await self.manager.write_file(sandbox_id, path, data)
+
+    async def _read(self, sandbox_id: str, path: str, sink: BoundedBuffer) -> None:
+        await self.manager.read_file(sandbox_id, path, sink)
+
+    async def _task(
+        self,
+        task: str,
+        *,
+        model: str,
+        script: list[dict[str, Any]] | None,
+        approve: str,
+        sandbox: dict[str, Any],
+        budget: dict[str, Any],
+        keep: bool,
+        on_event: Callable[[dict[str, Any]], None],
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        from ironclaw.agent.approval import Approver
+        from ironclaw.agent.gateway import Provider, ScriptedProvider, provider_from_name
+        from ironclaw.agent.tasks import TaskSpec, run_task
+        from ironclaw.guest.agent_loop import Budget
+
+        provider: Provider = ScriptedProvider(script) if script is not None else (
+            provider_from_name(model)
+        )  # fmt: skip
+        spec = TaskSpec(
+            task=task,
+            model=f"{provider.name}:{provider.model}",
+            sandbox=sandbox,
+            budget=Budget.from_json(budget),
+        )
+        outcome = await run_task(
+            self.manager, spec, provider=provider, approver=Approver(mode=approve), keep=keep,
+            on_event=on_event,
+        )  # fmt: skip
+        return outcome.to_json(), outcome.events

@@ -413,8 +413,9 @@ async def task_events(task_id: str, request: Request, service: ServiceDep) -> Re
             if run.job is None or run.job.done():
                 yield b"event: end\ndata: {}\n\n"
                 return
+            change = run.next_change()  # registered before waiting: nothing slips between
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(run.changed(), timeout=15)
+                await asyncio.wait_for(change, timeout=15)
             if sent >= len(run.events):
                 yield b": keep-alive\n\n"
 

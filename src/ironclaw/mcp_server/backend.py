@@ -419,7 +419,7 @@ class LocalBackend(Backend):
         from ironclaw.agent.approval import Approver
         from ironclaw.agent.gateway import Provider, ScriptedProvider, provider_from_name
         from ironclaw.agent.tasks import TaskSpec, run_task
-        from ironclaw.guest.agent_loop import Budget
+        from ironclaw.proto.methods import Budget
 
         provider: Provider = ScriptedProvider(script) if script is not None else (
             provider_from_name(model)

@@ -83,6 +83,7 @@ def run_cmd(
     from ironclaw.agent.host_tools import load_host_tools, parse_host_mcp
     from ironclaw.agent.tasks import TaskSpec, parse_mcp, run_task
     from ironclaw.host.manager import SandboxManager
+    from ironclaw.proto import methods
     from ironclaw.proto.methods import Budget
 
     interactive = sys.stdin.isatty() and not as_json
@@ -116,7 +117,7 @@ def run_cmd(
                 raise ConfigError("--mcp and --policy apply to local runs; the server uses its own")
             return await via_api.run_task(
                 task, model=spec.model, approve=mode, sandbox=spec.sandbox,
-                budget=spec.budget.__dict__, keep=keep, as_json=as_json,
+                budget=methods.to_json(spec.budget), keep=keep, as_json=as_json,
                 progress=None if as_json else _progress,
                 ask=_ask if interactive and mode == "prompt" else None,
             )  # fmt: skip

@@ -203,13 +203,18 @@ class FirstStage:
                     req = _decode(raw[HEADER_SIZE:])
                     if req is None:
                         return self._handover(None)
-                    self.buf = self.buf[len(raw) :]
                     if req["method"] == "ping":
+                        self.buf = self.buf[len(raw) :]
                         conn.sendall(_response(req["id"], self._ping()))
+                    elif len(self.buf) > len(raw):
+                        # More is waiting behind this command: running it here would
+                        # hold that up until it ends. The full agent runs both at once.
+                        return self._handover(None)
                     else:
+                        self.buf = b""
                         running = self._exec(req)
                         if running is None:  # could not start: the full agent says why
-                            self.buf = raw + self.buf
+                            self.buf = raw
                             return self._handover(None)
                         if not self._finish(running, poller):
                             self.buf = raw + self.buf

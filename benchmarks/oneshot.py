@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from start import RAW_BWRAP, drop, pct  # noqa: E402
+from start import RAW_BWRAP, drop, pct
 
 COMMAND = ["python3", "-c", "pass"]
 

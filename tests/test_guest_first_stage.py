@@ -65,9 +65,11 @@ async def test_first_requests_answered_like_the_full_agent(tmp_path: Path) -> No
         assert pong.pong and pong.pid == proc.pid and pong.workdir == str(tmp_path)
         assert pong.uid == os.getuid() and pong.kernel == os.uname().release
         result = await guest.exec(["sh", "-c", "echo out; echo err >&2; pwd; exit 3"], timeout=10)
-        assert (result.exit_code, result.stdout, result.stderr) == (3, b"out\n" + str(
-            tmp_path
-        ).encode() + b"\n", b"err\n")
+        assert (result.exit_code, result.stdout, result.stderr) == (
+            3,
+            b"out\n" + str(tmp_path).encode() + b"\n",
+            b"err\n",
+        )
         killed = await guest.exec(["sh", "-c", "kill -TERM $$"])
         assert (killed.exit_code, killed.signal) == (128 + 15, 15)
         slow = await guest.exec(["sleep", "30"], timeout=0.3)

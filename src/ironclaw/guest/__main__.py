@@ -12,7 +12,6 @@ import sys
 
 TYPE_CHECKING = False  # typing, dataclasses and asyncio cost imports before the first reply
 if TYPE_CHECKING:
-    import asyncio
     import socket
 
     from ironclaw.guest.agent import GuestAgent

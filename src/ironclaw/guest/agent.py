@@ -175,7 +175,9 @@ class _Adopted:
         if self.returncode is None:
             await _fd_ready(self._pidfd, write=False)
             os.close(self._pidfd)
-            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+            # The pidfd is readable: the child has exited, reaping it does not block.
+            status = os.waitpid(self.pid, os.WNOHANG)[1]  # noqa: ASYNC222
+            self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
 
 

@@ -19,13 +19,12 @@ A method added to the full agent needs nothing here: it is handed over.
 
 from __future__ import annotations
 
+import _json
+import _socket
 import os
 import select
 import sys
 import time
-
-import _json
-import _socket
 
 TYPE_CHECKING = False  # typing itself costs an import; mypy reads the block anyway
 if TYPE_CHECKING:
@@ -42,8 +41,8 @@ MAX_ITEMS = 4096
 MAX_STREAM_ID = 2**32 - 1
 SIGPIPE, SIGXFSZ, SIGKILL = 13, 25, 9  # Linux numbers; signal.py would cost an enum import
 _EXEC_KEYS = frozenset(
-    ("argv", "env", "cwd", "timeout", "stdout_stream", "stderr_stream", "stdin_stream")
-    + ("exec_id", "keep_background")
+    {"argv", "env", "cwd", "timeout", "stdout_stream", "stderr_stream", "stdin_stream"}
+    | {"exec_id", "keep_background"}
 )
 
 
@@ -61,8 +60,17 @@ class _Ctx:
         raise ValueError(f"{name} is not JSON")
 
 
-_scan = _json.make_scanner(_Ctx())
-_encode = _json.make_encoder(None, None, _json.encode_basestring, None, ":", ",", False, False, False)
+_scan = _json.make_scanner(_Ctx())  # type: ignore[arg-type]  # duck-typed by _json
+
+
+def _not_json(value: object) -> object:
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+# As json.dumps(..., separators=(",", ":"), ensure_ascii=False, allow_nan=False).
+_encode = _json.make_encoder(
+    None, _not_json, _json.encode_basestring, None, ":", ",", False, False, False
+)
 
 
 class Running:
@@ -110,7 +118,9 @@ class Handover:
 
 
 def _frame(ftype: int, stream_id: int, payload: bytes) -> bytes:
-    return len(payload).to_bytes(4, "big") + bytes((ftype,)) + stream_id.to_bytes(4, "big") + payload
+    return (
+        len(payload).to_bytes(4, "big") + bytes((ftype,)) + stream_id.to_bytes(4, "big") + payload
+    )
 
 
 def _response(rid: int | str, result: dict[str, Any]) -> bytes:
@@ -186,7 +196,7 @@ class FirstStage:
 
     def run(self) -> Handover:
         listener = self.listener
-        fd, _addr = listener._accept()
+        fd, _addr = listener._accept()  # type: ignore[attr-defined]
         self.conn = conn = _socket.socket(fileno=fd)
         conn.setblocking(True)
         served = False
@@ -356,7 +366,7 @@ class FirstStage:
 
 
 def _killpg(pid: int) -> None:
-    try:
+    try:  # noqa: SIM105 (contextlib would cost an import)
         os.killpg(pid, SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
@@ -369,7 +379,7 @@ def first_stage(listen_fd: int, workdir: str) -> Handover:
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         if fd > 2:
-            try:
+            try:  # noqa: SIM105
                 os.set_inheritable(fd, False)
             except OSError:
                 pass

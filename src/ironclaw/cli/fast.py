@@ -98,7 +98,16 @@ def _writer(fd: int) -> Callable[[bytes], Awaitable[None]]:
 
 def run_exec(args: ExecArgs) -> int:
     """The typer ``exec`` command's work, without typer or rich: the process exit status."""
-    import asyncio
+    # A one-shot namespace sandbox without network uses no TLS in this process: asyncio
+    # loads without ssl (OpenSSL is some milliseconds), which stays importable later.
+    hide = "ssl" not in sys.modules
+    if hide:
+        sys.modules["ssl"] = None  # type: ignore[assignment]
+    try:
+        import asyncio
+    finally:
+        if hide:
+            del sys.modules["ssl"]
     import json
     import signal
 

@@ -151,3 +151,39 @@ async def test_idle_first_stage_hands_over_and_keeps_serving(tmp_path: Path) -> 
         conn = await unix.connect(str(tmp_path / "agent.sock"), timeout=10)
         async with Peer(conn, name="second") as peer:
             assert (await GuestClient(peer).ping()).pid == proc.pid
+
+
+@needs_dynload
+async def test_host_gone_mid_command_kills_it_and_agent_serves_on(tmp_path: Path) -> None:
+    async with agent(tmp_path) as (guest, proc):
+        await guest.ping(timeout=10)
+        started = asyncio.Event()
+
+        async def on_stdout(chunk: bytes) -> None:
+            started.set()
+
+        script = "echo $$ > pid; while :; do echo tick; sleep 0.01; done"
+        running = asyncio.ensure_future(guest.exec(["sh", "-c", script], on_stdout=on_stdout))
+        await asyncio.wait_for(started.wait(), 10)
+        assert not full_agent_loaded(proc.pid)
+        await guest.peer.aclose()  # the host goes away while the first stage streams
+        with contextlib.suppress(Exception):
+            await running
+        pid = int((tmp_path / "pid").read_text())
+        for _ in range(200):
+            if not Path(f"/proc/{pid}").exists() or "Z" in _state(pid):
+                break
+            await asyncio.sleep(0.05)
+        assert not Path(f"/proc/{pid}").exists() or "Z" in _state(pid), "the command was killed"
+        conn = await unix.connect(str(tmp_path / "agent.sock"), timeout=10)
+        async with Peer(conn, name="again") as peer:
+            again = GuestClient(peer)
+            assert (await again.exec(["echo", "back"])).stdout == b"back\n"
+        assert proc.poll() is None
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"

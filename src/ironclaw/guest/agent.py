@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ironclaw.errors import ConfigError
+from ironclaw.guest.adopted import AdoptedProcess, discard
 from ironclaw.proto import methods as m
 from ironclaw.rpc import CallContext, Handler, Peer
 from ironclaw.transport import Connection
@@ -162,29 +163,10 @@ async def _agent_run(request: m.AgentRunRequest, ctx: CallContext) -> m.AgentRun
     return await handle_agent_run(request, ctx)
 
 
-class _Adopted:
-    """A command the first stage started (see :mod:`ironclaw.guest.first_stage`), waited
-    on like an ``asyncio.subprocess.Process``: its pidfd on the loop, then reaped."""
-
-    def __init__(self, running: Running) -> None:
-        self.pid = running.pid
-        self.returncode = running.returncode
-        self._pidfd = running.pidfd
-
-    async def wait(self) -> int:
-        if self.returncode is None:
-            await _fd_ready(self._pidfd, write=False)
-            os.close(self._pidfd)
-            # The pidfd is readable: the child has exited, reaping it does not block.
-            status = os.waitpid(self.pid, os.WNOHANG)[1]  # noqa: ASYNC222
-            self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-
 class _Exec:
     """One running command."""
 
-    def __init__(self, proc: asyncio.subprocess.Process | _Adopted) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process | AdoptedProcess) -> None:
         self.proc = proc
         self.timed_out = False
         self.last_output = time.monotonic()
@@ -241,7 +223,9 @@ class GuestAgent:
                     closed.cancel()
         finally:
             self._peers.discard(peer)
-            self._adopted.pop(peer, None)
+            unclaimed = self._adopted.pop(peer, None)
+            if unclaimed is not None:  # the channel ended before its request ran
+                discard(unclaimed)
 
     def stop(self) -> None:
         self._stop.set()
@@ -285,7 +269,7 @@ class GuestAgent:
         keep_background = request.keep_background
 
         adopted = self._adopted.get(ctx.peer)
-        proc: asyncio.subprocess.Process | _Adopted
+        proc: asyncio.subprocess.Process | AdoptedProcess
         if (
             adopted is not None
             and adopted.request_id == ctx.request_id
@@ -293,7 +277,7 @@ class GuestAgent:
         ):
             # Started by the first stage, which replayed this request: carry on with it.
             del self._adopted[ctx.peer]
-            proc, started = _Adopted(adopted), adopted.started
+            proc, started = AdoptedProcess(adopted), adopted.started
             out_r, err_r, in_w = adopted.out_r, adopted.err_r, -1
             ours = [out_r, err_r]
             left = None if adopted.deadline is None else adopted.deadline - time.monotonic()
@@ -332,7 +316,7 @@ class GuestAgent:
 
             _raise_oom_score(proc.pid)
         ex = _Exec(proc)
-        if isinstance(proc, _Adopted) and adopted is not None:
+        if isinstance(proc, AdoptedProcess) and adopted is not None:
             ex.timed_out, ex.last_output = adopted.timed_out, adopted.last_output
         self._execs[exec_id] = ex
         peer = ctx.peer

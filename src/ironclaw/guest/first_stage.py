@@ -193,8 +193,21 @@ class FirstStage:
         self.workdir = workdir if os.path.isdir(workdir) else os.getcwd()
         self.conn: _socket.socket | None = None
         self.buf = b""
+        self.running: Running | None = None
 
     def run(self) -> Handover:
+        try:
+            return self._serve()
+        except OSError:
+            # The host went away (a reset, a broken pipe): as the full agent does when a
+            # connection drops, its command is killed; the full agent serves what comes.
+            if self.running is not None:
+                _abandon(self.running)
+            if self.conn is not None:
+                self.conn.close()
+            return Handover(-1, b"", None)
+
+    def _serve(self) -> Handover:
         listener = self.listener
         fd, _addr = listener._accept()  # type: ignore[attr-defined]
         self.conn = conn = _socket.socket(fileno=fd)
@@ -222,13 +235,14 @@ class FirstStage:
                         return self._handover(None)
                     else:
                         self.buf = b""
-                        running = self._exec(req)
+                        self.running = running = self._exec(req)
                         if running is None:  # could not start: the full agent says why
                             self.buf = raw
                             return self._handover(None)
                         if not self._finish(running, poller):
                             self.buf = raw + self.buf
                             return self._handover(running)
+                        self.running = None
                     served = True
                     continue
             events = poller.poll(IDLE_HANDOVER_S * 1000 if served else None)
@@ -348,6 +362,7 @@ class FirstStage:
             _killpg(run.pid)
         os.close(run.out_r)
         os.close(run.err_r)
+        run.out_r = run.err_r = -1
         rc = run.returncode
         assert rc is not None
         out = [_frame(END, sid, b"") for sid in streams.values() if sid is not None]
@@ -363,6 +378,15 @@ class FirstStage:
         out.append(_response(run.request_id, result))
         self.conn.sendall(b"".join(out))
         return True
+
+
+def _abandon(run: Running) -> None:
+    _killpg(run.pid)
+    if run.returncode is None:
+        os.waitpid(run.pid, 0)  # killed: it exits at once
+    for fd in (run.out_r, run.err_r, run.pidfd):
+        if fd >= 0:
+            os.close(fd)
 
 
 def _killpg(pid: int) -> None:

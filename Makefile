@@ -55,6 +55,7 @@ test: deps lint typecheck unit
 bench: deps
 	$(PY) benchmarks/rpc.py --json
 	$(PY) benchmarks/start.py --json
+	$(PY) benchmarks/oneshot.py --json
 	$(PY) benchmarks/firewall.py --json
 	$(PY) benchmarks/lifecycle.py --json
 	$(PY) benchmarks/vm_boot.py --json

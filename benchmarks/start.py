@@ -4,7 +4,9 @@ Prints one JSON line. The raw floor is measured in the same run: a bare
 ``bwrap --unshare-all ... true`` plus a bare ``python3 -c pass`` (the agent is Python),
 so ``ratio`` says what IronClaw adds on this machine, whatever its speed. ``ratio`` is a
 cold start; ``ratio_warm`` takes the sandbox from the warm pool (refilled between runs,
-outside the timed region) and still includes the full destroy.
+outside the timed region) and still includes the full destroy. ``cold_create_exec_*``
+and ``ratio_create_exec`` stop the clock at the first exec's result (the destroy after it
+is left out): the latency a caller waits for its first answer.
 
     python benchmarks/start.py --json [--runs 50]
 """
@@ -71,10 +73,11 @@ def drop() -> None:
     os.setresuid(65534, 65534, 65534)
 
 
-async def ironclaw_runs(runs: int) -> tuple[list[float], list[float]]:
-    """(cold, warm) create -> exec -> destroy times; warm takes sandboxes from the pool,
-    which is refilled between runs, outside the timed region."""
-    cold, warm = [], []
+async def ironclaw_runs(runs: int) -> tuple[list[float], list[float], list[float]]:
+    """(cold, warm) create -> exec -> destroy times, and cold create -> exec result; warm
+    takes sandboxes from the pool, which is refilled between runs, outside the timed
+    region."""
+    cold, warm, first = [], [], []
     with tempfile.TemporaryDirectory(prefix="ironclaw-bench-") as home:
         os.chmod(home, 0o700)
         settings = Settings.from_env({"IRONCLAW_HOME": home})
@@ -90,11 +93,13 @@ async def ironclaw_runs(runs: int) -> tuple[list[float], list[float]]:
                     t0 = time.perf_counter()
                     rec = await manager.create(one_shot=True, use_pool=pooled)
                     result = await manager.exec(rec.id, ["true"])
+                    if not pooled:
+                        first.append((time.perf_counter() - t0) * 1000)
                     await manager.destroy(rec.id)
                     out.append((time.perf_counter() - t0) * 1000)
                     assert result.exit_code == 0
                     assert (rec.rid != rec.id) == pooled
-    return cold, warm
+    return cold, warm, first
 
 
 def main() -> int:
@@ -105,19 +110,22 @@ def main() -> int:
 
     bwrap = time_cmd(RAW_BWRAP, args.runs, drop)
     python = time_cmd(["/usr/bin/python3", "-c", "pass"], args.runs)
-    cold, warm = asyncio.run(ironclaw_runs(args.runs))
+    cold, warm, first = asyncio.run(ironclaw_runs(args.runs))
     raw_p50 = statistics.median(bwrap) + statistics.median(python)
     doc = {
         "benchmark": "start",
         "runs": args.runs,
         "create_exec_destroy_p50_ms": round(statistics.median(cold), 2),
         "create_exec_destroy_p99_ms": round(pct(cold, 0.99), 2),
+        "cold_create_exec_p50_ms": round(statistics.median(first), 2),
+        "cold_create_exec_p99_ms": round(pct(first, 0.99), 2),
         "warm_create_exec_destroy_p50_ms": round(statistics.median(warm), 2),
         "warm_create_exec_destroy_p99_ms": round(pct(warm, 0.99), 2),
         "raw_bwrap_true_p50_ms": round(statistics.median(bwrap), 2),
         "raw_python_pass_p50_ms": round(statistics.median(python), 2),
         "raw_floor_p50_ms": round(raw_p50, 2),
         "ratio": round(statistics.median(cold) / raw_p50, 2),
+        "ratio_create_exec": round(statistics.median(first) / raw_p50, 2),
         "ratio_warm": round(statistics.median(warm) / raw_p50, 2),
         "target_ratio": 3.0,
         "target_ratio_warm": 1.5,

@@ -1,5 +1,5 @@
 """``python -m ironclaw.cli``."""
 
-from ironclaw.cli.main import main
+from ironclaw.cli.fast import main
 
 main()

@@ -7,35 +7,42 @@ socket file to appear. VMs use ``--virtio-port NAME`` (QEMU) or ``--vsock-port P
 
 from __future__ import annotations
 
+import os
 import sys
 
-# asyncio imports ssl only to offer TLS, which the agent never uses, and loading OpenSSL
-# costs ~15 ms of every sandbox's start. Hide the module while asyncio loads (asyncio
-# treats it as absent), then unhide it so that later code can import ssl normally.
-_HIDE_SSL = "ssl" not in sys.modules
-if _HIDE_SSL:
-    sys.modules["ssl"] = None  # type: ignore[assignment]
-import asyncio
+TYPE_CHECKING = False  # typing, dataclasses and asyncio cost imports before the first reply
+if TYPE_CHECKING:
+    import socket
 
-if _HIDE_SSL:
-    del sys.modules["ssl"]
+    from ironclaw.guest.agent import GuestAgent
+    from ironclaw.guest.first_stage import Handover
 
-import contextlib
-import os
-import signal
-import socket
-from dataclasses import dataclass
-
-from ironclaw.guest.agent import DEFAULT_WORKDIR, GuestAgent
+DEFAULT_WORKDIR = "/workspace"  # as ironclaw.guest.agent, without importing it
 
 
-@dataclass
+def _import_asyncio() -> None:
+    """Import asyncio without ssl: asyncio imports it only to offer TLS, which the agent
+    never uses, and loading OpenSSL costs ~15 ms. Hidden while asyncio loads (asyncio
+    treats it as absent), then unhidden so that later code can import ssl normally."""
+    hide = "ssl" not in sys.modules
+    if hide:
+        sys.modules["ssl"] = None  # type: ignore[assignment]
+    try:
+        import asyncio  # noqa: F401
+    finally:
+        if hide:
+            del sys.modules["ssl"]
+
+
 class Options:
-    listen_fd: int | None = None
-    unix: str | None = None
-    virtio_port: str | None = None
-    vsock_port: int | None = None
-    workdir: str = DEFAULT_WORKDIR
+    __slots__ = ("listen_fd", "unix", "virtio_port", "vsock_port", "workdir")
+
+    def __init__(self) -> None:
+        self.listen_fd: int | None = None
+        self.unix: str | None = None
+        self.virtio_port: str | None = None
+        self.vsock_port: int | None = None
+        self.workdir: str = DEFAULT_WORKDIR
 
 
 USAGE = (
@@ -72,6 +79,9 @@ def _parse(argv: list[str] | None) -> Options:
 
 
 async def _serve_listener(agent: GuestAgent, sock: socket.socket) -> None:
+    import asyncio
+    import contextlib
+
     from ironclaw.transport import unix
 
     server = await unix.serve(sock, agent.serve_connection)
@@ -84,6 +94,8 @@ async def _serve_listener(agent: GuestAgent, sock: socket.socket) -> None:
 
 
 async def _serve_virtio(agent: GuestAgent, name: str) -> None:
+    import asyncio
+
     from ironclaw.transport import virtio_serial
 
     # One port is one byte stream: serve it again after each host disconnect. While no
@@ -108,6 +120,8 @@ async def _serve_virtio(agent: GuestAgent, name: str) -> None:
 
 
 async def _serve_vsock(agent: GuestAgent, port: int) -> None:
+    import socket
+
     sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
     sock.bind((socket.VMADDR_CID_ANY, port))
     sock.listen(64)
@@ -120,7 +134,14 @@ async def _serve_vsock(agent: GuestAgent, port: int) -> None:
         server.close()
 
 
-async def _amain(args: Options) -> int:
+async def _amain(args: Options, handover: Handover | None = None) -> int:
+    import asyncio
+    import contextlib
+    import signal
+    import socket
+
+    from ironclaw.guest.agent import GuestAgent
+
     if sys.version_info < (3, 12):
         # One thread per child (3.11's default watcher) would count against the pids
         # limit and fail exactly when a command hit it; a pidfd needs no thread.
@@ -132,8 +153,16 @@ async def _amain(args: Options) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, agent.stop)
     if args.listen_fd is not None:
-        sock = socket.socket(fileno=args.listen_fd)
-        await _serve_listener(agent, sock)
+        first = None
+        if handover is not None and handover.conn_fd >= 0:
+            first = asyncio.ensure_future(_serve_handed_over(agent, handover))
+        try:
+            await _serve_listener(agent, socket.socket(fileno=args.listen_fd))
+        finally:
+            if first is not None:
+                first.cancel()
+                with contextlib.suppress(BaseException):
+                    await first
     elif args.unix is not None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(args.unix)
@@ -148,9 +177,40 @@ async def _amain(args: Options) -> int:
     return 0
 
 
+async def _serve_handed_over(agent: GuestAgent, handover: Handover) -> None:
+    """The first stage's connection, its unanswered bytes first (see first_stage)."""
+    import socket
+
+    from ironclaw.transport._socket import SocketConnection
+
+    conn = SocketConnection(socket.socket(fileno=handover.conn_fd), initiator=False, name="fd")
+    conn.unread(handover.replay)
+    try:
+        await agent.serve_connection(conn, adopt=handover.running)
+    finally:
+        await conn.aclose()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    return asyncio.run(_amain(args))
+    handover = None
+    if args.listen_fd is not None and _first_stage_usable():
+        from ironclaw.guest.first_stage import first_stage
+
+        handover = first_stage(args.listen_fd, args.workdir)
+    _import_asyncio()
+    import asyncio
+
+    return asyncio.run(_amain(args, handover))
+
+
+def _first_stage_usable() -> bool:
+    """The first stage waits on its commands with pidfds (Linux 5.3)."""
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (OSError, AttributeError):
+        return False
+    return True
 
 
 if __name__ == "__main__":

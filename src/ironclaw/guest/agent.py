@@ -27,15 +27,20 @@ import errno
 import os
 import signal
 import stat
+import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ironclaw.errors import ConfigError
+from ironclaw.guest.adopted import AdoptedProcess, discard
 from ironclaw.proto import methods as m
 from ironclaw.rpc import CallContext, Handler, Peer
 from ironclaw.transport import Connection
+
+if TYPE_CHECKING:
+    from ironclaw.guest.first_stage import Running
 
 __all__ = ["GuestAgent"]
 
@@ -166,7 +171,7 @@ async def _agent_run(request: m.AgentRunRequest, ctx: CallContext) -> m.AgentRun
 class _Exec:
     """One running command."""
 
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process | AdoptedProcess) -> None:
         self.proc = proc
         self.timed_out = False
         self.last_output = time.monotonic()
@@ -187,6 +192,7 @@ class GuestAgent:
         self._stop = asyncio.Event()
         self._exec_counter = 0
         self._procs: Any = None  # guest.processes.ProcessTable, made on first use
+        self._adopted: dict[Peer, Running] = {}
 
     @property
     def handlers(self) -> Mapping[str, Handler]:
@@ -207,9 +213,13 @@ class GuestAgent:
         table.update({name: self._proc_method(name) for name in _PROC_METHODS})
         return {method: _typed(method, handler) for method, handler in table.items()}
 
-    async def serve_connection(self, conn: Connection) -> None:
+    async def serve_connection(self, conn: Connection, *, adopt: Running | None = None) -> None:
+        """Serve ``conn`` until it closes or the agent stops. ``adopt``: a command the
+        first stage started for a request it replays into ``conn``; that request adopts it."""
         peer = Peer(conn, handlers=self.handlers, name="guest")
         self._peers.add(peer)
+        if adopt is not None:
+            self._adopted[peer] = adopt
         try:
             async with peer:
                 stop = asyncio.ensure_future(self._stop.wait())
@@ -221,6 +231,9 @@ class GuestAgent:
                     closed.cancel()
         finally:
             self._peers.discard(peer)
+            unclaimed = self._adopted.pop(peer, None)
+            if unclaimed is not None:  # the channel ended before its request ran
+                discard(unclaimed)
 
     def stop(self) -> None:
         self._stop.set()
@@ -250,17 +263,16 @@ class GuestAgent:
     # -- methods -----------------------------------------------------------------------
 
     async def ping(self, request: m.PingRequest, ctx: CallContext) -> m.PingResult:
-        import platform  # here, not at start-up: every import delays every sandbox
-
+        uname = os.uname()  # not platform: its import delays every sandbox
         return m.PingResult(
             pong=True,
-            kernel=platform.release(),
+            kernel=uname.release,
             uid=os.getuid(),
             gid=os.getgid(),
             pid=os.getpid(),
-            hostname=platform.node(),
+            hostname=uname.nodename,
             workdir=self.workdir,
-            python=platform.python_version(),
+            python=sys.version.split()[0],
         )
 
     async def shutdown(self, request: m.ShutdownRequest, ctx: CallContext) -> m.ShutdownResult:
@@ -285,39 +297,56 @@ class GuestAgent:
         exec_id = request.exec_id or f"x{self._next_exec()}"
         keep_background = request.keep_background
 
-        started = time.monotonic()
-        # Plain pipes rather than asyncio's: asyncio's wait() also waits for the pipes to
-        # close, which a background child may hold open long after the command exited.
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        in_r, in_w = os.pipe() if stdin_id is not None else (-1, -1)
-        ours = [out_r, err_r] + ([in_w] if in_w >= 0 else [])
-        for fd in ours:
-            os.set_blocking(fd, False)
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=in_r if in_r >= 0 else asyncio.subprocess.DEVNULL,
-                stdout=out_w,
-                stderr=err_w,
-                cwd=cwd,
-                env=env,
-                start_new_session=True,
-            )
-        except OSError as exc:
+        adopted = self._adopted.get(ctx.peer)
+        proc: asyncio.subprocess.Process | AdoptedProcess
+        if (
+            adopted is not None
+            and adopted.request_id == ctx.request_id
+            and (adopted.stdout_stream, adopted.stderr_stream) == (stdout_id, stderr_id)
+        ):
+            # Started by the first stage, which replayed this request: carry on with it.
+            del self._adopted[ctx.peer]
+            proc, started = AdoptedProcess(adopted), adopted.started
+            out_r, err_r, in_w = adopted.out_r, adopted.err_r, -1
+            ours = [out_r, err_r]
+            left = None if adopted.deadline is None else adopted.deadline - time.monotonic()
+            timeout = None if left is None else max(0.0, left)
+        else:
+            started = time.monotonic()
+            # Plain pipes rather than asyncio's: asyncio's wait() also waits for the pipes to
+            # close, which a background child may hold open long after the command exited.
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
+            in_r, in_w = os.pipe() if stdin_id is not None else (-1, -1)
+            ours = [out_r, err_r] + ([in_w] if in_w >= 0 else [])
             for fd in ours:
-                os.close(fd)
-            code = 127 if isinstance(exc, FileNotFoundError) else 126
-            reason = "command not found" if code == 127 else exc.strerror
-            msg = f"{argv[0]}: {reason}\n"
-            return await self._spawn_failure(code, msg, ctx.peer, stdout_id, stderr_id)
-        finally:
-            for fd in (out_w, err_w, in_r):
-                if fd >= 0:
+                os.set_blocking(fd, False)
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=in_r if in_r >= 0 else asyncio.subprocess.DEVNULL,
+                    stdout=out_w,
+                    stderr=err_w,
+                    cwd=cwd,
+                    env=env,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                for fd in ours:
                     os.close(fd)
+                code = 127 if isinstance(exc, FileNotFoundError) else 126
+                reason = "command not found" if code == 127 else exc.strerror
+                msg = f"{argv[0]}: {reason}\n"
+                return await self._spawn_failure(code, msg, ctx.peer, stdout_id, stderr_id)
+            finally:
+                for fd in (out_w, err_w, in_r):
+                    if fd >= 0:
+                        os.close(fd)
 
-        _raise_oom_score(proc.pid)
+            _raise_oom_score(proc.pid)
         ex = _Exec(proc)
+        if isinstance(proc, AdoptedProcess) and adopted is not None:
+            ex.timed_out, ex.last_output = adopted.timed_out, adopted.last_output
         self._execs[exec_id] = ex
         peer = ctx.peer
         pumps = [

@@ -54,8 +54,8 @@ from ironclaw.backends.namespace.cmdline import JailFds, bwrap_argv, etc_files, 
 from ironclaw.config import safe_join
 from ironclaw.errors import BackendError, ConnectError, IronclawError
 from ironclaw.policy.limits import rlimits
-from ironclaw.policy.seccomp import compile_bpf
 from ironclaw.resources.guest_bundle import bundle_path
+from ironclaw.resources.seccomp_cache import seccomp_program
 from ironclaw.transport import Connection, unix
 
 __all__ = ["AGENT_OOM_SCORE_ADJ", "NamespaceBackend", "NamespaceInfo"]
@@ -156,7 +156,8 @@ class NamespaceBackend:
         status_path = safe_join(ctx.run_dir, "status.json")
         log_path = safe_join(ctx.run_dir, "sandbox.log")
         zip_path = bundle_path(ctx.settings.state_dir)
-        bpf = compile_bpf(spec.seccomp, allow_inet=ctx.network is not None)
+        allow_inet = ctx.network is not None
+        bpf = seccomp_program(ctx.settings.state_dir, spec.seccomp, allow_inet=allow_inet)
 
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         fds: JailFds | None = None

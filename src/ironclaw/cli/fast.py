@@ -1,0 +1,171 @@
+"""The ``ironclaw`` entry point, with a fast path for a plain one-shot ``ironclaw exec``.
+
+Building the typer app imports typer, click and rich (over 100 ms), which a one-shot
+``ironclaw exec -- CMD`` pays on every run although it needs none of them. So the entry
+point looks at argv first: ``exec`` with only ``--json``, ``--timeout S`` and ``--id ID``
+before the command runs here, with the same code path as the typer command
+(:func:`ironclaw.cli.main.exec_cmd`); anything else (``--help``, other options, a
+malformed value, another command) goes to the full app, so help and errors stay exactly
+the app's. This module imports nothing outside the standard library at load time.
+"""
+
+from __future__ import annotations
+
+import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from ironclaw.spec import SandboxSpec
+
+__all__ = ["main", "parse_exec"]
+
+
+class ExecArgs:
+    __slots__ = ("as_json", "command", "sandbox_id", "timeout")
+
+    def __init__(self) -> None:
+        self.as_json = False
+        self.sandbox_id: str | None = None
+        self.timeout: float | None = None
+        self.command: list[str] = []
+
+
+def parse_exec(args: list[str]) -> ExecArgs | None:
+    """``exec``'s arguments (after the word ``exec``) if the fast path can run them as typer
+    would, else None (the full app then parses, and explains any error)."""
+    out = ExecArgs()
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--json":
+            out.as_json = True
+        elif arg in ("--timeout", "--id") and i + 1 < len(args):
+            value = args[i + 1]
+            i += 1
+            if arg == "--id":
+                if value.startswith("-"):
+                    return None
+                out.sandbox_id = value
+            else:
+                try:
+                    out.timeout = float(value)
+                except ValueError:
+                    return None
+        elif arg == "--":
+            out.command = args[i + 1 :]
+            break
+        elif arg.startswith("-"):
+            return None
+        else:
+            out.command = args[i:]
+            break
+        i += 1
+    return out if out.command else None
+
+
+def default_spec() -> SandboxSpec:
+    """What ``SandboxOptions().spec()`` gives (the exec command with no sandbox options)."""
+    from ironclaw.spec import parse_spec
+
+    return parse_spec(
+        {
+            "backend": "namespace",
+            "limits": {},
+            "env": {},
+            "mounts": (),
+            "network": {"allow": (), "allow_domains": ()},
+            "seccomp": "default",
+        }
+    )
+
+
+def _writer(fd: int) -> Callable[[bytes], Awaitable[None]]:
+    import asyncio
+    import os
+
+    def write_all(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+
+    async def write(chunk: bytes) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, write_all, chunk)
+
+    return write
+
+
+def run_exec(args: ExecArgs) -> int:
+    """The typer ``exec`` command's work, without typer or rich: the process exit status."""
+    # A one-shot namespace sandbox without network uses no TLS in this process: asyncio
+    # loads without ssl (OpenSSL is some milliseconds), which stays importable later.
+    hide = "ssl" not in sys.modules
+    if hide:
+        sys.modules["ssl"] = None  # type: ignore[assignment]
+    try:
+        import asyncio
+    finally:
+        if hide:
+            del sys.modules["ssl"]
+    import json
+    import signal
+
+    from ironclaw.errors import IronclawError
+    from ironclaw.host.manager import SandboxManager
+
+    command = args.command
+
+    async def run() -> int:
+        spec = default_spec()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        async with SandboxManager() as manager:
+            record = await manager.create(spec, sandbox_id=args.sandbox_id, one_shot=True)
+            task = asyncio.current_task()
+            assert task is not None
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, task.cancel)
+            try:
+                if args.as_json:
+                    result = await manager.exec(record.id, command, timeout=args.timeout)
+                else:
+                    result = await manager.exec(
+                        record.id,
+                        command,
+                        timeout=args.timeout,
+                        on_stdout=_writer(1),
+                        on_stderr=_writer(2),
+                        capture=False,
+                    )
+                    if result.status != "exited":
+                        sys.stderr.write(f"ironclaw: {result.status}\n")
+            finally:
+                await asyncio.shield(manager.destroy(record.id))
+        if args.as_json:
+            doc = result.to_json("namespace")
+            doc["total_ms"] = round((loop.time() - started) * 1000, 3)
+            print(json.dumps(doc))
+        return result.exit_code
+
+    try:
+        return asyncio.run(run())
+    except IronclawError as exc:
+        from ironclaw.cli.common import fail  # rich, but only to report an error
+
+        return fail(exc, args.as_json)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        return 130
+
+
+def main() -> None:
+    """``ironclaw``: the fast path when it applies, else the full typer app."""
+    argv = sys.argv[1:]
+    if argv[:1] == ["exec"]:
+        parsed = parse_exec(argv[1:])
+        if parsed is not None:
+            sys.stdout.flush()
+            raise SystemExit(run_exec(parsed))
+    from ironclaw.cli.main import main as full_main
+
+    full_main()

@@ -107,3 +107,15 @@ def test_exec_help_and_bad_options_go_to_typer(tmp_path: Path) -> None:
     assert p.returncode == 2 and "Invalid value for '--timeout'" in p.stderr
     p = ironclaw("--help", home=tmp_path)
     assert p.returncode == 0 and "exec" in p.stdout and "sandbox" in p.stdout
+
+
+def test_exec_goes_through_the_service_when_one_is_configured(tmp_path: Path) -> None:
+    """With IRONCLAW_API_URL set, exec is the service's, never a local sandbox."""
+    os.environ["IRONCLAW_API_URL"] = "http://127.0.0.1:9"  # discard port: nothing listens
+    try:
+        p = ironclaw("exec", "--json", "--", "true", home=tmp_path, importtime=True)
+    finally:
+        del os.environ["IRONCLAW_API_URL"]
+    assert p.returncode != 0
+    assert "cannot reach the IronClaw API at http://127.0.0.1:9" in p.stdout + p.stderr
+    assert any(m.startswith("ironclaw.client") for m in imported(p.stderr))

@@ -11,6 +11,7 @@ the app's. This module imports nothing outside the standard library at load time
 
 from __future__ import annotations
 
+import os
 import sys
 
 TYPE_CHECKING = False
@@ -161,7 +162,8 @@ def run_exec(args: ExecArgs) -> int:
 def main() -> None:
     """``ironclaw``: the fast path when it applies, else the full typer app."""
     argv = sys.argv[1:]
-    if argv[:1] == ["exec"]:
+    # Through a service (IRONCLAW_API_URL) every command goes the full app's remote way.
+    if argv[:1] == ["exec"] and not os.environ.get("IRONCLAW_API_URL"):
         parsed = parse_exec(argv[1:])
         if parsed is not None:
             sys.stdout.flush()

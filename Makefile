@@ -59,6 +59,8 @@ bench: deps
 	$(PY) benchmarks/firewall.py --json
 	$(PY) benchmarks/lifecycle.py --json
 	$(PY) benchmarks/vm_boot.py --json
+	$(PY) benchmarks/procs.py --json
+	$(PY) benchmarks/api.py --json
 
 clean:
 	rm -rf $(VENV) $(STAMPS)

@@ -22,11 +22,13 @@ from typing import Any
 from ironclaw.config import Settings
 from ironclaw.host.guest import DEFAULT_READ_LIMIT, ExecResult, OutputSink
 from ironclaw.host.manager import SandboxManager
+from ironclaw.host.snapshots import Snapshot
+from ironclaw.policy.network import NetworkPolicy
 from ironclaw.proto import methods
 from ironclaw.resources.store import SandboxRecord
 from ironclaw.spec import SandboxSpec
 
-__all__ = ["ExecResult", "Files", "Sandbox"]
+__all__ = ["ExecResult", "Files", "Network", "Sandbox", "Snapshot"]
 
 
 class Files:
@@ -62,6 +64,28 @@ class Files:
         await (await self._sb.manager.guest(self._sb.id)).mkdir(path)
 
 
+class Network:
+    """The sandbox's egress policy, changeable while it runs."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sb = sandbox
+
+    async def update(
+        self,
+        *,
+        allow: list[str] | None = None,
+        allow_domains: list[str] | None = None,
+        deny: list[str] | None = None,
+        deny_domains: list[str] | None = None,
+    ) -> NetworkPolicy:
+        """Replace ``allow``/``allow_domains``/``deny_domains`` when given; ``deny`` removes
+        allow rules. Applied at once (one firewall transaction, one proxy reload)."""
+        return await self._sb.manager.update_network(
+            self._sb.id, allow=allow, allow_domains=allow_domains, deny=deny,
+            deny_domains=deny_domains,
+        )  # fmt: skip
+
+
 class Sandbox:
     """A running sandbox. Build with :meth:`create` or :meth:`connect`."""
 
@@ -69,6 +93,7 @@ class Sandbox:
         self.manager = manager
         self.record = record
         self.files = Files(self)
+        self.network = Network(self)
         self._owns_manager = owns
         self._destroyed = False
 
@@ -88,9 +113,14 @@ class Sandbox:
         sandbox_id: str | None = None,
         settings: Settings | None = None,
         manager: SandboxManager | None = None,
+        from_snapshot: Snapshot | str | None = None,
     ) -> _Creating:
-        """Create a sandbox: ``await`` it, or use it as ``async with`` (destroyed on exit)."""
-        return _Creating(spec, sandbox_id, settings, manager)
+        """Create a sandbox: ``await`` it, or use it as ``async with`` (destroyed on exit).
+
+        ``from_snapshot`` starts it with that snapshot's workspace (and, unless ``spec``
+        is given, the spec of the sandbox it was taken from).
+        """
+        return _Creating(spec, sandbox_id, settings, manager, from_snapshot)
 
     @classmethod
     async def connect(cls, sandbox_id: str, *, settings: Settings | None = None) -> Sandbox:
@@ -129,6 +159,25 @@ class Sandbox:
             keep_background=keep_background,
         )
 
+    async def snapshot(self, name: str) -> Snapshot:
+        """Save the workspace as ``name`` (see :mod:`ironclaw.host.snapshots`)."""
+        return await self.manager.snapshot(self.id, name)
+
+    async def pause(self) -> None:
+        """Freeze every process (memory kept, no CPU) until :meth:`resume`."""
+        await self.manager.pause(self.id)
+
+    async def resume(self, *, timeout: float | None = None) -> None:
+        await self.manager.resume(self.id, timeout=timeout)
+
+    async def set_timeout(self, seconds: float | None) -> float | None:
+        """Move the deadline to ``seconds`` from now; return it (epoch seconds)."""
+        return await self.manager.set_timeout(self.id, seconds)
+
+    async def refresh(self) -> SandboxRecord:
+        self.record = await self.manager.get(self.id)
+        return self.record
+
     async def ping(self) -> dict[str, Any]:
         return methods.to_json(await (await self.manager.guest(self.id)).ping())
 
@@ -144,6 +193,18 @@ class Sandbox:
 
     async def __aenter__(self) -> Sandbox:
         return self
+
+    @classmethod
+    async def list(
+        cls,
+        *,
+        labels: dict[str, str] | None = None,
+        state: str | None = None,
+        settings: Settings | None = None,
+    ) -> list[SandboxRecord]:
+        """Sandboxes with every label given (and in ``state``, if given)."""
+        async with SandboxManager(settings) as manager:
+            return await manager.select(labels=labels, state=state)
 
     async def __aexit__(
         self,
@@ -166,8 +227,10 @@ class _Creating:
         sandbox_id: str | None,
         settings: Settings | None,
         manager: SandboxManager | None,
+        from_snapshot: Snapshot | str | None = None,
     ) -> None:
         self._args = (spec, sandbox_id, settings, manager)
+        self._snapshot = from_snapshot
         self._sandbox: Sandbox | None = None
 
     async def _create(self) -> Sandbox:
@@ -177,7 +240,10 @@ class _Creating:
         if owns:
             await mgr.open()
         try:
-            record = await mgr.create(spec, sandbox_id=sandbox_id)
+            if self._snapshot is not None:
+                record = await mgr.restore(self._snapshot, spec=spec, sandbox_id=sandbox_id)
+            else:
+                record = await mgr.create(spec, sandbox_id=sandbox_id)
         except BaseException:
             if owns:
                 await mgr.aclose()

@@ -24,7 +24,7 @@ from ironclaw.cli.agent import register as register_agent
 from ironclaw.cli.common import err_console, new_app, out_console, run, run_code
 from ironclaw.cli.image import register as register_image
 from ironclaw.cli.options import JsonOpt, SandboxOptions, sandbox_options
-from ironclaw.cli.sandbox import CommandArg, run_command, sandbox_app
+from ironclaw.cli.sandbox import CommandArg, run_command, sandbox_app, snapshot_app
 
 __all__ = ["app", "main"]
 
@@ -180,6 +180,7 @@ def demo_cmd() -> None:
 
 register_agent(app)  # run, logs
 app.add_typer(sandbox_app, name="sandbox")
+app.add_typer(snapshot_app, name="snapshot")
 app.add_typer(pool_app, name="pool")
 register_image(app)  # image build, image ls
 

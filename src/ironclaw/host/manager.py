@@ -48,8 +48,8 @@ from ironclaw.host.guest import (
     OutputSink,
 )
 from ironclaw.host.reconcile import GcReport
-from ironclaw.ids import new_sandbox_id, validate_sandbox_id
 from ironclaw.host.snapshots import Snapshot, SnapshotStore
+from ironclaw.ids import new_sandbox_id, validate_sandbox_id
 from ironclaw.policy.network import NetworkPolicy
 from ironclaw.resources.audit import append_line
 from ironclaw.resources.lifetime import read_lifetime, touch_activity

@@ -102,8 +102,8 @@ async def arm_lifetime(mgr: SandboxManager, record: SandboxRecord, spec: Sandbox
 
 def _arm_sync(rd: Path, doc: dict[str, Any], pid: int) -> None:
     touch_activity(rd)
+    doc["watchdog"] = spawn_lifetime_watchdog(rd, pid)  # it waits for the file
     write_lifetime(rd, doc)
-    spawn_lifetime_watchdog(rd, pid)
 
 
 async def set_timeout(mgr: SandboxManager, sandbox_id: str, seconds: float | None) -> float | None:

@@ -33,9 +33,7 @@ async def test_live_policy_change_opens_one_port_and_closes_another(
     manager: SandboxManager, peer: PeerHost
 ) -> None:
     a = peer
-    rec = await manager.create(
-        {"network": {"allow": [f"{a.ip}:8080/tcp", f"{a.ip}:8082/tcp"]}}
-    )
+    rec = await manager.create({"network": {"allow": [f"{a.ip}:8080/tcp", f"{a.ip}:8082/tcp"]}})
     other = await manager.create({"network": {"allow": [f"{a.ip}:8080/tcp"]}})
     ports = [(a.ip, 8080), (a.ip, 8081), (a.ip, 8082)]
     before = await probe_in(manager, rec.id, ports)

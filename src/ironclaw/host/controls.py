@@ -260,6 +260,7 @@ async def restore(
     *,
     spec: SandboxSpec | dict[str, Any] | None = None,
     sandbox_id: str | None = None,
+    ready_timeout: float = 20.0,
 ) -> SandboxRecord:
     """A new sandbox with the snapshot's workspace (its spec unless ``spec`` is given).
 
@@ -274,7 +275,9 @@ async def restore(
     max_bytes = final.limits.workspace_mib * MiB
     archive = await asyncio.to_thread(store.verified_archive, snap, max_bytes=max_bytes)
     data = await asyncio.to_thread(archive.read_bytes)
-    record = await mgr.create(final, sandbox_id=sandbox_id, use_pool=False, restoring=True)
+    record = await mgr.create(
+        final, sandbox_id=sandbox_id, use_pool=False, restoring=True, ready_timeout=ready_timeout
+    )
     try:
         result = await mgr.exec(
             record.id,

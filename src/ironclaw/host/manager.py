@@ -529,8 +529,11 @@ class SandboxManager:
         *,
         spec: SandboxSpec | dict[str, Any] | None = None,
         sandbox_id: str | None = None,
+        ready_timeout: float = 20.0,
     ) -> SandboxRecord:
-        return await _controls.restore(self, snap, spec=spec, sandbox_id=sandbox_id)
+        return await _controls.restore(
+            self, snap, spec=spec, sandbox_id=sandbox_id, ready_timeout=ready_timeout
+        )
 
     async def fork(self, snap: Snapshot | str, count: int) -> list[SandboxRecord]:
         """``count`` new sandboxes, each with the snapshot's workspace."""

@@ -11,7 +11,7 @@ Prints one JSON object:
 * ``qemu`` (with ``--qemu``): the same for a VM's workspace, the restore including the
   new VM's boot; needs a built image in the state directory (``ironclaw image build``).
 
-    python benchmarks/snapshot.py --json [--mib 100] [--qemu]
+    python benchmarks/snapshot.py --json [--mib 100] [--qemu [--images DIR]]
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def baseline(mib: int) -> dict[str, float]:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     doc: dict[str, Any] = {"benchmark": "snapshot", "workspace_mib": args.mib}
     doc["baseline"] = baseline(args.mib)
-    images = Settings.from_env().state_dir / "images"
+    images = Path(args.images) if args.images else Settings.from_env().state_dir / "images"
     with tempfile.TemporaryDirectory(prefix="ironclaw-bench-") as home:
         os.chmod(home, 0o700)
         settings = Settings.from_env({"IRONCLAW_HOME": home})
@@ -117,6 +117,7 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--mib", type=int, default=100)
     parser.add_argument("--qemu", action="store_true")
+    parser.add_argument("--images", help="a state directory's images/ to boot VMs from")
     args = parser.parse_args()
     doc = asyncio.run(run(args))
     print(json.dumps(doc) if args.json else json.dumps(doc, indent=2))

@@ -306,3 +306,18 @@ def test_snapshot_store_lists_only_complete_snapshots(settings: object) -> None:
     store.remove("half")
     assert store.all() == []
     assert json.dumps([p.name for p in store.root.iterdir()]) == "[]"
+
+
+async def test_set_timeout_on_a_sandbox_without_a_lifetime_arms_one(
+    manager: SandboxManager,
+) -> None:
+    rec = await manager.create()
+    await manager.pause(rec.id)  # a manual pause first: the timer must still be armed
+    await manager.resume(rec.id)
+    await manager.set_timeout(rec.id, 0.5)
+
+    async def dead() -> bool:
+        return (await manager.get(rec.id)).state == "dead"
+
+    await until(dead)
+    assert (await manager.get(rec.id)).reason == "timeout: deadline reached"

@@ -115,11 +115,13 @@ async def set_timeout(mgr: SandboxManager, sandbox_id: str, seconds: float | Non
     rd = run_dir(mgr, record)
     deadline = time.time() + seconds if seconds is not None else None
     doc = read_lifetime(rd)
-    if doc is None:
+    if doc is None or not doc.get("watchdog"):  # none yet (a manual pause writes no watchdog)
         spec = parse_spec(record.spec)
         spec = spec.model_copy(update={"lifetime": spec.lifetime.model_copy(
             update={"timeout_s": seconds})})  # fmt: skip
         await arm_lifetime(mgr, record, spec)
+        if doc is not None and doc.get("paused"):
+            await _mark_paused(mgr, record, True, record.reason or "paused")
         return deadline
     doc["deadline"] = deadline
     await asyncio.to_thread(write_lifetime, rd, doc)

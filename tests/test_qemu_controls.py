@@ -13,7 +13,7 @@ from ironclaw.errors import SandboxError
 from ironclaw.host.manager import SandboxManager
 from ironclaw.images import ImageArtifacts
 
-pytestmark = [pytest.mark.root, pytest.mark.vm, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.root, pytest.mark.vm, pytest.mark.timeout(900)]
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ async def vm_status(qmp_path: str) -> str:
 async def test_qemu_pause_resume_and_snapshot_restore(
     manager: SandboxManager, vm_image: ImageArtifacts
 ) -> None:
-    rec = await manager.create({**SPEC, "labels": {"kind": "vm"}}, ready_timeout=90)
+    rec = await manager.create({**SPEC, "labels": {"kind": "vm"}}, ready_timeout=240)
     assert [r.id for r in await manager.select(labels={"kind": "vm"})] == [rec.id]
     await manager.write_file(rec.id, "notes/a.txt", b"in the vm")
     await manager.exec(rec.id, ["sh", "-c", "ln -s notes/a.txt link"])
@@ -59,7 +59,7 @@ async def test_qemu_pause_resume_and_snapshot_restore(
 
     snap = await manager.snapshot(rec.id, "vm-ws")
     assert snap.backend == "qemu"
-    copy = await manager.restore(snap, ready_timeout=90)
+    copy = await manager.restore(snap, ready_timeout=240)
     assert copy.backend == "qemu"
     r = await manager.exec(copy.id, ["sh", "-c", "cat notes/a.txt; readlink link"])
     assert r.stdout == b"in the vm\nnotes/a.txt\n", r.stderr

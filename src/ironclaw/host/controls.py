@@ -198,10 +198,11 @@ async def resume(mgr: SandboxManager, sandbox_id: str, *, timeout: float | None 
             "(`ironclaw sandbox resume ID --timeout SECONDS`)"
         )
     backend = mgr.backend(record.backend)
-    if isinstance(backend, Pausable):
-        await backend.resume(backend.load_info(record.info))
+    froze = doc.get("paused_by") and (doc.get("pause") or {}).get("freeze")
+    if froze or not isinstance(backend, Pausable):
+        await _freeze(mgr, record, False)  # the watchdog pauses a VMM without QMP this way
     else:
-        await _freeze(mgr, record, False)
+        await backend.resume(backend.load_info(record.info))
     await asyncio.to_thread(touch_activity, rd)
     await _mark_paused(mgr, record, False, "")
 

@@ -62,4 +62,4 @@ async def test_qemu_pause_resume_and_snapshot_restore(
     copy = await manager.restore(snap, ready_timeout=240)
     assert copy.backend == "qemu"
     r = await manager.exec(copy.id, ["sh", "-c", "cat notes/a.txt; readlink link"])
-    assert r.stdout == b"in the vm\nnotes/a.txt\n", r.stderr
+    assert r.stdout == b"in the vmnotes/a.txt\n", r.stderr

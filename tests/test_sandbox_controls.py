@@ -202,7 +202,9 @@ async def test_snapshot_restored_into_three_forks_with_the_same_workspace(
     src = await manager.create({"labels": {"role": "src"}})
     await manager.write_file(src.id, "data/a.txt", b"alpha")
     await manager.write_file(src.id, "run.sh", b"#!/bin/sh\necho hi\n", mode=0o755)
-    await manager.exec(src.id, ["sh", "-c", "ln -s data/a.txt link && mkdir -m 700 priv"])
+    await manager.exec(
+        src.id, ["sh", "-c", "ln -s data/a.txt link && mkdir -m 700 priv && chmod 666 data/a.txt"]
+    )
     want = await workspace_hash(manager, src.id)
     snap = await manager.snapshot(src.id, "base")
     assert [s.name for s in manager.snapshots().all()] == ["base"]
@@ -210,8 +212,10 @@ async def test_snapshot_restored_into_three_forks_with_the_same_workspace(
     assert len({f.id for f in forks}) == 3
     for f in forks:
         assert await workspace_hash(manager, f.id) == want
-        r = await manager.exec(f.id, ["sh", "-c", "readlink link; ./run.sh; stat -c %a priv"])
-        assert r.stdout == b"data/a.txt\nhi\n700\n"
+        r = await manager.exec(
+            f.id, ["sh", "-c", "readlink link; ./run.sh; stat -c %a priv data/a.txt"]
+        )
+        assert r.stdout == b"data/a.txt\nhi\n700\n666\n"
         assert (await manager.get(f.id)).spec["labels"] == {"role": "src"}
     # Forks are independent: a change in one is not seen in another.
     await manager.write_file(forks[0].id, "data/a.txt", b"changed")

@@ -284,7 +284,7 @@ async def restore(
     try:
         result = await mgr.exec(
             record.id,
-            ["tar", "--no-same-owner", "--no-same-permissions", "-C", "/workspace", "-xf", "-"],
+            ["tar", "--no-same-owner", "--same-permissions", "-C", "/workspace", "-xf", "-"],
             stdin=data,
         )
         if result.exit_code != 0:

@@ -267,7 +267,7 @@ class SandboxManager:
             spec=spec.model_dump(mode="json"),
             owner_pid=os.getpid(),
             one_shot=one_shot,
-            info={**self._me, "restoring": restoring},
+            info={**self._me, **({"restoring": True} if restoring else {})},
             pool_key=pooled,
         )
         self._owned.add(sid)

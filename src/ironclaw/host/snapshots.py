@@ -34,6 +34,7 @@ __all__ = [
     "MANIFEST",
     "Snapshot",
     "SnapshotCorrupt",
+    "SnapshotNotFound",
     "SnapshotStore",
     "check_archive",
     "validate_snapshot_name",
@@ -47,6 +48,10 @@ _TMP = re.compile(r"\.tmp-(\d+)-.*")
 
 class SnapshotCorrupt(SandboxError):
     """The snapshot's content does not match its hash, or its archive is unsafe."""
+
+
+class SnapshotNotFound(SandboxNotFound):
+    """No snapshot of that name."""
 
 
 def validate_snapshot_name(name: str) -> str:
@@ -207,18 +212,12 @@ class SnapshotStore:
         removed = []
         for entry in self.root.iterdir():
             m = _TMP.fullmatch(entry.name)
-            if m is None or (int(m.group(1)) != os.getpid() and _alive(int(m.group(1)))):
-                continue
-            if int(m.group(1)) == os.getpid():
-                continue
+            if m is None or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+                continue  # not a temporary, or its writer still runs
             removed.append(f"snapshot temporary {entry.name}")
             if not dry_run:
                 shutil.rmtree(entry, ignore_errors=True)
         return removed
-
-
-class SnapshotNotFound(SandboxNotFound):
-    """No snapshot of that name."""
 
 
 def _alive(pid: int) -> bool:

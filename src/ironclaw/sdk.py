@@ -20,11 +20,14 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, overload
 
 from ironclaw.config import Settings
+from ironclaw.errors import ConfigError
 from ironclaw.host import ports, processes
 from ironclaw.host.guest import DEFAULT_READ_LIMIT, ExecResult, OutputSink
 from ironclaw.host.manager import SandboxManager
 from ironclaw.host.ports import ExposedPort
 from ironclaw.host.processes import ProcessHandle
+from ironclaw.host.snapshots import Snapshot
+from ironclaw.policy.network import NetworkPolicy
 from ironclaw.proto import methods
 from ironclaw.resources.store import SandboxRecord
 from ironclaw.spec import SandboxSpec
@@ -37,10 +40,12 @@ __all__ = [
     "ExecResult",
     "ExposedPort",
     "Files",
+    "Network",
     "Ports",
     "ProcessHandle",
     "Pty",
     "Sandbox",
+    "Snapshot",
 ]
 
 
@@ -162,6 +167,28 @@ class Ports:
         await ports.unexpose(self._sb.manager, self._sb.id, port)
 
 
+class Network:
+    """The sandbox's egress policy, changeable while it runs."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sb = sandbox
+
+    async def update(
+        self,
+        *,
+        allow: list[str] | None = None,
+        allow_domains: list[str] | None = None,
+        deny: list[str] | None = None,
+        deny_domains: list[str] | None = None,
+    ) -> NetworkPolicy:
+        """Replace ``allow``/``allow_domains``/``deny_domains`` when given; ``deny`` removes
+        allow rules. Applied at once (one firewall transaction, one proxy reload)."""
+        return await self._sb.manager.update_network(
+            self._sb.id, allow=allow, allow_domains=allow_domains, deny=deny,
+            deny_domains=deny_domains,
+        )  # fmt: skip
+
+
 class Sandbox:
     """A running sandbox. Build with :meth:`create` or :meth:`connect`."""
 
@@ -172,6 +199,7 @@ class Sandbox:
         self.commands = Commands(self)
         self.pty = Pty(self)
         self.ports = Ports(self)
+        self.network = Network(self)
         self._owns_manager = owns
         self._destroyed = False
 
@@ -192,6 +220,7 @@ class Sandbox:
         sandbox_id: str | None = None,
         settings: Settings | None = None,
         manager: SandboxManager | None = None,
+        from_snapshot: Snapshot | str | None = None,
     ) -> _Creating: ...
 
     @overload
@@ -213,20 +242,25 @@ class Sandbox:
         sandbox_id: str | None = None,
         settings: Settings | None = None,
         manager: SandboxManager | None = None,
+        from_snapshot: Snapshot | str | None = None,
         api_url: str | None = None,
         token: str | None = None,
     ) -> _Creating | RemoteCreating:
         """Create a sandbox: ``await`` it, or use it as ``async with`` (destroyed on exit).
 
-        With ``api_url`` (and ``token``) it is created by ``ironclaw serve`` there, through
-        the remote SDK (:mod:`ironclaw.client`), which has the same surface.
+        ``from_snapshot`` starts it with that snapshot's workspace (and, unless ``spec``
+        is given, the spec of the sandbox it was taken from). With ``api_url`` (and
+        ``token``) it is created by ``ironclaw serve`` there, through the remote SDK
+        (:mod:`ironclaw.client`), which has the same surface.
         """
         if api_url is not None:
+            if from_snapshot is not None:
+                raise ConfigError("from_snapshot is not available through the API yet")
             from ironclaw.client.sandbox import Sandbox as RemoteSandbox
 
             doc = spec.model_dump() if isinstance(spec, SandboxSpec) else spec
             return RemoteSandbox.create(doc, sandbox_id=sandbox_id, api_url=api_url, token=token)
-        return _Creating(spec, sandbox_id, settings, manager)
+        return _Creating(spec, sandbox_id, settings, manager, from_snapshot)
 
     @classmethod
     async def connect(cls, sandbox_id: str, *, settings: Settings | None = None) -> Sandbox:
@@ -265,6 +299,25 @@ class Sandbox:
             keep_background=keep_background,
         )
 
+    async def snapshot(self, name: str) -> Snapshot:
+        """Save the workspace as ``name`` (see :mod:`ironclaw.host.snapshots`)."""
+        return await self.manager.snapshot(self.id, name)
+
+    async def pause(self) -> None:
+        """Freeze every process (memory kept, no CPU) until :meth:`resume`."""
+        await self.manager.pause(self.id)
+
+    async def resume(self, *, timeout: float | None = None) -> None:
+        await self.manager.resume(self.id, timeout=timeout)
+
+    async def set_timeout(self, seconds: float | None) -> float | None:
+        """Move the deadline to ``seconds`` from now; return it (epoch seconds)."""
+        return await self.manager.set_timeout(self.id, seconds)
+
+    async def refresh(self) -> SandboxRecord:
+        self.record = await self.manager.get(self.id)
+        return self.record
+
     async def ping(self) -> dict[str, Any]:
         return methods.to_json(await (await self.manager.guest(self.id)).ping())
 
@@ -280,6 +333,18 @@ class Sandbox:
 
     async def __aenter__(self) -> Sandbox:
         return self
+
+    @classmethod
+    async def list(
+        cls,
+        *,
+        labels: dict[str, str] | None = None,
+        state: str | None = None,
+        settings: Settings | None = None,
+    ) -> list[SandboxRecord]:
+        """Sandboxes with every label given (and in ``state``, if given)."""
+        async with SandboxManager(settings) as manager:
+            return await manager.select(labels=labels, state=state)
 
     async def __aexit__(
         self,
@@ -302,8 +367,10 @@ class _Creating:
         sandbox_id: str | None,
         settings: Settings | None,
         manager: SandboxManager | None,
+        from_snapshot: Snapshot | str | None = None,
     ) -> None:
         self._args = (spec, sandbox_id, settings, manager)
+        self._snapshot = from_snapshot
         self._sandbox: Sandbox | None = None
 
     async def _create(self) -> Sandbox:
@@ -313,7 +380,10 @@ class _Creating:
         if owns:
             await mgr.open()
         try:
-            record = await mgr.create(spec, sandbox_id=sandbox_id)
+            if self._snapshot is not None:
+                record = await mgr.restore(self._snapshot, spec=spec, sandbox_id=sandbox_id)
+            else:
+                record = await mgr.create(spec, sandbox_id=sandbox_id)
         except BaseException:
             if owns:
                 await mgr.aclose()

@@ -18,10 +18,24 @@ from ironclaw.errors import ConfigError
 from ironclaw.policy.limits import ResourceLimits
 from ironclaw.policy.network import NetworkPolicy
 
-__all__ = ["BackendName", "MountSpec", "SandboxSpec", "SeccompProfileName", "parse_spec"]
+__all__ = [
+    "BackendName",
+    "Lifetime",
+    "MountSpec",
+    "OnTimeout",
+    "SandboxSpec",
+    "SeccompProfileName",
+    "parse_spec",
+    "validate_labels",
+]
 
 BackendName = Literal["namespace", "qemu", "firecracker"]
 SeccompProfileName = Literal["strict", "default", "permissive"]
+OnTimeout = Literal["destroy", "pause"]
+
+_LABEL_KEY = re.compile(r"[a-z0-9]([a-z0-9._/-]{0,61}[a-z0-9])?")
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9._-]{0,63}")
+MAX_LABELS = 32
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Paths inside the sandbox that a user mount may not cover: the agent, /proc, /dev.
@@ -66,6 +80,41 @@ class MountSpec(BaseModel):
             raise ConfigError(f"mount {text!r}: {_first_error(exc)}") from None
 
 
+def validate_labels(labels: dict[str, str]) -> dict[str, str]:
+    """Labels are for filtering, so they stay small and plain (as Kubernetes labels do)."""
+    if len(labels) > MAX_LABELS:
+        raise ValueError(f"at most {MAX_LABELS} labels")
+    for key, value in labels.items():
+        if not _LABEL_KEY.fullmatch(key):
+            raise ValueError(
+                f"label key {key!r}: use 1-63 of a-z 0-9 . _ / -, starting and ending alphanumeric"
+            )
+        if not _LABEL_VALUE.fullmatch(value):
+            raise ValueError(f"label {key}: value {value!r} may hold up to 63 of A-Z a-z 0-9 . _ -")
+    return labels
+
+
+class Lifetime(BaseModel):
+    """When a sandbox ends by itself, counted in wall-clock time from its start.
+
+    ``timeout_s`` is a deadline (``set_timeout`` moves it); ``idle_timeout_s`` runs from the
+    last exec or file call made through the manager (connecting is not activity). Pauses
+    do not stop the deadline; the idle timer does not run while paused, and a resume
+    counts as activity. ``on_timeout`` says what happens then: destroy, or pause (the
+    sandbox keeps its memory and files, uses no CPU, and waits for a resume).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    timeout_s: float | None = Field(default=None, gt=0, le=366 * 86400)
+    idle_timeout_s: float | None = Field(default=None, gt=0, le=366 * 86400)
+    on_timeout: OnTimeout = "destroy"
+
+    @property
+    def active(self) -> bool:
+        return self.timeout_s is not None or self.idle_timeout_s is not None
+
+
 class SandboxSpec(BaseModel):
     """What to run a sandbox with. Defaults are the safe choice for every field."""
 
@@ -81,6 +130,13 @@ class SandboxSpec(BaseModel):
     network: NetworkPolicy = Field(default_factory=NetworkPolicy)
     seccomp: SeccompProfileName = "default"
     hostname: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    labels: dict[str, str] = Field(default_factory=dict)
+    lifetime: Lifetime = Field(default_factory=Lifetime)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        return validate_labels(v)
 
     @field_validator("env")
     @classmethod

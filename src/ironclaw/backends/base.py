@@ -34,6 +34,7 @@ __all__ = [
     "BackendInfo",
     "BackendStatus",
     "LaunchContext",
+    "Pausable",
     "agent_unreachable",
     "log_tail",
     "process_start_time",
@@ -139,6 +140,22 @@ class Backend(Protocol[InfoT]):
 
     async def inspect(self, info: InfoT) -> BackendStatus:
         """Say whether the sandbox's processes are still alive, and if not why."""
+
+
+@runtime_checkable
+class Pausable(Protocol):
+    """A backend that pauses its sandboxes itself (a VMM's own stop/continue).
+
+    Backends without it are paused by the manager through the cgroup freezer.
+    """
+
+    def load_info(self, data: Mapping[str, Any]) -> Any: ...
+
+    async def pause(self, info: Any) -> None:
+        """Stop the sandbox's vCPUs; its memory stays."""
+
+    async def resume(self, info: Any) -> None:
+        """Continue a paused sandbox."""
 
 
 def process_start_time(pid: int) -> int | None:

@@ -28,7 +28,7 @@ from ironclaw.cli.image import register as register_image
 from ironclaw.cli.mcp import register as register_mcp
 from ironclaw.cli.options import JsonOpt, SandboxOptions, sandbox_options
 from ironclaw.cli.procs import run_tty  # also registers sandbox run/ps/attach/kill
-from ironclaw.cli.sandbox import CommandArg, run_command, sandbox_app
+from ironclaw.cli.sandbox import CommandArg, run_command, sandbox_app, snapshot_app
 from ironclaw.cli.serve import register as register_serve
 from ironclaw.cli.token import token_app
 
@@ -208,6 +208,7 @@ def demo_cmd() -> None:
 
 register_agent(app)  # run, logs
 app.add_typer(sandbox_app, name="sandbox")
+app.add_typer(snapshot_app, name="snapshot")
 app.add_typer(pool_app, name="pool")
 register_image(app)  # image build, image ls
 register_serve(app)  # serve

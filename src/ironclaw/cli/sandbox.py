@@ -14,14 +14,21 @@ from rich.table import Table
 from ironclaw.cli import remote as via_api
 from ironclaw.cli.common import err_console, new_app, out_console, run, run_code, stream_to
 from ironclaw.cli.options import EnvOpt, JsonOpt, SandboxOptions, parse_env, sandbox_options
+from ironclaw.cli.snapshot import parse_labels, register_sandbox_controls, snapshot_app
 from ironclaw.errors import ConfigError
 
 if TYPE_CHECKING:
     from ironclaw.host.manager import ExecResult, SandboxManager
 
-__all__ = ["CommandArg", "run_command", "sandbox_app"]
+__all__ = ["CommandArg", "run_command", "sandbox_app", "snapshot_app"]
 
-sandbox_app = new_app("Long-lived sandboxes: create, ls, exec, cp, rm.")
+sandbox_app = new_app(
+    "Long-lived sandboxes: create, ls, exec, cp, rm, pause, resume, timeout, net."
+)
+register_sandbox_controls(sandbox_app)
+LabelOpt = Annotated[
+    list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE (repeatable).")
+]
 
 CommandArg = Annotated[list[str], typer.Argument(help="The command to run, after --.")]
 
@@ -65,19 +72,44 @@ async def run_command(
 def sandbox_create(
     *,
     sandbox_id: Annotated[str | None, typer.Option("--id", help="Sandbox id.")] = None,
+    label: LabelOpt = None,
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", help="Deadline in seconds (see `timeout`).")
+    ] = None,
+    idle_timeout: Annotated[
+        float | None, typer.Option("--idle-timeout", help="Seconds without exec/file calls.")
+    ] = None,
+    on_timeout: Annotated[str, typer.Option("--on-timeout", help="destroy or pause.")] = "destroy",
+    from_snapshot: Annotated[
+        str | None, typer.Option("--from", help="Start with this snapshot's workspace.")
+    ] = None,
     as_json: JsonOpt = False,
     opts: SandboxOptions,
 ) -> None:
     """Create a long-lived sandbox and print its id."""
     from ironclaw.host.manager import SandboxManager
+    from ironclaw.spec import parse_spec
 
     async def main() -> None:
-        spec = opts.spec()
+        spec = parse_spec(
+            {
+                **opts.spec().model_dump(mode="json"),
+                "labels": parse_labels(label),
+                "lifetime": {
+                    "timeout_s": timeout,
+                    "idle_timeout_s": idle_timeout,
+                    "on_timeout": on_timeout,
+                },
+            }
+        )
         if via_api.active():
             return await via_api.create(spec, sandbox_id, as_json=as_json)
         async with SandboxManager() as manager:
             with err_console.status("creating sandbox…", spinner="dots"):
-                record = await manager.create(spec, sandbox_id=sandbox_id)
+                if from_snapshot is not None:
+                    record = await manager.restore(from_snapshot, spec=spec, sandbox_id=sandbox_id)
+                else:
+                    record = await manager.create(spec, sandbox_id=sandbox_id)
         if as_json:
             print(json.dumps({"id": record.id, "backend": record.backend, "state": record.state}))
         else:
@@ -87,15 +119,19 @@ def sandbox_create(
 
 
 @sandbox_app.command("ls")
-def sandbox_ls(as_json: JsonOpt = False) -> None:
-    """List sandboxes and their state."""
+def sandbox_ls(
+    as_json: JsonOpt = False,
+    label: LabelOpt = None,
+    state: Annotated[str | None, typer.Option("--state", help="e.g. running, paused.")] = None,
+) -> None:
+    """List sandboxes and their state (filtered by label and state)."""
     from ironclaw.host.manager import SandboxManager
 
     async def main() -> None:
         if via_api.active():
             return await via_api.ls(as_json=as_json)
         async with SandboxManager() as manager:
-            records = await manager.sandboxes()
+            records = await manager.select(labels=parse_labels(label), state=state)
         if as_json:
             rows = [
                 {
@@ -105,6 +141,7 @@ def sandbox_ls(as_json: JsonOpt = False) -> None:
                     "reason": r.reason,
                     "created_at": r.created_at,
                     "pid": r.info.get("pid"),
+                    "labels": r.spec.get("labels") or {},
                 }
                 for r in records
             ]

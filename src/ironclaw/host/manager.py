@@ -38,6 +38,7 @@ from ironclaw.errors import (
     SandboxNotFound,
     SandboxTimeout,
 )
+from ironclaw.host import controls as _controls
 from ironclaw.host import reconcile as _reconcile
 from ironclaw.host.guest import (
     DEFAULT_CAPTURE_LIMIT,
@@ -47,8 +48,11 @@ from ironclaw.host.guest import (
     OutputSink,
 )
 from ironclaw.host.reconcile import GcReport
+from ironclaw.host.snapshots import Snapshot, SnapshotStore
 from ironclaw.ids import new_sandbox_id, validate_sandbox_id
+from ironclaw.policy.network import NetworkPolicy
 from ironclaw.resources.audit import append_line
+from ironclaw.resources.lifetime import read_lifetime, touch_activity
 from ironclaw.resources.store import SandboxRecord, Store
 from ironclaw.rpc import HOST_LIMITS, Peer
 from ironclaw.spec import SandboxSpec, parse_spec
@@ -220,19 +224,31 @@ class SandboxManager:
         one_shot: bool = False,
         ready_timeout: float = 20.0,
         use_pool: bool = True,
+        restoring: bool = False,
     ) -> SandboxRecord:
         """Create and start a sandbox; return its record once the agent answers.
 
         A warm sandbox of the same template (see :func:`pool_key`) is taken when one is
-        ready, and given this request's id, limits and egress rules.
+        ready, and given this request's id, limits and egress rules. ``restoring`` marks
+        it as being filled from a snapshot (``gc`` removes it if its creator dies first).
         """
         spec = parse_spec(spec if spec is not None else {})
         sid = validate_sandbox_id(sandbox_id) if sandbox_id is not None else new_sandbox_id()
+        record = None
         if use_pool:
-            taken = await self._acquire(spec, sid, one_shot)
-            if taken is not None:
-                return taken
-        return await self._create_cold(spec, sid, one_shot=one_shot, ready_timeout=ready_timeout)
+            record = await self._acquire(spec, sid, one_shot)
+        if record is None:
+            record = await self._create_cold(
+                spec, sid, one_shot=one_shot, ready_timeout=ready_timeout, restoring=restoring
+            )
+        if spec.lifetime.active:
+            try:
+                await _controls.arm_lifetime(self, record, spec)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._teardown(record, reason="lifetime failed"))
+                raise
+        return record
 
     async def _create_cold(
         self,
@@ -242,6 +258,7 @@ class SandboxManager:
         one_shot: bool,
         ready_timeout: float,
         pooled: str | None = None,
+        restoring: bool = False,
     ) -> SandboxRecord:
         backend = self.backend(spec.backend)
         record = await self.store.reserve(
@@ -250,7 +267,7 @@ class SandboxManager:
             spec=spec.model_dump(mode="json"),
             owner_pid=os.getpid(),
             one_shot=one_shot,
-            info=dict(self._me),
+            info={**self._me, **({"restoring": True} if restoring else {})},
             pool_key=pooled,
         )
         self._owned.add(sid)
@@ -412,6 +429,8 @@ class SandboxManager:
             await peer.aclose()
         fresh = await self.store.get(sid)
         rid = fresh.rid
+        if record.state == "paused":
+            await _controls.thaw_for_teardown(self, fresh)
         errors: list[str] = []
         kinds = {r.kind for r in await self.store.resources(sid)}
         if "process" in kinds:
@@ -463,18 +482,84 @@ class SandboxManager:
         return [await self._refresh(r) for r in await self.store.all()]
 
     async def _refresh(self, record: SandboxRecord) -> SandboxRecord:
-        """Mark a running sandbox whose processes died as dead, with the reason."""
-        if record.state not in ("running", "pooled"):
+        """Mark a running sandbox whose processes died as dead, with the reason, and one
+        its lifetime watchdog paused as paused."""
+        if record.state not in ("running", "pooled", "paused"):
             return record
         backend = self.backend(record.backend)
         try:
             status = await backend.inspect(backend.load_info(record.info))
         except BackendError as exc:
             status = BackendStatus(alive=False, reason=str(exc))
+        life = read_lifetime(self.settings.sandbox_runtime_dir(record.rid))
         if status.alive:
+            if record.state == "running" and life and life.get("paused"):
+                why = str(life.get("paused_by") or "paused")
+                await self.store.update(record.id, state="paused", reason=why)
+                return await self.store.get(record.id)
             return record
-        await self.store.update(record.id, state="dead", reason=status.reason)
+        reason = (life or {}).get("ended") or status.reason
+        await self.store.update(record.id, state="dead", reason=reason)
         return await self.store.get(record.id)
+
+    async def select(
+        self, *, labels: dict[str, str] | None = None, state: str | None = None
+    ) -> list[SandboxRecord]:
+        """Sandboxes that carry every label given and are in ``state`` (if given)."""
+        return [r for r in await self.sandboxes() if _controls.matches(r, labels, state)]
+
+    # -- lifetimes, pause, snapshots, network (see ironclaw.host.controls) --------------
+
+    async def set_timeout(self, sandbox_id: str, seconds: float | None) -> float | None:
+        """End (or pause, per ``on_timeout``) the sandbox ``seconds`` from now."""
+        return await _controls.set_timeout(self, sandbox_id, seconds)
+
+    async def pause(self, sandbox_id: str) -> None:
+        await _controls.pause(self, sandbox_id)
+
+    async def resume(self, sandbox_id: str, *, timeout: float | None = None) -> None:
+        await _controls.resume(self, sandbox_id, timeout=timeout)
+
+    async def snapshot(self, sandbox_id: str, name: str) -> Snapshot:
+        return await _controls.snapshot(self, sandbox_id, name)
+
+    async def restore(
+        self,
+        snap: Snapshot | str,
+        *,
+        spec: SandboxSpec | dict[str, Any] | None = None,
+        sandbox_id: str | None = None,
+        ready_timeout: float = 20.0,
+    ) -> SandboxRecord:
+        return await _controls.restore(
+            self, snap, spec=spec, sandbox_id=sandbox_id, ready_timeout=ready_timeout
+        )
+
+    async def fork(self, snap: Snapshot | str, count: int) -> list[SandboxRecord]:
+        """``count`` new sandboxes, each with the snapshot's workspace."""
+        if not 1 <= count <= 64:
+            raise ConfigError("fork makes between 1 and 64 sandboxes")
+        made: list[SandboxRecord] = []
+        for _ in range(count):
+            made.append(await self.restore(snap))
+        return made
+
+    def snapshots(self) -> SnapshotStore:
+        return SnapshotStore(self.settings)
+
+    async def update_network(
+        self,
+        sandbox_id: str,
+        *,
+        allow: list[str] | None = None,
+        allow_domains: list[str] | None = None,
+        deny: list[str] | None = None,
+        deny_domains: list[str] | None = None,
+    ) -> NetworkPolicy:
+        return await _controls.update_network(
+            self, sandbox_id, allow=allow, allow_domains=allow_domains, deny=deny,
+            deny_domains=deny_domains,
+        )  # fmt: skip
 
     # -- reconcile ---------------------------------------------------------------------
 
@@ -531,7 +616,18 @@ class SandboxManager:
         return Peer(conn, name=f"host:{sid}", limits=HOST_LIMITS, on_protocol_error=record)
 
     async def guest(self, sandbox_id: str) -> GuestClient:
-        """A typed client of the sandbox's agent, over the cached connection."""
+        """A typed client of the sandbox's agent, over the cached connection.
+
+        Every call through it is activity for the idle timer (connecting is not).
+        """
+        run_dir = self.settings.sandbox_runtime_dir(await self._rid(sandbox_id))
+        life = read_lifetime(run_dir)
+        if life is not None:
+            if life.get("paused"):
+                raise SandboxError(
+                    f"sandbox {sandbox_id} is paused; `ironclaw sandbox resume {sandbox_id}`"
+                )
+            touch_activity(run_dir)
         return GuestClient(await self.peer(sandbox_id), sandbox_id)
 
     async def exec(

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 from ironclaw.backends.base import same_process
 from ironclaw.config import safe_join
 from ironclaw.errors import IronclawError
+from ironclaw.host.snapshots import SnapshotStore
+from ironclaw.resources.lifetime import due, read_lifetime
 from ironclaw.resources.store import SandboxRecord
 
 if TYPE_CHECKING:
@@ -55,6 +57,8 @@ def _why_remove(record: SandboxRecord) -> str | None:
         return f"left {record.state} by a process that died"
     if record.state == "running" and record.one_shot and not alive:
         return "one-shot sandbox whose owner died"
+    if record.state == "running" and record.info.get("restoring") and not alive:
+        return "restore from a snapshot cut short (its creator died)"
     if record.state == "dead":
         return f"dead ({record.reason})"
     return None
@@ -67,7 +71,7 @@ async def reconcile(mgr: SandboxManager, *, dry_run: bool = False, scan: bool = 
     records = await mgr.store.all()
     for record in records:
         record = await mgr._refresh(record)
-        why = _why_remove(record)
+        why = _why_remove(record) or await _lifetime_over(mgr, record, report)
         if why is None:
             continue
         if record.state == "dead":
@@ -80,7 +84,30 @@ async def reconcile(mgr: SandboxManager, *, dry_run: bool = False, scan: bool = 
                 report.errors.append(str(exc))
     if found is not None:
         await _remove_orphans(mgr, found, records, report)
+        store = SnapshotStore(mgr.settings)
+        report.orphans += await asyncio.to_thread(store.collect_leftovers, dry_run=dry_run)
     return report
+
+
+async def _lifetime_over(
+    mgr: SandboxManager, record: SandboxRecord, report: GcReport
+) -> str | None:
+    """Apply a lifetime whose watchdog did not (e.g. it was killed): destroy or pause."""
+    if record.state != "running":
+        return None
+    doc = read_lifetime(mgr.settings.sandbox_runtime_dir(record.rid))
+    why = due(doc) if doc is not None else None
+    if why is None or doc is None:
+        return None
+    if doc.get("on_timeout") != "pause":
+        return why
+    report.removed.append(f"sandbox {record.id}: paused ({why})")
+    if not report.dry_run:
+        try:
+            await mgr.pause(record.id)
+        except IronclawError as exc:
+            report.errors.append(str(exc))
+    return None
 
 
 async def _scan(mgr: SandboxManager) -> dict[str, list[str]]:

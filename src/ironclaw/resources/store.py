@@ -30,7 +30,7 @@ from ironclaw.ids import validate_sandbox_id
 __all__ = ["ResourceRow", "SandboxRecord", "SandboxState", "Store", "TokenRow"]
 
 T = TypeVar("T")
-SandboxState = Literal["creating", "pooled", "running", "stopping", "dead", "failed"]
+SandboxState = Literal["creating", "pooled", "running", "paused", "stopping", "dead", "failed"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -280,8 +280,9 @@ class Store:
         state: SandboxState | None = None,
         info: dict[str, Any] | None = None,
         reason: str | None = None,
+        spec: dict[str, Any] | None = None,
     ) -> None:
-        await self._run(self._update, sandbox_id, state, info, reason)
+        await self._run(self._update, sandbox_id, state, info, reason, spec)
 
     def _update(
         self,
@@ -289,6 +290,7 @@ class Store:
         state: SandboxState | None,
         info: dict[str, Any] | None,
         reason: str | None,
+        spec: dict[str, Any] | None = None,
     ) -> None:
         sets: list[str] = ["updated_at = ?"]
         args: list[object] = [time.time()]
@@ -301,6 +303,9 @@ class Store:
         if reason is not None:
             sets.append("reason = ?")
             args.append(reason)
+        if spec is not None:
+            sets.append("spec = ?")
+            args.append(json.dumps(spec))
         args.append(sandbox_id)
         self.db.execute(f"UPDATE sandboxes SET {', '.join(sets)} WHERE id = ?", args)  # noqa: S608
 

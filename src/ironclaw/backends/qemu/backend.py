@@ -254,6 +254,24 @@ class QemuBackend:
         if info.run_dir:
             remove_run_files(Path(info.run_dir), RUN_FILES)
 
+    async def pause(self, info: QemuInfo) -> None:
+        """QMP ``stop``: the vCPUs halt, guest memory stays (QEMU holds it)."""
+        await self._qmp(info, "stop")
+
+    async def resume(self, info: QemuInfo) -> None:
+        """QMP ``cont``."""
+        await self._qmp(info, "cont")
+
+    async def _qmp(self, info: QemuInfo, command: str) -> None:
+        try:
+            qmp = await QmpClient.connect(Path(info.qmp), limit_s=5.0)
+            try:
+                await qmp.execute(command, limit_s=5.0)
+            finally:
+                await qmp.close()
+        except (QmpError, OSError) as exc:
+            raise BackendError(f"QMP {command} failed: {exc}; is the VM running?") from exc
+
     async def inspect(self, info: QemuInfo) -> BackendStatus:
         logs = (info.stderr_log, info.console_log)
         return vm_status(info, "qemu", logs, limit=300, wall_time_s=info.wall_time_s)

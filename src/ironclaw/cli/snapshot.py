@@ -1,0 +1,165 @@
+"""``ironclaw snapshot ls|rm|create`` and the sandbox controls beside them: ``sandbox
+pause|resume|timeout|net``. Snapshots and forks are described in docs/LIFETIMES.md."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ironclaw.cli.common import new_app, out_console, run
+from ironclaw.cli.options import JsonOpt
+
+__all__ = ["parse_labels", "register_sandbox_controls", "snapshot_app"]
+
+snapshot_app = new_app("Workspace snapshots: create, ls, rm (restore: sandbox create --from).")
+
+SidArg = Annotated[str, typer.Argument(help="Sandbox id.")]
+
+
+def parse_labels(items: list[str] | None) -> dict[str, str]:
+    """``k=v`` pairs from the command line (validated later, with the spec)."""
+    from ironclaw.errors import ConfigError
+
+    out: dict[str, str] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"label {item!r}: use KEY=VALUE")
+        out[key] = value
+    return out
+
+
+@snapshot_app.command("create")
+def snapshot_create(
+    sandbox_id: SidArg,
+    name: Annotated[str, typer.Argument(help="Snapshot name.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Save a sandbox's workspace as a snapshot (atomically; hash-stamped)."""
+    from ironclaw.host.manager import SandboxManager
+
+    async def main() -> None:
+        async with SandboxManager() as manager:
+            snap = await manager.snapshot(sandbox_id, name)
+        print(json.dumps(snap.to_json()) if as_json else snap.name)
+
+    run(main(), as_json)
+
+
+@snapshot_app.command("ls")
+def snapshot_ls(as_json: JsonOpt = False) -> None:
+    """List complete snapshots (half-written ones never appear)."""
+    from ironclaw.config import Settings
+    from ironclaw.host.snapshots import SnapshotStore
+
+    snaps = SnapshotStore(Settings.from_env()).all()
+    if as_json:
+        rows = [{k: v for k, v in s.to_json().items() if k != "spec"} for s in snaps]
+        print(json.dumps({"snapshots": rows}))
+        return
+    table = Table("NAME", "SOURCE", "BACKEND", "SIZE", "SHA256")
+    for s in snaps:
+        table.add_row(s.name, s.source, s.backend, str(s.size), s.sha256[:16])
+    out_console.print(table)
+
+
+@snapshot_app.command("rm")
+def snapshot_rm(
+    names: Annotated[list[str], typer.Argument(help="Snapshot names.")], as_json: JsonOpt = False
+) -> None:
+    """Remove snapshots."""
+    from ironclaw.config import Settings
+    from ironclaw.host.snapshots import SnapshotStore
+
+    async def main() -> None:
+        store = SnapshotStore(Settings.from_env())
+        for name in names:
+            store.remove(name)
+        if as_json:
+            print(json.dumps({"removed": names}))
+
+    run(main(), as_json)
+
+
+def register_sandbox_controls(app: typer.Typer) -> None:
+    """Add pause, resume, timeout and net to ``ironclaw sandbox``."""
+
+    @app.command("pause")
+    def sandbox_pause(sandbox_id: SidArg, as_json: JsonOpt = False) -> None:
+        """Freeze a sandbox: it keeps its memory and files and uses no CPU."""
+        from ironclaw.host.manager import SandboxManager
+
+        async def main() -> None:
+            async with SandboxManager() as manager:
+                await manager.pause(sandbox_id)
+            if as_json:
+                print(json.dumps({"id": sandbox_id, "state": "paused"}))
+
+        run(main(), as_json)
+
+    @app.command("resume")
+    def sandbox_resume(
+        sandbox_id: SidArg,
+        timeout: Annotated[
+            float | None, typer.Option("--timeout", help="New deadline, seconds from now.")
+        ] = None,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Continue a paused sandbox."""
+        from ironclaw.host.manager import SandboxManager
+
+        async def main() -> None:
+            async with SandboxManager() as manager:
+                await manager.resume(sandbox_id, timeout=timeout)
+            if as_json:
+                print(json.dumps({"id": sandbox_id, "state": "running"}))
+
+        run(main(), as_json)
+
+    @app.command("timeout")
+    def sandbox_timeout(
+        sandbox_id: SidArg,
+        seconds: Annotated[float, typer.Argument(help="Deadline, seconds from now.")],
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Extend or shorten a sandbox's lifetime (its on-timeout action applies then)."""
+        from ironclaw.host.manager import SandboxManager
+
+        async def main() -> None:
+            async with SandboxManager() as manager:
+                deadline = await manager.set_timeout(sandbox_id, seconds)
+            if as_json:
+                print(json.dumps({"id": sandbox_id, "deadline": deadline}))
+
+        run(main(), as_json)
+
+    @app.command("net")
+    def sandbox_net(
+        sandbox_id: SidArg,
+        allow: Annotated[
+            list[str] | None,
+            typer.Option("--allow", help="CIDR[:PORT[/PROTO]]; replaces the allow rules."),
+        ] = None,
+        allow_domain: Annotated[
+            list[str] | None, typer.Option("--allow-domain", help="Replaces the domain list.")
+        ] = None,
+        deny: Annotated[
+            list[str] | None, typer.Option("--deny", help="Remove this allow rule.")
+        ] = None,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Change a running sandbox's egress at once (audited)."""
+        from ironclaw.host.manager import SandboxManager
+
+        async def main() -> None:
+            async with SandboxManager() as manager:
+                policy = await manager.update_network(
+                    sandbox_id, allow=allow, allow_domains=allow_domain, deny=deny
+                )
+            if as_json:
+                print(json.dumps({"id": sandbox_id, "network": policy.model_dump(mode="json")}))
+
+        run(main(), as_json)

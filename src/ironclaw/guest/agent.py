@@ -8,6 +8,7 @@ standard library and IronClaw's own ``proto``/``transport``/``rpc`` layers. Meth
 ``exec.signal``     signal a running exec's process group
 ``files.*``         write/read (streamed in chunks), list, stat, remove, mkdir
 ``shutdown``        stop the agent; the sandbox ends with it
+``identity.reset``  a VM restored from a snapshot takes its own seed, names and address
 
 Every request is decoded through :mod:`ironclaw.proto.methods` before its handler runs
 (unknown fields, wrong types and out-of-range values are refused as invalid params), so
@@ -158,6 +159,14 @@ async def _agent_run(request: m.AgentRunRequest, ctx: CallContext) -> m.AgentRun
     return await handle_agent_run(request, ctx)
 
 
+async def _identity_reset(
+    request: m.IdentityResetRequest, ctx: CallContext
+) -> m.IdentityResetResult:
+    from ironclaw.guest.identity import apply_identity  # only restored VMs need it
+
+    return await apply_identity(request)
+
+
 class _Exec:
     """One running command."""
 
@@ -196,6 +205,7 @@ class GuestAgent:
             "files.mkdir": self.files_mkdir,
             "shutdown": self.shutdown,
             "agent.run": _agent_run,
+            "identity.reset": _identity_reset,
         }
         return {method: _typed(method, handler) for method, handler in table.items()}
 

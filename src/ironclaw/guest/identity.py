@@ -1,0 +1,114 @@
+"""``identity.reset``: turn a VM restored from a shared snapshot into a machine of its own.
+
+Every VM restored from one snapshot wakes up with the same kernel RNG state, the same
+hostname, machine id and network address, because all of that was in the saved RAM
+(``boot_id`` too: it cannot change without a boot). The host sends fresh values right
+after the restore and this module applies them, as root inside the VM:
+
+* the seed is mixed into the kernel's input pool (``RNDADDENTROPY``, credited) and the
+  kernel's CRNG is reseeded at once (``RNDRESEEDCRNG``), so the next read of
+  ``/dev/urandom`` in any process already differs between two restored VMs;
+* hostname and ``/etc/machine-id``, ``/etc/hostname`` are rewritten;
+* eth0 gets the sandbox's address and default route (the snapshot's were the builder's);
+* the agent's environment gets the sandbox's variables (the snapshot's init read none);
+* a tmpfs ``/workspace`` gets the sandbox's size limit.
+
+Imported on first use only: a booted sandbox never needs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import socket
+import struct
+
+from ironclaw.errors import ConfigError
+from ironclaw.proto import methods as m
+
+__all__ = ["apply_identity", "parse_kernel_ip"]
+
+#: ``_IOW('R', 0x03, int[2])`` and ``_IO('R', 0x07)`` from <linux/random.h>.
+RNDADDENTROPY = 0x40085203
+RNDRESEEDCRNG = 0x5207
+_BUSYBOX = "/bin/busybox"
+
+
+def parse_kernel_ip(value: str) -> tuple[str, str, int, str]:
+    """``client::gw:prefix::dev:off`` (the kernel ``ip=`` form) -> (addr, gw, prefix, dev)."""
+    parts = value.split(":")
+    if len(parts) < 4 or not parts[0]:
+        raise ConfigError(f"bad address {value!r}: want client::gateway:prefix::dev:off")
+    try:
+        socket.inet_aton(parts[0])
+        if parts[2]:
+            socket.inet_aton(parts[2])
+        prefix = int(parts[3] or "24")
+    except (OSError, ValueError):
+        raise ConfigError(f"bad address {value!r}: want client::gateway:prefix::dev:off") from None
+    dev = parts[5] if len(parts) > 5 and parts[5] else "eth0"
+    if not 0 < prefix <= 32 or not dev.isalnum():
+        raise ConfigError(f"bad address {value!r}: prefix 1-32 and a plain device name")
+    return parts[0], parts[2], prefix, dev
+
+
+def _reseed(seed: bytes) -> None:
+    fd = os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, RNDADDENTROPY, struct.pack("ii", len(seed) * 8, len(seed)) + seed)
+        fcntl.ioctl(fd, RNDRESEEDCRNG)
+    finally:
+        os.close(fd)
+
+
+def _write(path: str, text: str) -> None:
+    tmp = path + ".new"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+async def _run(*argv: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise ConfigError(f"{' '.join(argv[1:])} failed: {err.decode(errors='replace').strip()}")
+
+
+async def apply_identity(req: m.IdentityResetRequest) -> m.IdentityResetResult:
+    """Apply ``req``; needs root (the VM's agent), so a namespace sandbox refuses it."""
+    if os.geteuid() != 0:
+        raise ConfigError("identity.reset is for a restored VM, whose agent runs as root")
+    try:
+        seed = bytes.fromhex(req.seed)
+        int(req.machine_id, 16)
+    except ValueError:
+        raise ConfigError("identity.reset: seed and machine_id must be hex") from None
+    if len(seed) < 32 or len(req.machine_id) != 32:
+        raise ConfigError("identity.reset: seed needs 32+ bytes, machine_id 32 hex digits")
+    try:
+        _reseed(seed)
+        socket.sethostname(req.hostname)
+        _write("/etc/hostname", req.hostname + "\n")
+        _write("/etc/machine-id", req.machine_id.lower() + "\n")
+    except OSError as exc:
+        raise ConfigError(f"identity.reset failed: {exc}") from exc
+    os.environ["HOSTNAME"] = req.hostname
+    os.environ["IRONCLAW_SANDBOX_ID"] = req.sandbox_id
+    if req.env:
+        os.environ.update(req.env)
+    if req.ip:
+        addr, gw, prefix, dev = parse_kernel_ip(req.ip)
+        await _run(_BUSYBOX, "ip", "addr", "flush", "dev", dev)
+        await _run(_BUSYBOX, "ip", "link", "set", dev, "up")
+        await _run(_BUSYBOX, "ip", "addr", "add", f"{addr}/{prefix}", "dev", dev)
+        if gw:
+            await _run(_BUSYBOX, "ip", "route", "replace", "default", "via", gw, "dev", dev)
+    if req.workspace_mib:
+        await _run(_BUSYBOX, "mount", "-o", f"remount,size={req.workspace_mib}m", "/workspace")
+    return m.IdentityResetResult(
+        hostname=req.hostname, machine_id=req.machine_id.lower(), reseeded=True
+    )

@@ -37,8 +37,8 @@ _BUSYBOX = "/bin/busybox"
 
 def parse_kernel_ip(value: str) -> tuple[str, str, int, str]:
     """``client::gw:prefix::dev:off`` (the kernel ``ip=`` form) -> (addr, gw, prefix, dev)."""
-    parts = value.split(":")
-    if len(parts) < 4 or not parts[0]:
+    parts = [*value.split(":"), "", "", "", "", ""][:7]
+    if not parts[0]:
         raise ConfigError(f"bad address {value!r}: want client::gateway:prefix::dev:off")
     try:
         socket.inet_aton(parts[0])
@@ -47,7 +47,7 @@ def parse_kernel_ip(value: str) -> tuple[str, str, int, str]:
         prefix = int(parts[3] or "24")
     except (OSError, ValueError):
         raise ConfigError(f"bad address {value!r}: want client::gateway:prefix::dev:off") from None
-    dev = parts[5] if len(parts) > 5 and parts[5] else "eth0"
+    dev = parts[5] or "eth0"
     if not 0 < prefix <= 32 or not dev.isalnum():
         raise ConfigError(f"bad address {value!r}: prefix 1-32 and a plain device name")
     return parts[0], parts[2], prefix, dev

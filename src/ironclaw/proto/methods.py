@@ -362,8 +362,8 @@ declare(FilesMkdirRequest, path=PATH, parents=Bool())
 declare(FilesMkdirResult, path=PATH)
 declare(ShutdownRequest)
 declare(ShutdownResult, stopping=Bool())
-declare(IdentityResetRequest, seed=Str(min_len=1, max_len=1024), hostname=Str(min_len=1, max_len=64),
-        sandbox_id=Str(min_len=1, max_len=256), machine_id=Str(min_len=1, max_len=32),
+declare(IdentityResetRequest, seed=Str(min_len=1, max_len=1024),
+        hostname=Str(min_len=1, max_len=64), sandbox_id=Str(min_len=1, max_len=256), machine_id=Str(min_len=1, max_len=32),
         ip=Opt(Str(min_len=1, max_len=256)), env=Opt(StrMap()),
         workspace_mib=Int(0, 1 << 20))  # fmt: skip
 declare(IdentityResetResult, hostname=Str(max_len=64), machine_id=Str(max_len=32),

@@ -363,7 +363,8 @@ declare(FilesMkdirResult, path=PATH)
 declare(ShutdownRequest)
 declare(ShutdownResult, stopping=Bool())
 declare(IdentityResetRequest, seed=Str(min_len=1, max_len=1024),
-        hostname=Str(min_len=1, max_len=64), sandbox_id=Str(min_len=1, max_len=256), machine_id=Str(min_len=1, max_len=32),
+        hostname=Str(min_len=1, max_len=64), sandbox_id=Str(min_len=1, max_len=256),
+        machine_id=Str(min_len=1, max_len=32),
         ip=Opt(Str(min_len=1, max_len=256)), env=Opt(StrMap()),
         workspace_mib=Int(0, 1 << 20))  # fmt: skip
 declare(IdentityResetResult, hostname=Str(max_len=64), machine_id=Str(max_len=32),

@@ -79,9 +79,11 @@ async def _run(*argv: str) -> None:
 
 
 async def apply_identity(req: m.IdentityResetRequest) -> m.IdentityResetResult:
-    """Apply ``req``; needs root (the VM's agent), so a namespace sandbox refuses it."""
-    if os.geteuid() != 0:
-        raise ConfigError("identity.reset is for a restored VM, whose agent runs as root")
+    """Apply ``req`` inside a VM; refused elsewhere."""
+    # In a VM the agent is root and the child of the guest's init; anywhere else (a
+    # namespace sandbox, a test harness on a host) this would rename the wrong machine.
+    if os.geteuid() != 0 or os.getppid() != 1:
+        raise ConfigError("identity.reset is for a restored VM, whose agent is init's root child")
     try:
         seed = bytes.fromhex(req.seed)
         int(req.machine_id, 16)

@@ -133,24 +133,29 @@ def fresh_identity(
 
 
 async def identity_probe(
-    path: Path, *, request: methods.IdentityResetRequest, attempt_s: float = 0.5
+    path: Path, *, request: methods.IdentityResetRequest, first_attempt_s: float = 0.25
 ) -> dict[str, Any]:
-    """The readiness probe of a restored VM: ``identity.reset`` until it is answered.
+    """The readiness probe of a restored VM: ``ping`` until answered, then ``identity.reset``.
 
     A guest saved between two host connections may lose the first request (see
-    :func:`~ironclaw.backends.qemu.ready.ping_probe`), so each attempt is short and
-    retried on a new connection; the reset is idempotent.
+    :func:`~ironclaw.backends.qemu.ready.ping_probe`), so each ping attempt is bounded
+    and retried on a new connection, the bound doubling (up to 4 s) so that a slow,
+    loaded TCG guest still gets through; the reset itself then has all the time it needs.
     """
+    attempt_s = first_attempt_s
     while True:
         conn = await unix.connect(path)
         peer = Peer(conn, name="qemu-identity", limits=HOST_LIMITS)
         await peer.start()
         try:
-            async with asyncio.timeout(attempt_s):
-                done = await methods.call(peer, request, methods.IdentityResetResult)
+            try:
+                async with asyncio.timeout(attempt_s):
+                    await methods.call(peer, methods.PingRequest(), methods.PingResult)
+            except TimeoutError:
+                attempt_s = min(4.0, attempt_s * 2)
+                continue
+            done = await methods.call(peer, request, methods.IdentityResetResult)
             return {**methods.to_json(done), "agent": True}
-        except TimeoutError:
-            continue
         finally:
             await peer.aclose()
 
@@ -189,6 +194,16 @@ def open_verified(snap: VmSnapshot) -> int:
             f"{snap.sha256[:16]}...): refusing to restore it; it will be rebuilt"
         )
     return fd
+
+
+async def _run_when_loaded(vm: QemuVm, timeout: float) -> None:
+    """Let the guest run once its RAM is in: it was saved paused, and QEMU keeps a VM
+    that was paused at the source paused after an incoming migration, ``cont`` or not."""
+    async with asyncio.timeout(timeout):
+        while (status := await vm.query_status()) == "inmigrate":
+            await asyncio.sleep(0.01)
+    if status != "running":
+        await vm.resume()
 
 
 class SnapshotStore:
@@ -330,6 +345,7 @@ class SnapshotStore:
                 )
             finally:
                 os.close(fd)
+            await _run_when_loaded(vm, timeout)
             probe = functools.partial(identity_probe, request=identity)
             await vm.wait_ready(timeout, probe=probe)
         except BaseException:

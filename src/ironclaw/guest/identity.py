@@ -2,8 +2,8 @@
 
 Every VM restored from one snapshot wakes up with the same kernel RNG state, the same
 hostname, machine id and network address, because all of that was in the saved RAM
-(``boot_id`` too: it cannot change without a boot). The host sends fresh values right
-after the restore and this module applies them, as root inside the VM:
+(``boot_id`` too, once read: the kernel draws it on first read). The host sends fresh
+values right after the restore and this module applies them, as root inside the VM:
 
 * the seed is mixed into the kernel's input pool (``RNDADDENTROPY``, credited) and the
   kernel's CRNG is reseeded at once (``RNDRESEEDCRNG``), so the next read of

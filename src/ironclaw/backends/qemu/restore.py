@@ -19,7 +19,8 @@ What a snapshot may not carry over, and how a restored VM gets its own:
   same for every restored VM. Right after the restore, and as its readiness proof, the
   host calls ``identity.reset`` with fresh seed bytes, the sandbox's names and its
   address (:mod:`ironclaw.guest.identity`); only then does anything else reach the guest.
-  ``/proc/sys/kernel/random/boot_id`` stays the snapshot's: it changes only with a boot.
+  ``/proc/sys/kernel/random/boot_id`` is drawn on first read, after the reseed (nothing
+  reads it before the snapshot; a value read before would survive the restore).
 * **Network.** A snapshot for networked sandboxes is built with its NIC on an unconnected
   hub port; the NIC's backend is not part of the saved state, so each restore plugs the
   sandbox's own tap in its place.
@@ -47,8 +48,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ironclaw.backends.base import LaunchContext
 from ironclaw.backends.qemu.cmdline import Accel, qemu_binary
 from ironclaw.backends.qemu.vm import QemuVm
+from ironclaw.backends.vm import kernel_ip
 from ironclaw.config import Settings, safe_join
 from ironclaw.errors import BackendError
 from ironclaw.images import ImageArtifacts
@@ -66,6 +69,7 @@ __all__ = [
     "identity_probe",
     "open_verified",
     "restore_enabled",
+    "restore_sandbox",
 ]
 
 log = logging.getLogger(__name__)
@@ -352,3 +356,36 @@ class SnapshotStore:
             await vm.kill()
             raise
         return vm
+
+
+async def restore_sandbox(
+    artifacts: ImageArtifacts,
+    ctx: LaunchContext,
+    *,
+    accel: Accel,
+    cpus: int,
+    memory_mib: int,
+    tap_ifname: str | None,
+    env: Mapping[str, str],
+    cgroup_fds: Sequence[int],
+) -> QemuVm:
+    """The QEMU backend's start by restore: the sandbox's own uid, cgroups, netns and tap,
+    and its names, address, environment and workspace size through ``identity.reset``."""
+    net = ctx.network
+    key = SnapshotKey(accel=accel, cpus=cpus, memory_mib=memory_mib, network=net is not None)
+    identity = fresh_identity(
+        ctx.sandbox_id,
+        hostname=ctx.spec.hostname or ctx.sandbox_id,
+        ip=kernel_ip(ctx),
+        env=env,
+        workspace_mib=ctx.spec.limits.workspace_mib,
+    )
+    return await SnapshotStore(artifacts, ctx.settings).restore(
+        key,
+        ctx.run_dir,
+        identity,
+        netns_path=net.netns_path if net else None,
+        tap_ifname=tap_ifname,
+        run_as=ctx.host_uid,
+        cgroup_fds=cgroup_fds,
+    )

@@ -1,6 +1,6 @@
 """MicroVM start latency: cold boot and snapshot restore, each until the agent answers.
 
-Boots the default image (building it first if the state directory has none) ``--boots``
+Boots the default image (built first unless the cache has this tree's) ``--boots``
 times, one after another, and reports p50/p99 of start -> ready; then, in the same run,
 restores ``--restores`` VMs from the image's agent-ready snapshot (built first if there
 is none, not timed) and reports p50 of restore -> agent ready with a fresh identity
@@ -27,7 +27,7 @@ from ironclaw.backends.qemu.accel import probe_accel
 from ironclaw.backends.qemu.restore import SnapshotKey, SnapshotStore, fresh_identity
 from ironclaw.backends.qemu.vm import QemuVm
 from ironclaw.config import Settings
-from ironclaw.images import build_image, find_image
+from ironclaw.images import build_image
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -38,12 +38,11 @@ def _pct(values: list[float], q: float) -> float:
 async def run(boots: int, restores: int, memory_mib: int, cpus: int) -> dict[str, Any]:
     settings = Settings.from_env()
     settings.ensure()
-    art = find_image(settings)
-    if art is None:
-        print("building the image (first run only)...", file=sys.stderr)
-        art = await build_image(
-            settings, progress=lambda step, f: print(f"  {f:4.0%} {step}", file=sys.stderr)
-        )
+    # Always through the builder (a cache hit when nothing changed): the snapshot must be
+    # of an image with this tree's guest agent, not whatever "default" named last.
+    art = await build_image(
+        settings, progress=lambda step, f: print(f"  {f:4.0%} {step}", file=sys.stderr)
+    )
     times: list[float] = []
     accel = None
     kernel = None

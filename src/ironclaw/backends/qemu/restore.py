@@ -35,11 +35,9 @@ import asyncio
 import contextlib
 import fcntl
 import functools
-import hashlib
 import json
 import logging
 import os
-import secrets
 import shutil
 import tempfile
 import time
@@ -51,9 +49,9 @@ from typing import Any
 from ironclaw.backends.base import LaunchContext
 from ironclaw.backends.qemu.cmdline import Accel, qemu_binary
 from ironclaw.backends.qemu.vm import QemuVm
+from ironclaw.backends.restored import SnapshotCorrupt, fresh_identity, sha256_fd
 from ironclaw.backends.vm import kernel_ip
 from ironclaw.config import Settings, safe_join
-from ironclaw.errors import BackendError
 from ironclaw.images import ImageArtifacts
 from ironclaw.proto import methods
 from ironclaw.rpc import HOST_LIMITS, Peer
@@ -78,11 +76,6 @@ log = logging.getLogger(__name__)
 RESTORE_ENV = "IRONCLAW_QEMU_RESTORE"
 #: The uid the builder VM's QEMU drops to: it runs no user code, but QEMU is never root.
 BUILDER_UID = 65534
-_CHUNK = 1 << 20
-
-
-class SnapshotCorrupt(BackendError):
-    """A stored snapshot no longer matches its recorded sha256 (it is rebuilt)."""
 
 
 def restore_enabled(env: Mapping[str, str] | None = None) -> bool:
@@ -114,26 +107,6 @@ class VmSnapshot:
     sha256: str
     size: int
     qemu: str
-
-
-def fresh_identity(
-    sandbox_id: str,
-    *,
-    hostname: str | None = None,
-    ip: str | None = None,
-    env: Mapping[str, str] | None = None,
-    workspace_mib: int = 0,
-) -> methods.IdentityResetRequest:
-    """A new seed and machine id (from the host's CSPRNG) and the sandbox's names."""
-    return methods.IdentityResetRequest(
-        seed=secrets.token_hex(64),
-        hostname=(hostname or sandbox_id)[:64],
-        sandbox_id=sandbox_id,
-        machine_id=secrets.token_hex(16),
-        ip=ip,
-        env=dict(env) if env else None,
-        workspace_mib=workspace_mib,
-    )
 
 
 async def identity_probe(
@@ -171,15 +144,6 @@ def _qemu_id() -> str:
     return f"{path}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def _sha256_fd(fd: int) -> str:
-    h = hashlib.sha256()
-    os.lseek(fd, 0, os.SEEK_SET)
-    while chunk := os.read(fd, _CHUNK):
-        h.update(chunk)
-    os.lseek(fd, 0, os.SEEK_SET)
-    return h.hexdigest()
-
-
 def open_verified(snap: VmSnapshot) -> int:
     """Open the snapshot and check its sha256 through that descriptor; the caller closes it."""
     try:
@@ -187,7 +151,7 @@ def open_verified(snap: VmSnapshot) -> int:
     except OSError as exc:
         raise SnapshotCorrupt(f"snapshot {snap.path} cannot be read: {exc}") from exc
     try:
-        found = _sha256_fd(fd)
+        found = sha256_fd(fd)
     except OSError as exc:
         os.close(fd)
         raise SnapshotCorrupt(f"snapshot {snap.path} cannot be read: {exc}") from exc
@@ -288,7 +252,7 @@ class SnapshotStore:
             shutil.rmtree(run_dir, ignore_errors=True)
         fd = os.open(tmp_state, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            digest = await asyncio.to_thread(_sha256_fd, fd)
+            digest = await asyncio.to_thread(sha256_fd, fd)
             size = os.fstat(fd).st_size
         finally:
             os.close(fd)

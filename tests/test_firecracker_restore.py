@@ -17,12 +17,12 @@ from ironclaw.config import Settings
 from ironclaw.errors import IronclawError
 from ironclaw.images import ImageArtifacts
 from test_firecracker_backend import (  # noqa: F401  (fixtures)
-    pytestmark,
     artifacts,
     assert_all_requests_valid,
     backend_for,
     fake_bins,
     make_ctx,
+    pytestmark,
 )
 
 

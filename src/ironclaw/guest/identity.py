@@ -33,6 +33,11 @@ __all__ = ["apply_identity", "parse_kernel_ip"]
 RNDADDENTROPY = 0x40085203
 RNDRESEEDCRNG = 0x5207
 _BUSYBOX = "/bin/busybox"
+#: <linux/sockios.h>, <linux/if.h>, <linux/route.h>, <sys/mount.h>.
+SIOCADDRT, SIOCGIFFLAGS, SIOCSIFFLAGS = 0x890B, 0x8913, 0x8914
+SIOCSIFADDR, SIOCSIFNETMASK = 0x8916, 0x891C
+IFF_UP, RTF_UP, RTF_GATEWAY = 0x1, 0x1, 0x2
+MS_NOSUID, MS_NODEV, MS_REMOUNT = 0x2, 0x4, 0x20
 
 
 def parse_kernel_ip(value: str) -> tuple[str, str, int, str]:
@@ -60,6 +65,46 @@ def _reseed(seed: bytes) -> None:
         fcntl.ioctl(fd, RNDRESEEDCRNG)
     finally:
         os.close(fd)
+
+
+def _sockaddr(addr: str) -> bytes:
+    return struct.pack("=H2x4s8x", socket.AF_INET, socket.inet_aton(addr))
+
+
+_ANY = struct.pack("=H14x", socket.AF_INET)  # 0.0.0.0: the default route's dst and mask
+
+
+def _set_address(dev: str, addr: str, prefix: int) -> None:
+    """Address, netmask and up, by ioctl: every process start costs ~100 ms under TCG."""
+    mask = socket.inet_ntoa(struct.pack("!I", (0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF))
+    name = dev.encode().ljust(16, b"\0")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        fcntl.ioctl(s, SIOCSIFADDR, name + _sockaddr(addr))
+        fcntl.ioctl(s, SIOCSIFNETMASK, name + _sockaddr(mask))
+        flags = struct.unpack_from("=H", fcntl.ioctl(s, SIOCGIFFLAGS, name + bytes(16)), 16)[0]
+        fcntl.ioctl(s, SIOCSIFFLAGS, name + struct.pack("=H14x", flags | IFF_UP))
+
+
+def _add_default_route(gw: str) -> None:
+    """``struct rtentry`` (native layout): dst and genmask 0.0.0.0, via ``gw``, up."""
+    entry = struct.pack(
+        "@L16s16s16sHhLPhPLLH0L",
+        0, _ANY, _sockaddr(gw), _ANY,
+        RTF_UP | RTF_GATEWAY, 0, 0, 0, 0, 0, 0, 0, 0,
+    )  # fmt: skip
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        fcntl.ioctl(s, SIOCADDRT, entry)
+
+
+def _remount_workspace(mib: int) -> None:
+    import ctypes  # only here: a restored VM with a sized workspace
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    opts = f"size={mib}m,mode=0755".encode()
+    flags = MS_REMOUNT | MS_NOSUID | MS_NODEV
+    if libc.mount(b"workspace", b"/workspace", b"tmpfs", flags, opts) != 0:
+        err = ctypes.get_errno()
+        raise ConfigError(f"identity.reset cannot size /workspace: {os.strerror(err)}")
 
 
 def _write(path: str, text: str) -> None:
@@ -104,13 +149,16 @@ async def apply_identity(req: m.IdentityResetRequest) -> m.IdentityResetResult:
         os.environ.update(req.env)
     if req.ip:
         addr, gw, prefix, dev = parse_kernel_ip(req.ip)
-        await _run(_BUSYBOX, "ip", "addr", "flush", "dev", dev)
-        await _run(_BUSYBOX, "ip", "link", "set", dev, "up")
-        await _run(_BUSYBOX, "ip", "addr", "add", f"{addr}/{prefix}", "dev", dev)
-        if gw:
+        try:
+            _set_address(dev, addr, prefix)
+            if gw:
+                _add_default_route(gw)
+        except FileExistsError:
             await _run(_BUSYBOX, "ip", "route", "replace", "default", "via", gw, "dev", dev)
+        except OSError as exc:
+            raise ConfigError(f"identity.reset cannot give {dev} {addr}/{prefix}: {exc}") from exc
     if req.workspace_mib:
-        await _run(_BUSYBOX, "mount", "-o", f"remount,size={req.workspace_mib}m", "/workspace")
+        _remount_workspace(req.workspace_mib)
     return m.IdentityResetResult(
         hostname=req.hostname, machine_id=req.machine_id.lower(), reseeded=True
     )

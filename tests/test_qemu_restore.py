@@ -4,16 +4,20 @@ guest's identity parsing and the snapshot bookkeeping as plain unit tests."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from conftest import image_cache_settings
+from ironclaw.backends.qemu.accel import probe_accel
+from ironclaw.backends.qemu.backend import QEMU_OVERHEAD_MIB
 from ironclaw.backends.qemu.restore import (
     SnapshotCorrupt,
     SnapshotKey,
@@ -27,10 +31,13 @@ from ironclaw.backends.qemu.vm import QemuVm
 from ironclaw.errors import ConfigError
 from ironclaw.guest.identity import parse_kernel_ip
 from ironclaw.host.guest import GuestClient
+from ironclaw.host.manager import SandboxManager
 from ironclaw.images import ImageArtifacts
 from ironclaw.proto import methods
 from ironclaw.rpc import HOST_LIMITS, Peer
 from ironclaw.transport import unix
+from nethelpers import PROBE, PeerHost
+from test_qemu_backend import vm_image  # noqa: F401  (fixture)
 
 KEY = SnapshotKey(accel="tcg", cpus=1, memory_mib=256, network=True)
 
@@ -205,3 +212,70 @@ async def test_a_tampered_snapshot_is_refused_and_rebuilt(
             await peer.aclose()
     finally:
         await vm.kill()
+
+
+# -- through the manager: restored sandboxes, cold and from the warm pool -------------------
+
+
+@pytest.fixture
+def restore_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IRONCLAW_QEMU_RESTORE", "1")
+
+
+@pytest.fixture
+async def peer() -> AsyncIterator[PeerHost]:
+    p = await PeerHost.start((8080,))
+    yield p
+    await p.stop()
+
+
+@pytest.mark.vm
+@pytest.mark.root
+@pytest.mark.timeout(1200)
+async def test_manager_sandboxes_restored_cold_and_from_the_pool_are_distinct_and_networked(
+    restore_on: None,
+    vm_image: ImageArtifacts,  # noqa: F811
+    manager: SandboxManager,
+    peer: PeerHost,
+) -> None:
+    settings = image_cache_settings()
+    accel = await asyncio.to_thread(probe_accel, vm_image, settings)
+    spec = {
+        "backend": "qemu",
+        "env": {"GREETING": "restored"},
+        "limits": {"memory_mib": 384, "workspace_mib": 16},
+        "network": {"allow": [f"{peer.ip}:8080/tcp"]},
+    }
+    # Built here, not inside a sandbox start (the first one would take a boot's time).
+    await SnapshotStore(vm_image, settings).ensure(
+        SnapshotKey(accel=accel, cpus=1, memory_mib=384 - QEMU_OVERHEAD_MIB, network=True),
+        timeout=600,
+    )
+    assert await manager.fill_pool(spec, size=1) == 1
+    assert await manager.warm(spec) == 1
+    pooled = (await manager.create(spec, ready_timeout=60)).id
+    assert await manager.warm(spec) == 0
+    cold = (await manager.create(spec, use_pool=False, ready_timeout=60)).id
+    script = (
+        'echo "$GREETING"; hostname; cat /etc/machine-id;'
+        " /bin/busybox ip -4 addr show dev eth0 | grep -o 'inet [0-9.]*';"
+        " head -c16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo;"
+        " /bin/busybox df -k /workspace | tail -1 | awk '{print $2}'"
+    )
+    facts = {}
+    for sid in (pooled, cold):
+        info = (await manager.get(sid)).info
+        assert info["pid"] and "-incoming" in Path(f"/proc/{info['pid']}/cmdline").read_text()
+        r = await manager.exec(sid, ["sh", "-c", script], timeout=60)
+        assert r.exit_code == 0, r.stderr
+        greeting, host, mid, inet, rand, ws_kib = r.stdout.decode().split("\n")[:6]
+        assert greeting == "restored" and int(ws_kib) == 16 * 1024
+        assert inet == f"inet {info['network']['guest_ip']}"
+        # Through the tap and the sandbox's firewall to the allowed peer port.
+        targets = [(peer.ip, 8080)]
+        r = await manager.exec(sid, ["python3", "-c", PROBE, json.dumps(targets), "5"], timeout=60)
+        assert json.loads(r.stdout)[f"{peer.ip}:8080"] == peer.reply(8080), r.stdout
+        facts[sid] = (host, mid, inet, rand)
+    assert facts[cold][0] == cold
+    for i in range(4):
+        assert facts[pooled][i] != facts[cold][i], i

@@ -297,7 +297,7 @@ class ShutdownResult(Record):
 
 
 class IdentityResetRequest(Record):
-    """A VM restored from a shared snapshot becomes its own machine (see docs/SNAPSHOTS.md).
+    """A VM restored from a shared snapshot becomes its own machine (backends/restored.py).
 
     Every restored VM starts with the snapshot's RNG state, hostname and address; the host
     sends fresh ``seed`` bytes (hex), names and the sandbox's address (a kernel ``ip=``

@@ -178,6 +178,25 @@ async def _warm_up(path: Path) -> None:
         await peer.aclose()
 
 
+async def _port_released(vm: QemuVm, limit_s: float = 3.0) -> None:
+    """Return once the agent has let go of the port after the identity connection.
+
+    Between reading the end of a host connection and closing its port the agent would
+    drop bytes of a next connection (the guest kernel discards unread port data on
+    close), and the caller's next connection comes right then. QEMU reports whether the
+    guest holds the port open (``frontend-open``); once it has closed it, a new
+    connection's bytes wait in the socket until the agent opens the port again.
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(limit_s):
+            while True:
+                devs = await vm.qmp.execute("query-chardev")
+                agent = next((d for d in devs if d.get("label") == "agent"), None)
+                if agent is None or not agent.get("frontend-open", False):
+                    return
+                await asyncio.sleep(0.005)
+
+
 async def _run_when_loaded(vm: QemuVm, timeout: float) -> None:
     """Let the guest run once its RAM is in: it was saved paused, and QEMU keeps a VM
     that was paused at the source paused after an incoming migration, ``cont`` or not."""
@@ -331,6 +350,7 @@ class SnapshotStore:
             await _run_when_loaded(vm, timeout)
             probe = functools.partial(identity_probe, request=identity)
             await vm.wait_ready(timeout, probe=probe)
+            await _port_released(vm)
         except BaseException:
             await vm.kill()
             raise

@@ -9,6 +9,7 @@ standard library and IronClaw's own ``proto``/``transport``/``rpc`` layers. Meth
 ``files.*``         write/read (streamed in chunks), list, stat, remove, mkdir, watch
 ``proc.*``          detached commands and PTYs (:mod:`ironclaw.guest.processes`)
 ``shutdown``        stop the agent; the sandbox ends with it
+``identity.reset``  a VM restored from a snapshot takes its own seed, names and address
 
 Every request is decoded through :mod:`ironclaw.proto.methods` before its handler runs
 (unknown fields, wrong types and out-of-range values are refused as invalid params), so
@@ -168,6 +169,14 @@ async def _agent_run(request: m.AgentRunRequest, ctx: CallContext) -> m.AgentRun
     return await handle_agent_run(request, ctx)
 
 
+async def _identity_reset(
+    request: m.IdentityResetRequest, ctx: CallContext
+) -> m.IdentityResetResult:
+    from ironclaw.guest.identity import apply_identity  # only restored VMs need it
+
+    return await apply_identity(request)
+
+
 class _Exec:
     """One running command."""
 
@@ -209,6 +218,7 @@ class GuestAgent:
             "shutdown": self.shutdown,
             "agent.run": _agent_run,
             "files.watch": self._files_watch,
+            "identity.reset": _identity_reset,
         }
         table.update({name: self._proc_method(name) for name in _PROC_METHODS})
         return {method: _typed(method, handler) for method, handler in table.items()}

@@ -80,6 +80,8 @@ __all__ = [
     "FilesStatRequest",
     "FilesTransferResult",
     "FilesWriteRequest",
+    "IdentityResetRequest",
+    "IdentityResetResult",
     "MethodSpec",
     "ModelCompleteRequest",
     "ModelCompleteResult",
@@ -322,6 +324,29 @@ class ShutdownResult(Record):
     stopping: bool
 
 
+class IdentityResetRequest(Record):
+    """A VM restored from a shared snapshot becomes its own machine (backends/restored.py).
+
+    Every restored VM starts with the snapshot's RNG state, hostname and address; the host
+    sends fresh ``seed`` bytes (hex), names and the sandbox's address (a kernel ``ip=``
+    value) right after the restore, before any command runs.
+    """
+
+    seed: str
+    hostname: str
+    sandbox_id: str
+    machine_id: str
+    ip: str | None = None
+    env: Mapping[str, str] | None = None
+    workspace_mib: int = 0
+
+
+class IdentityResetResult(Record):
+    hostname: str
+    machine_id: str
+    reseeded: bool
+
+
 class AgentRunRequest(Record):
     task: str
     system: str = ""
@@ -365,6 +390,13 @@ declare(FilesMkdirRequest, path=PATH, parents=Bool())
 declare(FilesMkdirResult, path=PATH)
 declare(ShutdownRequest)
 declare(ShutdownResult, stopping=Bool())
+declare(IdentityResetRequest, seed=Str(min_len=1, max_len=1024),
+        hostname=Str(min_len=1, max_len=64), sandbox_id=Str(min_len=1, max_len=256),
+        machine_id=Str(min_len=1, max_len=32),
+        ip=Opt(Str(min_len=1, max_len=256)), env=Opt(StrMap()),
+        workspace_mib=Int(0, 1 << 20))  # fmt: skip
+declare(IdentityResetResult, hostname=Str(max_len=64), machine_id=Str(max_len=32),
+        reseeded=Bool())  # fmt: skip
 declare(AgentRunRequest, task=TEXT, system=TEXT, runtime=Str(max_len=MAX_PATH, no_nul=True),
         servers=Seq(Nested(ServerSpec), max_items=64), budget=Nested(Budget),
         workdir=Opt(PATH))  # fmt: skip
@@ -456,6 +488,7 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("proc.wait", ProcWaitRequest, ProcInfo, True),
         MethodSpec("proc.resize", ProcResizeRequest, ProcInfo, True),
         MethodSpec("files.watch", WatchRequest, WatchResult, True),
+        MethodSpec("identity.reset", IdentityResetRequest, IdentityResetResult, True),
         MethodSpec("model.complete", ModelCompleteRequest, ModelCompleteResult, False),
         MethodSpec("tool.authorize", ToolAuthorizeRequest, Decision, False),
         MethodSpec("agent.event", AgentEventRequest, AgentEventResult, False),

@@ -24,6 +24,9 @@ How a sandbox is launched, and why:
 * **Network.** With a network policy a tap owned by the sandbox uid is bridged to the
   sandbox's veth inside its namespace (shared with Firecracker), and the guest takes the
   sandbox address from the kernel ``ip=`` argument: the host firewall applies unchanged.
+* **Restore.** With ``restore`` on (``IRONCLAW_QEMU_RESTORE=1``) a sandbox starts from
+  its image's agent-ready snapshot instead of booting, and gets its own identity right
+  after (:mod:`.restore`); its ``/workspace`` is then a tmpfs of ``workspace_mib``.
 * **Channel.** The agent listens on a virtio-serial port whose host end is a UNIX socket
   in the run directory; the manager's readiness ping goes through it.
 """
@@ -51,6 +54,7 @@ from ironclaw.backends.qemu.accel import probe_accel
 from ironclaw.backends.qemu.cmdline import Accel, qemu_binary
 from ironclaw.backends.qemu.qmp import QmpClient, QmpError
 from ironclaw.backends.qemu.ready import agent_usable
+from ironclaw.backends.qemu.restore import restore_enabled, restore_sandbox
 from ironclaw.backends.qemu.seccomp import sandbox_args
 from ironclaw.backends.qemu.vm import RUN_FILES, QemuVm
 from ironclaw.backends.vm import (
@@ -115,9 +119,11 @@ class QemuBackend:
         *,
         artifacts: ImageArtifacts | None = None,
         accel: Literal["auto", "kvm", "tcg"] = "auto",
+        restore: bool | None = None,
     ) -> None:
         self.artifacts = artifacts
         self.accel = accel
+        self.restore = restore_enabled() if restore is None else restore
         self._vms = VmChildren()
         self._accel_cache: dict[tuple[Path, str], Accel] = {}
 
@@ -156,22 +162,29 @@ class QemuBackend:
         cgroup_fds = ctx.cgroup.attach_fds() if ctx.cgroup is not None else []
         vm = QemuVm()
         try:
-            await vm.start(
-                art,
-                ctx.run_dir,
-                cpus=_vcpus(lim.cpus),
-                memory_mib=guest_memory_mib(lim.memory_mib),
-                accel=accel,
-                netns_path=net.netns_path if net else None,
-                tap_ifname=tap,
-                workspace_mib=lim.workspace_mib,
-                hostname=spec.hostname or ctx.sandbox_id,
-                guest_ip=kernel_ip(ctx),
-                settings=ctx.settings,
-                run_as=ctx.host_uid,
-                cgroup_fds=cgroup_fds,
-                guest_env=env,
-            )
+            if self.restore:
+                vm = await restore_sandbox(
+                    art, ctx, accel=accel, cpus=_vcpus(lim.cpus),
+                    memory_mib=guest_memory_mib(lim.memory_mib), tap_ifname=tap, env=env,
+                    cgroup_fds=cgroup_fds,
+                )  # fmt: skip
+            else:
+                await vm.start(
+                    art,
+                    ctx.run_dir,
+                    cpus=_vcpus(lim.cpus),
+                    memory_mib=guest_memory_mib(lim.memory_mib),
+                    accel=accel,
+                    netns_path=net.netns_path if net else None,
+                    tap_ifname=tap,
+                    workspace_mib=lim.workspace_mib,
+                    hostname=spec.hostname or ctx.sandbox_id,
+                    guest_ip=kernel_ip(ctx),
+                    settings=ctx.settings,
+                    run_as=ctx.host_uid,
+                    cgroup_fds=cgroup_fds,
+                    guest_env=env,
+                )
             await vm.close_qmp()
         except BaseException:
             await vm.kill()

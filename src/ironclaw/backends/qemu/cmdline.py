@@ -37,6 +37,9 @@ _QEMU_PACKAGE = "qemu-system-x86"
 #: TCG's translation cache, bounded: QEMU's default (up to 1 GiB, filled as code is
 #: translated) would let a long-running guest push QEMU past its memory cgroup.
 TCG_TB_MIB = 64
+#: The guest NIC's MAC comes from this (each VM is alone on its tap, in its own netns):
+#: fixed so that a snapshot restores onto any sandbox's tap with the MAC it saved.
+NIC_MAC_SEED = b"tap0"  # the sandbox tap's name, as before
 
 
 def qemu_binary() -> str:
@@ -125,6 +128,7 @@ def qemu_argv(
     incoming_fd: int | None = None,
     run_as: int | None = None,
     sandbox: Sequence[str] = (),
+    nic_placeholder: bool = False,
 ) -> list[str]:
     """The whole QEMU command line of one sandbox VM.
 
@@ -132,6 +136,8 @@ def qemu_argv(
     environment script (:func:`guest_env_script`), ``incoming_fd`` an inherited
     descriptor of a snapshot to restore; ``run_as`` makes QEMU drop to that uid and gid
     and start paused (``-S``); ``sandbox`` is QEMU's own seccomp option (:mod:`.seccomp`).
+    ``nic_placeholder`` (no ``tap_ifname``) gives the guest its NIC on an unconnected hub
+    port: a snapshot built so can be restored onto a real tap (the backend is not saved).
     """
     argv = [
         qemu,
@@ -174,13 +180,15 @@ def qemu_argv(
             "-device",
             "virtio-blk-device,drive=ws,serial=ironclaw-ws",
         ]
-    if tap_ifname is not None:
+    if tap_ifname is not None or nic_placeholder:
         mac = "52:54:00:" + ":".join(
-            f"{b:02x}" for b in hashlib.blake2b(tap_ifname.encode(), digest_size=3).digest()
+            f"{b:02x}" for b in hashlib.blake2b(NIC_MAC_SEED, digest_size=3).digest()
         )
         argv += [
             "-netdev",
-            f"tap,id=net0,ifname={tap_ifname},script=no,downscript=no",
+            f"tap,id=net0,ifname={tap_ifname},script=no,downscript=no"
+            if tap_ifname is not None
+            else "hubport,id=net0,hubid=0",
             "-device",
             f"virtio-net-device,netdev=net0,mac={mac}",
         ]

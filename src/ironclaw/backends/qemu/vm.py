@@ -153,6 +153,7 @@ class QemuVm:
         run_as: int | None = None,
         cgroup_fds: Sequence[int] = (),
         guest_env: Mapping[str, str] | None = None,
+        nic_placeholder: bool = False,
     ) -> None:
         """Launch QEMU (detached into its own session) and connect QMP.
 
@@ -167,7 +168,8 @@ class QemuVm:
         files: it starts paused, and the guest runs only after every QEMU thread is seen
         without root and without capabilities. ``cgroup_fds`` (``cgroup.procs`` files
         opened by root) are joined before exec. ``guest_env`` is exported to the agent
-        (and so to every command) through a small read-only disk.
+        (and so to every command) through a small read-only disk. ``nic_placeholder``
+        gives an unconnected NIC (building a snapshot that networked sandboxes restore).
         """
         if self._proc is not None:
             raise BackendError("VM already started")
@@ -226,6 +228,7 @@ class QemuVm:
             incoming_fd=in_fd,
             run_as=run_as,
             sandbox=sandbox,
+            nic_placeholder=nic_placeholder,
         )
         self._agent_reconnects = incoming is not None
         self.console_log.write_bytes(b"")

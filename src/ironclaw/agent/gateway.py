@@ -153,11 +153,45 @@ class _HttpProvider:
     async def aclose(self) -> None:
         await self._client.aclose()
 
+    # -- what a provider's wire format supplies ------------------------------------------
+
+    _path: ClassVar[str]
+
+    def _body(self, system: str, messages: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _headers(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    _schema_key: ClassVar[str]  # where a tool's JSON schema goes
+
+    def wire_tool(self, tool: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "name": tool["name"],
+            "description": tool.get("description", ""),
+            self._schema_key: tool.get("input_schema") or {"type": "object"},
+        }
+
+    @staticmethod
+    def parse(doc: Any) -> ModelReply:
+        raise NotImplementedError
+
+    async def complete(
+        self, system: str, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]
+    ) -> ModelReply:
+        """One model turn: the provider's body, the tools in its wire form, one POST."""
+        body = self._body(system, messages)
+        if tools:
+            body["tools"] = [self.wire_tool(t) for t in tools]
+        return self.parse(await self._post(f"{self.base_url}{self._path}", self._headers(), body))
+
 
 class OpenAIProvider(_HttpProvider):
     """Chat completions, as OpenAI, vLLM, Ollama and llama.cpp's server speak it."""
 
     name = "openai"
+    _path = "/chat/completions"
+    _schema_key = "parameters"
     _url_env = "OPENAI_BASE_URL"
     _default_url = "https://api.openai.com/v1"
     # Local servers (Ollama, llama.cpp) need no key; OpenAI itself answers 401.
@@ -195,19 +229,8 @@ class OpenAIProvider(_HttpProvider):
                 out.append({"role": "user", "content": str(m.get("content", ""))})
         return out
 
-    @staticmethod
-    def wire_tools(tools: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        return [
-            {
-                "type": "function",
-                "function": {
-                    "name": t["name"],
-                    "description": t.get("description", ""),
-                    "parameters": t.get("input_schema") or {"type": "object"},
-                },
-            }
-            for t in tools
-        ]
+    def wire_tool(self, tool: Mapping[str, Any]) -> dict[str, Any]:
+        return {"type": "function", "function": super().wire_tool(tool)}
 
     @staticmethod
     def parse(doc: Any) -> ModelReply:
@@ -232,24 +255,23 @@ class OpenAIProvider(_HttpProvider):
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise _model_error("openai", text=f"unexpected response shape: {exc!r}") from None
 
-    async def complete(
-        self, system: str, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]
-    ) -> ModelReply:
-        body: dict[str, Any] = {
+    def _body(self, system: str, messages: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        return {
             "model": self.model,
             "messages": self.wire_messages(system, messages),
             "max_tokens": self.max_tokens,
         }
-        if tools:
-            body["tools"] = self.wire_tools(tools)
-        headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
-        return self.parse(await self._post(f"{self.base_url}/chat/completions", headers, body))
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._key}"} if self._key else {}
 
 
 class AnthropicProvider(_HttpProvider):
     """Anthropic's Messages API (``POST /v1/messages``)."""
 
     name = "anthropic"
+    _path = "/v1/messages"
+    _schema_key = "input_schema"
     _url_env = "ANTHROPIC_BASE_URL"
     _default_url = "https://api.anthropic.com"
     _key_env = "ANTHROPIC_API_KEY"
@@ -286,17 +308,6 @@ class AnthropicProvider(_HttpProvider):
         return out
 
     @staticmethod
-    def wire_tools(tools: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        return [
-            {
-                "name": t["name"],
-                "description": t.get("description", ""),
-                "input_schema": t.get("input_schema") or {"type": "object"},
-            }
-            for t in tools
-        ]
-
-    @staticmethod
     def parse(doc: Any) -> ModelReply:
         try:
             texts: list[str] = []
@@ -317,9 +328,7 @@ class AnthropicProvider(_HttpProvider):
         except (KeyError, TypeError, AttributeError) as exc:
             raise _model_error("anthropic", text=f"unexpected response shape: {exc!r}") from None
 
-    async def complete(
-        self, system: str, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]
-    ) -> ModelReply:
+    def _body(self, system: str, messages: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.model,
             "max_tokens": self.max_tokens,
@@ -327,10 +336,10 @@ class AnthropicProvider(_HttpProvider):
         }
         if system:
             body["system"] = system
-        if tools:
-            body["tools"] = self.wire_tools(tools)
-        headers = {"x-api-key": self._key, "anthropic-version": ANTHROPIC_VERSION}
-        return self.parse(await self._post(f"{self.base_url}/v1/messages", headers, body))
+        return body
+
+    def _headers(self) -> dict[str, str]:
+        return {"x-api-key": self._key, "anthropic-version": ANTHROPIC_VERSION}
 
 
 class ScriptedProvider:

@@ -198,17 +198,25 @@ async def _sandboxes_panel(service: Service, who: Principal) -> Markup:
                 age=_age(record.created_at),
             )
         )
+    head = ("Sandbox", "Backend", "State", "Memory", "Processes", "CPU", "Token", "Age")
+    return _table_panel("sandboxes", "Sandboxes", head, rows, "No sandboxes.")
+
+
+def _table_panel(
+    section: str, title: str, head: tuple[str, ...], rows: list[Markup], empty: str
+) -> Markup:
+    """A dashboard section: a table of ``rows`` under ``head``, or ``empty`` when none."""
+    cells = join(render("<th>{h}</th>", h=h) for h in head)
     table = (
         render(
-            "<table><thead><tr><th>Sandbox</th><th>Backend</th><th>State</th><th>Memory</th>"
-            "<th>Processes</th><th>CPU</th><th>Token</th><th>Age</th></tr></thead>"
-            "<tbody>{rows}</tbody></table>",
+            "<table><thead><tr>{cells}</tr></thead><tbody>{rows}</tbody></table>",
+            cells=cells,
             rows=join(rows),
         )
         if rows
-        else Markup("<p class=muted>No sandboxes.</p>")
+        else render("<p class=muted>{e}</p>", e=empty)
     )
-    return render('<section id="sandboxes"><h2>Sandboxes</h2>{t}</section>', t=table)
+    return render('<section id="{s}"><h2>{t}</h2>{tb}</section>', s=section, t=title, tb=table)
 
 
 def _age(created: float) -> str:
@@ -241,16 +249,8 @@ def _tasks_panel(service: Service, who: Principal) -> Markup:
         )
         for run in reversed(_visible_runs(service, who))
     ]
-    table = (
-        render(
-            "<table><thead><tr><th>Task</th><th>What</th><th>Sandbox</th><th>Status</th>"
-            "<th>Steps</th><th>Events</th></tr></thead><tbody>{rows}</tbody></table>",
-            rows=join(rows),
-        )
-        if rows
-        else Markup("<p class=muted>No agent tasks.</p>")
-    )
-    return render('<section id="tasks"><h2>Agent tasks</h2>{t}</section>', t=table)
+    head = ("Task", "What", "Sandbox", "Status", "Steps", "Events")
+    return _table_panel("tasks", "Agent tasks", head, rows, "No agent tasks.")
 
 
 def _approvals_panel(

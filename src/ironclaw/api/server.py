@@ -22,6 +22,7 @@ import uvicorn
 from ironclaw.api.app import create_app
 from ironclaw.config import Settings
 from ironclaw.errors import ConfigError
+from ironclaw.transport._socket import listen_tcp
 
 __all__ = ["serve"]
 
@@ -46,23 +47,6 @@ class _Server(uvicorn.Server):
         if self.should_exit:  # a second signal: do not wait for running requests
             self.force_exit = True
         self.should_exit = True
-
-
-def _tcp(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    # Inherited by accepted connections: without it a response's body segment waits for
-    # the client's delayed ACK of its header segment (~40 ms per kept-alive request).
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
 
 
 def _unix(path: Path) -> socket.socket:
@@ -97,7 +81,9 @@ async def serve(
     sockets: list[socket.socket] = []
     urls: list[str] = []
     if tcp:
-        sock = _tcp(host, port)
+        # No delay: else a response's body segment waits for the client's delayed ACK of
+        # its header segment (~40 ms per kept-alive request).
+        sock = listen_tcp(host, port, backlog=1024, nodelay=True)
         bound = sock.getsockname()
         sockets.append(sock)
         urls.append(f"http://{'[' + host + ']' if ':' in host else host}:{bound[1]}")

@@ -101,14 +101,10 @@ def run_exec(args: ExecArgs) -> int:
     """The typer ``exec`` command's work, without typer or rich: the process exit status."""
     # A one-shot namespace sandbox without network uses no TLS in this process: asyncio
     # loads without ssl (OpenSSL is some milliseconds), which stays importable later.
-    hide = "ssl" not in sys.modules
-    if hide:
-        sys.modules["ssl"] = None  # type: ignore[assignment]
-    try:
-        import asyncio
-    finally:
-        if hide:
-            del sys.modules["ssl"]
+    from ironclaw.guest.__main__ import import_asyncio_without_ssl
+
+    import_asyncio_without_ssl()
+    import asyncio
     import json
     import signal
 

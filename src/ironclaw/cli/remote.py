@@ -15,7 +15,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from rich.panel import Panel
 from rich.table import Table
@@ -24,7 +24,7 @@ from ironclaw.cli.common import err_console, out_console, stream_to
 from ironclaw.errors import ConfigError
 
 if TYPE_CHECKING:
-    from ironclaw.client import ApiClient, ExecResult
+    from ironclaw.client import ApiClient, ExecResultLike
     from ironclaw.spec import SandboxSpec
 
 __all__ = ["active", "cp", "create", "exec_in", "exec_oneshot", "ls", "rm", "run_task"]
@@ -43,21 +43,26 @@ def _client() -> ApiClient:
     return ApiClient()
 
 
-async def _run(
-    api: ApiClient,
+R = TypeVar("R", bound="ExecResultLike")
+
+
+async def run_with(
+    capture: Callable[..., Awaitable[R]],
+    stream: Callable[..., Awaitable[R]],
     sandbox_id: str,
     command: list[str],
-    *,
-    as_json: bool,
-    timeout: float | None,
-    env: dict[str, str] | None = None,
-    cwd: str | None = None,
-) -> ExecResult:
+    opts: tuple[bool, float | None, dict[str, str] | None, str | None],
+) -> R:
+    """Run ``command`` (a leading ``--`` dropped): through ``capture`` for ``--json``, else
+    through ``stream`` to this process's stdout and stderr, with a note on stderr when it
+    did not simply exit. ``opts`` is (as_json, timeout, env, cwd). One runner for the
+    in-process manager and the API, which name their two ways of running differently."""
+    as_json, timeout, env, cwd = opts
     if command and command[0] == "--":
         command = command[1:]
     if as_json:
-        return await api.exec(sandbox_id, command, timeout=timeout, env=env, cwd=cwd)
-    result = await api.exec_stream(
+        return await capture(sandbox_id, command, timeout=timeout, env=env, cwd=cwd)
+    result = await stream(
         sandbox_id,
         command,
         timeout=timeout,
@@ -90,7 +95,9 @@ async def exec_oneshot(
     async with _client() as api:
         record = await api.create(_dump(spec), sandbox_id=sandbox_id)
         try:
-            result = await _run(api, record["id"], command, as_json=as_json, timeout=timeout)
+            result = await run_with(
+                api.exec, api.exec_stream, record["id"], command, (as_json, timeout, None, None)
+            )
         finally:
             await asyncio.shield(api.delete(record["id"]))
     if as_json:
@@ -138,8 +145,8 @@ async def exec_in(
 ) -> int:
     async with _client() as api:
         record = await api.get(sandbox_id)
-        result = await _run(
-            api, sandbox_id, command, as_json=as_json, timeout=timeout, env=env, cwd=cwd
+        result = await run_with(
+            api.exec, api.exec_stream, sandbox_id, command, (as_json, timeout, env, cwd)
         )
     if as_json:
         print(json.dumps(result.to_json(record["backend"])))

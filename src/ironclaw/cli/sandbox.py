@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from ironclaw.cli import remote as via_api
-from ironclaw.cli.common import err_console, new_app, out_console, run, run_code, stream_to
+from ironclaw.cli.common import err_console, new_app, out_console, run, run_code
 from ironclaw.cli.options import EnvOpt, JsonOpt, SandboxOptions, parse_env, sandbox_options
 from ironclaw.cli.snapshot import parse_labels, register_sandbox_controls, snapshot_app
 from ironclaw.errors import ConfigError
@@ -45,23 +45,9 @@ async def run_command(
 ) -> ExecResult:
     """Run ``command``: captured for ``--json``, else streamed to this process's stdout and
     stderr, with a note on stderr when it did not simply exit."""
-    if command and command[0] == "--":
-        command = command[1:]
-    if as_json:
-        return await manager.exec(sandbox_id, command, timeout=timeout, env=env, cwd=cwd)
-    result = await manager.exec(
-        sandbox_id,
-        command,
-        timeout=timeout,
-        env=env,
-        cwd=cwd,
-        on_stdout=await stream_to(1),
-        on_stderr=await stream_to(2),
-        capture=False,
+    return await via_api.run_with(
+        manager.exec, manager.exec, sandbox_id, command, (as_json, timeout, env, cwd)
     )
-    if result.status != "exited":
-        err_console.print(f"[yellow]ironclaw:[/] {result.status}", highlight=False)
-    return result
 
 
 @sandbox_app.command("create")

@@ -20,10 +20,11 @@ if TYPE_CHECKING:
 DEFAULT_WORKDIR = "/workspace"  # as ironclaw.guest.agent, without importing it
 
 
-def _import_asyncio() -> None:
+def import_asyncio_without_ssl() -> None:
     """Import asyncio without ssl: asyncio imports it only to offer TLS, which the agent
     never uses, and loading OpenSSL costs ~15 ms. Hidden while asyncio loads (asyncio
-    treats it as absent), then unhidden so that later code can import ssl normally."""
+    treats it as absent), then unhidden so that later code can import ssl normally.
+    The CLI's exec fast path uses it too (this module imports only os and sys)."""
     hide = "ssl" not in sys.modules
     if hide:
         sys.modules["ssl"] = None  # type: ignore[assignment]
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         from ironclaw.guest.first_stage import first_stage
 
         handover = first_stage(args.listen_fd, args.workdir)
-    _import_asyncio()
+    import_asyncio_without_ssl()
     import asyncio
 
     return asyncio.run(_amain(args, handover))

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ironclaw.client.protocol import ExecResultLike
 from ironclaw.config import Settings
 from ironclaw.errors import ConfigError, IronclawError, SandboxNotFound
 from ironclaw.host.manager import SandboxManager
@@ -30,8 +31,10 @@ __all__ = [
     "MAX_OUTPUT_LIMIT",
     "Backend",
     "BoundedBuffer",
+    "ExecRun",
     "LocalBackend",
     "Progress",
+    "TaskRun",
 ]
 
 #: Largest output one ``exec`` or ``read`` returns (a model's context is the scarce part).
@@ -114,6 +117,34 @@ def task_summary(doc: dict[str, Any], events: list[dict[str, Any]], keep: bool) 
     }
 
 
+@dataclass(frozen=True)
+class ExecRun:
+    """One command for :meth:`Backend._exec`, its output going to the bounded buffers."""
+
+    sandbox_id: str
+    argv: list[str]
+    cwd: str | None
+    env: dict[str, str] | None
+    stdin: bytes | None
+    timeout: float
+    out: BoundedBuffer
+    err: BoundedBuffer
+
+
+@dataclass(frozen=True)
+class TaskRun:
+    """One agent task for :meth:`Backend._task`; ``on_event`` hears each trace event."""
+
+    task: str
+    model: str
+    script: list[dict[str, Any]] | None
+    approve: str
+    sandbox: dict[str, Any]
+    budget: dict[str, Any]
+    keep: bool
+    on_event: Callable[[dict[str, Any]], None]
+
+
 class Backend:
     """The tools' operations; subclasses provide the ``_`` primitives."""
 
@@ -141,20 +172,9 @@ class Backend:
     async def _destroy(self, sandbox_id: str) -> None:
         raise NotImplementedError
 
-    async def _exec(
-        self,
-        sandbox_id: str,
-        argv: list[str],
-        *,
-        cwd: str | None,
-        env: dict[str, str] | None,
-        stdin: bytes | None,
-        timeout: float,
-        out: BoundedBuffer,
-        err: BoundedBuffer,
-    ) -> dict[str, Any]:
-        """Run; stream output into ``out``/``err``; return exit_code, signal, status,
-        timed_out and duration_ms."""
+    async def _exec(self, run: ExecRun) -> ExecResultLike:
+        """Run; stream output into ``run.out``/``run.err``; return the result (its own
+        output left empty)."""
         raise NotImplementedError
 
     async def _write(self, sandbox_id: str, path: str, data: bytes) -> int:
@@ -163,20 +183,9 @@ class Backend:
     async def _read(self, sandbox_id: str, path: str, sink: BoundedBuffer) -> None:
         raise NotImplementedError
 
-    async def _task(
-        self,
-        task: str,
-        *,
-        model: str,
-        script: list[dict[str, Any]] | None,
-        approve: str,
-        sandbox: dict[str, Any],
-        budget: dict[str, Any],
-        keep: bool,
-        on_event: Callable[[dict[str, Any]], None],
-    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """Run an agent task to its end, calling ``on_event`` with each trace event as it
-        happens: (outcome with id/status/answer..., events)."""
+    async def _task(self, run: TaskRun) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Run an agent task to its end, calling ``run.on_event`` with each trace event as
+        it happens: (outcome with id/status/answer..., events)."""
         raise NotImplementedError
 
     # -- the tools' operations ---------------------------------------------------------
@@ -231,18 +240,16 @@ class Backend:
         if timeout <= 0:
             raise ConfigError("timeout must be more than 0 seconds")
         out, err = BoundedBuffer(_limit(max_output)), BoundedBuffer(max_output)
+        stdin_bytes = stdin.encode() if stdin is not None else None
         result = await self._exec(
-            self._mine(sandbox_id),
-            argv,
-            cwd=cwd,
-            env=env,
-            stdin=stdin.encode() if stdin is not None else None,
-            timeout=timeout,
-            out=out,
-            err=err,
+            ExecRun(self._mine(sandbox_id), argv, cwd, env, stdin_bytes, timeout, out, err)
         )
         return {
-            **result,
+            "exit_code": result.exit_code,
+            "signal": result.signal,
+            "status": result.status,
+            "timed_out": result.timed_out,
+            "duration_ms": round(result.duration_ms, 1),
             "stdout": out.data.decode(errors="replace"),
             "stderr": err.data.decode(errors="replace"),
             "stdout_bytes": out.total,
@@ -332,14 +339,7 @@ class Backend:
         forwarder = asyncio.ensure_future(forward())
         try:
             doc, events = await self._task(
-                task,
-                model=model,
-                script=script,
-                approve=approve,
-                sandbox=sandbox,
-                budget=budget,
-                keep=keep,
-                on_event=queue.put_nowait,
+                TaskRun(task, model, script, approve, sandbox, budget, keep, queue.put_nowait)
             )
         finally:
             queue.put_nowait(None)
@@ -374,29 +374,11 @@ class LocalBackend(Backend):
     async def _destroy(self, sandbox_id: str) -> None:
         await self.manager.destroy(sandbox_id)
 
-    async def _exec(
-        self,
-        sandbox_id: str,
-        argv: list[str],
-        *,
-        cwd: str | None,
-        env: dict[str, str] | None,
-        stdin: bytes | None,
-        timeout: float,
-        out: BoundedBuffer,
-        err: BoundedBuffer,
-    ) -> dict[str, Any]:
-        result = await self.manager.exec(
-            sandbox_id, argv, cwd=cwd, env=env, timeout=timeout, stdin=stdin,
-            on_stdout=out, on_stderr=err, capture=False,
+    async def _exec(self, run: ExecRun) -> ExecResultLike:
+        return await self.manager.exec(
+            run.sandbox_id, run.argv, cwd=run.cwd, env=run.env, timeout=run.timeout,
+            stdin=run.stdin, on_stdout=run.out, on_stderr=run.err, capture=False,
         )  # fmt: skip
-        return {
-            "exit_code": result.exit_code,
-            "signal": result.signal,
-            "status": result.status,
-            "timed_out": result.timed_out,
-            "duration_ms": round(result.duration_ms, 1),
-        }
 
     async def _write(self, sandbox_id: str, path: str, data: bytes) -> int:
         return await self.manager.write_file(sandbox_id, path, data)
@@ -404,34 +386,23 @@ class LocalBackend(Backend):
     async def _read(self, sandbox_id: str, path: str, sink: BoundedBuffer) -> None:
         await self.manager.read_file(sandbox_id, path, sink)
 
-    async def _task(
-        self,
-        task: str,
-        *,
-        model: str,
-        script: list[dict[str, Any]] | None,
-        approve: str,
-        sandbox: dict[str, Any],
-        budget: dict[str, Any],
-        keep: bool,
-        on_event: Callable[[dict[str, Any]], None],
-    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    async def _task(self, run: TaskRun) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         from ironclaw.agent.approval import Approver
         from ironclaw.agent.gateway import Provider, ScriptedProvider, provider_from_name
         from ironclaw.agent.tasks import TaskSpec, run_task
         from ironclaw.proto.methods import Budget
 
-        provider: Provider = ScriptedProvider(script) if script is not None else (
-            provider_from_name(model)
+        provider: Provider = ScriptedProvider(run.script) if run.script is not None else (
+            provider_from_name(run.model)
         )  # fmt: skip
         spec = TaskSpec(
-            task=task,
+            task=run.task,
             model=f"{provider.name}:{provider.model}",
-            sandbox=sandbox,
-            budget=Budget.from_json(budget),
+            sandbox=run.sandbox,
+            budget=Budget.from_json(run.budget),
         )
         outcome = await run_task(
-            self.manager, spec, provider=provider, approver=Approver(mode=approve), keep=keep,
-            on_event=on_event,
+            self.manager, spec, provider=provider, approver=Approver(mode=run.approve),
+            keep=run.keep, on_event=run.on_event,
         )  # fmt: skip
         return outcome.to_json(), outcome.events

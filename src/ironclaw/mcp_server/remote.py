@@ -6,11 +6,11 @@ this server may do (its scopes and quotas), and the service holds the model keys
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from ironclaw.client import ApiClient
-from ironclaw.mcp_server.backend import Backend, BoundedBuffer, sandbox_json
+from ironclaw.client.protocol import ExecResultLike
+from ironclaw.mcp_server.backend import Backend, BoundedBuffer, ExecRun, TaskRun, sandbox_json
 
 __all__ = ["RemoteBackend"]
 
@@ -42,30 +42,12 @@ class RemoteBackend(Backend):
     async def _destroy(self, sandbox_id: str) -> None:
         await self.api.delete(sandbox_id)
 
-    async def _exec(
-        self,
-        sandbox_id: str,
-        argv: list[str],
-        *,
-        cwd: str | None,
-        env: dict[str, str] | None,
-        stdin: bytes | None,
-        timeout: float,
-        out: BoundedBuffer,
-        err: BoundedBuffer,
-    ) -> dict[str, Any]:
+    async def _exec(self, run: ExecRun) -> ExecResultLike:
         # The WebSocket form: output is streamed into the bounded buffers, never kept whole.
-        result = await self.api.exec_stream(
-            sandbox_id, argv, env=env, cwd=cwd, timeout=timeout, stdin=stdin,
-            on_stdout=out, on_stderr=err, capture=False,
+        return await self.api.exec_stream(
+            run.sandbox_id, run.argv, env=run.env, cwd=run.cwd, timeout=run.timeout,
+            stdin=run.stdin, on_stdout=run.out, on_stderr=run.err, capture=False,
         )  # fmt: skip
-        return {
-            "exit_code": result.exit_code,
-            "signal": result.signal,
-            "status": result.status,
-            "timed_out": result.timed_out,
-            "duration_ms": round(result.duration_ms, 1),
-        }
 
     async def _write(self, sandbox_id: str, path: str, data: bytes) -> int:
         return await self.api.write_file(sandbox_id, path, data)
@@ -73,29 +55,18 @@ class RemoteBackend(Backend):
     async def _read(self, sandbox_id: str, path: str, sink: BoundedBuffer) -> None:
         await self.api.read_file(sandbox_id, path, sink)
 
-    async def _task(
-        self,
-        task: str,
-        *,
-        model: str,
-        script: list[dict[str, Any]] | None,
-        approve: str,
-        sandbox: dict[str, Any],
-        budget: dict[str, Any],
-        keep: bool,
-        on_event: Callable[[dict[str, Any]], None],
-    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    async def _task(self, run: TaskRun) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         fields: dict[str, Any] = {
-            "model": model, "sandbox": sandbox, "budget": budget, "approve": approve,
-            "keep": keep,
+            "model": run.model, "sandbox": run.sandbox, "budget": run.budget,
+            "approve": run.approve, "keep": run.keep,
         }  # fmt: skip
-        if script is not None:
-            fields["script"] = script
-        started = await self.api.start_task(task, **fields)
+        if run.script is not None:
+            fields["script"] = run.script
+        started = await self.api.start_task(run.task, **fields)
         events = []
         async for event in self.api.events(started["id"]):
             events.append(event)
-            on_event(event)
+            run.on_event(event)
         done = await self.api.task(started["id"])
         end: dict[str, Any] = next(
             (e for e in reversed(events) if e.get("event") == "task.end"), {}

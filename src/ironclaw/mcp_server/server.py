@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, Literal
@@ -30,6 +29,7 @@ from pydantic import Field
 import ironclaw
 from ironclaw.errors import ConfigError, IronclawError
 from ironclaw.mcp_server.backend import Backend
+from ironclaw.transport._socket import listen_tcp
 
 __all__ = ["IronclawMCP", "build_server", "serve_http", "serve_stdio"]
 
@@ -266,20 +266,6 @@ class _Server(uvicorn.Server):
                 loop.remove_signal_handler(sig)
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.listen(128)
-    sock.setblocking(False)
-    return sock
-
-
 async def serve_http(backend: Backend, *, host: str = "127.0.0.1", port: int = 8765) -> None:
     """Serve streamable HTTP at ``/mcp`` until interrupted; prints ``listening on URL``.
 
@@ -291,7 +277,7 @@ async def serve_http(backend: Backend, *, host: str = "127.0.0.1", port: int = 8
             "loopback only (127.0.0.1, ::1 or localhost); put an authenticating proxy in front "
             "to reach it from elsewhere"
         )
-    sock = _bind(host, port)
+    sock = listen_tcp(host, port, backlog=128)
     try:
         await backend.open()
         app = build_server(backend).streamable_http_app(host=host)

@@ -17,13 +17,13 @@ import ctypes
 import os
 import threading
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NotRequired, TypedDict, TypeVar, Unpack
 
 from pyroute2 import IPRoute
 
 from ironclaw.errors import NetworkError
 
-__all__ = ["BRIDGE", "TAP", "attach_tap", "attach_tap_sync"]
+__all__ = ["BRIDGE", "TAP", "TapArgs", "attach_tap", "attach_tap_sync"]
 
 TAP = "tap0"
 BRIDGE = "br0"
@@ -49,22 +49,27 @@ def _in_netns(netns_path: str, fn: Callable[[], _T]) -> _T:
         os.close(orig)
 
 
-def attach_tap_sync(
-    netns_path: str,
-    *,
-    uid: int,
-    gid: int,
-    guest_ifname: str,
-    guest_ip: str,
-    prefixlen: int,
-    tap: str = TAP,
-) -> None:
+class TapArgs(TypedDict):
+    """Where the tap goes: the namespace's veth (``guest_ifname``, holding ``guest_ip``/
+    ``prefixlen`` until bridged), the owner of the tap (``uid``/``gid``), its name."""
+
+    uid: int
+    gid: int
+    guest_ifname: str
+    guest_ip: str
+    prefixlen: int
+    tap: NotRequired[str]
+
+
+def attach_tap_sync(netns_path: str, **args: Unpack[TapArgs]) -> None:
     """Blocking: create ``tap`` and the bridge in the namespace; see the module doc."""
+
+    tap, guest_ip, prefixlen = args.get("tap", TAP), args["guest_ip"], args["prefixlen"]
 
     def work() -> None:
         with IPRoute() as ipr:
-            (veth,) = ipr.link_lookup(ifname=guest_ifname)
-            ipr.link("add", ifname=tap, kind="tuntap", mode="tap", uid=uid, gid=gid)
+            (veth,) = ipr.link_lookup(ifname=args["guest_ifname"])
+            ipr.link("add", ifname=tap, kind="tuntap", mode="tap", uid=args["uid"], gid=args["gid"])
             (tapi,) = ipr.link_lookup(ifname=tap)
             ipr.link("add", ifname=BRIDGE, kind="bridge")
             (br,) = ipr.link_lookup(ifname=BRIDGE)
@@ -80,16 +85,7 @@ def attach_tap_sync(
     _in_netns(netns_path, work)
 
 
-async def attach_tap(
-    netns_path: str,
-    *,
-    uid: int,
-    gid: int,
-    guest_ifname: str,
-    guest_ip: str,
-    prefixlen: int,
-    tap: str = TAP,
-) -> None:
+async def attach_tap(netns_path: str, **args: Unpack[TapArgs]) -> None:
     """Async wrapper of :func:`attach_tap_sync`; netlink errors become NetworkError."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[None] = loop.create_future()
@@ -103,15 +99,7 @@ async def attach_tap(
 
     def body() -> None:
         try:
-            attach_tap_sync(
-                netns_path,
-                uid=uid,
-                gid=gid,
-                guest_ifname=guest_ifname,
-                guest_ip=guest_ip,
-                prefixlen=prefixlen,
-                tap=tap,
-            )
+            attach_tap_sync(netns_path, **args)
         except BaseException as exc:
             loop.call_soon_threadsafe(settle, exc)
         else:

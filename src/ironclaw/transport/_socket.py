@@ -26,9 +26,9 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Final, Protocol, TypeVar
 
-from ironclaw.errors import ChannelClosed, ConnectError, ReadError, WriteError
+from ironclaw.errors import ChannelClosed, ConfigError, ConnectError, ReadError, WriteError
 
-__all__ = ["HIGH_WATER", "Receiver", "SocketConnection", "connect_socket"]
+__all__ = ["HIGH_WATER", "Receiver", "SocketConnection", "connect_socket", "listen_tcp"]
 
 HIGH_WATER: Final = 2**20  # queued bytes above which write() waits
 _MAX_IOV: Final = 64
@@ -236,13 +236,7 @@ class SocketConnection:
         """Like ``write`` for several buffers, sent back to back (one ``sendmsg`` if possible)."""
         if not self._wqueue and not self._closing and self._write_error is None:
             views = [_flat(p) for p in parts]
-            try:
-                n = self._sock.sendmsg(views)
-            except (BlockingIOError, InterruptedError):
-                n = 0
-            except OSError as exc:
-                self._fail_write(exc)
-                raise ChannelClosed(f"connection lost: {exc.strerror or exc}") from exc
+            n = self._send(self._sock.sendmsg, views)
             for view in views:
                 if n >= view.nbytes:
                     n -= view.nbytes
@@ -255,6 +249,17 @@ class SocketConnection:
         if self._wbytes > HIGH_WATER:
             await self._drained()
 
+    def _send(self, send: Callable[[_T], int], data: _T) -> int:
+        """What the socket takes now (0 when it is full); a lost connection fails this write
+        and every later one."""
+        try:
+            return send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as exc:
+            self._fail_write(exc)
+            raise ChannelClosed(f"connection lost: {exc.strerror or exc}") from exc
+
     def _queue(self, data: Buffer) -> None:
         if self._closing:
             raise ChannelClosed("connection closed locally")
@@ -264,13 +269,7 @@ class SocketConnection:
         if not view.nbytes:
             return
         if not self._wqueue:
-            try:
-                n = self._sock.send(view)
-            except (BlockingIOError, InterruptedError):
-                n = 0
-            except OSError as exc:
-                self._fail_write(exc)
-                raise ChannelClosed(f"connection lost: {exc.strerror or exc}") from exc
+            n = self._send(self._sock.send, view)
             if n == view.nbytes:
                 return
             view = view[n:]
@@ -399,6 +398,25 @@ async def connect_socket(
         sock.close()
         raise
     return SocketConnection(sock, initiator=True, name=name)
+
+
+def listen_tcp(host: str, port: int, *, backlog: int, nodelay: bool = False) -> socket.socket:
+    """A non-blocking listening TCP socket (IPv6 when ``host`` has a colon) for a server
+    loop; ``nodelay`` is inherited by accepted connections. A port in use or an address
+    not on this machine is a :class:`~ironclaw.errors.ConfigError` naming them."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if nodelay:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
 
 
 def _flat(data: Buffer) -> memoryview:

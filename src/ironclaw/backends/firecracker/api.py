@@ -198,6 +198,24 @@ def _build(model: type[_Body], **fields: Any) -> dict[str, Any]:
         ) from None
 
 
+def _put(path: str, model: type[_Body], **fields: Any) -> ApiRequest:
+    return ApiRequest("PUT", path, _build(model, **fields))
+
+
+def _drive(drive_id: str, path: str, *, read_only: bool, **extra: Any) -> ApiRequest:
+    """A disk, attached in call order (``/dev/vda``, ``/dev/vdb``); never the kernel's
+    root device: the initramfs mounts the root."""
+    return _put(
+        f"/drives/{drive_id}",
+        Drive,
+        drive_id=drive_id,
+        is_root_device=False,
+        is_read_only=read_only,
+        path_on_host=path,
+        **extra,
+    )
+
+
 def guest_mac(sandbox_id: str) -> str:
     """A stable, locally administered unicast MAC derived from the full sandbox id."""
     digest = hashlib.blake2b(
@@ -249,61 +267,37 @@ def boot_requests(cfg: VmConfig) -> list[ApiRequest]:
     initramfs, not the kernel, mounts the root (read-only, under a tmpfs overlay).
     """
     reqs = [
-        ApiRequest(
-            "PUT",
+        _put(
             "/boot-source",
-            _build(
-                BootSource,
-                kernel_image_path=cfg.kernel,
-                initrd_path=cfg.initrd,
-                boot_args=cfg.boot_args,
-            ),
+            BootSource,
+            kernel_image_path=cfg.kernel,
+            initrd_path=cfg.initrd,
+            boot_args=cfg.boot_args,
         ),
-        ApiRequest(
-            "PUT",
+        _put(
             "/machine-config",
-            _build(
-                MachineConfig,
-                vcpu_count=cfg.vcpus,
-                mem_size_mib=cfg.mem_mib,
-                smt=cfg.smt,
-                track_dirty_pages=cfg.track_dirty_pages,
-            ),
+            MachineConfig,
+            vcpu_count=cfg.vcpus,
+            mem_size_mib=cfg.mem_mib,
+            smt=cfg.smt,
+            track_dirty_pages=cfg.track_dirty_pages,
         ),
-        ApiRequest(
-            "PUT",
-            f"/drives/{ROOT_DRIVE}",
-            _build(
-                Drive,
-                drive_id=ROOT_DRIVE,
-                is_root_device=False,
-                is_read_only=True,
-                path_on_host=cfg.rootfs,
-            ),
-        ),
+        _drive(ROOT_DRIVE, cfg.rootfs, read_only=True),
     ]
     if cfg.workspace is not None:
-        body = _build(
-            Drive,
-            drive_id=WORKSPACE_DRIVE,
-            is_root_device=False,
-            is_read_only=False,
-            path_on_host=cfg.workspace,
-            cache_type="Unsafe",
-        )
-        reqs.append(ApiRequest("PUT", f"/drives/{WORKSPACE_DRIVE}", body))
+        reqs.append(_drive(WORKSPACE_DRIVE, cfg.workspace, read_only=False, cache_type="Unsafe"))
     if cfg.nic is not None:
-        body = _build(
-            NetworkInterface,
-            iface_id=cfg.nic.iface_id,
-            host_dev_name=cfg.nic.tap,
-            guest_mac=cfg.nic.mac,
+        reqs.append(
+            _put(
+                f"/network-interfaces/{cfg.nic.iface_id}",
+                NetworkInterface,
+                iface_id=cfg.nic.iface_id,
+                host_dev_name=cfg.nic.tap,
+                guest_mac=cfg.nic.mac,
+            )
         )
-        reqs.append(ApiRequest("PUT", f"/network-interfaces/{cfg.nic.iface_id}", body))
-    reqs.append(
-        ApiRequest("PUT", "/vsock", _build(Vsock, guest_cid=cfg.guest_cid, uds_path=cfg.vsock_uds))
-    )
-    reqs.append(ApiRequest("PUT", "/actions", _build(InstanceAction, action_type="InstanceStart")))
+    reqs.append(_put("/vsock", Vsock, guest_cid=cfg.guest_cid, uds_path=cfg.vsock_uds))
+    reqs.append(_put("/actions", InstanceAction, action_type="InstanceStart"))
     return reqs
 
 
@@ -317,7 +311,7 @@ def resume_request() -> ApiRequest:
 
 def ctrl_alt_del_request() -> ApiRequest:
     """Ask the guest to reboot, which ``reboot=k`` plus Firecracker turn into an exit."""
-    return ApiRequest("PUT", "/actions", _build(InstanceAction, action_type="SendCtrlAltDel"))
+    return _put("/actions", InstanceAction, action_type="SendCtrlAltDel")
 
 
 def snapshot_create_request(

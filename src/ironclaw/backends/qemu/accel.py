@@ -16,7 +16,13 @@ import subprocess
 import time
 from pathlib import Path
 
-from ironclaw.backends.qemu.cmdline import Accel, kernel_cmdline, machine_args, qemu_binary
+from ironclaw.backends.qemu.cmdline import (
+    Accel,
+    boot_argv,
+    kernel_cmdline,
+    machine_args,
+    qemu_binary,
+)
 from ironclaw.backends.qemu.seccomp import sandbox_args
 from ironclaw.config import Settings, ensure_private_dir, safe_join
 from ironclaw.images import ImageArtifacts
@@ -59,15 +65,13 @@ def probe_accel(
     verdict: Accel = "tcg"
     qemu = qemu_binary()
     argv = [
-        qemu,
-        *sandbox_args(qemu, runas=False),
-        *machine_args("kvm", 1, 256),
-        "-kernel",
-        str(artifacts.vmlinux),
-        "-initrd",
-        str(artifacts.initramfs),
-        "-append",
-        kernel_cmdline("kvm", extra=("ironclaw.probe=1",)),
+        *boot_argv(
+            qemu,
+            sandbox_args(qemu, runas=False),
+            machine_args("kvm", 1, 256),
+            artifacts,
+            kernel_cmdline("kvm", extra=("ironclaw.probe=1",)),
+        ),
         "-serial",
         "stdio",
     ]

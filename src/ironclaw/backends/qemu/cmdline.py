@@ -22,6 +22,7 @@ __all__ = [
     "TCG_TB_MIB",
     "Accel",
     "QemuPaths",
+    "boot_argv",
     "guest_env_script",
     "kernel_cmdline",
     "machine_args",
@@ -101,6 +102,24 @@ def machine_args(accel: Accel, cpus: int, memory_mib: int) -> list[str]:
     ]
 
 
+def boot_argv(
+    qemu: str, sandbox: Sequence[str], machine: list[str], artifacts: ImageArtifacts, cmdline: str
+) -> list[str]:
+    """The start of every QEMU command line (the VM and the accelerator probe): binary,
+    its seccomp option, the machine, and the kernel with its initramfs and command line."""
+    return [
+        qemu,
+        *sandbox,
+        *machine,
+        "-kernel",
+        str(artifacts.vmlinux),
+        "-initrd",
+        str(artifacts.initramfs),
+        "-append",
+        cmdline,
+    ]
+
+
 @dataclass(frozen=True)
 class QemuPaths:
     """The host files of one VM, all in its run directory."""
@@ -140,19 +159,17 @@ def qemu_argv(
     port: a snapshot built so can be restored onto a real tap (the backend is not saved).
     """
     argv = [
-        qemu,
-        *sandbox,
-        *machine_args(accel, cpus, memory_mib),
-        "-kernel",
-        str(artifacts.vmlinux),
-        "-initrd",
-        str(artifacts.initramfs),
-        "-append",
-        kernel_cmdline(
-            accel,
-            hostname=hostname,
-            ip=guest_ip,
-            extra=() if agent else ("ironclaw.agent=off",),
+        *boot_argv(
+            qemu,
+            sandbox,
+            machine_args(accel, cpus, memory_mib),
+            artifacts,
+            kernel_cmdline(
+                accel,
+                hostname=hostname,
+                ip=guest_ip,
+                extra=() if agent else ("ironclaw.agent=off",),
+            ),
         ),
         "-chardev",
         f"file,id=con,path={paths.console_log}",

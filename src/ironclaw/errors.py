@@ -31,7 +31,13 @@ can catch one type at the top and still tell the kinds apart below it::
     ├── RpcError(code, message, data)   the peer answered with a JSON-RPC error
     │   ├── RequestCancelled
     │   └── ModelError            the model provider failed (HTTP error, bad reply)
-    └── ApprovalDenied            a RED action was refused
+    ├── ApprovalDenied            a RED action was refused
+    └── ApiError                  the HTTP API refused a request (ironclaw serve)
+        ├── AuthError             no valid token (401)
+        ├── ScopeError            the token lacks a scope (403)
+        ├── QuotaExceeded         the token's quota would be exceeded (403)
+        ├── BodyTooLarge          the request body is over the limit (413)
+        └── NotFound              no such task or approval (404)
 
 Errors are translated at layer boundaries: OSError from a socket becomes a
 TransportError in ``transport``; the rpc layer is the single place where exceptions
@@ -45,8 +51,11 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "ApiError",
     "ApprovalDenied",
+    "AuthError",
     "BackendError",
+    "BodyTooLarge",
     "BudgetExceeded",
     "ChannelClosed",
     "ChannelViolation",
@@ -60,7 +69,9 @@ __all__ = [
     "MalformedFrame",
     "ModelError",
     "NetworkError",
+    "NotFound",
     "ProtocolError",
+    "QuotaExceeded",
     "ReadError",
     "RequestCancelled",
     "ResourceLimitExceeded",
@@ -68,6 +79,7 @@ __all__ = [
     "SandboxError",
     "SandboxNotFound",
     "SandboxTimeout",
+    "ScopeError",
     "TransportError",
     "UnknownMethod",
     "WriteError",
@@ -227,6 +239,30 @@ class ApprovalDenied(IronclawError):
     """A RED action was refused by a person or a policy."""
 
     wire_code = -32040
+
+
+class ApiError(IronclawError):
+    """The HTTP API refused a request; the remote SDK raises the same class the server did."""
+
+
+class AuthError(ApiError):
+    """No token, or an unknown, malformed or revoked one."""
+
+
+class ScopeError(ApiError):
+    """The token lacks the scope an operation needs."""
+
+
+class QuotaExceeded(ApiError):
+    """A token's quota (sandboxes, memory) would be exceeded."""
+
+
+class BodyTooLarge(ApiError):
+    """A request body is larger than the server accepts."""
+
+
+class NotFound(ApiError):
+    """An API object (a task, an approval) that does not exist or is not the caller's."""
 
 
 # Standard JSON-RPC codes, for reference by the rpc layer.

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Generator
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
 from ironclaw.config import Settings
 from ironclaw.host.guest import DEFAULT_READ_LIMIT, ExecResult, OutputSink
@@ -25,6 +25,9 @@ from ironclaw.host.manager import SandboxManager
 from ironclaw.proto import methods
 from ironclaw.resources.store import SandboxRecord
 from ironclaw.spec import SandboxSpec
+
+if TYPE_CHECKING:
+    from ironclaw.client.sandbox import RemoteCreating
 
 __all__ = ["ExecResult", "Files", "Sandbox"]
 
@@ -80,6 +83,7 @@ class Sandbox:
     def backend(self) -> str:
         return self.record.backend
 
+    @overload
     @classmethod
     def create(
         cls,
@@ -88,8 +92,40 @@ class Sandbox:
         sandbox_id: str | None = None,
         settings: Settings | None = None,
         manager: SandboxManager | None = None,
-    ) -> _Creating:
-        """Create a sandbox: ``await`` it, or use it as ``async with`` (destroyed on exit)."""
+    ) -> _Creating: ...
+
+    @overload
+    @classmethod
+    def create(
+        cls,
+        spec: SandboxSpec | dict[str, Any] | None = None,
+        *,
+        sandbox_id: str | None = None,
+        api_url: str,
+        token: str | None = None,
+    ) -> RemoteCreating: ...
+
+    @classmethod
+    def create(
+        cls,
+        spec: SandboxSpec | dict[str, Any] | None = None,
+        *,
+        sandbox_id: str | None = None,
+        settings: Settings | None = None,
+        manager: SandboxManager | None = None,
+        api_url: str | None = None,
+        token: str | None = None,
+    ) -> _Creating | RemoteCreating:
+        """Create a sandbox: ``await`` it, or use it as ``async with`` (destroyed on exit).
+
+        With ``api_url`` (and ``token``) it is created by ``ironclaw serve`` there, through
+        the remote SDK (:mod:`ironclaw.client`), which has the same surface.
+        """
+        if api_url is not None:
+            from ironclaw.client.sandbox import Sandbox as RemoteSandbox
+
+            doc = spec.model_dump() if isinstance(spec, SandboxSpec) else spec
+            return RemoteSandbox.create(doc, sandbox_id=sandbox_id, api_url=api_url, token=token)
         return _Creating(spec, sandbox_id, settings, manager)
 
     @classmethod

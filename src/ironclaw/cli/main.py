@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 from typing import Annotated
 
@@ -20,11 +21,14 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ironclaw.cli import remote as via_api
 from ironclaw.cli.agent import register as register_agent
 from ironclaw.cli.common import err_console, new_app, out_console, run, run_code
 from ironclaw.cli.image import register as register_image
 from ironclaw.cli.options import JsonOpt, SandboxOptions, sandbox_options
 from ironclaw.cli.sandbox import CommandArg, run_command, sandbox_app
+from ironclaw.cli.serve import register as register_serve
+from ironclaw.cli.token import token_app
 
 __all__ = ["app", "main"]
 
@@ -35,6 +39,24 @@ app = new_app(
     pretty_exceptions_enable=False,
 )
 pool_app = new_app("The warm pool: pre-created sandboxes.")
+
+
+@app.callback()
+def _global_options(
+    api: Annotated[
+        str | None,
+        typer.Option(
+            "--api",
+            envvar="IRONCLAW_API_URL",
+            metavar="URL",
+            help="Run commands through `ironclaw serve` at URL (http://HOST:PORT or "
+            "unix:PATH); the token is read from IRONCLAW_API_TOKEN.",
+        ),
+    ] = None,
+) -> None:
+    """Run untrusted code and AI agents in isolated sandboxes."""
+    if api:
+        os.environ["IRONCLAW_API_URL"] = api
 
 
 # -- exec (one-shot) -------------------------------------------------------------------
@@ -60,6 +82,10 @@ def exec_cmd(
 
     async def main() -> int:
         spec = opts.spec()
+        if via_api.active():
+            return await via_api.exec_oneshot(
+                spec, sandbox_id, command, as_json=as_json, timeout=timeout
+            )
         loop = asyncio.get_running_loop()
         started = loop.time()
         async with SandboxManager() as manager:
@@ -182,6 +208,8 @@ register_agent(app)  # run, logs
 app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(pool_app, name="pool")
 register_image(app)  # image build, image ls
+register_serve(app)  # serve
+app.add_typer(token_app, name="token")
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
+from ironclaw.cli import remote as via_api
 from ironclaw.cli.common import err_console, new_app, out_console, run, run_code, stream_to
 from ironclaw.cli.options import EnvOpt, JsonOpt, SandboxOptions, parse_env, sandbox_options
 from ironclaw.errors import ConfigError
@@ -72,6 +73,8 @@ def sandbox_create(
 
     async def main() -> None:
         spec = opts.spec()
+        if via_api.active():
+            return await via_api.create(spec, sandbox_id, as_json=as_json)
         async with SandboxManager() as manager:
             with err_console.status("creating sandbox…", spinner="dots"):
                 record = await manager.create(spec, sandbox_id=sandbox_id)
@@ -89,6 +92,8 @@ def sandbox_ls(as_json: JsonOpt = False) -> None:
     from ironclaw.host.manager import SandboxManager
 
     async def main() -> None:
+        if via_api.active():
+            return await via_api.ls(as_json=as_json)
         async with SandboxManager() as manager:
             records = await manager.sandboxes()
         if as_json:
@@ -127,6 +132,10 @@ def sandbox_exec(
 
     async def main() -> int:
         env_map = parse_env(env)
+        if via_api.active():
+            return await via_api.exec_in(
+                sandbox_id, command, as_json=as_json, timeout=timeout, env=env_map or None, cwd=cwd
+            )
         async with SandboxManager() as manager:
             record = await manager.get(sandbox_id)
             result = await run_command(
@@ -159,6 +168,8 @@ def sandbox_cp(
         rs, rd = remote(src), remote(dst)
         if (rs is None) == (rd is None):
             raise ConfigError("give exactly one side as ID:PATH (e.g. `cp ./a.py sb-x:a.py`)")
+        if via_api.active():
+            return await via_api.cp(rd, rs, src, dst)
         async with SandboxManager() as manager:
             if rd is not None:
                 path = Path(src)
@@ -186,6 +197,8 @@ def sandbox_rm(
     async def main() -> None:
         for sid in sandbox_ids:
             validate_sandbox_id(sid)
+        if via_api.active():
+            return await via_api.rm(sandbox_ids, as_json=as_json)
         async with SandboxManager() as manager:
             for sid in sandbox_ids:
                 await manager.destroy(sid)

@@ -27,7 +27,7 @@ from typing import Any, Literal, TypeVar
 from ironclaw.errors import ConfigError, SandboxNotFound
 from ironclaw.ids import validate_sandbox_id
 
-__all__ = ["ResourceRow", "SandboxRecord", "SandboxState", "Store"]
+__all__ = ["ResourceRow", "SandboxRecord", "SandboxState", "Store", "TokenRow"]
 
 T = TypeVar("T")
 SandboxState = Literal["creating", "pooled", "running", "stopping", "dead", "failed"]
@@ -57,6 +57,27 @@ CREATE TABLE IF NOT EXISTS resources (
 );
 """
 
+# The API service's tables (see ironclaw.api): bearer tokens, stored as SHA-256 hashes
+# only, and which token owns which sandbox (kept apart from the sandbox row).
+_API_SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_tokens (
+    id              TEXT PRIMARY KEY,
+    name            TEXT NOT NULL,
+    hash            TEXT NOT NULL,
+    scopes          TEXT NOT NULL,
+    max_sandboxes   INTEGER,
+    max_memory_mib  INTEGER,
+    created_at      REAL NOT NULL,
+    revoked_at      REAL
+);
+CREATE TABLE IF NOT EXISTS api_owners (
+    sandbox_id  TEXT PRIMARY KEY,
+    token_id    TEXT NOT NULL,
+    memory_mib  INTEGER NOT NULL DEFAULT 0,
+    created_at  REAL NOT NULL
+);
+"""
+
 
 @dataclass(frozen=True)
 class SandboxRecord:
@@ -77,6 +98,20 @@ class SandboxRecord:
     def rid(self) -> str:
         """The id its kernel resources are named after (differs once a pooled one is taken)."""
         return str(self.info.get("rid", self.id))
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    """An API token as stored: never the secret, only its hash."""
+
+    id: str
+    name: str
+    hash: str
+    scopes: tuple[str, ...]
+    max_sandboxes: int | None
+    max_memory_mib: int | None
+    created_at: float
+    revoked_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +175,8 @@ class Store:
         columns = {row[1] for row in db.execute("PRAGMA table_info(sandboxes)")}
         if "pool_key" not in columns:
             db.execute("ALTER TABLE sandboxes ADD COLUMN pool_key TEXT")
+        # Registries written before the API service existed lack its tables.
+        db.executescript(_API_SCHEMA)
         self._db = db
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -393,3 +430,69 @@ class Store:
                 "SELECT * FROM resources WHERE sandbox_id = ? ORDER BY created_at", (sandbox_id,)
             ).fetchall()
         return [ResourceRow(r["sandbox_id"], r["kind"], r["name"], r["state"]) for r in rows]
+
+    # -- API tokens and sandbox owners -------------------------------------------------
+
+    async def add_token(self, row: TokenRow) -> None:
+        await self._run(
+            self.db.execute,
+            "INSERT INTO api_tokens VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
+            (row.id, row.name, row.hash, json.dumps(list(row.scopes)), row.max_sandboxes,
+             row.max_memory_mib, row.created_at),
+        )  # fmt: skip
+
+    async def token(self, token_id: str) -> TokenRow | None:
+        return await self._run(self._token, token_id)
+
+    def _token(self, token_id: str) -> TokenRow | None:
+        row = self.db.execute("SELECT * FROM api_tokens WHERE id = ?", (token_id,)).fetchone()
+        return _token_row(row) if row is not None else None
+
+    async def tokens(self) -> list[TokenRow]:
+        return await self._run(self._tokens)
+
+    def _tokens(self) -> list[TokenRow]:
+        rows = self.db.execute("SELECT * FROM api_tokens ORDER BY created_at").fetchall()
+        return [_token_row(r) for r in rows]
+
+    async def revoke_token(self, token_id: str) -> bool:
+        """Mark a token revoked; False when no live token has that id."""
+        cur = await self._run(
+            self.db.execute,
+            "UPDATE api_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+            (time.time(), token_id),
+        )
+        return cur.rowcount > 0
+
+    async def set_owner(self, sandbox_id: str, token_id: str, memory_mib: int) -> None:
+        await self._run(
+            self.db.execute,
+            "INSERT OR REPLACE INTO api_owners VALUES (?, ?, ?, ?)",
+            (sandbox_id, token_id, memory_mib, time.time()),
+        )
+
+    async def owners(self) -> dict[str, tuple[str, int]]:
+        """sandbox id -> (owner token id, memory MiB it was charged)."""
+        return await self._run(self._owners)
+
+    def _owners(self) -> dict[str, tuple[str, int]]:
+        rows = self.db.execute("SELECT sandbox_id, token_id, memory_mib FROM api_owners")
+        return {r[0]: (r[1], int(r[2])) for r in rows}
+
+    async def drop_owner(self, sandbox_id: str) -> None:
+        await self._run(
+            self.db.execute, "DELETE FROM api_owners WHERE sandbox_id = ?", (sandbox_id,)
+        )
+
+
+def _token_row(row: sqlite3.Row) -> TokenRow:
+    return TokenRow(
+        id=row["id"],
+        name=row["name"],
+        hash=row["hash"],
+        scopes=tuple(json.loads(row["scopes"])),
+        max_sandboxes=row["max_sandboxes"],
+        max_memory_mib=row["max_memory_mib"],
+        created_at=row["created_at"],
+        revoked_at=row["revoked_at"],
+    )

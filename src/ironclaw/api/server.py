@@ -1,0 +1,135 @@
+"""Run the API on uvicorn: TCP on 127.0.0.1 by default, and optionally a Unix socket.
+
+The sockets are bound here (not by uvicorn) so that port 0 works: the chosen address
+is printed once the app has started, as ``listening on URL``, for scripts and tests.
+Ctrl-C or SIGTERM shuts down gracefully: no new connections, running requests get
+``grace`` seconds, agent tasks are cancelled, sandboxes keep running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import uvicorn
+
+from ironclaw.api.app import create_app
+from ironclaw.config import Settings
+from ironclaw.errors import ConfigError
+
+__all__ = ["serve"]
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises SIGTERM after its shutdown (the process dies of the signal);
+    here the signal only starts the graceful shutdown, and ``serve`` returns normally."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGINT, signal.SIGTERM)
+        for signum in signals:
+            loop.add_signal_handler(signum, self._stop)
+        try:
+            yield
+        finally:
+            for signum in signals:
+                loop.remove_signal_handler(signum)
+
+    def _stop(self) -> None:
+        if self.should_exit:  # a second signal: do not wait for running requests
+            self.force_exit = True
+        self.should_exit = True
+
+
+def _tcp(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Inherited by accepted connections: without it a response's body segment waits for
+    # the client's delayed ACK of its header segment (~40 ms per kept-alive request).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def _unix(path: Path) -> socket.socket:
+    if path.exists() and not path.is_socket():
+        raise ConfigError(f"{path} exists and is not a socket; choose another --socket path")
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # 0600: only this user may connect
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(
+    settings: Settings | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    unix_socket: Path | None = None,
+    tcp: bool = True,
+    grace: int = 10,
+    log_level: str = "warning",
+    max_upload_mib: int = 4096,
+    max_creating: int | None = None,
+) -> None:
+    """Serve until interrupted."""
+    sockets: list[socket.socket] = []
+    urls: list[str] = []
+    if tcp:
+        sock = _tcp(host, port)
+        bound = sock.getsockname()
+        sockets.append(sock)
+        urls.append(f"http://{'[' + host + ']' if ':' in host else host}:{bound[1]}")
+    if unix_socket is not None:
+        sockets.append(_unix(unix_socket))
+        urls.append(f"unix:{unix_socket}")
+    if not sockets:
+        raise ConfigError("nothing to listen on: give --port or --socket")
+    config = uvicorn.Config(
+        create_app(settings, max_upload=max_upload_mib * 1024 * 1024, max_creating=max_creating),
+        log_level=log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=grace,
+        access_log=False,
+    )
+    server = _Server(config)
+
+    async def announce() -> None:
+        while not server.started:
+            if server.should_exit:
+                return
+            await asyncio.sleep(0.05)
+        for url in urls:
+            print(f"listening on {url}", flush=True, file=sys.stdout)
+
+    announcer = asyncio.ensure_future(announce())
+    try:
+        await server.serve(sockets=sockets)
+    finally:
+        announcer.cancel()
+        for s in sockets:
+            s.close()
+        if unix_socket is not None:
+            with contextlib.suppress(OSError):
+                unix_socket.unlink()

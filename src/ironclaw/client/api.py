@@ -1,0 +1,393 @@
+"""A thin async client of every API route: :class:`ApiClient`.
+
+``api_url`` is ``http(s)://host:port`` or ``unix:/path/to.sock``; without arguments
+the client reads ``IRONCLAW_API_URL`` and ``IRONCLAW_API_TOKEN``. Failures raise the
+exception the server raised (the class travels in the problem details).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from websockets.asyncio.client import ClientConnection, connect, unix_connect
+from websockets.exceptions import ConnectionClosed
+
+from ironclaw.client._errors import from_problem
+from ironclaw.client.protocol import OutputSink
+from ironclaw.errors import ApiError, ConfigError, ConnectError, IronclawError
+
+__all__ = ["API_TOKEN_ENV", "API_URL_ENV", "ApiClient", "ExecResult"]
+
+API_URL_ENV = "IRONCLAW_API_URL"
+API_TOKEN_ENV = "IRONCLAW_API_TOKEN"  # noqa: S105 - a variable name, not a secret
+CHUNK = 256 * 1024
+
+
+@dataclass
+class ExecResult:
+    """What one command did (the same fields as the in-process SDK's result)."""
+
+    sandbox_id: str
+    exit_code: int
+    signal: int | None
+    stdout: bytes
+    stderr: bytes
+    duration_ms: float
+    status: str = "exited"
+    timed_out: bool = False
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+
+    def to_json(self, backend: str) -> dict[str, Any]:
+        return {
+            "id": self.sandbox_id,
+            "backend": backend,
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "status": self.status,
+            "timed_out": self.timed_out,
+            "stdout": self.stdout.decode(errors="replace"),
+            "stderr": self.stderr.decode(errors="replace"),
+            "stdout_bytes": self.stdout_bytes,
+            "stderr_bytes": self.stderr_bytes,
+            "duration_ms": round(self.duration_ms, 3),
+        }
+
+
+async def _call(sink: OutputSink | None, chunk: bytes) -> None:
+    if sink is not None:
+        res = sink(chunk)
+        if res is not None:
+            await res
+
+
+class ApiClient:
+    """One connection pool to one server. Use as ``async with ApiClient() as api``."""
+
+    def __init__(
+        self, api_url: str | None = None, token: str | None = None, *, timeout: float = 60.0
+    ) -> None:
+        url = api_url or os.environ.get(API_URL_ENV)
+        if not url:
+            raise ConfigError(f"no API URL: pass api_url= or set {API_URL_ENV}")
+        self.token = token if token is not None else os.environ.get(API_TOKEN_ENV)
+        self.uds: str | None = None
+        if url.startswith("unix:"):
+            self.uds = url.removeprefix("unix:")
+            base, transport = "http://ironclaw", httpx.AsyncHTTPTransport(uds=self.uds)
+        elif url.startswith(("http://", "https://")):
+            # No Nagle: a request's body is written after its headers, and would otherwise
+            # wait for the server's delayed ACK (~40 ms per request with a body).
+            nodelay = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+            base = url.rstrip("/")
+            transport = httpx.AsyncHTTPTransport(socket_options=nodelay)
+        else:
+            raise ConfigError(f"API URL {url!r}: use http://HOST:PORT or unix:/PATH")
+        self.base = base
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        self.http = httpx.AsyncClient(
+            base_url=base,
+            transport=transport,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, read=None),
+        )
+
+    async def __aenter__(self) -> ApiClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            resp = await self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ConnectError(f"cannot reach the IronClaw API at {self.base}: {exc}") from None
+        if resp.status_code >= 400:
+            raise _problem(resp.status_code, resp.content)
+        if resp.status_code == 204 or not resp.content:
+            return None
+        return resp.json()
+
+    # -- sandboxes ---------------------------------------------------------------------
+
+    async def create(
+        self, spec: dict[str, Any] | None = None, *, sandbox_id: str | None = None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"spec": spec or {}}
+        if sandbox_id is not None:
+            body["id"] = sandbox_id
+        doc: dict[str, Any] = await self.request("POST", "/v1/sandboxes", json=body)
+        return doc
+
+    async def list_sandboxes(self, state: str | None = None) -> list[dict[str, Any]]:
+        params = {"state": state} if state else None
+        docs: list[dict[str, Any]] = await self.request("GET", "/v1/sandboxes", params=params)
+        return docs
+
+    async def get(self, sandbox_id: str) -> dict[str, Any]:
+        doc: dict[str, Any] = await self.request("GET", f"/v1/sandboxes/{_seg(sandbox_id)}")
+        return doc
+
+    async def delete(self, sandbox_id: str) -> None:
+        await self.request("DELETE", f"/v1/sandboxes/{_seg(sandbox_id)}")
+
+    async def ping(self, sandbox_id: str) -> dict[str, Any]:
+        doc: dict[str, Any] = await self.request("POST", f"/v1/sandboxes/{_seg(sandbox_id)}/ping")
+        return doc
+
+    # -- exec --------------------------------------------------------------------------
+
+    async def exec(
+        self,
+        sandbox_id: str,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | None = None,
+        keep_background: bool = False,
+    ) -> ExecResult:
+        """Run a command; output comes back whole (see :meth:`exec_stream`)."""
+        body: dict[str, Any] = {
+            "argv": argv,
+            "env": env,
+            "cwd": cwd,
+            "timeout": timeout,
+            "keep_background": keep_background,
+        }
+        if stdin is not None:
+            body["stdin_b64"] = base64.b64encode(stdin).decode()
+        doc = await self.request("POST", f"/v1/sandboxes/{_seg(sandbox_id)}/exec", json=body)
+        out, err = base64.b64decode(doc["stdout_b64"]), base64.b64decode(doc["stderr_b64"])
+        return ExecResult(
+            sandbox_id=sandbox_id,
+            exit_code=int(doc["exit_code"]),
+            signal=doc.get("signal"),
+            stdout=out,
+            stderr=err,
+            duration_ms=float(doc["duration_ms"]),
+            status=str(doc["status"]),
+            timed_out=bool(doc["timed_out"]),
+            stdout_bytes=len(out),
+            stderr_bytes=len(err),
+        )
+
+    def _ws(self, sandbox_id: str) -> Any:
+        path = f"/v1/sandboxes/{_seg(sandbox_id)}/exec/ws"
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        if self.uds is not None:
+            return unix_connect(
+                self.uds, f"ws://ironclaw{path}", additional_headers=headers, max_size=None
+            )
+        ws_base = self.base.replace("http", "ws", 1)
+        return connect(f"{ws_base}{path}", additional_headers=headers, max_size=None)
+
+    async def exec_stream(
+        self,
+        sandbox_id: str,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | AsyncIterator[bytes] | None = None,
+        on_stdout: OutputSink | None = None,
+        on_stderr: OutputSink | None = None,
+        capture: bool = True,
+        keep_background: bool = False,
+    ) -> ExecResult:
+        """Run a command over the WebSocket: output reaches the sinks as it is printed,
+        and ``stdin`` (bytes or an async iterator) is sent while the command runs."""
+        bufs = (bytearray(), bytearray())
+        counts = [0, 0]
+        try:
+            async with self._ws(sandbox_id) as ws:
+                await ws.send(
+                    json.dumps(
+                        {
+                            "argv": argv,
+                            "env": env,
+                            "cwd": cwd,
+                            "timeout": timeout,
+                            "stdin": stdin is not None,
+                            "keep_background": keep_background,
+                        }
+                    )
+                )
+                feeder = asyncio.ensure_future(_feed(ws, stdin)) if stdin is not None else None
+                try:
+                    async for msg in ws:
+                        if isinstance(msg, bytes):
+                            i = 0 if msg[:1] == b"\x01" else 1
+                            chunk = msg[1:]
+                            counts[i] += len(chunk)
+                            if capture:
+                                bufs[i].extend(chunk)
+                            await _call(on_stdout if i == 0 else on_stderr, chunk)
+                            continue
+                        doc = json.loads(msg)
+                        if doc.get("type") == "error":
+                            raise from_problem(int(doc.get("status", 500)), doc)
+                        if doc.get("type") == "exit":
+                            break
+                    else:
+                        raise ApiError("the server closed the exec stream without a result")
+                finally:
+                    if feeder is not None:
+                        feeder.cancel()
+                        await asyncio.gather(feeder, return_exceptions=True)
+        except (OSError, ConnectionClosed) as exc:
+            raise ConnectError(f"exec stream to {self.base} failed: {exc}") from None
+        except IronclawError:
+            raise
+        except Exception as exc:  # websockets' handshake errors (a 4xx on upgrade)
+            raise ApiError(f"exec stream to {self.base} failed: {exc}") from None
+        return ExecResult(
+            sandbox_id=sandbox_id,
+            exit_code=int(doc["exit_code"]),
+            signal=doc.get("signal"),
+            stdout=bytes(bufs[0]),
+            stderr=bytes(bufs[1]),
+            duration_ms=float(doc.get("duration_ms") or 0.0),
+            status="timeout" if doc.get("timed_out") else "exited",
+            timed_out=bool(doc.get("timed_out")),
+            stdout_bytes=counts[0],
+            stderr_bytes=counts[1],
+        )
+
+    # -- files -------------------------------------------------------------------------
+
+    def _files(self, sandbox_id: str, tail: str = "") -> str:
+        return f"/v1/sandboxes/{_seg(sandbox_id)}/files{tail}"
+
+    async def write_file(
+        self,
+        sandbox_id: str,
+        path: str,
+        data: bytes | AsyncIterator[bytes],
+        *,
+        mode: int = 0o644,
+    ) -> int:
+        """Upload, streamed: an async iterator is sent chunk by chunk as it yields."""
+        doc = await self.request(
+            "PUT",
+            self._files(sandbox_id, "/content"),
+            params={"path": path, "mode": mode},
+            content=data,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        return int(doc["size"])
+
+    async def read_file(self, sandbox_id: str, path: str, sink: OutputSink | None = None) -> bytes:
+        """Download, streamed into ``sink`` (then nothing is kept) or returned whole."""
+        buf = bytearray()
+        try:
+            async with self.http.stream(
+                "GET", self._files(sandbox_id, "/content"), params={"path": path}
+            ) as resp:
+                if resp.status_code >= 400:
+                    raise _problem(resp.status_code, await resp.aread())
+                async for chunk in resp.aiter_bytes(CHUNK):
+                    if sink is None:
+                        buf.extend(chunk)
+                    else:
+                        await _call(sink, chunk)
+        except httpx.HTTPError as exc:
+            raise ConnectError(f"download from {self.base} failed: {exc}") from None
+        return bytes(buf)
+
+    async def list_files(self, sandbox_id: str, path: str = ".") -> list[dict[str, Any]]:
+        docs: list[dict[str, Any]] = await self.request(
+            "GET", self._files(sandbox_id), params={"path": path}
+        )
+        return docs
+
+    async def stat(self, sandbox_id: str, path: str) -> dict[str, Any]:
+        doc: dict[str, Any] = await self.request(
+            "GET", self._files(sandbox_id, "/stat"), params={"path": path}
+        )
+        return doc
+
+    async def remove(self, sandbox_id: str, path: str, *, recursive: bool = False) -> None:
+        params: dict[str, Any] = {"path": path, "recursive": recursive}
+        await self.request("DELETE", self._files(sandbox_id), params=params)
+
+    async def mkdir(self, sandbox_id: str, path: str) -> None:
+        await self.request("POST", self._files(sandbox_id, "/mkdir"), params={"path": path})
+
+    # -- agent tasks and approvals -----------------------------------------------------
+
+    async def start_task(self, task: str, **fields: Any) -> dict[str, Any]:
+        """Start an agent task (fields: model, script, sandbox, budget, approve, keep)."""
+        doc: dict[str, Any] = await self.request("POST", "/v1/tasks", json={"task": task, **fields})
+        return doc
+
+    async def task(self, task_id: str) -> dict[str, Any]:
+        doc: dict[str, Any] = await self.request("GET", f"/v1/tasks/{_seg(task_id)}")
+        return doc
+
+    async def cancel_task(self, task_id: str) -> dict[str, Any]:
+        doc: dict[str, Any] = await self.request("POST", f"/v1/tasks/{_seg(task_id)}/cancel")
+        return doc
+
+    async def events(self, task_id: str) -> AsyncIterator[dict[str, Any]]:
+        """The task's trace events (Server-Sent Events), from the first until the end."""
+        async with self.http.stream("GET", f"/v1/tasks/{_seg(task_id)}/events") as resp:
+            if resp.status_code >= 400:
+                raise _problem(resp.status_code, await resp.aread())
+            name, data = "", ""
+            async for line in resp.aiter_lines():
+                if line.startswith("event:"):
+                    name = line[6:].strip()
+                elif line.startswith("data:"):
+                    data += line[5:].strip()
+                elif not line and data:
+                    if name == "end":
+                        return
+                    yield json.loads(data)
+                    name, data = "", ""
+
+    async def approvals(self) -> list[dict[str, Any]]:
+        docs: list[dict[str, Any]] = await self.request("GET", "/v1/approvals")
+        return docs
+
+    async def decide(self, approval_id: str, approve: bool) -> None:
+        await self.request("POST", f"/v1/approvals/{_seg(approval_id)}", json={"approve": approve})
+
+
+async def _feed(ws: ClientConnection, stdin: bytes | AsyncIterator[bytes]) -> None:
+    if isinstance(stdin, bytes | bytearray):
+        for i in range(0, len(stdin), CHUNK):
+            await ws.send(bytes(stdin[i : i + CHUNK]))
+    else:
+        async for chunk in stdin:
+            await ws.send(chunk)
+    await ws.send(json.dumps({"type": "eof"}))
+
+
+def _problem(status: int, content: bytes) -> IronclawError:
+    try:
+        doc = json.loads(content)
+    except ValueError:
+        doc = content.decode(errors="replace")
+    return from_problem(status, doc)
+
+
+def _seg(value: str) -> str:
+    return quote(value, safe="")

@@ -26,7 +26,7 @@ from ironclaw.agent.tasks import TaskOutcome, TaskSpec, run_task
 from ironclaw.api.auth import Principal
 from ironclaw.api.service import Approve, Read, Service, ServiceDep, Write
 from ironclaw.errors import ConfigError, IronclawError, NotFound
-from ironclaw.guest.agent_loop import Budget
+from ironclaw.proto.methods import Budget
 from ironclaw.ids import new_sandbox_id
 from ironclaw.spec import parse_spec
 

@@ -589,6 +589,10 @@ class SandboxManager:
                 result.status = "pids limit"
         return result
 
+    async def call(self, sandbox_id: str, method: str, params: Any = None) -> Any:
+        """A raw channel call (the service's file routes use it)."""
+        return await (await self.peer(sandbox_id)).call(method, params)
+
     async def _rid(self, sandbox_id: str) -> str:
         rid = self._rids.get(sandbox_id)
         if rid is None:

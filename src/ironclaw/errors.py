@@ -77,6 +77,7 @@ __all__ = [
     "ResourceLimitExceeded",
     "RpcError",
     "SandboxError",
+    "SandboxLost",
     "SandboxNotFound",
     "SandboxTimeout",
     "ScopeError",
@@ -125,6 +126,12 @@ class BackendError(SandboxError):
 
 class ResourceLimitExceeded(SandboxError):
     wire_code = -32014
+
+
+class SandboxLost(SandboxError):
+    """The cluster node that held the sandbox was lost; so is the sandbox's state."""
+
+    wire_code = -32016
 
 
 class BudgetExceeded(ResourceLimitExceeded):
@@ -280,6 +287,7 @@ _BY_NAME: dict[str, type[IronclawError]] = {
         SandboxError,
         SandboxNotFound,
         SandboxTimeout,
+        SandboxLost,
         BackendError,
         ResourceLimitExceeded,
         BudgetExceeded,

@@ -8,6 +8,7 @@ environment; that tag, not a process name, is how a node is killed and torn down
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
@@ -158,3 +159,50 @@ class RayCluster:
         for name in self.nodes:
             self.kill(name)
         shutil.rmtree(self.base / "ray", ignore_errors=True)
+
+    def cleanup(self) -> None:
+        """After :meth:`stop`: remove what any node's sandboxes left (registry rows,
+        cgroups, network namespaces), each with that node's own settings."""
+        for node in self.nodes.values():
+            _cleanup_node(node)
+
+
+def _cleanup_node(node: Node) -> None:
+    from ironclaw.config import Settings
+    from ironclaw.host.manager import SandboxManager
+
+    async def run() -> None:
+        mgr = SandboxManager(
+            Settings.from_env(node.env),
+            uid_base=node.uid_base,
+            cgroup_root=node.cgroup_root,
+            reconcile_on_open=False,
+        )
+        await mgr.open()
+        try:
+            for record in await mgr.store.all():
+                with contextlib.suppress(Exception):
+                    await mgr.destroy(record.id)
+            await mgr.reconcile()
+        finally:
+            await mgr.aclose()
+
+    old = os.environ.get("IRONCLAW_NET_POOL")
+    os.environ["IRONCLAW_NET_POOL"] = node.env["IRONCLAW_NET_POOL"]
+    try:
+        with contextlib.suppress(Exception):
+            asyncio.run(run())
+    finally:
+        if old is None:
+            os.environ.pop("IRONCLAW_NET_POOL", None)
+        else:
+            os.environ["IRONCLAW_NET_POOL"] = old
+    base = Path("/sys/fs/cgroup")
+    for root in [base / node.cgroup_root, *(c / node.cgroup_root for c in base.iterdir())]:
+        if root.is_dir():
+            for sub in sorted(root.rglob("*"), reverse=True):
+                if sub.is_dir():
+                    with contextlib.suppress(OSError):
+                        sub.rmdir()
+            with contextlib.suppress(OSError):
+                root.rmdir()

@@ -8,21 +8,18 @@ the node comes back nothing of its lost sandboxes remains.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ironclaw.cluster.placement import NodeCapacity, choose_node
 from ironclaw.errors import SandboxError, SandboxLost
-
-from conftest import _remove_cgroup_root
-from raycluster import RayCluster, tagged
+from raycluster import RayCluster
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -70,40 +67,6 @@ def test_single_host_serve_does_not_import_ray() -> None:
     assert done.stdout.strip() == "no ray"
 
 
-def _cleanup_node(cluster: RayCluster, name: str) -> None:
-    """Remove whatever a failed run left on one node (its registry, cgroups, netns)."""
-    from ironclaw.config import Settings
-    from ironclaw.host.manager import SandboxManager
-
-    node = cluster.nodes[name]
-
-    async def run() -> None:
-        mgr = SandboxManager(
-            Settings.from_env(node.env),
-            uid_base=node.uid_base,
-            cgroup_root=node.cgroup_root,
-            reconcile_on_open=False,
-        )
-        await mgr.open()
-        try:
-            for record in await mgr.store.all():
-                with contextlib.suppress(Exception):
-                    await mgr.destroy(record.id)
-            await mgr.reconcile()
-        finally:
-            await mgr.aclose()
-
-    with contextlib.suppress(Exception):
-        old = os.environ.get("IRONCLAW_NET_POOL")
-        os.environ["IRONCLAW_NET_POOL"] = node.env["IRONCLAW_NET_POOL"]
-        try:
-            asyncio.run(run())
-        finally:
-            if old is not None:
-                os.environ["IRONCLAW_NET_POOL"] = old
-    _remove_cgroup_root(node.cgroup_root)
-
-
 @pytest.fixture
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
     """A head (node a, 127.0.0.1) and a worker (node b, 127.0.0.2), torn down after."""
@@ -116,8 +79,23 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
         yield cluster
     finally:
         cluster.stop()
-        for name in cluster.nodes:
-            _cleanup_node(cluster, name)
+        cluster.cleanup()
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie is dead: killed, waiting for init to reap it)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(line.startswith("State:\tZ") for line in f)
+    except FileNotFoundError:
+        return False
+
+
+def _procs_of_uid(uid: int) -> list[int]:
+    from ironclaw.resources.procs import host_uid
+
+    pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    return [p for p in pids if host_uid(p) == uid and _alive(p)]
 
 
 async def _until(check: object, what: str, limit: float = 120.0) -> None:
@@ -150,7 +128,11 @@ async def test_two_nodes_spread_route_lose_and_recover(ray_cluster: RayCluster) 
         # exec and files on each node, each sandbox its own
         for sid in where:
             result = await cluster.exec(sid, ["sh", "-c", "echo $0; echo err >&2", sid])
-            assert (result.exit_code, result.stdout, result.stderr) == (0, f"{sid}\n".encode(), b"err\n")
+            assert (result.exit_code, result.stdout, result.stderr) == (
+                0,
+                f"{sid}\n".encode(),
+                b"err\n",
+            )
             data = os.urandom(700_000)  # more than two chunks each way
             assert await cluster.write_file(sid, "/tmp/blob", data) == len(data)
             got = bytearray()
@@ -164,6 +146,8 @@ async def test_two_nodes_spread_route_lose_and_recover(ray_cluster: RayCluster) 
 
         # node b dies: its raylet and workers are killed, its sandboxes stay behind
         b_records = {sid: await cluster.get(sid) for sid in on["b"]}
+        for record in b_records.values():
+            assert _procs_of_uid(record.info["host_uid"]), "the sandbox should be running"
         assert ray_cluster.kill("b")
         await _until(lambda: cluster.nodes["b"].lost_reason is not None, "node b lost")
         for sid in on["b"]:
@@ -175,6 +159,8 @@ async def test_two_nodes_spread_route_lose_and_recover(ray_cluster: RayCluster) 
                 await cluster.read_file(sid, "/tmp/blob", limit=None)
         for sid in on["a"]:
             assert (await cluster.exec(sid, ["echo", "still"])).stdout == b"still\n"
+        for record in b_records.values():  # left behind, for the node's return to remove
+            assert _alive(record.info["pid"])
         late = await cluster.create(spec)
         assert cluster.placement(late.id) == "a"
         with pytest.raises(SandboxError, match="is lost"):
@@ -183,17 +169,14 @@ async def test_two_nodes_spread_route_lose_and_recover(ray_cluster: RayCluster) 
 
         # node b comes back: its new actor removes everything the dead one left
         ray_cluster.restart("b")
-        await _until(
-            lambda: cluster.nodes["b"].lost_reason is None, "node b back", limit=240
-        )
+        await _until(lambda: cluster.nodes["b"].lost_reason is None, "node b back", limit=240)
         node_b = cluster.nodes["b"].actor
         assert await node_b.sandboxes.remote() == []
         cg = Path("/sys/fs/cgroup") / ray_cluster.nodes["b"].cgroup_root
         for sid, record in b_records.items():
             assert not any(cg.glob(f"**/*{record.rid}*")), sid
-            pid = record.info.get("pid")
-            if pid:
-                assert not Path(f"/proc/{pid}").exists() or tagged("nothing") == []
+            assert not _alive(record.info["pid"]), sid
+            assert _procs_of_uid(record.info["host_uid"]) == [], sid
         # lost sandboxes are forgotten on removal; new ones reach node b again
         for sid in on["b"]:
             await cluster.destroy(sid)

@@ -26,8 +26,8 @@ from ironclaw.agent.tasks import TaskOutcome, TaskSpec, run_task
 from ironclaw.api.auth import Principal
 from ironclaw.api.service import Approve, Read, Service, ServiceDep, Write
 from ironclaw.errors import ConfigError, IronclawError, NotFound
-from ironclaw.proto.methods import Budget
 from ironclaw.ids import new_sandbox_id
+from ironclaw.proto.methods import Budget
 from ironclaw.spec import parse_spec
 
 __all__ = ["TaskRegistry", "TaskRun", "router"]

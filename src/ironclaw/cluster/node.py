@@ -21,7 +21,8 @@ from typing import Any
 
 from ironclaw.config import Settings
 from ironclaw.errors import ConfigError, SandboxNotFound
-from ironclaw.host.manager import DEFAULT_CAPTURE_LIMIT, SandboxManager
+from ironclaw.host.guest import DEFAULT_CAPTURE_LIMIT
+from ironclaw.host.manager import SandboxManager
 from ironclaw.resources.store import SandboxRecord
 
 __all__ = ["CHUNK", "NodeAgent", "node_memory_mib"]

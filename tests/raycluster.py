@@ -42,35 +42,45 @@ def _free_port() -> int:
 
 
 def tagged(tag: str) -> list[int]:
-    """Pids whose environment carries ``IRONCLAW_TEST_RAY_NODE=tag``, except sandboxes
-    (bubblewrap and below): killing a node leaves its sandboxes behind, as a crashed
-    raylet would."""
+    """Pids of a node: those whose environment carries ``IRONCLAW_TEST_RAY_NODE=tag``
+    and everything below them (Ray's agents and workers rewrite their environment when
+    they set their process title), except sandboxes (bubblewrap and below): killing a
+    node leaves its sandboxes behind, as a crashed raylet would."""
     needle = f"IRONCLAW_TEST_RAY_NODE={tag}".encode()
-    pids = []
+    children: dict[int, list[int]] = {}
+    roots = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
+        pid = int(entry)
         try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if needle not in f.read().split(b"\0"):
-                    continue
-            if _under_bwrap(int(entry)):
-                continue
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read()
         except OSError:
             continue
-        pids.append(int(entry))
-    return pids
+        if stat[stat.index("(") + 1 : stat.rindex(")")] == "bwrap":
+            continue  # a sandbox: neither it nor anything below it
+        children.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(pid)
+        if needle in env.split(b"\0"):
+            roots.append(pid)
+    found: set[int] = set()
+    todo = list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo.extend(children.get(pid, []))
+    return sorted(found)
 
 
-def _under_bwrap(pid: int) -> bool:
-    while pid > 1:
+def _running(pid: int) -> bool:
+    try:
         with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        if comm == "bwrap":
-            return True
-        pid = int(stat[stat.rindex(")") + 2 :].split()[1])
-    return False
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 @dataclass
@@ -150,14 +160,18 @@ class RayCluster:
         self._ray_start(self.nodes[name], head=False)
 
     def stop(self) -> None:
-        """Every node down (workers first), then what the nodes' sandboxes left."""
-        for name in reversed(list(self.nodes)):
-            self.kill(name, signal.SIGTERM)
+        """Every node down (workers first): SIGTERM, then SIGKILL to whatever of the
+        same processes is left (found before the first signal: orphans lose their tag)."""
+        pids = [p for name in reversed(list(self.nodes)) for p in tagged(self.nodes[name].tag)]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(tagged(n.tag) for n in self.nodes.values()):
+        while time.monotonic() < deadline and any(_running(p) for p in pids):
             time.sleep(0.2)
-        for name in self.nodes:
-            self.kill(name)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.base / "ray", ignore_errors=True)
 
     def cleanup(self) -> None:

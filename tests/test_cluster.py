@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from apiserver import start_server
 from ironclaw.cluster.placement import NodeCapacity, choose_node
+from ironclaw.config import Settings
 from ironclaw.errors import SandboxError, SandboxLost
 from raycluster import RayCluster
 
@@ -67,7 +69,7 @@ def test_single_host_serve_does_not_import_ray() -> None:
     assert done.stdout.strip() == "no ray"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
     """A head (node a, 127.0.0.1) and a worker (node b, 127.0.0.2), torn down after."""
     base = tmp_path_factory.mktemp("rc")
@@ -110,6 +112,47 @@ async def _until(check: object, what: str, limit: float = 120.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"gave up waiting for {what}")
         await asyncio.sleep(0.5)
+
+
+async def _node_rows(cluster: RayCluster, name: str) -> set[str]:
+    """The sandbox ids in one node's own registry (read beside its actor)."""
+    from ironclaw.config import Settings
+    from ironclaw.resources.store import Store
+
+    async with Store(Settings.from_env(cluster.nodes[name].env).registry_path) as store:
+        return {r.id for r in await store.all()}
+
+
+async def test_serve_cluster_routes_the_api_to_both_nodes(
+    ray_cluster: RayCluster, settings: Settings
+) -> None:
+    from ironclaw.client import ApiClient
+    from ironclaw.sdk import Sandbox
+
+    server = start_server(settings, "--cluster", ray_cluster.address)
+    try:
+        token = server.token("read", "write")
+        async with ApiClient(server.url, token) as api:
+            ids = [(await api.create({"limits": {"memory_mib": 128}}))["id"] for _ in range(2)]
+            a, b = await _node_rows(ray_cluster, "a"), await _node_rows(ray_cluster, "b")
+            assert len(a & set(ids)) == 1 and len(b & set(ids)) == 1, (ids, a, b)
+            for sid in ids:
+                result = await api.exec(sid, ["sh", "-c", "echo $0", sid])
+                assert (result.exit_code, result.stdout) == (0, f"{sid}\n".encode())
+            listed = {d["id"] for d in await api.list_sandboxes(state="running")}
+            assert listed == set(ids)
+            for sid in ids:
+                await api.delete(sid)
+            assert not (await _node_rows(ray_cluster, "a") | await _node_rows(ray_cluster, "b"))
+        async with Sandbox.create(sandbox_id="cl-sdk", api_url=server.url, token=token) as sb:
+            assert (await sb.ping())["uid"] == 1000
+            assert await sb.files.write("notes/a.txt", "hello") == 5
+            assert await sb.files.read("notes/a.txt") == b"hello"
+            assert [e["name"] for e in await sb.files.list("notes")] == ["a.txt"]
+    finally:
+        assert server.stop() == 0
+    # the service's node actors went with it, and so did their sandboxes
+    assert not (await _node_rows(ray_cluster, "a") | await _node_rows(ray_cluster, "b"))
 
 
 async def test_two_nodes_spread_route_lose_and_recover(ray_cluster: RayCluster) -> None:

@@ -41,11 +41,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def tagged(tag: str) -> list[int]:
+def tagged(tag: str, cgroup_root: str) -> list[int]:
     """Pids of a node: those whose environment carries ``IRONCLAW_TEST_RAY_NODE=tag``
     and everything below them (Ray's agents and workers rewrite their environment when
-    they set their process title), except sandboxes (bubblewrap and below): killing a
-    node leaves its sandboxes behind, as a crashed raylet would."""
+    they set their process title), except sandboxes (whatever runs in the node's
+    IronClaw cgroups): killing a node leaves its sandboxes behind, as a crashed raylet
+    would."""
     needle = f"IRONCLAW_TEST_RAY_NODE={tag}".encode()
     children: dict[int, list[int]] = {}
     roots = []
@@ -58,9 +59,11 @@ def tagged(tag: str) -> list[int]:
                 stat = f.read()
             with open(f"/proc/{pid}/environ", "rb") as f:
                 env = f.read()
+            with open(f"/proc/{pid}/cgroup") as f:
+                cgroups = f.read()
         except OSError:
             continue
-        if stat[stat.index("(") + 1 : stat.rindex(")")] == "bwrap":
+        if f"/{cgroup_root}/" in cgroups:
             continue  # a sandbox: neither it nor anything below it
         children.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(pid)
         if needle in env.split(b"\0"):
@@ -150,7 +153,8 @@ class RayCluster:
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> list[int]:
         """Kill the node's Ray processes (raylet, workers, agents); sandboxes stay."""
-        pids = tagged(self.nodes[name].tag)
+        node = self.nodes[name]
+        pids = tagged(node.tag, node.cgroup_root)
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
@@ -162,7 +166,8 @@ class RayCluster:
     def stop(self) -> None:
         """Every node down (workers first): SIGTERM, then SIGKILL to whatever of the
         same processes is left (found before the first signal: orphans lose their tag)."""
-        pids = [p for name in reversed(list(self.nodes)) for p in tagged(self.nodes[name].tag)]
+        nodes = reversed(list(self.nodes.values()))
+        pids = [p for n in nodes for p in tagged(n.tag, n.cgroup_root)]
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)

@@ -9,6 +9,7 @@ can catch one type at the top and still tell the kinds apart below it::
     ├── SandboxError              a sandbox could not do what was asked
     │   ├── SandboxNotFound
     │   ├── SandboxTimeout
+    │   ├── SandboxLost           its cluster node was lost (docs/CLUSTER.md)
     │   ├── BackendError          the jail/VM machinery failed (bwrap, qemu, firecracker)
     │   └── ResourceLimitExceeded memory, pids, time, disk
     │       └── BudgetExceeded    an agent task's steps, tokens, cost, wall time or

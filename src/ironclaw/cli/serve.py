@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
             str | None,
             typer.Option(
                 "--cluster",
-                help="Run sandboxes on a Ray cluster: auto, or ray://HOST:PORT "
+                help="Run sandboxes on a Ray cluster: auto, HOST:PORT or ray://HOST:PORT "
                 "(needs ironclaw[ray]; see docs/CLUSTER.md).",
             ),
         ] = None,

@@ -20,7 +20,7 @@ import pytest
 from apiserver import start_server
 from ironclaw.cluster.placement import NodeCapacity, choose_node
 from ironclaw.config import Settings
-from ironclaw.errors import SandboxError, SandboxLost
+from ironclaw.errors import ConfigError, SandboxError, SandboxLost
 from raycluster import RayCluster
 
 pytestmark = pytest.mark.timeout(900)
@@ -127,6 +127,7 @@ async def test_serve_cluster_routes_the_api_to_both_nodes(
     ray_cluster: RayCluster, settings: Settings
 ) -> None:
     from ironclaw.client import ApiClient
+    from ironclaw.cluster.cluster import Cluster
     from ironclaw.sdk import Sandbox
 
     server = start_server(settings, "--cluster", ray_cluster.address)
@@ -141,6 +142,10 @@ async def test_serve_cluster_routes_the_api_to_both_nodes(
                 assert (result.exit_code, result.stdout) == (0, f"{sid}\n".encode())
             listed = {d["id"] for d in await api.list_sandboxes(state="running")}
             assert listed == set(ids)
+            # a second service would wipe the first one's sandboxes: it is refused
+            with pytest.raises(ConfigError, match="another IronClaw service already drives"):
+                await Cluster(ray_cluster.address).open()
+            assert {d["id"] for d in await api.list_sandboxes(state="running")} == set(ids)
             for sid in ids:
                 await api.delete(sid)
             assert not (await _node_rows(ray_cluster, "a") | await _node_rows(ray_cluster, "b"))

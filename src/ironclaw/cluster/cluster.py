@@ -17,12 +17,13 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ironclaw.cluster.node import CHUNK, NodeAgent
+from ironclaw.cluster.node import CHUNK, NodeAgent, ServiceLease
 from ironclaw.cluster.placement import NODE_RESOURCE_PREFIX, NodeCapacity, choose_node
 from ironclaw.errors import (
     ConfigError,
@@ -39,6 +40,7 @@ from ironclaw.spec import SandboxSpec, parse_spec
 __all__ = ["Cluster", "ClusterNode"]
 
 T = TypeVar("T")
+HEAD_RESOURCE = "node:__internal_head__"  # Ray's own resource of the head node
 OutputSink = Callable[[bytes], Awaitable[None] | None]
 
 
@@ -51,6 +53,9 @@ class ClusterNode:
     actor: Any
     capacity: NodeCapacity
     lost_reason: str | None = None
+    #: Bumped when a create or destroy on the node starts or ends: a capacity report
+    #: asked for before a bump is stale (it may miss a debit) and is dropped.
+    epoch: int = 0
 
 
 @dataclass
@@ -73,6 +78,7 @@ class Cluster:
     _monitor: asyncio.Task[None] | None = None
     _refreshing: asyncio.Lock = field(default_factory=asyncio.Lock)
     _ray: Any = None
+    _lease: Any = None
 
     async def __aenter__(self) -> Cluster:
         await self.open()
@@ -88,6 +94,7 @@ class Cluster:
         except ImportError:
             raise ConfigError("clustering needs Ray: pip install 'ironclaw[ray]'") from None
         self._ray = ray
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # never report usage
         if not ray.is_initialized():
             try:
                 ray.init(
@@ -102,8 +109,25 @@ class Cluster:
                     f"cannot connect to the Ray cluster at {self.address}: {exc}; "
                     "start one with `ray start --head` (see docs/CLUSTER.md)"
                 ) from None
+        try:
+            # One service per cluster: a second one's node actors would clear the
+            # nodes' registries of the first one's sandboxes. The lease is a named
+            # actor on the head node; its name is taken while this service lives.
+            self._lease = (
+                ray.remote(ServiceLease)
+                .options(name="service", num_cpus=0, resources={HEAD_RESOURCE: 0.001})
+                .remote()
+            )
+        except ValueError:
+            ray.shutdown()
+            raise ConfigError(
+                "another IronClaw service already drives this Ray cluster: one service "
+                "per cluster; stop the other one first"
+            ) from None
         await self.refresh()
         if not self.nodes:
+            self._ray.kill(self._lease)
+            ray.shutdown()
             raise ConfigError(
                 "no Ray node offers an ironclaw_node_NAME resource; start nodes with "
                 "`ray start ... --resources '{\"ironclaw_node_NAME\": 1}'`"
@@ -123,6 +147,9 @@ class Cluster:
                 with contextlib.suppress(Exception):
                     self._ray.kill(node.actor)
         self.nodes.clear()
+        if self._lease is not None:
+            with contextlib.suppress(Exception):
+                self._ray.kill(self._lease)
         if self._ray is not None and self._ray.is_initialized():
             self._ray.shutdown()
 
@@ -180,8 +207,10 @@ class Cluster:
             for node in list(self.nodes.values()):
                 if node.lost_reason is None:
                     with contextlib.suppress(IronclawError, asyncio.TimeoutError):
+                        asked = node.epoch
                         cap = await self._on(node.name, node.actor.capacity.remote(), timeout=30)
-                        node.capacity = NodeCapacity(**cap)
+                        if node.epoch == asked and node.lost_reason is None:
+                            node.capacity = NodeCapacity(**cap)
 
     def capacities(self) -> list[NodeCapacity]:
         return [n.capacity for n in self.nodes.values()]
@@ -236,15 +265,18 @@ class Cluster:
         target.sandboxes += 1  # debited now, so concurrent creates spread out
         target.reserved_mib += spec.limits.memory_mib
         self.placements[sid] = target.name
-        actor = self.nodes[target.name].actor
+        owner = self.nodes[target.name]
+        owner.epoch += 1
         try:
-            return await self._on(target.name, actor.create.remote(spec.model_dump(), sid))
+            return await self._on(target.name, owner.actor.create.remote(spec.model_dump(), sid))
         except BaseException:
             if self.placements.get(sid) == target.name:
                 del self.placements[sid]
             target.sandboxes -= 1
             target.reserved_mib -= spec.limits.memory_mib
             raise
+        finally:
+            owner.epoch += 1
 
     async def get(self, sandbox_id: str) -> SandboxRecord:
         if sandbox_id in self.lost:
@@ -268,10 +300,14 @@ class Cluster:
         if self.lost.pop(sandbox_id, None) is not None:
             return
         name, actor = self._actor(sandbox_id)
-        await self._on(name, actor.destroy.remote(sandbox_id))
+        node = self.nodes[name]
+        node.epoch += 1
+        try:
+            await self._on(name, actor.destroy.remote(sandbox_id))
+        finally:
+            node.epoch += 1
         self.placements.pop(sandbox_id, None)
-        cap = self.nodes[name].capacity
-        cap.sandboxes = max(cap.sandboxes - 1, 0)
+        node.capacity.sandboxes = max(node.capacity.sandboxes - 1, 0)
 
     async def call(self, sandbox_id: str, method: str, params: Any = None) -> Any:
         name, actor = self._actor(sandbox_id)

@@ -25,7 +25,7 @@ from ironclaw.host.guest import DEFAULT_CAPTURE_LIMIT
 from ironclaw.host.manager import SandboxManager
 from ironclaw.resources.store import SandboxRecord
 
-__all__ = ["CHUNK", "NodeAgent", "node_memory_mib"]
+__all__ = ["CHUNK", "NodeAgent", "ServiceLease", "node_memory_mib"]
 
 #: The largest piece of output one streamed item carries.
 CHUNK = 256 * 1024
@@ -55,6 +55,13 @@ class _Upload:
         while (item := await self.queue.get()) is not _END:
             assert isinstance(item, bytes)
             yield item
+
+
+class ServiceLease:
+    """Held (as a named actor) by the one service that drives a cluster."""
+
+    def held(self) -> bool:
+        return True
 
 
 class NodeAgent:

@@ -31,7 +31,7 @@ $(STAMPS)/venv: pyproject.toml constraints.txt
 	@mkdir -p $(STAMPS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,ray]'
 	@touch $@
 
 venv: deps
@@ -61,6 +61,7 @@ bench: deps
 	$(PY) benchmarks/vm_boot.py --json
 	$(PY) benchmarks/procs.py --json
 	$(PY) benchmarks/api.py --json
+	$(PY) benchmarks/cluster.py --json
 
 clean:
 	rm -rf $(VENV) $(STAMPS)

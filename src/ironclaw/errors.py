@@ -9,6 +9,7 @@ can catch one type at the top and still tell the kinds apart below it::
     ├── SandboxError              a sandbox could not do what was asked
     │   ├── SandboxNotFound
     │   ├── SandboxTimeout
+    │   ├── SandboxLost           its cluster node was lost (docs/CLUSTER.md)
     │   ├── BackendError          the jail/VM machinery failed (bwrap, qemu, firecracker)
     │   └── ResourceLimitExceeded memory, pids, time, disk
     │       └── BudgetExceeded    an agent task's steps, tokens, cost, wall time or
@@ -77,6 +78,7 @@ __all__ = [
     "ResourceLimitExceeded",
     "RpcError",
     "SandboxError",
+    "SandboxLost",
     "SandboxNotFound",
     "SandboxTimeout",
     "ScopeError",
@@ -125,6 +127,12 @@ class BackendError(SandboxError):
 
 class ResourceLimitExceeded(SandboxError):
     wire_code = -32014
+
+
+class SandboxLost(SandboxError):
+    """The cluster node that held the sandbox was lost; so is the sandbox's state."""
+
+    wire_code = -32016
 
 
 class BudgetExceeded(ResourceLimitExceeded):
@@ -280,6 +288,7 @@ _BY_NAME: dict[str, type[IronclawError]] = {
         SandboxError,
         SandboxNotFound,
         SandboxTimeout,
+        SandboxLost,
         BackendError,
         ResourceLimitExceeded,
         BudgetExceeded,

@@ -22,6 +22,7 @@ import uvicorn
 from ironclaw.api.app import create_app
 from ironclaw.config import Settings
 from ironclaw.errors import ConfigError
+from ironclaw.host.manager import SandboxManager
 from ironclaw.transport._socket import listen_tcp
 
 __all__ = ["serve"]
@@ -76,8 +77,37 @@ async def serve(
     log_level: str = "warning",
     max_upload_mib: int = 4096,
     max_creating: int | None = None,
+    cluster: str | None = None,
 ) -> None:
-    """Serve until interrupted."""
+    """Serve until interrupted; with ``cluster`` (``auto`` or ``ray://HOST:PORT``) the
+    sandboxes live on the nodes of that Ray cluster (docs/CLUSTER.md)."""
+    if cluster is not None:
+        from ironclaw.cluster.manager import ClusterManager
+
+        manager = ClusterManager(settings or Settings.from_env(), address=cluster)
+        await manager.open()
+        try:
+            await _serve(settings, manager, host, port, unix_socket, tcp, grace, log_level,
+                         max_upload_mib, max_creating)  # fmt: skip
+        finally:
+            await manager.aclose()
+        return
+    await _serve(settings, None, host, port, unix_socket, tcp, grace, log_level,
+                 max_upload_mib, max_creating)  # fmt: skip
+
+
+async def _serve(
+    settings: Settings | None,
+    manager: SandboxManager | None,
+    host: str,
+    port: int,
+    unix_socket: Path | None,
+    tcp: bool,
+    grace: int,
+    log_level: str,
+    max_upload_mib: int,
+    max_creating: int | None,
+) -> None:
     sockets: list[socket.socket] = []
     urls: list[str] = []
     if tcp:
@@ -93,7 +123,12 @@ async def serve(
     if not sockets:
         raise ConfigError("nothing to listen on: give --port or --socket")
     config = uvicorn.Config(
-        create_app(settings, max_upload=max_upload_mib * 1024 * 1024, max_creating=max_creating),
+        create_app(
+            settings,
+            manager=manager,
+            max_upload=max_upload_mib * 1024 * 1024,
+            max_creating=max_creating,
+        ),
         log_level=log_level,
         lifespan="on",
         timeout_graceful_shutdown=grace,

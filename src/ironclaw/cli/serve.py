@@ -37,6 +37,14 @@ def register(app: typer.Typer) -> None:
                 help="Sandboxes starting at once (default: 2 per CPU); others queue.",
             ),
         ] = None,
+        cluster: Annotated[
+            str | None,
+            typer.Option(
+                "--cluster",
+                help="Run sandboxes on a Ray cluster: auto, HOST:PORT or ray://HOST:PORT "
+                "(needs ironclaw[ray]; see docs/CLUSTER.md).",
+            ),
+        ] = None,
     ) -> None:
         """Serve the HTTP API (sandboxes, exec, files, agent tasks, approvals, metrics).
 
@@ -54,5 +62,6 @@ def register(app: typer.Typer) -> None:
                 log_level=log_level,
                 max_upload_mib=max_upload,
                 max_creating=max_creating,
+                cluster=cluster,
             )
         )

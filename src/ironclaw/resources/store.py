@@ -30,7 +30,10 @@ from ironclaw.ids import validate_sandbox_id
 __all__ = ["ResourceRow", "SandboxRecord", "SandboxState", "Store", "TokenRow"]
 
 T = TypeVar("T")
-SandboxState = Literal["creating", "pooled", "running", "paused", "stopping", "dead", "failed"]
+#: ``lost``: its node (a cluster node) was lost; only the cluster head marks it.
+SandboxState = Literal[
+    "creating", "pooled", "running", "paused", "stopping", "dead", "failed", "lost"
+]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (

@@ -1,0 +1,234 @@
+"""IronClaw on a real local Ray cluster: two ``ray start`` nodes on loopback addresses.
+
+Placement spreads sandboxes over both nodes; exec and files reach each; a killed node's
+sandboxes report lost while the other node's keep working and new ones land there; when
+the node comes back nothing of its lost sandboxes remains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from apiserver import start_server
+from ironclaw.cluster.placement import NodeCapacity, choose_node
+from ironclaw.config import Settings
+from ironclaw.errors import ConfigError, SandboxError, SandboxLost
+from raycluster import RayCluster
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def _cap(name: str, sandboxes: int = 0, reserved: int = 0, alive: bool = True) -> NodeCapacity:
+    return NodeCapacity(name, 8, sandboxes, 4096, reserved, alive)
+
+
+def test_placement_prefers_the_freest_node_and_honours_affinity() -> None:
+    nodes = [_cap("a", sandboxes=2), _cap("b", sandboxes=1)]
+    assert choose_node(nodes, 512).name == "b"
+    # memory is the scarcer resource on b now
+    nodes = [_cap("a", sandboxes=2), _cap("b", sandboxes=1, reserved=3584)]
+    assert choose_node(nodes, 256).name == "a"
+    assert choose_node(nodes, 256, node="b").name == "b"
+    with pytest.raises(SandboxError, match="no cluster node has room"):
+        choose_node(nodes, 1024, node="b")
+    with pytest.raises(SandboxError, match="no cluster node named 'c'"):
+        choose_node(nodes, 256, node="c")
+
+
+def test_placement_never_picks_a_lost_node() -> None:
+    nodes = [_cap("a", sandboxes=7), _cap("b", alive=False)]
+    assert choose_node(nodes, 512).name == "a"
+    with pytest.raises(SandboxError, match="is lost"):
+        choose_node(nodes, 512, node="b")
+    nodes[0].sandboxes = 8
+    with pytest.raises(SandboxError, match="no cluster node has room"):
+        choose_node(nodes, 512)
+
+
+def test_single_host_serve_does_not_import_ray() -> None:
+    code = (
+        "import sys\n"
+        "from ironclaw.cli.main import app\n"
+        "from ironclaw.api.app import create_app\n"
+        "from ironclaw.api.server import serve\n"
+        "create_app()\n"
+        "assert 'ray' not in sys.modules, 'ray imported'\n"
+        "print('no ray')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "no ray"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
+    """A head (node a, 127.0.0.1) and a worker (node b, 127.0.0.2), torn down after."""
+    base = tmp_path_factory.mktemp("rc")
+    os.chmod(base, 0o700)
+    cluster = RayCluster(base)
+    try:
+        cluster.start("a")
+        cluster.add_node("b", "127.0.0.2")
+        yield cluster
+    finally:
+        cluster.stop()
+        cluster.cleanup()
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie is dead: killed, waiting for init to reap it)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(line.startswith("State:\tZ") for line in f)
+    except FileNotFoundError:
+        return False
+
+
+def _procs_of_uid(uid: int) -> list[int]:
+    from ironclaw.resources.procs import host_uid
+
+    pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    return [p for p in pids if host_uid(p) == uid and _alive(p)]
+
+
+async def _until(check: object, what: str, limit: float = 120.0) -> None:
+    """Poll ``check()`` (sync or async) until true; a bounded wait, not a timed check."""
+    deadline = time.monotonic() + limit
+    while True:
+        result = check()  # type: ignore[operator]
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        await asyncio.sleep(0.5)
+
+
+async def _node_rows(cluster: RayCluster, name: str) -> set[str]:
+    """The sandbox ids in one node's own registry (read beside its actor)."""
+    from ironclaw.config import Settings
+    from ironclaw.resources.store import Store
+
+    async with Store(Settings.from_env(cluster.nodes[name].env).registry_path) as store:
+        return {r.id for r in await store.all()}
+
+
+async def test_serve_cluster_routes_the_api_to_both_nodes(
+    ray_cluster: RayCluster, settings: Settings
+) -> None:
+    from ironclaw.client import ApiClient
+    from ironclaw.cluster.cluster import Cluster
+    from ironclaw.sdk import Sandbox
+
+    server = start_server(settings, "--cluster", ray_cluster.address)
+    try:
+        token = server.token("read", "write")
+        async with ApiClient(server.url, token) as api:
+            ids = [(await api.create({"limits": {"memory_mib": 128}}))["id"] for _ in range(2)]
+            a, b = await _node_rows(ray_cluster, "a"), await _node_rows(ray_cluster, "b")
+            assert len(a & set(ids)) == 1 and len(b & set(ids)) == 1, (ids, a, b)
+            for sid in ids:
+                result = await api.exec(sid, ["sh", "-c", "echo $0", sid])
+                assert (result.exit_code, result.stdout) == (0, f"{sid}\n".encode())
+            listed = {d["id"] for d in await api.list_sandboxes(state="running")}
+            assert listed == set(ids)
+            # a second service would wipe the first one's sandboxes: it is refused
+            with pytest.raises(ConfigError, match="another IronClaw service already drives"):
+                await Cluster(ray_cluster.address).open()
+            assert {d["id"] for d in await api.list_sandboxes(state="running")} == set(ids)
+            for sid in ids:
+                await api.delete(sid)
+            assert not (await _node_rows(ray_cluster, "a") | await _node_rows(ray_cluster, "b"))
+        async with Sandbox.create(sandbox_id="cl-sdk", api_url=server.url, token=token) as sb:
+            assert (await sb.ping())["uid"] == 1000
+            assert await sb.files.write("notes/a.txt", "hello") == 5
+            assert await sb.files.read("notes/a.txt") == b"hello"
+            assert [e["name"] for e in await sb.files.list("notes")] == ["a.txt"]
+    finally:
+        assert server.stop() == 0
+    # the service's node actors went with it, and so did their sandboxes
+    assert not (await _node_rows(ray_cluster, "a") | await _node_rows(ray_cluster, "b"))
+
+
+async def test_two_nodes_spread_route_lose_and_recover(ray_cluster: RayCluster) -> None:
+    from ironclaw.cluster.cluster import Cluster
+
+    cluster = Cluster(ray_cluster.address, health_interval=0.5)
+    await cluster.open()
+    try:
+        assert sorted(cluster.nodes) == ["a", "b"]
+        spec = {"limits": {"memory_mib": 128}}
+        records = [await cluster.create(spec) for _ in range(4)]
+        where = {r.id: cluster.placement(r.id) for r in records}
+        on = {n: [s for s, w in where.items() if w == n] for n in ("a", "b")}
+        assert len(on["a"]) == 2 and len(on["b"]) == 2, where
+
+        # exec and files on each node, each sandbox its own
+        for sid in where:
+            result = await cluster.exec(sid, ["sh", "-c", "echo $0; echo err >&2", sid])
+            assert (result.exit_code, result.stdout, result.stderr) == (
+                0,
+                f"{sid}\n".encode(),
+                b"err\n",
+            )
+            data = os.urandom(700_000)  # more than two chunks each way
+            assert await cluster.write_file(sid, "/tmp/blob", data) == len(data)
+            got = bytearray()
+            await cluster.read_file(sid, "/tmp/blob", got.extend, limit=None)
+            assert bytes(got) == data
+        streamed: list[bytes] = []
+        result = await cluster.exec(on["b"][0], ["sh", "-c", "head -c 600000 /dev/zero"],
+                                    on_stdout=streamed.append)  # fmt: skip
+        assert result.exit_code == 0 and sum(map(len, streamed)) == 600_000
+        assert len(streamed) >= 3  # it came in pieces, not one object
+
+        # node b dies: its raylet and workers are killed, its sandboxes stay behind
+        b_records = {sid: await cluster.get(sid) for sid in on["b"]}
+        for record in b_records.values():
+            assert _procs_of_uid(record.info["host_uid"]), "the sandbox should be running"
+        assert ray_cluster.kill("b")
+        await _until(lambda: cluster.nodes["b"].lost_reason is not None, "node b lost")
+        for sid in on["b"]:
+            record = await cluster.get(sid)
+            assert record.state == "lost" and "node b was lost" in (record.reason or "")
+            with pytest.raises(SandboxLost, match="node b was lost"):
+                await cluster.exec(sid, ["true"])
+            with pytest.raises(SandboxLost):
+                await cluster.read_file(sid, "/tmp/blob", limit=None)
+        for sid in on["a"]:
+            assert (await cluster.exec(sid, ["echo", "still"])).stdout == b"still\n"
+        for record in b_records.values():  # left behind, for the node's return to remove
+            assert _alive(record.info["pid"])
+        late = await cluster.create(spec)
+        assert cluster.placement(late.id) == "a"
+        with pytest.raises(SandboxError, match="is lost"):
+            await cluster.create(spec, node="b")
+        assert {r.id for r in await cluster.sandboxes() if r.state == "lost"} == set(on["b"])
+
+        # node b comes back: its new actor removes everything the dead one left
+        ray_cluster.restart("b")
+        await _until(lambda: cluster.nodes["b"].lost_reason is None, "node b back", limit=240)
+        node_b = cluster.nodes["b"].actor
+        assert await node_b.sandboxes.remote() == []
+        cg = Path("/sys/fs/cgroup") / ray_cluster.nodes["b"].cgroup_root
+        for sid, record in b_records.items():
+            assert not any(cg.glob(f"**/*{record.rid}*")), sid
+            assert not _alive(record.info["pid"]), sid
+            assert _procs_of_uid(record.info["host_uid"]) == [], sid
+        # lost sandboxes are forgotten on removal; new ones reach node b again
+        for sid in on["b"]:
+            await cluster.destroy(sid)
+        back = await cluster.create(spec, node="b")
+        assert (await cluster.exec(back.id, ["echo", "b"])).stdout == b"b\n"
+    finally:
+        await cluster.aclose()

@@ -208,6 +208,8 @@ async def run_task(
         # The host's budget ends the task (a refused model call or the wall time, then a
         # short grace); this timeout is only a backstop.
         run = asyncio.ensure_future(guest.run_agent(request, timeout=spec.budget.wall_time_s + 30))
+        # If this task is cancelled first, the guest's call ends with the sandbox.
+        run.add_done_callback(lambda t: t.cancelled() or t.exception())
         ran = await await_guest(run, gateway)
         claimed = None if ran is None else methods.to_json(ran)
         outcome = host_outcome(claimed, gateway, handlers)

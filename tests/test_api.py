@@ -40,9 +40,8 @@ def _auth(token: str) -> dict[str, str]:
 
 async def test_lifecycle_through_the_remote_sdk(server: Server) -> None:
     token = server.token("read", "write")
-    async with Sandbox.create(
-        {"limits": {"memory_mib": 256}}, sandbox_id="api-life", api_url=server.url, token=token
-    ) as sb:
+    spec = {"limits": {"memory_mib": 256}, "labels": {"team": "x"}}
+    async with Sandbox.create(spec, sandbox_id="api-life", api_url=server.url, token=token) as sb:
         assert sb.id == "api-life" and sb.backend == "namespace"
         assert (await sb.ping())["uid"] == 1000
         result = await sb.exec(["python3", "-c", "import sys; print(6 * 7); sys.exit(3)"])
@@ -59,6 +58,11 @@ async def test_lifecycle_through_the_remote_sdk(server: Server) -> None:
             listed = await api.list_sandboxes(state="running")
             assert [d["id"] for d in listed] == ["api-life"]
             assert await api.list_sandboxes(state="dead") == []
+            labelled = await api.list_sandboxes(state="running", labels={"team": "x"})
+            assert [d["id"] for d in labelled] == ["api-life"]
+            assert await api.list_sandboxes(labels={"team": "y"}) == []
+            with pytest.raises(ConfigError, match="KEY=VALUE"):
+                await api.request("GET", "/v1/sandboxes", params={"label": "novalue"})
     async with ApiClient(server.url, token) as api:
         with pytest.raises(SandboxNotFound):
             await api.get("api-life")

@@ -19,6 +19,7 @@ from pydantic import AfterValidator, BaseModel, Field
 
 from ironclaw.api.service import Read, ServiceDep, Write
 from ironclaw.errors import BodyTooLarge, ConfigError, IronclawError
+from ironclaw.host.controls import matches
 from ironclaw.ids import new_sandbox_id, validate_sandbox_id
 from ironclaw.proto import methods
 from ironclaw.resources.store import SandboxRecord
@@ -28,7 +29,7 @@ __all__ = ["UPLOAD_SUFFIX", "router"]
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"])
 UPLOAD_SUFFIX = "/files/content"
-State = Literal["creating", "pooled", "running", "stopping", "dead", "failed"]
+State = Literal["creating", "pooled", "running", "paused", "stopping", "dead", "failed", "lost"]
 SandboxId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
 
 
@@ -106,10 +107,21 @@ async def create_sandbox(body: SandboxCreate, who: Write, service: ServiceDep) -
 
 @router.get("", response_model=list[SandboxOut])
 async def list_sandboxes(
-    who: Read, service: ServiceDep, state: Annotated[State | None, Query()] = None
+    who: Read,
+    service: ServiceDep,
+    state: Annotated[State | None, Query()] = None,
+    label: Annotated[
+        list[str] | None, Query(description="KEY=VALUE; repeat to require several")
+    ] = None,
 ) -> list[SandboxOut]:
-    """The caller's sandboxes (every one for admin), optionally of one state."""
-    return [_out(r, o) for r, o in await service.listing(who) if state is None or r.state == state]
+    """The caller's sandboxes (every one for admin), with every label given, in ``state``."""
+    wanted: dict[str, str] = {}
+    for item in label or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"label filter {item[:80]!r} must be KEY=VALUE")
+        wanted[key] = value
+    return [_out(r, o) for r, o in await service.listing(who) if matches(r, wanted, state)]
 
 
 @router.get("/{sandbox_id}", response_model=SandboxOut)

@@ -134,9 +134,15 @@ class ApiClient:
         doc: dict[str, Any] = await self.request("POST", "/v1/sandboxes", json=body)
         return doc
 
-    async def list_sandboxes(self, state: str | None = None) -> list[dict[str, Any]]:
-        params = {"state": state} if state else None
-        docs: list[dict[str, Any]] = await self.request("GET", "/v1/sandboxes", params=params)
+    async def list_sandboxes(
+        self, state: str | None = None, labels: dict[str, str] | None = None
+    ) -> list[dict[str, Any]]:
+        """The caller's sandboxes in ``state`` carrying every one of ``labels``."""
+        params: list[tuple[str, str]] = [("state", state)] if state else []
+        params += [("label", f"{k}={v}") for k, v in (labels or {}).items()]
+        docs: list[dict[str, Any]] = await self.request(
+            "GET", "/v1/sandboxes", params=params or None
+        )
         return docs
 
     async def get(self, sandbox_id: str) -> dict[str, Any]:

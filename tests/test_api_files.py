@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Iterator
 
+import httpx
 import pytest
 
 from apiserver import Server, serve, start_server
@@ -106,3 +107,25 @@ async def test_uploads_over_the_limit_are_refused_and_leave_nothing(settings: Se
             await api.delete(sid)
     finally:
         srv.stop()
+
+
+def test_an_unreadable_file_is_a_problem_response_not_a_truncated_200(server: Server) -> None:
+    """Found by schemathesis: a file the sandbox cannot read (mode 000) used to start a 200
+    and then break its chunked body; now the read is tried before any byte is sent."""
+    token = server.token("read", "write")
+    with httpx.Client(
+        base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=60
+    ) as c:
+        sid = c.post("/v1/sandboxes", json={}).json()["id"]
+        try:
+            put = c.put(f"/v1/sandboxes/{sid}/files/content?path=locked&mode=0", content=b"hi")
+            assert put.status_code == 200, put.text
+            got = c.get(f"/v1/sandboxes/{sid}/files/content?path=locked")
+            assert got.status_code == 403, got.text
+            assert got.headers["content-type"] == "application/problem+json"
+            assert "Permission denied" in got.json()["detail"]
+            c.put(f"/v1/sandboxes/{sid}/files/content?path=empty", content=b"")
+            empty = c.get(f"/v1/sandboxes/{sid}/files/content?path=empty")
+            assert (empty.status_code, empty.content) == (200, b"")
+        finally:
+            c.delete(f"/v1/sandboxes/{sid}")

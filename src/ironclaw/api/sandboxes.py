@@ -254,7 +254,8 @@ async def upload(
 async def download(
     sandbox_id: str, path: PathQ, who: Read, service: ServiceDep
 ) -> StreamingResponse:
-    """Stream the file at ``path``; 404 (before any byte is sent) when it does not exist."""
+    """Stream the file at ``path``; a problem response (before any byte is sent) when it
+    does not exist or cannot be read."""
     await service.visible(who, sandbox_id)
     await service.peer(sandbox_id)
     info = await (await service.manager.guest(sandbox_id)).stat(path)
@@ -272,18 +273,34 @@ async def download(
         finally:
             await queue.put(None)
 
+    async def stop(producer: asyncio.Future[None]) -> None:
+        if not producer.done():
+            producer.cancel()
+            with contextlib.suppress(BaseException):
+                await producer
+
+    # The first chunk (or the end) is awaited before the response starts: a file that
+    # cannot be read (mode 000, vanished, refused) is a problem response, not a body cut
+    # short after a 200.
+    producer = asyncio.ensure_future(produce())
+    try:
+        first = await queue.get()
+        if first is None:
+            await producer  # re-raises the failed read
+    except BaseException:
+        await stop(producer)
+        raise
+
     async def body() -> AsyncIterator[bytes]:
-        producer = asyncio.ensure_future(produce())
         try:
-            while (chunk := await queue.get()) is not None:
+            chunk = first
+            while chunk is not None:
                 service.metrics.bytes_down.inc(len(chunk))
                 yield chunk
-            await producer  # re-raises a failed read: the response is cut short
+                chunk = await queue.get()
+            await producer  # re-raises a later failed read: the response is cut short
         finally:
-            if not producer.done():
-                producer.cancel()
-                with contextlib.suppress(BaseException):
-                    await producer
+            await stop(producer)
 
     headers = {"X-File-Size": str(info.size)}
     return StreamingResponse(body(), media_type="application/octet-stream", headers=headers)

@@ -5,7 +5,9 @@ can catch one type at the top and still tell the kinds apart below it::
 
     IronclawError
     ├── ConfigError               bad input: ids, specs, policies (nothing was changed)
-    │   └── InvalidSandboxId
+    │   ├── InvalidSandboxId
+    │   ├── InvalidRequest        well-formed but refused (a watch outside the workspace; 422)
+    │   └── Conflict              clashes with what exists (a port already exposed; 409)
     ├── SandboxError              a sandbox could not do what was asked
     │   ├── SandboxNotFound
     │   ├── SandboxTimeout
@@ -61,9 +63,11 @@ __all__ = [
     "ChannelClosed",
     "ChannelViolation",
     "ConfigError",
+    "Conflict",
     "ConnectError",
     "FrameTooLarge",
     "InvalidParams",
+    "InvalidRequest",
     "InvalidSandboxId",
     "IronclawError",
     "LimitExceeded",
@@ -105,6 +109,14 @@ class ConfigError(IronclawError):
 
 class InvalidSandboxId(ConfigError):
     """A sandbox id does not match ``[a-z0-9][a-z0-9-]{0,62}``."""
+
+
+class InvalidRequest(ConfigError):
+    """Input that parses but cannot be done as asked (the API answers 422)."""
+
+
+class Conflict(ConfigError):
+    """The request clashes with what exists, e.g. a port already exposed (the API: 409)."""
 
 
 class SandboxError(IronclawError):

@@ -14,9 +14,20 @@ from fastapi import APIRouter, FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import ironclaw
-from ironclaw.api import dashboard, exec_ws, problems, sandboxes, tasks
+from ironclaw.api import (
+    dashboard,
+    exec_ws,
+    ports,
+    problems,
+    proc_ws,
+    processes,
+    sandboxes,
+    tasks,
+    watch,
+)
 from ironclaw.api.metrics import BodyLimit, Metrics, RequestMetrics
 from ironclaw.api.service import Read, Service, ServiceDep
+from ironclaw.api.streams import StreamSlots
 from ironclaw.api.tasks import TaskRegistry
 from ironclaw.config import Settings
 from ironclaw.host.manager import SandboxManager
@@ -90,8 +101,11 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = service
+    app.state.streams = StreamSlots()  # attach, pty and watch streams, capped
     problems.install(app)
     for router in (meta, sandboxes.router, exec_ws.router, tasks.router, *routers):
+        app.include_router(router)
+    for router in (processes.router, proc_ws.router, ports.router, watch.router):
         app.include_router(router)
     app.include_router(dashboard.router)  # the web dashboard at /
     app.add_middleware(BodyLimit, max_body=max_body, exempt_suffix=sandboxes.UPLOAD_SUFFIX)

@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Any
 
 from ironclaw.client.api import ApiClient, ExecResult
+from ironclaw.client.procs import RemoteCommands, RemotePorts, RemotePty, RemoteWatch
 from ironclaw.client.protocol import OutputSink
 
 __all__ = ["RemoteFiles", "Sandbox"]
@@ -48,6 +49,12 @@ class RemoteFiles:
     async def mkdir(self, path: str) -> None:
         await self._sb.api.mkdir(self._sb.id, path)
 
+    def watch(
+        self, path: str = ".", *, recursive: bool = True, max_queue: int = 4096
+    ) -> RemoteWatch:
+        """Changes under ``path`` in order (see :class:`~ironclaw.client.procs.RemoteWatch`)."""
+        return RemoteWatch(self._sb.api, self._sb.id, path, recursive, max_queue)
+
 
 class Sandbox:
     """A sandbox served by ``ironclaw serve``. Build with :meth:`create` or :meth:`connect`."""
@@ -56,6 +63,9 @@ class Sandbox:
         self.api = api
         self.record = record
         self.files = RemoteFiles(self)
+        self.commands = RemoteCommands(api, self.id)
+        self.pty = RemotePty(api, self.id)
+        self.ports = RemotePorts(api, self.id)
         self._owns_client = owns
         self._destroyed = False
 

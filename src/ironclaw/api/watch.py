@@ -74,9 +74,12 @@ async def watch(
     events = processes.watch(guest, path, recursive=recursive, max_queue=max_queue)
     first = asyncio.ensure_future(anext(events))
     try:
-        # The guest installs the watch before it answers any later call: two pings
-        # later, a refusal (outside through a symlink, missing) has come back.
-        for _ in range(2):
+        # The guest installs the watch before it answers any later call. Let the watch
+        # request go out first (a few loop turns: its call is a task of a task); two
+        # pings after it, a refusal (outside through a symlink, missing) has come back.
+        for _ in range(8):
+            await asyncio.sleep(0)
+        for _ in range(3):
             await guest.ping()
             if first.done():
                 break

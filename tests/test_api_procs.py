@@ -6,13 +6,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from apiserver import Server, serve
+from apiserver import SRC, Server, serve
 from ironclaw.client import Sandbox
 from ironclaw.client.procs import RemoteWatch
 from ironclaw.config import Settings
@@ -338,3 +341,49 @@ def test_routes_are_in_the_openapi_schema(server: Server) -> None:
         "/v1/sandboxes/{sandbox_id}/watch",
     ):
         assert path in paths, path
+
+
+async def test_cli_commands_run_through_the_api(
+    server: Server, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    token = server.token("read", "write")
+    # An empty home of its own: only the API can know the server's sandboxes.
+    home = tmp_path_factory.mktemp("clihome")
+    env = {**os.environ, "PYTHONPATH": SRC, "IRONCLAW_HOME": str(home), "IRONCLAW_API_TOKEN": token}
+    base = [sys.executable, "-m", "ironclaw.cli", "--api", server.url]
+
+    def cli(*args: str, code: int = 0) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([*base, *args], capture_output=True, text=True, env=env, timeout=60)
+        assert proc.returncode == code, proc.stderr
+        return proc
+
+    async with Sandbox.create(
+        NET, sandbox_id="api-cli-procs", api_url=server.url, token=token
+    ) as sb:
+        pid = int(
+            cli("sandbox", "run", "-d", "--tag", "web", sb.id, "--", "sh", "-c", SERVER).stdout
+        )
+        [row] = json.loads(cli("sandbox", "ps", "--json", sb.id).stdout)["procs"]
+        assert (row["pid"], row["tag"], row["running"]) == (pid, "web", True)
+        attach = subprocess.Popen(
+            [*base, "sandbox", "attach", sb.id, "web"], stdout=subprocess.PIPE, env=env
+        )
+        assert attach.stdout is not None
+        first = await asyncio.to_thread(attach.stdout.readline)
+        assert first.startswith(b"child=")
+        info = json.loads(cli("sandbox", "kill", "--json", sb.id, str(pid)).stdout)
+        assert info["running"] is False and info["exit_code"] == 137
+        assert await asyncio.to_thread(attach.stdout.read) == b"ready\n"
+        assert await asyncio.to_thread(attach.wait, 30) == 137
+        cli("sandbox", "kill", sb.id, "nope", code=1)
+        # Ports: expose, list, refuse a second time, remove.
+        await _serving(sb, 8000)
+        made = json.loads(cli("sandbox", "port", "--json", sb.id, "8000").stdout)
+        assert made["port"] == 8000 and made["url"].startswith("http://127.0.0.1:")
+        async with httpx.AsyncClient(timeout=10) as http:
+            assert (await http.get(made["url"] + "/")).status_code == 200
+        assert cli("sandbox", "port", sb.id).stdout == f"8000\t{made['url']}\n"
+        again = cli("sandbox", "port", sb.id, "8000", code=2)  # bad input, as in-process
+        assert "already exposed" in again.stderr
+        cli("sandbox", "port", "--rm", sb.id, "8000")
+        assert json.loads(cli("sandbox", "port", "--json", sb.id).stdout) == {"ports": []}

@@ -55,7 +55,7 @@ async def _exposed(service: ServiceDep, sandbox_id: str) -> dict[int, ExposedPor
 async def expose(sandbox_id: str, body: PortExpose, who: Write, service: ServiceDep) -> PortOut:
     """Forward a host port to ``port`` inside; 409 if that port is exposed already."""
     await service.visible(who, sandbox_id)
-    taken = f"port {body.port} of {sandbox_id} is already exposed: DELETE it first"
+    taken = f"port {body.port} of {sandbox_id} is already exposed: unexpose it first"
     if body.port in await _exposed(service, sandbox_id):
         raise Conflict(taken)
     host = str(body.bind) if body.bind is not None else "127.0.0.1"

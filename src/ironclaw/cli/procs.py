@@ -1,7 +1,8 @@
-"""``ironclaw sandbox run -d / ps / attach / kill`` and the terminal of ``exec -t``.
+"""``ironclaw sandbox run -d / ps / attach / kill / port`` and the terminal of ``exec -t``.
 
 Each command is its own short-lived process: the guest keeps detached commands and their
 output, so ``attach`` from a new shell replays what the command printed and follows it.
+With ``--api URL`` they go through ``ironclaw serve`` (:mod:`ironclaw.cli.remote_procs`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ IdArg = Annotated[str, typer.Argument(help="Sandbox id.")]
 TargetArg = Annotated[str, typer.Argument(help="The command's pid or tag.")]
 
 
+def _api() -> bool:
+    """Whether ``--api`` (``IRONCLAW_API_URL``) sends these commands to ``ironclaw serve``."""
+    return bool(os.environ.get("IRONCLAW_API_URL"))
+
+
 def _exit_status(info: object) -> int:
     code = getattr(info, "exit_code", None)
     return 0 if code is None else int(code)
@@ -55,6 +61,13 @@ def sandbox_run(
 
     async def main() -> int:
         argv = command[1:] if command and command[0] == "--" else command
+        if _api():
+            from ironclaw.cli import remote_procs
+
+            return await remote_procs.run(
+                sandbox_id, argv, detach=detach, tag=tag, env=parse_env(env) or None, cwd=cwd,
+                as_json=as_json,
+            )  # fmt: skip
         async with SandboxManager() as manager:
             guest = await manager.guest(sandbox_id)
             handle = await processes.start_process(
@@ -91,6 +104,10 @@ def sandbox_ps(sandbox_id: IdArg, as_json: JsonOpt = False) -> None:
     from ironclaw.proto.methods import to_json
 
     async def main() -> None:
+        if _api():
+            from ironclaw.cli import remote_procs
+
+            return await remote_procs.ps(sandbox_id, as_json=as_json)
         async with SandboxManager() as manager:
             infos = await processes.list_processes(await manager.guest(sandbox_id))
         if as_json:
@@ -117,6 +134,10 @@ def sandbox_attach(
     from ironclaw.host.manager import SandboxManager
 
     async def main() -> int:
+        if _api():
+            from ironclaw.cli import remote_procs
+
+            return await remote_procs.attach(sandbox_id, target, replay=not no_replay)
         async with SandboxManager() as manager:
             handle = await processes.connect_process(await manager.guest(sandbox_id), target)
             async for chunk in handle.output(replay=not no_replay):
@@ -140,6 +161,10 @@ def sandbox_kill(
 
     async def main() -> None:
         signum = _signum(sig)
+        if _api():
+            from ironclaw.cli import remote_procs
+
+            return await remote_procs.kill(sandbox_id, target, signum, as_json=as_json)
         async with SandboxManager() as manager:
             handle = await processes.connect_process(await manager.guest(sandbox_id), target)
             await handle.kill(signum)
@@ -226,6 +251,12 @@ def sandbox_port(
     from ironclaw.host.manager import SandboxManager
 
     async def main() -> None:
+        if _api():
+            from ironclaw.cli import remote_procs
+
+            return await remote_procs.port(
+                sandbox_id, port, host=host, host_port=host_port, remove=remove, as_json=as_json
+            )
         async with SandboxManager() as manager:
             if port is None:
                 listed = await ports.list_ports(manager, sandbox_id)

@@ -156,6 +156,11 @@ def sandbox_exec(
 
     async def main() -> int:
         env_map = parse_env(env)
+        if via_api.active() and tty:
+            from ironclaw.cli import remote_procs
+
+            argv = command[1:] if command and command[0] == "--" else command
+            return await remote_procs.tty(sandbox_id, argv, env_map or None, cwd)
         if via_api.active():
             return await via_api.exec_in(
                 sandbox_id, command, as_json=as_json, timeout=timeout, env=env_map or None, cwd=cwd

@@ -11,6 +11,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
+from ironclaw.client.proc_protocol import CommandsAPI, PortsAPI, PtyAPI
+from ironclaw.proto.proc_methods import WatchEvent
+
 __all__ = ["ExecResultLike", "FilesAPI", "OutputSink", "SandboxAPI"]
 
 OutputSink = Callable[[bytes], Awaitable[None] | None]
@@ -46,6 +49,9 @@ class FilesAPI(Protocol):
     async def stat(self, path: str) -> dict[str, Any]: ...
     async def remove(self, path: str, *, recursive: bool = False) -> None: ...
     async def mkdir(self, path: str) -> None: ...
+    def watch(
+        self, path: str = ".", *, recursive: bool = True, max_queue: int = 4096
+    ) -> AsyncIterator[WatchEvent]: ...
 
 
 @runtime_checkable
@@ -56,6 +62,12 @@ class SandboxAPI(Protocol):
     def backend(self) -> str: ...
     @property
     def files(self) -> FilesAPI: ...
+    @property
+    def commands(self) -> CommandsAPI: ...
+    @property
+    def pty(self) -> PtyAPI: ...
+    @property
+    def ports(self) -> PortsAPI: ...
     async def exec(
         self,
         argv: list[str],

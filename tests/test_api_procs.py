@@ -387,3 +387,31 @@ async def test_cli_commands_run_through_the_api(
         assert "already exposed" in again.stderr
         cli("sandbox", "port", "--rm", sb.id, "8000")
         assert json.loads(cli("sandbox", "port", "--json", sb.id).stdout) == {"ports": []}
+
+
+async def test_cli_exec_t_through_the_api_is_a_terminal_that_follows_resizes(
+    server: Server, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    import pexpect
+
+    token = server.token("read", "write")
+    home = tmp_path_factory.mktemp("ttyhome")
+    env = {**os.environ, "PYTHONPATH": SRC, "IRONCLAW_HOME": str(home),
+           "IRONCLAW_API_TOKEN": token, "PS1": "$ "}  # fmt: skip
+    async with Sandbox.create(sandbox_id="api-tty", api_url=server.url, token=token) as sb:
+        child = pexpect.spawn(
+            sys.executable, ["-m", "ironclaw.cli", "--api", server.url, "sandbox", "exec", "-t",
+                             sb.id, "--", "/bin/sh"], env=env, dimensions=(24, 80), timeout=30,
+        )  # fmt: skip
+        try:
+            child.sendline("stty size")
+            await asyncio.to_thread(child.expect, "24 80")
+            child.setwinsize(40, 120)  # the CLI gets SIGWINCH and sends a resize frame
+            child.sendline("stty size")
+            await asyncio.to_thread(child.expect, "40 120")
+            child.sendline("tty; exit 7")
+            await asyncio.to_thread(child.expect, "/dev/pts/")
+            await asyncio.to_thread(child.expect, pexpect.EOF)
+        finally:
+            child.close()
+        assert child.exitstatus == 7

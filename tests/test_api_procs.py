@@ -185,6 +185,11 @@ async def test_port_exposed_through_the_api_and_bad_ports_refused(server: Server
             r = await http.post(f"/v1/sandboxes/{sb.id}/ports", json={"port": 8000, "bind": "x"})
             assert r.status_code == 422
             assert (await http.delete(f"/v1/sandboxes/{sb.id}/ports/70000")).status_code == 422
+            # Beyond loopback only with an admin token.
+            r = await http.post(
+                f"/v1/sandboxes/{sb.id}/ports", json={"port": 8001, "bind": "0.0.0.0"}
+            )
+            assert r.status_code == 403 and r.json()["error"] == "ScopeError"
         with pytest.raises(Conflict, match="already exposed"):
             await sb.ports.expose(8000)
         with pytest.raises(NotFound, match="not exposed"):

@@ -1,13 +1,15 @@
 """Routes: expose a port of a sandbox on the server's host, list and unexpose them.
 
 The forward listens on the host running ``ironclaw serve`` (127.0.0.1 unless ``bind``
-names another address: binding beyond loopback is always asked for explicitly), and it
+names another address, which must be asked for explicitly and, beyond loopback, by an
+``admin`` token: it opens the server's host to its network), and it
 reaches only that one port inside the sandbox (see :mod:`ironclaw.host.ports`). The
 returned ``url`` is as seen from that host.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Response
@@ -59,6 +61,8 @@ async def expose(sandbox_id: str, body: PortExpose, who: Write, service: Service
     if body.port in await _exposed(service, sandbox_id):
         raise Conflict(taken)
     host = str(body.bind) if body.bind is not None else "127.0.0.1"
+    if not ipaddress.ip_address(host).is_loopback:
+        who.require("admin")  # beyond loopback opens the server's host to its network
     try:
         made = await ports.expose(
             service.manager, sandbox_id, body.port, host=host, host_port=body.host_port

@@ -290,6 +290,17 @@ async def test_hostile_clients_are_bounded(server: Server) -> None:
             assert doc["type"] == "error" and doc["status"] == 413
             await ws.wait_closed()
             assert ws.close_code == 4413
+        # Past the server's WebSocket message limit the connection itself is closed (1009).
+        async with connect(
+            f"{ws_url}/v1/sandboxes/{sb.id}/processes/cat/attach",
+            additional_headers=_auth(token),
+            max_size=None,
+        ) as ws:
+            assert json.loads(await ws.recv())["type"] == "started"
+            with contextlib.suppress(Exception):
+                await ws.send(b"x" * (4 * 1024 * 1024))
+            await ws.wait_closed()
+            assert ws.close_code == 1009
         # No token on the upgrade: 4401.
         async with connect(f"{ws_url}/v1/sandboxes/{sb.id}/pty") as ws:
             assert json.loads(await ws.recv())["status"] == 401

@@ -27,6 +27,10 @@ from ironclaw.transport._socket import listen_tcp
 
 __all__ = ["serve"]
 
+#: Largest WebSocket message uvicorn reads into memory (the remote SDK sends stdin in
+#: 256 KiB frames; attach and PTY routes refuse more than 64 KiB themselves).
+WS_MAX_SIZE = 1024 * 1024
+
 
 class _Server(uvicorn.Server):
     """uvicorn re-raises SIGTERM after its shutdown (the process dies of the signal);
@@ -130,6 +134,7 @@ async def _serve(
             max_creating=max_creating,
         ),
         log_level=log_level,
+        ws_max_size=WS_MAX_SIZE,
         lifespan="on",
         timeout_graceful_shutdown=grace,
         access_log=False,

@@ -322,11 +322,29 @@ async def test_hostile_clients_are_bounded(server: Server) -> None:
             ) as ws:
                 doc = json.loads(await ws.recv())
                 assert doc["status"] == 403 and doc["error"] == "QuotaExceeded"
-            # Another token is not held back by this one's streams.
+            # Another token is not held back by this one's streams, up to the sandbox's cap.
             other = server.token("read", "write", "admin")
             async with httpx.AsyncClient(base_url=server.url, headers=_auth(other)) as http:
                 r = await http.get(f"/v1/sandboxes/{sb.id}/processes")
                 assert r.status_code == 200
+            sb2 = await Sandbox.connect(sb.id, api_url=server.url, token=other)
+            try:
+                for _ in range(16):
+                    w = sb2.files.watch(".")
+                    await w.start()
+                    watches.append(w)
+                third = await Sandbox.connect(
+                    sb.id, api_url=server.url, token=server.token("read", "admin")
+                )
+                try:
+                    with pytest.raises(QuotaExceeded, match="has 32 streams open"):
+                        await third.files.watch(".").start()
+                finally:
+                    await third.aclose()
+                for _ in range(16):
+                    await watches.pop().aclose()
+            finally:
+                await sb2.aclose()
             await watches.pop().aclose()
             for _ in range(100):  # the server notices the closed stream
                 w = sb.files.watch(".")

@@ -56,6 +56,10 @@ async def _until(chunks: AsyncIterator[bytes], marker: bytes) -> bytes:
     raise AssertionError(f"{marker!r} never came: {seen!r}")
 
 
+async def _drain(chunks: AsyncIterator[bytes]) -> bytes:
+    return b"".join([c async for c in chunks])
+
+
 async def _alive(sb: Sandbox, pid: int) -> bool:
     r = await sb.exec(
         ["sh", "-c", f"test -d /proc/{pid} && ! grep -q '^State:.*Z' /proc/{pid}/status"]
@@ -103,6 +107,12 @@ async def test_background_server_started_listed_attached_elsewhere_and_killed(
         await cat.send_stdin("one\n", close=True)
         assert (await cat.wait(30)).exit_code == 4
         assert await _until(cat.output(), b"got one") == b"got one\n"
+        # Output closed before the command ends: the attach waits for its exit status.
+        quiet = await sb.commands.start(["sh", "-c", "exec >&- 2>&-; read x; exit 3"])
+        follower = asyncio.ensure_future(_drain(quiet.output()))
+        await quiet.send_stdin("go\n")
+        assert await asyncio.wait_for(follower, 30) == b""
+        assert (quiet.info.running, quiet.info.exit_code) == (False, 3)
 
 
 async def test_pty_over_the_websocket_sees_its_size_and_a_resize(server: Server) -> None:

@@ -114,6 +114,7 @@ async def _session(ws: WebSocket, handle: ProcessHandle, *, replay: bool) -> boo
     await ws.send_text(json.dumps(_doc("started", handle)))
     output = asyncio.ensure_future(pump())
     receiver = asyncio.ensure_future(receive())
+    waiter: asyncio.Future[Any] | None = None
     try:
         await asyncio.wait({output, receiver}, return_when=asyncio.FIRST_COMPLETED)
         if receiver.done():
@@ -122,13 +123,19 @@ async def _session(ws: WebSocket, handle: ProcessHandle, *, replay: bool) -> boo
         output.result()
         if gone:
             return False
-        await handle.wait()
+        # Its output ended; it may still run (stdout closed): wait, unless the client leaves.
+        waiter = asyncio.ensure_future(handle.wait())
+        await asyncio.wait({waiter, receiver}, return_when=asyncio.FIRST_COMPLETED)
+        if not waiter.done():
+            receiver.result()
+            return False
+        waiter.result()
         async with send_lock:
             await ws.send_text(json.dumps(_doc("exit", handle)))
         await ws.close(code=1000)
         return True
     finally:
-        rest = [t for t in (output, receiver, feeder) if t is not None]
+        rest = [t for t in (output, receiver, feeder, waiter) if t is not None]
         for t in rest:
             t.cancel()
         await asyncio.gather(*rest, return_exceptions=True)

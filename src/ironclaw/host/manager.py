@@ -445,6 +445,13 @@ class SandboxManager:
                 await self.store.removed(sid, "cgroup", rid)
             except Exception as exc:
                 errors.append(f"cgroup: {exc}")
+        if "runtime_dir" in kinds:  # exposed ports: forwarders and firewall admissions
+            from ironclaw.host.ports import release
+
+            try:
+                await release(self, fresh)
+            except Exception as exc:
+                errors.append(f"ports: {exc}")
         if "network" in kinds:
             try:
                 await self.net.destroy(rid, slot=fresh.slot)

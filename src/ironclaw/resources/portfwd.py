@@ -78,9 +78,11 @@ async def serve(listener: socket.socket, port: int, pidfd: int, target: str = "1
             gone.set_result(None)
 
     loop.add_reader(pidfd, ended)
-    server = await asyncio.start_server(client, sock=listener, limit=_BUF)
-    async with server:
-        await gone
+    await asyncio.start_server(client, sock=listener, limit=_BUF)
+    await gone
+    # The sandbox is gone: so is everything worth copying. Exit at once (the kernel
+    # closes every socket) rather than cancel each connection's tasks one by one.
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -56,19 +56,30 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 async def serve(listener: socket.socket, port: int, pidfd: int, target: str = "127.0.0.1") -> None:
     slots = asyncio.Semaphore(MAX_CONNECTIONS)
+    # Strong references: a connection whose transports both paused reading (backpressure)
+    # is reachable from nothing else, and the garbage collector would end it mid-copy.
+    live: set[asyncio.Task[None] | None] = set()
 
     async def client(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        async with slots:
-            try:
-                ir, iw = await asyncio.wait_for(asyncio.open_connection(target, port), _CONNECT_S)
-            except (OSError, TimeoutError):
-                w.close()
-                return
-            await asyncio.gather(_pipe(r, iw), _pipe(ir, w))
-            for s in (w, iw):
-                s.close()
-                with contextlib.suppress(Exception):
-                    await s.wait_closed()
+        me = asyncio.current_task()
+        live.add(me)
+        try:
+            async with slots:
+                await _connect_and_copy(r, w)
+        finally:
+            live.discard(me)
+
+    async def _connect_and_copy(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            ir, iw = await asyncio.wait_for(asyncio.open_connection(target, port), _CONNECT_S)
+        except (OSError, TimeoutError):
+            w.close()
+            return
+        await asyncio.gather(_pipe(r, iw), _pipe(ir, w))
+        for s in (w, iw):
+            s.close()
+            with contextlib.suppress(Exception):
+                await s.wait_closed()
 
     loop = asyncio.get_running_loop()
     gone: asyncio.Future[None] = loop.create_future()

@@ -445,8 +445,9 @@ class SandboxManager:
                 await self.store.removed(sid, "cgroup", rid)
             except Exception as exc:
                 errors.append(f"cgroup: {exc}")
-        if "runtime_dir" in kinds:  # exposed ports: forwarders and firewall admissions
-            from ironclaw.host.ports import release
+        ports_dir = self.settings.sandbox_runtime_dir(rid) / "ports"
+        if "runtime_dir" in kinds and ports_dir.is_dir():  # forwarders, firewall admissions
+            from ironclaw.host.ports import release  # only then: it costs ms to import
 
             try:
                 await release(self, fresh)

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 from ironclaw.backends.base import same_process
 from ironclaw.config import safe_join
 from ironclaw.errors import IronclawError
-from ironclaw.host import ports
 from ironclaw.host.snapshots import SnapshotStore
 from ironclaw.resources.lifetime import due, read_lifetime
 from ironclaw.resources.store import SandboxRecord
@@ -85,6 +84,8 @@ async def reconcile(mgr: SandboxManager, *, dry_run: bool = False, scan: bool = 
                 report.errors.append(str(exc))
     if found is not None:
         await _remove_orphans(mgr, found, records, report)
+        from ironclaw.host import ports  # gc only: not on every command's start-up path
+
         try:  # forwards whose exposing process died half-way, or whose forwarder is gone
             report.orphans += await ports.collect_leftovers(mgr, dry_run=dry_run)
         except IronclawError as exc:

@@ -595,24 +595,24 @@ def test_elements_golden() -> None:
     elems = sandbox_elements("golden-1", POLICY, proxy_addr="10.250.0.1")
     by_set = [e.set for e in elems]
     # no proxy element without a domain allow; port-only allows become tcp and udp ranges
-    assert by_set == ["ifs", "drops", "natifs", "rec", f"a4p{shard}", f"a4p{shard}",
+    assert by_set == ["ifs", "drops", "guard", "natifs", "rec", f"a4p{shard}", f"a4p{shard}",
                       f"a4p{shard}"]  # fmt: skip
     assert elems[1].obj == n.chain
     head = n.host_ifname.encode().ljust(IFNAMSIZ, b"\0")
     assert all(e.key.startswith(head) for e in elems)
-    https = elems[5]  # ranges sorted by key: tcp/53, tcp/443, udp/53
+    https = elems[6]  # ranges sorted by key: tcp/53, tcp/443, udp/53
     assert https.key == head + bytes([6, 0, 0, 0, 1, 0xBB, 0, 0, 10, 1, 2, 3])
     assert https.last == https.key
-    dns_udp = elems[6]
+    dns_udp = elems[7]
     assert dns_udp.last is not None
     assert dns_udp.last[-4:] == bytes([10, 9, 255, 255])
-    assert parse_record(n.host_ifname, [elems[3].comment or ""]) == elems[4:]
+    assert parse_record(n.host_ifname, [elems[4].comment or ""]) == elems[5:]
     with_proxy = sandbox_elements(
         "golden-1", POLICY.model_copy(update={"allow_domains": ("a.test",)}), proxy_addr="10.0.0.1"
     )
     assert with_proxy[-1] == Element(PROXY_SET, head + bytes([10, 0, 0, 1]))
     loopback_only = sandbox_elements("golden-1", NetworkPolicy())
-    assert [e.set for e in loopback_only] == ["ifs", "drops"]
+    assert [e.set for e in loopback_only] == ["ifs", "drops", "guard"]
 
 
 def test_overlapping_allows_merge() -> None:

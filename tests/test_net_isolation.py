@@ -69,11 +69,14 @@ async def test_only_the_allowed_ip_and_port_connect(
     server, host_port = await host_listener()
     inner = await _serve_in(s2, 9000)
     try:
-        # Positive controls: every target is alive when the firewall is not in the way.
-        controls = await probe_from_host(
-            [(a.ip, 8081), (b.ip, 8080), ("127.0.0.1", host_port), (s2.guest_ip, 9000)]
-        )
+        # Positive controls: every target is alive when the firewall is not in the way
+        # (s2's server seen from its own namespace: the host's own connections into a
+        # sandbox are closed too, except an exposed port's forwarder).
+        controls = await probe_from_host([(a.ip, 8081), (b.ip, 8080), ("127.0.0.1", host_port)])
+        controls |= await probe(s2.netns_name, [(s2.guest_ip, 9000)])
         assert all(v.startswith("ok:") for v in controls.values()), controls
+        from_host = await probe_from_host([(s2.guest_ip, 9000)])
+        assert from_host[f"{s2.guest_ip}:9000"].startswith("err:"), from_host
         before = await netmgr.drop_count("iso-one")
         targets = [
             (a.ip, 8080),

@@ -21,8 +21,9 @@ pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
 SERVE = "import http.server as h, sys; h.HTTPServer(('127.0.0.1', int(sys.argv[1])), h.SimpleHTTPRequestHandler).serve_forever()"  # noqa: E501
 
 
-async def _serving(sb: Sandbox, port: int) -> None:
-    h = await sb.commands.start(["python3", "-c", SERVE, str(port)], tag=f"http{port}")
+async def _serving(sb: Sandbox, port: int, bind: str = "127.0.0.1") -> None:
+    serve = SERVE.replace("'127.0.0.1'", repr(bind))
+    h = await sb.commands.start(["python3", "-c", serve, str(port)], tag=f"http{port}")
     probe = f"import socket; socket.create_connection(('127.0.0.1', {port}), 1)"
     for _ in range(200):
         if (await sb.exec(["python3", "-c", probe])).exit_code == 0:
@@ -61,6 +62,13 @@ async def test_one_exposed_port_is_reachable_and_another_is_not(settings: Settin
         assert inner_ip.startswith("10.")
         with pytest.raises(OSError):
             socket_probe(inner_ip, 8000)
+        # A server on every address inside answers there, but not to the host's own
+        # sockets: the output hook closes a sandbox's veth to them.
+        await _serving(sb, 8002, bind="0.0.0.0")
+        reach = f"import socket; socket.create_connection(({inner_ip!r}, 8002), 2)"
+        assert (await sb.exec(["python3", "-c", reach])).exit_code == 0
+        with pytest.raises(OSError):
+            socket_probe(inner_ip, 8002)
         await sb.ports.unexpose(8000)
         assert await sb.ports.list() == []
         for _ in range(100):  # the forwarder is gone: its port is closed

@@ -445,6 +445,14 @@ class SandboxManager:
                 await self.store.removed(sid, "cgroup", rid)
             except Exception as exc:
                 errors.append(f"cgroup: {exc}")
+        ports_dir = self.settings.sandbox_runtime_dir(rid) / "ports"
+        if "runtime_dir" in kinds and ports_dir.is_dir():  # forwarders, firewall admissions
+            from ironclaw.host.ports import release  # only then: it costs ms to import
+
+            try:
+                await release(self, fresh)
+            except Exception as exc:
+                errors.append(f"ports: {exc}")
         if "network" in kinds:
             try:
                 await self.net.destroy(rid, slot=fresh.slot)

@@ -84,6 +84,12 @@ async def reconcile(mgr: SandboxManager, *, dry_run: bool = False, scan: bool = 
                 report.errors.append(str(exc))
     if found is not None:
         await _remove_orphans(mgr, found, records, report)
+        from ironclaw.host import ports  # gc only: not on every command's start-up path
+
+        try:  # forwards whose exposing process died half-way, or whose forwarder is gone
+            report.orphans += await ports.collect_leftovers(mgr, dry_run=dry_run)
+        except IronclawError as exc:
+            report.errors.append(str(exc))
         store = SnapshotStore(mgr.settings)
         report.orphans += await asyncio.to_thread(store.collect_leftovers, dry_run=dry_run)
     return report

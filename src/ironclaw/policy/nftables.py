@@ -7,10 +7,13 @@ Layout of the ``inet ironclaw`` table (see docs/NETWORK.md)::
     set natifs { ifname }                 host veths whose allowed egress is masqueraded
     set rec    { ifname . index }         what each sandbox installed (comments)
     set proxy  { ifname . ipv4 }          the sandbox's own egress proxy address
+    set guard  { ifname }                 host veths closed to the host's own connections
+    set expose { ifname . proto . port . uid }  what a port forwarder may dial (host side)
     sets a4p a4t a4a a6p a6t a6a (x16)    allow ranges keyed (veth . proto . port . daddr)
     chain forward / input                 oifname @ifs: replies only; iifname @ifs goto egress
     chain egress                          established; proxy; allow shards; counted drop
     chain postrouting                     masquerade what the allow sets match, nothing else
+    chain output / inbound                oifname @guard: replies, exposed ports, counted drop
 
 A sandbox owns no chain and no rule, only set elements and one named counter, so its
 set-up and tear-down cost the same with 1 or 10,000 others installed; every name and key
@@ -31,7 +34,9 @@ from ironclaw.policy.network import PROXY_PORT, NetworkPolicy, sandbox_names
 
 __all__ = [
     "ALLOW_SETS",
+    "EXPOSE_SET",
     "FWD_MAP",
+    "GUARD_SET",
     "IFNAMSIZ",
     "IFS_SET",
     "NAT_SET",
@@ -55,8 +60,10 @@ __all__ = [
     "SetSpec",
     "Verdict",
     "base_table",
+    "expose_element",
     "fixed_elements",
     "ifname_key",
+    "parse_expose_key",
     "parse_record",
     "record_count",
     "record_keys",
@@ -73,10 +80,10 @@ __all__ = [
 
 IFNAMSIZ = 16
 REG = 8  # NFT_REG32_00: keys are built in consecutive 32-bit registers from here
-META_IIFNAME, META_OIFNAME, META_NFPROTO, META_L4PROTO = 6, 7, 15, 16
+META_IIFNAME, META_OIFNAME, META_SKUID, META_NFPROTO, META_L4PROTO = 6, 7, 10, 15, 16
 BASE_NETWORK, BASE_TRANSPORT = 1, 2
 VERDICT_DROP, VERDICT_ACCEPT, VERDICT_GOTO = 0, 1, -4
-HOOK_INPUT, HOOK_FORWARD, HOOK_POSTROUTING = 1, 2, 4
+HOOK_INPUT, HOOK_FORWARD, HOOK_OUTPUT, HOOK_POSTROUTING = 1, 2, 3, 4
 TYPE_INTEGER, TYPE_MARK, TYPE_IFNAME = 4, 19, 41  # nft datatypes, for listings only
 CT_ESTABLISHED_RELATED = 0b110  # NF_CT_STATE_BIT(ESTABLISHED) | NF_CT_STATE_BIT(RELATED)
 
@@ -85,7 +92,12 @@ FWD_MAP = "drops"  # host veth -> the sandbox's drop counter (object map)
 NAT_SET = "natifs"  # host veths whose allowed egress is masqueraded
 REC_SET = "rec"  # (veth, chunk) -> what the sandbox installed, so removal needs only the id
 PROXY_SET = "proxy"  # (veth, proxy address): tcp/3128 to the sandbox's own egress proxy
+GUARD_SET = "guard"  # host veths the host's own sockets may not open connections through
+EXPOSE_SET = "expose"  # (veth, tcp, port, uid): a port forwarder's one admitted destination
 EGRESS = "egress"
+INBOUND = "inbound"  # the host's own new connections into a sandbox
+EXPOSE_COMMENT = "ironclaw:expose"
+EXPOSE_KEY_LEN = IFNAMSIZ + 12
 DROP_COMMENT = "ironclaw:drop"
 _REC_CHUNK = 190  # characters per record comment (element user data holds at most 255 bytes)
 
@@ -264,6 +276,17 @@ def _allow_match(spec: _AllowSet) -> tuple[Expr, ...]:
     return tuple(exprs)
 
 
+def _expose_match() -> tuple[Expr, ...]:
+    """``oifname . meta l4proto . th dport . meta skuid @expose`` (key: see expose_element)."""
+    return (
+        Meta(META_OIFNAME, REG),
+        Meta(META_L4PROTO, REG + 4),
+        Payload(BASE_TRANSPORT, 2, 2, REG + 5),
+        Meta(META_SKUID, REG + 6),
+        Lookup(EXPOSE_SET, REG),
+    )
+
+
 def base_table() -> BaseTable:
     """The shared table. Sandboxes only ever add and remove elements of its sets.
 
@@ -278,6 +301,8 @@ def base_table() -> BaseTable:
         SetSpec(PROXY_SET, IFNAMSIZ + 4, TYPE_INTEGER),
         *(SetSpec(s.name, s.key_len, TYPE_INTEGER, interval=True) for s in ALLOW_SETS),
         *(SetSpec(m, 4, TYPE_INTEGER, verdict_map=True) for m in (ALLOW_SHARDS, NAT_SHARDS)),
+        SetSpec(GUARD_SET, IFNAMSIZ, TYPE_IFNAME),
+        SetSpec(EXPOSE_SET, EXPOSE_KEY_LEN, TYPE_INTEGER),
     )
     chains = (
         ChainSpec("forward", HOOK_FORWARD),
@@ -285,6 +310,8 @@ def base_table() -> BaseTable:
         ChainSpec("postrouting", HOOK_POSTROUTING, 100, "nat"),
         ChainSpec(EGRESS),
         *(ChainSpec(f"{kind}_{shard}") for kind in ("allow", "masq") for shard in SHARDS),
+        ChainSpec("output", HOOK_OUTPUT),
+        ChainSpec(INBOUND),
     )
     shard_of = (Meta(META_IIFNAME, REG),)
     to_sandbox = (Meta(META_OIFNAME, REG), Lookup(IFS_SET, REG))
@@ -314,6 +341,15 @@ def base_table() -> BaseTable:
         RuleSpec("postrouting", (Meta(META_IIFNAME, REG), Lookup(NAT_SET, REG, True), accept)),
         RuleSpec("postrouting", (*shard_of, Lookup(NAT_SHARDS, REG, verdict=True))),
         *(RuleSpec(f"masq_{s.shard}", (*_allow_match(s), Masquerade())) for s in ALLOW_SETS),
+        # The host's own sockets (the output hook: the forward chain never sees them):
+        # replies, and the one port a forwarder was given, as the forwarder's uid.
+        RuleSpec(
+            "output",
+            (Meta(META_OIFNAME, REG), Lookup(GUARD_SET, REG), Verdict(VERDICT_GOTO, INBOUND)),
+        ),
+        RuleSpec(INBOUND, (*_ct_ok(), accept)),
+        RuleSpec(INBOUND, (*_expose_match(), accept), EXPOSE_COMMENT),
+        RuleSpec(INBOUND, (Counter(), drop)),
     )
     shard_elements = tuple(
         Element(vmap, f"icv{shard}".encode(), jump=f"{kind}_{shard}")
@@ -398,11 +434,12 @@ def sandbox_elements(
     out = [
         Element(IFS_SET, head, comment=f"ironclaw:rec={len(chunks)}"),
         Element(FWD_MAP, head, obj=n.chain),
+        Element(GUARD_SET, head),
         *(Element(REC_SET, _rec_key(n.host_ifname, i), comment=c) for i, c in enumerate(chunks)),
         *varying,
     ]
     if policy.allow:
-        out.insert(2, Element(NAT_SET, head))
+        out.insert(3, Element(NAT_SET, head))
     return out
 
 
@@ -421,9 +458,28 @@ def fixed_elements(sandbox_id: str, chunks: int) -> list[Element]:
     return [
         Element(IFS_SET, head),
         Element(FWD_MAP, head),
+        Element(GUARD_SET, head),
         Element(NAT_SET, head),
         *(Element(REC_SET, _rec_key(n.host_ifname, i)) for i in range(chunks)),
     ]
+
+
+def expose_element(host_ifname: str, port: int, uid: int) -> Element:
+    """The admission of one exposed port: tcp to ``port`` behind ``host_ifname``, from a
+    socket of ``uid`` (the forwarder's) on the host. Nothing else of the host gets in."""
+    if not 1 <= port <= 65535 or not 0 <= uid < 2**32:
+        raise ConfigError(f"cannot admit port {port} for uid {uid}")
+    key = _ifname_key(host_ifname) + _PROTO["tcp"].to_bytes(4, "little") + _port(port)
+    return Element(EXPOSE_SET, key + uid.to_bytes(4, sys.byteorder), comment=EXPOSE_COMMENT)
+
+
+def parse_expose_key(key: bytes) -> tuple[str, int, int]:
+    """``(host_ifname, port, uid)`` of an ``expose`` key read back from the kernel."""
+    if len(key) != EXPOSE_KEY_LEN:
+        raise ConfigError(f"unreadable expose element {key.hex()}")
+    ifname = key[:IFNAMSIZ].rstrip(b"\0").decode(errors="replace")
+    port = int.from_bytes(key[IFNAMSIZ + 4 : IFNAMSIZ + 6], "big")
+    return ifname, port, int.from_bytes(key[IFNAMSIZ + 8 :], sys.byteorder)
 
 
 def record_keys(host_ifname: str, chunks: int) -> list[bytes]:

@@ -48,6 +48,7 @@ from ironclaw.policy.netlink import (
 from ironclaw.policy.network import TABLE, NetworkPolicy, sandbox_names
 from ironclaw.policy.nftables import (
     ALLOW_SETS,
+    EXPOSE_SET,
     FWD_MAP,
     IFNAMSIZ,
     IFS_SET,
@@ -55,8 +56,10 @@ from ironclaw.policy.nftables import (
     REC_SET,
     Element,
     base_table,
+    expose_element,
     fixed_elements,
     ifname_key,
+    parse_expose_key,
     parse_record,
     record_count,
     record_keys,
@@ -189,7 +192,8 @@ class Firewall:
     async def update_sandbox(
         self, sandbox_id: str, policy: NetworkPolicy, *, proxy_addr: str | None = None
     ) -> None:
-        """Swap the sandbox's allows in one transaction: no packet sees a gap."""
+        """Swap the sandbox's allows in one transaction: no packet sees a gap (its port
+        admissions, :meth:`admit_port`, are not part of the policy and stay)."""
         await self.ensure_base()
         await self._replace(sandbox_id, policy, proxy_addr)
 
@@ -250,6 +254,52 @@ class Firewall:
             raise NetworkError(f"{what}: the ruleset kept changing under us")
 
         await self._call(work)
+
+    def _dump(self, sock: NfTablesSocket, set_name: str) -> list[Element]:
+        try:
+            replies = sock.request(
+                MSG_GETSETELEM, nl.elements_query(self.table, set_name), dump=True
+            )
+        except Missing:
+            return []
+        return [Element(set_name, nl.key_of(e)) for r in replies for e in nl.elements_of(r)]
+
+    # --- exposed ports -----------------------------------------------------------------
+
+    async def admit_port(self, host_ifname: str, port: int, uid: int) -> None:
+        """Let sockets of ``uid`` on the host open tcp connections to ``port`` behind
+        ``host_ifname`` (a port forwarder); idempotent. Not part of the sandbox's record:
+        the caller keeps track (:mod:`ironclaw.host.ports` keeps one file per admitted
+        port and revokes them before the sandbox's network goes), so set-up and tear-down
+        stay free of dumps."""
+        await self.ensure_base()
+        elem = expose_element(host_ifname, port, uid)
+        msgs = nl.elements_msgs(self.table, MSG_NEWSETELEM, [elem])
+        what = f"admission of port {port} behind {host_ifname}"
+        await self._call(lambda sock: sock.transact(msgs, what=what))
+
+    async def revoke_port(self, host_ifname: str, port: int, uid: int) -> None:
+        """Undo :meth:`admit_port`; idempotent (connections already open stay open)."""
+        elem = expose_element(host_ifname, port, uid)
+        what = f"revocation of port {port} behind {host_ifname}"
+
+        def work(sock: NfTablesSocket) -> None:
+            destroy = self._uses_destroy(sock)
+            if not destroy and not self._has_element(sock, elem):
+                return
+            kind = MSG_DESTROYSETELEM if destroy else MSG_DELSETELEM
+            try:
+                sock.transact(nl.elements_msgs(self.table, kind, [elem]), what=what)
+            except BatchFailed as exc:  # no table, or removed by someone else meanwhile
+                if exc.code != errno.ENOENT:
+                    raise
+
+        await self._call(work)
+
+    async def admitted_ports(self) -> list[tuple[str, int, int]]:
+        """Every admitted ``(host_ifname, port, uid)`` (a dump: for gc and diagnostics)."""
+        found = await self._call(lambda sock: self._dump(sock, EXPOSE_SET))
+        return sorted(parse_expose_key(e.key) for e in found)
 
     def _stale(
         self, sock: NfTablesSocket, sandbox_id: str, record: _Record, *, verify: bool

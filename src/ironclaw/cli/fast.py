@@ -6,7 +6,9 @@ point looks at argv first: ``exec`` with only ``--json``, ``--timeout S`` and ``
 before the command runs here, with the same code path as the typer command
 (:func:`ironclaw.cli.main.exec_cmd`); anything else (``--help``, other options, a
 malformed value, another command) goes to the full app, so help and errors stay exactly
-the app's. This module imports nothing outside the standard library at load time.
+the app's. This module imports nothing outside the standard library at load time, and
+the path imports neither pydantic (the default spec is :mod:`ironclaw.spec_light`'s
+record) nor anything the one-shot does not use.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from ironclaw.spec import SandboxSpec
+    from ironclaw.spec_light import LightSpec
 
 __all__ = ["main", "parse_exec"]
 
@@ -66,20 +68,12 @@ def parse_exec(args: list[str]) -> ExecArgs | None:
     return out if out.command else None
 
 
-def default_spec() -> SandboxSpec:
-    """What ``SandboxOptions().spec()`` gives (the exec command with no sandbox options)."""
-    from ironclaw.spec import parse_spec
+def default_spec() -> LightSpec:
+    """What ``SandboxOptions().spec()`` gives (the exec command with no sandbox options),
+    as the pydantic-free record: building the model would import pydantic (~200 ms)."""
+    from ironclaw.spec_light import DEFAULT_SPEC
 
-    return parse_spec(
-        {
-            "backend": "namespace",
-            "limits": {},
-            "env": {},
-            "mounts": (),
-            "network": {"allow": (), "allow_domains": ()},
-            "seccomp": "default",
-        }
-    )
+    return DEFAULT_SPEC
 
 
 def _writer(fd: int) -> Callable[[bytes], Awaitable[None]]:

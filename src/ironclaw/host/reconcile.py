@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 from ironclaw.backends.base import same_process
 from ironclaw.config import safe_join
 from ironclaw.errors import IronclawError
-from ironclaw.host.snapshots import SnapshotStore
 from ironclaw.resources.lifetime import due, read_lifetime
 from ironclaw.resources.store import SandboxRecord
 
@@ -84,6 +83,8 @@ async def reconcile(mgr: SandboxManager, *, dry_run: bool = False, scan: bool = 
                 report.errors.append(str(exc))
     if found is not None:
         await _remove_orphans(mgr, found, records, report)
+        from ironclaw.host.snapshots import SnapshotStore  # tarfile: only for a scan
+
         store = SnapshotStore(mgr.settings)
         report.orphans += await asyncio.to_thread(store.collect_leftovers, dry_run=dry_run)
     return report

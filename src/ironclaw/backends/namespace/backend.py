@@ -53,7 +53,7 @@ from ironclaw.backends.base import (
 from ironclaw.backends.namespace.cmdline import JailFds, bwrap_argv, etc_files, launch_chain
 from ironclaw.config import safe_join
 from ironclaw.errors import BackendError, ConnectError, IronclawError
-from ironclaw.policy.limits import rlimits
+from ironclaw.policy.knobs import rlimits
 from ironclaw.resources.guest_bundle import bundle_path
 from ironclaw.resources.seccomp_cache import seccomp_program
 from ironclaw.transport import Connection, unix

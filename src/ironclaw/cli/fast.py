@@ -20,6 +20,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
+    from ironclaw.spec import SandboxSpec
     from ironclaw.spec_light import LightSpec
 
 __all__ = ["main", "parse_exec"]
@@ -101,6 +102,7 @@ def run_exec(args: ExecArgs) -> int:
     import asyncio
     import json
     import signal
+    from typing import cast
 
     from ironclaw.errors import IronclawError
     from ironclaw.host.manager import SandboxManager
@@ -112,7 +114,9 @@ def run_exec(args: ExecArgs) -> int:
         loop = asyncio.get_running_loop()
         started = loop.time()
         async with SandboxManager() as manager:
-            record = await manager.create(spec, sandbox_id=args.sandbox_id, one_shot=True)
+            # A SandboxSpec to mypy: see ironclaw.host.manager._parse.
+            as_spec = cast("SandboxSpec", spec)
+            record = await manager.create(as_spec, sandbox_id=args.sandbox_id, one_shot=True)
             task = asyncio.current_task()
             assert task is not None
             for signum in (signal.SIGINT, signal.SIGTERM):

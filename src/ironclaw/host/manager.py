@@ -109,7 +109,8 @@ def _parse(spec: SandboxSpec | LightSpec | dict[str, Any] | None) -> SandboxSpec
     """The validated spec; :data:`~ironclaw.spec_light.DEFAULT_SPEC` passes as it is.
 
     The light record has every attribute and the JSON form of ``SandboxSpec()`` (tested
-    field by field), which is all the create path reads, so the cast is only for mypy.
+    field by field), which is all the create path reads, so the casts (here and in the
+    one-shot CLI, which passes it to :meth:`SandboxManager.create`) are only for mypy.
     """
     if isinstance(spec, LightSpec):
         return cast("SandboxSpec", spec)
@@ -234,7 +235,7 @@ class SandboxManager:
 
     async def create(
         self,
-        spec: SandboxSpec | LightSpec | dict[str, Any] | None = None,
+        spec: SandboxSpec | dict[str, Any] | None = None,
         *,
         sandbox_id: str | None = None,
         one_shot: bool = False,

@@ -153,6 +153,18 @@ def run_exec(args: ExecArgs) -> int:
         return 130
 
 
+def _exit_now(code: int) -> None:
+    """Exit without the interpreter's teardown (joining idle worker threads, freeing every
+    module: some 40 ms here). Only once the sandbox is destroyed, the registry closed and
+    the output flushed: nothing is left for that teardown to do."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:  # a closed pipe: what Python's own exit reports as status 120
+        code = code or 120
+    os._exit(code)
+
+
 def main() -> None:
     """``ironclaw``: the fast path when it applies, else the full typer app."""
     argv = sys.argv[1:]
@@ -161,7 +173,7 @@ def main() -> None:
         parsed = parse_exec(argv[1:])
         if parsed is not None:
             sys.stdout.flush()
-            raise SystemExit(run_exec(parsed))
+            _exit_now(run_exec(parsed))
     from ironclaw.cli.main import main as full_main
 
     full_main()

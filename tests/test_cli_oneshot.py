@@ -135,3 +135,22 @@ async def test_gc_removes_what_a_killed_one_shot_left(ironclaw_home: Path) -> No
     await mgr.aclose()
     assert await registry(ironclaw_home) == []
     assert leftovers(ironclaw_home) == {"cgroups": [], "run_dirs": [], "processes": []}
+
+
+async def test_a_warm_sandbox_of_the_default_spec_serves_the_one_shot(ironclaw_home: Path) -> None:
+    """`pool fill` makes real-spec sandboxes; the CLI's light spec must find them."""
+    settings = Settings.from_env({"IRONCLAW_HOME": str(ironclaw_home)})
+    mgr = SandboxManager(settings, cgroup_root=CGROUP_ROOT, uid_base=UID_BASE)
+    await mgr.open()
+    try:
+        assert await mgr.fill_pool({}, size=1) == 1
+        [pooled] = await mgr.store.all()
+        p = cli("exec", "--json", "--", "cat", "/etc/hostname", home=ironclaw_home)
+        assert p.returncode == 0, p.stderr
+        assert await mgr.warm({}) == 0  # taken, not built anew
+        # The pooled jail kept the name it was built with: the exec ran in that sandbox.
+        assert p.stdout.count(f"{pooled.rid}\\n".encode()) == 1, p.stdout
+    finally:
+        await mgr.aclose()
+    assert await registry(ironclaw_home) == []
+    assert leftovers(ironclaw_home) == {"cgroups": [], "run_dirs": [], "processes": []}

@@ -76,12 +76,6 @@ class NamespaceInfo(BackendInfo):
     wall_time_s: float | None = None
 
 
-def _ignore_result(fut: asyncio.Future[None]) -> None:
-    """A warm-up's error is met again (and reported) by the launch that needs the cache."""
-    if not fut.cancelled():
-        fut.exception()
-
-
 def _memfd(name: str, data: bytes) -> int:
     fd = os.memfd_create(name, 0)
     view = memoryview(data)
@@ -119,17 +113,6 @@ class NamespaceBackend:
             )
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._spawner, self._check_host, ctx)
-        # The guest bundle and the seccomp program (read, hashed or built once per process)
-        # are made ready while the manager makes the cgroups; the launch then finds them
-        # cached (both are locked and memoised), or meets any error itself.
-        warm = loop.run_in_executor(self._spawner, self._warm_caches, ctx)
-        warm.add_done_callback(_ignore_result)
-
-    @staticmethod
-    def _warm_caches(ctx: LaunchContext) -> None:
-        bundle_path(ctx.settings.state_dir)
-        needs_inet = ctx.spec.network.needs_network
-        seccomp_program(ctx.settings.state_dir, ctx.spec.seccomp, allow_inet=needs_inet)
 
     def _check_host(self, ctx: LaunchContext) -> None:
         """Tools once per backend, mount sources every time (blocking: spawner thread)."""

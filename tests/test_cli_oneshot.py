@@ -154,3 +154,18 @@ async def test_a_warm_sandbox_of_the_default_spec_serves_the_one_shot(ironclaw_h
         await mgr.aclose()
     assert await registry(ironclaw_home) == []
     assert leftovers(ironclaw_home) == {"cgroups": [], "run_dirs": [], "processes": []}
+
+
+async def test_an_interrupted_one_shot_exits_130_and_leaves_nothing(ironclaw_home: Path) -> None:
+    env = {**os.environ, "IRONCLAW_HOME": str(ironclaw_home), "IRONCLAW_CGROUP_ROOT": CGROUP_ROOT}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ironclaw.cli", "exec", "--", "sh", "-c", "echo up; sleep 300",
+        stdout=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    async with asyncio.timeout(60):
+        assert await proc.stdout.readline() == b"up\n"
+        proc.send_signal(signal.SIGINT)
+        assert await proc.wait() == 130
+    assert await registry(ironclaw_home) == []
+    assert leftovers(ironclaw_home) == {"cgroups": [], "run_dirs": [], "processes": []}

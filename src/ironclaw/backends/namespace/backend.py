@@ -35,7 +35,7 @@ import subprocess
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from ironclaw.backends.base import (
     wall_time_reached,
 )
 from ironclaw.backends.namespace.cmdline import JailFds, bwrap_argv, etc_files, launch_chain
+from ironclaw.backends.namespace.placement import ThreadPlacement
 from ironclaw.config import safe_join
 from ironclaw.errors import BackendError, ConnectError, IronclawError
 from ironclaw.policy.knobs import rlimits
@@ -74,6 +75,27 @@ class NamespaceInfo(BackendInfo):
     log: str
     host_uid: int
     wall_time_s: float | None = None
+
+
+def _spawn(
+    argv: list[str], kwargs: dict[str, Any], placement: ThreadPlacement | None
+) -> subprocess.Popen[Any]:
+    """Popen, with the calling thread inside the sandbox's v1 cgroups for the fork."""
+    if placement is None:
+        return subprocess.Popen(argv, **kwargs)
+    placement.enter()
+    try:
+        proc = subprocess.Popen(argv, **kwargs)
+    except BaseException:
+        placement.leave()
+        raise
+    try:
+        placement.leave()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
 
 
 def _memfd(name: str, data: bytes) -> int:
@@ -163,6 +185,7 @@ class NamespaceBackend:
         fds: JailFds | None = None
         go_r = go_w = -1
         cgroup_fds: list[int] = []
+        placement: ThreadPlacement | None = None
         log_fd = -1
         try:
             listener.bind(str(sock_path))
@@ -176,7 +199,13 @@ class NamespaceBackend:
             )
             log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             if ctx.cgroup is not None:
-                cgroup_fds = ctx.cgroup.attach_fds()
+                # v1 directories by birth (this thread steps in for the fork), the rest
+                # (v2, or v1 when the way back is unknown) by writing the child's pid.
+                placement = ThreadPlacement.for_thread(ctx.cgroup)
+                moved = ctx.cgroup.dirs
+                if placement is not None:
+                    moved = tuple(d for d in moved if d.version == 2)
+                cgroup_fds = replace(ctx.cgroup, dirs=moved).attach_fds()
             wall = spec.limits.wall_time_s
             go_r, go_w = os.pipe2(os.O_CLOEXEC)
             argv = [
@@ -200,15 +229,15 @@ class NamespaceBackend:
                     bwrap=self.bwrap,
                 ),
             ]
-            proc = subprocess.Popen(
-                argv,
-                stdin=go_r,
-                stdout=log_fd,
-                stderr=log_fd,
-                pass_fds=fds.all(),
-                start_new_session=True,
-                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-            )
+            popen_args: dict[str, Any] = {
+                "stdin": go_r,
+                "stdout": log_fd,
+                "stderr": log_fd,
+                "pass_fds": fds.all(),
+                "start_new_session": True,
+                "env": {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+            }
+            proc = _spawn(argv, popen_args, placement)
             try:
                 pid = str(proc.pid).encode()
                 for fd in cgroup_fds:
@@ -225,6 +254,8 @@ class NamespaceBackend:
                 raise
         finally:
             listener.close()
+            if placement is not None:
+                placement.close()
             if fds is not None:
                 fds.close()
             for fd in [go_r, go_w, log_fd, *cgroup_fds]:

@@ -1,0 +1,130 @@
+"""The launcher born inside its sandbox's cgroups instead of moved there (cgroup v1).
+
+Moving a process into a cgroup (its pid written to ``cgroup.procs``) takes the kernel's
+global threadgroup lock for writing, which first waits for an RCU grace period: 10-15 ms
+on a v1 host, the largest host-side cost of a cold start. A thread that moves only
+itself (``0`` written to a v1 ``tasks`` file) does not take that lock, and a child it
+forks starts in the cgroups the thread is in. So the spawner thread steps into the
+sandbox's v1 cgroups, forks the launcher and steps back out; v2 directories (where a
+thread cannot live apart from its process) still get the launcher's pid written.
+
+The way back is opened before the thread leaves, so that stepping back needs nothing
+that could be missing by then. Where the way back cannot be worked out, there is no
+placement and the launch moves the child as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from ironclaw.errors import BackendError
+from ironclaw.resources.cgroups import Cgroup, CgroupDir, parse_mountinfo
+
+__all__ = ["ThreadPlacement"]
+
+_TASKS = "tasks"
+
+
+def _own_cgroups() -> list[tuple[frozenset[str], str]]:
+    """``(controllers, path)`` of each v1 hierarchy the calling thread belongs to."""
+    out: list[tuple[frozenset[str], str]] = []
+    with open("/proc/thread-self/cgroup") as f:
+        for line in f:
+            _, names, path = line.rstrip("\n").split(":", 2)
+            if names:
+                out.append((frozenset(names.split(",")), path))
+    return out
+
+
+def _write_zero(fd: int) -> None:
+    if os.write(fd, b"0") != 1:
+        raise OSError("short write")
+
+
+class ThreadPlacement:
+    """Steps the calling thread into a sandbox's v1 cgroups and back (see the module)."""
+
+    __slots__ = ("_home", "_inside", "_roots")
+
+    def __init__(self, inside: list[Path], home: list[int], roots: list[Path]) -> None:
+        self._inside = inside
+        self._home = home
+        self._roots = roots
+
+    @classmethod
+    def for_thread(cls, cgroup: Cgroup) -> ThreadPlacement | None:
+        """The placement for the calling thread, or None if the cgroup has no v1 part or
+        the thread's way back cannot be opened."""
+        v1 = [d for d in cgroup.dirs if d.version == 1]
+        if not v1:
+            return None
+        home: list[int] = []
+        roots: list[Path] = []
+        try:
+            with open("/proc/self/mountinfo") as f:
+                mounts = [m for m in parse_mountinfo(f.read()) if m.fstype == "cgroup"]
+            own = _own_cgroups()
+            for d in v1:
+                carrying = [m.mount_point for m in mounts if d.controllers <= m.super_options]
+                root = _mount_of(d, carrying)
+                path = next(p for names, p in own if d.controllers <= names)
+                back = root.joinpath(path.lstrip("/"), _TASKS)
+                home.append(os.open(back, os.O_WRONLY | os.O_CLOEXEC))
+                roots.append(root / _TASKS)
+        except (OSError, StopIteration, ValueError):
+            for fd in home:
+                os.close(fd)
+            return None
+        return cls([d.path / _TASKS for d in v1], home, roots)
+
+    def enter(self) -> None:
+        """Move the calling thread into every v1 directory of the sandbox."""
+        try:
+            for path in self._inside:
+                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    _write_zero(fd)
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            self.leave()
+            raise BackendError(f"cannot enter the sandbox's cgroup ({exc})") from exc
+
+    def leave(self) -> None:
+        """Move the calling thread back where it was (its hierarchy's root if that fails).
+
+        Never left behind: a thread of the orchestrator inside a sandbox's cgroup would
+        make that cgroup's kill reach the orchestrator.
+        """
+        failed: list[str] = []
+        for fd, root in zip(self._home, self._roots, strict=True):
+            try:
+                _write_zero(fd)
+            except OSError:
+                try:
+                    fd_root = os.open(root, os.O_WRONLY | os.O_CLOEXEC)
+                    try:
+                        _write_zero(fd_root)
+                    finally:
+                        os.close(fd_root)
+                except OSError as exc:
+                    failed.append(f"{root}: {exc}")
+        if failed:
+            where = "; ".join(failed)
+            raise BackendError(f"the spawner thread could not leave the sandbox cgroups: {where}")
+
+    def close(self) -> None:
+        for fd in self._home:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._home = []
+
+
+def _mount_of(d: CgroupDir, candidates: list[Path]) -> Path:
+    """The mount point (of those carrying the directory's controllers) above ``d``."""
+    above = [m for m in candidates if d.path.is_relative_to(m)]
+    if not above:
+        raise ValueError(f"no cgroup mount above {d.path}")
+    return max(above, key=lambda m: len(m.parts))

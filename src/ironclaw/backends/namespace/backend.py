@@ -19,7 +19,8 @@ How a sandbox is launched, and why:
   parent has put it in the sandbox's cgroups, sets rlimits, enters the network namespace
   (when the policy allows any egress) and drops privileges; everything the sandbox runs
   inherits all of it. No Python runs between fork and exec, so the child is started
-  with vfork, and all the launch's blocking work happens on a spawner thread.
+  with vfork, and all the launch's blocking work happens on a spawner thread. On cgroup
+  v1 the child is born in the sandbox's cgroups rather than moved (see :mod:`.placement`).
 """
 
 from __future__ import annotations

@@ -116,10 +116,11 @@ class ThreadPlacement:
             raise BackendError(f"the spawner thread could not leave the sandbox cgroups: {where}")
 
     def close(self) -> None:
+        """Close the way back (after :meth:`leave`)."""
         for fd in self._home:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self._home = []
+        self._home, self._roots = [], []
 
 
 def _mount_of(d: CgroupDir, candidates: list[Path]) -> Path:

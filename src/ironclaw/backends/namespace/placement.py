@@ -27,6 +27,20 @@ __all__ = ["ThreadPlacement"]
 _TASKS = "tasks"
 
 
+_mounts: list[tuple[Path, frozenset[str]]] | None = None
+
+
+def _v1_mounts() -> list[tuple[Path, frozenset[str]]]:
+    """``(mount point, options)`` of the v1 cgroup mounts, read once per process (as the
+    cgroup layout is: hosts do not remount cgroupfs under a running orchestrator)."""
+    global _mounts
+    if _mounts is None:
+        with open("/proc/self/mountinfo") as f:
+            found = parse_mountinfo(f.read())
+        _mounts = [(m.mount_point, m.super_options) for m in found if m.fstype == "cgroup"]
+    return _mounts
+
+
 def _own_cgroups() -> list[tuple[frozenset[str], str]]:
     """``(controllers, path)`` of each v1 hierarchy the calling thread belongs to."""
     out: list[tuple[frozenset[str], str]] = []
@@ -63,11 +77,10 @@ class ThreadPlacement:
         home: list[int] = []
         roots: list[Path] = []
         try:
-            with open("/proc/self/mountinfo") as f:
-                mounts = [m for m in parse_mountinfo(f.read()) if m.fstype == "cgroup"]
+            mounts = _v1_mounts()
             own = _own_cgroups()
             for d in v1:
-                carrying = [m.mount_point for m in mounts if d.controllers <= m.super_options]
+                carrying = [m for m, opts in mounts if d.controllers <= opts]
                 root = _mount_of(d, carrying)
                 path = next(p for names, p in own if d.controllers <= names)
                 back = root.joinpath(path.lstrip("/"), _TASKS)

@@ -134,6 +134,8 @@ class NamespaceBackend:
                 f"image {ctx.spec.image!r} is not available to the namespace backend yet; "
                 "use image 'host'"
             )
+        if self._tools_ok and not ctx.spec.mounts:
+            return  # nothing left to check: no thread hop
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._spawner, self._check_host, ctx)
 

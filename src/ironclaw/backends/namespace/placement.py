@@ -17,27 +17,38 @@ from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
+import re
+from pathlib import Path, PurePosixPath
 
 from ironclaw.errors import BackendError
-from ironclaw.resources.cgroups import Cgroup, CgroupDir, parse_mountinfo
+from ironclaw.resources.cgroups import Cgroup, CgroupDir
 
 __all__ = ["ThreadPlacement"]
 
 _TASKS = "tasks"
 
 
-_mounts: list[tuple[Path, frozenset[str]]] | None = None
+_Mount = tuple[Path, str, frozenset[str]]  # mount point, root of the mount, options
+_mounts: list[_Mount] | None = None
+_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
-def _v1_mounts() -> list[tuple[Path, frozenset[str]]]:
-    """``(mount point, options)`` of the v1 cgroup mounts, read once per process (as the
-    cgroup layout is: hosts do not remount cgroupfs under a running orchestrator)."""
+def _v1_mounts() -> list[_Mount]:
+    """The v1 cgroup mounts, read once per process (as the cgroup layout is: hosts do not
+    remount cgroupfs under a running orchestrator). The root matters in a container that
+    sees a bind of its own cgroup at the mount point."""
     global _mounts
     if _mounts is None:
+        found: list[_Mount] = []
         with open("/proc/self/mountinfo") as f:
-            found = parse_mountinfo(f.read())
-        _mounts = [(m.mount_point, m.super_options) for m in found if m.fstype == "cgroup"]
+            for line in f:
+                fields = line.split()
+                sep = fields.index("-") if "-" in fields else -1
+                if sep < 6 or len(fields) < sep + 4 or fields[sep + 1] != "cgroup":
+                    continue
+                point, root = (_ESCAPE.sub(lambda m: chr(int(m[1], 8)), fields[i]) for i in (4, 3))
+                found.append((Path(point), root, frozenset(fields[sep + 3].split(","))))
+        _mounts = found
     return _mounts
 
 
@@ -80,12 +91,11 @@ class ThreadPlacement:
             mounts = _v1_mounts()
             own = _own_cgroups()
             for d in v1:
-                carrying = [m for m, opts in mounts if d.controllers <= opts]
-                root = _mount_of(d, carrying)
+                point, mount_root = _mount_of(d, [m for m in mounts if d.controllers <= m[2]])
                 path = next(p for names, p in own if d.controllers <= names)
-                back = root.joinpath(path.lstrip("/"), _TASKS)
-                home.append(os.open(back, os.O_WRONLY | os.O_CLOEXEC))
-                roots.append(root / _TASKS)
+                below = PurePosixPath(path).relative_to(mount_root)  # ValueError: not here
+                home.append(os.open(point / below / _TASKS, os.O_WRONLY | os.O_CLOEXEC))
+                roots.append(point / _TASKS)
         except (OSError, StopIteration, ValueError):
             for fd in home:
                 os.close(fd)
@@ -136,9 +146,10 @@ class ThreadPlacement:
         self._home, self._roots = [], []
 
 
-def _mount_of(d: CgroupDir, candidates: list[Path]) -> Path:
-    """The mount point (of those carrying the directory's controllers) above ``d``."""
-    above = [m for m in candidates if d.path.is_relative_to(m)]
+def _mount_of(d: CgroupDir, candidates: list[_Mount]) -> tuple[Path, str]:
+    """The mount (of those carrying the directory's controllers) above ``d``."""
+    above = [m for m in candidates if d.path.is_relative_to(m[0])]
     if not above:
         raise ValueError(f"no cgroup mount above {d.path}")
-    return max(above, key=lambda m: len(m.parts))
+    point, root, _ = max(above, key=lambda m: len(m[0].parts))
+    return point, root

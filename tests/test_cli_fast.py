@@ -18,6 +18,7 @@ import pytest
 from conftest import CGROUP_ROOT
 from ironclaw.cli.fast import default_spec, parse_exec
 from ironclaw.cli.options import SandboxOptions
+from ironclaw.spec import parse_spec
 
 
 def ironclaw(*args: str, home: Path, importtime: bool = False) -> subprocess.CompletedProcess[str]:
@@ -37,7 +38,7 @@ def imported(stderr: str) -> set[str]:
 
 
 def test_default_spec_is_the_exec_commands_spec() -> None:
-    assert default_spec() == SandboxOptions().spec()
+    assert parse_spec(default_spec()) == SandboxOptions().spec()
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ironclaw.errors import ConfigError
 from ironclaw.policy.limits import ResourceLimits
 from ironclaw.policy.network import NetworkPolicy
+from ironclaw.spec_light import LightSpec
 
 __all__ = [
     "BackendName",
@@ -168,6 +169,8 @@ def parse_spec(data: Any) -> SandboxSpec:
     """Validate ``data`` (a dict or a spec) into a :class:`SandboxSpec` or raise ConfigError."""
     if isinstance(data, SandboxSpec):
         return data
+    if isinstance(data, LightSpec):
+        data = data.model_dump(mode="json")
     try:
         return SandboxSpec.model_validate(data)
     except ValidationError as exc:

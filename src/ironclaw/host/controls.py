@@ -17,8 +17,6 @@ from typing import TYPE_CHECKING, Any
 from ironclaw.backends.base import Pausable
 from ironclaw.config import safe_join
 from ironclaw.errors import ConfigError, SandboxError
-from ironclaw.host.snapshots import ARCHIVE, Snapshot, SnapshotStore
-from ironclaw.policy.network import AllowRule, NetworkPolicy
 from ironclaw.resources.audit import append_line
 from ironclaw.resources.lifetime import (
     ACTIVITY_FILE,
@@ -28,10 +26,15 @@ from ironclaw.resources.lifetime import (
     write_lifetime,
 )
 from ironclaw.resources.store import SandboxRecord
-from ironclaw.spec import SandboxSpec, parse_spec
 
 if TYPE_CHECKING:
     from ironclaw.host.manager import SandboxManager
+    from ironclaw.host.snapshots import Snapshot
+    from ironclaw.policy.network import NetworkPolicy
+    from ironclaw.spec import SandboxSpec
+
+# pydantic (spec, policy) and tarfile (snapshots) are imported where they are used: the
+# manager imports this module, and a one-shot `ironclaw exec` needs neither.
 
 __all__ = [
     "arm_lifetime",
@@ -116,6 +119,8 @@ async def set_timeout(mgr: SandboxManager, sandbox_id: str, seconds: float | Non
     deadline = time.time() + seconds if seconds is not None else None
     doc = read_lifetime(rd)
     if doc is None or not doc.get("watchdog"):  # none yet (a manual pause writes no watchdog)
+        from ironclaw.spec import parse_spec
+
         spec = parse_spec(record.spec)
         spec = spec.model_copy(update={"lifetime": spec.lifetime.model_copy(
             update={"timeout_s": seconds})})  # fmt: skip
@@ -223,6 +228,8 @@ async def _mark_paused(mgr: SandboxManager, record: SandboxRecord, paused: bool,
 
 async def snapshot(mgr: SandboxManager, sandbox_id: str, name: str) -> Snapshot:
     """Save the sandbox's /workspace as snapshot ``name`` (atomically; see snapshots)."""
+    from ironclaw.host.snapshots import ARCHIVE, SnapshotStore
+
     record = await mgr.get(sandbox_id)
     store = SnapshotStore(mgr.settings)
     tmp = await asyncio.to_thread(store.new_temp, name)
@@ -271,6 +278,9 @@ async def restore(
     the workspace is in, the registry marks the sandbox as restoring, so if this process
     dies half-way ``gc`` removes it rather than leave a half-restored sandbox running.
     """
+    from ironclaw.host.snapshots import SnapshotStore
+    from ironclaw.spec import parse_spec
+
     store = SnapshotStore(mgr.settings)
     if isinstance(snap, str):
         snap = await asyncio.to_thread(store.get, snap)
@@ -316,6 +326,9 @@ async def update_network(
     ``allow``, ``allow_domains`` and ``deny_domains`` replace those lists when given;
     ``deny`` removes rules from the allow list. The change goes to the audit log.
     """
+    from ironclaw.policy.network import AllowRule
+    from ironclaw.spec import parse_spec
+
     record = await mgr.get(sandbox_id)
     _must_live(record)
     spec = parse_spec(record.spec)

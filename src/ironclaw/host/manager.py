@@ -19,7 +19,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ironclaw.backends.base import (
     Backend,
@@ -48,19 +48,22 @@ from ironclaw.host.guest import (
     OutputSink,
 )
 from ironclaw.host.reconcile import GcReport
-from ironclaw.host.snapshots import Snapshot, SnapshotStore
 from ironclaw.ids import new_sandbox_id, validate_sandbox_id
-from ironclaw.policy.network import NetworkPolicy
 from ironclaw.resources.audit import append_line
 from ironclaw.resources.lifetime import read_lifetime, touch_activity
 from ironclaw.resources.store import SandboxRecord, Store
 from ironclaw.rpc import HOST_LIMITS, Peer
-from ironclaw.spec import SandboxSpec, parse_spec
+from ironclaw.spec_light import LightSpec
 from ironclaw.transport import Connection
 
 if TYPE_CHECKING:
+    # pydantic (spec, policy) and tarfile (snapshots) load on first use: a one-shot
+    # `ironclaw exec` with the default spec needs neither.
+    from ironclaw.host.snapshots import Snapshot, SnapshotStore
+    from ironclaw.policy.network import NetworkPolicy
     from ironclaw.resources.cgroups import Cgroup, CgroupManager
     from ironclaw.resources.net import NetworkManager
+    from ironclaw.spec import SandboxSpec
 
 __all__ = [
     "DEFAULT_UID_BASE",
@@ -100,6 +103,20 @@ def _backend(name: str) -> Backend[Any]:
         f"unknown backend {name!r}: use namespace, qemu or firecracker "
         "(`ironclaw doctor` lists what this host supports)"
     )
+
+
+def _parse(spec: SandboxSpec | LightSpec | dict[str, Any] | None) -> SandboxSpec:
+    """The validated spec; :data:`~ironclaw.spec_light.DEFAULT_SPEC` passes as it is.
+
+    The light record has every attribute and the JSON form of ``SandboxSpec()`` (tested
+    field by field), which is all the create path reads, so the casts (here and in the
+    one-shot CLI, which passes it to :meth:`SandboxManager.create`) are only for mypy.
+    """
+    if isinstance(spec, LightSpec):
+        return cast("SandboxSpec", spec)
+    from ironclaw.spec import parse_spec
+
+    return parse_spec(spec if spec is not None else {})
 
 
 def pool_key(spec: SandboxSpec) -> str:
@@ -232,7 +249,7 @@ class SandboxManager:
         ready, and given this request's id, limits and egress rules. ``restoring`` marks
         it as being filled from a snapshot (``gc`` removes it if its creator dies first).
         """
-        spec = parse_spec(spec if spec is not None else {})
+        spec = _parse(spec)
         sid = validate_sandbox_id(sandbox_id) if sandbox_id is not None else new_sandbox_id()
         record = None
         if use_pool:
@@ -370,7 +387,7 @@ class SandboxManager:
         self, spec: SandboxSpec | dict[str, Any] | None = None, *, size: int
     ) -> int:
         """Top the pool for ``spec``'s template up to ``size`` ready sandboxes."""
-        spec = parse_spec(spec if spec is not None else {})
+        spec = _parse(spec)
         key = pool_key(spec)
         made = 0
         while await self.store.count_pooled(key) < size:
@@ -411,7 +428,7 @@ class SandboxManager:
 
     async def warm(self, spec: SandboxSpec | dict[str, Any] | None = None) -> int:
         """How many ready sandboxes the pool holds for ``spec``'s template."""
-        return await self.store.count_pooled(pool_key(parse_spec(spec or {})))
+        return await self.store.count_pooled(pool_key(_parse(spec or {})))
 
     # -- teardown ----------------------------------------------------------------------
 
@@ -553,6 +570,8 @@ class SandboxManager:
         return made
 
     def snapshots(self) -> SnapshotStore:
+        from ironclaw.host.snapshots import SnapshotStore
+
         return SnapshotStore(self.settings)
 
     async def update_network(

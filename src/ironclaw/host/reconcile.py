@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 from ironclaw.backends.base import same_process
 from ironclaw.config import safe_join
 from ironclaw.errors import IronclawError
-from ironclaw.host.snapshots import SnapshotStore
 from ironclaw.resources.lifetime import due, read_lifetime
 from ironclaw.resources.store import SandboxRecord
 
@@ -90,6 +89,8 @@ async def reconcile(mgr: SandboxManager, *, dry_run: bool = False, scan: bool = 
             report.orphans += await ports.collect_leftovers(mgr, dry_run=dry_run)
         except IronclawError as exc:
             report.errors.append(str(exc))
+        from ironclaw.host.snapshots import SnapshotStore  # tarfile: only for a scan
+
         store = SnapshotStore(mgr.settings)
         report.orphans += await asyncio.to_thread(store.collect_leftovers, dry_run=dry_run)
     return report

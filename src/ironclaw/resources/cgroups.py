@@ -28,17 +28,12 @@ import signal
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from ironclaw.config import safe_join
 from ironclaw.errors import BackendError, ConfigError, SandboxNotFound
 from ironclaw.ids import ID_PATTERN, validate_sandbox_id
-from ironclaw.policy.limits import (
-    OPTIONAL_FILES,
-    ResourceLimits,
-    cgroup_v1_settings,
-    cgroup_v2_settings,
-)
+from ironclaw.policy.knobs import OPTIONAL_FILES, cgroup_v1_settings, cgroup_v2_settings
 
 from .cgroup_layout import (
     _V2_BUILTIN,
@@ -63,6 +58,9 @@ from .cgroupfs import (
 from .cgroupfs import _read_int as _read_int
 from .cgroupfs import _read_ints as _read_ints
 from .cgroupfs import _read_keyed as _read_keyed
+
+if TYPE_CHECKING:  # the model is pydantic: a one-shot launch does without it
+    from ironclaw.policy.limits import ResourceLimits
 
 __all__ = [
     "OPTIONAL_CONTROLLERS",

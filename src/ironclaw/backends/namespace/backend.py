@@ -19,7 +19,8 @@ How a sandbox is launched, and why:
   parent has put it in the sandbox's cgroups, sets rlimits, enters the network namespace
   (when the policy allows any egress) and drops privileges; everything the sandbox runs
   inherits all of it. No Python runs between fork and exec, so the child is started
-  with vfork, and all the launch's blocking work happens on a spawner thread.
+  with vfork, and all the launch's blocking work happens on a spawner thread. On cgroup
+  v1 the child is born in the sandbox's cgroups rather than moved (see :mod:`.placement`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import subprocess
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +52,10 @@ from ironclaw.backends.base import (
     wall_time_reached,
 )
 from ironclaw.backends.namespace.cmdline import JailFds, bwrap_argv, etc_files, launch_chain
+from ironclaw.backends.namespace.placement import ThreadPlacement
 from ironclaw.config import safe_join
 from ironclaw.errors import BackendError, ConnectError, IronclawError
-from ironclaw.policy.limits import rlimits
+from ironclaw.policy.knobs import rlimits
 from ironclaw.resources.guest_bundle import bundle_path
 from ironclaw.resources.seccomp_cache import seccomp_program
 from ironclaw.transport import Connection, unix
@@ -74,6 +76,27 @@ class NamespaceInfo(BackendInfo):
     log: str
     host_uid: int
     wall_time_s: float | None = None
+
+
+def _spawn(
+    argv: list[str], kwargs: dict[str, Any], placement: ThreadPlacement | None
+) -> subprocess.Popen[Any]:
+    """Popen, with the calling thread inside the sandbox's v1 cgroups for the fork."""
+    if placement is None:
+        return subprocess.Popen(argv, **kwargs)
+    placement.enter()
+    try:
+        proc = subprocess.Popen(argv, **kwargs)
+    except BaseException:
+        placement.leave()
+        raise
+    try:
+        placement.leave()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
 
 
 def _memfd(name: str, data: bytes) -> int:
@@ -111,6 +134,8 @@ class NamespaceBackend:
                 f"image {ctx.spec.image!r} is not available to the namespace backend yet; "
                 "use image 'host'"
             )
+        if self._tools_ok and not ctx.spec.mounts:
+            return  # nothing left to check: no thread hop
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._spawner, self._check_host, ctx)
 
@@ -163,6 +188,7 @@ class NamespaceBackend:
         fds: JailFds | None = None
         go_r = go_w = -1
         cgroup_fds: list[int] = []
+        placement: ThreadPlacement | None = None
         log_fd = -1
         try:
             listener.bind(str(sock_path))
@@ -176,7 +202,13 @@ class NamespaceBackend:
             )
             log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             if ctx.cgroup is not None:
-                cgroup_fds = ctx.cgroup.attach_fds()
+                # v1 directories by birth (this thread steps in for the fork), the rest
+                # (v2, or v1 when the way back is unknown) by writing the child's pid.
+                placement = ThreadPlacement.for_thread(ctx.cgroup)
+                moved = ctx.cgroup.dirs
+                if placement is not None:
+                    moved = tuple(d for d in moved if d.version == 2)
+                cgroup_fds = replace(ctx.cgroup, dirs=moved).attach_fds()
             wall = spec.limits.wall_time_s
             go_r, go_w = os.pipe2(os.O_CLOEXEC)
             argv = [
@@ -200,15 +232,15 @@ class NamespaceBackend:
                     bwrap=self.bwrap,
                 ),
             ]
-            proc = subprocess.Popen(
-                argv,
-                stdin=go_r,
-                stdout=log_fd,
-                stderr=log_fd,
-                pass_fds=fds.all(),
-                start_new_session=True,
-                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-            )
+            popen_args: dict[str, Any] = {
+                "stdin": go_r,
+                "stdout": log_fd,
+                "stderr": log_fd,
+                "pass_fds": fds.all(),
+                "start_new_session": True,
+                "env": {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+            }
+            proc = _spawn(argv, popen_args, placement)
             try:
                 pid = str(proc.pid).encode()
                 for fd in cgroup_fds:
@@ -225,6 +257,8 @@ class NamespaceBackend:
                 raise
         finally:
             listener.close()
+            if placement is not None:
+                placement.close()
             if fds is not None:
                 fds.close()
             for fd in [go_r, go_w, log_fd, *cgroup_fds]:

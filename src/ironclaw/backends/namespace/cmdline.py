@@ -12,8 +12,10 @@ import os
 import resource
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ironclaw.spec import SandboxSpec
+if TYPE_CHECKING:  # annotations only: the launch path loads without pydantic
+    from ironclaw.spec import SandboxSpec
 
 __all__ = [
     "GUEST_GID",

@@ -1,0 +1,171 @@
+"""The one-shot ``ironclaw exec`` as a user runs it: what it imports, what it leaves.
+
+It runs without pydantic, typer or rich and without the modules of features it does not
+use, exits without the interpreter's teardown, and must still print everything, return
+the command's status and leave nothing behind; a one-shot killed mid-run leaves what
+``gc`` (any manager's start) removes. Leaks are checked on the system (cgroupfs,
+/proc, the runtime directory) as well as in the registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import CGROUP_ROOT, UID_BASE
+from ironclaw.config import Settings
+from ironclaw.host.manager import SandboxManager
+from ironclaw.resources.procs import processes_with_uid_in
+
+pytestmark = pytest.mark.root
+
+#: Not needed by a one-shot with the default spec: each is a feature it does not use.
+UNUSED = (
+    "pydantic",
+    "pydantic_core",
+    "annotated_types",
+    "typer",
+    "click",
+    "rich",
+    "tarfile",
+    "ironclaw.spec",
+    "ironclaw.policy.network",
+    "ironclaw.policy.nftables",
+    "ironclaw.policy.seccomp",
+    "ironclaw.host.snapshots",
+    "ironclaw.resources.net",
+    "ironclaw.resources.firewall",
+    "ironclaw.resources.proxy",
+    "ironclaw.images",
+    "ironclaw.backends.qemu",
+    "ironclaw.backends.firecracker",
+    "ironclaw.cluster",
+    "ironclaw.agent",
+    "ironclaw.api",
+    "ironclaw.client",
+)
+
+
+def cli(*args: str, home: Path, importtime: bool = False) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "IRONCLAW_HOME": str(home), "IRONCLAW_CGROUP_ROOT": CGROUP_ROOT}
+    flags = ["-X", "importtime"] if importtime else []
+    return subprocess.run(
+        [sys.executable, *flags, "-m", "ironclaw.cli", *args],
+        capture_output=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def leftovers(home: Path) -> dict[str, list[str]]:
+    """This session's cgroups, runtime directories and sandbox processes, as found."""
+    cgroups = [
+        str(p)
+        for ctrl in Path("/sys/fs/cgroup").iterdir()
+        if (ctrl / CGROUP_ROOT).is_dir()
+        for p in (ctrl / CGROUP_ROOT).iterdir()
+        if p.is_dir()
+    ]
+    run = home / "run" / "sandboxes"
+    return {
+        "cgroups": sorted(cgroups),
+        "run_dirs": sorted(p.name for p in run.iterdir()) if run.is_dir() else [],
+        "processes": [str(pid) for pid, _ in processes_with_uid_in(UID_BASE, UID_BASE + 16384)],
+    }
+
+
+async def registry(home: Path) -> list[str]:
+    mgr = SandboxManager(Settings.from_env({"IRONCLAW_HOME": str(home)}), reconcile_on_open=False)
+    await mgr.open()
+    try:
+        return [r.id for r in await mgr.store.all()]
+    finally:
+        await mgr.aclose()
+
+
+def test_one_shot_imports_only_what_it_uses(ironclaw_home: Path) -> None:
+    # The first run builds the caches (guest bundle, seccomp programs): later ones read them.
+    assert cli("exec", "--", "true", home=ironclaw_home).returncode == 0
+    p = cli("exec", "--", "sh", "-c", "echo hi; exit 4", home=ironclaw_home, importtime=True)
+    assert p.returncode == 4, p.stderr[-2000:]
+    assert p.stdout == b"hi\n"
+    modules = set(re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)", p.stderr.decode(), re.M))
+    assert {"ironclaw.host.manager", "ironclaw.backends.namespace"} <= modules  # it measures
+    loaded = sorted(m for m in modules if m.split(".")[0] in UNUSED or m in UNUSED
+                    or any(m.startswith(f"{u}.") for u in UNUSED))  # fmt: skip
+    assert loaded == [], loaded
+
+
+async def test_one_shots_print_everything_and_leave_nothing(ironclaw_home: Path) -> None:
+    before = leftovers(ironclaw_home)
+    big = 3 * 1024 * 1024
+    p = cli("exec", "--", "sh", "-c", f"head -c {big} /dev/zero; echo done >&2; exit 9",
+            home=ironclaw_home)  # fmt: skip
+    assert (p.returncode, len(p.stdout), p.stderr) == (9, big, b"done\n")
+    # A process left running in the background dies with the sandbox, not after the CLI.
+    p = cli("exec", "--json", "--", "sh", "-c", "sleep 300 & echo started", home=ironclaw_home)
+    assert p.returncode == 0 and b'"stdout": "started\\n"' in p.stdout, p.stderr
+    assert leftovers(ironclaw_home) == before == {"cgroups": [], "run_dirs": [], "processes": []}
+    assert await registry(ironclaw_home) == []
+
+
+async def test_gc_removes_what_a_killed_one_shot_left(ironclaw_home: Path) -> None:
+    env = {**os.environ, "IRONCLAW_HOME": str(ironclaw_home), "IRONCLAW_CGROUP_ROOT": CGROUP_ROOT}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ironclaw.cli", "exec", "--", "sh", "-c", "echo up; sleep 300",
+        stdout=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    async with asyncio.timeout(60):
+        assert await proc.stdout.readline() == b"up\n"
+    proc.send_signal(signal.SIGKILL)
+    await proc.wait()
+    left = leftovers(ironclaw_home)
+    assert left["cgroups"] and left["run_dirs"], left  # the kill left something to find
+    assert len(await registry(ironclaw_home)) == 1
+    mgr = SandboxManager(Settings.from_env({"IRONCLAW_HOME": str(ironclaw_home)}))
+    await mgr.open()  # a manager's start finishes what crashed processes left (as gc does)
+    await mgr.aclose()
+    assert await registry(ironclaw_home) == []
+    assert leftovers(ironclaw_home) == {"cgroups": [], "run_dirs": [], "processes": []}
+
+
+async def test_a_warm_sandbox_of_the_default_spec_serves_the_one_shot(ironclaw_home: Path) -> None:
+    """`pool fill` makes real-spec sandboxes; the CLI's light spec must find them."""
+    settings = Settings.from_env({"IRONCLAW_HOME": str(ironclaw_home)})
+    mgr = SandboxManager(settings, cgroup_root=CGROUP_ROOT, uid_base=UID_BASE)
+    await mgr.open()
+    try:
+        assert await mgr.fill_pool({}, size=1) == 1
+        [pooled] = await mgr.store.all()
+        p = cli("exec", "--json", "--", "cat", "/etc/hostname", home=ironclaw_home)
+        assert p.returncode == 0, p.stderr
+        assert await mgr.warm({}) == 0  # taken, not built anew
+        # The pooled jail kept the name it was built with: the exec ran in that sandbox.
+        assert p.stdout.count(f"{pooled.rid}\\n".encode()) == 1, p.stdout
+    finally:
+        await mgr.aclose()
+    assert await registry(ironclaw_home) == []
+    assert leftovers(ironclaw_home) == {"cgroups": [], "run_dirs": [], "processes": []}
+
+
+async def test_an_interrupted_one_shot_exits_130_and_leaves_nothing(ironclaw_home: Path) -> None:
+    env = {**os.environ, "IRONCLAW_HOME": str(ironclaw_home), "IRONCLAW_CGROUP_ROOT": CGROUP_ROOT}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ironclaw.cli", "exec", "--", "sh", "-c", "echo up; sleep 300",
+        stdout=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    async with asyncio.timeout(60):
+        assert await proc.stdout.readline() == b"up\n"
+        proc.send_signal(signal.SIGINT)
+        assert await proc.wait() == 130
+    assert await registry(ironclaw_home) == []
+    assert leftovers(ironclaw_home) == {"cgroups": [], "run_dirs": [], "processes": []}

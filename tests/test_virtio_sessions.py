@@ -40,7 +40,9 @@ NONCE = bytes(range(16))
 
 def _cuts(data: bytes) -> list[list[bytes]]:
     """``data`` whole, byte by byte, and in two pieces at every position."""
-    return [[data], [bytes([b]) for b in data]] + [[data[:i], data[i:]] for i in range(1, len(data))]
+    return [[data], [bytes([b]) for b in data]] + [
+        [data[:i], data[i:]] for i in range(1, len(data))
+    ]
 
 
 def test_hello_is_found_after_garbage_in_any_cut() -> None:
@@ -129,7 +131,9 @@ class _Duplex:
         from ironclaw.transport.unix import from_socket
 
         self.stand = stand
-        self.sock = from_socket(socket.socket(fileno=os.dup(stand.host_in.fileno())), initiator=True)
+        self.sock = from_socket(
+            socket.socket(fileno=os.dup(stand.host_in.fileno())), initiator=True
+        )
         self.name = "stand-in"
 
     @property

@@ -34,8 +34,8 @@ from ironclaw.host.guest import GuestClient
 from ironclaw.host.manager import SandboxManager
 from ironclaw.images import ImageArtifacts
 from ironclaw.proto import methods
-from ironclaw.rpc import HOST_LIMITS, Peer
 from ironclaw.proto.frames import FrameType, encode_frame
+from ironclaw.rpc import HOST_LIMITS, Peer
 from ironclaw.transport import unix, virtio_serial
 from ironclaw.transport._sessions import hello_frame
 from nethelpers import PROBE, PeerHost
@@ -150,7 +150,8 @@ async def store(image: ImageArtifacts) -> SnapshotStore:
 
 
 async def _client(vm: QemuVm) -> tuple[GuestClient, Peer]:
-    peer = Peer(await virtio_serial.connect(vm.channel_path), name="test", limits=HOST_LIMITS)
+    conn = await virtio_serial.connect(vm.channel_path, handshake_s=120)
+    peer = Peer(conn, name="test", limits=HOST_LIMITS)
     await peer.start()
     return GuestClient(peer), peer
 
@@ -274,7 +275,7 @@ async def test_build_and_restore_in_a_loop_with_connections_cut_mid_frame(
                     finally:
                         await peer.aclose()
                 # Two sessions back to back, the second opened before the first closes.
-                first, peer1 = await _client(vm)
+                _, peer1 = await _client(vm)
                 second = asyncio.ensure_future(_client(vm))
                 await asyncio.sleep(0.05)
                 await peer1.aclose()

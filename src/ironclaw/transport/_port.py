@@ -15,8 +15,14 @@ A read of 0 in a session whose host was seen connected ends it at a clean bounda
 until POLLHUP clears and discards bytes up to the next hello. A read of 0 before the
 session's host was ever seen connected is not trusted: the hello can overtake the
 guest kernel's "host connected" notice, which travels on another queue. While a
-session's reading is paused (backpressure), SIGIO and POLLHUP alone end it, so a host
-that vanished mid-frame cannot leave the next one waiting behind half a frame.
+session's reading is paused (backpressure), SIGIO and POLLHUP alone end it.
+
+A host may also leave and the next one connect before the guest reads anything in
+between (both notices are handled at once): then the new hello arrives inside the old
+session. At a frame boundary it is seen as such (``FrameTracker``). Inside a frame the
+old host left unfinished it is swallowed as payload; but a host sends nothing after its
+hello until the ack, so a session whose bytes end with a whole hello, inside an
+unfinished frame, with nothing more for ``settle_s``, is taken to be a new host's.
 
 Each session is a :class:`StreamConnection` whose writes go through a descriptor of its
 own (a dup of the port): ending a session aborts it, so nothing the old session queued
@@ -57,6 +63,7 @@ class _Session(asyncio.ReadTransport):
         self.paused = False
         self.ended = False
         self.seen_connected = False  # the host end was reported connected during it
+        self.suspect: float | None = None  # since when it ends with a swallowed hello
 
     def pause_reading(self) -> None:
         self.paused = True
@@ -76,6 +83,7 @@ class _Session(asyncio.ReadTransport):
 
     def deliver(self, data: bytes) -> None:
         if self.proto is not None and data:
+            self.suspect = None
             self.proto.data_received(data)
 
 
@@ -94,11 +102,13 @@ class PortSessions:
         write_fd: int | None = None,
         read_limit: int = DEFAULT_READ_LIMIT,
         poll_s: float = 0.1,
+        settle_s: float = 0.2,
     ) -> None:
         self._fd = fd
         self._wfd = fd if write_fd is None else write_fd
         self._read_limit = read_limit
         self._poll_s = poll_s
+        self._settle_s = settle_s
         self._loop = asyncio.get_running_loop()
         self._pending: asyncio.Queue[StreamConnection] = asyncio.Queue()
         self._current: _Session | None = None
@@ -196,7 +206,19 @@ class PortSessions:
             try:
                 data = os.read(self._fd, _CHUNK)
             except BlockingIOError:
-                await self._wait(readable=True)
+                nonce = sess.tracker.trailing_hello() if sess is not None else None
+                if sess is None or nonce is None:
+                    await self._wait(readable=True)
+                    continue
+                # Nothing after a hello inside an unfinished frame: once that stays so
+                # for a moment, it is a new host's (which waits for its ack).
+                now = self._loop.time()
+                sess.suspect = now if sess.suspect is None else sess.suspect
+                if now - sess.suspect < self._settle_s:
+                    await self._wait(readable=True, timeout=self._settle_s - (now - sess.suspect))
+                    continue
+                self._end(sess)
+                await self._open(nonce)
                 continue
             if data:
                 empty_reads = 0
@@ -232,7 +254,8 @@ class PortSessions:
             if at < 0:
                 sess.deliver(data)
                 return
-            # A new host's hello inside a session whose end went unnoticed.
+            # A new host's hello inside a session whose end went unnoticed, or a header no
+            # frame has (the rest is scanned for a hello, from the bytes it may begin in).
             sess.deliver(data[:at])
             data = sess.tracker.carry + data[at:]
             self._end(sess)

@@ -91,28 +91,37 @@ class HelloScanner:
 
 
 class FrameTracker:
-    """Guest side inside a session: follow frame boundaries to spot a hello at one.
+    """Guest side inside a session: follow frame boundaries to spot the next host's hello.
 
     Only headers are looked at (payloads are skipped by length), so this costs next to
-    nothing for bulk data. An unknown frame type means the session's framing is broken
-    (the rpc decoder fails it too): tracking stops, and the session ends with it.
+    nothing for bulk data. The last :data:`HELLO_SIZE` bytes are kept: a hello swallowed
+    by a frame the previous host left unfinished is seen at the end of them
+    (:meth:`trailing_hello`), and a broken header is rescanned with the bytes before it.
     """
 
-    __slots__ = ("_head", "_need", "carry", "lost")
+    __slots__ = ("_head", "_need", "_tail", "carry", "lost")
 
     def __init__(self) -> None:
         self._need = 0  # payload bytes of the current frame still to come
         self._head = bytearray()  # a header cut between chunks
+        self._tail = bytearray()  # the last HELLO_SIZE bytes of the session
         self.lost = False
-        #: After :meth:`find_hello` found one: the hello's first bytes from earlier chunks.
+        #: After :meth:`find_hello`: the bytes to scan for a hello from (see there).
         self.carry = b""
 
     def find_hello(self, data: bytes) -> int:
-        """Where in ``data`` a hello starts at a frame boundary, or -1 (then all of
-        ``data`` belongs to the session). A hello begun in an earlier chunk is at 0,
-        its first bytes in :attr:`carry`."""
+        """Where in ``data`` the session ends, or -1 (all of ``data`` is the session's).
+
+        At a frame boundary a hello ends it (its first bytes, from earlier chunks, are
+        in :attr:`carry`); so does a header no frame can have (:attr:`lost`), and then
+        :attr:`carry` holds the bytes before it that a hello cut by it may start in.
+        """
         if self.lost:
             return -1
+        tail = self._tail
+        before = bytes(tail)
+        tail += data
+        del tail[:-HELLO_SIZE]
         pos, end = 0, len(data)
         head = self._head
         while pos < end:
@@ -134,9 +143,23 @@ class FrameTracker:
                 return begun
             if ftype not in _SESSION_TYPES:
                 self.lost = True
-                return -1
+                self.carry = (before + data[:begun])[-(HELLO_SIZE - 1) :]
+                return begun
             self._need = length
         return -1
+
+    def trailing_hello(self) -> bytes | None:
+        """The nonce of a hello the session's bytes end with, inside an unfinished frame.
+
+        A host never leaves a frame unfinished on its own: this is the next host's hello
+        landing in what its predecessor did not finish (when it stays the last thing
+        received for a moment, which the port driver waits for).
+        """
+        inside = self._need or self._head
+        tail = self._tail
+        if inside and len(tail) == HELLO_SIZE and tail.startswith(_HELLO_PREFIX):
+            return bytes(tail[len(_HELLO_PREFIX) :])
+        return None
 
 
 class AckScanner:

@@ -17,18 +17,17 @@ import os
 import socket
 import stat
 
-from ironclaw.errors import ChannelViolation, ConnectError
+from ironclaw.errors import ConnectError
 
 from ._port import PortSessions
 from ._sessions import NONCE_SIZE, AckScanner, hello_frame
-from ._socket import Receiver, SocketConnection
+from ._socket import SocketConnection
 from ._stream import DEFAULT_READ_LIMIT, StreamConnection
 from .unix import connect as unix_connect
 from .unix import from_socket
 
 __all__ = [
     "DEVICE_DIR",
-    "HostSession",
     "PortSessions",
     "connect",
     "device_path",
@@ -69,113 +68,39 @@ async def serve_port(
     return port
 
 
-async def connect(path: str | os.PathLike[str], *, timeout: float = 5.0) -> HostSession:
-    """Host side: connect to the port's socket and begin a session with a fresh hello.
+async def connect(
+    path: str | os.PathLike[str], *, timeout: float = 5.0, handshake_s: float | None = 30.0
+) -> SocketConnection:
+    """Host side: connect to the port's socket and begin a session.
 
-    Returns at once (requests may follow the hello straight away); reads skip whatever
-    the guest sent before its ack of this hello (an earlier session's output).
+    Sends a hello with a fresh nonce and returns once the agent's ack of it has arrived
+    (what came before it, an earlier session's output, is dropped); nothing else is
+    sent before (see :mod:`._port`: the guest relies on it). ``handshake_s`` bounds the
+    wait for the ack (None: as long as it takes, for a caller that bounds it itself).
     """
     conn = await unix_connect(path, timeout=timeout)
     nonce = os.urandom(NONCE_SIZE)
+    scan = AckScanner(nonce)
     try:
         await conn.write(hello_frame(nonce))
+        async with asyncio.timeout(handshake_s):
+            rest = None
+            while rest is None:
+                data = await conn.read()
+                if not data:
+                    raise ConnectError(f"{os.fspath(path)}: channel closed during the handshake")
+                rest = scan.feed(data)
+    except TimeoutError:
+        await conn.aclose()
+        raise ConnectError(
+            f"{os.fspath(path)}: the guest agent did not answer the channel handshake within "
+            f"{handshake_s}s (is the VM paused or overloaded?)"
+        ) from None
     except BaseException:
         await conn.aclose()
         raise
-    return HostSession(conn, nonce)
-
-
-class HostSession:
-    """The host's end of one session: a :class:`SocketConnection` whose reads begin
-    after the guest's ack (in pull and in push mode)."""
-
-    def __init__(self, conn: SocketConnection, nonce: bytes) -> None:
-        self._conn = conn
-        self._scan: AckScanner | None = AckScanner(nonce)
-        self.initiator = True
-        self.name = conn.name
-
-    @property
-    def closed(self) -> bool:
-        return self._conn.closed
-
-    @property
-    def acknowledged(self) -> bool:
-        """Whether the guest's ack has arrived (its session has begun)."""
-        return self._scan is None
-
-    def _skip(self, data: bytes | bytearray | memoryview) -> bytes | None:
-        assert self._scan is not None
-        rest = self._scan.feed(data)
-        if rest is not None:
-            self._scan = None
-        return rest
-
-    async def read(self, max_bytes: int = 262144) -> bytes:
-        while self._scan is not None:
-            data = await self._conn.read(max_bytes)
-            if not data:
-                return b""
-            rest = self._skip(data)
-            if rest:
-                return rest
-        return await self._conn.read(max_bytes)
-
-    async def write(self, data: bytes | bytearray | memoryview) -> None:
-        await self._conn.write(data)
-
-    async def aclose(self) -> None:
-        await self._conn.aclose()
-
-    def pause_reading(self) -> None:
-        self._conn.pause_reading()
-
-    def resume_reading(self) -> None:
-        self._conn.resume_reading()
-
-    def attach_receiver(self, receiver: Receiver) -> None:
-        if self._scan is None:
-            self._conn.attach_receiver(receiver)
-        else:
-            self._conn.attach_receiver(_SkipToAck(self, receiver))
-
-
-class _SkipToAck:
-    """Push-mode receiver that drops bytes until the ack, then hands on to ``receiver``."""
-
-    def __init__(self, session: HostSession, receiver: Receiver) -> None:
-        self._session = session
-        self._receiver = receiver
-        self._own: bytearray | None = None
-        self._failed = False
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        if self._session.acknowledged:
-            self._own = None
-            return self._receiver.get_buffer(sizehint)
-        self._own = bytearray(max(sizehint, 4096))
-        return memoryview(self._own)
-
-    def buffer_updated(self, nbytes: int) -> None:
-        own, self._own = self._own, None
-        if self._failed:
-            return
-        if own is None:
-            self._receiver.buffer_updated(nbytes)
-            return
-        try:
-            rest = self._session._skip(memoryview(own)[:nbytes])
-        except ChannelViolation as exc:
-            self._failed = True
-            self._receiver.eof_received(exc)
-            return
-        if rest:
-            with self._receiver.get_buffer(len(rest)) as view:
-                view[: len(rest)] = rest
-            self._receiver.buffer_updated(len(rest))
-
-    def eof_received(self, exc: BaseException | None) -> None:
-        self._receiver.eof_received(exc)
+    conn.unread(rest)
+    return conn
 
 
 async def open_port(

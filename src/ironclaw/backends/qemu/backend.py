@@ -248,7 +248,9 @@ class QemuBackend:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                return await virtio_serial.connect(info.socket, timeout=max(0.1, timeout))
+                return await virtio_serial.connect(
+                    info.socket, timeout=max(0.1, timeout), handshake_s=max(timeout, 30.0)
+                )
             except ConnectError as exc:
                 alive = same_process(info.pid, info.pid_start)
                 if not alive or time.monotonic() >= deadline:

@@ -53,19 +53,20 @@ async def ping_probe(path: Path, attempt_s: float | None = None) -> dict[str, An
 
     Each connection is a session of the port (``virtio_serial.connect``): bytes sent
     before the agent opens its port wait in the socket, so on a fresh boot one attempt
-    waits as long as it takes. With ``attempt_s`` (a restored or attached VM) an
-    unanswered attempt is retried on a new connection: a clean disconnect the agent
-    sees, in case it was saved or found inside a session whose end it had not seen.
+    waits as long as it takes. With ``attempt_s`` (a restored or attached VM) an attempt
+    (handshake and ping) not answered in time is retried on a new connection, a clean
+    disconnect for the agent: a safety net, not how a session normally begins.
     """
     while True:
-        conn = await virtio_serial.connect(path)
-        peer = Peer(conn, name="qemu-ready-probe", limits=HOST_LIMITS)
-        await peer.start()
         try:
             async with asyncio.timeout(attempt_s):
-                pong = await methods.call(peer, methods.PingRequest(), methods.PingResult)
+                conn = await virtio_serial.connect(path, handshake_s=None)
+                peer = Peer(conn, name="qemu-ready-probe", limits=HOST_LIMITS)
+                await peer.start()
+                try:
+                    pong = await methods.call(peer, methods.PingRequest(), methods.PingResult)
+                finally:
+                    await peer.aclose()
             return {**methods.to_json(pong), "agent": True}
         except TimeoutError:
             continue
-        finally:
-            await peer.aclose()

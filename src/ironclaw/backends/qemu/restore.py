@@ -112,26 +112,30 @@ class VmSnapshot:
 
 
 async def identity_probe(
-    path: Path, *, request: methods.IdentityResetRequest, first_attempt_s: float = 0.1
+    path: Path, *, request: methods.IdentityResetRequest, first_attempt_s: float = 1.0
 ) -> dict[str, Any]:
     """The readiness probe of a restored VM: ``ping`` until answered, then ``identity.reset``.
 
-    Each ping attempt is bounded and retried on a new connection (see
-    :func:`~ironclaw.backends.qemu.ready.ping_probe`), the bound doubling up to 4 s so a
+    Each attempt (handshake and ping) is bounded and retried on a new connection (see
+    :func:`~ironclaw.backends.qemu.ready.ping_probe`), the bound doubling up to 8 s so a
     slow, loaded TCG guest still gets through; the reset then has all the time it needs.
     """
     attempt_s = first_attempt_s
     while True:
-        conn = await virtio_serial.connect(path)
-        peer = Peer(conn, name="qemu-identity", limits=HOST_LIMITS)
-        await peer.start()
         try:
-            try:
-                async with asyncio.timeout(attempt_s):
+            async with asyncio.timeout(attempt_s):
+                conn = await virtio_serial.connect(path, handshake_s=None)
+                peer = Peer(conn, name="qemu-identity", limits=HOST_LIMITS)
+                await peer.start()
+                try:
                     await methods.call(peer, methods.PingRequest(), methods.PingResult)
-            except TimeoutError:
-                attempt_s = min(4.0, attempt_s * 2)
-                continue
+                except BaseException:
+                    await peer.aclose()
+                    raise
+        except TimeoutError:
+            attempt_s = min(8.0, attempt_s * 2)
+            continue
+        try:
             done = await methods.call(peer, request, methods.IdentityResetResult)
             return {**methods.to_json(done), "agent": True}
         finally:
@@ -169,7 +173,7 @@ async def _warm_up(path: Path) -> None:
     """Take the paths a restored VM takes first once before saving: the guest's page
     cache (modules, ``/bin/sh``) is then in the snapshot. TCG's translations are not,
     so every path a restored guest runs for the first time costs; this makes it cheaper."""
-    conn = await virtio_serial.connect(path)
+    conn = await virtio_serial.connect(path, handshake_s=None)  # within the build deadline
     peer = Peer(conn, name="qemu-snapshot-warm-up", limits=HOST_LIMITS)
     await peer.start()
     try:

@@ -39,7 +39,7 @@ from ironclaw.rpc import HOST_LIMITS, Peer
 from ironclaw.transport import unix, virtio_serial
 from ironclaw.transport._sessions import hello_frame
 from nethelpers import PROBE, PeerHost
-from test_qemu_backend import vm_image  # noqa: F401  (fixture)
+from test_qemu_backend import vm_image, vm_snapshots  # noqa: F401  (fixtures)
 
 KEY = SnapshotKey(accel="tcg", cpus=1, memory_mib=256, network=True)
 

@@ -48,6 +48,7 @@ __all__ = ["PortSessions"]
 log = logging.getLogger(__name__)
 
 _CHUNK = 256 * 1024
+_SIGIO_POLL_S = 1.0
 
 
 class _Session(asyncio.ReadTransport):
@@ -234,9 +235,12 @@ class PortSessions:
         """Return once the host end is connected again."""
         if settle:  # reads of 0 although no POLLHUP: not a real port; do not spin
             await asyncio.sleep(self._poll_s)
+        # SIGIO announces the host; the poll stays as a slow safety net then (an idle,
+        # pooled VM should not wake ten times a second).
+        every = _SIGIO_POLL_S if self._sigio else self._poll_s
         while self._host_gone():
             self._wake.clear()
-            await self._wait(timeout=self._poll_s)
+            await self._wait(timeout=every)
         if self._current is not None:
             self._current.seen_connected = True
 

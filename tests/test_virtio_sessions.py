@@ -267,3 +267,46 @@ async def test_a_hello_swallowed_by_the_previous_hosts_unfinished_frame_is_found
         stand.disconnect()
         await served2
     assert sessions.sessions == 2
+
+
+async def test_a_host_leaving_a_paused_session_ends_it_and_its_unread_bytes(
+    tmp_path: Path,
+) -> None:
+    """Backpressure: the session's reader is full and the port is no longer read, so no
+    read of 0 can tell the host left; POLLHUP (woken by SIGIO) ends the session, and
+    the next host is served although the old session is never read again. (A host
+    coming back before the guest saw POLLHUP waits until the old session is read.)"""
+    stand = StandIn(tmp_path)
+    rfd, wfd = stand.guest_fds()
+    sessions = PortSessions(rfd, write_fd=wfd, read_limit=4096, poll_s=0.02)
+    sessions.start()
+    try:
+        async with asyncio.timeout(30):
+            first = asyncio.ensure_future(stand.host())
+            stalled = await sessions.accept()  # nobody reads it: it pauses the port
+            await first
+            chunk = encode_frame(FrameType.DATA, 2, b"d" * 8000)
+            for _ in range(4):
+                stand.send(chunk)  # 32 kB: past the session's limit, within the FIFO's
+            while "buffered=0" in repr(stalled):  # let the guest read them and pause
+                await asyncio.sleep(0.01)
+            stand.disconnect()
+            while not stalled.closed:  # ended though never read again
+                await asyncio.sleep(0.01)
+            second = asyncio.ensure_future(stand.host())
+            conn2 = await sessions.accept()
+            served2 = asyncio.ensure_future(_serve(conn2))
+            assert await _ping(await second)
+            stand.disconnect()
+            await served2
+            # The stalled session ended: what it got (its host's bytes only) is
+            # readable, then EOF.
+            got = b""
+            while piece := await stalled.read():
+                got += piece
+            assert len(got) > 4096 and got == (chunk * 4)[: len(got)]
+    finally:
+        await sessions.close()
+        stand.disconnect()
+        stand.host_in.close()
+        stand.guest_out.close()

@@ -52,7 +52,7 @@ from ironclaw.backends.qemu.vm import QemuVm
 from ironclaw.backends.restored import SnapshotCorrupt, fresh_identity, sha256_fd
 from ironclaw.backends.vm import kernel_ip
 from ironclaw.config import Settings, safe_join
-from ironclaw.errors import BackendError
+from ironclaw.errors import BackendError, ConnectError
 from ironclaw.images import ImageArtifacts
 from ironclaw.proto import methods
 from ironclaw.rpc import HOST_LIMITS, Peer
@@ -114,27 +114,23 @@ class VmSnapshot:
 async def identity_probe(
     path: Path, *, request: methods.IdentityResetRequest, first_attempt_s: float = 1.0
 ) -> dict[str, Any]:
-    """The readiness probe of a restored VM: ``ping`` until answered, then ``identity.reset``.
+    """The readiness probe of a restored VM: the channel handshake, then ``identity.reset``.
 
-    Each attempt (handshake and ping) is bounded and retried on a new connection (see
+    The agent's ack of the handshake proves it runs and reads this session, so no
+    ``ping`` goes first. Each handshake is bounded and retried on a new connection (see
     :func:`~ironclaw.backends.qemu.ready.ping_probe`), the bound doubling up to 8 s so a
     slow, loaded TCG guest still gets through; the reset then has all the time it needs.
     """
     attempt_s = first_attempt_s
     while True:
         try:
-            async with asyncio.timeout(attempt_s):
-                conn = await virtio_serial.connect(path, handshake_s=None)
-                peer = Peer(conn, name="qemu-identity", limits=HOST_LIMITS)
-                await peer.start()
-                try:
-                    await methods.call(peer, methods.PingRequest(), methods.PingResult)
-                except BaseException:
-                    await peer.aclose()
-                    raise
-        except TimeoutError:
+            conn = await virtio_serial.connect(path, handshake_s=attempt_s)
+        except ConnectError:  # no answer in time (or no socket yet: do not spin)
             attempt_s = min(8.0, attempt_s * 2)
+            await asyncio.sleep(0.02)
             continue
+        peer = Peer(conn, name="qemu-identity", limits=HOST_LIMITS)
+        await peer.start()
         try:
             done = await methods.call(peer, request, methods.IdentityResetResult)
             return {**methods.to_json(done), "agent": True}

@@ -3,32 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-from pathlib import Path
 
 import pytest
 
-from conftest import image_cache_settings
 from ironclaw.errors import ConfigError
 from ironclaw.host.manager import SandboxManager
 from ironclaw.images import ImageArtifacts
 from ironclaw.sdk import Sandbox
+from test_qemu_backend import vm_image, vm_snapshots  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.root, pytest.mark.vm, pytest.mark.timeout(300)]
 
 
-@pytest.fixture
-def vm_image(ironclaw_home: Path, image: ImageArtifacts) -> ImageArtifacts:
-    cache = image_cache_settings().state_dir
-    state = ironclaw_home / "state"
-    state.mkdir(mode=0o700, exist_ok=True)
-    (state / "images").symlink_to(cache / "images")
-    if (cache / "qemu-accel.json").exists():
-        shutil.copyfile(cache / "qemu-accel.json", state / "qemu-accel.json")
-    return image
-
-
-async def test_vm_commands_pty_and_watch(vm_image: ImageArtifacts, manager: SandboxManager) -> None:
+async def test_vm_commands_pty_and_watch(
+    vm_image: ImageArtifacts,  # noqa: F811
+    manager: SandboxManager,
+) -> None:
     spec = {"backend": "qemu", "limits": {"memory_mib": 384, "workspace_mib": 64}}
     record = await manager.create(spec, ready_timeout=60)  # TCG on a busy host
     async with Sandbox(manager, record, owns=False) as sb:

@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 
 from conftest import image_cache_settings
+from ironclaw.backends.qemu.accel import probe_accel
 from ironclaw.backends.qemu.backend import QEMU_OVERHEAD_MIB, QemuBackend
+from ironclaw.backends.qemu.restore import SnapshotKey, SnapshotStore
 from ironclaw.backends.qemu.vm import guest_env_script
 from ironclaw.errors import BackendError, ConfigError
 from ironclaw.host.manager import SandboxManager
@@ -35,13 +37,34 @@ from nethelpers import PROBE, PeerHost, sh
 BOOTS_MS: list[float] = []  # boot-to-ready through the manager, reported at the end
 
 
+@pytest.fixture(scope="session")
+def vm_snapshots(image: ImageArtifacts) -> None:
+    """The agent-ready snapshots QEMU sandboxes of these tests restore from (restoring is
+    the backend's default), made once per image before any test needs one (they stay
+    beside the image in the cache): a build inside a create would eat into its bounds."""
+    settings = image_cache_settings()
+    accel = probe_accel(image, settings)
+    store = SnapshotStore(image, settings)
+    for network in (False, True):
+        key = SnapshotKey(accel=accel, cpus=1, memory_mib=384 - QEMU_OVERHEAD_MIB, network=network)
+        asyncio.run(store.ensure(key, timeout=900))
+
+
 @pytest.fixture
-def vm_image(ironclaw_home: Path, image: ImageArtifacts) -> ImageArtifacts:
-    """Make the cached image (and the cached KVM verdict) this home's own."""
+def vm_image(ironclaw_home: Path, image: ImageArtifacts, vm_snapshots: None) -> ImageArtifacts:
+    """Make the cached image (and the cached KVM verdict) this home's own.
+
+    Only this session's image is linked in, under a ``default`` name of this home's own:
+    the cache's names are shared by every checkout on the machine, and "default" there
+    may be another tree's image, whose agent need not speak this tree's channel.
+    """
     cache = image_cache_settings().state_dir
     state = ironclaw_home / "state"
-    state.mkdir(mode=0o700, exist_ok=True)
-    (state / "images").symlink_to(cache / "images")
+    images = state / "images"
+    for d in (state, images, images / "names"):
+        d.mkdir(mode=0o700, exist_ok=True)
+    (images / image.digest).symlink_to(cache / "images" / image.digest)
+    (images / "names" / "default").write_text(image.digest + "\n")
     with_probe = cache / "qemu-accel.json"
     if with_probe.exists():
         shutil.copyfile(with_probe, state / "qemu-accel.json")

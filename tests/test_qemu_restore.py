@@ -28,16 +28,18 @@ from ironclaw.backends.qemu.restore import (
     restore_enabled,
 )
 from ironclaw.backends.qemu.vm import QemuVm
-from ironclaw.errors import ConfigError
+from ironclaw.errors import BackendError, ConfigError
 from ironclaw.guest.identity import parse_kernel_ip
 from ironclaw.host.guest import GuestClient
 from ironclaw.host.manager import SandboxManager
 from ironclaw.images import ImageArtifacts
 from ironclaw.proto import methods
+from ironclaw.proto.frames import FrameType, encode_frame
 from ironclaw.rpc import HOST_LIMITS, Peer
-from ironclaw.transport import unix
+from ironclaw.transport import unix, virtio_serial
+from ironclaw.transport._sessions import hello_frame
 from nethelpers import PROBE, PeerHost
-from test_qemu_backend import vm_image  # noqa: F401  (fixture)
+from test_qemu_backend import vm_image, vm_snapshots  # noqa: F401  (fixtures)
 
 KEY = SnapshotKey(accel="tcg", cpus=1, memory_mib=256, network=True)
 
@@ -67,10 +69,35 @@ def test_fresh_identities_differ_and_decode() -> None:
     assert methods.decode_request(name, params) == a
 
 
-def test_restore_is_opt_in() -> None:
-    assert not restore_enabled({})
+def test_restore_is_the_default_and_can_be_turned_off() -> None:
+    assert restore_enabled({})
     assert restore_enabled({"IRONCLAW_QEMU_RESTORE": "1"})
-    assert not restore_enabled({"IRONCLAW_QEMU_RESTORE": "0"})
+    for off in ("0", "off", "no", "false", " OFF "):
+        assert not restore_enabled({"IRONCLAW_QEMU_RESTORE": off})
+
+
+async def test_a_build_past_its_deadline_is_an_error_and_leaves_no_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hang (here: a build that wrote half its state and stops) becomes a clear error
+    at the deadline; the partial file is removed and nothing is recorded."""
+    art = ImageArtifacts(
+        name="t", digest="d" * 32, rootfs_dir=tmp_path / "root", ext4=tmp_path / "rootfs.ext4",
+        initramfs=tmp_path / "initrd", vmlinux=tmp_path / "vmlinux", kernel_release="6",
+    )  # fmt: skip
+    store = SnapshotStore(art)
+
+    async def hangs(self: SnapshotStore, key: SnapshotKey, dest: Path, timeout: float) -> None:
+        dest.write_bytes(b"half a snapshot")
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(SnapshotStore, "_boot_and_save", hangs)
+    with pytest.raises(
+        BackendError, match=r"did not finish within 0s.*partial snapshot was removed"
+    ):
+        await store.ensure(KEY, timeout=0.2)
+    assert store.load(KEY) is None
+    assert sorted(p.name for p in store.root.iterdir()) == [".lock"]
 
 
 def test_a_changed_byte_fails_the_check(tmp_path: Path) -> None:
@@ -123,7 +150,8 @@ async def store(image: ImageArtifacts) -> SnapshotStore:
 
 
 async def _client(vm: QemuVm) -> tuple[GuestClient, Peer]:
-    peer = Peer(await unix.connect(vm.channel_path), name="test", limits=HOST_LIMITS)
+    conn = await virtio_serial.connect(vm.channel_path, handshake_s=120)
+    peer = Peer(conn, name="test", limits=HOST_LIMITS)
     await peer.start()
     return GuestClient(peer), peer
 
@@ -134,16 +162,6 @@ async def _sh(client: GuestClient, script: str) -> str:
     return res.stdout.decode().strip()
 
 
-# The snapshot build can hang here under TCG (a restored agent may lose the first request
-# after a reconnect; see docs/IMAGES.md): the boot tests run only when asked for, until
-# that race is fixed. Restore itself is opt-in (IRONCLAW_QEMU_RESTORE=1).
-_RESTORE_BOOTS = pytest.mark.skipif(
-    not os.environ.get("IRONCLAW_TEST_VM_RESTORE"),
-    reason="VM restore boot tests are opt-in (IRONCLAW_TEST_VM_RESTORE=1): known race",
-)
-
-
-@_RESTORE_BOOTS
 @pytest.mark.vm
 @pytest.mark.root
 @pytest.mark.timeout(1200)
@@ -195,7 +213,6 @@ async def test_two_restored_vms_run_commands_and_are_different_machines(
             await vm.kill()
 
 
-@_RESTORE_BOOTS
 @pytest.mark.vm
 @pytest.mark.root
 @pytest.mark.timeout(1200)
@@ -225,6 +242,52 @@ async def test_a_tampered_snapshot_is_refused_and_rebuilt(
         await vm.kill()
 
 
+@pytest.mark.vm
+@pytest.mark.root
+@pytest.mark.timeout(2400)
+async def test_build_and_restore_in_a_loop_with_connections_cut_mid_frame(
+    image: ImageArtifacts, run_root: Path
+) -> None:
+    """What hung before: the agent closed and reopened its port between host connections,
+    and the guest kernel dropped what the next connection had sent meanwhile. Each round
+    builds the snapshot (boot, probe, warm-up connection, save) and restores it, then
+    cuts connections off mid-frame and right after a request, and the next connection
+    must be served from its first byte. A hang fails at the round's bound."""
+    store = SnapshotStore(image, image_cache_settings())
+    request = encode_frame(FrameType.MESSAGE, 0, json.dumps({
+        "jsonrpc": "2.0", "id": 7, "method": "exec",
+        "params": {"argv": ["/bin/sh", "-c", "sleep 0.2; echo stale"]},
+    }).encode())  # fmt: skip
+    for round_ in range(3):
+        async with asyncio.timeout(700):
+            store.discard(KEY)
+            await store.ensure(KEY, timeout=600)
+            ident = fresh_identity(f"sb-loop{round_}")
+            vm = await store.restore(KEY, run_root / f"l{round_}", ident, run_as=65534)
+            try:
+                for cut in (0, 5, 9, len(request) - 1, len(request)):
+                    raw = await unix.connect(vm.channel_path)
+                    await raw.write(hello_frame(os.urandom(16)) + request[:cut])
+                    await raw.aclose()  # the whole request: its reply finds no one
+                    client, peer = await _client(vm)
+                    try:
+                        assert await _sh(client, f"echo {round_}.{cut}") == f"{round_}.{cut}"
+                    finally:
+                        await peer.aclose()
+                # Two sessions back to back, the second opened before the first closes.
+                _, peer1 = await _client(vm)
+                second = asyncio.ensure_future(_client(vm))
+                await asyncio.sleep(0.05)
+                await peer1.aclose()
+                client, peer = await second
+                try:
+                    assert await _sh(client, "hostname") == ident.hostname
+                finally:
+                    await peer.aclose()
+            finally:
+                await vm.kill()
+
+
 # -- through the manager: restored sandboxes, cold and from the warm pool -------------------
 
 
@@ -240,7 +303,6 @@ async def peer() -> AsyncIterator[PeerHost]:
     await p.stop()
 
 
-@_RESTORE_BOOTS
 @pytest.mark.vm
 @pytest.mark.root
 @pytest.mark.timeout(1200)

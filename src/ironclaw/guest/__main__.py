@@ -99,25 +99,26 @@ async def _serve_virtio(agent: GuestAgent, name: str) -> None:
 
     from ironclaw.transport import virtio_serial
 
-    # One port is one byte stream: serve it again after each host disconnect. While no
-    # host is connected the device reads EOF at once, so a session that ends right after
-    # it began means "nobody there": back off (up to 1 s) instead of spinning a CPU.
-    loop = asyncio.get_running_loop()
-    backoff = 0.0
-    while True:
-        if backoff:
-            await asyncio.sleep(backoff)
-        began = loop.time()
-        conn = await virtio_serial.open_port(name)
-        serving = asyncio.ensure_future(agent.serve_connection(conn))
-        stopped = asyncio.ensure_future(agent.wait_stopped())
-        await asyncio.wait({serving, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if stopped.done():
-            serving.cancel()
-            return
+    # The port stays open for the agent's life: each host connection is a session on it
+    # (see ironclaw.transport._port), served like a socket connection.
+    port = await virtio_serial.serve_port(name)
+    serving: set[asyncio.Future[None]] = set()
+    stopped = asyncio.ensure_future(agent.wait_stopped())
+    try:
+        while True:
+            nxt = asyncio.ensure_future(port.accept())
+            await asyncio.wait({nxt, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not nxt.done():
+                nxt.cancel()
+                break
+            task = asyncio.ensure_future(agent.serve_connection(nxt.result()))
+            serving.add(task)
+            task.add_done_callback(serving.discard)
+    finally:
         stopped.cancel()
-        quick = loop.time() - began < 0.5
-        backoff = min(1.0, max(0.02, backoff * 2)) if quick else 0.0
+        if serving:  # they end with the agent; their replies are flushed as they close
+            await asyncio.wait(serving, timeout=3.0)
+        await port.close()
 
 
 async def _serve_vsock(agent: GuestAgent, port: int) -> None:

@@ -7,6 +7,7 @@ standard library and IronClaw's own ``proto``/``transport``/``rpc`` layers. Meth
 ``exec``            run argv; stdout/stderr stream back as binary frames as they come
 ``exec.signal``     signal a running exec's process group
 ``files.*``         write/read (streamed in chunks), list, stat, remove, mkdir, watch
+                    (:mod:`ironclaw.guest.files`)
 ``proc.*``          detached commands and PTYs (:mod:`ironclaw.guest.processes`)
 ``shutdown``        stop the agent; the sandbox ends with it
 ``identity.reset``  a VM restored from a snapshot takes its own seed, names and address
@@ -24,18 +25,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import os
 import signal
-import stat
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ironclaw.errors import ConfigError
 from ironclaw.guest.adopted import AdoptedProcess, discard
+from ironclaw.guest.files import FileMethods, resolve
 from ironclaw.proto import methods as m
 from ironclaw.rpc import CallContext, Handler, Peer
 from ironclaw.transport import Connection
@@ -102,37 +101,6 @@ async def _write_fd(fd: int, data: bytes) -> None:
             await _fd_ready(fd, write=True)
 
 
-def _resolve(path: str, workdir: str) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() else Path(workdir) / p
-
-
-def _open_regular(path: Path) -> int:
-    """Open a regular file for reading, refusing anything else before reading a byte.
-
-    A link to ``/dev/zero`` or a FIFO would otherwise stream forever (or block the
-    agent): the last component is not followed (O_NOFOLLOW), the open does not wait
-    (O_NONBLOCK), and fstat on the opened file decides.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise ConfigError(
-                f"{path} is a symbolic link: files.read reads regular files only, "
-                "read the link's target instead"
-            ) from None
-        raise
-    mode = os.fstat(fd).st_mode
-    if stat.S_ISREG(mode):
-        return fd
-    os.close(fd)
-    if stat.S_ISDIR(mode):
-        raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
-    kind = "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
-    raise ConfigError(f"{path} is {kind}: files.read reads regular files only")
-
-
 def _typed(method: str, handler: Callable[[Any, CallContext], Awaitable[m.Record]]) -> Handler:
     """``handler`` behind the typed API: params decoded before it runs, result encoded."""
 
@@ -140,25 +108,6 @@ def _typed(method: str, handler: Callable[[Any, CallContext], Awaitable[m.Record
         return m.encode_result(await handler(m.decode_request(method, params), ctx))
 
     return run
-
-
-def _entry(path: Path, st: os.stat_result) -> m.FileEntry:
-    if stat.S_ISDIR(st.st_mode):
-        kind = "dir"
-    elif stat.S_ISLNK(st.st_mode):
-        kind = "symlink"
-    elif stat.S_ISREG(st.st_mode):
-        kind = "file"
-    else:
-        kind = "other"
-    return m.FileEntry(
-        name=path.name,
-        path=str(path),
-        type=kind,
-        size=st.st_size,
-        mode=stat.S_IMODE(st.st_mode),
-        mtime=st.st_mtime,
-    )
 
 
 async def _agent_run(request: m.AgentRunRequest, ctx: CallContext) -> m.AgentRunResult:
@@ -202,6 +151,7 @@ class GuestAgent:
         self._exec_counter = 0
         self._procs: Any = None  # guest.processes.ProcessTable, made on first use
         self._adopted: dict[Peer, Running] = {}
+        self._files = FileMethods(self.workdir)
 
     @property
     def handlers(self) -> Mapping[str, Handler]:
@@ -209,12 +159,12 @@ class GuestAgent:
             "ping": self.ping,
             "exec": self.exec,
             "exec.signal": self.exec_signal,
-            "files.write": self.files_write,
-            "files.read": self.files_read,
-            "files.list": self.files_list,
-            "files.stat": self.files_stat,
-            "files.remove": self.files_remove,
-            "files.mkdir": self.files_mkdir,
+            "files.write": self._files.write,
+            "files.read": self._files.read,
+            "files.list": self._files.list,
+            "files.stat": self._files.stat,
+            "files.remove": self._files.remove,
+            "files.mkdir": self._files.mkdir,
             "shutdown": self.shutdown,
             "agent.run": _agent_run,
             "files.watch": self._files_watch,
@@ -297,7 +247,7 @@ class GuestAgent:
     async def exec(self, request: m.ExecRequest, ctx: CallContext) -> m.ExecExit:
         argv = request.argv
         env = dict(os.environ) if request.env is None else {**os.environ, **request.env}
-        cwd = str(_resolve(request.cwd or self.workdir, self.workdir))
+        cwd = str(resolve(request.cwd or self.workdir, self.workdir))
         if not os.path.isdir(cwd):
             raise ConfigError(f"working directory {cwd!r} does not exist")
         timeout = request.timeout
@@ -467,89 +417,3 @@ class GuestAgent:
             return m.ExecSignalResult(signalled=False)
         ex.signal_group(request.signal)
         return m.ExecSignalResult(signalled=True)
-
-    # -- files -------------------------------------------------------------------------
-
-    async def files_write(
-        self, request: m.FilesWriteRequest, ctx: CallContext
-    ) -> m.FilesTransferResult:
-        path = _resolve(request.path, self.workdir)
-        stream_id = request.stream
-        mode = request.mode
-        if request.mkdir:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.ironclaw-part")
-        size = 0
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
-        try:
-            async for chunk in ctx.peer.open_stream(stream_id):
-                view = memoryview(chunk)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-                size += len(chunk)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        os.close(fd)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-        return m.FilesTransferResult(path=str(path), size=size)
-
-    async def files_read(
-        self, request: m.FilesReadRequest, ctx: CallContext
-    ) -> m.FilesTransferResult:
-        path = _resolve(request.path, self.workdir)
-        stream_id = request.stream
-        size = 0
-        try:
-            fd = _open_regular(path)
-            try:
-                while chunk := os.read(fd, CHUNK):
-                    size += len(chunk)
-                    await ctx.peer.send_bytes(stream_id, chunk)
-            finally:
-                os.close(fd)
-        finally:
-            if not ctx.peer.closed:
-                with contextlib.suppress(Exception):
-                    await ctx.peer.end_stream(stream_id)
-        return m.FilesTransferResult(path=str(path), size=size)
-
-    async def files_list(self, request: m.FilesListRequest, ctx: CallContext) -> m.FilesListResult:
-        path = _resolve(request.path, self.workdir)
-        entries = []
-        with os.scandir(path) as it:
-            for entry in it:
-                st = entry.stat(follow_symlinks=False)
-                entries.append(_entry(Path(entry.path), st))
-        entries.sort(key=lambda e: e.name)
-        return m.FilesListResult(path=str(path), entries=tuple(entries))
-
-    async def files_stat(self, request: m.FilesStatRequest, ctx: CallContext) -> m.FileEntry:
-        path = _resolve(request.path, self.workdir)
-        return _entry(path, path.lstat())
-
-    async def files_remove(
-        self, request: m.FilesRemoveRequest, ctx: CallContext
-    ) -> m.FilesRemoveResult:
-        path = _resolve(request.path, self.workdir)
-        if path.is_dir() and not path.is_symlink():
-            if request.recursive:
-                import shutil
-
-                shutil.rmtree(path)
-            else:
-                path.rmdir()
-        else:
-            path.unlink()
-        return m.FilesRemoveResult(removed=str(path))
-
-    async def files_mkdir(
-        self, request: m.FilesMkdirRequest, ctx: CallContext
-    ) -> m.FilesMkdirResult:
-        path = _resolve(request.path, self.workdir)
-        path.mkdir(parents=request.parents, exist_ok=True)
-        return m.FilesMkdirResult(path=str(path))

@@ -1,10 +1,13 @@
 """virtio-serial: a character device in the guest, a Unix socket on the host.
 
 QEMU exposes the port to the guest as ``/dev/virtio-ports/<name>`` and to the host as a
-``chardev`` socket; the host side therefore uses :func:`ironclaw.transport.unix.connect`.
-The guest side opens the device non-blocking and drives it with asyncio pipe transports
-(one for reading, one for writing, on two descriptors of the same open file), so
-writes get the same drain-based backpressure as a socket.
+``chardev`` socket. The port is one byte stream for the VM's life while host connections
+come and go, so each host connection is a session that begins with a hello and is
+answered by an ack (:mod:`._sessions`): the host side is :func:`connect`, the guest side
+:func:`serve_port`, which keeps the device open across sessions (:mod:`._port`).
+:func:`open_port` opens the device as one plain connection (no sessions).
+The guest side drives the device with asyncio pipe transports, so writes get the same
+drain-based backpressure as a socket.
 """
 
 from __future__ import annotations
@@ -16,11 +19,22 @@ import stat
 
 from ironclaw.errors import ConnectError
 
+from ._port import PortSessions
+from ._sessions import NONCE_SIZE, AckScanner, hello_frame
 from ._socket import SocketConnection
 from ._stream import DEFAULT_READ_LIMIT, StreamConnection
+from .unix import connect as unix_connect
 from .unix import from_socket
 
-__all__ = ["DEVICE_DIR", "device_path", "from_fd", "open_port"]
+__all__ = [
+    "DEVICE_DIR",
+    "PortSessions",
+    "connect",
+    "device_path",
+    "from_fd",
+    "open_port",
+    "serve_port",
+]
 
 DEVICE_DIR = "/dev/virtio-ports"
 
@@ -31,6 +45,64 @@ def device_path(name: str) -> str:
     return os.path.join(DEVICE_DIR, name)
 
 
+def _open_device(path: str | os.PathLike[str]) -> int:
+    fspath = os.fspath(path)
+    if "/" not in fspath:
+        fspath = device_path(fspath)
+    try:
+        return os.open(fspath, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConnectError(f"open {fspath}: {exc.strerror or exc}") from exc
+
+
+async def serve_port(
+    path: str | os.PathLike[str], *, read_limit: int = DEFAULT_READ_LIMIT
+) -> PortSessions:
+    """Open the device (guest side) for good; ``accept()`` the host sessions on it."""
+    fd = _open_device(path)
+    if not stat.S_ISCHR(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConnectError(f"{os.fspath(path)} is not a character device")
+    port = PortSessions(fd, read_limit=read_limit)
+    port.start()
+    return port
+
+
+async def connect(
+    path: str | os.PathLike[str], *, timeout: float = 5.0, handshake_s: float | None = 30.0
+) -> SocketConnection:
+    """Host side: connect to the port's socket and begin a session.
+
+    Sends a hello with a fresh nonce and returns once the agent's ack of it has arrived
+    (what came before it, an earlier session's output, is dropped); nothing else is
+    sent before (see :mod:`._port`: the guest relies on it). ``handshake_s`` bounds the
+    wait for the ack (None: as long as it takes, for a caller that bounds it itself).
+    """
+    conn = await unix_connect(path, timeout=timeout)
+    nonce = os.urandom(NONCE_SIZE)
+    scan = AckScanner(nonce)
+    try:
+        await conn.write(hello_frame(nonce))
+        async with asyncio.timeout(handshake_s):
+            rest = None
+            while rest is None:
+                data = await conn.read()
+                if not data:
+                    raise ConnectError(f"{os.fspath(path)}: channel closed during the handshake")
+                rest = scan.feed(data)
+    except TimeoutError:
+        await conn.aclose()
+        raise ConnectError(
+            f"{os.fspath(path)}: the guest agent did not answer the channel handshake within "
+            f"{handshake_s}s (is the VM paused or overloaded?)"
+        ) from None
+    except BaseException:
+        await conn.aclose()
+        raise
+    conn.unread(rest)
+    return conn
+
+
 async def open_port(
     path: str | os.PathLike[str], *, initiator: bool = False, read_limit: int = DEFAULT_READ_LIMIT
 ) -> StreamConnection | SocketConnection:
@@ -38,14 +110,7 @@ async def open_port(
 
     ``path`` is the device path, or a bare port name looked up in ``/dev/virtio-ports``.
     """
-    fspath = os.fspath(path)
-    if "/" not in fspath:
-        path = device_path(fspath)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ConnectError(f"open {os.fspath(path)}: {exc.strerror or exc}") from exc
-    return await from_fd(fd, initiator=initiator, read_limit=read_limit)
+    return await from_fd(_open_device(path), initiator=initiator, read_limit=read_limit)
 
 
 async def from_fd(

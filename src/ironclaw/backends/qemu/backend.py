@@ -24,11 +24,15 @@ How a sandbox is launched, and why:
 * **Network.** With a network policy a tap owned by the sandbox uid is bridged to the
   sandbox's veth inside its namespace (shared with Firecracker), and the guest takes the
   sandbox address from the kernel ``ip=`` argument: the host firewall applies unchanged.
-* **Restore.** With ``restore`` on (``IRONCLAW_QEMU_RESTORE=1``) a sandbox starts from
-  its image's agent-ready snapshot instead of booting, and gets its own identity right
-  after (:mod:`.restore`); its ``/workspace`` is then a tmpfs of ``workspace_mib``.
-* **Channel.** The agent listens on a virtio-serial port whose host end is a UNIX socket
-  in the run directory; the manager's readiness ping goes through it.
+* **Restore** (the default; ``IRONCLAW_QEMU_RESTORE=0`` boots instead). A sandbox starts
+  from its image's agent-ready snapshot (made on first use, per image and VM size) and
+  gets its own identity right after (:mod:`.restore`); its ``/workspace`` is then a
+  tmpfs of ``workspace_mib``. Restoring takes well under a second where a TCG boot
+  takes seconds.
+* **Channel.** The agent serves a virtio-serial port whose host end is a UNIX socket in
+  the run directory; each host connection is a session that starts with a hello the
+  agent acknowledges (``transport.virtio_serial.connect``), so nothing of an earlier
+  connection, or of the one a snapshot was saved in, can leak into it.
 """
 
 from __future__ import annotations
@@ -72,7 +76,7 @@ from ironclaw.config import Settings, safe_join
 from ironclaw.errors import BackendError, ConfigError, ConnectError, IronclawError
 from ironclaw.images import ImageArtifacts
 from ironclaw.resources.watchdog import spawn_watchdog
-from ironclaw.transport import Connection, unix
+from ironclaw.transport import Connection, virtio_serial
 
 __all__ = ["MIN_GUEST_MIB", "QEMU_OVERHEAD_MIB", "QemuBackend", "QemuInfo", "guest_memory_mib"]
 
@@ -244,7 +248,9 @@ class QemuBackend:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                return await unix.connect(info.socket, timeout=max(0.1, timeout))
+                return await virtio_serial.connect(
+                    info.socket, timeout=max(0.1, timeout), handshake_s=max(timeout, 30.0)
+                )
             except ConnectError as exc:
                 alive = same_process(info.pid, info.pid_start)
                 if not alive or time.monotonic() >= deadline:

@@ -12,7 +12,7 @@ from ironclaw.errors import BackendError
 from ironclaw.images import GUEST_PKG_DIR, ImageArtifacts
 from ironclaw.proto import methods
 from ironclaw.rpc import HOST_LIMITS, Peer
-from ironclaw.transport import unix
+from ironclaw.transport import virtio_serial
 
 __all__ = ["ReadyProbe", "agent_usable", "ping_probe", "ready_line_probe"]
 
@@ -51,20 +51,22 @@ async def ready_line_probe(path: Path) -> dict[str, Any]:
 async def ping_probe(path: Path, attempt_s: float | None = None) -> dict[str, Any]:
     """Call the guest agent's ``ping`` over ironclaw.rpc on the channel.
 
-    On a fresh boot the first attempt waits as long as it takes: bytes sent before the
-    agent opens its port wait in the socket. A guest restored from a snapshot may have
-    been closing and reopening its port when it was saved, which can drop a request, so
-    there each attempt is bounded by ``attempt_s`` and retried on a new connection.
+    Each connection is a session of the port (``virtio_serial.connect``): bytes sent
+    before the agent opens its port wait in the socket, so on a fresh boot one attempt
+    waits as long as it takes. With ``attempt_s`` (a restored or attached VM) an attempt
+    (handshake and ping) not answered in time is retried on a new connection, a clean
+    disconnect for the agent: a safety net, not how a session normally begins.
     """
     while True:
-        conn = await unix.connect(path)
-        peer = Peer(conn, name="qemu-ready-probe", limits=HOST_LIMITS)
-        await peer.start()
         try:
             async with asyncio.timeout(attempt_s):
-                pong = await methods.call(peer, methods.PingRequest(), methods.PingResult)
+                conn = await virtio_serial.connect(path, handshake_s=None)
+                peer = Peer(conn, name="qemu-ready-probe", limits=HOST_LIMITS)
+                await peer.start()
+                try:
+                    pong = await methods.call(peer, methods.PingRequest(), methods.PingResult)
+                finally:
+                    await peer.aclose()
             return {**methods.to_json(pong), "agent": True}
         except TimeoutError:
             continue
-        finally:
-            await peer.aclose()

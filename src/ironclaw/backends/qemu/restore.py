@@ -52,10 +52,11 @@ from ironclaw.backends.qemu.vm import QemuVm
 from ironclaw.backends.restored import SnapshotCorrupt, fresh_identity, sha256_fd
 from ironclaw.backends.vm import kernel_ip
 from ironclaw.config import Settings, safe_join
+from ironclaw.errors import BackendError, ConnectError
 from ironclaw.images import ImageArtifacts
 from ironclaw.proto import methods
 from ironclaw.rpc import HOST_LIMITS, Peer
-from ironclaw.transport import unix
+from ironclaw.transport import virtio_serial
 
 __all__ = [
     "RESTORE_ENV",
@@ -72,15 +73,16 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: ``IRONCLAW_QEMU_RESTORE=1`` makes the QEMU backend restore sandboxes from snapshots.
+#: The QEMU backend restores sandboxes from snapshots unless ``IRONCLAW_QEMU_RESTORE=0``.
 RESTORE_ENV = "IRONCLAW_QEMU_RESTORE"
 #: The uid the builder VM's QEMU drops to: it runs no user code, but QEMU is never root.
 BUILDER_UID = 65534
 
 
 def restore_enabled(env: Mapping[str, str] | None = None) -> bool:
+    """On unless turned off (``0``, ``off``, ``no``, ``false``)."""
     value = (os.environ if env is None else env).get(RESTORE_ENV, "")
-    return value.strip().lower() in ("1", "on", "yes", "true")
+    return value.strip().lower() not in ("0", "off", "no", "false")
 
 
 @dataclass(frozen=True)
@@ -110,27 +112,26 @@ class VmSnapshot:
 
 
 async def identity_probe(
-    path: Path, *, request: methods.IdentityResetRequest, first_attempt_s: float = 0.1
+    path: Path, *, request: methods.IdentityResetRequest, first_attempt_s: float = 1.0
 ) -> dict[str, Any]:
-    """The readiness probe of a restored VM: ``ping`` until answered, then ``identity.reset``.
+    """The readiness probe of a restored VM: the channel handshake, then ``identity.reset``.
 
-    A guest saved between two host connections may lose the first request (see
-    :func:`~ironclaw.backends.qemu.ready.ping_probe`), so each ping attempt is bounded
-    and retried on a new connection, the bound doubling (up to 4 s) so that a slow,
-    loaded TCG guest still gets through; the reset itself then has all the time it needs.
+    The agent's ack of the handshake proves it runs and reads this session, so no
+    ``ping`` goes first. Each handshake is bounded and retried on a new connection (see
+    :func:`~ironclaw.backends.qemu.ready.ping_probe`), the bound doubling up to 8 s so a
+    slow, loaded TCG guest still gets through; the reset then has all the time it needs.
     """
     attempt_s = first_attempt_s
     while True:
-        conn = await unix.connect(path)
+        try:
+            conn = await virtio_serial.connect(path, handshake_s=attempt_s)
+        except ConnectError:  # no answer in time (or no socket yet: do not spin)
+            attempt_s = min(8.0, attempt_s * 2)
+            await asyncio.sleep(0.02)
+            continue
         peer = Peer(conn, name="qemu-identity", limits=HOST_LIMITS)
         await peer.start()
         try:
-            try:
-                async with asyncio.timeout(attempt_s):
-                    await methods.call(peer, methods.PingRequest(), methods.PingResult)
-            except TimeoutError:
-                attempt_s = min(4.0, attempt_s * 2)
-                continue
             done = await methods.call(peer, request, methods.IdentityResetResult)
             return {**methods.to_json(done), "agent": True}
         finally:
@@ -168,7 +169,7 @@ async def _warm_up(path: Path) -> None:
     """Take the paths a restored VM takes first once before saving: the guest's page
     cache (modules, ``/bin/sh``) is then in the snapshot. TCG's translations are not,
     so every path a restored guest runs for the first time costs; this makes it cheaper."""
-    conn = await unix.connect(path)
+    conn = await virtio_serial.connect(path, handshake_s=None)  # within the build deadline
     peer = Peer(conn, name="qemu-snapshot-warm-up", limits=HOST_LIMITS)
     await peer.start()
     try:
@@ -176,25 +177,6 @@ async def _warm_up(path: Path) -> None:
         await methods.call(peer, methods.ExecRequest(argv=("/bin/sh", "-c", ":")), methods.ExecExit)
     finally:
         await peer.aclose()
-
-
-async def _port_released(vm: QemuVm, limit_s: float = 3.0) -> None:
-    """Return once the agent has let go of the port after the identity connection.
-
-    Between reading the end of a host connection and closing its port the agent would
-    drop bytes of a next connection (the guest kernel discards unread port data on
-    close), and the caller's next connection comes right then. QEMU reports whether the
-    guest holds the port open (``frontend-open``); once it has closed it, a new
-    connection's bytes wait in the socket until the agent opens the port again.
-    """
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(limit_s):
-            while True:
-                devs = await vm.qmp.execute("query-chardev")
-                agent = next((d for d in devs if d.get("label") == "agent"), None)
-                if agent is None or not agent.get("frontend-open", False):
-                    return
-                await asyncio.sleep(0.005)
 
 
 async def _run_when_loaded(vm: QemuVm, timeout: float) -> None:
@@ -257,10 +239,7 @@ class SnapshotStore:
             with contextlib.suppress(FileNotFoundError):
                 safe_join(self.root, key.name + suffix).unlink()
 
-    async def _build(self, key: SnapshotKey, timeout: float) -> VmSnapshot:
-        started = time.monotonic()
-        state = safe_join(self.root, key.name + ".state")
-        tmp_state = state.with_name(state.name + ".tmp")
+    async def _boot_and_save(self, key: SnapshotKey, dest: Path, timeout: float) -> None:
         # AF_UNIX paths are short: the builder's sockets go in a short directory.
         run_dir = Path(tempfile.mkdtemp(prefix="ics-"))
         vm = QemuVm()
@@ -277,19 +256,43 @@ class SnapshotStore:
             )
             await vm.wait_ready(timeout)
             await _warm_up(vm.channel_path)
-            # Pause at once: the agent has just let go of the probe's connection and is
-            # about to reopen its port; a restored copy then resumes right there.
+            # Saved paused; a restored copy resumes in the agent's port reader, which
+            # tells the next host connection apart by its hello.
             await vm.qmp.execute("stop")
-            await vm.snapshot_save(tmp_state, limit_s=timeout)
+            await vm.snapshot_save(dest, limit_s=timeout)
         finally:
             await vm.kill()
             shutil.rmtree(run_dir, ignore_errors=True)
-        fd = os.open(tmp_state, os.O_RDONLY | os.O_CLOEXEC)
+
+    async def _build(self, key: SnapshotKey, timeout: float) -> VmSnapshot:
+        """Boot, warm up, save; all of it within ``timeout`` or a clear error.
+
+        The state goes to a ``.tmp`` file that becomes the snapshot only once complete and
+        hashed; on any failure (the deadline included) it is removed, never left for a
+        later restore to find.
+        """
+        started = time.monotonic()
+        state = safe_join(self.root, key.name + ".state")
+        tmp_state = state.with_name(state.name + ".tmp")
         try:
-            digest = await asyncio.to_thread(sha256_fd, fd)
-            size = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
+            async with asyncio.timeout(timeout):
+                await self._boot_and_save(key, tmp_state, timeout)
+                fd = os.open(tmp_state, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    digest = await asyncio.to_thread(sha256_fd, fd)
+                    size = os.fstat(fd).st_size
+                finally:
+                    os.close(fd)
+        except TimeoutError:
+            tmp_state.unlink(missing_ok=True)
+            raise BackendError(
+                f"building the VM snapshot {key.name} for image {self.artifacts.name!r} did not "
+                f"finish within {timeout:.0f}s (the partial snapshot was removed); the host may "
+                "be overloaded: retry, or set IRONCLAW_QEMU_RESTORE=0 to boot VMs instead"
+            ) from None
+        except BaseException:
+            tmp_state.unlink(missing_ok=True)
+            raise
         os.replace(tmp_state, state)
         snap = VmSnapshot(
             path=state, key=key, image=self.artifacts.digest, sha256=digest, size=size,
@@ -350,7 +353,6 @@ class SnapshotStore:
             await _run_when_loaded(vm, timeout)
             probe = functools.partial(identity_probe, request=identity)
             await vm.wait_ready(timeout, probe=probe)
-            await _port_released(vm)
         except BaseException:
             await vm.kill()
             raise

@@ -31,6 +31,7 @@ from ironclaw.host.manager import SandboxManager
 from ironclaw.images import ImageArtifacts
 from ironclaw.sdk import Sandbox
 from nethelpers import PROBE
+from test_qemu_backend import vm_snapshots  # noqa: F401  (fixture)
 
 pytestmark = [
     pytest.mark.root,
@@ -74,13 +75,21 @@ async def _serve(sb: Sandbox, port: int) -> None:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def vm(tmp_path_factory: pytest.TempPathFactory, image: ImageArtifacts) -> AsyncIterator[Vm]:
+async def vm(
+    tmp_path_factory: pytest.TempPathFactory,
+    image: ImageArtifacts,
+    vm_snapshots: None,  # noqa: F811  (the fixture imported above)
+) -> AsyncIterator[Vm]:
     home = tmp_path_factory.mktemp("ichome-ports-vm")
     os.chmod(home, 0o700)
     state = home / "state"
     state.mkdir(mode=0o700)
     cache = image_cache_settings().state_dir
-    (state / "images").symlink_to(cache / "images")
+    # Only this session's image, under a name of this home's own (see vm_image).
+    images = state / "images"
+    (images / "names").mkdir(mode=0o700, parents=True)
+    (images / image.digest).symlink_to(cache / "images" / image.digest)
+    (images / "names" / "default").write_text(image.digest + "\n")
     if (cache / "qemu-accel.json").exists():
         shutil.copyfile(cache / "qemu-accel.json", state / "qemu-accel.json")
     settings = Settings.from_env({"IRONCLAW_HOME": str(home)})

@@ -291,7 +291,7 @@ HELD_TURNS = [  # a RED call (a write outside the workspace) holds the task for 
                      "arguments": {"path": "/tmp/outside.txt", "content": "approved"}}]},
     {"content": "done"},
 ]  # fmt: skip
-ON_B = {"labels": {"node/zone": "two"}, "limits": {"memory_mib": 128}}
+ON_B = {"labels": {"node/zone": "two"}}  # the agent's MCP servers want the default memory
 
 
 async def _settled(api: Any, task_id: str) -> dict[str, Any]:

@@ -1,14 +1,16 @@
 """The head's view of a Ray cluster: node actors, placements, routing and node loss.
 
-:class:`Cluster` connects to Ray (``auto`` or ``ray://HOST:PORT``), starts one
-:class:`~ironclaw.cluster.node.NodeAgent` per node that offers an ``ironclaw_node_NAME``
-resource, places each new sandbox (:func:`~ironclaw.cluster.placement.choose_node`),
-remembers where it went, and sends every later call to that node. A node whose actor or
-raylet dies is *lost*: its sandboxes answer every call with
-:class:`~ironclaw.errors.SandboxLost`, new sandboxes go elsewhere, and when the node
-comes back its new actor removes what the old one left (``NodeAgent.open``).
+:class:`Cluster` connects to Ray (``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``), adopts
+or starts one detached :class:`~ironclaw.cluster.node.NodeAgent` per node that offers an
+``ironclaw_node_NAME`` resource, places each new sandbox
+(:func:`~ironclaw.cluster.placement.choose_node`), remembers where it went (in memory and
+in a :class:`~ironclaw.cluster.registry.PlacementStore`, so a restarted service finds
+it), and sends every later call to that node. A node whose actor or raylet dies is
+*lost*: its sandboxes answer every call with :class:`~ironclaw.errors.SandboxLost`, new
+sandboxes go elsewhere, and when the node comes back its new actor removes what the old
+one left (``NodeAgent.open``).
 
-The only module that imports ``ray``, and only in :meth:`Cluster.open`.
+The head's only import of ``ray`` is in :meth:`Cluster.open`.
 """
 
 from __future__ import annotations
@@ -18,20 +20,20 @@ import contextlib
 import dataclasses
 import logging
 import os
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ironclaw.cluster.node import CHUNK, NodeAgent, take_lease
+from ironclaw.cluster.links import rechunk
+from ironclaw.cluster.node import NodeAgent, take_lease, without_ray_labels
 from ironclaw.cluster.placement import (
     NODE_RESOURCE_PREFIX,
     NodeCapacity,
     choose_node,
     node_selector,
 )
-from ironclaw.cluster.registry import PlacementRow, PlacementStore
+from ironclaw.cluster.registry import LostSandbox, PlacementRow, PlacementStore, lost_sandbox
 from ironclaw.errors import (
     ConfigError,
     IronclawError,
@@ -69,24 +71,6 @@ class ClusterNode:
 
 
 @dataclass
-class _Lost:
-    node: str
-    reason: str
-    record: SandboxRecord
-
-
-def _lost(sid: str, node: str, reason: str) -> _Lost:
-    record = SandboxRecord(id=sid, slot=0, backend="?", state="lost", spec={}, reason=reason,
-                           updated_at=time.time())  # fmt: skip
-    return _Lost(node, reason, record)
-
-
-def _ray_labels(labels: dict[str, str]) -> dict[str, str]:
-    """A Ray node's own labels, without Ray's (``ray.io/...``)."""
-    return {k: str(v) for k, v in labels.items() if not k.startswith("ray.io/")}
-
-
-@dataclass
 class Cluster:
     """Sandboxes on many hosts behind one object. ``async with Cluster("auto") as c``."""
 
@@ -95,7 +79,7 @@ class Cluster:
     actor_timeout: float = 120.0
     nodes: dict[str, ClusterNode] = field(default_factory=dict)
     placements: dict[str, str] = field(default_factory=dict)  # sandbox id -> node name
-    lost: dict[str, _Lost] = field(default_factory=dict)
+    lost: dict[str, LostSandbox] = field(default_factory=dict)
     _monitor: asyncio.Task[None] | None = None
     _refreshing: asyncio.Lock = field(default_factory=asyncio.Lock)
     #: The placement registry's file (None: in memory, lost with the service).
@@ -165,14 +149,14 @@ class Cluster:
                 kept[name] = {r.id for r in await self.on(name, node.actor.sandboxes.remote())}
         for row in rows:
             if row.lost_reason is not None:
-                self.lost[row.sandbox_id] = _lost(row.sandbox_id, row.node, row.lost_reason)
+                self.lost[row.sandbox_id] = lost_sandbox(row.sandbox_id, row.node, row.lost_reason)
             elif row.sandbox_id in kept.get(row.node, ()):
                 self.placements[row.sandbox_id] = row.node
             elif row.node in kept:
                 self._store.forget(row.sandbox_id)  # removed while the service was down
             else:
                 why = f"node {row.node} was lost (its actor did not outlive the service)"
-                self.lost[row.sandbox_id] = _lost(row.sandbox_id, row.node, why)
+                self.lost[row.sandbox_id] = lost_sandbox(row.sandbox_id, row.node, why)
                 self._store.lose(row.sandbox_id, row.node, why)
         for name, ids in kept.items():  # created by a service that died before recording
             for sid in ids - set(self.placements):
@@ -263,7 +247,7 @@ class Cluster:
             log.warning("node %s did not start: %s", name, exc)
             return
         capacity = NodeCapacity(**cap)
-        capacity.labels = _ray_labels(labels) | capacity.labels
+        capacity.labels = without_ray_labels(labels) | capacity.labels
         self.nodes[name] = ClusterNode(name, node_id, actor, capacity, adopted=adopted)
 
     async def _named_actor(self, name: str) -> Any:
@@ -287,7 +271,7 @@ class Cluster:
         for sid, where in list(self.placements.items()):
             if where == name:
                 del self.placements[sid]
-                self.lost[sid] = _lost(sid, name, node.lost_reason)
+                self.lost[sid] = lost_sandbox(sid, name, node.lost_reason)
                 self._store.lose(sid, name, node.lost_reason)
 
     async def _watch(self) -> None:
@@ -483,11 +467,11 @@ class Cluster:
     async def write_file(
         self, sandbox_id: str, path: str, data: bytes | AsyncIterator[bytes], *, mode: int = 0o644
     ) -> int:
-        """Write a file on the sandbox's node in chunks of at most ``CHUNK`` bytes."""
+        """Write a file on the sandbox's node in chunks of at most 256 KiB."""
         name, actor = self.route(sandbox_id)
         handle = await self.on(name, actor.write_open.remote(sandbox_id, path, mode))
         try:
-            async for chunk in _rechunk(data):
+            async for chunk in rechunk(data):
                 await self.on(name, actor.write_chunk.remote(handle, chunk))
         except BaseException:
             with contextlib.suppress(Exception):
@@ -500,13 +484,3 @@ class Cluster:
         return [
             dataclasses.asdict(n.capacity) | {"lost": n.lost_reason} for n in self.nodes.values()
         ]
-
-
-async def _rechunk(data: bytes | AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    if isinstance(data, bytes):
-        for i in range(0, len(data), CHUNK):
-            yield data[i : i + CHUNK]
-        return
-    async for piece in data:
-        for i in range(0, len(piece), CHUNK):
-            yield piece[i : i + CHUNK]

@@ -23,8 +23,10 @@ from ironclaw import errors
 from ironclaw.errors import IronclawError, SandboxError
 from ironclaw.rpc import CallContext, Peer
 
-__all__ = ["ExecPipe", "ExecSession", "GuestLink", "error_from", "error_parts"]
+__all__ = ["CHUNK", "ExecPipe", "ExecSession", "GuestLink", "error_from", "error_parts", "rechunk"]
 
+#: The largest piece of output one streamed item carries.
+CHUNK = 256 * 1024
 #: At most this many of the guest's calls wait on the node for the head to take them.
 LINK_QUEUE = 32
 #: At most this many output chunks wait for the reader (then the guest's stream waits).
@@ -177,3 +179,13 @@ class ExecPipe:
         for task in rest:
             task.cancel()
         await asyncio.gather(*rest, return_exceptions=True)
+
+
+async def rechunk(data: bytes | AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if isinstance(data, bytes):
+        for i in range(0, len(data), CHUNK):
+            yield data[i : i + CHUNK]
+        return
+    async for piece in data:
+        for i in range(0, len(piece), CHUNK):
+            yield piece[i : i + CHUNK]

@@ -6,8 +6,10 @@ environment (``IRONCLAW_HOME``, ``IRONCLAW_UID_BASE``, ``IRONCLAW_CGROUP_ROOT``,
 ``IRONCLAW_NET_POOL``, as ``ray start`` was given them), so two nodes on one machine
 never share a registry, a uid range, a cgroup root or an address pool.
 
-Outputs leave the node in chunks (Ray streaming generators for exec and file reads,
-chunked calls for writes): a large file or a chatty command is never one object.
+Outputs leave the node in chunks (Ray streaming generators for exec and file reads, or
+pulled item by item over Ray Client; chunked calls for writes): a large file or a chatty
+command is never one object. The guest's calls to the host are relayed to the head
+(``link_*``) and interactive execs run here with their stdin fed by calls (``exec_*``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-from ironclaw.cluster.links import ExecPipe, GuestLink
+from ironclaw.cluster.links import CHUNK, ExecPipe, GuestLink
 from ironclaw.config import Settings
 from ironclaw.errors import ConfigError, SandboxNotFound
 from ironclaw.host.guest import DEFAULT_CAPTURE_LIMIT
@@ -29,10 +31,15 @@ from ironclaw.host.manager import SandboxManager
 from ironclaw.proto import methods
 from ironclaw.resources.store import SandboxRecord
 
-__all__ = ["CHUNK", "NodeAgent", "ServiceLease", "node_labels", "node_memory_mib", "take_lease"]
+__all__ = [
+    "NodeAgent",
+    "ServiceLease",
+    "node_labels",
+    "node_memory_mib",
+    "take_lease",
+    "without_ray_labels",
+]
 
-#: The largest piece of output one streamed item carries.
-CHUNK = 256 * 1024
 _END = object()
 _GENERATORS = frozenset({"exec", "read_file", "link_requests", "exec_items"})
 
@@ -49,6 +56,11 @@ def node_memory_mib() -> int:
     raise ConfigError("cannot read MemTotal from /proc/meminfo; set IRONCLAW_NODE_MEMORY_MIB")
 
 
+def without_ray_labels(labels: dict[str, Any]) -> dict[str, str]:
+    """A Ray node's labels without Ray's own (``ray.io/...``)."""
+    return {k: str(v) for k, v in labels.items() if not k.startswith("ray.io/")}
+
+
 def node_labels() -> dict[str, str]:
     """This node's labels: its Ray node labels (``ray start --labels``, without Ray's
     own ``ray.io/...``) and ``IRONCLAW_NODE_LABELS`` (``key=value,key=value``)."""
@@ -56,8 +68,7 @@ def node_labels() -> dict[str, str]:
     with contextlib.suppress(Exception):
         import ray
 
-        ray_labels = ray.get_runtime_context().get_node_labels()
-        labels.update({k: str(v) for k, v in ray_labels.items() if not k.startswith("ray.io/")})
+        labels.update(without_ray_labels(ray.get_runtime_context().get_node_labels()))
     for item in os.environ.get("IRONCLAW_NODE_LABELS", "").split(","):
         key, sep, value = item.strip().partition("=")
         if not sep or not key:

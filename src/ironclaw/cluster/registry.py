@@ -13,7 +13,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["PlacementRow", "PlacementStore"]
+from ironclaw.resources.store import SandboxRecord
+
+__all__ = ["LostSandbox", "PlacementRow", "PlacementStore", "lost_sandbox"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS placements (
@@ -23,6 +25,21 @@ CREATE TABLE IF NOT EXISTS placements (
     updated_at REAL NOT NULL
 )
 """
+
+
+@dataclass
+class LostSandbox:
+    """A sandbox a lost node took with it: what every call on it is told."""
+
+    node: str
+    reason: str
+    record: SandboxRecord
+
+
+def lost_sandbox(sid: str, node: str, reason: str) -> LostSandbox:
+    record = SandboxRecord(id=sid, slot=0, backend="?", state="lost", spec={}, reason=reason,
+                           updated_at=time.time())  # fmt: skip
+    return LostSandbox(node, reason, record)
 
 
 @dataclass(frozen=True)

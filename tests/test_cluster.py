@@ -8,6 +8,7 @@ the node comes back nothing of its lost sandboxes remains.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -334,6 +335,17 @@ async def test_serve_cluster_tasks_exec_ws_labels_restart_and_node_loss(
             assert result.exit_code == 0 and result.stdout_bytes == 16 + 2_000_000 + 4
             assert result.stdout.startswith(b"got:one\ngot:two\n\0")
             assert result.stdout.endswith(b"\0bye\n")
+            # a client that goes away takes the command with it (killed on node b)
+            async with api._ws(on_b) as ws:
+                argv = ["sh", "-c", "echo up; exec sleep 1000"]
+                await ws.send(json.dumps({"argv": argv, "stdin": False}))
+                assert await ws.recv() == b"\x01up\n"
+
+            async def sleep_gone() -> bool:
+                ps = ["sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"]
+                return b"sleep 1000" not in (await api.exec(on_b, ps)).stdout
+
+            await _until(sleep_gone, "the abandoned command to be killed")
 
             # an agent task on node b; its RED call is decided through the service
             task = await api.start_task("write outside", script=HELD_TURNS, keep=True,

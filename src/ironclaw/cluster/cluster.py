@@ -386,12 +386,13 @@ class Cluster:
         node = self.nodes[name]
         node.epoch += 1
         try:
-            await self.on(name, actor.destroy.remote(sandbox_id))
+            freed = await self.on(name, actor.destroy.remote(sandbox_id))
         finally:
             node.epoch += 1
         self.placements.pop(sandbox_id, None)
         self._store.forget(sandbox_id)
         node.capacity.sandboxes = max(node.capacity.sandboxes - 1, 0)
+        node.capacity.reserved_mib = max(node.capacity.reserved_mib - int(freed), 0)
 
     async def call(self, sandbox_id: str, method: str, params: Any = None) -> Any:
         name, actor = self.route(sandbox_id)

@@ -79,6 +79,13 @@ def node_labels() -> dict[str, str]:
     return labels
 
 
+def _reserved_mib(record: SandboxRecord) -> int:
+    """The memory a sandbox holds of its node's budget (its limit, while it is live)."""
+    if record.state not in ("running", "creating"):
+        return 0
+    return int(record.spec.get("limits", {}).get("memory_mib", 512))
+
+
 class _Upload:
     """A file being written in chunks: the manager reads from the queue as they arrive."""
 
@@ -179,7 +186,7 @@ class NodeAgent:
 
     async def capacity(self) -> dict[str, Any]:
         live = [r for r in await self.manager.sandboxes() if r.state in ("running", "creating")]
-        reserved = sum(int(r.spec.get("limits", {}).get("memory_mib", 512)) for r in live)
+        reserved = sum(_reserved_mib(r) for r in live)
         return {
             "name": self.name,
             "max_sandboxes": self.max_sandboxes,
@@ -198,8 +205,11 @@ class NodeAgent:
     async def sandboxes(self) -> list[SandboxRecord]:
         return await self.manager.sandboxes()
 
-    async def destroy(self, sandbox_id: str) -> None:
+    async def destroy(self, sandbox_id: str) -> int:
+        """Remove the sandbox; return its memory limit (the head frees it at once)."""
+        record = await self.manager.get(sandbox_id)
         await self.manager.destroy(sandbox_id)
+        return _reserved_mib(record)
 
     async def call(self, sandbox_id: str, method: str, params: Any = None) -> Any:
         """Relay one typed call from the head: the request is decoded here before it

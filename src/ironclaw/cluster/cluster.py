@@ -88,6 +88,7 @@ class Cluster:
     _lease: Any = None
     _store: PlacementStore = field(init=False)
     _background: set[asyncio.Task[None]] = field(default_factory=set)
+    _closing: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self._store = PlacementStore(self.registry_path)
@@ -109,19 +110,7 @@ class Cluster:
         self._ray = ray
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # never report usage
         if not ray.is_initialized():
-            try:
-                ray.init(
-                    address=self.address,
-                    namespace=NAMESPACE,
-                    logging_level=logging.WARNING,
-                    log_to_driver=False,
-                    configure_logging=False,
-                )
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise ConfigError(
-                    f"cannot connect to the Ray cluster at {self.address}: {exc}; "
-                    "start one with `ray start --head` (see docs/CLUSTER.md)"
-                ) from None
+            await self._connect(ray)
         try:
             self._lease = await take_lease(ray, HEAD_RESOURCE)
             rows = self._store.open()
@@ -139,6 +128,28 @@ class Cluster:
             ray.shutdown()
             raise
         self._monitor = asyncio.ensure_future(self._watch())
+
+    async def _connect(self, ray: Any, attempts: int = 3) -> None:
+        """``ray.init``; over Ray Client a failed start of the head's per-connection
+        server (it happens on a loaded head) is retried: the next one gets a new one."""
+        for attempt in range(1, attempts + 1):
+            try:
+                ray.init(
+                    address=self.address,
+                    namespace=NAMESPACE,
+                    logging_level=logging.WARNING,
+                    log_to_driver=False,
+                    configure_logging=False,
+                )
+                return
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                if attempt < attempts and "client server failed" in str(exc):
+                    await asyncio.sleep(1)
+                    continue
+                raise ConfigError(
+                    f"cannot connect to the Ray cluster at {self.address}: {exc}; "
+                    "start one with `ray start --head` (see docs/CLUSTER.md)"
+                ) from None
 
     async def _recover(self, rows: list[PlacementRow]) -> None:
         """Placements of a previous service: kept where its node actor lives on (and
@@ -172,6 +183,11 @@ class Cluster:
 
     async def aclose(self) -> None:
         """Stop watching, end the node actors (their sandboxes go) and disconnect."""
+        # The watch ends between rounds (Ray Client mishandles a call cancelled mid-way);
+        # the background jobs are cancelled.
+        self._closing.set()
+        if self._monitor is not None:
+            await asyncio.wait({self._monitor}, timeout=self.health_interval + 35)
         jobs = [t for t in (self._monitor, *self._background) if t is not None]
         for job in jobs:
             job.cancel()
@@ -275,8 +291,10 @@ class Cluster:
                 self._store.lose(sid, name, node.lost_reason)
 
     async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(self.health_interval)
+        while not self._closing.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self.health_interval)
+                return
             with contextlib.suppress(Exception):
                 await self.refresh()
             for node in list(self.nodes.values()):

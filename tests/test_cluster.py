@@ -86,6 +86,28 @@ def test_placement_registry_survives_reopening(tmp_path: Path) -> None:
     again.close()
 
 
+def test_errors_cross_to_the_head_whole() -> None:
+    """A node's error reaches the head pickled (Ray), or as class name and message (the
+    guest's calls answered by the head), and is still the same kind of error."""
+    import pickle
+
+    from ironclaw.cluster.links import error_from, error_parts
+    from ironclaw.errors import BudgetExceeded, LimitExceeded, RpcError
+
+    rpc = pickle.loads(pickle.dumps(RpcError(-32050, "no such file", {"path": "/x"})))
+    assert isinstance(rpc, RpcError) and (rpc.code, rpc.message, rpc.data) == (
+        -32050,
+        "no such file",
+        {"path": "/x"},
+    )
+    limit = pickle.loads(pickle.dumps(LimitExceeded("too big", limit="max_frame", value=9)))
+    assert (str(limit), limit.limit, limit.value) == ("too big", "max_frame", 9)
+    budget = error_from(*error_parts(BudgetExceeded("max_steps")))
+    assert type(budget) is BudgetExceeded and str(budget) == "max_steps"
+    other = error_from(*error_parts(KeyError("k")))
+    assert type(other) is SandboxError and "KeyError" in str(other)
+
+
 def test_single_host_serve_does_not_import_ray() -> None:
     code = (
         "import sys\n"

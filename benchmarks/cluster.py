@@ -8,6 +8,9 @@ one JSON line:
   through the single-host manager the service uses versus the cluster's manager (one
   node: the routing overhead: placement, an actor hop, the node's manager), alternated
   in the same run;
+* ``stdin_echo_p50_ms``: an interactive exec (``cat``, stdin open): one line sent, its
+  echo received, on one host (the channel in this process) and through the cluster
+  (stdin as an actor call, output from the node's streaming generator);
 * ``creates_per_s``: ``--burst`` sandboxes created ``--parallel`` at a time, with one node
   and then with two (both nodes share this machine's cores, so a second node adds
   placement spread, not CPU).
@@ -29,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ironclaw.cluster.links import ExecPipe, ExecSession
 from ironclaw.cluster.manager import ClusterManager
 from ironclaw.config import Settings
 from ironclaw.host.manager import SandboxManager
@@ -48,6 +52,40 @@ async def lifecycle(mgr: SandboxManager) -> float:
     finally:
         await mgr.destroy(record.id)
     return (time.perf_counter() - t0) * 1000
+
+
+CAT = {"argv": ["cat"], "env": None, "cwd": None, "timeout": None, "keep_background": False}
+
+
+async def echo_p50(session: ExecSession, rounds: int) -> float:
+    """One line to a running ``cat``, its echo back: the p50 round trip in ms."""
+    items = session.items().__aiter__()
+    times = []
+    try:
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            await session.send(b"x\n")
+            kind, data = await items.__anext__()
+            assert (kind, data) == ("stdout", b"x\n"), (kind, data)
+            times.append((time.perf_counter() - t0) * 1000)
+        await session.eof()
+        async for kind, _ in items:
+            if kind == "exit":
+                break
+    finally:
+        await session.aclose()
+    return statistics.median(times)
+
+
+async def echoes(single: SandboxManager, cluster: ClusterManager, rounds: int) -> dict[str, float]:
+    a, b = await single.create({}), await cluster.create({})
+    try:
+        local = await echo_p50(ExecPipe(await single.peer(a.id), CAT, stdin=True), rounds)
+        remote = await echo_p50(await cluster.open_exec(b.id, CAT, stdin=True), rounds)
+    finally:
+        await single.destroy(a.id)
+        await cluster.destroy(b.id)
+    return {"single": round(local, 2), "cluster": round(remote, 2)}
 
 
 async def burst(mgr: ClusterManager, count: int, parallel: int) -> tuple[float, dict[str, int]]:
@@ -86,6 +124,7 @@ async def run(args: argparse.Namespace, base: Path, rc: RayCluster) -> dict[str,
         for _ in range(args.rounds):
             s_ms.append(await lifecycle(single))
             c_ms.append(await lifecycle(cluster))
+        echo = await echoes(single, cluster, 4 * args.rounds)
         one_rate, one_spread = await burst(cluster, args.burst, args.parallel)
         rc.add_node("b", "127.0.0.2")
         deadline = time.monotonic() + 240
@@ -104,6 +143,7 @@ async def run(args: argparse.Namespace, base: Path, rc: RayCluster) -> dict[str,
         "cluster_p50_ms": round(c50, 1),
         "ratio": round(c50 / s50, 2),
         "routing_overhead_ms": round(c50 - s50, 1),
+        "stdin_echo_p50_ms": echo,
         "creates_per_s": {"one_node": round(one_rate, 2), "two_nodes": round(two_rate, 2)},
         "spread": {"one_node": one_spread, "two_nodes": two_spread},
         "burst": args.burst,

@@ -32,6 +32,9 @@ FAST_HEALTH = {
     "RAY_health_check_period_ms": "500",
     "RAY_health_check_timeout_ms": "1000",
     "RAY_health_check_failure_threshold": "3",
+    # A Ray Client session's server that has not started by then is given up (and the
+    # connection retried: Cluster.open), rather than waited for longer.
+    "RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "45",
 }
 
 
@@ -94,6 +97,7 @@ class Node:
     tag: str
     uid_base: int
     cgroup_root: str
+    labels: dict[str, str] = field(default_factory=dict)  # Ray node labels
 
 
 @dataclass
@@ -103,6 +107,7 @@ class RayCluster:
     base: Path
     session: str = field(default_factory=lambda: secrets.token_hex(3))
     port: int = field(default_factory=_free_port)
+    client_port: int = field(default_factory=_free_port)  # Ray Client (ray://)
     nodes: dict[str, Node] = field(default_factory=dict)
     _uid_base: int = field(default_factory=lambda: 1_500_000_000 + secrets.randbelow(9000) * 40_000)
 
@@ -110,12 +115,17 @@ class RayCluster:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def _node(self, name: str, ip: str) -> Node:
+    @property
+    def client_address(self) -> str:
+        return f"ray://127.0.0.1:{self.client_port}"
+
+    def _node(self, name: str, ip: str, env: dict[str, str] | None = None) -> Node:
         i = len(self.nodes)
         home = self.base / f"node-{name}"
         home.mkdir(mode=0o700, exist_ok=True)
         uid_base = self._uid_base + 20_000 * i
         cgroup_root = f"ironclaw-test-{self.session}-{name}"
+        extra = env or {}
         env = dict(os.environ)
         env.update(FAST_HEALTH)
         env.update(
@@ -127,6 +137,7 @@ class RayCluster:
             IRONCLAW_NET_POOL=f"10.{241 + i}.0.0/16",
             IRONCLAW_TEST_RAY_NODE=f"{self.session}-{name}",
         )
+        env.update(extra)
         node = Node(name, ip, env, f"{self.session}-{name}", uid_base, cgroup_root)
         self.nodes[name] = node
         return node
@@ -135,19 +146,23 @@ class RayCluster:
         res = f'{{"ironclaw_node_{node.name}": 1}}'
         if head:
             args = ["--head", "--port", str(self.port), "--include-dashboard=false",
+                    "--ray-client-server-port", str(self.client_port),
                     "--temp-dir", str(self.base / "ray")]  # fmt: skip
         else:
             args = ["--address", self.address]
+        if node.labels:
+            args += ["--labels", ",".join(f"{k}={v}" for k, v in node.labels.items())]
         cmd = [RAY, "start", *args, "--node-ip-address", node.ip, "--resources", res, *SMALL]
         done = subprocess.run(cmd, env=node.env, capture_output=True, text=True, timeout=180)
         if done.returncode != 0:
             raise RuntimeError(f"ray start failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
 
-    def start(self, name: str = "a") -> None:
-        self._ray_start(self._node(name, "127.0.0.1"), head=True)
+    def start(self, name: str = "a", env: dict[str, str] | None = None) -> None:
+        self._ray_start(self._node(name, "127.0.0.1", env), head=True)
 
-    def add_node(self, name: str, ip: str) -> Node:
+    def add_node(self, name: str, ip: str, labels: dict[str, str] | None = None) -> Node:
         node = self._node(name, ip)
+        node.labels = dict(labels or {})
         self._ray_start(node, head=False)
         return node
 

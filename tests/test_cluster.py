@@ -8,19 +8,21 @@ the node comes back nothing of its lost sandboxes remains.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from apiserver import start_server
-from ironclaw.cluster.placement import NodeCapacity, choose_node
+from ironclaw.cluster.placement import NodeCapacity, choose_node, node_selector
 from ironclaw.config import Settings
-from ironclaw.errors import ConfigError, SandboxError, SandboxLost
+from ironclaw.errors import ConfigError, IronclawError, SandboxError, SandboxLost
 from raycluster import RayCluster
 
 pytestmark = pytest.mark.timeout(900)
@@ -53,6 +55,59 @@ def test_placement_never_picks_a_lost_node() -> None:
         choose_node(nodes, 512)
 
 
+def test_placement_honours_node_labels() -> None:
+    nodes = [_cap("a"), _cap("b", sandboxes=3)]
+    nodes[1].labels = {"gpu": "yes", "zone": "two"}
+    selector = node_selector({"node/gpu": "yes", "team": "x"})
+    assert selector == {"gpu": "yes"}  # only node/ labels select
+    assert choose_node(nodes, 512, selector=selector).name == "b"  # though a is freer
+    assert choose_node(nodes, 512, selector={}).name == "a"
+    with pytest.raises(SandboxError, match="no cluster node has the labels gpu=no"):
+        choose_node(nodes, 512, selector={"gpu": "no"})
+    nodes[1].alive = False
+    with pytest.raises(SandboxError, match="every cluster node labelled gpu=yes is lost"):
+        choose_node(nodes, 512, selector=selector)
+
+
+def test_placement_registry_survives_reopening(tmp_path: Path) -> None:
+    from ironclaw.cluster.registry import PlacementStore
+
+    store = PlacementStore(tmp_path / "placements.sqlite3")
+    assert store.open() == []
+    store.place("s1", "a")
+    store.place("s2", "b")
+    store.place("s3", "b")
+    store.lose("s2", "b", "node b was lost (test)")
+    store.forget("s3")
+    store.close()
+    again = PlacementStore(tmp_path / "placements.sqlite3")
+    rows = {r.sandbox_id: (r.node, r.lost_reason) for r in again.open()}
+    assert rows == {"s1": ("a", None), "s2": ("b", "node b was lost (test)")}
+    again.close()
+
+
+def test_errors_cross_to_the_head_whole() -> None:
+    """A node's error reaches the head pickled (Ray), or as class name and message (the
+    guest's calls answered by the head), and is still the same kind of error."""
+    import pickle
+
+    from ironclaw.cluster.links import error_from, error_parts
+    from ironclaw.errors import BudgetExceeded, LimitExceeded, RpcError
+
+    rpc = pickle.loads(pickle.dumps(RpcError(-32050, "no such file", {"path": "/x"})))
+    assert isinstance(rpc, RpcError) and (rpc.code, rpc.message, rpc.data) == (
+        -32050,
+        "no such file",
+        {"path": "/x"},
+    )
+    limit = pickle.loads(pickle.dumps(LimitExceeded("too big", limit="max_frame", value=9)))
+    assert (str(limit), limit.limit, limit.value) == ("too big", "max_frame", 9)
+    budget = error_from(*error_parts(BudgetExceeded("max_steps")))
+    assert type(budget) is BudgetExceeded and str(budget) == "max_steps"
+    other = error_from(*error_parts(KeyError("k")))
+    assert type(other) is SandboxError and "KeyError" in str(other)
+
+
 def test_single_host_serve_does_not_import_ray() -> None:
     code = (
         "import sys\n"
@@ -71,13 +126,14 @@ def test_single_host_serve_does_not_import_ray() -> None:
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
-    """A head (node a, 127.0.0.1) and a worker (node b, 127.0.0.2), torn down after."""
+    """A head (node a, 127.0.0.1, labelled disk=ssd by IRONCLAW_NODE_LABELS) and a
+    worker (node b, 127.0.0.2, Ray label zone=two), torn down after."""
     base = tmp_path_factory.mktemp("rc")
     os.chmod(base, 0o700)
     cluster = RayCluster(base)
     try:
-        cluster.start("a")
-        cluster.add_node("b", "127.0.0.2")
+        cluster.start("a", env={"IRONCLAW_NODE_LABELS": "disk=ssd"})
+        cluster.add_node("b", "127.0.0.2", labels={"zone": "two"})
         yield cluster
     finally:
         cluster.stop()
@@ -232,3 +288,131 @@ async def test_two_nodes_spread_route_lose_and_recover(ray_cluster: RayCluster) 
         assert (await cluster.exec(back.id, ["echo", "b"])).stdout == b"b\n"
     finally:
         await cluster.aclose()
+
+
+async def test_ray_client_address(ray_cluster: RayCluster) -> None:
+    """``ray://`` (Ray Client): placement, exec, streamed output and files on each node."""
+    from ironclaw.cluster.cluster import Cluster
+
+    async with Cluster(ray_cluster.client_address) as cluster:
+        assert sorted(cluster.nodes) == ["a", "b"]
+        assert cluster.nodes["a"].capacity.labels.get("disk") == "ssd"
+        assert cluster.nodes["b"].capacity.labels.get("zone") == "two"
+        for node in ("a", "b"):
+            record = await cluster.create({"limits": {"memory_mib": 128}}, node=node)
+            chunks: list[bytes] = []
+            result = await cluster.exec(record.id, ["sh", "-c", "head -c 300000 /dev/zero; echo"],
+                                        on_stdout=chunks.append)  # fmt: skip
+            assert result.exit_code == 0 and sum(map(len, chunks)) == 300_001
+            assert await cluster.write_file(record.id, "/tmp/f", b"via client") == 10
+            assert await cluster.read_file(record.id, "/tmp/f", limit=None) == b"via client"
+            await cluster.destroy(record.id)
+
+
+HELD_TURNS = [  # a RED call (a write outside the workspace) holds the task for a decision
+    {"tool_calls": [{"name": "files__write_file",
+                     "arguments": {"path": "/tmp/outside.txt", "content": "approved"}}]},
+    {"content": "done"},
+]  # fmt: skip
+ON_B = {"labels": {"node/zone": "two"}}  # the agent's MCP servers want the default memory
+
+
+async def _settled(api: Any, task_id: str) -> dict[str, Any]:
+    async def done() -> bool:
+        return (await api.task(task_id))["status"] != "running"
+
+    await _until(done, f"task {task_id} to end")
+    return dict(await api.task(task_id))
+
+
+async def test_serve_cluster_tasks_exec_ws_labels_restart_and_node_loss(
+    ray_cluster: RayCluster, settings: Settings
+) -> None:
+    """Over HTTP: label affinity, a WebSocket exec and an agent task on node b, a
+    service restart that keeps the placements, then node b lost during a task."""
+    from ironclaw.client import ApiClient
+
+    server = start_server(settings, "--cluster", ray_cluster.address)
+    try:
+        admin = server.token("admin")
+        async with ApiClient(server.url, admin) as api:
+            on_b = (await api.create(ON_B))["id"]
+            on_a = (await api.create({"labels": {"node/disk": "ssd"}}))["id"]
+            assert on_b in await _node_rows(ray_cluster, "b")
+            assert on_a in await _node_rows(ray_cluster, "a")
+            with pytest.raises(IronclawError, match="no cluster node has the labels zone=three"):
+                await api.create({"labels": {"node/zone": "three"}})
+
+            # a WebSocket exec on node b: stdin sent while the command runs
+            lines: asyncio.Queue[bytes] = asyncio.Queue()
+
+            async def stdin() -> AsyncIterator[bytes]:
+                yield b"one\n"
+                assert await asyncio.wait_for(lines.get(), 60) == b"got:one\n"
+                yield b"two\n"
+
+            script = "while read l; do echo got:$l; done; head -c 2000000 /dev/zero; echo bye"
+            result = await api.exec_stream(on_b, ["sh", "-c", script], stdin=stdin(),
+                                           on_stdout=lines.put)  # fmt: skip
+            assert result.exit_code == 0 and result.stdout_bytes == 16 + 2_000_000 + 4
+            assert result.stdout.startswith(b"got:one\ngot:two\n\0")
+            assert result.stdout.endswith(b"\0bye\n")
+            # a client that goes away takes the command with it (killed on node b)
+            async with api._ws(on_b) as ws:
+                argv = ["sh", "-c", "echo up; exec sleep 1000"]
+                await ws.send(json.dumps({"argv": argv, "stdin": False}))
+                assert await ws.recv() == b"\x01up\n"
+
+            async def sleep_gone() -> bool:
+                ps = ["sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"]
+                return b"sleep 1000" not in (await api.exec(on_b, ps)).stdout
+
+            await _until(sleep_gone, "the abandoned command to be killed")
+
+            # an agent task on node b; its RED call is decided through the service
+            task = await api.start_task("write outside", script=HELD_TURNS, keep=True,
+                                        sandbox=ON_B)  # fmt: skip
+            await _until(api.approvals, "the task's approval")
+            [held] = await api.approvals()
+            assert held["task_id"] == task["id"] and "+approved" in held["card"]
+            assert task["sandbox_id"] in await _node_rows(ray_cluster, "b")
+            await api.decide(held["id"], True)
+            done = await _settled(api, task["id"])
+            assert (done["status"], done["answer"]) == ("completed", "done"), done
+            assert await api.read_file(task["sandbox_id"], "/tmp/outside.txt") == b"approved"
+            names = [e["event"] async for e in api.events(task["id"])]
+            assert names[0] == "task.start" and names[-1] == "task.end"
+            assert "tool.decision" in names and "model.response" in names, names
+
+        # the service dies (SIGKILL); a new one finds every sandbox where it was
+        server.proc.kill()
+        server.proc.wait()
+        server = start_server(settings, "--cluster", ray_cluster.address)
+        async with ApiClient(server.url, admin) as api:
+            listed = {d["id"]: d["state"] for d in await api.list_sandboxes()}
+            assert listed == {on_a: "running", on_b: "running", task["sandbox_id"]: "running"}
+            for sid in (on_a, on_b):
+                assert (await api.exec(sid, ["echo", sid])).stdout == f"{sid}\n".encode()
+
+            # node b dies while a task holds and a WebSocket exec runs there
+            held_task = await api.start_task("hold", script=HELD_TURNS, sandbox=ON_B)
+            await _until(api.approvals, "the second task's approval")
+            up = asyncio.Event()
+            streaming = asyncio.ensure_future(
+                api.exec_stream(
+                    on_b, ["sh", "-c", "echo up; exec sleep 1000"], on_stdout=lambda _: up.set()
+                )
+            )
+            await asyncio.wait_for(up.wait(), 60)
+            assert ray_cluster.kill("b")
+            failed = await _settled(api, held_task["id"])
+            assert failed["status"] == "error" and "node b was lost" in failed["reason"], failed
+            with pytest.raises(IronclawError, match="node b was lost"):
+                await asyncio.wait_for(streaming, 120)
+            assert await api.approvals() == []
+            assert (await api.get(on_b))["state"] == "lost"
+            with pytest.raises(IronclawError, match="node b was lost"):
+                await api.exec(on_b, ["true"])
+            assert (await api.exec(on_a, ["echo", "a"])).stdout == b"a\n"
+    finally:
+        assert server.stop() == 0

@@ -100,6 +100,18 @@ class IronclawError(Exception):
     #: JSON-RPC error code used when this error crosses the channel.
     wire_code: int = -32000
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled with its fields, whatever its constructor takes (a cluster node's
+        error travels to the service as a pickle)."""
+        return (_restore, (type(self), self.args, self.__dict__))
+
+
+def _restore(cls: type[IronclawError], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, *args)
+    exc.__dict__.update(state)
+    return exc
+
 
 class ConfigError(IronclawError):
     """Bad input (an id, a spec, a policy). Raised before anything is created."""

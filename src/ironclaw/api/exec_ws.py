@@ -14,7 +14,11 @@ Errors are a text frame ``{"type": "error", ...problem details}`` and a close co
 4000 + the HTTP status (4401, 4403, 4404, ...).
 
 The manager's ``exec`` takes stdin as one buffer; a live stdin needs the stream open
-while the command runs, so this module drives the guest's ``exec`` call itself.
+while the command runs, so this module runs an :class:`~ironclaw.cluster.links.ExecSession`:
+over the sandbox's channel on one host (:class:`~ironclaw.cluster.links.ExecPipe`), or
+on the owning node when the manager has ``open_exec`` (a cluster). Either way output is
+a bounded queue of chunks and stdin goes one frame at a time, so a fast command waits
+for a slow client rather than filling memory.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -30,6 +33,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from ironclaw.api.auth import verify_token
 from ironclaw.api.problems import status_for
 from ironclaw.api.service import Service, bearer
+from ironclaw.cluster.links import ExecPipe, ExecSession
 from ironclaw.errors import ConfigError, IronclawError, SandboxError
 
 __all__ = ["router"]
@@ -79,6 +83,15 @@ def _request(doc: Any) -> dict[str, Any]:
     }
 
 
+async def _session(service: Service, sandbox_id: str, req: dict[str, Any]) -> ExecSession:
+    params = {k: req[k] for k in ("argv", "env", "cwd", "timeout", "keep_background")}
+    open_exec = getattr(service.manager, "open_exec", None)
+    if open_exec is not None:  # the sandbox's channel is on another host
+        session: ExecSession = await open_exec(sandbox_id, params, stdin=req["stdin"])
+        return session
+    return ExecPipe(await service.peer(sandbox_id), params, stdin=req["stdin"])
+
+
 @router.websocket("/v1/sandboxes/{sandbox_id}/exec/ws")
 async def exec_ws(ws: WebSocket, sandbox_id: str) -> None:
     service: Service = ws.app.state.service
@@ -88,73 +101,54 @@ async def exec_ws(ws: WebSocket, sandbox_id: str) -> None:
         who.require("write")
         await service.visible(who, sandbox_id)
         req = _request(json.loads(await ws.receive_text()))
-        peer = await service.peer(sandbox_id)
+        session = await _session(service, sandbox_id, req)
     except (IronclawError, ValueError) as exc:
         await _fail(ws, exc if isinstance(exc, IronclawError) else ConfigError(str(exc)))
         return
     except WebSocketDisconnect:
         return
     service.metrics.execs.labels("websocket").inc()
-    out_id, err_id = peer.new_stream_id(), peer.new_stream_id()
-    in_id = peer.new_stream_id() if req["stdin"] else None
     send_lock = asyncio.Lock()
+    tags = {"stdout": STDOUT, "stderr": STDERR}
 
-    gone = asyncio.Event()  # the client went away: the command is cancelled (killed)
-    streams = [(peer.open_stream(out_id), STDOUT), (peer.open_stream(err_id), STDERR)]
-
-    async def pump(stream: AsyncIterator[bytes], tag: int) -> None:
-        async for chunk in stream:
-            if gone.is_set():
-                continue  # keep draining so the guest is never blocked on a dead client
+    async def forward() -> dict[str, Any] | None:
+        """Output to the client as it comes; the command's result at the end (None:
+        the client went away)."""
+        async for kind, item in session.items():
+            if kind == "exit":
+                assert isinstance(item, dict)
+                return item
             try:
                 async with send_lock:
-                    await ws.send_bytes(bytes([tag]) + chunk)
+                    await ws.send_bytes(bytes([tags[kind]]) + item)
             except Exception:  # the client vanished mid-send
-                gone.set()
+                return None
+        raise SandboxError(f"sandbox {sandbox_id}: the command ended without a result")
 
     async def receive() -> None:
         """Stdin frames while stdin is open; after that, only watch for a disconnect."""
-        open_ = in_id is not None
-        try:
-            while True:
-                msg = await ws.receive()
-                if msg["type"] == "websocket.disconnect":
-                    gone.set()
-                    return
-                if not open_ or in_id is None:
-                    continue
+        open_ = req["stdin"]
+        while True:
+            msg = await ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                return
+            if not open_:
+                continue
+            # stdin the command no longer reads is dropped, as a closed pipe would
+            with contextlib.suppress(IronclawError):
                 if msg.get("bytes"):
-                    await peer.send_bytes(in_id, msg["bytes"])
+                    await session.send(msg["bytes"])
                 elif msg.get("text") and json.loads(msg["text"]).get("type") == "eof":
                     open_ = False
-                    await peer.end_stream(in_id)
-        finally:
-            if open_ and in_id is not None:
-                with contextlib.suppress(IronclawError):
-                    await peer.end_stream(in_id)
+                    await session.eof()
 
-    pumps = [asyncio.ensure_future(pump(st, tag)) for st, tag in streams]
+    output = asyncio.ensure_future(forward())
     receiver = asyncio.ensure_future(receive())
-    params = {
-        "argv": req["argv"],
-        "env": req["env"],
-        "cwd": req["cwd"],
-        "timeout": req["timeout"],
-        "stdout_stream": out_id,
-        "stderr_stream": err_id,
-        "stdin_stream": in_id,
-        "keep_background": req["keep_background"],
-    }
-    call = asyncio.ensure_future(peer.call("exec", params))
-    watch = asyncio.ensure_future(gone.wait())
     try:
-        await asyncio.wait({call, watch}, return_when=asyncio.FIRST_COMPLETED)
-        if not call.done():
-            return  # the client is gone; ``finally`` cancels the call, which kills it
-        result = call.result()
-        await asyncio.gather(*pumps)
-        if gone.is_set():
-            return
+        await asyncio.wait({output, receiver}, return_when=asyncio.FIRST_COMPLETED)
+        result = output.result() if output.done() else None
+        if result is None:
+            return  # the client is gone; ``finally`` ends the session, which kills it
         doc = {
             "type": "exit",
             "exit_code": result.get("exit_code"),
@@ -166,11 +160,11 @@ async def exec_ws(ws: WebSocket, sandbox_id: str) -> None:
             await ws.send_text(json.dumps(doc))
         await ws.close(code=1000)
     except IronclawError as exc:
-        await _fail(ws, exc if not peer.closed else SandboxError(f"sandbox {sandbox_id} went away"))
-    except WebSocketDisconnect:
+        await _fail(ws, exc)
+    except (WebSocketDisconnect, RuntimeError):  # the client vanished at the end
         pass
     finally:
-        rest = [call, watch, receiver, *pumps]
-        for t in rest:
+        for t in (output, receiver):
             t.cancel()
-        await asyncio.gather(*rest, return_exceptions=True)
+        await asyncio.gather(output, receiver, return_exceptions=True)
+        await session.aclose()

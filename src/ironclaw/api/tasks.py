@@ -4,6 +4,10 @@ Each task runs :func:`ironclaw.agent.tasks.run_task` in the server's loop with i
 :class:`Approver` in API mode: a RED call waits in that approver until a caller with
 the ``approve`` scope decides it. Events are kept in memory per task, so an SSE client
 that connects late still gets the whole trace from ``task.start``.
+
+On a cluster (``serve --cluster``) nothing changes here: the sandbox's node relays the
+guest's calls to this process (see docs/CLUSTER.md), so the gateway and its credentials,
+the approval queue and the trace stay with the service while the agent runs elsewhere.
 """
 
 from __future__ import annotations

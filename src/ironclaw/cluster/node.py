@@ -6,8 +6,10 @@ environment (``IRONCLAW_HOME``, ``IRONCLAW_UID_BASE``, ``IRONCLAW_CGROUP_ROOT``,
 ``IRONCLAW_NET_POOL``, as ``ray start`` was given them), so two nodes on one machine
 never share a registry, a uid range, a cgroup root or an address pool.
 
-Outputs leave the node in chunks (Ray streaming generators for exec and file reads,
-chunked calls for writes): a large file or a chatty command is never one object.
+Outputs leave the node in chunks (Ray streaming generators for exec and file reads, or
+pulled item by item over Ray Client; chunked calls for writes): a large file or a chatty
+command is never one object. The guest's calls to the host are relayed to the head
+(``link_*``) and interactive execs run here with their stdin fed by calls (``exec_*``).
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ import asyncio
 import contextlib
 import os
 import secrets
-from collections.abc import AsyncIterator
+import socket
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
+from ironclaw.cluster.links import CHUNK, ExecPipe, GuestLink
 from ironclaw.config import Settings
 from ironclaw.errors import ConfigError, SandboxNotFound
 from ironclaw.host.guest import DEFAULT_CAPTURE_LIMIT
@@ -26,11 +31,17 @@ from ironclaw.host.manager import SandboxManager
 from ironclaw.proto import methods
 from ironclaw.resources.store import SandboxRecord
 
-__all__ = ["CHUNK", "NodeAgent", "ServiceLease", "node_memory_mib"]
+__all__ = [
+    "NodeAgent",
+    "ServiceLease",
+    "node_labels",
+    "node_memory_mib",
+    "take_lease",
+    "without_ray_labels",
+]
 
-#: The largest piece of output one streamed item carries.
-CHUNK = 256 * 1024
 _END = object()
+_GENERATORS = frozenset({"exec", "read_file", "link_requests", "exec_items"})
 
 
 def node_memory_mib() -> int:
@@ -43,6 +54,36 @@ def node_memory_mib() -> int:
             if line.startswith("MemTotal:"):
                 return int(line.split()[1]) // 1024
     raise ConfigError("cannot read MemTotal from /proc/meminfo; set IRONCLAW_NODE_MEMORY_MIB")
+
+
+def without_ray_labels(labels: dict[str, Any]) -> dict[str, str]:
+    """A Ray node's labels without Ray's own (``ray.io/...``)."""
+    return {k: str(v) for k, v in labels.items() if not k.startswith("ray.io/")}
+
+
+def node_labels() -> dict[str, str]:
+    """This node's labels: its Ray node labels (``ray start --labels``, without Ray's
+    own ``ray.io/...``) and ``IRONCLAW_NODE_LABELS`` (``key=value,key=value``)."""
+    labels: dict[str, str] = {}
+    with contextlib.suppress(Exception):
+        import ray
+
+        labels.update(without_ray_labels(ray.get_runtime_context().get_node_labels()))
+    for item in os.environ.get("IRONCLAW_NODE_LABELS", "").split(","):
+        key, sep, value = item.strip().partition("=")
+        if not sep or not key:
+            if item.strip():
+                raise ConfigError(f"IRONCLAW_NODE_LABELS: {item!r} is not key=value")
+            continue
+        labels[key] = value
+    return labels
+
+
+def _reserved_mib(record: SandboxRecord) -> int:
+    """The memory a sandbox holds of its node's budget (its limit, while it is live)."""
+    if record.state not in ("running", "creating"):
+        return 0
+    return int(record.spec.get("limits", {}).get("memory_mib", 512))
 
 
 class _Upload:
@@ -61,8 +102,57 @@ class _Upload:
 class ServiceLease:
     """Held (as a named actor) by the one service that drives a cluster."""
 
-    def held(self) -> bool:
+    def __init__(self, holder: str) -> None:
+        self.holder = holder
+
+    def held_by(self) -> str:
+        return self.holder
+
+
+async def take_lease(ray: Any, head_resource: str, *, wait: float = 30.0) -> Any:
+    """The lease actor, named ``service`` on the head node: one service per cluster (a
+    second one's node actors would clear the nodes' registries of the first one's
+    sandboxes). A lease whose holder on this host is dead (a crashed service that Ray
+    has not reaped yet) is waited for, up to ``wait`` seconds."""
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            options = {"name": "service", "num_cpus": 0, "resources": {head_resource: 0.001}}
+            return ray.remote(ServiceLease).options(**options).remote(me)
+        except ValueError:
+            pass
+        holder = await _lease_holder(ray)
+        if (holder is not None and not _gone(holder)) or time.monotonic() > deadline:
+            raise ConfigError(
+                "another IronClaw service already drives this Ray cluster (its lease is "
+                f"held by {holder or 'a service not answering'}): one service per cluster; "
+                "stop the other one first"
+            )
+        await asyncio.sleep(0.5)
+
+
+async def _lease_holder(ray: Any) -> str | None:
+    """Who holds the lease, or None when its actor is gone or not answering."""
+    try:
+        lease = ray.get_actor("service")
+        return str(await asyncio.wait_for(lease.held_by.remote(), 10))
+    except Exception:
+        return None
+
+
+def _gone(holder: str) -> bool:
+    """A holder on this host whose process has exited."""
+    host, _, pid = holder.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
         return True
+    except PermissionError:
+        return False
+    return False
 
 
 class NodeAgent:
@@ -72,8 +162,12 @@ class NodeAgent:
         self.name = name
         self.max_sandboxes = int(os.environ.get("IRONCLAW_NODE_MAX_SANDBOXES", "64"))
         self.memory_mib = node_memory_mib()
+        self.labels = node_labels()
         self.manager = SandboxManager(Settings.from_env())
         self._uploads: dict[str, _Upload] = {}
+        self._links: dict[str, GuestLink] = {}
+        self._pipes: dict[str, ExecPipe] = {}
+        self._pulls: dict[str, AsyncGenerator[Any, None]] = {}
 
     async def open(self) -> dict[str, Any]:
         """Open the registry and remove every sandbox a previous actor of this node left.
@@ -92,13 +186,14 @@ class NodeAgent:
 
     async def capacity(self) -> dict[str, Any]:
         live = [r for r in await self.manager.sandboxes() if r.state in ("running", "creating")]
-        reserved = sum(int(r.spec.get("limits", {}).get("memory_mib", 512)) for r in live)
+        reserved = sum(_reserved_mib(r) for r in live)
         return {
             "name": self.name,
             "max_sandboxes": self.max_sandboxes,
             "sandboxes": len(live),
             "memory_mib": self.memory_mib,
             "reserved_mib": reserved,
+            "labels": self.labels,
         }
 
     async def create(self, spec: dict[str, Any], sandbox_id: str) -> SandboxRecord:
@@ -110,8 +205,11 @@ class NodeAgent:
     async def sandboxes(self) -> list[SandboxRecord]:
         return await self.manager.sandboxes()
 
-    async def destroy(self, sandbox_id: str) -> None:
+    async def destroy(self, sandbox_id: str) -> int:
+        """Remove the sandbox; return its memory limit (the head frees it at once)."""
+        record = await self.manager.get(sandbox_id)
         await self.manager.destroy(sandbox_id)
+        return _reserved_mib(record)
 
     async def call(self, sandbox_id: str, method: str, params: Any = None) -> Any:
         """Relay one typed call from the head: the request is decoded here before it
@@ -208,6 +306,95 @@ class NodeAgent:
             return 0
         await upload.queue.put(_END)
         return await upload.task
+
+    # -- the guest's calls to the host, answered by the head ----------------------------
+
+    async def link_open(self, sandbox_id: str, methods: list[str], handle: str | None) -> str:
+        """Relay the guest's calls on ``methods`` to the head (a new link, or more
+        methods on ``handle``); the head reads them from :meth:`link_requests`."""
+        link = self._links.get(handle or "")
+        if link is not None:
+            link.add(methods)
+            return handle or ""
+        guest = await self.manager.guest(sandbox_id)
+        handle = secrets.token_hex(8)
+        self._links[handle] = GuestLink(guest.peer, methods)
+        return handle
+
+    async def link_requests(self, handle: str) -> AsyncIterator[tuple[int, str, Any]]:
+        """The guest's calls, ``(id, method, params)`` (a streaming generator that ends
+        with the sandbox's channel)."""
+        try:
+            async for request in self._links[handle].requests():
+                yield request
+        finally:
+            self._links.pop(handle, None)
+
+    async def link_reply(self, handle: str, rid: int, ok: bool, value: Any) -> None:
+        link = self._links.get(handle)
+        if link is not None:
+            link.reply(rid, ok, value)
+
+    # -- interactive exec: output out as a stream, stdin in as calls --------------------
+
+    async def exec_open(self, sandbox_id: str, params: dict[str, Any], stdin: bool) -> str:
+        guest = await self.manager.guest(sandbox_id)
+        handle = secrets.token_hex(8)
+        self._pipes[handle] = ExecPipe(guest.peer, params, stdin=stdin)
+        return handle
+
+    async def exec_items(self, handle: str) -> AsyncIterator[tuple[str, Any]]:
+        """The command's output, then ``("exit", result)`` (a streaming generator; the
+        head asks for it with bounded backpressure)."""
+        pipe = self._pipes[handle]
+        try:
+            async for item in pipe.items():
+                yield item
+        finally:
+            self._pipes.pop(handle, None)
+            await pipe.aclose()
+
+    async def exec_send(self, handle: str, data: bytes) -> None:
+        """Stdin for the command (dropped once it has ended, as a closed pipe would)."""
+        pipe = self._pipes.get(handle)
+        if pipe is not None:
+            await pipe.send(data)
+
+    async def exec_eof(self, handle: str) -> None:
+        pipe = self._pipes.get(handle)
+        if pipe is not None:
+            await pipe.eof()
+
+    async def exec_close(self, handle: str) -> None:
+        pipe = self._pipes.pop(handle, None)
+        if pipe is not None:
+            await pipe.aclose()
+
+    # -- generators pulled item by item (Ray Client has no streaming generators) ---------
+
+    async def pull_open(self, method: str, *args: Any) -> str:
+        if method not in _GENERATORS:
+            raise ConfigError(f"{method!r} is not a generator of the node actor")
+        handle = secrets.token_hex(8)
+        self._pulls[handle] = getattr(self, method)(*args)
+        return handle
+
+    async def pull_next(self, handle: str) -> tuple[Any, bool]:
+        """The next item and True, or (None, False) at the end; an error ends it too."""
+        gen = self._pulls[handle]
+        try:
+            return await gen.__anext__(), True
+        except StopAsyncIteration:
+            self._pulls.pop(handle, None)
+            return None, False
+        except BaseException:
+            self._pulls.pop(handle, None)
+            raise
+
+    async def pull_close(self, handle: str) -> None:
+        gen = self._pulls.pop(handle, None)
+        if gen is not None:
+            await gen.aclose()
 
     async def reconcile(self) -> dict[str, Any]:
         return (await self.manager.reconcile(scan=True)).to_json()

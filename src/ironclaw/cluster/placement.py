@@ -1,20 +1,41 @@
 """Where a new sandbox goes: the live node with the most free capacity.
 
-Pure: the node actors report their capacity (:class:`NodeCapacity`), the head keeps the
-reports and picks with :func:`choose_node`. No Ray here, so the rule is unit-testable.
+Pure: the node actors report their capacity and labels (:class:`NodeCapacity`), the head
+keeps the reports and picks with :func:`choose_node`. No Ray here, so the rule is
+unit-testable.
+
+Affinity lives in the spec's own labels: a label ``node/KEY: VALUE`` is a node selector
+(:func:`node_selector`), so a sandbox with ``{"labels": {"node/gpu": "yes"}}`` goes only
+to a node labelled ``gpu=yes``; the sandbox keeps the label, so listing by it finds the
+sandboxes placed by it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from ironclaw.errors import SandboxError
 
-__all__ = ["NODE_RESOURCE_PREFIX", "NodeCapacity", "choose_node"]
+__all__ = [
+    "NODE_RESOURCE_PREFIX",
+    "SELECTOR_PREFIX",
+    "NodeCapacity",
+    "choose_node",
+    "node_selector",
+]
 
 #: A Ray node takes part when started with a custom resource of this prefix:
 #: ``ray start ... --resources '{"ironclaw_node_NAME": 1}'``; NAME is the node's name.
 NODE_RESOURCE_PREFIX = "ironclaw_node_"
+#: A sandbox label ``node/KEY`` asks for a node whose label KEY has the label's value.
+SELECTOR_PREFIX = "node/"
+
+
+def node_selector(labels: Mapping[str, str]) -> dict[str, str]:
+    """The node labels a sandbox's own labels ask for (its ``node/KEY`` labels)."""
+    return {k.removeprefix(SELECTOR_PREFIX): v for k, v in labels.items()
+            if k.startswith(SELECTOR_PREFIX)}  # fmt: skip
 
 
 @dataclass
@@ -28,6 +49,11 @@ class NodeCapacity:
     memory_mib: int  # the budget for sandboxes' memory limits on this node
     reserved_mib: int  # the memory limits of its live sandboxes
     alive: bool = True
+    #: The node's labels: its Ray node labels and ``IRONCLAW_NODE_LABELS``.
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def matches(self, selector: Mapping[str, str]) -> bool:
+        return all(self.labels.get(k) == v for k, v in selector.items())
 
     @property
     def free_slots(self) -> int:
@@ -48,9 +74,14 @@ class NodeCapacity:
 
 
 def choose_node(
-    nodes: list[NodeCapacity], memory_mib: int, *, node: str | None = None
+    nodes: list[NodeCapacity],
+    memory_mib: int,
+    *,
+    node: str | None = None,
+    selector: Mapping[str, str] | None = None,
 ) -> NodeCapacity:
-    """The node for a sandbox with a ``memory_mib`` limit; ``node`` pins it to one node.
+    """The node for a sandbox with a ``memory_mib`` limit; ``node`` pins it to one node,
+    ``selector`` to the nodes with those labels.
 
     Among the nodes it fits on, the one with the largest free fraction of its scarcer
     resource wins (ties: the name, so placement is deterministic). Lost nodes never
@@ -64,6 +95,17 @@ def choose_node(
         if not named[0].alive:
             raise SandboxError(f"cluster node {node!r} is lost; choose another node or none")
         nodes = named
+    if selector:
+        wanted = ", ".join(f"{k}={v}" for k, v in sorted(selector.items()))
+        nodes = [n for n in nodes if n.matches(selector)]
+        if not nodes:
+            raise SandboxError(
+                f"no cluster node has the labels {wanted}; label a node (ray start "
+                "--labels, or IRONCLAW_NODE_LABELS in its environment) or drop the "
+                f"sandbox's {SELECTOR_PREFIX}* labels"
+            )
+        if not any(n.alive for n in nodes):
+            raise SandboxError(f"every cluster node labelled {wanted} is lost")
     fitting = [n for n in nodes if n.fits(memory_mib)]
     if not fitting:
         alive = [n for n in nodes if n.alive]

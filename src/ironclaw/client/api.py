@@ -13,8 +13,7 @@ import json
 import os
 import socket
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Unpack
 from urllib.parse import quote
 
 import httpx
@@ -22,52 +21,14 @@ from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import ConnectionClosed
 
 from ironclaw.client._errors import from_problem
-from ironclaw.client.protocol import OutputSink
 from ironclaw.errors import ApiError, ConfigError, ConnectError, IronclawError
+from ironclaw.proto.surface import ExecOptions, ExecResult, OutputSink, feed
 
 __all__ = ["API_TOKEN_ENV", "API_URL_ENV", "ApiClient", "ExecResult"]
 
 API_URL_ENV = "IRONCLAW_API_URL"
 API_TOKEN_ENV = "IRONCLAW_API_TOKEN"  # noqa: S105 - a variable name, not a secret
 CHUNK = 256 * 1024
-
-
-@dataclass
-class ExecResult:
-    """What one command did (the same fields as the in-process SDK's result)."""
-
-    sandbox_id: str
-    exit_code: int
-    signal: int | None
-    stdout: bytes
-    stderr: bytes
-    duration_ms: float
-    status: str = "exited"
-    timed_out: bool = False
-    stdout_bytes: int = 0
-    stderr_bytes: int = 0
-
-    def to_json(self, backend: str) -> dict[str, Any]:
-        return {
-            "id": self.sandbox_id,
-            "backend": backend,
-            "exit_code": self.exit_code,
-            "signal": self.signal,
-            "status": self.status,
-            "timed_out": self.timed_out,
-            "stdout": self.stdout.decode(errors="replace"),
-            "stderr": self.stderr.decode(errors="replace"),
-            "stdout_bytes": self.stdout_bytes,
-            "stderr_bytes": self.stderr_bytes,
-            "duration_ms": round(self.duration_ms, 3),
-        }
-
-
-async def _call(sink: OutputSink | None, chunk: bytes) -> None:
-    if sink is not None:
-        res = sink(chunk)
-        if res is not None:
-            await res
 
 
 class ApiClient:
@@ -159,23 +120,20 @@ class ApiClient:
     # -- exec --------------------------------------------------------------------------
 
     async def exec(
-        self,
-        sandbox_id: str,
-        argv: list[str],
-        *,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-        stdin: bytes | None = None,
-        keep_background: bool = False,
+        self, sandbox_id: str, argv: list[str], **opts: Unpack[ExecOptions]
     ) -> ExecResult:
-        """Run a command; output comes back whole (see :meth:`exec_stream`)."""
+        """Run a command. Without sinks its output comes back whole, in one request;
+        with sinks (or ``capture=False``) it streams (see :meth:`exec_stream`)."""
+        on_stdout, on_stderr = opts.get("on_stdout"), opts.get("on_stderr")
+        if on_stdout is not None or on_stderr is not None or not opts.get("capture", True):
+            return await self.exec_stream(sandbox_id, argv, **opts)
+        stdin = opts.get("stdin")
         body: dict[str, Any] = {
             "argv": argv,
-            "env": env,
-            "cwd": cwd,
-            "timeout": timeout,
-            "keep_background": keep_background,
+            "env": opts.get("env"),
+            "cwd": opts.get("cwd"),
+            "timeout": opts.get("timeout"),
+            "keep_background": opts.get("keep_background", False),
         }
         if stdin is not None:
             body["stdin_b64"] = base64.b64encode(stdin).decode()
@@ -245,7 +203,7 @@ class ApiClient:
                             counts[i] += len(chunk)
                             if capture:
                                 bufs[i].extend(chunk)
-                            await _call(on_stdout if i == 0 else on_stderr, chunk)
+                            await feed(on_stdout if i == 0 else on_stderr, chunk)
                             continue
                         doc = json.loads(msg)
                         if doc.get("type") == "error":
@@ -313,7 +271,7 @@ class ApiClient:
                     if sink is None:
                         buf.extend(chunk)
                     else:
-                        await _call(sink, chunk)
+                        await feed(sink, chunk)
         except httpx.HTTPError as exc:
             raise ConnectError(f"download from {self.base} failed: {exc}") from None
         return bytes(buf)

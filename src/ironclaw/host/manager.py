@@ -42,6 +42,7 @@ from ironclaw.host.controls import Controls
 from ironclaw.host.guest import GuestClient
 from ironclaw.host.reconcile import GcReport
 from ironclaw.ids import new_sandbox_id, validate_sandbox_id
+from ironclaw.proto.lifecycle import AsyncResource
 from ironclaw.proto.surface import ExecResult, OutputSink
 from ironclaw.resources.lifetime import read_lifetime
 from ironclaw.resources.store import SandboxRecord, Store
@@ -119,7 +120,7 @@ def pool_key(spec: SandboxSpec) -> str:
     return hashlib.blake2b(blob, digest_size=8).hexdigest()
 
 
-class SandboxManager(Channel, Controls):
+class SandboxManager(Channel, Controls, AsyncResource):
     """Owns sandboxes through the registry. Use as ``async with SandboxManager() as m``."""
 
     def __init__(
@@ -148,13 +149,6 @@ class SandboxManager(Channel, Controls):
         self._owned: set[str] = set()
         self._rids: dict[str, str] = {}  # sandbox id -> resource id, for pooled ones
         self._me = {"owner_start": process_start_time(os.getpid())}
-
-    async def __aenter__(self) -> SandboxManager:
-        await self.open()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
     async def open(self) -> None:
         """Open the registry and finish what crashed processes left half done."""

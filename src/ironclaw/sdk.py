@@ -16,7 +16,7 @@ to one that another process created (sandboxes outlive their creator).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, Unpack, overload
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack, overload
 
 from ironclaw.config import Settings
 from ironclaw.errors import ConfigError
@@ -28,7 +28,15 @@ from ironclaw.host.processes import ProcessHandle
 from ironclaw.host.snapshots import Snapshot
 from ironclaw.policy.network import NetworkChange, NetworkPolicy
 from ironclaw.proto import methods
-from ironclaw.proto.surface import Creating, ExecOptions, ExecResult, OutputSink, SandboxHandle
+from ironclaw.proto.lifecycle import or_close
+from ironclaw.proto.surface import (
+    Creating,
+    ExecOptions,
+    ExecResult,
+    OutputSink,
+    SandboxHandle,
+    SandboxPart,
+)
 from ironclaw.resources.store import SandboxRecord
 from ironclaw.spec import SandboxSpec
 
@@ -49,11 +57,20 @@ __all__ = [
 ]
 
 
-class Files:
-    """File operations inside one sandbox (paths are relative to /workspace)."""
+SpecLike = SandboxSpec | dict[str, Any] | None
 
-    def __init__(self, sandbox: Sandbox) -> None:
-        self._sb = sandbox
+
+class LocalOptions(TypedDict, total=False):
+    """How :meth:`Sandbox.create` makes a sandbox on this host: under which settings or
+    manager, and from which snapshot's workspace."""
+
+    settings: Settings | None
+    manager: SandboxManager | None
+    from_snapshot: Snapshot | str | None
+
+
+class Files(SandboxPart["Sandbox"]):
+    """File operations inside one sandbox (paths are relative to /workspace)."""
 
     async def write(
         self, path: str, data: bytes | str | AsyncIterator[bytes], *, mode: int = 0o644
@@ -94,11 +111,8 @@ class Files:
             yield event
 
 
-class Commands:
+class Commands(SandboxPart["Sandbox"]):
     """Detached commands: start, list, and re-attach from any process."""
-
-    def __init__(self, sandbox: Sandbox) -> None:
-        self._sb = sandbox
 
     async def start(
         self,
@@ -124,12 +138,9 @@ class Commands:
         return await processes.connect_process(guest, target)
 
 
-class Pty:
+class Pty(SandboxPart["Sandbox"]):
     """Interactive terminals: ``h = await sb.pty.create(80, 24)``, then ``h.send``,
     ``h.resize``, ``h.output()`` and ``h.kill``."""
-
-    def __init__(self, sandbox: Sandbox) -> None:
-        self._sb = sandbox
 
     async def create(
         self,
@@ -147,11 +158,8 @@ class Pty:
         )
 
 
-class Ports:
+class Ports(SandboxPart["Sandbox"]):
     """Servers inside reachable from the host: ``url = await sb.ports.expose(8000)``."""
-
-    def __init__(self, sandbox: Sandbox) -> None:
-        self._sb = sandbox
 
     async def expose(self, port: int, *, host: str = "127.0.0.1", host_port: int = 0) -> str:
         """The URL on the host (``host``: where to listen; 0: any free ``host_port``)."""
@@ -167,11 +175,8 @@ class Ports:
         await ports.unexpose(self._sb.manager, self._sb.id, port)
 
 
-class Network:
+class Network(SandboxPart["Sandbox"]):
     """The sandbox's egress policy, changeable while it runs."""
-
-    def __init__(self, sandbox: Sandbox) -> None:
-        self._sb = sandbox
 
     async def update(self, **change: Unpack[NetworkChange]) -> NetworkPolicy:
         """Replace ``allow``/``allow_domains``/``deny_domains`` when given; ``deny`` removes
@@ -203,37 +208,25 @@ class Sandbox(SandboxHandle):
     @overload
     @classmethod
     def create(
-        cls,
-        spec: SandboxSpec | dict[str, Any] | None = None,
-        *,
-        sandbox_id: str | None = None,
-        settings: Settings | None = None,
-        manager: SandboxManager | None = None,
-        from_snapshot: Snapshot | str | None = None,
+        cls, spec: SpecLike = None, *, sandbox_id: str | None = None, **local: Unpack[LocalOptions]
     ) -> Creating[Sandbox]: ...
 
     @overload
     @classmethod
     def create(
-        cls,
-        spec: SandboxSpec | dict[str, Any] | None = None,
-        *,
-        sandbox_id: str | None = None,
-        api_url: str,
+        cls, spec: SpecLike = None, *, sandbox_id: str | None = None, api_url: str,
         token: str | None = None,
-    ) -> RemoteCreating: ...
+    ) -> RemoteCreating: ...  # fmt: skip
 
     @classmethod
     def create(
         cls,
-        spec: SandboxSpec | dict[str, Any] | None = None,
+        spec: SpecLike = None,
         *,
         sandbox_id: str | None = None,
-        settings: Settings | None = None,
-        manager: SandboxManager | None = None,
-        from_snapshot: Snapshot | str | None = None,
         api_url: str | None = None,
         token: str | None = None,
+        **local: Unpack[LocalOptions],
     ) -> Creating[Sandbox] | RemoteCreating:
         """Create a sandbox: ``await`` it, or use it as ``async with`` (destroyed on exit).
 
@@ -243,24 +236,19 @@ class Sandbox(SandboxHandle):
         (:mod:`ironclaw.client`), which has the same surface.
         """
         if api_url is not None:
-            if from_snapshot is not None:
+            if local.get("from_snapshot") is not None:
                 raise ConfigError("from_snapshot is not available through the API yet")
             from ironclaw.client.sandbox import Sandbox as RemoteSandbox
 
             doc = spec.model_dump() if isinstance(spec, SandboxSpec) else spec
             return RemoteSandbox.create(doc, sandbox_id=sandbox_id, api_url=api_url, token=token)
-        return Creating(lambda: _create(spec, sandbox_id, settings, manager, from_snapshot))
+        return Creating(lambda: _create(spec, sandbox_id, **local))
 
     @classmethod
     async def connect(cls, sandbox_id: str, *, settings: Settings | None = None) -> Sandbox:
         manager = SandboxManager(settings)
         await manager.open()
-        try:
-            record = await manager.get(sandbox_id)
-        except BaseException:
-            await manager.aclose()
-            raise
-        return cls(manager, record, owns=True)
+        return cls(manager, await or_close(manager, manager.get(sandbox_id)), owns=True)
 
     async def exec(self, argv: list[str], **opts: Unpack[ExecOptions]) -> ExecResult:
         return await self.manager.exec(self.id, argv, **opts)
@@ -308,24 +296,14 @@ class Sandbox(SandboxHandle):
             return await manager.select(labels=labels, state=state)
 
 
-async def _create(
-    spec: SandboxSpec | dict[str, Any] | None,
-    sandbox_id: str | None,
-    settings: Settings | None,
-    manager: SandboxManager | None,
-    from_snapshot: Snapshot | str | None,
-) -> Sandbox:
+async def _create(spec: SpecLike, sandbox_id: str | None, **local: Unpack[LocalOptions]) -> Sandbox:
+    manager, from_snapshot = local.get("manager"), local.get("from_snapshot")
     owns = manager is None
-    mgr = manager or SandboxManager(settings)
+    mgr = manager or SandboxManager(local.get("settings"))
     if owns:
         await mgr.open()
-    try:
-        if from_snapshot is not None:
-            record = await mgr.restore(from_snapshot, spec=spec, sandbox_id=sandbox_id)
-        else:
-            record = await mgr.create(spec, sandbox_id=sandbox_id)
-    except BaseException:
-        if owns:
-            await mgr.aclose()
-        raise
-    return Sandbox(mgr, record, owns=owns)
+    if from_snapshot is not None:
+        making = mgr.restore(from_snapshot, spec=spec, sandbox_id=sandbox_id)
+    else:
+        making = mgr.create(spec, sandbox_id=sandbox_id)
+    return Sandbox(mgr, await or_close(mgr if owns else None, making), owns=owns)

@@ -244,16 +244,17 @@ class ApiClient:
         self,
         sandbox_id: str,
         path: str,
-        data: bytes | AsyncIterator[bytes],
+        data: bytes | str | AsyncIterator[bytes],
         *,
         mode: int = 0o644,
     ) -> int:
-        """Upload, streamed: an async iterator is sent chunk by chunk as it yields."""
+        """Upload, streamed: an async iterator is sent chunk by chunk as it yields (a str
+        as UTF-8)."""
         doc = await self.request(
             "PUT",
             self._files(sandbox_id, "/content"),
             params={"path": path, "mode": mode},
-            content=data,
+            content=data.encode() if isinstance(data, str) else data,
             headers={"Content-Type": "application/octet-stream"},
         )
         return int(doc["size"])

@@ -9,7 +9,6 @@ specific type (the SDK's ``Files``). Exec's options and result are shared outrig
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from types import TracebackType
 from typing import Any, Protocol, Unpack, runtime_checkable
 
 from ironclaw.proto.surface import ExecOptions, ExecResult, OutputSink
@@ -45,9 +44,4 @@ class SandboxAPI(Protocol):
     async def destroy(self) -> None: ...
     async def aclose(self) -> None: ...
     async def __aenter__(self) -> SandboxAPI: ...
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
+    async def __aexit__(self, *exc: object) -> None: ...

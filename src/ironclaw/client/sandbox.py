@@ -12,25 +12,31 @@ the same surface as :class:`ironclaw.sdk.Sandbox` (both satisfy
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, Unpack
+from typing import Any, TypedDict, Unpack
 
 from ironclaw.client.api import ApiClient
-from ironclaw.proto.surface import Creating, ExecOptions, ExecResult, OutputSink, SandboxHandle
+from ironclaw.proto import surface
+from ironclaw.proto.lifecycle import or_close
+from ironclaw.proto.surface import ExecOptions, ExecResult, OutputSink
 
-__all__ = ["RemoteCreating", "RemoteFiles", "Sandbox"]
+__all__ = ["CreateOptions", "RemoteCreating", "RemoteFiles", "Sandbox"]
 
 
-class RemoteFiles:
+class CreateOptions(TypedDict, total=False):
+    """Where and under what id :meth:`Sandbox.create` makes a sandbox."""
+
+    sandbox_id: str | None
+    api_url: str | None
+    token: str | None
+
+
+class RemoteFiles(surface.SandboxPart["Sandbox"]):
     """File operations inside one remote sandbox (paths are relative to /workspace)."""
-
-    def __init__(self, sandbox: Sandbox) -> None:
-        self._sb = sandbox
 
     async def write(
         self, path: str, data: bytes | str | AsyncIterator[bytes], *, mode: int = 0o644
     ) -> int:
-        payload = data.encode() if isinstance(data, str) else data
-        return await self._sb.api.write_file(self._sb.id, path, payload, mode=mode)
+        return await self._sb.api.write_file(self._sb.id, path, data, mode=mode)
 
     async def read(self, path: str, sink: OutputSink | None = None) -> bytes:
         return await self._sb.api.read_file(self._sb.id, path, sink)
@@ -48,7 +54,7 @@ class RemoteFiles:
         await self._sb.api.mkdir(self._sb.id, path)
 
 
-class Sandbox(SandboxHandle):
+class Sandbox(surface.SandboxHandle):
     """A sandbox served by ``ironclaw serve``. Build with :meth:`create` or :meth:`connect`."""
 
     def __init__(self, api: ApiClient, record: dict[str, Any], *, owns: bool) -> None:
@@ -70,10 +76,8 @@ class Sandbox(SandboxHandle):
         cls,
         spec: dict[str, Any] | None = None,
         *,
-        sandbox_id: str | None = None,
-        api_url: str | None = None,
-        token: str | None = None,
         client: ApiClient | None = None,
+        **opts: Unpack[CreateOptions],
     ) -> RemoteCreating:
         """Create a sandbox: ``await`` it, or use it as ``async with`` (destroyed on exit).
 
@@ -81,28 +85,19 @@ class Sandbox(SandboxHandle):
         """
 
         async def make() -> Sandbox:
-            api = client or ApiClient(api_url, token)
-            try:
-                record = await api.create(spec, sandbox_id=sandbox_id)
-            except BaseException:
-                if client is None:
-                    await api.aclose()
-                raise
+            api = client or ApiClient(opts.get("api_url"), opts.get("token"))
+            creating = api.create(spec, sandbox_id=opts.get("sandbox_id"))
+            record = await or_close(api if client is None else None, creating)
             return cls(api, record, owns=client is None)
 
-        return Creating(make)
+        return surface.Creating(make)
 
     @classmethod
     async def connect(
         cls, sandbox_id: str, *, api_url: str | None = None, token: str | None = None
     ) -> Sandbox:
         api = ApiClient(api_url, token)
-        try:
-            record = await api.get(sandbox_id)
-        except BaseException:
-            await api.aclose()
-            raise
-        return cls(api, record, owns=True)
+        return cls(api, await or_close(api, api.get(sandbox_id)), owns=True)
 
     async def exec(self, argv: list[str], **opts: Unpack[ExecOptions]) -> ExecResult:
         """Short commands go as one request; with sinks (or ``capture=False``) the output
@@ -123,4 +118,4 @@ class Sandbox(SandboxHandle):
 
 
 #: Awaitable and async context manager returned by :meth:`Sandbox.create`.
-RemoteCreating = Creating[Sandbox]
+RemoteCreating = surface.Creating[Sandbox]

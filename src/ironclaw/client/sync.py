@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Awaitable, Callable
-from types import TracebackType
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar, Unpack
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from ironclaw.client.sandbox import RemoteFiles, Sandbox
+from ironclaw.client.sandbox import CreateOptions, RemoteFiles, Sandbox
 
 __all__ = ["SyncFiles", "SyncSandbox"]
 
@@ -76,6 +75,7 @@ class SyncSandbox(_Blocking):
 
     def __init__(self, remote: Sandbox, portal: BlockingPortal, stop: contextlib.ExitStack):
         self.remote = remote
+        self.id, self.backend = remote.id, remote.backend  # fixed for a sandbox's life
         self._portal = portal
         self._stop = stop
         self.files = SyncFiles(self)
@@ -83,26 +83,11 @@ class SyncSandbox(_Blocking):
     def _target(self) -> Sandbox:
         return self.remote
 
-    @property
-    def id(self) -> str:
-        return self.remote.id
-
-    @property
-    def backend(self) -> str:
-        return self.remote.backend
-
     @classmethod
     def create(
-        cls,
-        spec: dict[str, Any] | None = None,
-        *,
-        sandbox_id: str | None = None,
-        api_url: str | None = None,
-        token: str | None = None,
+        cls, spec: dict[str, Any] | None = None, **opts: Unpack[CreateOptions]
     ) -> SyncSandbox:
-        return cls._open(
-            lambda: Sandbox.create(spec, sandbox_id=sandbox_id, api_url=api_url, token=token)
-        )
+        return cls._open(lambda: Sandbox.create(spec, **opts))
 
     @classmethod
     def connect(
@@ -139,12 +124,7 @@ class SyncSandbox(_Blocking):
     def __enter__(self) -> SyncSandbox:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         try:
             self.destroy()
         finally:

@@ -148,14 +148,17 @@ class GuestClient:
         return (await self._call(request, m.ExecSignalResult)).signalled
 
     async def write_file(
-        self, path: str, data: bytes | AsyncIterator[bytes], *, mode: int = 0o644
+        self, path: str, data: bytes | str | AsyncIterator[bytes], *, mode: int = 0o644
     ) -> int:
+        """Write ``data`` (a str is written as UTF-8) to ``path``, streamed."""
         peer = self.peer
         sid = peer.new_stream_id()
         request = m.FilesWriteRequest(path=path, stream=sid, mode=mode)
         call = asyncio.ensure_future(self._call(request, m.FilesTransferResult))
         try:
-            if isinstance(data, bytes | bytearray | memoryview):
+            if isinstance(data, str):
+                await peer.send_bytes(sid, data.encode())
+            elif isinstance(data, bytes | bytearray | memoryview):
                 await peer.send_bytes(sid, data)
             else:
                 async for chunk in data:

@@ -5,9 +5,26 @@ it on the way out, whatever happened inside. Standard library only.
 
 from __future__ import annotations
 
-from typing import Self
+from collections.abc import Awaitable
+from typing import Protocol, Self, TypeVar
 
-__all__ = ["AsyncResource"]
+__all__ = ["AsyncResource", "or_close"]
+
+T = TypeVar("T")
+
+
+class _Closable(Protocol):
+    async def aclose(self) -> None: ...
+
+
+async def or_close(owned: _Closable | None, step: Awaitable[T]) -> T:
+    """``step``'s result; if it fails, ``owned`` (opened just for it) is closed first."""
+    try:
+        return await step
+    except BaseException:
+        if owned is not None:
+            await owned.aclose()
+        raise
 
 
 class AsyncResource:

@@ -12,10 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Generic, Self, TypedDict, TypeVar
 
-__all__ = ["Creating", "ExecOptions", "ExecResult", "OutputSink", "SandboxHandle", "feed"]
+__all__ = [
+    "Creating",
+    "ExecOptions",
+    "ExecResult",
+    "OutputSink",
+    "SandboxHandle",
+    "SandboxPart",
+    "feed",
+]
 
 #: Receives output chunks as they arrive; may be a plain function or a coroutine function.
 OutputSink = Callable[[bytes], Awaitable[None] | None]
@@ -95,12 +102,7 @@ class SandboxHandle:
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         try:
             await self.destroy()
         finally:
@@ -108,6 +110,13 @@ class SandboxHandle:
 
 
 H = TypeVar("H", bound=SandboxHandle)
+
+
+class SandboxPart(Generic[H]):
+    """One facet of a sandbox (``sb.files``, ``sb.ports``, ...), reaching it as ``_sb``."""
+
+    def __init__(self, sandbox: H) -> None:
+        self._sb = sandbox
 
 
 class Creating(Generic[H]):
@@ -125,11 +134,6 @@ class Creating(Generic[H]):
         self._sandbox = await self._make()
         return self._sandbox
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         if self._sandbox is not None:
-            await self._sandbox.__aexit__(exc_type, exc, tb)
+            await self._sandbox.__aexit__(*exc)

@@ -13,7 +13,7 @@ import json
 import os
 import socket
 from collections.abc import AsyncIterator
-from typing import Any, Unpack
+from typing import Any, TypedDict, Unpack
 from urllib.parse import quote
 
 import httpx
@@ -24,11 +24,23 @@ from ironclaw.client._errors import from_problem
 from ironclaw.errors import ApiError, ConfigError, ConnectError, IronclawError
 from ironclaw.proto.surface import ExecOptions, ExecResult, OutputSink, feed
 
-__all__ = ["API_TOKEN_ENV", "API_URL_ENV", "ApiClient", "ExecResult"]
+__all__ = ["API_TOKEN_ENV", "API_URL_ENV", "ApiClient", "ExecResult", "SandboxDoc"]
 
 API_URL_ENV = "IRONCLAW_API_URL"
 API_TOKEN_ENV = "IRONCLAW_API_TOKEN"  # noqa: S105 - a variable name, not a secret
 CHUNK = 256 * 1024
+
+
+class SandboxDoc(TypedDict):
+    """A sandbox as the API describes it (``GET /v1/sandboxes/{id}``)."""
+
+    id: str
+    backend: str
+    state: str
+    reason: str | None
+    created_at: float
+    owner: str | None
+    spec: dict[str, Any]
 
 
 class ApiClient:
@@ -84,38 +96,43 @@ class ApiClient:
             return None
         return resp.json()
 
+    async def _object(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        doc: dict[str, Any] = await self.request(method, path, **kwargs)
+        return doc
+
+    async def _objects(self, method: str, path: str, **kwargs: Any) -> list[dict[str, Any]]:
+        docs: list[dict[str, Any]] = await self.request(method, path, **kwargs)
+        return docs
+
     # -- sandboxes ---------------------------------------------------------------------
 
     async def create(
         self, spec: dict[str, Any] | None = None, *, sandbox_id: str | None = None
-    ) -> dict[str, Any]:
+    ) -> SandboxDoc:
         body: dict[str, Any] = {"spec": spec or {}}
         if sandbox_id is not None:
             body["id"] = sandbox_id
-        doc: dict[str, Any] = await self.request("POST", "/v1/sandboxes", json=body)
+        doc: SandboxDoc = await self.request("POST", "/v1/sandboxes", json=body)
         return doc
 
     async def list_sandboxes(
         self, state: str | None = None, labels: dict[str, str] | None = None
-    ) -> list[dict[str, Any]]:
+    ) -> list[SandboxDoc]:
         """The caller's sandboxes in ``state`` carrying every one of ``labels``."""
         params: list[tuple[str, str]] = [("state", state)] if state else []
         params += [("label", f"{k}={v}") for k, v in (labels or {}).items()]
-        docs: list[dict[str, Any]] = await self.request(
-            "GET", "/v1/sandboxes", params=params or None
-        )
+        docs: list[SandboxDoc] = await self.request("GET", "/v1/sandboxes", params=params or None)
         return docs
 
-    async def get(self, sandbox_id: str) -> dict[str, Any]:
-        doc: dict[str, Any] = await self.request("GET", f"/v1/sandboxes/{_seg(sandbox_id)}")
+    async def get(self, sandbox_id: str) -> SandboxDoc:
+        doc: SandboxDoc = await self.request("GET", f"/v1/sandboxes/{_seg(sandbox_id)}")
         return doc
 
     async def delete(self, sandbox_id: str) -> None:
         await self.request("DELETE", f"/v1/sandboxes/{_seg(sandbox_id)}")
 
     async def ping(self, sandbox_id: str) -> dict[str, Any]:
-        doc: dict[str, Any] = await self.request("POST", f"/v1/sandboxes/{_seg(sandbox_id)}/ping")
-        return doc
+        return await self._object("POST", f"/v1/sandboxes/{_seg(sandbox_id)}/ping")
 
     # -- exec --------------------------------------------------------------------------
 
@@ -278,16 +295,10 @@ class ApiClient:
         return bytes(buf)
 
     async def list_files(self, sandbox_id: str, path: str = ".") -> list[dict[str, Any]]:
-        docs: list[dict[str, Any]] = await self.request(
-            "GET", self._files(sandbox_id), params={"path": path}
-        )
-        return docs
+        return await self._objects("GET", self._files(sandbox_id), params={"path": path})
 
     async def stat(self, sandbox_id: str, path: str) -> dict[str, Any]:
-        doc: dict[str, Any] = await self.request(
-            "GET", self._files(sandbox_id, "/stat"), params={"path": path}
-        )
-        return doc
+        return await self._object("GET", self._files(sandbox_id, "/stat"), params={"path": path})
 
     async def remove(self, sandbox_id: str, path: str, *, recursive: bool = False) -> None:
         params: dict[str, Any] = {"path": path, "recursive": recursive}
@@ -300,16 +311,13 @@ class ApiClient:
 
     async def start_task(self, task: str, **fields: Any) -> dict[str, Any]:
         """Start an agent task (fields: model, script, sandbox, budget, approve, keep)."""
-        doc: dict[str, Any] = await self.request("POST", "/v1/tasks", json={"task": task, **fields})
-        return doc
+        return await self._object("POST", "/v1/tasks", json={"task": task, **fields})
 
     async def task(self, task_id: str) -> dict[str, Any]:
-        doc: dict[str, Any] = await self.request("GET", f"/v1/tasks/{_seg(task_id)}")
-        return doc
+        return await self._object("GET", f"/v1/tasks/{_seg(task_id)}")
 
     async def cancel_task(self, task_id: str) -> dict[str, Any]:
-        doc: dict[str, Any] = await self.request("POST", f"/v1/tasks/{_seg(task_id)}/cancel")
-        return doc
+        return await self._object("POST", f"/v1/tasks/{_seg(task_id)}/cancel")
 
     async def events(self, task_id: str) -> AsyncIterator[dict[str, Any]]:
         """The task's trace events (Server-Sent Events), from the first until the end."""
@@ -329,8 +337,7 @@ class ApiClient:
                     name, data = "", ""
 
     async def approvals(self) -> list[dict[str, Any]]:
-        docs: list[dict[str, Any]] = await self.request("GET", "/v1/approvals")
-        return docs
+        return await self._objects("GET", "/v1/approvals")
 
     async def decide(self, approval_id: str, approve: bool) -> None:
         await self.request("POST", f"/v1/approvals/{_seg(approval_id)}", json={"approve": approve})

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, TypedDict, Unpack
 
-from ironclaw.client.api import ApiClient
+from ironclaw.client.api import ApiClient, SandboxDoc
 from ironclaw.proto import surface
 from ironclaw.proto.lifecycle import or_close
 from ironclaw.proto.surface import ExecOptions, ExecResult, OutputSink
@@ -57,7 +57,7 @@ class RemoteFiles(surface.SandboxPart["Sandbox"]):
 class Sandbox(surface.SandboxHandle):
     """A sandbox served by ``ironclaw serve``. Build with :meth:`create` or :meth:`connect`."""
 
-    def __init__(self, api: ApiClient, record: dict[str, Any], *, owns: bool) -> None:
+    def __init__(self, api: ApiClient, record: SandboxDoc, *, owns: bool) -> None:
         self.api = api
         self.record = record
         self.files = RemoteFiles(self)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
@@ -40,6 +38,7 @@ from ironclaw.host import reconcile as _reconcile
 from ironclaw.host.channel import Channel
 from ironclaw.host.controls import Controls
 from ironclaw.host.guest import GuestClient
+from ironclaw.host.pool import pool_key
 from ironclaw.host.reconcile import GcReport
 from ironclaw.ids import new_sandbox_id, validate_sandbox_id
 from ironclaw.proto.lifecycle import AsyncResource
@@ -91,33 +90,6 @@ def _backend(name: str) -> Backend[Any]:
         f"unknown backend {name!r}: use namespace, qemu or firecracker "
         "(`ironclaw doctor` lists what this host supports)"
     )
-
-
-def pool_key(spec: SandboxSpec) -> str:
-    """What a warm sandbox must share with a request to serve it.
-
-    Everything fixed at launch (backend, image, seccomp, mounts, env, hostname, whether
-    there is a network at all, tmpfs sizes, the wall-time supervisor) is in the key;
-    memory, pids, cpu and the egress rules are applied on acquire.
-    """
-    lim = spec.limits
-    fixed = {
-        "backend": spec.backend,
-        "image": spec.image,
-        "seccomp": spec.seccomp,
-        "mounts": [m.model_dump() for m in spec.mounts],
-        "env": spec.env,
-        "hostname": spec.hostname,
-        "network": spec.network.needs_network,
-        "proxy": bool(spec.network.allow_domains),
-        "workspace_mib": lim.workspace_mib,
-        "tmp_mib": lim.tmp_mib,
-        "wall_time_s": lim.wall_time_s,
-        "nofile": lim.nofile,
-        "fsize_mib": lim.fsize_mib,
-    }
-    blob = json.dumps(fixed, sort_keys=True).encode()
-    return hashlib.blake2b(blob, digest_size=8).hexdigest()
 
 
 class SandboxManager(Channel, Controls, AsyncResource):

@@ -22,6 +22,7 @@ from websockets.exceptions import ConnectionClosed
 
 from ironclaw.client._errors import from_problem
 from ironclaw.errors import ApiError, ConfigError, ConnectError, IronclawError
+from ironclaw.proto.lifecycle import AsyncResource
 from ironclaw.proto.surface import ExecOptions, ExecResult, OutputSink, feed
 
 __all__ = ["API_TOKEN_ENV", "API_URL_ENV", "ApiClient", "ExecResult", "SandboxDoc"]
@@ -43,7 +44,7 @@ class SandboxDoc(TypedDict):
     spec: dict[str, Any]
 
 
-class ApiClient:
+class ApiClient(AsyncResource):
     """One connection pool to one server. Use as ``async with ApiClient() as api``."""
 
     def __init__(
@@ -73,12 +74,6 @@ class ApiClient:
             headers=headers,
             timeout=httpx.Timeout(timeout, read=None),
         )
-
-    async def __aenter__(self) -> ApiClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         await self.http.aclose()

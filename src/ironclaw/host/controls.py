@@ -22,6 +22,8 @@ from ironclaw.policy.network import AllowRule, NetworkChange, NetworkPolicy
 from ironclaw.resources.audit import append_line
 from ironclaw.resources.lifetime import (
     ACTIVITY_FILE,
+    LifetimeDoc,
+    PauseActions,
     read_lifetime,
     spawn_lifetime_watchdog,
     touch_activity,
@@ -61,14 +63,14 @@ def matches(record: SandboxRecord, labels: dict[str, str] | None, state: str | N
 # -- lifetimes -------------------------------------------------------------------------
 
 
-def _pause_actions(mgr: SandboxManager, record: SandboxRecord) -> dict[str, Any]:
+def _pause_actions(mgr: SandboxManager, record: SandboxRecord) -> PauseActions:
     """How the watchdog pauses this sandbox on ``on_timeout: pause``."""
     if record.backend == "qemu" and record.info.get("qmp"):
         return {"qmp": record.info["qmp"]}
     return _freezer_actions(mgr, record)
 
 
-def _freezer_actions(mgr: SandboxManager, record: SandboxRecord) -> dict[str, Any]:
+def _freezer_actions(mgr: SandboxManager, record: SandboxRecord) -> PauseActions:
     cg = mgr._cgroup_or_none(record.rid)
     d = cg.dir_for("freezer") if cg is not None else None
     if d is None:
@@ -87,7 +89,7 @@ async def arm_lifetime(mgr: SandboxManager, record: SandboxRecord, spec: Sandbox
         return
     now = time.time()
     rd = run_dir(mgr, record)
-    doc = {
+    doc: LifetimeDoc = {
         "deadline": now + life.timeout_s if life.timeout_s else None,
         "idle_timeout": life.idle_timeout_s,
         "on_timeout": life.on_timeout,
@@ -99,7 +101,7 @@ async def arm_lifetime(mgr: SandboxManager, record: SandboxRecord, spec: Sandbox
     await asyncio.to_thread(_arm_sync, rd, doc, int(record.info["pid"]))
 
 
-def _arm_sync(rd: Path, doc: dict[str, Any], pid: int) -> None:
+def _arm_sync(rd: Path, doc: LifetimeDoc, pid: int) -> None:
     touch_activity(rd)
     doc["watchdog"] = spawn_lifetime_watchdog(rd, pid)  # it waits for the file
     write_lifetime(rd, doc)
@@ -140,7 +142,7 @@ def _must_live(record: SandboxRecord) -> None:
 
 async def _freeze(mgr: SandboxManager, record: SandboxRecord, frozen: bool) -> None:
     actions = _freezer_actions(mgr, record)
-    pairs = actions.get("freeze" if frozen else "thaw")
+    pairs = actions.get("freeze") if frozen else actions.get("thaw")
     if not pairs:
         raise SandboxError(
             f"sandbox {record.id} has no freezer cgroup, so it cannot be paused "

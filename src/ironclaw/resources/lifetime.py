@@ -25,13 +25,15 @@ import subprocess
 import time
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TypedDict, cast
 
 from ironclaw.resources.watchdog import PIDFD_POLL, spawn_script
 
 __all__ = [
     "ACTIVITY_FILE",
     "LIFETIME_FILE",
+    "LifetimeDoc",
+    "PauseActions",
     "due",
     "lifetime_watchdog",
     "read_lifetime",
@@ -42,6 +44,32 @@ __all__ = [
 
 LIFETIME_FILE = "lifetime.json"
 ACTIVITY_FILE = "activity"
+
+
+class PauseActions(TypedDict, total=False):
+    """How the watchdog pauses a sandbox: QMP ``stop`` on this socket (QEMU), or these
+    ``[path, value]`` writes to its cgroup freezer (and their undoing)."""
+
+    qmp: str
+    freeze: list[list[str]]
+    thaw: list[list[str]]
+
+
+class LifetimeDoc(TypedDict, total=False):
+    """``lifetime.json``: written by the manager, read and updated by the watchdog."""
+
+    deadline: float | None  # epoch seconds; wall-clock, runs on while paused
+    idle_timeout: float | None
+    on_timeout: str  # destroy | pause
+    activity: str  # the file whose mtime is the idle clock
+    started: float
+    paused: bool
+    paused_by: str  # why the watchdog paused it
+    pause: PauseActions
+    watchdog: int  # the watchdog's pid
+    ended: str  # why the watchdog ended it
+    error: str
+
 
 # Standalone (python -I -S): :func:`due` itself (its source is put in), plus the pause and
 # kill actions.
@@ -115,17 +143,17 @@ while True:
 """
 
 
-def read_lifetime(run_dir: Path) -> dict[str, Any] | None:
+def read_lifetime(run_dir: Path) -> LifetimeDoc | None:
     """The sandbox's lifetime document, or None if it has no lifetime."""
     try:
         with open(run_dir / LIFETIME_FILE) as f:
             doc = json.load(f)
     except (OSError, ValueError):
         return None
-    return doc if isinstance(doc, dict) else None
+    return cast(LifetimeDoc, doc) if isinstance(doc, dict) else None
 
 
-def write_lifetime(run_dir: Path, doc: dict[str, Any]) -> None:
+def write_lifetime(run_dir: Path, doc: LifetimeDoc) -> None:
     """Replace the document atomically (the watchdog never reads half a file)."""
     tmp = run_dir / (LIFETIME_FILE + f".{os.getpid()}.tmp")
     with open(tmp, "w") as f:
@@ -142,7 +170,7 @@ def touch_activity(run_dir: Path) -> None:
         path.touch(mode=0o600)
 
 
-def due(doc: dict[str, Any], now: float | None = None) -> str | None:
+def due(doc: LifetimeDoc, now: float | None = None) -> str | None:
     """Why the sandbox's lifetime has run out now, or None (the watchdog's rule)."""
     now = time.time() if now is None else now
     if doc.get("ended"):

@@ -51,6 +51,7 @@ def _blocking(
 
     method.__name__ = method.__qualname__ = name
     method.__doc__ = fn.__doc__
+    method.__wrapped__ = fn  # type: ignore[attr-defined]  # help() shows fn's parameters
     return method
 
 

@@ -97,8 +97,14 @@ __all__ = [
 class IronclawError(Exception):
     """Root of every error IronClaw raises on purpose."""
 
-    #: JSON-RPC error code used when this error crosses the channel.
+    #: JSON-RPC error code used when this error crosses the channel (a subclass names
+    #: its own as a class keyword: ``class X(IronclawError, wire_code=-32099)``).
     wire_code: int = -32000
+
+    def __init_subclass__(cls, wire_code: int | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if wire_code is not None:
+            cls.wire_code = wire_code
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled with its fields, whatever its constructor takes (a cluster node's
@@ -113,10 +119,8 @@ def _restore(cls: type[IronclawError], args: tuple[Any, ...], state: dict[str, A
     return exc
 
 
-class ConfigError(IronclawError):
+class ConfigError(IronclawError, wire_code=-32602):
     """Bad input (an id, a spec, a policy). Raised before anything is created."""
-
-    wire_code = -32602
 
 
 class InvalidSandboxId(ConfigError):
@@ -131,48 +135,40 @@ class Conflict(ConfigError):
     """The request clashes with what exists, e.g. a port already exposed (the API: 409)."""
 
 
-class SandboxError(IronclawError):
+class SandboxError(IronclawError, wire_code=-32010):
     """A sandbox could not do what was asked."""
 
-    wire_code = -32010
+
+class SandboxNotFound(SandboxError, wire_code=-32011):
+    """No sandbox has the id asked for."""
 
 
-class SandboxNotFound(SandboxError):
-    wire_code = -32011
+class SandboxTimeout(SandboxError, wire_code=-32012):
+    """A sandbox did not answer (or start) within the time allowed."""
 
 
-class SandboxTimeout(SandboxError):
-    wire_code = -32012
+class BackendError(SandboxError, wire_code=-32013):
+    """The jail or VM machinery failed (bubblewrap, QEMU, Firecracker)."""
 
 
-class BackendError(SandboxError):
-    wire_code = -32013
+class ResourceLimitExceeded(SandboxError, wire_code=-32014):
+    """A sandbox hit one of its limits: memory, pids, time, disk."""
 
 
-class ResourceLimitExceeded(SandboxError):
-    wire_code = -32014
-
-
-class SandboxLost(SandboxError):
+class SandboxLost(SandboxError, wire_code=-32016):
     """The cluster node that held the sandbox was lost; so is the sandbox's state."""
 
-    wire_code = -32016
 
-
-class BudgetExceeded(ResourceLimitExceeded):
+class BudgetExceeded(ResourceLimitExceeded, wire_code=-32015):
     """An agent task asked for more than its budget; the host refused the call."""
 
-    wire_code = -32015
+
+class NetworkError(IronclawError, wire_code=-32020):
+    """Network set-up failed: namespace, veth, nftables or the egress proxy."""
 
 
-class NetworkError(IronclawError):
-    wire_code = -32020
-
-
-class TransportError(IronclawError):
+class TransportError(IronclawError, wire_code=-32030):
     """Bytes could not move between host and guest."""
-
-    wire_code = -32030
 
 
 class ConnectError(TransportError):
@@ -180,25 +176,23 @@ class ConnectError(TransportError):
 
 
 class ReadError(TransportError):
-    pass
+    """Reading from the channel failed."""
 
 
 class WriteError(TransportError):
-    pass
+    """Writing to the channel failed."""
 
 
 class ChannelClosed(TransportError):
     """The connection is gone; every pending call fails with this at once."""
 
 
-class ProtocolError(IronclawError):
+class ProtocolError(IronclawError, wire_code=-32600):
     """Bytes arrived that do not form valid frames or messages."""
-
-    wire_code = -32600
 
 
 class MalformedFrame(ProtocolError):
-    pass
+    """A frame header or body that the format does not allow."""
 
 
 # -- channel limits: what a hostile other end may not do (see ChannelLimits) -------------
@@ -222,18 +216,14 @@ class FrameTooLarge(LimitExceeded):
 # -- end of channel limits ---------------------------------------------------------------
 
 
-class InvalidParams(ProtocolError, ConfigError):
+class InvalidParams(ProtocolError, ConfigError, wire_code=-32602):
     """A call's params (or a reply) do not fit the method's type: unknown or missing
     fields, wrong JSON types, values out of range. Raised before the handler runs, so
     nothing was changed; a ConfigError too, as any other bad input."""
 
-    wire_code = -32602
 
-
-class UnknownMethod(ProtocolError):
+class UnknownMethod(ProtocolError, wire_code=-32601):
     """A method name that is not part of the channel's API."""
-
-    wire_code = -32601
 
 
 class RpcError(IronclawError):
@@ -267,10 +257,8 @@ class ModelError(RpcError):
         super().__init__(self.CODE, message, data if data is not None else {"type": "ModelError"})
 
 
-class ApprovalDenied(IronclawError):
+class ApprovalDenied(IronclawError, wire_code=-32040):
     """A RED action was refused by a person or a policy."""
-
-    wire_code = -32040
 
 
 class ApiError(IronclawError):

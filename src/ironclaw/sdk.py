@@ -15,20 +15,28 @@ to one that another process created (sandboxes outlive their creator).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Generator
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, overload
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack, overload
 
 from ironclaw.config import Settings
 from ironclaw.errors import ConfigError
 from ironclaw.host import ports, processes
-from ironclaw.host.guest import DEFAULT_READ_LIMIT, ExecResult, OutputSink
+from ironclaw.host.guest import DEFAULT_READ_LIMIT
 from ironclaw.host.manager import SandboxManager
 from ironclaw.host.ports import ExposedPort
 from ironclaw.host.processes import ProcessHandle
 from ironclaw.host.snapshots import Snapshot
-from ironclaw.policy.network import NetworkPolicy
+from ironclaw.policy.network import NetworkChange, NetworkPolicy
 from ironclaw.proto import methods
+from ironclaw.proto.lifecycle import or_close
+from ironclaw.proto.surface import (
+    Creating,
+    ExecOptions,
+    ExecResult,
+    OutputSink,
+    SandboxHandle,
+    SandboxPart,
+)
 from ironclaw.resources.store import SandboxRecord
 from ironclaw.spec import SandboxSpec
 
@@ -49,11 +57,20 @@ __all__ = [
 ]
 
 
-class Files:
-    """File operations inside one sandbox (paths are relative to /workspace)."""
+SpecLike = SandboxSpec | dict[str, Any] | None
 
-    def __init__(self, sandbox: Sandbox) -> None:
-        self._sb = sandbox
+
+class LocalOptions(TypedDict, total=False):
+    """How :meth:`Sandbox.create` makes a sandbox on this host: under which settings or
+    manager, and from which snapshot's workspace."""
+
+    settings: Settings | None
+    manager: SandboxManager | None
+    from_snapshot: Snapshot | str | None
+
+
+class Files(SandboxPart["Sandbox"]):
+    """File operations inside one sandbox (paths are relative to /workspace)."""
 
     async def write(
         self, path: str, data: bytes | str | AsyncIterator[bytes], *, mode: int = 0o644
@@ -94,11 +111,8 @@ class Files:
             yield event
 
 
-class Commands:
+class Commands(SandboxPart["Sandbox"]):
     """Detached commands: start, list, and re-attach from any process."""
-
-    def __init__(self, sandbox: Sandbox) -> None:
-        self._sb = sandbox
 
     async def start(
         self,
@@ -124,12 +138,9 @@ class Commands:
         return await processes.connect_process(guest, target)
 
 
-class Pty:
+class Pty(SandboxPart["Sandbox"]):
     """Interactive terminals: ``h = await sb.pty.create(80, 24)``, then ``h.send``,
     ``h.resize``, ``h.output()`` and ``h.kill``."""
-
-    def __init__(self, sandbox: Sandbox) -> None:
-        self._sb = sandbox
 
     async def create(
         self,
@@ -147,11 +158,8 @@ class Pty:
         )
 
 
-class Ports:
+class Ports(SandboxPart["Sandbox"]):
     """Servers inside reachable from the host: ``url = await sb.ports.expose(8000)``."""
-
-    def __init__(self, sandbox: Sandbox) -> None:
-        self._sb = sandbox
 
     async def expose(self, port: int, *, host: str = "127.0.0.1", host_port: int = 0) -> str:
         """The URL on the host (``host``: where to listen; 0: any free ``host_port``)."""
@@ -167,29 +175,16 @@ class Ports:
         await ports.unexpose(self._sb.manager, self._sb.id, port)
 
 
-class Network:
+class Network(SandboxPart["Sandbox"]):
     """The sandbox's egress policy, changeable while it runs."""
 
-    def __init__(self, sandbox: Sandbox) -> None:
-        self._sb = sandbox
-
-    async def update(
-        self,
-        *,
-        allow: list[str] | None = None,
-        allow_domains: list[str] | None = None,
-        deny: list[str] | None = None,
-        deny_domains: list[str] | None = None,
-    ) -> NetworkPolicy:
+    async def update(self, **change: Unpack[NetworkChange]) -> NetworkPolicy:
         """Replace ``allow``/``allow_domains``/``deny_domains`` when given; ``deny`` removes
         allow rules. Applied at once (one firewall transaction, one proxy reload)."""
-        return await self._sb.manager.update_network(
-            self._sb.id, allow=allow, allow_domains=allow_domains, deny=deny,
-            deny_domains=deny_domains,
-        )  # fmt: skip
+        return await self._sb.manager.update_network(self._sb.id, **change)
 
 
-class Sandbox:
+class Sandbox(SandboxHandle):
     """A running sandbox. Build with :meth:`create` or :meth:`connect`."""
 
     def __init__(self, manager: SandboxManager, record: SandboxRecord, *, owns: bool) -> None:
@@ -201,7 +196,6 @@ class Sandbox:
         self.ports = Ports(self)
         self.network = Network(self)
         self._owns_manager = owns
-        self._destroyed = False
 
     @property
     def id(self) -> str:
@@ -214,38 +208,26 @@ class Sandbox:
     @overload
     @classmethod
     def create(
-        cls,
-        spec: SandboxSpec | dict[str, Any] | None = None,
-        *,
-        sandbox_id: str | None = None,
-        settings: Settings | None = None,
-        manager: SandboxManager | None = None,
-        from_snapshot: Snapshot | str | None = None,
-    ) -> _Creating: ...
+        cls, spec: SpecLike = None, *, sandbox_id: str | None = None, **local: Unpack[LocalOptions]
+    ) -> Creating[Sandbox]: ...
 
     @overload
     @classmethod
     def create(
-        cls,
-        spec: SandboxSpec | dict[str, Any] | None = None,
-        *,
-        sandbox_id: str | None = None,
-        api_url: str,
+        cls, spec: SpecLike = None, *, sandbox_id: str | None = None, api_url: str,
         token: str | None = None,
-    ) -> RemoteCreating: ...
+    ) -> RemoteCreating: ...  # fmt: skip
 
     @classmethod
     def create(
         cls,
-        spec: SandboxSpec | dict[str, Any] | None = None,
+        spec: SpecLike = None,
         *,
         sandbox_id: str | None = None,
-        settings: Settings | None = None,
-        manager: SandboxManager | None = None,
-        from_snapshot: Snapshot | str | None = None,
         api_url: str | None = None,
         token: str | None = None,
-    ) -> _Creating | RemoteCreating:
+        **local: Unpack[LocalOptions],
+    ) -> Creating[Sandbox] | RemoteCreating:
         """Create a sandbox: ``await`` it, or use it as ``async with`` (destroyed on exit).
 
         ``from_snapshot`` starts it with that snapshot's workspace (and, unless ``spec``
@@ -254,50 +236,22 @@ class Sandbox:
         (:mod:`ironclaw.client`), which has the same surface.
         """
         if api_url is not None:
-            if from_snapshot is not None:
+            if local.get("from_snapshot") is not None:
                 raise ConfigError("from_snapshot is not available through the API yet")
             from ironclaw.client.sandbox import Sandbox as RemoteSandbox
 
             doc = spec.model_dump() if isinstance(spec, SandboxSpec) else spec
             return RemoteSandbox.create(doc, sandbox_id=sandbox_id, api_url=api_url, token=token)
-        return _Creating(spec, sandbox_id, settings, manager, from_snapshot)
+        return Creating(lambda: _create(spec, sandbox_id, **local))
 
     @classmethod
     async def connect(cls, sandbox_id: str, *, settings: Settings | None = None) -> Sandbox:
         manager = SandboxManager(settings)
         await manager.open()
-        try:
-            record = await manager.get(sandbox_id)
-        except BaseException:
-            await manager.aclose()
-            raise
-        return cls(manager, record, owns=True)
+        return cls(manager, await or_close(manager, manager.get(sandbox_id)), owns=True)
 
-    async def exec(
-        self,
-        argv: list[str],
-        *,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-        stdin: bytes | None = None,
-        on_stdout: OutputSink | None = None,
-        on_stderr: OutputSink | None = None,
-        capture: bool = True,
-        keep_background: bool = False,
-    ) -> ExecResult:
-        return await self.manager.exec(
-            self.id,
-            argv,
-            env=env,
-            cwd=cwd,
-            timeout=timeout,
-            stdin=stdin,
-            on_stdout=on_stdout,
-            on_stderr=on_stderr,
-            capture=capture,
-            keep_background=keep_background,
-        )
+    async def exec(self, argv: list[str], **opts: Unpack[ExecOptions]) -> ExecResult:
+        return await self.manager.exec(self.id, argv, **opts)
 
     async def snapshot(self, name: str) -> Snapshot:
         """Save the workspace as ``name`` (see :mod:`ironclaw.host.snapshots`)."""
@@ -321,18 +275,13 @@ class Sandbox:
     async def ping(self) -> dict[str, Any]:
         return methods.to_json(await (await self.manager.guest(self.id)).ping())
 
-    async def destroy(self) -> None:
-        if not self._destroyed:
-            self._destroyed = True
-            await self.manager.destroy(self.id)
+    async def _destroy(self) -> None:
+        await self.manager.destroy(self.id)
 
     async def aclose(self) -> None:
         """Detach without destroying (the sandbox keeps running)."""
         if self._owns_manager:
             await self.manager.aclose()
-
-    async def __aenter__(self) -> Sandbox:
-        return self
 
     @classmethod
     async def list(
@@ -346,62 +295,15 @@ class Sandbox:
         async with SandboxManager(settings) as manager:
             return await manager.select(labels=labels, state=state)
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            await self.destroy()
-        finally:
-            await self.aclose()
 
-
-class _Creating:
-    """Awaitable and async context manager returned by :meth:`Sandbox.create`."""
-
-    def __init__(
-        self,
-        spec: SandboxSpec | dict[str, Any] | None,
-        sandbox_id: str | None,
-        settings: Settings | None,
-        manager: SandboxManager | None,
-        from_snapshot: Snapshot | str | None = None,
-    ) -> None:
-        self._args = (spec, sandbox_id, settings, manager)
-        self._snapshot = from_snapshot
-        self._sandbox: Sandbox | None = None
-
-    async def _create(self) -> Sandbox:
-        spec, sandbox_id, settings, manager = self._args
-        owns = manager is None
-        mgr = manager or SandboxManager(settings)
-        if owns:
-            await mgr.open()
-        try:
-            if self._snapshot is not None:
-                record = await mgr.restore(self._snapshot, spec=spec, sandbox_id=sandbox_id)
-            else:
-                record = await mgr.create(spec, sandbox_id=sandbox_id)
-        except BaseException:
-            if owns:
-                await mgr.aclose()
-            raise
-        return Sandbox(mgr, record, owns=owns)
-
-    def __await__(self) -> Generator[Any, None, Sandbox]:
-        return self._create().__await__()
-
-    async def __aenter__(self) -> Sandbox:
-        self._sandbox = await self._create()
-        return self._sandbox
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._sandbox is not None:
-            await self._sandbox.__aexit__(exc_type, exc, tb)
+async def _create(spec: SpecLike, sandbox_id: str | None, **local: Unpack[LocalOptions]) -> Sandbox:
+    manager, from_snapshot = local.get("manager"), local.get("from_snapshot")
+    owns = manager is None
+    mgr = manager or SandboxManager(local.get("settings"))
+    if owns:
+        await mgr.open()
+    if from_snapshot is not None:
+        making = mgr.restore(from_snapshot, spec=spec, sandbox_id=sandbox_id)
+    else:
+        making = mgr.create(spec, sandbox_id=sandbox_id)
+    return Sandbox(mgr, await or_close(mgr if owns else None, making), owns=owns)

@@ -38,6 +38,7 @@ from ironclaw.proto.host_tools_methods import (
     HostToolsListRequest,
     HostToolsListResult,
 )
+from ironclaw.proto.lifecycle import AsyncResource
 from ironclaw.rpc import CallContext
 
 if TYPE_CHECKING:
@@ -196,7 +197,7 @@ def _text(blocks: list[Any]) -> str:
     return "\n".join(parts)
 
 
-class HostTools:
+class HostTools(AsyncResource):
     """The host MCP servers of one task and the two channel handlers over them.
 
     :meth:`start` and :meth:`aclose` must run in the same asyncio task (the SDK's
@@ -231,12 +232,9 @@ class HostTools:
         self._secrets: list[str] = []
         self.tools: list[HostTool] = []
 
-    async def __aenter__(self) -> HostTools:
+    async def open(self) -> None:
+        """What ``async with`` runs: :meth:`start`."""
         await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
     async def start(self) -> None:
         """Start every server, list its tools; a server that fails stops the task."""

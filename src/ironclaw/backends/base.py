@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar, runtime_checkable
 
 from ironclaw.errors import BackendError, ConnectError, IronclawError
+from ironclaw.resources.procs import wait_readable
 
 if TYPE_CHECKING:
     from ironclaw.config import Settings
@@ -210,21 +211,11 @@ async def wait_gone(
     try:
         if not same_process(pid, start_time):
             return True
-        loop = asyncio.get_running_loop()
-        exited: asyncio.Future[None] = loop.create_future()
-
-        def on_exit() -> None:
-            if not exited.done():
-                exited.set_result(None)
-
-        loop.add_reader(pidfd, on_exit)
         try:
             async with asyncio.timeout(timeout):
-                await exited
+                await wait_readable(pidfd)
         except TimeoutError:
             return False
-        finally:
-            loop.remove_reader(pidfd)
         return True
     finally:
         os.close(pidfd)

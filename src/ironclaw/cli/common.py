@@ -10,7 +10,7 @@ import asyncio
 import json
 import os
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -18,7 +18,19 @@ from rich.markup import escape
 
 from ironclaw.errors import ConfigError, IronclawError
 
-__all__ = ["err_console", "fail", "new_app", "out_console", "run", "run_code", "stream_to"]
+if TYPE_CHECKING:
+    from ironclaw.host.manager import SandboxManager
+
+__all__ = [
+    "err_console",
+    "fail",
+    "new_app",
+    "out_console",
+    "run",
+    "run_code",
+    "run_with_manager",
+    "stream_to",
+]
 
 T = TypeVar("T")
 
@@ -52,6 +64,17 @@ def run(coro: Coroutine[Any, Any, T], as_json: bool = False) -> T:
         raise typer.Exit(fail(exc, as_json)) from None
     except (KeyboardInterrupt, asyncio.CancelledError):
         raise typer.Exit(130) from None
+
+
+def run_with_manager(step: Callable[[SandboxManager], Awaitable[T]], as_json: bool = False) -> T:
+    """:func:`run` ``step`` with a manager opened for it (and closed before returning)."""
+    from ironclaw.host.manager import SandboxManager
+
+    async def main() -> T:
+        async with SandboxManager() as manager:
+            return await step(manager)
+
+    return run(main(), as_json)
 
 
 def run_code(coro: Coroutine[Any, Any, int], as_json: bool = False) -> None:

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ironclaw.cli.common import new_app, out_console, run
+from ironclaw.cli.common import new_app, out_console, run, run_with_manager
 from ironclaw.cli.options import JsonOpt
 
 __all__ = ["parse_labels", "register_sandbox_controls", "snapshot_app"]
@@ -39,14 +39,8 @@ def snapshot_create(
     as_json: JsonOpt = False,
 ) -> None:
     """Save a sandbox's workspace as a snapshot (atomically; hash-stamped)."""
-    from ironclaw.host.manager import SandboxManager
-
-    async def main() -> None:
-        async with SandboxManager() as manager:
-            snap = await manager.snapshot(sandbox_id, name)
-        print(json.dumps(snap.to_json()) if as_json else snap.name)
-
-    run(main(), as_json)
+    snap = run_with_manager(lambda m: m.snapshot(sandbox_id, name), as_json)
+    print(json.dumps(snap.to_json()) if as_json else snap.name)
 
 
 @snapshot_app.command("ls")
@@ -90,15 +84,9 @@ def register_sandbox_controls(app: typer.Typer) -> None:
     @app.command("pause")
     def sandbox_pause(sandbox_id: SidArg, as_json: JsonOpt = False) -> None:
         """Freeze a sandbox: it keeps its memory and files and uses no CPU."""
-        from ironclaw.host.manager import SandboxManager
-
-        async def main() -> None:
-            async with SandboxManager() as manager:
-                await manager.pause(sandbox_id)
-            if as_json:
-                print(json.dumps({"id": sandbox_id, "state": "paused"}))
-
-        run(main(), as_json)
+        run_with_manager(lambda m: m.pause(sandbox_id), as_json)
+        if as_json:
+            print(json.dumps({"id": sandbox_id, "state": "paused"}))
 
     @app.command("resume")
     def sandbox_resume(
@@ -109,15 +97,9 @@ def register_sandbox_controls(app: typer.Typer) -> None:
         as_json: JsonOpt = False,
     ) -> None:
         """Continue a paused sandbox."""
-        from ironclaw.host.manager import SandboxManager
-
-        async def main() -> None:
-            async with SandboxManager() as manager:
-                await manager.resume(sandbox_id, timeout=timeout)
-            if as_json:
-                print(json.dumps({"id": sandbox_id, "state": "running"}))
-
-        run(main(), as_json)
+        run_with_manager(lambda m: m.resume(sandbox_id, timeout=timeout), as_json)
+        if as_json:
+            print(json.dumps({"id": sandbox_id, "state": "running"}))
 
     @app.command("timeout")
     def sandbox_timeout(
@@ -126,15 +108,9 @@ def register_sandbox_controls(app: typer.Typer) -> None:
         as_json: JsonOpt = False,
     ) -> None:
         """Extend or shorten a sandbox's lifetime (its on-timeout action applies then)."""
-        from ironclaw.host.manager import SandboxManager
-
-        async def main() -> None:
-            async with SandboxManager() as manager:
-                deadline = await manager.set_timeout(sandbox_id, seconds)
-            if as_json:
-                print(json.dumps({"id": sandbox_id, "deadline": deadline}))
-
-        run(main(), as_json)
+        deadline = run_with_manager(lambda m: m.set_timeout(sandbox_id, seconds), as_json)
+        if as_json:
+            print(json.dumps({"id": sandbox_id, "deadline": deadline}))
 
     @app.command("net")
     def sandbox_net(
@@ -152,14 +128,11 @@ def register_sandbox_controls(app: typer.Typer) -> None:
         as_json: JsonOpt = False,
     ) -> None:
         """Change a running sandbox's egress at once (audited)."""
-        from ironclaw.host.manager import SandboxManager
-
-        async def main() -> None:
-            async with SandboxManager() as manager:
-                policy = await manager.update_network(
-                    sandbox_id, allow=allow, allow_domains=allow_domain, deny=deny
-                )
-            if as_json:
-                print(json.dumps({"id": sandbox_id, "network": policy.model_dump(mode="json")}))
-
-        run(main(), as_json)
+        policy = run_with_manager(
+            lambda m: m.update_network(
+                sandbox_id, allow=allow, allow_domains=allow_domain, deny=deny
+            ),
+            as_json,
+        )
+        if as_json:
+            print(json.dumps({"id": sandbox_id, "network": policy.model_dump(mode="json")}))

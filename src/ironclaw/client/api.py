@@ -13,8 +13,7 @@ import json
 import os
 import socket
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, Unpack
 from urllib.parse import quote
 
 import httpx
@@ -22,55 +21,30 @@ from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import ConnectionClosed
 
 from ironclaw.client._errors import from_problem
-from ironclaw.client.protocol import OutputSink
 from ironclaw.errors import ApiError, ConfigError, ConnectError, IronclawError
+from ironclaw.proto.lifecycle import AsyncResource
+from ironclaw.proto.surface import ExecOptions, ExecResult, OutputSink, feed
 
-__all__ = ["API_TOKEN_ENV", "API_URL_ENV", "ApiClient", "ExecResult"]
+__all__ = ["API_TOKEN_ENV", "API_URL_ENV", "ApiClient", "ExecResult", "SandboxDoc"]
 
 API_URL_ENV = "IRONCLAW_API_URL"
 API_TOKEN_ENV = "IRONCLAW_API_TOKEN"  # noqa: S105 - a variable name, not a secret
 CHUNK = 256 * 1024
 
 
-@dataclass
-class ExecResult:
-    """What one command did (the same fields as the in-process SDK's result)."""
+class SandboxDoc(TypedDict):
+    """A sandbox as the API describes it (``GET /v1/sandboxes/{id}``)."""
 
-    sandbox_id: str
-    exit_code: int
-    signal: int | None
-    stdout: bytes
-    stderr: bytes
-    duration_ms: float
-    status: str = "exited"
-    timed_out: bool = False
-    stdout_bytes: int = 0
-    stderr_bytes: int = 0
-
-    def to_json(self, backend: str) -> dict[str, Any]:
-        return {
-            "id": self.sandbox_id,
-            "backend": backend,
-            "exit_code": self.exit_code,
-            "signal": self.signal,
-            "status": self.status,
-            "timed_out": self.timed_out,
-            "stdout": self.stdout.decode(errors="replace"),
-            "stderr": self.stderr.decode(errors="replace"),
-            "stdout_bytes": self.stdout_bytes,
-            "stderr_bytes": self.stderr_bytes,
-            "duration_ms": round(self.duration_ms, 3),
-        }
+    id: str
+    backend: str
+    state: str
+    reason: str | None
+    created_at: float
+    owner: str | None
+    spec: dict[str, Any]
 
 
-async def _call(sink: OutputSink | None, chunk: bytes) -> None:
-    if sink is not None:
-        res = sink(chunk)
-        if res is not None:
-            await res
-
-
-class ApiClient:
+class ApiClient(AsyncResource):
     """One connection pool to one server. Use as ``async with ApiClient() as api``."""
 
     def __init__(
@@ -101,12 +75,6 @@ class ApiClient:
             timeout=httpx.Timeout(timeout, read=None),
         )
 
-    async def __aenter__(self) -> ApiClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
     async def aclose(self) -> None:
         await self.http.aclose()
 
@@ -123,59 +91,61 @@ class ApiClient:
             return None
         return resp.json()
 
+    async def _object(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        doc: dict[str, Any] = await self.request(method, path, **kwargs)
+        return doc
+
+    async def _objects(self, method: str, path: str, **kwargs: Any) -> list[dict[str, Any]]:
+        docs: list[dict[str, Any]] = await self.request(method, path, **kwargs)
+        return docs
+
     # -- sandboxes ---------------------------------------------------------------------
 
     async def create(
         self, spec: dict[str, Any] | None = None, *, sandbox_id: str | None = None
-    ) -> dict[str, Any]:
+    ) -> SandboxDoc:
         body: dict[str, Any] = {"spec": spec or {}}
         if sandbox_id is not None:
             body["id"] = sandbox_id
-        doc: dict[str, Any] = await self.request("POST", "/v1/sandboxes", json=body)
+        doc: SandboxDoc = await self.request("POST", "/v1/sandboxes", json=body)
         return doc
 
     async def list_sandboxes(
         self, state: str | None = None, labels: dict[str, str] | None = None
-    ) -> list[dict[str, Any]]:
+    ) -> list[SandboxDoc]:
         """The caller's sandboxes in ``state`` carrying every one of ``labels``."""
         params: list[tuple[str, str]] = [("state", state)] if state else []
         params += [("label", f"{k}={v}") for k, v in (labels or {}).items()]
-        docs: list[dict[str, Any]] = await self.request(
-            "GET", "/v1/sandboxes", params=params or None
-        )
+        docs: list[SandboxDoc] = await self.request("GET", "/v1/sandboxes", params=params or None)
         return docs
 
-    async def get(self, sandbox_id: str) -> dict[str, Any]:
-        doc: dict[str, Any] = await self.request("GET", f"/v1/sandboxes/{_seg(sandbox_id)}")
+    async def get(self, sandbox_id: str) -> SandboxDoc:
+        doc: SandboxDoc = await self.request("GET", f"/v1/sandboxes/{_seg(sandbox_id)}")
         return doc
 
     async def delete(self, sandbox_id: str) -> None:
         await self.request("DELETE", f"/v1/sandboxes/{_seg(sandbox_id)}")
 
     async def ping(self, sandbox_id: str) -> dict[str, Any]:
-        doc: dict[str, Any] = await self.request("POST", f"/v1/sandboxes/{_seg(sandbox_id)}/ping")
-        return doc
+        return await self._object("POST", f"/v1/sandboxes/{_seg(sandbox_id)}/ping")
 
     # -- exec --------------------------------------------------------------------------
 
     async def exec(
-        self,
-        sandbox_id: str,
-        argv: list[str],
-        *,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-        stdin: bytes | None = None,
-        keep_background: bool = False,
+        self, sandbox_id: str, argv: list[str], **opts: Unpack[ExecOptions]
     ) -> ExecResult:
-        """Run a command; output comes back whole (see :meth:`exec_stream`)."""
+        """Run a command. Without sinks its output comes back whole, in one request;
+        with sinks (or ``capture=False``) it streams (see :meth:`exec_stream`)."""
+        on_stdout, on_stderr = opts.get("on_stdout"), opts.get("on_stderr")
+        if on_stdout is not None or on_stderr is not None or not opts.get("capture", True):
+            return await self.exec_stream(sandbox_id, argv, **opts)
+        stdin = opts.get("stdin")
         body: dict[str, Any] = {
             "argv": argv,
-            "env": env,
-            "cwd": cwd,
-            "timeout": timeout,
-            "keep_background": keep_background,
+            "env": opts.get("env"),
+            "cwd": opts.get("cwd"),
+            "timeout": opts.get("timeout"),
+            "keep_background": opts.get("keep_background", False),
         }
         if stdin is not None:
             body["stdin_b64"] = base64.b64encode(stdin).decode()
@@ -245,7 +215,7 @@ class ApiClient:
                             counts[i] += len(chunk)
                             if capture:
                                 bufs[i].extend(chunk)
-                            await _call(on_stdout if i == 0 else on_stderr, chunk)
+                            await feed(on_stdout if i == 0 else on_stderr, chunk)
                             continue
                         doc = json.loads(msg)
                         if doc.get("type") == "error":
@@ -286,16 +256,17 @@ class ApiClient:
         self,
         sandbox_id: str,
         path: str,
-        data: bytes | AsyncIterator[bytes],
+        data: bytes | str | AsyncIterator[bytes],
         *,
         mode: int = 0o644,
     ) -> int:
-        """Upload, streamed: an async iterator is sent chunk by chunk as it yields."""
+        """Upload, streamed: an async iterator is sent chunk by chunk as it yields (a str
+        as UTF-8)."""
         doc = await self.request(
             "PUT",
             self._files(sandbox_id, "/content"),
             params={"path": path, "mode": mode},
-            content=data,
+            content=data.encode() if isinstance(data, str) else data,
             headers={"Content-Type": "application/octet-stream"},
         )
         return int(doc["size"])
@@ -313,22 +284,16 @@ class ApiClient:
                     if sink is None:
                         buf.extend(chunk)
                     else:
-                        await _call(sink, chunk)
+                        await feed(sink, chunk)
         except httpx.HTTPError as exc:
             raise ConnectError(f"download from {self.base} failed: {exc}") from None
         return bytes(buf)
 
     async def list_files(self, sandbox_id: str, path: str = ".") -> list[dict[str, Any]]:
-        docs: list[dict[str, Any]] = await self.request(
-            "GET", self._files(sandbox_id), params={"path": path}
-        )
-        return docs
+        return await self._objects("GET", self._files(sandbox_id), params={"path": path})
 
     async def stat(self, sandbox_id: str, path: str) -> dict[str, Any]:
-        doc: dict[str, Any] = await self.request(
-            "GET", self._files(sandbox_id, "/stat"), params={"path": path}
-        )
-        return doc
+        return await self._object("GET", self._files(sandbox_id, "/stat"), params={"path": path})
 
     async def remove(self, sandbox_id: str, path: str, *, recursive: bool = False) -> None:
         params: dict[str, Any] = {"path": path, "recursive": recursive}
@@ -341,16 +306,13 @@ class ApiClient:
 
     async def start_task(self, task: str, **fields: Any) -> dict[str, Any]:
         """Start an agent task (fields: model, script, sandbox, budget, approve, keep)."""
-        doc: dict[str, Any] = await self.request("POST", "/v1/tasks", json={"task": task, **fields})
-        return doc
+        return await self._object("POST", "/v1/tasks", json={"task": task, **fields})
 
     async def task(self, task_id: str) -> dict[str, Any]:
-        doc: dict[str, Any] = await self.request("GET", f"/v1/tasks/{_seg(task_id)}")
-        return doc
+        return await self._object("GET", f"/v1/tasks/{_seg(task_id)}")
 
     async def cancel_task(self, task_id: str) -> dict[str, Any]:
-        doc: dict[str, Any] = await self.request("POST", f"/v1/tasks/{_seg(task_id)}/cancel")
-        return doc
+        return await self._object("POST", f"/v1/tasks/{_seg(task_id)}/cancel")
 
     async def events(self, task_id: str) -> AsyncIterator[dict[str, Any]]:
         """The task's trace events (Server-Sent Events), from the first until the end."""
@@ -370,8 +332,7 @@ class ApiClient:
                     name, data = "", ""
 
     async def approvals(self) -> list[dict[str, Any]]:
-        docs: list[dict[str, Any]] = await self.request("GET", "/v1/approvals")
-        return docs
+        return await self._objects("GET", "/v1/approvals")
 
     async def decide(self, approval_id: str, approve: bool) -> None:
         await self.request("POST", f"/v1/approvals/{_seg(approval_id)}", json={"approve": approve})

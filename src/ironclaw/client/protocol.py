@@ -2,41 +2,23 @@
 (:mod:`ironclaw.client`) share, so code written against one runs against the other.
 
 Members are read-only properties and methods: an implementation may return a more
-specific type (the host's ``ExecResult``, the SDK's ``Files``).
+specific type (the SDK's ``Files``). Exec's options and result are shared outright
+(:mod:`ironclaw.proto.surface`).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from types import TracebackType
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import AsyncIterator
+from typing import Any, Protocol, Unpack, runtime_checkable
 
 from ironclaw.client.proc_protocol import CommandsAPI, PortsAPI, PtyAPI
 from ironclaw.proto.proc_methods import WatchEvent
+from ironclaw.proto.surface import ExecOptions, ExecResult, OutputSink
 
 __all__ = ["ExecResultLike", "FilesAPI", "OutputSink", "SandboxAPI"]
 
-OutputSink = Callable[[bytes], Awaitable[None] | None]
-
-
-@runtime_checkable
-class ExecResultLike(Protocol):
-    @property
-    def sandbox_id(self) -> str: ...
-    @property
-    def exit_code(self) -> int: ...
-    @property
-    def signal(self) -> int | None: ...
-    @property
-    def stdout(self) -> bytes: ...
-    @property
-    def stderr(self) -> bytes: ...
-    @property
-    def duration_ms(self) -> float: ...
-    @property
-    def status(self) -> str: ...
-    @property
-    def timed_out(self) -> bool: ...
+#: Both SDKs return the one :class:`~ironclaw.proto.surface.ExecResult`.
+ExecResultLike = ExecResult
 
 
 @runtime_checkable
@@ -68,26 +50,9 @@ class SandboxAPI(Protocol):
     def pty(self) -> PtyAPI: ...
     @property
     def ports(self) -> PortsAPI: ...
-    async def exec(
-        self,
-        argv: list[str],
-        *,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-        stdin: bytes | None = None,
-        on_stdout: OutputSink | None = None,
-        on_stderr: OutputSink | None = None,
-        capture: bool = True,
-        keep_background: bool = False,
-    ) -> ExecResultLike: ...
+    async def exec(self, argv: list[str], **opts: Unpack[ExecOptions]) -> ExecResult: ...
     async def ping(self) -> dict[str, Any]: ...
     async def destroy(self) -> None: ...
     async def aclose(self) -> None: ...
     async def __aenter__(self) -> SandboxAPI: ...
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
+    async def __aexit__(self, *exc: object) -> None: ...

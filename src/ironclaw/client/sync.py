@@ -3,85 +3,92 @@ private event loop in a background thread (an anyio blocking portal)::
 
     with SyncSandbox.create(api_url=URL, token=TOKEN) as sb:
         print(sb.exec(["echo", "hi"]).stdout)
+
+Each blocking method is made from the async method of the same name
+(:func:`_blocking`), so the two keep one signature.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Coroutine
-from types import TracebackType
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, Concatenate, ParamSpec, TypeVar, Unpack
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from ironclaw.client.api import ExecResult
-from ironclaw.client.sandbox import Sandbox
+from ironclaw.client.sandbox import CreateOptions, RemoteFiles, Sandbox
 
 __all__ = ["SyncFiles", "SyncSandbox"]
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
-class SyncFiles:
-    def __init__(self, sb: SyncSandbox) -> None:
-        self._sb = sb
+class _Blocking:
+    """Runs coroutines of an async object on a portal's loop, blocking until done."""
 
-    def write(self, path: str, data: bytes | str, *, mode: int = 0o644) -> int:
-        return self._sb._call(lambda: self._sb.remote.files.write(path, data, mode=mode))
+    _portal: BlockingPortal
 
-    def read(self, path: str, sink: Callable[[bytes], None] | None = None) -> bytes:
-        return self._sb._call(lambda: self._sb.remote.files.read(path, sink))
+    def _target(self) -> Any:
+        raise NotImplementedError
 
-    def list(self, path: str = ".") -> list[dict[str, Any]]:
-        return self._sb._call(lambda: self._sb.remote.files.list(path))
-
-    def stat(self, path: str) -> dict[str, Any]:
-        return self._sb._call(lambda: self._sb.remote.files.stat(path))
-
-    def remove(self, path: str, *, recursive: bool = False) -> None:
-        self._sb._call(lambda: self._sb.remote.files.remove(path, recursive=recursive))
-
-    def mkdir(self, path: str) -> None:
-        self._sb._call(lambda: self._sb.remote.files.mkdir(path))
-
-
-class SyncSandbox:
-    """A remote sandbox with blocking methods; ``with`` destroys it on exit."""
-
-    def __init__(self, remote: Sandbox, portal: BlockingPortal, stop: contextlib.ExitStack):
-        self.remote = remote
-        self.files = SyncFiles(self)
-        self._portal = portal
-        self._stop = stop
-
-    @property
-    def id(self) -> str:
-        return self.remote.id
-
-    @property
-    def backend(self) -> str:
-        return self.remote.backend
-
-    def _call(self, fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    def _run(self, fn: Callable[[], Awaitable[T]]) -> T:
         async def run() -> T:
             return await fn()
 
         return self._portal.call(run)
 
+
+def _blocking(
+    fn: Callable[Concatenate[Any, P], Awaitable[T]],
+) -> Callable[Concatenate[_Blocking, P], T]:
+    """A blocking method that runs the async method ``fn`` names on the wrapped object."""
+    name = fn.__name__
+
+    def method(self: _Blocking, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        bound: Callable[P, Awaitable[T]] = getattr(self._target(), name)
+        return self._run(lambda: bound(*args, **kwargs))
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = fn.__doc__
+    method.__wrapped__ = fn  # type: ignore[attr-defined]  # help() shows fn's parameters
+    return method
+
+
+class SyncFiles(_Blocking):
+    def __init__(self, sb: SyncSandbox) -> None:
+        self._sb = sb
+        self._portal = sb._portal
+
+    def _target(self) -> RemoteFiles:
+        return self._sb.remote.files
+
+    write = _blocking(RemoteFiles.write)
+    read = _blocking(RemoteFiles.read)
+    list = _blocking(RemoteFiles.list)
+    stat = _blocking(RemoteFiles.stat)
+    remove = _blocking(RemoteFiles.remove)
+    mkdir = _blocking(RemoteFiles.mkdir)
+
+
+class SyncSandbox(_Blocking):
+    """A remote sandbox with blocking methods; ``with`` destroys it on exit."""
+
+    def __init__(self, remote: Sandbox, portal: BlockingPortal, stop: contextlib.ExitStack):
+        self.remote = remote
+        self.id, self.backend = remote.id, remote.backend  # fixed for a sandbox's life
+        self._portal = portal
+        self._stop = stop
+        self.files = SyncFiles(self)
+
+    def _target(self) -> Sandbox:
+        return self.remote
+
     @classmethod
     def create(
-        cls,
-        spec: dict[str, Any] | None = None,
-        *,
-        sandbox_id: str | None = None,
-        api_url: str | None = None,
-        token: str | None = None,
+        cls, spec: dict[str, Any] | None = None, **opts: Unpack[CreateOptions]
     ) -> SyncSandbox:
-        return cls._open(
-            lambda: Sandbox.create(
-                spec, sandbox_id=sandbox_id, api_url=api_url, token=token
-            )._create()
-        )
+        return cls._open(lambda: Sandbox.create(spec, **opts))
 
     @classmethod
     def connect(
@@ -90,7 +97,7 @@ class SyncSandbox:
         return cls._open(lambda: Sandbox.connect(sandbox_id, api_url=api_url, token=token))
 
     @classmethod
-    def _open(cls, make: Callable[[], Coroutine[Any, Any, Sandbox]]) -> SyncSandbox:
+    def _open(cls, make: Callable[[], Awaitable[Sandbox]]) -> SyncSandbox:
         stack = contextlib.ExitStack()
         portal = stack.enter_context(start_blocking_portal())
         try:
@@ -104,55 +111,21 @@ class SyncSandbox:
             raise
         return cls(remote, portal, stack)
 
-    def exec(
-        self,
-        argv: list[str],
-        *,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-        stdin: bytes | None = None,
-        on_stdout: Callable[[bytes], None] | None = None,
-        on_stderr: Callable[[bytes], None] | None = None,
-        capture: bool = True,
-        keep_background: bool = False,
-    ) -> ExecResult:
-        return self._call(
-            lambda: self.remote.exec(
-                argv,
-                env=env,
-                cwd=cwd,
-                timeout=timeout,
-                stdin=stdin,
-                on_stdout=on_stdout,
-                on_stderr=on_stderr,
-                capture=capture,
-                keep_background=keep_background,
-            )
-        )
-
-    def ping(self) -> dict[str, Any]:
-        return self._call(self.remote.ping)
-
-    def destroy(self) -> None:
-        self._call(self.remote.destroy)
+    exec = _blocking(Sandbox.exec)
+    ping = _blocking(Sandbox.ping)
+    destroy = _blocking(Sandbox.destroy)
 
     def close(self) -> None:
         """Detach without destroying, and stop the background loop."""
         try:
-            self._call(self.remote.aclose)
+            self._run(self.remote.aclose)
         finally:
             self._stop.close()
 
     def __enter__(self) -> SyncSandbox:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         try:
             self.destroy()
         finally:

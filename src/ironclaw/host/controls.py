@@ -12,7 +12,7 @@ import contextlib
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack, cast
 
 from ironclaw.backends.base import Pausable
 from ironclaw.config import safe_join
@@ -20,6 +20,8 @@ from ironclaw.errors import ConfigError, SandboxError
 from ironclaw.resources.audit import append_line
 from ironclaw.resources.lifetime import (
     ACTIVITY_FILE,
+    LifetimeDoc,
+    PauseActions,
     read_lifetime,
     spawn_lifetime_watchdog,
     touch_activity,
@@ -29,22 +31,21 @@ from ironclaw.resources.store import SandboxRecord
 
 if TYPE_CHECKING:
     from ironclaw.host.manager import SandboxManager
-    from ironclaw.host.snapshots import Snapshot
-    from ironclaw.policy.network import NetworkPolicy
+    from ironclaw.host.snapshots import Snapshot, SnapshotStore
+    from ironclaw.policy.network import NetworkChange, NetworkPolicy
     from ironclaw.spec import SandboxSpec
 
 # pydantic (spec, policy) and tarfile (snapshots) are imported where they are used: the
 # manager imports this module, and a one-shot `ironclaw exec` needs neither.
 
 __all__ = [
+    "Controls",
     "arm_lifetime",
     "matches",
     "pause",
-    "restore",
     "resume",
     "set_timeout",
     "snapshot",
-    "update_network",
 ]
 
 MiB = 1 << 20
@@ -65,14 +66,14 @@ def matches(record: SandboxRecord, labels: dict[str, str] | None, state: str | N
 # -- lifetimes -------------------------------------------------------------------------
 
 
-def _pause_actions(mgr: SandboxManager, record: SandboxRecord) -> dict[str, Any]:
+def _pause_actions(mgr: SandboxManager, record: SandboxRecord) -> PauseActions:
     """How the watchdog pauses this sandbox on ``on_timeout: pause``."""
     if record.backend == "qemu" and record.info.get("qmp"):
         return {"qmp": record.info["qmp"]}
     return _freezer_actions(mgr, record)
 
 
-def _freezer_actions(mgr: SandboxManager, record: SandboxRecord) -> dict[str, Any]:
+def _freezer_actions(mgr: SandboxManager, record: SandboxRecord) -> PauseActions:
     cg = mgr._cgroup_or_none(record.rid)
     d = cg.dir_for("freezer") if cg is not None else None
     if d is None:
@@ -91,7 +92,7 @@ async def arm_lifetime(mgr: SandboxManager, record: SandboxRecord, spec: Sandbox
         return
     now = time.time()
     rd = run_dir(mgr, record)
-    doc = {
+    doc: LifetimeDoc = {
         "deadline": now + life.timeout_s if life.timeout_s else None,
         "idle_timeout": life.idle_timeout_s,
         "on_timeout": life.on_timeout,
@@ -103,7 +104,7 @@ async def arm_lifetime(mgr: SandboxManager, record: SandboxRecord, spec: Sandbox
     await asyncio.to_thread(_arm_sync, rd, doc, int(record.info["pid"]))
 
 
-def _arm_sync(rd: Path, doc: dict[str, Any], pid: int) -> None:
+def _arm_sync(rd: Path, doc: LifetimeDoc, pid: int) -> None:
     touch_activity(rd)
     doc["watchdog"] = spawn_lifetime_watchdog(rd, pid)  # it waits for the file
     write_lifetime(rd, doc)
@@ -146,7 +147,7 @@ def _must_live(record: SandboxRecord) -> None:
 
 async def _freeze(mgr: SandboxManager, record: SandboxRecord, frozen: bool) -> None:
     actions = _freezer_actions(mgr, record)
-    pairs = actions.get("freeze" if frozen else "thaw")
+    pairs = actions.get("freeze") if frozen else actions.get("thaw")
     if not pairs:
         raise SandboxError(
             f"sandbox {record.id} has no freezer cgroup, so it cannot be paused "
@@ -264,113 +265,153 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-async def restore(
-    mgr: SandboxManager,
-    snap: Snapshot | str,
-    *,
-    spec: SandboxSpec | dict[str, Any] | None = None,
-    sandbox_id: str | None = None,
-    ready_timeout: float = 20.0,
-) -> SandboxRecord:
-    """A new sandbox with the snapshot's workspace (its spec unless ``spec`` is given).
+# -- the manager's methods -------------------------------------------------------------
 
-    The snapshot is checked (hash, then every member) before anything is created. Until
-    the workspace is in, the registry marks the sandbox as restoring, so if this process
-    dies half-way ``gc`` removes it rather than leave a half-restored sandbox running.
-    """
-    from ironclaw.host.snapshots import SnapshotStore
-    from ironclaw.spec import parse_spec
 
-    store = SnapshotStore(mgr.settings)
-    if isinstance(snap, str):
-        snap = await asyncio.to_thread(store.get, snap)
-    final = parse_spec(spec if spec is not None else snap.spec)
-    max_bytes = final.limits.workspace_mib * MiB
-    archive = await asyncio.to_thread(store.verified_archive, snap, max_bytes=max_bytes)
-    data = await asyncio.to_thread(archive.read_bytes)
-    record = await mgr.create(
-        final, sandbox_id=sandbox_id, use_pool=False, restoring=True, ready_timeout=ready_timeout
-    )
-    try:
-        result = await mgr.exec(
-            record.id,
-            ["tar", "--no-same-owner", "--same-permissions", "-C", "/workspace", "-xf", "-"],
-            stdin=data,
+class Controls:
+    """The manager's methods for the functions above, mixed into
+    :class:`~ironclaw.host.manager.SandboxManager` so it stays about the lifecycle."""
+
+    def _mgr(self) -> SandboxManager:
+        return cast("SandboxManager", self)
+
+    async def set_timeout(self, sandbox_id: str, seconds: float | None) -> float | None:
+        """End (or pause, per ``on_timeout``) the sandbox ``seconds`` from now."""
+        return await set_timeout(self._mgr(), sandbox_id, seconds)
+
+    async def pause(self, sandbox_id: str) -> None:
+        await pause(self._mgr(), sandbox_id)
+
+    async def resume(self, sandbox_id: str, *, timeout: float | None = None) -> None:
+        await resume(self._mgr(), sandbox_id, timeout=timeout)
+
+    async def snapshot(self, sandbox_id: str, name: str) -> Snapshot:
+        return await snapshot(self._mgr(), sandbox_id, name)
+
+    async def fork(self, snap: Snapshot | str, count: int) -> list[SandboxRecord]:
+        """``count`` new sandboxes, each with the snapshot's workspace."""
+        if not 1 <= count <= 64:
+            raise ConfigError("fork makes between 1 and 64 sandboxes")
+        return [await self.restore(snap) for _ in range(count)]
+
+    def snapshots(self) -> SnapshotStore:
+        from ironclaw.host.snapshots import SnapshotStore
+
+        return SnapshotStore(self._mgr().settings)
+
+    async def select(
+        self, *, labels: dict[str, str] | None = None, state: str | None = None
+    ) -> list[SandboxRecord]:
+        """Sandboxes that carry every label given and are in ``state`` (if given)."""
+        return [r for r in await self._mgr().sandboxes() if matches(r, labels, state)]
+
+    async def restore(
+        self,
+        snap: Snapshot | str,
+        *,
+        spec: SandboxSpec | dict[str, Any] | None = None,
+        sandbox_id: str | None = None,
+        ready_timeout: float = 20.0,
+    ) -> SandboxRecord:
+        """A new sandbox with the snapshot's workspace (its spec unless ``spec`` is given).
+
+        The snapshot is checked (hash, then every member) before anything is created. Until
+        the workspace is in, the registry marks the sandbox as restoring, so if this process
+        dies half-way ``gc`` removes it rather than leave a half-restored sandbox running.
+        """
+        from ironclaw.host.snapshots import SnapshotStore
+        from ironclaw.spec import parse_spec
+
+        mgr = self._mgr()
+        store = SnapshotStore(mgr.settings)
+        if isinstance(snap, str):
+            snap = await asyncio.to_thread(store.get, snap)
+        final = parse_spec(spec if spec is not None else snap.spec)
+        max_bytes = final.limits.workspace_mib * MiB
+        archive = await asyncio.to_thread(store.verified_archive, snap, max_bytes=max_bytes)
+        data = await asyncio.to_thread(archive.read_bytes)
+        record = await mgr.create(
+            final,
+            sandbox_id=sandbox_id,
+            use_pool=False,
+            restoring=True,
+            ready_timeout=ready_timeout,
         )
-        if result.exit_code != 0:
-            raise SandboxError(
-                f"restoring snapshot {snap.name!r} failed: {result.stderr.decode()[-300:]}"
+        try:
+            result = await mgr.exec(
+                record.id,
+                ["tar", "--no-same-owner", "--same-permissions", "-C", "/workspace", "-xf", "-"],
+                stdin=data,
             )
-        await mgr.store.update(record.id, info={"restoring": False, "snapshot": snap.name})
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await asyncio.shield(mgr.destroy(record.id))
-        raise
-    return await mgr.get(record.id)
+            if result.exit_code != 0:
+                raise SandboxError(
+                    f"restoring snapshot {snap.name!r} failed: {result.stderr.decode()[-300:]}"
+                )
+            await mgr.store.update(record.id, info={"restoring": False, "snapshot": snap.name})
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(mgr.destroy(record.id))
+            raise
+        return await mgr.get(record.id)
 
+    async def update_network(
+        self, sandbox_id: str, **change: Unpack[NetworkChange]
+    ) -> NetworkPolicy:
+        """Change a running sandbox's egress: one firewall transaction, one proxy reload.
 
-# -- live network policy ---------------------------------------------------------------
+        ``allow``, ``allow_domains`` and ``deny_domains`` replace those lists when given;
+        ``deny`` removes rules from the allow list. The change goes to the audit log.
+        """
+        from ironclaw.policy.network import AllowRule
+        from ironclaw.spec import parse_spec
 
-
-async def update_network(
-    mgr: SandboxManager,
-    sandbox_id: str,
-    *,
-    allow: list[str] | None = None,
-    allow_domains: list[str] | None = None,
-    deny: list[str] | None = None,
-    deny_domains: list[str] | None = None,
-) -> NetworkPolicy:
-    """Change a running sandbox's egress: one firewall transaction, one proxy reload.
-
-    ``allow``, ``allow_domains`` and ``deny_domains`` replace those lists when given;
-    ``deny`` removes rules from the allow list. The change goes to the audit log.
-    """
-    from ironclaw.policy.network import AllowRule
-    from ironclaw.spec import parse_spec
-
-    record = await mgr.get(sandbox_id)
-    _must_live(record)
-    spec = parse_spec(record.spec)
-    old = spec.network
-    if not old.needs_network:
-        raise ConfigError(
-            f"sandbox {sandbox_id} was created without a network; its egress can change only "
-            "if it was created with some --allow or --allow-domain"
+        mgr = self._mgr()
+        record = await mgr.get(sandbox_id)
+        _must_live(record)
+        spec = parse_spec(record.spec)
+        old = spec.network
+        allow, deny = change.get("allow"), change.get("deny")
+        allow_domains, deny_domains = change.get("allow_domains"), change.get("deny_domains")
+        if not old.needs_network:
+            raise ConfigError(
+                f"sandbox {sandbox_id} was created without a network; its egress can change only "
+                "if it was created with some --allow or --allow-domain"
+            )
+        try:
+            rules = tuple(AllowRule.parse(a) for a in allow) if allow is not None else old.allow
+            gone = {AllowRule.parse(d) for d in deny or ()}
+        except ValueError as exc:
+            raise ConfigError(f"network rule: {exc}") from None
+        policy = parse_spec(
+            {
+                **spec.model_dump(mode="json"),
+                "network": {
+                    "allow": [r.model_dump(mode="json") for r in rules if r not in gone],
+                    "allow_domains": list(
+                        allow_domains if allow_domains is not None else old.allow_domains
+                    ),
+                    "deny_domains": list(
+                        deny_domains if deny_domains is not None else old.deny_domains
+                    ),
+                },
+            }
+        ).network
+        if not policy.needs_network:
+            raise ConfigError(
+                "the update leaves no egress at all; keep one rule or remove the sandbox"
+            )
+        await mgr.net.update_policy(record.rid, policy, slot=record.slot)
+        new_spec = spec.model_copy(update={"network": policy})
+        await mgr.store.update(sandbox_id, spec=new_spec.model_dump(mode="json"))
+        line = json.dumps(
+            {
+                "event": "network.update",
+                "sandbox_id": sandbox_id,
+                "ts": time.time(),
+                "before": old.model_dump(mode="json"),
+                "after": policy.model_dump(mode="json"),
+            }
         )
-    try:
-        rules = tuple(AllowRule.parse(a) for a in allow) if allow is not None else old.allow
-        gone = {AllowRule.parse(d) for d in deny or ()}
-    except ValueError as exc:
-        raise ConfigError(f"network rule: {exc}") from None
-    policy = parse_spec(
-        {
-            **spec.model_dump(mode="json"),
-            "network": {
-                "allow": [r.model_dump(mode="json") for r in rules if r not in gone],
-                "allow_domains": list(
-                    allow_domains if allow_domains is not None else old.allow_domains
-                ),
-                "deny_domains": list(
-                    deny_domains if deny_domains is not None else old.deny_domains
-                ),
-            },
-        }
-    ).network
-    if not policy.needs_network:
-        raise ConfigError("the update leaves no egress at all; keep one rule or remove the sandbox")
-    await mgr.net.update_policy(record.rid, policy, slot=record.slot)
-    new_spec = spec.model_copy(update={"network": policy})
-    await mgr.store.update(sandbox_id, spec=new_spec.model_dump(mode="json"))
-    line = json.dumps(
-        {
-            "event": "network.update",
-            "sandbox_id": sandbox_id,
-            "ts": time.time(),
-            "before": old.model_dump(mode="json"),
-            "after": policy.model_dump(mode="json"),
-        }
-    )
-    path = safe_join(mgr.settings.sandbox_state_dir(sandbox_id), "audit.jsonl")
-    await asyncio.to_thread(append_line, path, line)
-    return policy
+        path = safe_join(mgr.settings.sandbox_state_dir(sandbox_id), "audit.jsonl")
+        await asyncio.to_thread(append_line, path, line)
+        return policy

@@ -7,6 +7,7 @@ seccomp library is loaded), because a file that exists is not a feature that wor
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 from dataclasses import dataclass
@@ -25,13 +26,7 @@ class Check:
     required: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "ok": self.ok,
-            "detail": self.detail,
-            "fix": self.fix,
-            "required": self.required,
-        }
+        return dataclasses.asdict(self)
 
 
 async def _run(*argv: str, timeout: float = 10.0) -> tuple[int, str]:

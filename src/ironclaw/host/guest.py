@@ -19,12 +19,12 @@ opened) and hands out clients through :meth:`SandboxManager.guest`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar, Unpack
 
 from ironclaw.errors import ConfigError, ResourceLimitExceeded
 from ironclaw.proto import methods as m
+from ironclaw.proto.surface import ExecOptions, ExecResult, OutputSink, feed
 from ironclaw.rpc import CallContext, Handler, Peer
 
 __all__ = ["DEFAULT_CAPTURE_LIMIT", "DEFAULT_READ_LIMIT", "ExecResult", "GuestClient", "OutputSink"]
@@ -34,51 +34,11 @@ DEFAULT_READ_LIMIT = 64 * 2**20
 #: Bytes of each output stream an exec keeps in memory (the rest is counted, not kept).
 DEFAULT_CAPTURE_LIMIT = 16 * 2**20
 
-OutputSink = Callable[[bytes], Awaitable[None] | None]
 R = TypeVar("R", bound=m.Record)
-
-
-@dataclass
-class ExecResult:
-    """What one command did. ``status`` says why it ended, in words a user acts on."""
-
-    sandbox_id: str
-    exit_code: int
-    signal: int | None
-    stdout: bytes
-    stderr: bytes
-    duration_ms: float
-    status: str = "exited"
-    timed_out: bool = False
-    stdout_bytes: int = 0
-    stderr_bytes: int = 0
-    truncated: bool = False  # some output was counted but not kept (``capture_limit``)
-
-    def to_json(self, backend: str) -> dict[str, Any]:
-        return {
-            "id": self.sandbox_id,
-            "backend": backend,
-            "exit_code": self.exit_code,
-            "signal": self.signal,
-            "status": self.status,
-            "timed_out": self.timed_out,
-            "stdout": self.stdout.decode(errors="replace"),
-            "stderr": self.stderr.decode(errors="replace"),
-            "stdout_bytes": self.stdout_bytes,
-            "stderr_bytes": self.stderr_bytes,
-            "truncated": self.truncated,
-            "duration_ms": round(self.duration_ms, 3),
-        }
 
 
 def _human(n: int) -> str:
     return f"{n / 2**20:g} MiB" if n >= 2**20 else f"{n} bytes"
-
-
-async def _feed(sink: OutputSink, chunk: bytes) -> None:
-    res = sink(chunk)
-    if res is not None:
-        await res
 
 
 class GuestClient:
@@ -115,22 +75,17 @@ class GuestClient:
         self,
         argv: list[str],
         *,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-        stdin: bytes | None = None,
-        on_stdout: OutputSink | None = None,
-        on_stderr: OutputSink | None = None,
-        capture: bool = True,
-        keep_background: bool = False,
         exec_id: str | None = None,
         capture_limit: int = DEFAULT_CAPTURE_LIMIT,
+        **opts: Unpack[ExecOptions],
     ) -> ExecResult:
         """Run ``argv``, streaming output to the sinks as it comes (see the manager's exec).
 
         Captured output keeps the first ``capture_limit`` bytes of each stream; the sinks
         still get every byte and the result counts them all.
         """
+        stdin, capture = opts.get("stdin"), opts.get("capture", True)
+        on_stdout, on_stderr = opts.get("on_stdout"), opts.get("on_stderr")
         if not argv:
             raise ConfigError("nothing to run: give a command")
         peer = self.peer
@@ -138,14 +93,14 @@ class GuestClient:
         in_id = peer.new_stream_id() if stdin is not None else None
         request = m.ExecRequest(
             argv=tuple(argv),
-            env=env,
-            cwd=cwd,
-            timeout=timeout,
+            env=opts.get("env"),
+            cwd=opts.get("cwd"),
+            timeout=opts.get("timeout"),
             stdout_stream=out_id,
             stderr_stream=err_id,
             stdin_stream=in_id,
             exec_id=exec_id,
-            keep_background=keep_background,
+            keep_background=opts.get("keep_background", False),
         )
         out_buf, err_buf = bytearray(), bytearray()
         counts = [0, 0]
@@ -155,8 +110,7 @@ class GuestClient:
                 counts[i] += len(chunk)
                 if capture and len(buf) < capture_limit:
                     buf += chunk[: capture_limit - len(buf)]
-                if sink is not None:
-                    await _feed(sink, chunk)
+                await feed(sink, chunk)
 
         drains = [
             asyncio.ensure_future(drain(out_id, out_buf, on_stdout, 0)),
@@ -194,14 +148,17 @@ class GuestClient:
         return (await self._call(request, m.ExecSignalResult)).signalled
 
     async def write_file(
-        self, path: str, data: bytes | AsyncIterator[bytes], *, mode: int = 0o644
+        self, path: str, data: bytes | str | AsyncIterator[bytes], *, mode: int = 0o644
     ) -> int:
+        """Write ``data`` (a str is written as UTF-8) to ``path``, streamed."""
         peer = self.peer
         sid = peer.new_stream_id()
         request = m.FilesWriteRequest(path=path, stream=sid, mode=mode)
         call = asyncio.ensure_future(self._call(request, m.FilesTransferResult))
         try:
-            if isinstance(data, bytes | bytearray | memoryview):
+            if isinstance(data, str):
+                await peer.send_bytes(sid, data.encode())
+            elif isinstance(data, bytes | bytearray | memoryview):
                 await peer.send_bytes(sid, data)
             else:
                 async for chunk in data:
@@ -233,7 +190,7 @@ class GuestClient:
                     if limit is not None and size > limit:
                         if sink is not None and size - len(chunk) < limit:
                             # The sink gets exactly ``limit`` bytes (a prefix is useful).
-                            await _feed(sink, chunk[: len(chunk) - (size - limit)])
+                            await feed(sink, chunk[: len(chunk) - (size - limit)])
                         raise ResourceLimitExceeded(
                             f"{path} is larger than the read limit of {_human(limit)}: "
                             "raise the limit, or copy it in pieces (split, head -c)"
@@ -241,7 +198,7 @@ class GuestClient:
                     if sink is None:
                         buf.extend(chunk)
                     else:
-                        await _feed(sink, chunk)
+                        await feed(sink, chunk)
 
         reader = asyncio.ensure_future(drain())
         request = m.FilesReadRequest(path=path, stream=sid)

@@ -12,12 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
-import json
 import os
 import shutil
-import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -28,10 +24,9 @@ from ironclaw.backends.base import (
     LaunchContext,
     process_start_time,
 )
-from ironclaw.config import DEFAULT_UID_BASE, Settings, ensure_private_dir, safe_join
+from ironclaw.config import DEFAULT_UID_BASE, Settings, ensure_private_dir
 from ironclaw.errors import (
     BackendError,
-    ChannelClosed,
     ConfigError,
     IronclawError,
     SandboxError,
@@ -40,28 +35,23 @@ from ironclaw.errors import (
 )
 from ironclaw.host import controls as _controls
 from ironclaw.host import reconcile as _reconcile
-from ironclaw.host.guest import (
-    DEFAULT_CAPTURE_LIMIT,
-    DEFAULT_READ_LIMIT,
-    ExecResult,
-    GuestClient,
-    OutputSink,
-)
+from ironclaw.host.channel import Channel
+from ironclaw.host.controls import Controls
+from ironclaw.host.guest import GuestClient
+from ironclaw.host.pool import pool_key
 from ironclaw.host.reconcile import GcReport
 from ironclaw.ids import new_sandbox_id, validate_sandbox_id
-from ironclaw.resources.audit import append_line
-from ironclaw.resources.lifetime import read_lifetime, touch_activity
+from ironclaw.proto.lifecycle import AsyncResource
+from ironclaw.proto.surface import ExecResult, OutputSink
+from ironclaw.resources.lifetime import read_lifetime
 from ironclaw.resources.store import SandboxRecord, Store
-from ironclaw.rpc import HOST_LIMITS, Peer
+from ironclaw.rpc import Peer
 from ironclaw.spec_light import LightSpec
-from ironclaw.transport import Connection
 
 if TYPE_CHECKING:
     # pydantic (spec, policy) and tarfile (snapshots) load on first use: a one-shot
     # `ironclaw exec` with the default spec needs neither.
-    from ironclaw.host.snapshots import Snapshot, SnapshotStore
-    from ironclaw.policy.network import NetworkPolicy
-    from ironclaw.resources.cgroups import Cgroup, CgroupManager
+    from ironclaw.resources.cgroups import CgroupManager
     from ironclaw.resources.net import NetworkManager
     from ironclaw.spec import SandboxSpec
 
@@ -119,34 +109,7 @@ def _parse(spec: SandboxSpec | LightSpec | dict[str, Any] | None) -> SandboxSpec
     return parse_spec(spec if spec is not None else {})
 
 
-def pool_key(spec: SandboxSpec) -> str:
-    """What a warm sandbox must share with a request to serve it.
-
-    Everything fixed at launch (backend, image, seccomp, mounts, env, hostname, whether
-    there is a network at all, tmpfs sizes, the wall-time supervisor) is in the key;
-    memory, pids, cpu and the egress rules are applied on acquire.
-    """
-    lim = spec.limits
-    fixed = {
-        "backend": spec.backend,
-        "image": spec.image,
-        "seccomp": spec.seccomp,
-        "mounts": [m.model_dump() for m in spec.mounts],
-        "env": spec.env,
-        "hostname": spec.hostname,
-        "network": spec.network.needs_network,
-        "proxy": bool(spec.network.allow_domains),
-        "workspace_mib": lim.workspace_mib,
-        "tmp_mib": lim.tmp_mib,
-        "wall_time_s": lim.wall_time_s,
-        "nofile": lim.nofile,
-        "fsize_mib": lim.fsize_mib,
-    }
-    blob = json.dumps(fixed, sort_keys=True).encode()
-    return hashlib.blake2b(blob, digest_size=8).hexdigest()
-
-
-class SandboxManager:
+class SandboxManager(Channel, Controls, AsyncResource):
     """Owns sandboxes through the registry. Use as ``async with SandboxManager() as m``."""
 
     def __init__(
@@ -175,13 +138,6 @@ class SandboxManager:
         self._owned: set[str] = set()
         self._rids: dict[str, str] = {}  # sandbox id -> resource id, for pooled ones
         self._me = {"owner_start": process_start_time(os.getpid())}
-
-    async def __aenter__(self) -> SandboxManager:
-        await self.open()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
     async def open(self) -> None:
         """Open the registry and finish what crashed processes left half done."""
@@ -527,67 +483,6 @@ class SandboxManager:
         await self.store.update(record.id, state="dead", reason=reason)
         return await self.store.get(record.id)
 
-    async def select(
-        self, *, labels: dict[str, str] | None = None, state: str | None = None
-    ) -> list[SandboxRecord]:
-        """Sandboxes that carry every label given and are in ``state`` (if given)."""
-        return [r for r in await self.sandboxes() if _controls.matches(r, labels, state)]
-
-    # -- lifetimes, pause, snapshots, network (see ironclaw.host.controls) --------------
-
-    async def set_timeout(self, sandbox_id: str, seconds: float | None) -> float | None:
-        """End (or pause, per ``on_timeout``) the sandbox ``seconds`` from now."""
-        return await _controls.set_timeout(self, sandbox_id, seconds)
-
-    async def pause(self, sandbox_id: str) -> None:
-        await _controls.pause(self, sandbox_id)
-
-    async def resume(self, sandbox_id: str, *, timeout: float | None = None) -> None:
-        await _controls.resume(self, sandbox_id, timeout=timeout)
-
-    async def snapshot(self, sandbox_id: str, name: str) -> Snapshot:
-        return await _controls.snapshot(self, sandbox_id, name)
-
-    async def restore(
-        self,
-        snap: Snapshot | str,
-        *,
-        spec: SandboxSpec | dict[str, Any] | None = None,
-        sandbox_id: str | None = None,
-        ready_timeout: float = 20.0,
-    ) -> SandboxRecord:
-        return await _controls.restore(
-            self, snap, spec=spec, sandbox_id=sandbox_id, ready_timeout=ready_timeout
-        )
-
-    async def fork(self, snap: Snapshot | str, count: int) -> list[SandboxRecord]:
-        """``count`` new sandboxes, each with the snapshot's workspace."""
-        if not 1 <= count <= 64:
-            raise ConfigError("fork makes between 1 and 64 sandboxes")
-        made: list[SandboxRecord] = []
-        for _ in range(count):
-            made.append(await self.restore(snap))
-        return made
-
-    def snapshots(self) -> SnapshotStore:
-        from ironclaw.host.snapshots import SnapshotStore
-
-        return SnapshotStore(self.settings)
-
-    async def update_network(
-        self,
-        sandbox_id: str,
-        *,
-        allow: list[str] | None = None,
-        allow_domains: list[str] | None = None,
-        deny: list[str] | None = None,
-        deny_domains: list[str] | None = None,
-    ) -> NetworkPolicy:
-        return await _controls.update_network(
-            self, sandbox_id, allow=allow, allow_domains=allow_domains, deny=deny,
-            deny_domains=deny_domains,
-        )  # fmt: skip
-
     # -- reconcile ---------------------------------------------------------------------
 
     async def reconcile(self, *, dry_run: bool = False, scan: bool = True) -> GcReport:
@@ -602,140 +497,3 @@ class SandboxManager:
         orphan. Nothing outside IronClaw's own names, uids and directories is touched.
         """
         return await _reconcile.reconcile(self, dry_run=dry_run, scan=scan)
-
-    # -- channel -----------------------------------------------------------------------
-
-    async def peer(self, sandbox_id: str) -> Peer:
-        """A connected peer to the sandbox's agent (cached per manager)."""
-        peer = self._peers.get(sandbox_id)
-        if peer is not None and not peer.closed:
-            return peer
-        record = await self.get(sandbox_id)
-        if record.state != "running":
-            raise SandboxError(
-                f"sandbox {sandbox_id} is {record.state}"
-                + (f" ({record.reason})" if record.reason else "")
-                + "; remove it with `ironclaw sandbox rm`"
-            )
-        conn = await self.backend(record.backend).open_channel(record.info)
-        peer = self._host_peer(sandbox_id, conn)
-        await peer.start()
-        self._peers[sandbox_id] = peer
-        return peer
-
-    def _host_peer(self, sid: str, conn: Connection) -> Peer:
-        """The host's end of a sandbox's channel: strict limits, violations audited.
-
-        A guest that breaks a rule of the channel loses that channel (the peer closes
-        it); the violation goes into the sandbox's audit log, which a task's trace
-        merges, so a person can see why.
-        """
-
-        def record(peer: Peer, error: BaseException) -> None:
-            doc = {"event": "channel.violation", "sandbox_id": sid, "ts": time.time(),
-                   "error": f"{type(error).__name__}: {error}"}  # fmt: skip
-            line = json.dumps(doc)
-            path = safe_join(self.settings.sandbox_state_dir(sid), "audit.jsonl")
-            task = asyncio.ensure_future(asyncio.to_thread(append_line, path, line))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-
-        return Peer(conn, name=f"host:{sid}", limits=HOST_LIMITS, on_protocol_error=record)
-
-    async def guest(self, sandbox_id: str) -> GuestClient:
-        """A typed client of the sandbox's agent, over the cached connection.
-
-        Every call through it is activity for the idle timer (connecting is not).
-        """
-        run_dir = self.settings.sandbox_runtime_dir(await self._rid(sandbox_id))
-        life = read_lifetime(run_dir)
-        if life is not None:
-            if life.get("paused"):
-                raise SandboxError(
-                    f"sandbox {sandbox_id} is paused; `ironclaw sandbox resume {sandbox_id}`"
-                )
-            touch_activity(run_dir)
-        return GuestClient(await self.peer(sandbox_id), sandbox_id)
-
-    async def exec(
-        self,
-        sandbox_id: str,
-        argv: list[str],
-        *,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-        stdin: bytes | None = None,
-        on_stdout: OutputSink | None = None,
-        on_stderr: OutputSink | None = None,
-        capture: bool = True,
-        keep_background: bool = False,
-        capture_limit: int = DEFAULT_CAPTURE_LIMIT,
-    ) -> ExecResult:
-        """Run ``argv`` in the sandbox, streaming output to the sinks as it comes.
-
-        With ``capture=False`` output is only streamed, so memory stays bounded however
-        much a command prints; captured output keeps ``capture_limit`` bytes per stream
-        and says ``truncated`` past that. Processes the command leaves in the background are
-        killed when it exits unless ``keep_background``. A command stopped by one of the
-        sandbox's cgroup limits says so in ``status``.
-        """
-        if not argv:
-            raise ConfigError("nothing to run: give a command")
-        guest = await self.guest(sandbox_id)
-        cg = self._cgroup_or_none(await self._rid(sandbox_id))
-        before = cg.limit_hits() if cg is not None else None
-        try:
-            result = await guest.exec(
-                argv,
-                env=env,
-                cwd=cwd,
-                timeout=timeout,
-                stdin=stdin,
-                on_stdout=on_stdout,
-                on_stderr=on_stderr,
-                capture=capture,
-                keep_background=keep_background,
-                capture_limit=capture_limit,
-            )
-        except ChannelClosed:
-            record = await self.get(sandbox_id)
-            raise SandboxError(
-                f"sandbox {sandbox_id} went away during the command"
-                + (f": {record.reason}" if record.reason else "")
-            ) from None
-        if cg is not None and before is not None:
-            oom, pids = cg.limit_hits()
-            if oom > before[0]:
-                result.status = "memory limit exceeded"
-            elif pids > before[1]:
-                result.status = "pids limit"
-        return result
-
-    async def _rid(self, sandbox_id: str) -> str:
-        rid = self._rids.get(sandbox_id)
-        if rid is None:
-            rid = self._rids[sandbox_id] = (await self.store.get(sandbox_id)).rid
-        return rid
-
-    def _cgroup_or_none(self, sandbox_id: str) -> Cgroup | None:
-        """The sandbox's cgroup, or None where it has none (its limits then go unnamed)."""
-        try:
-            return self.cgroups.open(sandbox_id)
-        except IronclawError:
-            return None
-
-    async def write_file(
-        self, sandbox_id: str, path: str, data: bytes | AsyncIterator[bytes], *, mode: int = 0o644
-    ) -> int:
-        return await (await self.guest(sandbox_id)).write_file(path, data, mode=mode)
-
-    async def read_file(
-        self,
-        sandbox_id: str,
-        path: str,
-        sink: OutputSink | None = None,
-        *,
-        limit: int | None = DEFAULT_READ_LIMIT,
-    ) -> bytes:
-        return await (await self.guest(sandbox_id)).read_file(path, sink, limit=limit)

@@ -16,7 +16,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,7 +70,7 @@ def _limit(value: int) -> int:
     return value
 
 
-def sandbox_json(doc: dict[str, Any]) -> dict[str, Any]:
+def sandbox_json(doc: Mapping[str, Any]) -> dict[str, Any]:
     """What a tool shows of a sandbox, from a record's fields (local or over the API)."""
     spec = doc.get("spec") or {}
     limits = spec.get("limits") or {}

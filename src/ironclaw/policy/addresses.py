@@ -10,9 +10,10 @@ destination: an allow rule is the operator saying "this internal address is mean
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+from typing import TypeVar
 
 __all__ = [
     "AddressRule",
@@ -28,49 +29,50 @@ __all__ = [
 
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
+N = TypeVar("N", IPv4Network, IPv6Network)
 
-_V4 = tuple(
-    (IPv4Network(net), why)
-    for net, why in (
-        ("0.0.0.0/8", "'this network'"),
-        ("10.0.0.0/8", "private"),
-        ("100.64.0.0/10", "carrier-grade NAT"),
-        ("127.0.0.0/8", "loopback"),
-        ("169.254.0.0/16", "link-local"),
-        ("172.16.0.0/12", "private"),
-        ("192.0.0.0/24", "IETF protocol assignment"),
-        ("192.0.2.0/24", "documentation"),
-        ("192.88.99.0/24", "6to4 relay anycast"),
-        ("192.168.0.0/16", "private"),
-        ("198.18.0.0/15", "benchmarking"),
-        ("198.51.100.0/24", "documentation"),
-        ("203.0.113.0/24", "documentation"),
-        ("224.0.0.0/4", "multicast"),
-        ("240.0.0.0/4", "reserved"),
-    )
+
+def _table(make: Callable[[str], N], *rows: tuple[str, str]) -> tuple[tuple[N, str], ...]:
+    """``(network, why it is not global)`` rows."""
+    return tuple((make(net), why) for net, why in rows)
+
+
+_V4 = _table(
+    IPv4Network,
+    ("0.0.0.0/8", "'this network'"),
+    ("10.0.0.0/8", "private"),
+    ("100.64.0.0/10", "carrier-grade NAT"),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local"),
+    ("172.16.0.0/12", "private"),
+    ("192.0.0.0/24", "IETF protocol assignment"),
+    ("192.0.2.0/24", "documentation"),
+    ("192.88.99.0/24", "6to4 relay anycast"),
+    ("192.168.0.0/16", "private"),
+    ("198.18.0.0/15", "benchmarking"),
+    ("198.51.100.0/24", "documentation"),
+    ("203.0.113.0/24", "documentation"),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved"),
 )
 _V6_GLOBAL = IPv6Network("2000::/3")
-_V6_OUTSIDE = tuple(
-    (IPv6Network(net), why)
-    for net, why in (
-        ("::/128", "unspecified"),
-        ("::1/128", "loopback"),
-        ("fe80::/10", "link-local"),
-        ("fec0::/10", "site-local"),
-        ("fc00::/7", "unique local (private)"),
-        ("ff00::/8", "multicast"),
-        ("64:ff9b:1::/48", "local-use NAT64"),
-        ("100::/64", "discard-only"),
-    )
+_V6_OUTSIDE = _table(
+    IPv6Network,
+    ("::/128", "unspecified"),
+    ("::1/128", "loopback"),
+    ("fe80::/10", "link-local"),
+    ("fec0::/10", "site-local"),
+    ("fc00::/7", "unique local (private)"),
+    ("ff00::/8", "multicast"),
+    ("64:ff9b:1::/48", "local-use NAT64"),
+    ("100::/64", "discard-only"),
 )
-_V6_INSIDE = tuple(
-    (IPv6Network(net), why)
-    for net, why in (
-        ("2001::/32", "Teredo"),
-        ("2001::/23", "IETF protocol assignment"),
-        ("2001:db8::/32", "documentation"),
-        ("3fff::/20", "documentation"),
-    )
+_V6_INSIDE = _table(
+    IPv6Network,
+    ("2001::/32", "Teredo"),
+    ("2001::/23", "IETF protocol assignment"),
+    ("2001:db8::/32", "documentation"),
+    ("3fff::/20", "documentation"),
 )
 _MAPPED = IPv6Network("::ffff:0:0/96")
 _COMPAT = IPv6Network("::/96")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
@@ -22,6 +22,7 @@ __all__ = [
     "PROXY_PORT",
     "TABLE",
     "AllowRule",
+    "NetworkChange",
     "NetworkPolicy",
     "SandboxNames",
     "domain_allowed",
@@ -44,6 +45,16 @@ _PUBLIC_SUFFIXES = frozenset(
         "blogspot.com", "pages.dev", "workers.dev", "vercel.app", "netlify.app",
     }
 )  # fmt: skip
+
+
+class NetworkChange(TypedDict, total=False):
+    """A change to a running sandbox's egress: each list given replaces the current one,
+    except ``deny``, whose rules are taken out of the allow list."""
+
+    allow: list[str] | None
+    allow_domains: list[str] | None
+    deny: list[str] | None
+    deny_domains: list[str] | None
 
 
 class AllowRule(BaseModel):

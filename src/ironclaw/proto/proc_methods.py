@@ -16,21 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ironclaw.proto.frames import MAX_STREAM_ID
-from ironclaw.proto.records import (
-    MAX_ARG,
-    MAX_PATH,
-    Bool,
-    Float,
-    Int,
-    Nested,
-    Opt,
-    Record,
-    Seq,
-    Str,
-    StrMap,
-    declare,
-)
+from ironclaw.proto import records as f
+from ironclaw.proto.records import MAX_PATH, Int, Record, Str, declare
 
 __all__ = [
     "MAX_PROCS",
@@ -59,8 +46,6 @@ MAX_PROCS = 256
 MAX_WATCH_LINE = 3 * MAX_PATH + 256
 MAX_WATCH_QUEUE = 65_536
 
-STREAM = Int(1, MAX_STREAM_ID)
-PATH = Str(min_len=1, max_len=MAX_PATH, no_nul=True)
 TAG = Str(min_len=1, max_len=128, no_nul=True)
 PID = Int(1, 2**22)
 SIGNAL = Int(1, 64)
@@ -163,22 +148,49 @@ class WatchResult(Record):
 
 
 _TYPES = ("created", "modified", "deleted", "moved", "overflow")
-declare(ProcRef, pid=Opt(PID), tag=Opt(TAG))
-declare(ProcStartRequest, argv=Seq(Str(max_len=MAX_ARG, no_nul=True), min_items=1),
-        env=Opt(StrMap()), cwd=Opt(PATH), tag=Opt(TAG), ring_bytes=Int(4096, MAX_RING),
-        pty=Bool(), cols=DIM, rows=DIM)  # fmt: skip
-declare(ProcInfo, pid=PID, tag=Opt(TAG), argv=Seq(Str(max_len=MAX_ARG, no_nul=True)),
-        pty=Bool(), running=Bool(), exit_code=Opt(Int(0, 255)), signal=Opt(SIGNAL),
-        started_at=Float(lo=0.0), output_bytes=Int())  # fmt: skip
+declare(ProcRef, pid=f.Opt(PID), tag=f.Opt(TAG))
+declare(
+    ProcStartRequest,
+    argv=f.Seq(f.Str(max_len=f.MAX_ARG, no_nul=True), min_items=1),
+    env=f.Opt(f.StrMap()),
+    cwd=f.Opt(f.PATH),
+    tag=f.Opt(TAG),
+    ring_bytes=f.Int(4096, MAX_RING),
+    pty=f.Bool(),
+    cols=DIM,
+    rows=DIM,
+)
+declare(
+    ProcInfo,
+    pid=PID,
+    tag=f.Opt(TAG),
+    argv=f.Seq(f.Str(max_len=f.MAX_ARG, no_nul=True)),
+    pty=f.Bool(),
+    running=f.Bool(),
+    exit_code=f.Opt(f.Int(0, 255)),
+    signal=f.Opt(SIGNAL),
+    started_at=f.Float(lo=0.0),
+    output_bytes=f.Int(),
+)
 declare(ProcListRequest)
-declare(ProcListResult, procs=Seq(Nested(ProcInfo), max_items=MAX_PROCS))
-declare(ProcConnectRequest, ref=Nested(ProcRef), stream=STREAM, replay=Bool())
-declare(ProcStdinRequest, ref=Nested(ProcRef), stream=STREAM, close=Bool())
-declare(ProcSignalRequest, ref=Nested(ProcRef), signal=SIGNAL)
-declare(ProcWaitRequest, ref=Nested(ProcRef), timeout=Opt(Float(lo=0.0)))
-declare(ProcResizeRequest, ref=Nested(ProcRef), cols=DIM, rows=DIM)
-declare(WatchRequest, path=PATH, stream=STREAM, recursive=Bool(),
-        max_queue=Int(1, MAX_WATCH_QUEUE))  # fmt: skip
-declare(WatchEvent, type=Str(choices=_TYPES), path=Str(max_len=MAX_PATH, no_nul=True),
-        dest=Opt(Str(max_len=MAX_PATH, no_nul=True)), is_dir=Bool())  # fmt: skip
-declare(WatchResult, events=Int(), dropped=Int())
+declare(ProcListResult, procs=f.Seq(f.Nested(ProcInfo), max_items=MAX_PROCS))
+declare(ProcConnectRequest, ref=f.Nested(ProcRef), stream=f.STREAM, replay=f.Bool())
+declare(ProcStdinRequest, ref=f.Nested(ProcRef), stream=f.STREAM, close=f.Bool())
+declare(ProcSignalRequest, ref=f.Nested(ProcRef), signal=SIGNAL)
+declare(ProcWaitRequest, ref=f.Nested(ProcRef), timeout=f.Opt(f.Float(lo=0.0)))
+declare(ProcResizeRequest, ref=f.Nested(ProcRef), cols=DIM, rows=DIM)
+declare(
+    WatchRequest,
+    path=f.PATH,
+    stream=f.STREAM,
+    recursive=f.Bool(),
+    max_queue=f.Int(1, MAX_WATCH_QUEUE),
+)
+declare(
+    WatchEvent,
+    type=f.Str(choices=_TYPES),
+    path=f.Str(max_len=f.MAX_PATH, no_nul=True),
+    dest=f.Opt(f.Str(max_len=f.MAX_PATH, no_nul=True)),
+    is_dir=f.Bool(),
+)
+declare(WatchResult, events=f.Int(), dropped=f.Int())

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar, dataclass_transform
 
 from ironclaw.errors import InvalidParams
+from ironclaw.proto.frames import MAX_STREAM_ID
 
 __all__ = [
     "MISSING",
@@ -356,3 +357,12 @@ def to_json(record: Record) -> dict[str, Any]:
     """The record as a JSON object (every field written, ``null`` included)."""
     checks = _SCHEMAS[type(record)]
     return {f: checks[f].encode(getattr(record, f)) for f in record._fields}
+
+
+# -- field checks several methods share ----------------------------------------------------
+
+PATH = Str(min_len=1, max_len=MAX_PATH, no_nul=True)
+STREAM = Int(1, MAX_STREAM_ID)
+MODE = Int(0, 0o7777)
+TEXT = Str()
+NAME = Str(max_len=1024)

@@ -23,14 +23,19 @@ import json
 import os
 import subprocess
 import time
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TypedDict, cast
+
+from ironclaw.resources.watchdog import PIDFD_POLL, spawn_script
 
 __all__ = [
     "ACTIVITY_FILE",
     "LIFETIME_FILE",
-    "LIFETIME_WATCHDOG",
+    "LifetimeDoc",
+    "PauseActions",
     "due",
+    "lifetime_watchdog",
     "read_lifetime",
     "spawn_lifetime_watchdog",
     "touch_activity",
@@ -40,17 +45,42 @@ __all__ = [
 LIFETIME_FILE = "lifetime.json"
 ACTIVITY_FILE = "activity"
 
-# Standalone (python -I -S): the same rule as :func:`due`, plus the pause/kill actions.
-LIFETIME_WATCHDOG = r"""
+
+class PauseActions(TypedDict, total=False):
+    """How the watchdog pauses a sandbox: QMP ``stop`` on this socket (QEMU), or these
+    ``[path, value]`` writes to its cgroup freezer (and their undoing)."""
+
+    qmp: str
+    freeze: list[list[str]]
+    thaw: list[list[str]]
+
+
+class LifetimeDoc(TypedDict, total=False):
+    """``lifetime.json``: written by the manager, read and updated by the watchdog."""
+
+    deadline: float | None  # epoch seconds; wall-clock, runs on while paused
+    idle_timeout: float | None
+    on_timeout: str  # destroy | pause
+    activity: str  # the file whose mtime is the idle clock
+    started: float
+    paused: bool
+    paused_by: str  # why the watchdog paused it
+    pause: PauseActions
+    watchdog: int  # the watchdog's pid
+    ended: str  # why the watchdog ended it
+    error: str
+
+
+# Standalone (python -I -S): :func:`due` itself (its source is put in), plus the pause and
+# kill actions.
+_WATCHDOG_HEAD = (
+    r"""from __future__ import annotations
 import json, os, select, signal, socket, sys, time
 path, target = sys.argv[1], int(sys.argv[2])
-try:
-    t = os.pidfd_open(target)
-except ProcessLookupError:
-    sys.exit(0)
-poll = select.poll()
-poll.register(t, select.POLLIN)
-
+"""
+    + PIDFD_POLL
+)
+_WATCHDOG_BODY = r"""
 def load():
     try:
         with open(path) as f:
@@ -63,23 +93,6 @@ def save(doc):
     with open(tmp, "w") as f:
         json.dump(doc, f)
     os.replace(tmp, path)
-
-def due(doc, now):
-    if doc.get("ended"):
-        return None
-    paused = doc.get("paused")
-    dl = doc.get("deadline")
-    if dl is not None and now >= dl and not (paused and doc.get("on_timeout") == "pause"):
-        return "timeout: deadline reached"
-    idle = doc.get("idle_timeout")
-    if idle and not paused:
-        try:
-            last = os.stat(doc["activity"]).st_mtime
-        except (OSError, KeyError):
-            last = doc.get("started", now)
-        if now - last >= idle:
-            return "timeout: idle for %gs" % idle
-    return None
 
 def qmp_stop(sock_path):
     s = socket.socket(socket.AF_UNIX)
@@ -130,17 +143,17 @@ while True:
 """
 
 
-def read_lifetime(run_dir: Path) -> dict[str, Any] | None:
+def read_lifetime(run_dir: Path) -> LifetimeDoc | None:
     """The sandbox's lifetime document, or None if it has no lifetime."""
     try:
         with open(run_dir / LIFETIME_FILE) as f:
             doc = json.load(f)
     except (OSError, ValueError):
         return None
-    return doc if isinstance(doc, dict) else None
+    return cast(LifetimeDoc, doc) if isinstance(doc, dict) else None
 
 
-def write_lifetime(run_dir: Path, doc: dict[str, Any]) -> None:
+def write_lifetime(run_dir: Path, doc: LifetimeDoc) -> None:
     """Replace the document atomically (the watchdog never reads half a file)."""
     tmp = run_dir / (LIFETIME_FILE + f".{os.getpid()}.tmp")
     with open(tmp, "w") as f:
@@ -157,7 +170,7 @@ def touch_activity(run_dir: Path) -> None:
         path.touch(mode=0o600)
 
 
-def due(doc: dict[str, Any], now: float | None = None) -> str | None:
+def due(doc: LifetimeDoc, now: float | None = None) -> str | None:
     """Why the sandbox's lifetime has run out now, or None (the watchdog's rule)."""
     now = time.time() if now is None else now
     if doc.get("ended"):
@@ -181,6 +194,14 @@ def due(doc: dict[str, Any], now: float | None = None) -> str | None:
     return None
 
 
+@cache
+def lifetime_watchdog() -> str:
+    """The watchdog script: the shared start, :func:`due`'s own source, the loop."""
+    import inspect
+
+    return _WATCHDOG_HEAD + inspect.getsource(due) + _WATCHDOG_BODY
+
+
 def spawn_lifetime_watchdog(run_dir: Path, pid: int, *, python: str = "/usr/bin/python3") -> int:
     """Start the watchdog for the sandbox process ``pid`` (blocking: off the event loop).
 
@@ -188,13 +209,5 @@ def spawn_lifetime_watchdog(run_dir: Path, pid: int, *, python: str = "/usr/bin/
     the sandbox's own uid must not reach; it reads only the files named above, which
     live in the root-only runtime directory.
     """
-    proc = subprocess.Popen(
-        [python, "-I", "-S", "-B", "-c", LIFETIME_WATCHDOG, str(run_dir / LIFETIME_FILE),
-         str(pid)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        cwd="/",
-    )  # fmt: skip
-    return proc.pid
+    script = lifetime_watchdog()
+    return spawn_script(python, script, run_dir / LIFETIME_FILE, pid, stdout=subprocess.DEVNULL).pid

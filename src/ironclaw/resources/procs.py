@@ -1,10 +1,24 @@
-"""Facts about host processes read from /proc (no subprocess, no blocking waits)."""
+"""Facts about host processes read from /proc (no subprocess, no blocking waits), and
+waiting on a pidfd without blocking the event loop."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 
-__all__ = ["descendants", "host_uid", "is_zombie", "processes_with_uid_in"]
+__all__ = ["descendants", "host_uid", "is_zombie", "processes_with_uid_in", "wait_readable"]
+
+
+async def wait_readable(fd: int) -> None:
+    """Return once ``fd`` is readable (a pidfd: once its process has exited). The loop
+    wakes on the event itself, no polling; cancelling stops the wait cleanly."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(fd, lambda: None if ready.done() else ready.set_result(None))
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
 
 
 def _parent_map() -> dict[int, list[int]]:

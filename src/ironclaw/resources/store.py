@@ -15,21 +15,25 @@ event loop never waits on the disk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
 from ironclaw.errors import ConfigError, SandboxNotFound
 from ironclaw.ids import validate_sandbox_id
+from ironclaw.proto.lifecycle import AsyncResource
 
 __all__ = ["ResourceRow", "SandboxRecord", "SandboxState", "Store", "TokenRow"]
 
 T = TypeVar("T")
+P = ParamSpec("P")
 #: ``lost``: its node (a cluster node) was lost; only the cluster head marks it.
 SandboxState = Literal[
     "creating", "pooled", "running", "paused", "stopping", "dead", "failed", "lost"
@@ -142,7 +146,42 @@ def _record(row: sqlite3.Row) -> SandboxRecord:
     )
 
 
-class Store:
+@contextlib.contextmanager
+def _immediate(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One ``IMMEDIATE`` transaction: committed when the block ends, rolled back if it
+    raises (so two processes never interleave their reads and writes)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _must_be_free(db: sqlite3.Connection, sandbox_id: str) -> None:
+    if db.execute("SELECT 1 FROM sandboxes WHERE id = ?", (sandbox_id,)).fetchone():
+        raise ConfigError(
+            f"a sandbox named {sandbox_id!r} already exists; "
+            "pick another id or remove it first (ironclaw sandbox rm)"
+        )
+
+
+def _threaded(
+    fn: Callable[Concatenate[Store, P], T],
+) -> Callable[Concatenate[Store, P], Coroutine[Any, Any, T]]:
+    """The async method that runs ``fn`` (a blocking SQLite step) on the store's thread."""
+
+    async def method(self: Store, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self._run(functools.partial(fn, self, *args, **kwargs))
+
+    method.__name__ = method.__qualname__ = fn.__name__.lstrip("_")
+    method.__doc__ = fn.__doc__
+    return method
+
+
+class Store(AsyncResource):
     """Async facade over the registry file. Use as ``async with Store(path) as store``."""
 
     def __init__(self, path: Path, *, max_slots: int = 16384) -> None:
@@ -150,13 +189,6 @@ class Store:
         self.max_slots = max_slots
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ironclaw-store")
         self._db: sqlite3.Connection | None = None
-
-    async def __aenter__(self) -> Store:
-        await self.open()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
     async def open(self) -> None:
         await self._run(self._open)
@@ -194,7 +226,7 @@ class Store:
 
     # -- sandboxes ---------------------------------------------------------------------
 
-    async def reserve(
+    def _reserve(
         self,
         sandbox_id: str,
         *,
@@ -207,29 +239,9 @@ class Store:
     ) -> SandboxRecord:
         """Claim ``sandbox_id`` and a free slot atomically, in state ``creating``."""
         validate_sandbox_id(sandbox_id)
-        return await self._run(
-            self._reserve, sandbox_id, backend, spec, owner_pid, one_shot, info or {}, pool_key
-        )
-
-    def _reserve(
-        self,
-        sandbox_id: str,
-        backend: str,
-        spec: dict[str, Any],
-        owner_pid: int | None,
-        one_shot: bool,
-        info: dict[str, Any],
-        pool_key: str | None,
-    ) -> SandboxRecord:
-        db = self.db
         now = time.time()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            if db.execute("SELECT 1 FROM sandboxes WHERE id = ?", (sandbox_id,)).fetchone():
-                raise ConfigError(
-                    f"a sandbox named {sandbox_id!r} already exists; "
-                    "pick another id or remove it first (ironclaw sandbox rm)"
-                )
+        with _immediate(self.db) as db:
+            _must_be_free(db, sandbox_id)
             used = {r[0] for r in db.execute("SELECT slot FROM sandboxes")}
             slot = next((i for i in range(self.max_slots) if i not in used), None)
             if slot is None:
@@ -243,7 +255,7 @@ class Store:
                     slot,
                     backend,
                     json.dumps(spec),
-                    json.dumps(info),
+                    json.dumps(info or {}),
                     owner_pid,
                     int(one_shot),
                     pool_key,
@@ -251,17 +263,12 @@ class Store:
                     now,
                 ),
             )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return self._get(sandbox_id)
 
-    async def get(self, sandbox_id: str) -> SandboxRecord:
-        validate_sandbox_id(sandbox_id)
-        return await self._run(self._get, sandbox_id)
+    reserve = _threaded(_reserve)
 
     def _get(self, sandbox_id: str) -> SandboxRecord:
+        validate_sandbox_id(sandbox_id)
         row = self.db.execute("SELECT * FROM sandboxes WHERE id = ?", (sandbox_id,)).fetchone()
         if row is None:
             raise SandboxNotFound(
@@ -269,14 +276,15 @@ class Store:
             )
         return _record(row)
 
-    async def all(self) -> list[SandboxRecord]:
-        return await self._run(self._all)
+    get = _threaded(_get)
 
     def _all(self) -> list[SandboxRecord]:
         rows = self.db.execute("SELECT * FROM sandboxes ORDER BY created_at").fetchall()
         return [_record(r) for r in rows]
 
-    async def update(
+    all = _threaded(_all)
+
+    def _update(
         self,
         sandbox_id: str,
         *,
@@ -285,42 +293,27 @@ class Store:
         reason: str | None = None,
         spec: dict[str, Any] | None = None,
     ) -> None:
-        await self._run(self._update, sandbox_id, state, info, reason, spec)
-
-    def _update(
-        self,
-        sandbox_id: str,
-        state: SandboxState | None,
-        info: dict[str, Any] | None,
-        reason: str | None,
-        spec: dict[str, Any] | None = None,
-    ) -> None:
-        sets: list[str] = ["updated_at = ?"]
-        args: list[object] = [time.time()]
-        if state is not None:
-            sets.append("state = ?")
-            args.append(state)
-        if info is not None:
-            sets.append("info = json_patch(info, ?)")
-            args.append(json.dumps(info))
-        if reason is not None:
-            sets.append("reason = ?")
-            args.append(reason)
-        if spec is not None:
-            sets.append("spec = ?")
-            args.append(json.dumps(spec))
-        args.append(sandbox_id)
+        given = {
+            "state = ?": state,
+            "info = json_patch(info, ?)": None if info is None else json.dumps(info),
+            "reason = ?": reason,
+            "spec = ?": None if spec is None else json.dumps(spec),
+        }
+        sets = ["updated_at = ?", *(k for k, v in given.items() if v is not None)]
+        args = [time.time(), *(v for v in given.values() if v is not None), sandbox_id]
         self.db.execute(f"UPDATE sandboxes SET {', '.join(sets)} WHERE id = ?", args)  # noqa: S608
 
-    async def claim_pooled(
+    update = _threaded(_update)
+
+    def _claim_pooled(
         self,
         pool_key: str,
         new_id: str,
         *,
         spec: dict[str, Any],
-        owner: dict[str, Any],
-        owner_pid: int,
         one_shot: bool,
+        owner_pid: int,
+        owner: dict[str, Any],
     ) -> SandboxRecord | None:
         """Take one ready pooled sandbox for ``pool_key`` and give it ``new_id``, atomically.
 
@@ -329,34 +322,14 @@ class Store:
         can take the same sandbox and none sees it half-renamed.
         """
         validate_sandbox_id(new_id)
-        return await self._run(
-            self._claim_pooled, pool_key, new_id, spec, owner, owner_pid, one_shot
-        )
-
-    def _claim_pooled(
-        self,
-        pool_key: str,
-        new_id: str,
-        spec: dict[str, Any],
-        owner: dict[str, Any],
-        owner_pid: int,
-        one_shot: bool,
-    ) -> SandboxRecord | None:
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            if db.execute("SELECT 1 FROM sandboxes WHERE id = ?", (new_id,)).fetchone():
-                raise ConfigError(
-                    f"a sandbox named {new_id!r} already exists; "
-                    "pick another id or remove it first (ironclaw sandbox rm)"
-                )
+        with _immediate(self.db) as db:
+            _must_be_free(db, new_id)
             row = db.execute(
                 "SELECT id, info FROM sandboxes WHERE state = 'pooled' AND pool_key = ?"
                 " ORDER BY created_at LIMIT 1",
                 (pool_key,),
             ).fetchone()
             if row is None:
-                db.execute("ROLLBACK")
                 return None
             old = row["id"]
             info = {"rid": json.loads(row["info"]).get("rid", old), **owner}
@@ -375,15 +348,9 @@ class Store:
                 ),
             )
             db.execute("UPDATE resources SET sandbox_id = ? WHERE sandbox_id = ?", (new_id, old))
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
         return self._get(new_id)
 
-    async def count_pooled(self, pool_key: str) -> int:
-        return await self._run(self._count_pooled, pool_key)
+    claim_pooled = _threaded(_claim_pooled)
 
     def _count_pooled(self, pool_key: str) -> int:
         row = self.db.execute(
@@ -392,16 +359,15 @@ class Store:
         ).fetchone()
         return int(row[0])
 
-    async def delete(self, sandbox_id: str) -> None:
-        """Forget a sandbox whose resources are all gone."""
-        await self._run(self._delete, sandbox_id)
+    count_pooled = _threaded(_count_pooled)
 
     def _delete(self, sandbox_id: str) -> None:
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        db.execute("DELETE FROM resources WHERE sandbox_id = ?", (sandbox_id,))
-        db.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
-        db.execute("COMMIT")
+        """Forget a sandbox whose resources are all gone."""
+        with _immediate(self.db) as db:
+            db.execute("DELETE FROM resources WHERE sandbox_id = ?", (sandbox_id,))
+            db.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
+
+    delete = _threaded(_delete)
 
     # -- resources ---------------------------------------------------------------------
 
@@ -427,10 +393,7 @@ class Store:
             (sandbox_id, kind, name),
         )
 
-    async def resources(self, sandbox_id: str | None = None) -> list[ResourceRow]:
-        return await self._run(self._resources, sandbox_id)
-
-    def _resources(self, sandbox_id: str | None) -> list[ResourceRow]:
+    def _resources(self, sandbox_id: str | None = None) -> list[ResourceRow]:
         if sandbox_id is None:
             rows = self.db.execute("SELECT * FROM resources ORDER BY created_at").fetchall()
         else:
@@ -438,6 +401,8 @@ class Store:
                 "SELECT * FROM resources WHERE sandbox_id = ? ORDER BY created_at", (sandbox_id,)
             ).fetchall()
         return [ResourceRow(r["sandbox_id"], r["kind"], r["name"], r["state"]) for r in rows]
+
+    resources = _threaded(_resources)
 
     # -- API tokens and sandbox owners -------------------------------------------------
 
@@ -449,19 +414,17 @@ class Store:
              row.max_memory_mib, row.created_at),
         )  # fmt: skip
 
-    async def token(self, token_id: str) -> TokenRow | None:
-        return await self._run(self._token, token_id)
-
     def _token(self, token_id: str) -> TokenRow | None:
         row = self.db.execute("SELECT * FROM api_tokens WHERE id = ?", (token_id,)).fetchone()
         return _token_row(row) if row is not None else None
 
-    async def tokens(self) -> list[TokenRow]:
-        return await self._run(self._tokens)
+    token = _threaded(_token)
 
     def _tokens(self) -> list[TokenRow]:
         rows = self.db.execute("SELECT * FROM api_tokens ORDER BY created_at").fetchall()
         return [_token_row(r) for r in rows]
+
+    tokens = _threaded(_tokens)
 
     async def revoke_token(self, token_id: str) -> bool:
         """Mark a token revoked; False when no live token has that id."""
@@ -479,13 +442,12 @@ class Store:
             (sandbox_id, token_id, memory_mib, time.time()),
         )
 
-    async def owners(self) -> dict[str, tuple[str, int]]:
-        """sandbox id -> (owner token id, memory MiB it was charged)."""
-        return await self._run(self._owners)
-
     def _owners(self) -> dict[str, tuple[str, int]]:
+        """sandbox id -> (owner token id, memory MiB it was charged)."""
         rows = self.db.execute("SELECT sandbox_id, token_id, memory_mib FROM api_owners")
         return {r[0]: (r[1], int(r[2])) for r in rows}
+
+    owners = _threaded(_owners)
 
     async def drop_owner(self, sandbox_id: str) -> None:
         await self._run(

@@ -28,18 +28,27 @@ import subprocess
 from ironclaw.config import DEFAULT_UID_BASE
 from ironclaw.errors import BackendError, ConfigError
 
-__all__ = ["WATCHDOG", "spawn_watchdog", "watchdog_uid"]
+__all__ = ["PIDFD_POLL", "WATCHDOG", "spawn_script", "spawn_watchdog", "watchdog_uid"]
 
-WATCHDOG = r"""
-import os, select, signal, sys
-target, seconds, owner = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
-uid, as_uid = int(sys.argv[4]), int(sys.argv[5])
+#: How every watchdog script starts, once it has ``target``: a pidfd on it in a poll set
+#: (or exit at once if it is gone already). Needs ``os``, ``select`` and ``sys``.
+PIDFD_POLL = r"""
 try:
     t = os.pidfd_open(target)
 except ProcessLookupError:
     sys.exit(0)
 poll = select.poll()
 poll.register(t, select.POLLIN)
+"""
+
+WATCHDOG = (
+    r"""
+import os, select, signal, sys
+target, seconds, owner = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+uid, as_uid = int(sys.argv[4]), int(sys.argv[5])
+"""
+    + PIDFD_POLL
+    + r"""
 if owner > 0:
     try:
         poll.register(os.pidfd_open(owner), select.POLLIN)
@@ -59,6 +68,15 @@ if not any(fd == t for fd, _ in ready):
     except ProcessLookupError:
         pass
 """
+)
+
+
+def spawn_script(python: str, script: str, *args: object, stdout: int) -> subprocess.Popen[bytes]:
+    """Run ``script`` on an isolated interpreter (no site, no user paths, no bytecode)
+    in its own session, with ``args`` as its argv; only ``stdout`` may be kept."""
+    argv = [python, "-I", "-S", "-B", "-c", script, *(str(a) for a in args)]
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout,
+                            stderr=subprocess.DEVNULL, start_new_session=True, cwd="/")  # fmt: skip
 
 
 def watchdog_uid() -> int:
@@ -85,15 +103,8 @@ def spawn_watchdog(
     own = watchdog_uid() if own_uid is None else own_uid
     if own in (uid, 0) or uid == 0:
         raise ConfigError(f"the watchdog's uid {own} must differ from root and the VM's uid {uid}")
-    proc = subprocess.Popen(
-        [python, "-I", "-S", "-B", "-c", WATCHDOG, str(pid), str(wall_time_s or 0),
-         str(owner_pid or 0), str(own), str(uid)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        cwd="/",
-    )  # fmt: skip
+    args = (pid, wall_time_s or 0, owner_pid or 0, own, uid)
+    proc = spawn_script(python, WATCHDOG, *args, stdout=subprocess.PIPE)
     assert proc.stdout is not None
     with proc.stdout:
         ready = proc.stdout.read(1)

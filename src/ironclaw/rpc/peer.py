@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any, Self
+from typing import Any
 
 from ironclaw.errors import (
     ChannelClosed,
@@ -24,6 +24,7 @@ from ironclaw.proto import (
     RequestId,
     encode_end,
 )
+from ironclaw.proto.lifecycle import AsyncResource
 
 from ._core import (
     CANCEL_METHOD,
@@ -56,7 +57,7 @@ def _check_params(params: Any) -> Any:
     raise TypeError(f"JSON-RPC params must be a dict, list or None, not {type(params).__name__}")
 
 
-class Peer(Receiver):
+class Peer(Receiver, AsyncResource):
     """One end of the channel. See :mod:`ironclaw.rpc` for the rules it follows.
 
     ``limits`` caps what the other end may make this one hold (the host passes
@@ -68,6 +69,10 @@ class Peer(Receiver):
     """
 
     # -- lifecycle ----------------------------------------------------------------------
+    async def open(self) -> None:
+        """What ``async with`` runs: :meth:`start`."""
+        await self.start()
+
     async def start(self) -> None:
         if self._started:
             return
@@ -86,13 +91,6 @@ class Peer(Receiver):
             attach(self)
         else:
             self._reader = asyncio.create_task(self._read_loop(), name=f"{self.name}-reader")
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
     async def wait_closed(self) -> None:
         if self._closed_event is None:

@@ -18,6 +18,7 @@ import httpx
 
 from ironclaw.backends.firecracker.api import ApiRequest
 from ironclaw.errors import BackendError, ConfigError
+from ironclaw.proto.lifecycle import AsyncResource
 
 __all__ = ["FirecrackerApi", "RequestCheck"]
 
@@ -25,7 +26,7 @@ __all__ = ["FirecrackerApi", "RequestCheck"]
 RequestCheck = Callable[[str, str, Any], list[str]]
 
 
-class FirecrackerApi:
+class FirecrackerApi(AsyncResource):
     """An async client for one Firecracker process. Use as ``async with``."""
 
     def __init__(
@@ -43,12 +44,6 @@ class FirecrackerApi:
             base_url="http://localhost",
             timeout=timeout,
         )
-
-    async def __aenter__(self) -> FirecrackerApi:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         await self._client.aclose()

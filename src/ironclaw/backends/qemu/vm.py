@@ -43,6 +43,7 @@ from ironclaw.backends.vm import remove_run_files, spawn_vmm
 from ironclaw.config import Settings, ensure_private_dir, safe_join
 from ironclaw.errors import BackendError, ConfigError, SandboxNotFound, SandboxTimeout
 from ironclaw.images import ImageArtifacts, make_workspace_image
+from ironclaw.resources.procs import wait_readable
 
 __all__ = [
     "AGENT_PORT",
@@ -464,18 +465,7 @@ class _AttachedProc:
 
     async def wait(self) -> int:
         if not self._check():
-            loop = asyncio.get_running_loop()
-            gone: asyncio.Future[None] = loop.create_future()
-
-            def readable() -> None:
-                if not gone.done():
-                    gone.set_result(None)
-
-            loop.add_reader(self._fd, readable)
-            try:
-                await gone
-            finally:
-                loop.remove_reader(self._fd)
+            await wait_readable(self._fd)
             self._check()
         return -1
 

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ironclaw.backends.base import Pausable
-from ironclaw.config import safe_join
 from ironclaw.errors import ConfigError, SandboxError
-from ironclaw.host.snapshots import ARCHIVE, Snapshot, SnapshotStore
+from ironclaw.host.snapshots import ARCHIVE, Snapshot, SnapshotStore, restore_spec
+from ironclaw.host.vm_snapshots import restore_vm, snapshot_vm, supports_vm_snapshots
 from ironclaw.policy.network import AllowRule, NetworkPolicy
-from ironclaw.resources.audit import append_line
+from ironclaw.resources.audit import record_async
 from ironclaw.resources.lifetime import (
     ACTIVITY_FILE,
     read_lifetime,
@@ -122,9 +121,11 @@ async def set_timeout(mgr: SandboxManager, sandbox_id: str, seconds: float | Non
         await arm_lifetime(mgr, record, spec)
         if doc is not None and doc.get("paused"):
             await _mark_paused(mgr, record, True, record.reason or "paused")
-        return deadline
-    doc["deadline"] = deadline
-    await asyncio.to_thread(write_lifetime, rd, doc)
+    else:
+        doc["deadline"] = deadline
+        await asyncio.to_thread(write_lifetime, rd, doc)
+    await record_async(mgr.settings, sandbox_id, "sandbox.set_timeout", seconds=seconds,
+                       deadline=deadline)  # fmt: skip
     return deadline
 
 
@@ -176,6 +177,7 @@ async def pause(mgr: SandboxManager, sandbox_id: str) -> None:
     else:
         await _freeze(mgr, record, True)
     await _mark_paused(mgr, record, True, "paused")
+    await record_async(mgr.settings, sandbox_id, "sandbox.pause")
 
 
 async def resume(mgr: SandboxManager, sandbox_id: str, *, timeout: float | None = None) -> None:
@@ -205,6 +207,7 @@ async def resume(mgr: SandboxManager, sandbox_id: str, *, timeout: float | None 
         await backend.resume(backend.load_info(record.info))
     await asyncio.to_thread(touch_activity, rd)
     await _mark_paused(mgr, record, False, "")
+    await record_async(mgr.settings, sandbox_id, "sandbox.resume", timeout=timeout)
 
 
 async def _mark_paused(mgr: SandboxManager, record: SandboxRecord, paused: bool, why: str) -> None:
@@ -222,8 +225,21 @@ async def _mark_paused(mgr: SandboxManager, record: SandboxRecord, paused: bool,
 
 
 async def snapshot(mgr: SandboxManager, sandbox_id: str, name: str) -> Snapshot:
-    """Save the sandbox's /workspace as snapshot ``name`` (atomically; see snapshots)."""
+    """Save the sandbox as snapshot ``name`` (atomically; see snapshots): a VM's memory,
+    devices and disks where its backend can (:mod:`.vm_snapshots`), else /workspace."""
     record = await mgr.get(sandbox_id)
+    _must_live(record)
+    if supports_vm_snapshots(mgr.backend(record.backend)):
+        snap = await snapshot_vm(mgr, record, name)
+    else:
+        snap = await _snapshot_workspace(mgr, record, name)
+    await record_async(mgr.settings, sandbox_id, "sandbox.snapshot", snapshot=name,
+                       kind=snap.kind, sha256=snap.sha256)  # fmt: skip
+    return snap
+
+
+async def _snapshot_workspace(mgr: SandboxManager, record: SandboxRecord, name: str) -> Snapshot:
+    sandbox_id = record.id
     store = SnapshotStore(mgr.settings)
     tmp = await asyncio.to_thread(store.new_temp, name)
     try:
@@ -265,16 +281,37 @@ async def restore(
     sandbox_id: str | None = None,
     ready_timeout: float = 20.0,
 ) -> SandboxRecord:
-    """A new sandbox with the snapshot's workspace (its spec unless ``spec`` is given).
+    """A new sandbox from the snapshot, with the snapshot's spec and ``spec`` on top
+    (only the fields given in it: see :func:`~ironclaw.host.snapshots.restore_spec`).
 
     The snapshot is checked (hash, then every member) before anything is created. Until
     the workspace is in, the registry marks the sandbox as restoring, so if this process
     dies half-way ``gc`` removes it rather than leave a half-restored sandbox running.
+    A VM snapshot is restored by its backend (:mod:`.vm_snapshots`).
     """
     store = SnapshotStore(mgr.settings)
     if isinstance(snap, str):
         snap = await asyncio.to_thread(store.get, snap)
-    final = parse_spec(spec if spec is not None else snap.spec)
+    final = restore_spec(snap.spec, spec)
+    if snap.kind == "vm":
+        record = await restore_vm(
+            mgr, snap, final, sandbox_id=sandbox_id, ready_timeout=ready_timeout
+        )
+    else:
+        record = await _restore_workspace(mgr, snap, final, sandbox_id, ready_timeout)
+    await record_async(mgr.settings, record.id, "sandbox.restore", snapshot=snap.name,
+                       source=snap.source, kind=snap.kind, sha256=snap.sha256)  # fmt: skip
+    return record
+
+
+async def _restore_workspace(
+    mgr: SandboxManager,
+    snap: Snapshot,
+    final: SandboxSpec,
+    sandbox_id: str | None,
+    ready_timeout: float,
+) -> SandboxRecord:
+    store = SnapshotStore(mgr.settings)
     max_bytes = final.limits.workspace_mib * MiB
     archive = await asyncio.to_thread(store.verified_archive, snap, max_bytes=max_bytes)
     data = await asyncio.to_thread(archive.read_bytes)
@@ -349,15 +386,8 @@ async def update_network(
     await mgr.net.update_policy(record.rid, policy, slot=record.slot)
     new_spec = spec.model_copy(update={"network": policy})
     await mgr.store.update(sandbox_id, spec=new_spec.model_dump(mode="json"))
-    line = json.dumps(
-        {
-            "event": "network.update",
-            "sandbox_id": sandbox_id,
-            "ts": time.time(),
-            "before": old.model_dump(mode="json"),
-            "after": policy.model_dump(mode="json"),
-        }
-    )
-    path = safe_join(mgr.settings.sandbox_state_dir(sandbox_id), "audit.jsonl")
-    await asyncio.to_thread(append_line, path, line)
+    await record_async(
+        mgr.settings, sandbox_id, "network.update",
+        before=old.model_dump(mode="json"), after=policy.model_dump(mode="json"),
+    )  # fmt: skip
     return policy

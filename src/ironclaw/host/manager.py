@@ -51,7 +51,7 @@ from ironclaw.host.reconcile import GcReport
 from ironclaw.host.snapshots import Snapshot, SnapshotStore
 from ironclaw.ids import new_sandbox_id, validate_sandbox_id
 from ironclaw.policy.network import NetworkPolicy
-from ironclaw.resources.audit import append_line
+from ironclaw.resources.audit import append_line, record_async
 from ironclaw.resources.lifetime import read_lifetime, touch_activity
 from ironclaw.resources.store import SandboxRecord, Store
 from ironclaw.rpc import HOST_LIMITS, Peer
@@ -248,6 +248,7 @@ class SandboxManager:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self._teardown(record, reason="lifetime failed"))
                 raise
+        await record_async(self.settings, record.id, "sandbox.create", backend=spec.backend)
         return record
 
     async def _create_cold(
@@ -419,6 +420,7 @@ class SandboxManager:
         """Stop the sandbox and remove every resource it had. Idempotent per id."""
         record = await self.store.get(validate_sandbox_id(sandbox_id))
         await self._teardown(record, reason="destroyed")
+        await record_async(self.settings, record.id, "sandbox.destroy")
 
     async def _teardown(self, record: SandboxRecord, *, reason: str) -> None:
         sid = record.id

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from ironclaw.backends.base import process_start_time, same_process
 from ironclaw.errors import ConfigError, NetworkError
+from ironclaw.resources.audit import record_async
 from ironclaw.resources.procs import descendants
 
 if TYPE_CHECKING:
@@ -135,6 +136,7 @@ async def expose(
         raise
     finally:
         os.close(fd)
+    await record_async(manager.settings, sandbox_id, "port.expose", port=port, url=info.url)
     return info
 
 
@@ -191,3 +193,4 @@ async def unexpose(manager: SandboxManager, sandbox_id: str, port: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(info.pid, signal.SIGTERM)
     entry.unlink(missing_ok=True)
+    await record_async(manager.settings, sandbox_id, "port.unexpose", port=port)

@@ -154,6 +154,7 @@ class QemuVm:
         cgroup_fds: Sequence[int] = (),
         guest_env: Mapping[str, str] | None = None,
         nic_placeholder: bool = False,
+        workspace_disk: Path | None = None,
     ) -> None:
         """Launch QEMU (detached into its own session) and connect QMP.
 
@@ -170,6 +171,8 @@ class QemuVm:
         opened by root) are joined before exec. ``guest_env`` is exported to the agent
         (and so to every command) through a small read-only disk. ``nic_placeholder``
         gives an unconnected NIC (building a snapshot that networked sandboxes restore).
+        ``workspace_disk`` is an existing workspace disk (a user snapshot's copy), used
+        instead of a fresh one.
         """
         if self._proc is not None:
             raise BackendError("VM already started")
@@ -198,8 +201,8 @@ class QemuVm:
         self.accel = chosen
         self.kernel_release = artifacts.kernel_release
         self._agent_in_image = agent_usable(artifacts)
-        workspace: Path | None = None
-        if workspace_mib > 0:
+        workspace: Path | None = workspace_disk
+        if workspace is None and workspace_mib > 0:
             workspace = self._path("workspace.ext4")
             await make_workspace_image(workspace, workspace_mib, journal=False)
         env_disk: Path | None = None

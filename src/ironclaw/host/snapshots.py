@@ -287,8 +287,20 @@ class SnapshotStore:
                 continue  # not a temporary, or its writer still runs
             removed.append(f"snapshot temporary {entry.name}")
             if not dry_run:
+                resumed = _resume_source(entry)
+                if resumed:
+                    removed.append(resumed)
                 shutil.rmtree(entry, ignore_errors=True)
         return removed
+
+
+def _resume_source(tmp: Path) -> str | None:
+    """A VM snapshot cut off mid-way leaves its source paused: let it run again."""
+    if not (tmp / "source.json").exists():
+        return None
+    from ironclaw.backends.qemu.usersnap import recover_source
+
+    return recover_source(tmp)
 
 
 def _alive(pid: int) -> bool:

@@ -22,14 +22,17 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import json
 import os
+import socket
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ironclaw.backends.base import LaunchContext
+from ironclaw.backends.base import LaunchContext, same_process
 from ironclaw.backends.qemu.cmdline import Accel, qemu_binary
 from ironclaw.backends.qemu.ready import ping_probe
 from ironclaw.backends.qemu.restore import identity_probe
@@ -50,12 +53,16 @@ __all__ = [
     "check_compatible",
     "copy_hashing",
     "qemu_version",
+    "recover_source",
     "restore",
     "save",
 ]
 
 MEMORY = "memory.state"
 DISK = "workspace.ext4"
+#: In a snapshot being written: which VM was paused for it, so that ``gc`` can let it
+#: run again if the writer dies before it could (see :func:`recover_source`).
+SOURCE = "source.json"
 _CHUNK = 1 << 20
 _ZERO = bytes(_CHUNK)
 
@@ -139,6 +146,9 @@ async def save(
         await _port_released(vm)
         was = await vm.query_status()
         if was == "running":
+            marker = {"backend": "qemu", "qmp": info.qmp, "pid": info.pid,
+                      "pid_start": info.pid_start}  # fmt: skip
+            safe_join(dest, SOURCE).write_text(json.dumps(marker))
             await vm.qmp.execute("stop")
         await vm.snapshot_save(safe_join(dest, MEMORY), limit_s=timeout)
         files: dict[str, str] = {}
@@ -150,6 +160,7 @@ async def save(
             if was == "running":
                 await vm.resume()
         await vm.detach()
+    safe_join(dest, SOURCE).unlink(missing_ok=True)
     if was == "running":
         # Prove the source still answers (a request right after the hand-over can be
         # lost, so each attempt is bounded), and leave its port free for the next user.
@@ -174,6 +185,59 @@ async def save(
         **devices,
     }
     return files, meta
+
+
+def _qmp_sync(sock: socket.socket, command: str, **arguments: Any) -> Any:
+    msg: dict[str, Any] = {"execute": command}
+    if arguments:
+        msg["arguments"] = arguments
+    sock.sendall(json.dumps(msg).encode() + b"\n")
+    buf = b""
+    while True:
+        while b"\n" not in buf:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise BackendError("QMP closed")
+            buf += chunk
+        line, buf = buf.split(b"\n", 1)
+        doc = json.loads(line)
+        if "return" in doc:
+            return doc["return"]
+        if "error" in doc:
+            raise BackendError(f"QMP {command}: {doc['error'].get('desc')}")
+
+
+def recover_source(directory: Path) -> str | None:
+    """After a snapshot writer died: cancel its migration and let the VM it paused run.
+
+    Synchronous (``gc`` calls it from a thread). Only a VM that is still the same
+    process and paused is continued; None when there was nothing to do.
+    """
+    try:
+        marker = json.loads(safe_join(directory, SOURCE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not same_process(int(marker["pid"]), marker.get("pid_start")):
+        return None
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        try:
+            sock.connect(str(marker["qmp"]))
+            sock.recv(65536)  # the greeting
+            _qmp_sync(sock, "qmp_capabilities")
+            _qmp_sync(sock, "migrate_cancel")
+            for _ in range(500):
+                done = _qmp_sync(sock, "query-migrate").get("status")
+                if done not in ("setup", "active", "device", "pre-switchover", "cancelling"):
+                    break
+                time.sleep(0.02)
+            status = _qmp_sync(sock, "query-status").get("status")
+            if status not in ("paused", "postmigrate", "finish-migrate"):
+                return None
+            _qmp_sync(sock, "cont")
+        except (OSError, ValueError, BackendError) as exc:
+            return f"VM {marker['pid']} paused by a cut-off snapshot could not be resumed: {exc}"
+    return f"VM {marker['pid']} resumed (a snapshot of it was cut off)"
 
 
 def check_compatible(

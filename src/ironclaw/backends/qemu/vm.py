@@ -210,6 +210,10 @@ class QemuVm:
             env_disk = self._path("guest-env.sh")
             env_disk.write_bytes(guest_env_script(guest_env))
         in_fd = os.open(incoming, os.O_RDONLY | os.O_CLOEXEC) if incoming is not None else None
+        # The workspace disk goes over as an fd set (read-write and read-only): QEMU, no
+        # longer root, reopens it read-only when a snapshot hands the disk over, and
+        # could not reach its path in the 0700 run directory.
+        ws_fds = _open_fdset(workspace) if workspace is not None else []
         argv = qemu_argv(
             qemu,
             artifacts,
@@ -225,7 +229,7 @@ class QemuVm:
             hostname=hostname,
             guest_ip=guest_ip,
             agent=self._agent_in_image,
-            workspace=workspace,
+            workspace=Path(f"/dev/fdset/{_WS_FDSET}") if ws_fds else None,
             tap_ifname=tap_ifname,
             env_disk=env_disk,
             incoming_fd=in_fd,
@@ -233,6 +237,7 @@ class QemuVm:
             sandbox=sandbox,
             nic_placeholder=nic_placeholder,
         )
+        argv += [a for fd in ws_fds for a in ("-add-fd", f"fd={fd},set={_WS_FDSET}")]
         self._agent_reconnects = incoming is not None
         self.console_log.write_bytes(b"")
         stderr_path = self._path("qemu.stderr")
@@ -244,11 +249,11 @@ class QemuVm:
                 netns_path=netns_path,
                 cgroup_fds=cgroup_fds,
                 no_core_dumps=True,
-                pass_fds=() if in_fd is None else (in_fd,),
+                pass_fds=(*ws_fds, *(() if in_fd is None else (in_fd,))),
             )
         finally:
-            if in_fd is not None:
-                os.close(in_fd)
+            for fd in [*ws_fds, *(() if in_fd is None else (in_fd,))]:
+                os.close(fd)
         try:
             self._qmp = await self._connect_qmp(stderr_path, deadline=time.monotonic() + 10)
             if run_as is not None:
@@ -410,6 +415,18 @@ class QemuVm:
 
     async def resume(self) -> None:
         await self.qmp.execute("cont")
+
+
+_WS_FDSET = 7
+
+
+def _open_fdset(path: Path) -> list[int]:
+    rw = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        return [rw, os.open(path, os.O_RDONLY | os.O_CLOEXEC)]
+    except BaseException:
+        os.close(rw)
+        raise
 
 
 def check_dropped(pid: int, uid: int) -> None:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from ironclaw.backends.restored import SnapshotCorrupt as LoadRefused
 from ironclaw.config import Settings
 from ironclaw.errors import ConfigError
+from ironclaw.host.guest import GuestClient
 from ironclaw.host.snapshots import Snapshot, SnapshotCorrupt, SnapshotStore, files_digest
 from ironclaw.ids import new_sandbox_id, validate_sandbox_id
 from ironclaw.resources.store import SandboxRecord
@@ -68,7 +69,10 @@ async def snapshot_vm(mgr: SandboxManager, record: SandboxRecord, name: str) -> 
         peer = mgr._peers.pop(record.id, None)
         if peer is not None:
             await peer.aclose()
-        files, vm = await backend.save_snapshot(backend.load_info(record.info), tmp)
+        info = backend.load_info(record.info)
+        files, vm = await backend.save_snapshot(info, tmp)
+        if record.state == "running":
+            await _reconnect(mgr, record, info)
         snap = await asyncio.to_thread(
             store.stamp_files, tmp, files, name=name, source=record.id,
             backend=record.backend, spec=dict(record.spec), vm=vm,
@@ -77,6 +81,35 @@ async def snapshot_vm(mgr: SandboxManager, record: SandboxRecord, name: str) -> 
     except BaseException:
         await asyncio.to_thread(shutil.rmtree, tmp, True)
         raise
+
+
+async def _reconnect(
+    mgr: SandboxManager, record: SandboxRecord, info: Any, limit_s: float = 300.0
+) -> None:
+    """Connect to the resumed VM's agent and keep that connection as the manager's.
+
+    The first request on a connection made while the agent changes host connections
+    can be lost (docs/IMAGES.md, "Port hand-over"): each ping is bounded and retried
+    on a new connection, and the one that answered is kept, so no hand-over follows.
+    """
+    backend = mgr.backend(record.backend)
+    attempt = 1.0
+    async with asyncio.timeout(limit_s):
+        while True:
+            conn = await backend.open_channel(info, timeout=30)
+            peer = mgr._host_peer(record.id, conn)
+            await peer.start()
+            try:
+                await GuestClient(peer, record.id).ping(timeout=attempt)
+            except TimeoutError:
+                await peer.aclose()
+                attempt = min(8.0, attempt * 2)
+                continue
+            except BaseException:
+                await peer.aclose()
+                raise
+            mgr._peers[record.id] = peer
+            return
 
 
 async def restore_vm(

@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any
 
 from ironclaw.backends.base import LaunchContext, same_process
 from ironclaw.backends.qemu.cmdline import Accel, qemu_binary
-from ironclaw.backends.qemu.ready import ping_probe
 from ironclaw.backends.qemu.restore import identity_probe
 from ironclaw.backends.qemu.vm import QemuVm
 from ironclaw.backends.restored import SnapshotCorrupt, fresh_identity, sha256_fd
@@ -119,7 +118,7 @@ def _devices(pid: int) -> dict[str, bool]:
     }
 
 
-async def _port_released(vm: QemuVm, limit_s: float = 3.0) -> None:
+async def _port_released(vm: QemuVm, limit_s: float = 15.0) -> None:
     """Wait until the agent has closed its port after a host connection ended: a new
     connection's bytes then wait in the socket instead of being dropped (see
     docs/IMAGES.md, "Port hand-over")."""
@@ -142,6 +141,7 @@ async def save(
     devices = _devices(info.pid)
     vm = await QemuVm.attach(run_dir)
     was = "unknown"
+    saved = False
     try:
         await _port_released(vm)
         was = await vm.query_status()
@@ -155,21 +155,20 @@ async def save(
         if devices["workspace"]:
             src = safe_join(run_dir, "workspace.ext4")
             files[DISK] = await asyncio.to_thread(copy_hashing, src, safe_join(dest, DISK))
+        saved = True
     finally:
-        with contextlib.suppress(Exception):
+        try:
             if was == "running":
                 await vm.resume()
-        await vm.detach()
-    safe_join(dest, SOURCE).unlink(missing_ok=True)
-    if was == "running":
-        # Prove the source still answers (a request right after the hand-over can be
-        # lost, so each attempt is bounded), and leave its port free for the next user.
-        await asyncio.wait_for(ping_probe(Path(info.socket), attempt_s=3.0), timeout)
-        again = await QemuVm.attach(run_dir)
-        try:
-            await _port_released(again)
+        except Exception as exc:
+            if saved:  # else the first error is the one to report
+                raise BackendError(
+                    f"the VM was saved but could not run again ({exc}); "
+                    "remove the sandbox (`ironclaw sandbox rm`)"
+                ) from None
         finally:
-            await again.detach()
+            await vm.detach()
+    safe_join(dest, SOURCE).unlink(missing_ok=True)
     fd = os.open(safe_join(dest, MEMORY), os.O_RDONLY | os.O_CLOEXEC)
     try:
         files[MEMORY] = await asyncio.to_thread(sha256_fd, fd)

@@ -161,13 +161,16 @@ class QemuBackend:
     async def start(self, ctx: LaunchContext) -> QemuInfo:
         spec, lim = ctx.spec, ctx.spec.limits
         art = find_vm_image(ctx, self.artifacts)
+        planned = self._planned.pop(ctx.sandbox_id, None)
+        if planned is not None and self.artifacts is None:  # the build it was taken on
+            name = "default" if spec.image == "host" else spec.image
+            art = find_image(ctx.settings, name, digest=str(planned.vm.get("image"))) or art
         accel = await self._accel(art, ctx.settings)
         net = ctx.network
         tap = await attach_sandbox_tap(ctx, ctx.host_uid)
         env = {**(net.env if net else {}), **ctx.extra_env, **spec.env}
         cgroup_fds = ctx.cgroup.attach_fds() if ctx.cgroup is not None else []
         vm = QemuVm()
-        planned = self._planned.pop(ctx.sandbox_id, None)
         try:
             if planned is not None:
                 vm = await usersnap.restore(
@@ -322,9 +325,12 @@ class QemuBackend:
     ) -> None:
         """Refuse (before anything is made) a snapshot this host and spec cannot load."""
         name = "default" if spec.image == "host" else spec.image
-        art = self.artifacts or find_image(settings, name)
+        art = self.artifacts or find_image(settings, name, digest=str(vm.get("image")))
         if art is None:
-            raise BackendError(f"no VM image {spec.image!r} is built: the snapshot needs it")
+            raise ConfigError(
+                f"the snapshot's image ({name}, build {str(vm.get('image'))[:16]}…) is no "
+                "longer on this host: rebuilding makes another; take a new snapshot"
+            )
         usersnap.check_compatible(
             vm, image=art.digest, qemu=await asyncio.to_thread(usersnap.qemu_version),
             accel=await self._accel(art, settings), cpus=_vcpus(spec.limits.cpus),

@@ -42,17 +42,23 @@ def ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 1)
 
 
+STEP: list[str] = ["start"]  # where a failed run stopped, for its report
+
+
 async def measure(manager: SandboxManager, spec: dict[str, Any], mib: int, tag: str,
                   ready: float) -> dict[str, Any]:  # fmt: skip
+    STEP[0] = "create"
     t = time.perf_counter()
     rec = await manager.create(spec, ready_timeout=ready)
     create_ms = ms(t)
     r = await manager.exec(rec.id, ["sh", "-c", FILL.format(mib=mib)], timeout=300)
     if r.exit_code != 0:
         raise RuntimeError(r.stderr.decode())
+    STEP[0] = "snapshot"
     t = time.perf_counter()
     snap = await manager.snapshot(rec.id, f"bench-{tag}")
     snapshot_ms = ms(t)
+    STEP[0] = "restore"
     t = time.perf_counter()
     copy = await manager.restore(snap, ready_timeout=ready)
     restore_ms = ms(t)
@@ -108,6 +114,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         settings.ensure()
         if images.is_dir():
             (settings.state_dir / "images").symlink_to(images)
+            verdict = images.parent / "qemu-accel.json"  # KVM or TCG, as probed there
+            if verdict.exists():
+                (settings.state_dir / "qemu-accel.json").write_bytes(verdict.read_bytes())
         async with SandboxManager(settings, cgroup_root="ironclaw-bench") as manager:
             await manager.destroy((await manager.create()).id)  # warm caches
             limits = {"workspace_mib": args.mib * 2 + 64, "memory_mib": args.mib * 4 + 256}
@@ -115,9 +124,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.qemu and (settings.state_dir / "images").exists():
                 spec = {"backend": "qemu", "limits": limits}
                 try:
-                    doc["qemu"] = await measure(manager, spec, args.mib, "vm", 180)
+                    doc["qemu"] = await measure(manager, spec, args.mib, "vm", 600)
                 except Exception as exc:  # reported, not hidden
-                    doc["qemu"] = {"error": f"{type(exc).__name__}: {exc}"}
+                    doc["qemu"] = {"error": f"{STEP[0]}: {type(exc).__name__}: {exc}"}
             await manager.reconcile()
     return doc
 

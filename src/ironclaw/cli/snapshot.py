@@ -84,9 +84,9 @@ def snapshot_ls(as_json: JsonOpt = False) -> None:
         rows = [{k: v for k, v in s.to_json().items() if k != "spec"} for s in snaps]
         print(json.dumps({"snapshots": rows}))
         return
-    table = Table("NAME", "SOURCE", "BACKEND", "SIZE", "SHA256")
+    table = Table("NAME", "KIND", "SOURCE", "BACKEND", "SIZE", "SHA256")
     for s in snaps:
-        table.add_row(s.name, s.source, s.backend, str(s.size), s.sha256[:16])
+        table.add_row(s.name, s.kind, s.source, s.backend, str(s.size), s.sha256[:16])
     out_console.print(table)
 
 

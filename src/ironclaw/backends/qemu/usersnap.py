@@ -158,6 +158,9 @@ async def save(
         saved = True
     finally:
         try:
+            if not saved:  # a migration still under way would refuse the cont
+                with contextlib.suppress(Exception):
+                    await vm.qmp.execute("migrate_cancel")
             if was == "running":
                 await vm.resume()
         except Exception as exc:

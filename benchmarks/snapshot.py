@@ -8,10 +8,13 @@ Prints one JSON object:
   ``Sandbox.create(from_snapshot=...)``), plus ``fork3_ms`` for three forks;
 * ``baseline``: ``tar -c`` and ``tar -x`` of the same bytes on the host, in the same run,
   and ``create_ms`` of an empty sandbox, so the snapshot's own overhead is visible;
-* ``qemu`` (with ``--qemu``): the same for a VM's workspace, the restore including the
-  new VM's boot; needs a built image in the state directory (``ironclaw image build``).
+* ``qemu`` (whenever a built VM image is found, unless ``--no-qemu``): the same for a
+  QEMU VM with the same workspace, where a snapshot is the VM's memory, devices and
+  workspace disk (the VM paused meanwhile, then resumed) and a restore is a new VM
+  loaded from it with a fresh identity, up to its agent answering (no boot);
+  ``memory_mib`` and ``disk_mib`` are the snapshot's two files (the disk sparse).
 
-    python benchmarks/snapshot.py --json [--mib 100] [--qemu [--images DIR]]
+    python benchmarks/snapshot.py --json [--mib 100] [--no-qemu] [--images DIR]
 """
 
 from __future__ import annotations
@@ -39,17 +42,23 @@ def ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 1)
 
 
+STEP: list[str] = ["start"]  # where a failed run stopped, for its report
+
+
 async def measure(manager: SandboxManager, spec: dict[str, Any], mib: int, tag: str,
                   ready: float) -> dict[str, Any]:  # fmt: skip
+    STEP[0] = "create"
     t = time.perf_counter()
     rec = await manager.create(spec, ready_timeout=ready)
     create_ms = ms(t)
     r = await manager.exec(rec.id, ["sh", "-c", FILL.format(mib=mib)], timeout=300)
     if r.exit_code != 0:
         raise RuntimeError(r.stderr.decode())
+    STEP[0] = "snapshot"
     t = time.perf_counter()
     snap = await manager.snapshot(rec.id, f"bench-{tag}")
     snapshot_ms = ms(t)
+    STEP[0] = "restore"
     t = time.perf_counter()
     copy = await manager.restore(snap, ready_timeout=ready)
     restore_ms = ms(t)
@@ -59,8 +68,15 @@ async def measure(manager: SandboxManager, spec: dict[str, Any], mib: int, tag: 
         "create_ms": create_ms,
         "snapshot_ms": snapshot_ms,
         "restore_ms": restore_ms,
+        "kind": snap.kind,
         "archive_mib": round(snap.size / (1 << 20), 1),
     }
+    if snap.kind == "vm":
+        where = manager.snapshots().path(snap.name)
+        for part, key in (("memory.state", "memory_mib"), ("workspace.ext4", "disk_mib")):
+            f = where / part
+            if f.exists():
+                out[key] = round(f.stat().st_blocks * 512 / (1 << 20), 1)
     await manager.destroy(copy.id)
     if spec.get("backend", "namespace") == "namespace":
         t = time.perf_counter()
@@ -98,16 +114,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         settings.ensure()
         if images.is_dir():
             (settings.state_dir / "images").symlink_to(images)
+            verdict = images.parent / "qemu-accel.json"  # KVM or TCG, as probed there
+            if verdict.exists():
+                (settings.state_dir / "qemu-accel.json").write_bytes(verdict.read_bytes())
         async with SandboxManager(settings, cgroup_root="ironclaw-bench") as manager:
             await manager.destroy((await manager.create()).id)  # warm caches
             limits = {"workspace_mib": args.mib * 2 + 64, "memory_mib": args.mib * 4 + 256}
             doc["namespace"] = await measure(manager, {"limits": limits}, args.mib, "ns", 20)
-            if args.qemu:
+            if args.qemu and (settings.state_dir / "images").exists():
                 spec = {"backend": "qemu", "limits": limits}
                 try:
-                    doc["qemu"] = await measure(manager, spec, args.mib, "vm", 180)
+                    doc["qemu"] = await measure(manager, spec, args.mib, "vm", 600)
                 except Exception as exc:  # reported, not hidden
-                    doc["qemu"] = {"error": f"{type(exc).__name__}: {exc}"}
+                    doc["qemu"] = {"error": f"{STEP[0]}: {type(exc).__name__}: {exc}"}
             await manager.reconcile()
     return doc
 
@@ -116,7 +135,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--mib", type=int, default=100)
-    parser.add_argument("--qemu", action="store_true")
+    parser.add_argument("--qemu", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--images", help="a state directory's images/ to boot VMs from")
     args = parser.parse_args()
     doc = asyncio.run(run(args))

@@ -230,10 +230,11 @@ class Sandbox(SandboxHandle):
     ) -> Creating[Sandbox] | RemoteCreating:
         """Create a sandbox: ``await`` it, or use it as ``async with`` (destroyed on exit).
 
-        ``from_snapshot`` starts it with that snapshot's workspace (and, unless ``spec``
-        is given, the spec of the sandbox it was taken from). With ``api_url`` (and
-        ``token``) it is created by ``ironclaw serve`` there, through the remote SDK
-        (:mod:`ironclaw.client`), which has the same surface.
+        ``from_snapshot`` restores that snapshot (a VM's memory and disks, or a
+        workspace) with the spec it recorded; the fields set in ``spec`` override it
+        (not backend or image; see :func:`ironclaw.host.snapshots.restore_spec`).
+        With ``api_url`` (and ``token``) it is created by ``ironclaw serve`` there,
+        through the remote SDK (:mod:`ironclaw.client`), which has the same surface.
         """
         if api_url is not None:
             if local.get("from_snapshot") is not None:

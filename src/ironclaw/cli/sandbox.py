@@ -14,7 +14,12 @@ from rich.table import Table
 from ironclaw.cli import remote as via_api
 from ironclaw.cli.common import err_console, new_app, out_console, run, run_code
 from ironclaw.cli.options import EnvOpt, JsonOpt, SandboxOptions, parse_env, sandbox_options
-from ironclaw.cli.snapshot import parse_labels, register_sandbox_controls, snapshot_app
+from ironclaw.cli.snapshot import (
+    explicit_fields,
+    parse_labels,
+    register_sandbox_controls,
+    snapshot_app,
+)
 from ironclaw.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -67,7 +72,12 @@ def sandbox_create(
     ] = None,
     on_timeout: Annotated[str, typer.Option("--on-timeout", help="destroy or pause.")] = "destroy",
     from_snapshot: Annotated[
-        str | None, typer.Option("--from", help="Start with this snapshot's workspace.")
+        str | None,
+        typer.Option(
+            "--from",
+            help="Restore this snapshot, with its recorded spec; the options given here "
+            "override it (not --backend): e.g. --label, --timeout, --allow, --env.",
+        ),
     ] = None,
     as_json: JsonOpt = False,
     opts: SandboxOptions,
@@ -93,7 +103,8 @@ def sandbox_create(
         async with SandboxManager() as manager:
             with err_console.status("creating sandbox…", spinner="dots"):
                 if from_snapshot is not None:
-                    record = await manager.restore(from_snapshot, spec=spec, sandbox_id=sandbox_id)
+                    given = explicit_fields(spec)
+                    record = await manager.restore(from_snapshot, spec=given, sandbox_id=sandbox_id)
                 else:
                     record = await manager.create(spec, sandbox_id=sandbox_id)
         if as_json:

@@ -4,7 +4,7 @@ pause|resume|timeout|net``. Snapshots and forks are described in docs/LIFETIMES.
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -12,9 +12,15 @@ from rich.table import Table
 from ironclaw.cli.common import new_app, out_console, run, run_with_manager
 from ironclaw.cli.options import JsonOpt
 
-__all__ = ["parse_labels", "register_sandbox_controls", "snapshot_app"]
+if TYPE_CHECKING:
+    from ironclaw.spec import SandboxSpec
 
-snapshot_app = new_app("Workspace snapshots: create, ls, rm (restore: sandbox create --from).")
+__all__ = ["explicit_fields", "parse_labels", "register_sandbox_controls", "snapshot_app"]
+
+snapshot_app = new_app(
+    "Snapshots: create, ls, rm (restore: sandbox create --from). A VM sandbox's snapshot "
+    "holds its memory and disks, a namespace sandbox's its workspace."
+)
 
 SidArg = Annotated[str, typer.Argument(help="Sandbox id.")]
 
@@ -32,13 +38,31 @@ def parse_labels(items: list[str] | None) -> dict[str, str]:
     return out
 
 
+def explicit_fields(spec: SandboxSpec) -> dict[str, Any]:
+    """The fields of ``spec`` that the command line set (those not at their default):
+    what ``sandbox create --from`` lays over the snapshot's own spec."""
+    from ironclaw.spec import SandboxSpec
+
+    have, base = spec.model_dump(mode="json"), SandboxSpec().model_dump(mode="json")
+    out: dict[str, Any] = {}
+    for key, value in have.items():
+        if value == base.get(key):
+            continue
+        if isinstance(value, dict) and key in ("limits", "lifetime"):
+            out[key] = {k: v for k, v in value.items() if v != base[key].get(k)}
+        else:
+            out[key] = value
+    return out
+
+
 @snapshot_app.command("create")
 def snapshot_create(
     sandbox_id: SidArg,
     name: Annotated[str, typer.Argument(help="Snapshot name.")],
     as_json: JsonOpt = False,
 ) -> None:
-    """Save a sandbox's workspace as a snapshot (atomically; hash-stamped)."""
+    """Save a sandbox as a snapshot (atomically; hash-stamped): a VM's memory and disks,
+    else the workspace. `sandbox create --from NAME` restores it with its recorded spec."""
     snap = run_with_manager(lambda m: m.snapshot(sandbox_id, name), as_json)
     print(json.dumps(snap.to_json()) if as_json else snap.name)
 
@@ -54,9 +78,9 @@ def snapshot_ls(as_json: JsonOpt = False) -> None:
         rows = [{k: v for k, v in s.to_json().items() if k != "spec"} for s in snaps]
         print(json.dumps({"snapshots": rows}))
         return
-    table = Table("NAME", "SOURCE", "BACKEND", "SIZE", "SHA256")
+    table = Table("NAME", "KIND", "SOURCE", "BACKEND", "SIZE", "SHA256")
     for s in snaps:
-        table.add_row(s.name, s.source, s.backend, str(s.size), s.sha256[:16])
+        table.add_row(s.name, s.kind, s.source, s.backend, str(s.size), s.sha256[:16])
     out_console.print(table)
 
 

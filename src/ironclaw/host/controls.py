@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Unpack, cast
 
 from ironclaw.backends.base import Pausable
-from ironclaw.config import safe_join
 from ironclaw.errors import ConfigError, SandboxError
-from ironclaw.resources.audit import append_line
+from ironclaw.resources.audit import record_async
 from ironclaw.resources.lifetime import (
     ACTIVITY_FILE,
     LifetimeDoc,
@@ -43,9 +41,11 @@ __all__ = [
     "arm_lifetime",
     "matches",
     "pause",
+    "restore",
     "resume",
     "set_timeout",
     "snapshot",
+    "update_network",
 ]
 
 MiB = 1 << 20
@@ -128,9 +128,11 @@ async def set_timeout(mgr: SandboxManager, sandbox_id: str, seconds: float | Non
         await arm_lifetime(mgr, record, spec)
         if doc is not None and doc.get("paused"):
             await _mark_paused(mgr, record, True, record.reason or "paused")
-        return deadline
-    doc["deadline"] = deadline
-    await asyncio.to_thread(write_lifetime, rd, doc)
+    else:
+        doc["deadline"] = deadline
+        await asyncio.to_thread(write_lifetime, rd, doc)
+    await record_async(mgr.settings, sandbox_id, "sandbox.set_timeout", seconds=seconds,
+                       deadline=deadline)  # fmt: skip
     return deadline
 
 
@@ -182,6 +184,7 @@ async def pause(mgr: SandboxManager, sandbox_id: str) -> None:
     else:
         await _freeze(mgr, record, True)
     await _mark_paused(mgr, record, True, "paused")
+    await record_async(mgr.settings, sandbox_id, "sandbox.pause")
 
 
 async def resume(mgr: SandboxManager, sandbox_id: str, *, timeout: float | None = None) -> None:
@@ -211,6 +214,7 @@ async def resume(mgr: SandboxManager, sandbox_id: str, *, timeout: float | None 
         await backend.resume(backend.load_info(record.info))
     await asyncio.to_thread(touch_activity, rd)
     await _mark_paused(mgr, record, False, "")
+    await record_async(mgr.settings, sandbox_id, "sandbox.resume", timeout=timeout)
 
 
 async def _mark_paused(mgr: SandboxManager, record: SandboxRecord, paused: bool, why: str) -> None:
@@ -228,10 +232,25 @@ async def _mark_paused(mgr: SandboxManager, record: SandboxRecord, paused: bool,
 
 
 async def snapshot(mgr: SandboxManager, sandbox_id: str, name: str) -> Snapshot:
-    """Save the sandbox's /workspace as snapshot ``name`` (atomically; see snapshots)."""
-    from ironclaw.host.snapshots import ARCHIVE, SnapshotStore
+    """Save the sandbox as snapshot ``name`` (atomically; see snapshots): a VM's memory,
+    devices and disks where its backend can (:mod:`.vm_snapshots`), else /workspace."""
+    from ironclaw.host.vm_snapshots import snapshot_vm, supports_vm_snapshots
 
     record = await mgr.get(sandbox_id)
+    _must_live(record)
+    if supports_vm_snapshots(mgr.backend(record.backend)):
+        snap = await snapshot_vm(mgr, record, name)
+    else:
+        snap = await _snapshot_workspace(mgr, record, name)
+    await record_async(mgr.settings, sandbox_id, "sandbox.snapshot", snapshot=name,
+                       kind=snap.kind, sha256=snap.sha256)  # fmt: skip
+    return snap
+
+
+async def _snapshot_workspace(mgr: SandboxManager, record: SandboxRecord, name: str) -> Snapshot:
+    from ironclaw.host.snapshots import ARCHIVE, SnapshotStore
+
+    sandbox_id = record.id
     store = SnapshotStore(mgr.settings)
     tmp = await asyncio.to_thread(store.new_temp, name)
     try:
@@ -263,6 +282,134 @@ def _rmtree(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+async def restore(
+    mgr: SandboxManager,
+    snap: Snapshot | str,
+    *,
+    spec: SandboxSpec | dict[str, Any] | None = None,
+    sandbox_id: str | None = None,
+    ready_timeout: float = 20.0,
+) -> SandboxRecord:
+    """A new sandbox from the snapshot, with the snapshot's spec and ``spec`` on top
+    (only the fields given in it: see :func:`~ironclaw.host.snapshots.restore_spec`).
+
+    The snapshot is checked (hash, then every member) before anything is created. Until
+    the workspace is in, the registry marks the sandbox as restoring, so if this process
+    dies half-way ``gc`` removes it rather than leave a half-restored sandbox running.
+    A VM snapshot is restored by its backend (:mod:`.vm_snapshots`).
+    """
+    from ironclaw.host.snapshots import SnapshotStore, restore_spec
+    from ironclaw.host.vm_snapshots import restore_vm
+
+    store = SnapshotStore(mgr.settings)
+    if isinstance(snap, str):
+        snap = await asyncio.to_thread(store.get, snap)
+    final = restore_spec(snap.spec, spec)
+    if snap.kind == "vm":
+        record = await restore_vm(
+            mgr, snap, final, sandbox_id=sandbox_id, ready_timeout=ready_timeout
+        )
+    else:
+        record = await _restore_workspace(mgr, snap, final, sandbox_id, ready_timeout)
+    await record_async(mgr.settings, record.id, "sandbox.restore", snapshot=snap.name,
+                       source=snap.source, kind=snap.kind, sha256=snap.sha256)  # fmt: skip
+    return record
+
+
+async def _restore_workspace(
+    mgr: SandboxManager,
+    snap: Snapshot,
+    final: SandboxSpec,
+    sandbox_id: str | None,
+    ready_timeout: float,
+) -> SandboxRecord:
+    from ironclaw.host.snapshots import SnapshotStore
+
+    store = SnapshotStore(mgr.settings)
+    max_bytes = final.limits.workspace_mib * MiB
+    archive = await asyncio.to_thread(store.verified_archive, snap, max_bytes=max_bytes)
+    data = await asyncio.to_thread(archive.read_bytes)
+    record = await mgr.create(
+        final, sandbox_id=sandbox_id, use_pool=False, restoring=True, ready_timeout=ready_timeout
+    )
+    try:
+        result = await mgr.exec(
+            record.id,
+            ["tar", "--no-same-owner", "--same-permissions", "-C", "/workspace", "-xf", "-"],
+            stdin=data,
+        )
+        if result.exit_code != 0:
+            raise SandboxError(
+                f"restoring snapshot {snap.name!r} failed: {result.stderr.decode()[-300:]}"
+            )
+        await mgr.store.update(record.id, info={"restoring": False, "snapshot": snap.name})
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(mgr.destroy(record.id))
+        raise
+    return await mgr.get(record.id)
+
+
+# -- live network policy ---------------------------------------------------------------
+
+
+async def update_network(
+    mgr: SandboxManager,
+    sandbox_id: str,
+    *,
+    allow: list[str] | None = None,
+    allow_domains: list[str] | None = None,
+    deny: list[str] | None = None,
+    deny_domains: list[str] | None = None,
+) -> NetworkPolicy:
+    """Change a running sandbox's egress: one firewall transaction, one proxy reload.
+
+    ``allow``, ``allow_domains`` and ``deny_domains`` replace those lists when given;
+    ``deny`` removes rules from the allow list. The change goes to the audit log.
+    """
+    from ironclaw.policy.network import AllowRule
+    from ironclaw.spec import parse_spec
+
+    record = await mgr.get(sandbox_id)
+    _must_live(record)
+    spec = parse_spec(record.spec)
+    old = spec.network
+    if not old.needs_network:
+        raise ConfigError(
+            f"sandbox {sandbox_id} was created without a network; its egress can change only "
+            "if it was created with some --allow or --allow-domain"
+        )
+    try:
+        rules = tuple(AllowRule.parse(a) for a in allow) if allow is not None else old.allow
+        gone = {AllowRule.parse(d) for d in deny or ()}
+    except ValueError as exc:
+        raise ConfigError(f"network rule: {exc}") from None
+    policy = parse_spec(
+        {
+            **spec.model_dump(mode="json"),
+            "network": {
+                "allow": [r.model_dump(mode="json") for r in rules if r not in gone],
+                "allow_domains": list(
+                    allow_domains if allow_domains is not None else old.allow_domains
+                ),
+                "deny_domains": list(
+                    deny_domains if deny_domains is not None else old.deny_domains
+                ),
+            },
+        }
+    ).network
+    if not policy.needs_network:
+        raise ConfigError("the update leaves no egress at all; keep one rule or remove the sandbox")
+    await mgr.net.update_policy(record.rid, policy, slot=record.slot)
+    new_spec = spec.model_copy(update={"network": policy})
+    await mgr.store.update(sandbox_id, spec=new_spec.model_dump(mode="json"))
+    await record_async(
+        mgr.settings, sandbox_id, "network.update",
+        before=old.model_dump(mode="json"), after=policy.model_dump(mode="json"),
+    )  # fmt: skip
+    return policy
 
 
 # -- the manager's methods -------------------------------------------------------------
@@ -313,105 +460,13 @@ class Controls:
         sandbox_id: str | None = None,
         ready_timeout: float = 20.0,
     ) -> SandboxRecord:
-        """A new sandbox with the snapshot's workspace (its spec unless ``spec`` is given).
-
-        The snapshot is checked (hash, then every member) before anything is created. Until
-        the workspace is in, the registry marks the sandbox as restoring, so if this process
-        dies half-way ``gc`` removes it rather than leave a half-restored sandbox running.
-        """
-        from ironclaw.host.snapshots import SnapshotStore
-        from ironclaw.spec import parse_spec
-
-        mgr = self._mgr()
-        store = SnapshotStore(mgr.settings)
-        if isinstance(snap, str):
-            snap = await asyncio.to_thread(store.get, snap)
-        final = parse_spec(spec if spec is not None else snap.spec)
-        max_bytes = final.limits.workspace_mib * MiB
-        archive = await asyncio.to_thread(store.verified_archive, snap, max_bytes=max_bytes)
-        data = await asyncio.to_thread(archive.read_bytes)
-        record = await mgr.create(
-            final,
-            sandbox_id=sandbox_id,
-            use_pool=False,
-            restoring=True,
-            ready_timeout=ready_timeout,
+        """A new sandbox from the snapshot (see :func:`restore`)."""
+        return await restore(
+            self._mgr(), snap, spec=spec, sandbox_id=sandbox_id, ready_timeout=ready_timeout
         )
-        try:
-            result = await mgr.exec(
-                record.id,
-                ["tar", "--no-same-owner", "--same-permissions", "-C", "/workspace", "-xf", "-"],
-                stdin=data,
-            )
-            if result.exit_code != 0:
-                raise SandboxError(
-                    f"restoring snapshot {snap.name!r} failed: {result.stderr.decode()[-300:]}"
-                )
-            await mgr.store.update(record.id, info={"restoring": False, "snapshot": snap.name})
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(mgr.destroy(record.id))
-            raise
-        return await mgr.get(record.id)
 
     async def update_network(
         self, sandbox_id: str, **change: Unpack[NetworkChange]
     ) -> NetworkPolicy:
-        """Change a running sandbox's egress: one firewall transaction, one proxy reload.
-
-        ``allow``, ``allow_domains`` and ``deny_domains`` replace those lists when given;
-        ``deny`` removes rules from the allow list. The change goes to the audit log.
-        """
-        from ironclaw.policy.network import AllowRule
-        from ironclaw.spec import parse_spec
-
-        mgr = self._mgr()
-        record = await mgr.get(sandbox_id)
-        _must_live(record)
-        spec = parse_spec(record.spec)
-        old = spec.network
-        allow, deny = change.get("allow"), change.get("deny")
-        allow_domains, deny_domains = change.get("allow_domains"), change.get("deny_domains")
-        if not old.needs_network:
-            raise ConfigError(
-                f"sandbox {sandbox_id} was created without a network; its egress can change only "
-                "if it was created with some --allow or --allow-domain"
-            )
-        try:
-            rules = tuple(AllowRule.parse(a) for a in allow) if allow is not None else old.allow
-            gone = {AllowRule.parse(d) for d in deny or ()}
-        except ValueError as exc:
-            raise ConfigError(f"network rule: {exc}") from None
-        policy = parse_spec(
-            {
-                **spec.model_dump(mode="json"),
-                "network": {
-                    "allow": [r.model_dump(mode="json") for r in rules if r not in gone],
-                    "allow_domains": list(
-                        allow_domains if allow_domains is not None else old.allow_domains
-                    ),
-                    "deny_domains": list(
-                        deny_domains if deny_domains is not None else old.deny_domains
-                    ),
-                },
-            }
-        ).network
-        if not policy.needs_network:
-            raise ConfigError(
-                "the update leaves no egress at all; keep one rule or remove the sandbox"
-            )
-        await mgr.net.update_policy(record.rid, policy, slot=record.slot)
-        new_spec = spec.model_copy(update={"network": policy})
-        await mgr.store.update(sandbox_id, spec=new_spec.model_dump(mode="json"))
-        line = json.dumps(
-            {
-                "event": "network.update",
-                "sandbox_id": sandbox_id,
-                "ts": time.time(),
-                "before": old.model_dump(mode="json"),
-                "after": policy.model_dump(mode="json"),
-            }
-        )
-        path = safe_join(mgr.settings.sandbox_state_dir(sandbox_id), "audit.jsonl")
-        await asyncio.to_thread(append_line, path, line)
-        return policy
+        """Change a running sandbox's egress (see :func:`update_network`)."""
+        return await update_network(self._mgr(), sandbox_id, **change)

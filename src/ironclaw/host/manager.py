@@ -43,6 +43,7 @@ from ironclaw.host.reconcile import GcReport
 from ironclaw.ids import new_sandbox_id, validate_sandbox_id
 from ironclaw.proto.lifecycle import AsyncResource
 from ironclaw.proto.surface import ExecResult, OutputSink
+from ironclaw.resources.audit import record_async
 from ironclaw.resources.lifetime import read_lifetime
 from ironclaw.resources.store import SandboxRecord, Store
 from ironclaw.rpc import Peer
@@ -221,6 +222,7 @@ class SandboxManager(Channel, Controls, AsyncResource):
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self._teardown(record, reason="lifetime failed"))
                 raise
+        await record_async(self.settings, record.id, "sandbox.create", backend=spec.backend)
         return record
 
     async def _create_cold(
@@ -392,6 +394,7 @@ class SandboxManager(Channel, Controls, AsyncResource):
         """Stop the sandbox and remove every resource it had. Idempotent per id."""
         record = await self.store.get(validate_sandbox_id(sandbox_id))
         await self._teardown(record, reason="destroyed")
+        await record_async(self.settings, record.id, "sandbox.destroy")
 
     async def _teardown(self, record: SandboxRecord, *, reason: str) -> None:
         sid = record.id

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from ironclaw.backends.base import process_start_time, same_process
 from ironclaw.errors import ConfigError, NetworkError
+from ironclaw.resources.audit import record_async
 from ironclaw.resources.procs import descendants
 
 if TYPE_CHECKING:
@@ -183,6 +184,7 @@ async def expose(
             raise
         finally:
             os.close(fd)
+    await record_async(manager.settings, sandbox_id, "port.expose", port=port, url=info.url)
     return info
 
 
@@ -320,6 +322,7 @@ async def unexpose(manager: SandboxManager, sandbox_id: str, port: int) -> None:
     async with _locked(folder):
         info = _live(entry)
         await _clear(manager, plan, entry, info)
+    await record_async(manager.settings, sandbox_id, "port.unexpose", port=port)
     if info is None:
         raise ConfigError(f"port {port} of {sandbox_id} is not exposed (its forwarder had died)")
 

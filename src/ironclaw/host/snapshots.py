@@ -2,7 +2,10 @@
 
 A snapshot is a directory ``<state>/snapshots/<name>/`` holding ``workspace.tar`` (the
 sandbox's /workspace: files, modes, symlinks as links) and ``manifest.json`` (its
-SHA-256, size, and the spec it came from). It is written under a temporary name
+SHA-256, size, and the spec it came from). A VM snapshot (``kind`` "vm", see
+:mod:`ironclaw.host.vm_snapshots`) holds the VM's memory and device state and its
+workspace disk instead; its manifest has the sha256 of every file (``files``) and
+``sha256`` is the hash of that list. It is written under a temporary name
 (``.tmp-<pid>-<name>``) and renamed into place only when complete, so a crash never
 leaves a half-written snapshot listed; :func:`collect_leftovers` (run by ``gc``)
 removes temporaries whose writer is gone. Restore checks the hash first (a corrupted or
@@ -22,12 +25,13 @@ import re
 import shutil
 import tarfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ironclaw.config import Settings, ensure_private_dir, safe_join
 from ironclaw.errors import ConfigError, SandboxError, SandboxNotFound
+from ironclaw.spec import SandboxSpec, parse_spec
 
 __all__ = [
     "ARCHIVE",
@@ -37,6 +41,8 @@ __all__ = [
     "SnapshotNotFound",
     "SnapshotStore",
     "check_archive",
+    "files_digest",
+    "restore_spec",
     "validate_snapshot_name",
 ]
 
@@ -64,7 +70,12 @@ def validate_snapshot_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """One saved workspace; pass it to ``Sandbox.create(from_snapshot=...)``."""
+    """One saved sandbox; pass it to ``Sandbox.create(from_snapshot=...)``.
+
+    ``kind`` is "workspace" (an archive of /workspace) or "vm" (memory, devices and
+    disks: ``files`` maps each file to its sha256, ``vm`` says what it must be restored
+    on: image digest, QEMU version, VM size).
+    """
 
     name: str
     sha256: str
@@ -73,6 +84,9 @@ class Snapshot:
     source: str
     backend: str
     spec: dict[str, Any]
+    kind: str = "workspace"
+    files: dict[str, str] = field(default_factory=dict)
+    vm: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,6 +98,45 @@ def _hash_file(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def files_digest(files: dict[str, str]) -> str:
+    """One hash over every file's name and sha256: a VM snapshot's content hash."""
+    text = "".join(f"{name} {digest}\n" for name, digest in sorted(files.items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+#: What a restore may not change: a snapshot comes back on its own backend and image.
+FIXED_FIELDS = ("backend", "image")
+#: Overridden field by field; every other field given replaces the snapshot's whole.
+MERGED_FIELDS = ("limits", "lifetime")
+
+
+def restore_spec(
+    recorded: dict[str, Any], given: SandboxSpec | dict[str, Any] | None
+) -> SandboxSpec:
+    """The spec a restore uses: the one the snapshot recorded, with what was given on top.
+
+    ``given`` holds only what the caller set explicitly (a dict, or a spec whose unset
+    fields are ignored): e.g. labels, lifetime, network, env, limits (a VM snapshot needs
+    its own memory and cpus). Backend and image cannot change.
+    """
+    base = dict(recorded)
+    if isinstance(given, SandboxSpec):
+        given = given.model_dump(mode="json", exclude_unset=True)
+    defaults = SandboxSpec().model_dump(mode="json")
+    for key, value in (given or {}).items():
+        if key in FIXED_FIELDS:
+            if value != base.get(key, defaults.get(key)):
+                raise ConfigError(
+                    f"a snapshot is restored with its own {key} ({base.get(key, defaults.get(key))}"
+                    f"), not {value!r}: leave {key} out"
+                )
+        elif key in MERGED_FIELDS and isinstance(value, dict):
+            base[key] = {**(base.get(key) or {}), **value}
+        else:
+            base[key] = value
+    return parse_spec(base)
 
 
 def check_archive(path: Path, *, max_bytes: int) -> int:
@@ -143,8 +196,9 @@ class SnapshotStore:
             json.dump(snap.to_json(), f)
             f.flush()
             os.fsync(f.fileno())
-        with open(tmp / ARCHIVE, "rb") as f:
-            os.fsync(f.fileno())
+        for part in snap.files or (ARCHIVE,):
+            with open(safe_join(tmp, part), "rb") as f:
+                os.fsync(f.fileno())
         try:
             os.rename(tmp, self.path(snap.name))
         except OSError as exc:
@@ -158,6 +212,23 @@ class SnapshotStore:
             sha256=_hash_file(archive), size=archive.stat().st_size, created_at=time.time(),
             **fields,
         )  # fmt: skip
+
+    def stamp_files(self, tmp: Path, files: dict[str, str], **fields: Any) -> Snapshot:
+        """A VM snapshot's manifest; ``files`` maps each file in ``tmp`` to its sha256
+        (hashed by the writer as it wrote them, so nothing is read twice)."""
+        size = sum(safe_join(tmp, n).stat().st_blocks * 512 for n in files)
+        return Snapshot(
+            sha256=files_digest(files), size=size, created_at=time.time(), kind="vm",
+            files=files, **fields,
+        )  # fmt: skip
+
+    def verified_file(self, snap: Snapshot, part: str, digest: str) -> None:
+        """Refuse ``part`` of ``snap`` unless its content hash is ``digest`` (the recorded one)."""
+        if snap.files.get(part) != digest or files_digest(snap.files) != snap.sha256:
+            raise SnapshotCorrupt(
+                f"snapshot {snap.name!r} is corrupted: {part} does not match its recorded "
+                "sha256; remove it (`ironclaw snapshot rm`)"
+            )
 
     def all(self) -> list[Snapshot]:
         if not self.root.is_dir():
@@ -216,8 +287,20 @@ class SnapshotStore:
                 continue  # not a temporary, or its writer still runs
             removed.append(f"snapshot temporary {entry.name}")
             if not dry_run:
+                resumed = _resume_source(entry)
+                if resumed:
+                    removed.append(resumed)
                 shutil.rmtree(entry, ignore_errors=True)
         return removed
+
+
+def _resume_source(tmp: Path) -> str | None:
+    """A VM snapshot cut off mid-way leaves its source paused: let it run again."""
+    if not (tmp / "source.json").exists():
+        return None
+    from ironclaw.backends.qemu.usersnap import recover_source
+
+    return recover_source(tmp)
 
 
 def _alive(pid: int) -> bool:

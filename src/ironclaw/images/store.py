@@ -41,8 +41,14 @@ def _load_artifacts(settings: Settings, name: str, digest: str) -> ImageArtifact
     return art
 
 
-def find_image(settings: Settings, name: str = "default") -> ImageArtifacts | None:
-    """The image last built under ``name``, if it is still complete on disk."""
+def find_image(
+    settings: Settings, name: str = "default", *, digest: str | None = None
+) -> ImageArtifacts | None:
+    """The image last built under ``name``, if it is still complete on disk; with
+    ``digest``, that build of it (what a VM snapshot was taken on), if still complete."""
+    if digest is not None:
+        ok = re.fullmatch(r"[0-9a-f]{32}", digest)
+        return _load_artifacts(settings, _check_name(name), digest) if ok else None
     try:
         digest = safe_join(_images_root(settings), "names", _check_name(name)).read_text().strip()
     except OSError:

@@ -15,6 +15,8 @@ Launch order, and why:
   the run directory (a chroot path can exceed ``sun_path``).
 * **Boot over the API**, every body built by :mod:`.api`; the channel is hybrid vsock
   with retries, since the host always connects while the guest still boots.
+* **User snapshots** through the manager (:mod:`.usersnap`): :meth:`save_snapshot`,
+  and a start planned with :meth:`plan_restore` restores instead of booting.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from ironclaw.backends.base import (
     log_tail,
     process_start_time,
 )
+from ironclaw.backends.firecracker import usersnap
 from ironclaw.backends.firecracker.api import (
     AGENT_VSOCK_PORT,
     NicConfig,
@@ -57,6 +60,7 @@ from ironclaw.config import safe_join
 from ironclaw.errors import BackendError, ConfigError, ConnectError, IronclawError
 from ironclaw.images import ImageArtifacts, make_workspace_image
 from ironclaw.resources.tap import TAP
+from ironclaw.spec import SandboxSpec
 from ironclaw.transport import Connection, SocketConnection, hybrid_vsock
 
 __all__ = [
@@ -206,6 +210,7 @@ class FirecrackerBackend:
         self.kvm = kvm
         self.api_timeout = api_timeout
         self._children = vm.VmChildren()
+        self._planned: dict[str, tuple[Path, dict[str, str]]] = {}  # sandbox id -> snapshot
 
     # -- protocol ------------------------------------------------------------------------
 
@@ -232,7 +237,34 @@ class FirecrackerBackend:
             )
 
     async def start(self, ctx: LaunchContext) -> FirecrackerInfo:
+        planned = self._planned.pop(ctx.sandbox_id, None)
+        if planned is not None:
+            return await usersnap.restore(self, ctx, *planned)
         return await self._launch(ctx, snapshot=None)
+
+    # -- user snapshots (see .usersnap) --------------------------------------------------
+
+    async def save_snapshot(
+        self, info: FirecrackerInfo, dest: Path
+    ) -> tuple[dict[str, str], dict[str, Any]]:
+        return await usersnap.save(self, info, dest)
+
+    def plan_restore(
+        self, sandbox_id: str, directory: Path | None, files: Mapping[str, str],
+        vm: Mapping[str, Any],
+    ) -> None:  # fmt: skip
+        """Make the next start of ``sandbox_id`` a restore of the snapshot in ``directory``."""
+        if directory is None:
+            self._planned.pop(sandbox_id, None)
+        else:
+            self._planned[sandbox_id] = (directory, dict(files))
+
+    async def check_snapshot(self, vm: Mapping[str, Any], spec: SandboxSpec, settings: Any) -> None:
+        lim = spec.limits
+        usersnap.check_compatible(
+            vm, vcpus=min(32, max(1, -(-int(lim.cpus * 1000) // 1000))),
+            mem_mib=lim.memory_mib - VMM_OVERHEAD_MIB, network=spec.network.needs_network,
+        )  # fmt: skip
 
     async def restore(self, ctx: LaunchContext, snapshot: SnapshotFiles) -> FirecrackerInfo:
         """Start the sandbox from a snapshot instead of booting (prepare first)."""

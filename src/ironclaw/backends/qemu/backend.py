@@ -29,6 +29,9 @@ How a sandbox is launched, and why:
   gets its own identity right after (:mod:`.restore`); its ``/workspace`` is then a
   tmpfs of ``workspace_mib``. Restoring takes well under a second where a TCG boot
   takes seconds.
+* **User snapshots.** :meth:`QemuBackend.save_snapshot` saves a running sandbox's
+  memory, devices and workspace disk; a sandbox whose start was given a snapshot with
+  :meth:`QemuBackend.plan_restore` is restored from it (:mod:`.usersnap`).
 * **Channel.** The agent serves a virtio-serial port whose host end is a UNIX socket in
   the run directory; each host connection is a session that starts with a hello the
   agent acknowledges (``transport.virtio_serial.connect``), so nothing of an earlier
@@ -54,6 +57,7 @@ from ironclaw.backends.base import (
     process_start_time,
     same_process,
 )
+from ironclaw.backends.qemu import usersnap
 from ironclaw.backends.qemu.accel import probe_accel
 from ironclaw.backends.qemu.cmdline import Accel, qemu_binary
 from ironclaw.backends.qemu.qmp import QmpClient, QmpError
@@ -74,8 +78,9 @@ from ironclaw.backends.vm import (
 )
 from ironclaw.config import Settings, safe_join
 from ironclaw.errors import BackendError, ConfigError, ConnectError, IronclawError
-from ironclaw.images import ImageArtifacts
+from ironclaw.images import ImageArtifacts, find_image
 from ironclaw.resources.watchdog import spawn_watchdog
+from ironclaw.spec import SandboxSpec
 from ironclaw.transport import Connection, virtio_serial
 
 __all__ = ["MIN_GUEST_MIB", "QEMU_OVERHEAD_MIB", "QemuBackend", "QemuInfo", "guest_memory_mib"]
@@ -130,6 +135,7 @@ class QemuBackend:
         self.restore = restore_enabled() if restore is None else restore
         self._vms = VmChildren()
         self._accel_cache: dict[tuple[Path, str], Accel] = {}
+        self._planned: dict[str, usersnap.UserSnapshot] = {}  # sandbox id -> restore from
 
     # -- protocol ------------------------------------------------------------------------
 
@@ -159,6 +165,10 @@ class QemuBackend:
     async def start(self, ctx: LaunchContext) -> QemuInfo:
         spec, lim = ctx.spec, ctx.spec.limits
         art = find_vm_image(ctx, self.artifacts)
+        planned = self._planned.pop(ctx.sandbox_id, None)
+        if planned is not None and self.artifacts is None:  # the build it was taken on
+            name = "default" if spec.image == "host" else spec.image
+            art = find_image(ctx.settings, name, digest=str(planned.vm.get("image"))) or art
         accel = await self._accel(art, ctx.settings)
         net = ctx.network
         tap = await attach_sandbox_tap(ctx, ctx.host_uid)
@@ -166,7 +176,13 @@ class QemuBackend:
         cgroup_fds = ctx.cgroup.attach_fds() if ctx.cgroup is not None else []
         vm = QemuVm()
         try:
-            if self.restore:
+            if planned is not None:
+                vm = await usersnap.restore(
+                    art, ctx, planned, accel=accel, cpus=_vcpus(lim.cpus),
+                    memory_mib=guest_memory_mib(lim.memory_mib), tap_ifname=tap, env=env,
+                    cgroup_fds=cgroup_fds,
+                )  # fmt: skip
+            elif self.restore:
                 vm = await restore_sandbox(
                     art, ctx, accel=accel, cpus=_vcpus(lim.cpus),
                     memory_mib=guest_memory_mib(lim.memory_mib), tap_ifname=tap, env=env,
@@ -290,6 +306,43 @@ class QemuBackend:
                 await qmp.close()
         except (QmpError, OSError) as exc:
             raise BackendError(f"QMP {command} failed: {exc}; is the VM running?") from exc
+
+    # -- user snapshots (see .usersnap) --------------------------------------------------
+
+    async def save_snapshot(
+        self, info: QemuInfo, dest: Path
+    ) -> tuple[dict[str, str], dict[str, Any]]:
+        """Save the VM's memory, devices and workspace disk into ``dest``."""
+        return await usersnap.save(info, dest)
+
+    def plan_restore(
+        self, sandbox_id: str, directory: Path | None, files: Mapping[str, str],
+        vm: Mapping[str, Any],
+    ) -> None:  # fmt: skip
+        """Make the next start of ``sandbox_id`` a restore of the snapshot in ``directory``
+        (``files``: its sha256 per file; ``vm``: what it was taken from). None forgets it."""
+        if directory is None:
+            self._planned.pop(sandbox_id, None)
+        else:
+            self._planned[sandbox_id] = usersnap.UserSnapshot(directory, dict(files), dict(vm))
+
+    async def check_snapshot(
+        self, vm: Mapping[str, Any], spec: SandboxSpec, settings: Settings
+    ) -> None:
+        """Refuse (before anything is made) a snapshot this host and spec cannot load."""
+        name = "default" if spec.image == "host" else spec.image
+        art = self.artifacts or find_image(settings, name, digest=str(vm.get("image")))
+        if art is None:
+            raise ConfigError(
+                f"the snapshot's image ({name}, build {str(vm.get('image'))[:16]}…) is no "
+                "longer on this host: rebuilding makes another; take a new snapshot"
+            )
+        usersnap.check_compatible(
+            vm, image=art.digest, qemu=await asyncio.to_thread(usersnap.qemu_version),
+            accel=await self._accel(art, settings), cpus=_vcpus(spec.limits.cpus),
+            guest_mib=guest_memory_mib(spec.limits.memory_mib),
+            network=spec.network.needs_network,
+        )  # fmt: skip
 
     async def inspect(self, info: QemuInfo) -> BackendStatus:
         logs = (info.stderr_log, info.console_log)

@@ -191,9 +191,12 @@ def qemu_argv(
         str(paths.pid_file),
     ]
     if workspace is not None:
+        # No image locking: the disk is this VM's alone, and locks taken through an fd
+        # set's descriptors outlive the reopen a snapshot's hand-over makes.
         argv += [
             "-drive",
-            f"id=ws,file={workspace},format=raw,if=none,cache=unsafe,discard=unmap",
+            f"id=ws,file={workspace},file.locking=off,format=raw,if=none,cache=unsafe,"
+            "discard=unmap",
             "-device",
             "virtio-blk-device,drive=ws,serial=ironclaw-ws",
         ]

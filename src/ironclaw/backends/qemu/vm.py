@@ -155,6 +155,7 @@ class QemuVm:
         cgroup_fds: Sequence[int] = (),
         guest_env: Mapping[str, str] | None = None,
         nic_placeholder: bool = False,
+        workspace_disk: Path | None = None,
     ) -> None:
         """Launch QEMU (detached into its own session) and connect QMP.
 
@@ -171,6 +172,8 @@ class QemuVm:
         opened by root) are joined before exec. ``guest_env`` is exported to the agent
         (and so to every command) through a small read-only disk. ``nic_placeholder``
         gives an unconnected NIC (building a snapshot that networked sandboxes restore).
+        ``workspace_disk`` is an existing workspace disk (a user snapshot's copy), used
+        instead of a fresh one.
         """
         if self._proc is not None:
             raise BackendError("VM already started")
@@ -199,8 +202,8 @@ class QemuVm:
         self.accel = chosen
         self.kernel_release = artifacts.kernel_release
         self._agent_in_image = agent_usable(artifacts)
-        workspace: Path | None = None
-        if workspace_mib > 0:
+        workspace: Path | None = workspace_disk
+        if workspace is None and workspace_mib > 0:
             workspace = self._path("workspace.ext4")
             await make_workspace_image(workspace, workspace_mib, journal=False)
         env_disk: Path | None = None
@@ -208,6 +211,10 @@ class QemuVm:
             env_disk = self._path("guest-env.sh")
             env_disk.write_bytes(guest_env_script(guest_env))
         in_fd = os.open(incoming, os.O_RDONLY | os.O_CLOEXEC) if incoming is not None else None
+        # The workspace disk goes over as an fd set (read-write and read-only): QEMU, no
+        # longer root, reopens it read-only when a snapshot hands the disk over, and
+        # could not reach its path in the 0700 run directory.
+        ws_fds = _open_fdset(workspace) if workspace is not None else []
         argv = qemu_argv(
             qemu,
             artifacts,
@@ -223,7 +230,7 @@ class QemuVm:
             hostname=hostname,
             guest_ip=guest_ip,
             agent=self._agent_in_image,
-            workspace=workspace,
+            workspace=Path(f"/dev/fdset/{_WS_FDSET}") if ws_fds else None,
             tap_ifname=tap_ifname,
             env_disk=env_disk,
             incoming_fd=in_fd,
@@ -231,6 +238,7 @@ class QemuVm:
             sandbox=sandbox,
             nic_placeholder=nic_placeholder,
         )
+        argv += [a for fd in ws_fds for a in ("-add-fd", f"fd={fd},set={_WS_FDSET}")]
         self._agent_reconnects = incoming is not None
         self.console_log.write_bytes(b"")
         stderr_path = self._path("qemu.stderr")
@@ -242,11 +250,11 @@ class QemuVm:
                 netns_path=netns_path,
                 cgroup_fds=cgroup_fds,
                 no_core_dumps=True,
-                pass_fds=() if in_fd is None else (in_fd,),
+                pass_fds=(*ws_fds, *(() if in_fd is None else (in_fd,))),
             )
         finally:
-            if in_fd is not None:
-                os.close(in_fd)
+            for fd in [*ws_fds, *(() if in_fd is None else (in_fd,))]:
+                os.close(fd)
         try:
             self._qmp = await self._connect_qmp(stderr_path, deadline=time.monotonic() + 10)
             if run_as is not None:
@@ -408,6 +416,18 @@ class QemuVm:
 
     async def resume(self) -> None:
         await self.qmp.execute("cont")
+
+
+_WS_FDSET = 7
+
+
+def _open_fdset(path: Path) -> list[int]:
+    rw = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        return [rw, os.open(path, os.O_RDONLY | os.O_CLOEXEC)]
+    except BaseException:
+        os.close(rw)
+        raise
 
 
 def check_dropped(pid: int, uid: int) -> None:

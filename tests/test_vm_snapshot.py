@@ -13,19 +13,19 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import CGROUP_ROOT, image_cache_settings
+from conftest import CGROUP_ROOT
 from ironclaw.errors import ConfigError
 from ironclaw.host.manager import SandboxManager
 from ironclaw.host.snapshots import MANIFEST, SnapshotCorrupt
 from ironclaw.images import ImageArtifacts
 from ironclaw.resources.audit import read_events
+from test_qemu_backend import vm_image, vm_snapshots  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.root, pytest.mark.vm, pytest.mark.timeout(1800)]
 
@@ -34,18 +34,6 @@ COUNTER = (
     "sh -c 'n=0; while :; do n=$((n+1)); echo $n > /tmp/tick; sleep 0.2; done' "
     ">/dev/null 2>&1 & echo $! > /tmp/bg.pid"
 )
-
-
-@pytest.fixture
-def vm_image(ironclaw_home: Path, image: ImageArtifacts) -> ImageArtifacts:
-    cache = image_cache_settings().state_dir
-    state = ironclaw_home / "state"
-    state.mkdir(mode=0o700, exist_ok=True)
-    (state / "images").symlink_to(cache / "images")
-    with_probe = cache / "qemu-accel.json"
-    if with_probe.exists():
-        shutil.copyfile(with_probe, state / "qemu-accel.json")
-    return image
 
 
 async def sh(manager: SandboxManager, sid: str, script: str) -> str:
@@ -78,8 +66,14 @@ def copy_with_manifest(root: Path, name: str, new: str, **vm: object) -> None:
 
 
 async def test_vm_snapshot_forks_tamper_and_crash(
-    manager: SandboxManager, vm_image: ImageArtifacts, ironclaw_home: Path
+    manager: SandboxManager,
+    vm_image: ImageArtifacts,  # noqa: F811
+    ironclaw_home: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # Booted, not restored from the image's snapshot: its /workspace is then a disk,
+    # which the snapshot must carry beside memory (a restored VM's is a tmpfs, in memory).
+    monkeypatch.setenv("IRONCLAW_QEMU_RESTORE", "0")
     src = await manager.create({**SPEC, "labels": {"role": "source"}}, ready_timeout=300)
     await manager.write_file(src.id, "notes/a.txt", b"written before the snapshot")
     r = await manager.exec(src.id, ["sh", "-c", COUNTER], keep_background=True, timeout=60)

@@ -9,10 +9,9 @@ import json
 import os
 import signal
 import sys
-import time
 from typing import TYPE_CHECKING, Any
 
-from ironclaw.cli.common import out_console
+from ironclaw.cli.common import copy_out, exit_status, print_procs
 from ironclaw.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -32,16 +31,6 @@ def _client() -> ApiClient:
     from ironclaw.client import ApiClient
 
     return ApiClient()
-
-
-def _write(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _status(code: int | None) -> int:
-    return 0 if code is None else int(code)
 
 
 def _json(info: Any) -> str:
@@ -68,35 +57,21 @@ async def run(
             print(handle.pid)
         if detach:
             return 0
-        async for chunk in handle.output():
-            await asyncio.to_thread(_write, 1, chunk)
-        return _status((await handle.wait()).exit_code)
+        await copy_out(handle.output())
+        return exit_status((await handle.wait()).exit_code)
 
 
 async def ps(sandbox_id: str, *, as_json: bool) -> None:
-    from rich.table import Table
-
-    from ironclaw.proto.methods import to_json
-
     async with _client() as api:
         infos = await _commands(api, sandbox_id).list()
-    if as_json:
-        print(json.dumps({"procs": [to_json(i) for i in infos]}))
-        return
-    table = Table("PID", "TAG", "STATE", "AGE", "COMMAND")
-    for i in infos:
-        state = "running" if i.running else f"exited {i.exit_code}"
-        age = f"{time.time() - i.started_at:.0f}s"
-        table.add_row(str(i.pid), i.tag or "", state, age, " ".join(i.argv)[:60])
-    out_console.print(table)
+    print_procs(infos, as_json)
 
 
 async def attach(sandbox_id: str, target: str, *, replay: bool) -> int:
     async with _client() as api:
         handle = await _commands(api, sandbox_id).connect(target)
-        async for chunk in handle.output(replay=replay):
-            await asyncio.to_thread(_write, 1, chunk)
-        return _status(handle.info.exit_code)
+        await copy_out(handle.output(replay=replay))
+        return exit_status(handle.info.exit_code)
 
 
 async def kill(sandbox_id: str, target: str, signum: int, *, as_json: bool) -> None:
@@ -173,8 +148,7 @@ async def tty(sandbox_id: str, argv: list[str], env: dict[str, str] | None, cwd:
         loop.add_reader(0, on_key)
         sender = asyncio.ensure_future(send_keys())
         try:
-            async for chunk in term.output():
-                await asyncio.to_thread(_write, 1, chunk)
+            await copy_out(term.output())
         finally:
             loop.remove_reader(0)
             loop.remove_signal_handler(signal.SIGWINCH)
@@ -184,4 +158,4 @@ async def tty(sandbox_id: str, argv: list[str], env: dict[str, str] | None, cwd:
             with contextlib.suppress(Exception):
                 await term.close()
         sys.stdout.flush()
-        return _status(term.info.exit_code)
+        return exit_status(term.info.exit_code)

@@ -17,15 +17,18 @@ import signal as _signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import ConnectionClosed
 
 from ironclaw.client._errors import from_problem
+from ironclaw.client._http import frame_doc, problem, sse_events
+from ironclaw.client._http import seg as _seg
 from ironclaw.errors import ApiError, ConnectError, IronclawError
 from ironclaw.proto import methods as m
+from ironclaw.proto.proc_methods import ProcView
 
 if TYPE_CHECKING:
     from ironclaw.client.api import ApiClient
@@ -41,10 +44,6 @@ __all__ = [
 ]
 
 MAX_WAIT = 300.0  # the server's longest single wait
-
-
-def _seg(value: str) -> str:
-    return quote(value, safe="")
 
 
 def _info(doc: Any) -> m.ProcInfo:
@@ -63,26 +62,11 @@ def _ws(api: ApiClient, path: str) -> Any:
     return connect(f"{api.base.replace('http', 'ws', 1)}{path}", additional_headers=headers)
 
 
-def _frame_doc(msg: str) -> dict[str, Any]:
-    doc = json.loads(msg)
-    if doc.get("type") == "error":
-        raise from_problem(int(doc.get("status", 500)), doc)
-    return dict(doc)
-
-
-class RemoteProcessHandle:
+class RemoteProcessHandle(ProcView):
     """One detached command in a remote sandbox: output, stdin, signals, exit status."""
 
     def __init__(self, api: ApiClient, sandbox_id: str, info: m.ProcInfo) -> None:
         self.api, self.sandbox_id, self.info = api, sandbox_id, info
-
-    @property
-    def pid(self) -> int:
-        return self.info.pid
-
-    @property
-    def tag(self) -> str | None:
-        return self.info.tag
 
     def _path(self, tail: str = "") -> str:
         return f"{_base(self.api, self.sandbox_id)}/processes/{self.info.pid}{tail}"
@@ -96,7 +80,7 @@ class RemoteProcessHandle:
                     if isinstance(msg, bytes):
                         yield msg
                         continue
-                    doc = _frame_doc(msg)
+                    doc = frame_doc(msg)
                     if doc.get("type") == "exit":
                         self.info = _info(doc)
                         return
@@ -164,7 +148,7 @@ class RemoteCommands:
         return RemoteProcessHandle(self.api, self.sandbox_id, _info(doc))
 
 
-class RemoteTerminal:
+class RemoteTerminal(ProcView):
     """A PTY session over one WebSocket: ``send``, ``resize``, ``output()``, ``kill``.
 
     Closing it (or leaving ``async with``) hangs the terminal up: the shell is killed.
@@ -173,14 +157,6 @@ class RemoteTerminal:
     def __init__(self, ws: ClientConnection, info: m.ProcInfo) -> None:
         self.ws, self.info = ws, info
 
-    @property
-    def pid(self) -> int:
-        return self.info.pid
-
-    @property
-    def tag(self) -> str | None:
-        return self.info.tag
-
     async def output(self) -> AsyncIterator[bytes]:
         """The terminal's bytes until the command ends (then ``info`` has its status)."""
         try:
@@ -188,7 +164,7 @@ class RemoteTerminal:
                 if isinstance(msg, bytes):
                     yield msg
                     continue
-                doc = _frame_doc(msg)
+                doc = frame_doc(msg)
                 if doc.get("type") == "exit":
                     self.info = _info(doc)
                     return
@@ -255,7 +231,7 @@ class RemotePty:
             msg = await ws.recv()
             if isinstance(msg, bytes):
                 raise ApiError("the server sent output before the terminal started")
-            return RemoteTerminal(ws, _info(_frame_doc(msg)))
+            return RemoteTerminal(ws, _info(frame_doc(msg)))
         except ConnectionClosed as exc:
             await ws.close()
             raise ConnectError(f"terminal to {self.api.base} failed: {exc}") from None
@@ -325,29 +301,15 @@ class RemoteWatch:
         if resp.status_code >= 400:
             body = await resp.aread()
             await self._stack.aclose()
-            try:
-                doc: Any = json.loads(body)
-            except ValueError:
-                doc = body.decode(errors="replace")
-            raise from_problem(resp.status_code, doc)
+            raise problem(resp.status_code, body)
         self._resp = resp
         self._events = self._parse(resp)
 
     async def _parse(self, resp: httpx.Response) -> AsyncIterator[m.WatchEvent]:
-        name, data = "", ""
-        async for line in resp.aiter_lines():
-            if line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:"):
-                data += line[5:].strip()
-            elif not line and data:
-                doc = json.loads(data)
-                if name == "end":
-                    return
-                if name == "error":
-                    raise from_problem(int(doc.get("status", 500)), doc)
-                yield m.decode(m.WatchEvent, doc, "watch event")
-                name, data = "", ""
+        async for name, doc in sse_events(resp):
+            if name == "error":
+                raise from_problem(int(doc.get("status", 500)), doc)
+            yield m.decode(m.WatchEvent, doc, "watch event")
 
     def __aiter__(self) -> RemoteWatch:
         return self

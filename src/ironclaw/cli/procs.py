@@ -7,13 +7,9 @@ With ``--api URL`` they go through ``ironclaw serve`` (:mod:`ironclaw.cli.remote
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
 import signal
-import sys
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -165,50 +161,16 @@ async def run_tty(
     manager: object, sandbox_id: str, argv: list[str], env: dict[str, str] | None, cwd: str | None
 ) -> int:
     """An interactive terminal: raw mode here, a PTY there, window size followed."""
-    import termios
-    import tty
-
+    from ironclaw.cli.terminal import raw_terminal, terminal_size
     from ironclaw.host import processes
     from ironclaw.host.manager import SandboxManager
 
     assert isinstance(manager, SandboxManager)
-    if not os.isatty(0):
-        raise ConfigError("-t needs a terminal on stdin: run it from a shell, or drop -t")
-    cols, rows = os.get_terminal_size(0)
+    cols, rows = terminal_size()
     guest = await manager.guest(sandbox_id)
     handle = await processes.start_process(guest, argv, env=env, cwd=cwd, pty=(cols, rows))
-    loop = asyncio.get_running_loop()
-    saved = termios.tcgetattr(0)
-
-    resizes: set[asyncio.Task[None]] = set()
-
-    def on_winch() -> None:
-        size = os.get_terminal_size(0)
-        task = loop.create_task(handle.resize(size.columns, size.lines))
-        resizes.add(task)
-        task.add_done_callback(resizes.discard)
-
-    async def keys() -> AsyncIterator[bytes]:
-        queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=64)
-        loop.add_reader(0, lambda: queue.put_nowait(os.read(0, 4096)) if not queue.full() else None)
-        try:
-            while chunk := await queue.get():
-                yield chunk
-        finally:
-            loop.remove_reader(0)
-
-    tty.setraw(0, termios.TCSANOW)  # not TCSAFLUSH: keys typed ahead are kept
-    loop.add_signal_handler(signal.SIGWINCH, on_winch)
-    feeder = asyncio.ensure_future(handle.stdin_from(keys()))
-    try:
+    async with raw_terminal(handle.resize, handle.stdin_from):
         await copy_out(handle.output())
-    finally:
-        loop.remove_signal_handler(signal.SIGWINCH)
-        termios.tcsetattr(0, termios.TCSADRAIN, saved)
-        feeder.cancel()
-        with contextlib.suppress(BaseException):
-            await feeder
-    sys.stdout.flush()
     return exit_status((await handle.wait()).exit_code)
 
 

@@ -3,16 +3,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import os
-import signal
-import sys
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from ironclaw.cli.common import copy_out, exit_status, print_procs
-from ironclaw.errors import ConfigError
 
 if TYPE_CHECKING:
     from ironclaw.client import ApiClient
@@ -112,50 +108,22 @@ async def port(
 async def tty(sandbox_id: str, argv: list[str], env: dict[str, str] | None, cwd: str | None) -> int:
     """An interactive terminal over the API's PTY WebSocket: raw mode here, window size
     followed, the command's exit status returned."""
-    import termios
-    import tty as tty_mode
-
+    from ironclaw.cli.terminal import raw_terminal, terminal_size
     from ironclaw.client.procs import RemotePty
 
-    if not os.isatty(0):
-        raise ConfigError("-t needs a terminal on stdin: run it from a shell, or drop -t")
-    cols, rows = os.get_terminal_size(0)
-    loop = asyncio.get_running_loop()
+    cols, rows = terminal_size()
     async with _client() as api:
         term = await RemotePty(api, sandbox_id).create(cols, rows, argv=argv or None, env=env,
                                                        cwd=cwd)  # fmt: skip
-        saved = termios.tcgetattr(0)
-        pending: set[asyncio.Task[None]] = set()
 
-        def on_winch() -> None:
-            size = os.get_terminal_size(0)
-            task = loop.create_task(term.resize(size.columns, size.lines))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
+        async def send_keys(keys: AsyncIterator[bytes]) -> None:  # keys go out in order typed
+            async for chunk in keys:
+                await term.send(chunk)
 
-        keys: asyncio.Queue[bytes] = asyncio.Queue(maxsize=64)
-
-        async def send_keys() -> None:  # one sender: keys go out in the order typed
-            while True:
-                await term.send(await keys.get())
-
-        def on_key() -> None:
-            if not keys.full():
-                keys.put_nowait(os.read(0, 4096))
-
-        tty_mode.setraw(0, termios.TCSANOW)  # not TCSAFLUSH: keys typed ahead are kept
-        loop.add_signal_handler(signal.SIGWINCH, on_winch)
-        loop.add_reader(0, on_key)
-        sender = asyncio.ensure_future(send_keys())
         try:
-            await copy_out(term.output())
+            async with raw_terminal(term.resize, send_keys):
+                await copy_out(term.output())
         finally:
-            loop.remove_reader(0)
-            loop.remove_signal_handler(signal.SIGWINCH)
-            termios.tcsetattr(0, termios.TCSADRAIN, saved)
-            sender.cancel()
-            await asyncio.gather(sender, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await term.close()
-        sys.stdout.flush()
         return exit_status(term.info.exit_code)

@@ -62,6 +62,19 @@ def _ws(api: ApiClient, path: str) -> Any:
     return connect(f"{api.base.replace('http', 'ws', 1)}{path}", additional_headers=headers)
 
 
+async def _until_exit(proc: ProcView, ws: ClientConnection, what: str) -> AsyncIterator[bytes]:
+    """A command's output frames until its exit frame, whose info ``proc`` then holds."""
+    async for msg in ws:
+        if isinstance(msg, bytes):
+            yield msg
+            continue
+        doc = frame_doc(msg)
+        if doc.get("type") == "exit":
+            proc.info = _info(doc)
+            return
+    raise ApiError(f"the server closed the {what} without an exit status")
+
+
 class RemoteProcessHandle(ProcView):
     """One detached command in a remote sandbox: output, stdin, signals, exit status."""
 
@@ -76,15 +89,8 @@ class RemoteProcessHandle(ProcView):
         query = urlencode({"replay": str(replay).lower()})
         try:
             async with _ws(self.api, self._path(f"/attach?{query}")) as ws:
-                async for msg in ws:
-                    if isinstance(msg, bytes):
-                        yield msg
-                        continue
-                    doc = frame_doc(msg)
-                    if doc.get("type") == "exit":
-                        self.info = _info(doc)
-                        return
-                raise ApiError("the server closed the attach stream without an exit status")
+                async for chunk in _until_exit(self, ws, "attach stream"):
+                    yield chunk
         except (OSError, ConnectionClosed) as exc:
             raise ConnectError(f"attach to {self.api.base} failed: {exc}") from None
 
@@ -160,17 +166,10 @@ class RemoteTerminal(ProcView):
     async def output(self) -> AsyncIterator[bytes]:
         """The terminal's bytes until the command ends (then ``info`` has its status)."""
         try:
-            async for msg in self.ws:
-                if isinstance(msg, bytes):
-                    yield msg
-                    continue
-                doc = frame_doc(msg)
-                if doc.get("type") == "exit":
-                    self.info = _info(doc)
-                    return
+            async for chunk in _until_exit(self, self.ws, "terminal"):
+                yield chunk
         except ConnectionClosed as exc:
             raise ConnectError(f"terminal stream closed: {exc}") from None
-        raise ApiError("the server closed the terminal without an exit status")
 
     async def send(self, data: bytes | str) -> None:
         raw = data.encode() if isinstance(data, str) else data

@@ -16,7 +16,7 @@ import json
 import signal as _signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 from urllib.parse import urlencode
 
 import httpx
@@ -29,6 +29,7 @@ from ironclaw.client._http import seg as _seg
 from ironclaw.errors import ApiError, ConnectError, IronclawError
 from ironclaw.proto import methods as m
 from ironclaw.proto.proc_methods import ProcView
+from ironclaw.proto.surface import PtyOptions, StartOptions
 
 if TYPE_CHECKING:
     from ironclaw.client.api import ApiClient
@@ -129,16 +130,9 @@ class RemoteCommands:
     def __init__(self, api: ApiClient, sandbox_id: str) -> None:
         self.api, self.sandbox_id = api, sandbox_id
 
-    async def start(
-        self,
-        argv: list[str],
-        *,
-        tag: str | None = None,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        ring_bytes: int = 2**20,
-    ) -> RemoteProcessHandle:
-        body = {"argv": argv, "tag": tag, "env": env, "cwd": cwd, "ring_bytes": ring_bytes}
+    async def start(self, argv: list[str], **opts: Unpack[StartOptions]) -> RemoteProcessHandle:
+        """Start ``argv`` and return at once (the server fills in options not given)."""
+        body = {"argv": argv, **opts}
         path = f"{_base(self.api, self.sandbox_id)}/processes"
         doc = await self.api.request("POST", path, json=body)
         return RemoteProcessHandle(self.api, self.sandbox_id, _info(doc))
@@ -201,6 +195,12 @@ class RemoteTerminal(ProcView):
         await self.close()
 
 
+class RemotePtyOptions(PtyOptions, total=False):
+    """``pty.create``'s options, and ``keep``: the terminal outlives this connection."""
+
+    keep: bool
+
+
 class RemotePty:
     """Interactive terminals: ``t = await sb.pty.create(80, 24)``."""
 
@@ -208,19 +208,10 @@ class RemotePty:
         self.api, self.sandbox_id = api, sandbox_id
 
     async def create(
-        self,
-        cols: int = 80,
-        rows: int = 24,
-        *,
-        argv: list[str] | None = None,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        tag: str | None = None,
-        keep: bool = False,
+        self, cols: int = 80, rows: int = 24, **opts: Unpack[RemotePtyOptions]
     ) -> RemoteTerminal:
         """Start ``argv`` (a shell) on a terminal; ``keep``: it survives the session."""
-        first = {"cols": cols, "rows": rows, "argv": argv, "env": env, "cwd": cwd,
-                 "tag": tag, "keep": keep}  # fmt: skip
+        first = {"cols": cols, "rows": rows, **opts}
         try:
             ws = await _ws(self.api, f"{_base(self.api, self.sandbox_id)}/pty")
         except (OSError, ConnectionClosed) as exc:

@@ -459,3 +459,15 @@ async def test_cli_exec_t_through_the_api_is_a_terminal_that_follows_resizes(
         finally:
             child.close()
         assert child.exitstatus == 7
+
+
+def test_the_http_process_model_has_the_channel_records_fields() -> None:
+    from ironclaw.api.processes import ProcessOut, out
+    from ironclaw.proto import methods as m
+
+    assert tuple(ProcessOut.model_fields) == m.ProcInfo._fields
+    info = m.ProcInfo(
+        pid=7, tag="t", argv=("sleep", "9"), pty=True, running=False, exit_code=137,
+        signal=9, started_at=1.5, output_bytes=42,
+    )  # fmt: skip
+    assert out(info).model_dump() == m.to_json(info)

@@ -34,8 +34,10 @@ from ironclaw.proto.surface import (
     ExecOptions,
     ExecResult,
     OutputSink,
+    PtyOptions,
     SandboxHandle,
     SandboxPart,
+    StartOptions,
 )
 from ironclaw.resources.store import SandboxRecord
 from ironclaw.spec import SandboxSpec
@@ -114,20 +116,10 @@ class Files(SandboxPart["Sandbox"]):
 class Commands(SandboxPart["Sandbox"]):
     """Detached commands: start, list, and re-attach from any process."""
 
-    async def start(
-        self,
-        argv: list[str],
-        *,
-        tag: str | None = None,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        ring_bytes: int = 2**20,
-    ) -> ProcessHandle:
+    async def start(self, argv: list[str], **opts: Unpack[StartOptions]) -> ProcessHandle:
         """Start ``argv`` and return at once; its last ``ring_bytes`` of output are kept."""
         guest = await self._sb.manager.guest(self._sb.id)
-        return await processes.start_process(
-            guest, argv, tag=tag, env=env, cwd=cwd, ring_bytes=ring_bytes
-        )
+        return await processes.start_process(guest, argv, **opts)
 
     async def list(self) -> list[methods.ProcInfo]:
         return await processes.list_processes(await self._sb.manager.guest(self._sb.id))
@@ -143,19 +135,13 @@ class Pty(SandboxPart["Sandbox"]):
     ``h.resize``, ``h.output()`` and ``h.kill``."""
 
     async def create(
-        self,
-        cols: int = 80,
-        rows: int = 24,
-        *,
-        argv: list[str] | None = None,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        tag: str | None = None,
+        self, cols: int = 80, rows: int = 24, **opts: Unpack[PtyOptions]
     ) -> ProcessHandle:
         guest = await self._sb.manager.guest(self._sb.id)
         return await processes.start_process(
-            guest, argv or ["/bin/sh"], tag=tag, env=env, cwd=cwd, pty=(cols, rows)
-        )
+            guest, opts.get("argv") or ["/bin/sh"], tag=opts.get("tag"), env=opts.get("env"),
+            cwd=opts.get("cwd"), pty=(cols, rows),
+        )  # fmt: skip
 
 
 class Ports(SandboxPart["Sandbox"]):

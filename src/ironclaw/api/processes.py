@@ -42,7 +42,11 @@ class ProcessStart(BaseModel):
 
 
 class ProcessOut(BaseModel):
-    """One command; ``exit_code`` is null while it runs (128+N when killed by signal N)."""
+    """One command; ``exit_code`` is null while it runs (128+N when killed by signal N).
+
+    The channel's :class:`~ironclaw.proto.proc_methods.ProcInfo` as an OpenAPI schema
+    (that record is standard library only: the guest imports it); a test keeps the two
+    field lists equal."""
 
     pid: int
     tag: str | None
@@ -71,11 +75,7 @@ class StdinRequest(BaseModel):
 
 
 def out(info: m.ProcInfo) -> ProcessOut:
-    return ProcessOut(
-        pid=info.pid, tag=info.tag, argv=list(info.argv), pty=info.pty, running=info.running,
-        exit_code=info.exit_code, signal=info.signal, started_at=info.started_at,
-        output_bytes=info.output_bytes,
-    )  # fmt: skip
+    return ProcessOut.model_validate(m.to_json(info))
 
 
 async def _handle(service: ServiceDep, sandbox_id: str, target: str) -> ProcessHandle:

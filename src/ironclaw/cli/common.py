@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
@@ -20,12 +20,16 @@ from ironclaw.errors import ConfigError, IronclawError
 
 if TYPE_CHECKING:
     from ironclaw.host.manager import SandboxManager
+    from ironclaw.proto.proc_methods import ProcInfo
 
 __all__ = [
+    "copy_out",
     "err_console",
+    "exit_status",
     "fail",
     "new_app",
     "out_console",
+    "print_procs",
     "run",
     "run_code",
     "run_with_manager",
@@ -96,3 +100,33 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+async def copy_out(chunks: AsyncIterable[bytes]) -> None:
+    """Copy a command's output to our stdout as it comes, off the event loop."""
+    async for chunk in chunks:
+        await asyncio.to_thread(_write_all, 1, chunk)
+
+
+def exit_status(code: int | None) -> int:
+    """A command's exit code as ours: 0 while it has none (still running, or detached)."""
+    return 0 if code is None else int(code)
+
+
+def print_procs(infos: Sequence[ProcInfo], as_json: bool) -> None:
+    """``sandbox ps``: one table (or JSON object) whether the list came in-process or remote."""
+    import time
+
+    from rich.table import Table
+
+    from ironclaw.proto.methods import to_json
+
+    if as_json:
+        print(json.dumps({"procs": [to_json(i) for i in infos]}))
+        return
+    table = Table("PID", "TAG", "STATE", "AGE", "COMMAND")
+    for i in infos:
+        state = "running" if i.running else f"exited {i.exit_code}"
+        age = f"{time.time() - i.started_at:.0f}s"
+        table.add_row(str(i.pid), i.tag or "", state, age, " ".join(i.argv)[:60])
+    out_console.print(table)

@@ -7,20 +7,14 @@ With ``--api URL`` they go through ``ironclaw serve`` (:mod:`ironclaw.cli.remote
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
 import signal
-import sys
-import time
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 
-from ironclaw.cli.common import out_console, run, run_code
+from ironclaw.cli.common import copy_out, exit_status, print_procs, run, run_code
 from ironclaw.cli.options import EnvOpt, JsonOpt, parse_env
 from ironclaw.cli.sandbox import CommandArg, sandbox_app
 from ironclaw.errors import ConfigError
@@ -37,11 +31,6 @@ TargetArg = Annotated[str, typer.Argument(help="The command's pid or tag.")]
 def _api() -> bool:
     """Whether ``--api`` (``IRONCLAW_API_URL``) sends these commands to ``ironclaw serve``."""
     return bool(os.environ.get("IRONCLAW_API_URL"))
-
-
-def _exit_status(info: object) -> int:
-    code = getattr(info, "exit_code", None)
-    return 0 if code is None else int(code)
 
 
 @sandbox_app.command("run", context_settings={"allow_interspersed_args": False})
@@ -85,15 +74,8 @@ def sandbox_run(
 
 
 async def _follow(handle: ProcessHandle) -> int:
-    async for chunk in handle.output():
-        await asyncio.to_thread(_write, 1, chunk)
-    return _exit_status(await handle.wait())
-
-
-def _write(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+    await copy_out(handle.output())
+    return exit_status((await handle.wait()).exit_code)
 
 
 @sandbox_app.command("ps")
@@ -101,7 +83,6 @@ def sandbox_ps(sandbox_id: IdArg, as_json: JsonOpt = False) -> None:
     """List the sandbox's detached commands (running and recently ended)."""
     from ironclaw.host import processes
     from ironclaw.host.manager import SandboxManager
-    from ironclaw.proto.methods import to_json
 
     async def main() -> None:
         if _api():
@@ -110,15 +91,7 @@ def sandbox_ps(sandbox_id: IdArg, as_json: JsonOpt = False) -> None:
             return await remote_procs.ps(sandbox_id, as_json=as_json)
         async with SandboxManager() as manager:
             infos = await processes.list_processes(await manager.guest(sandbox_id))
-        if as_json:
-            print(json.dumps({"procs": [to_json(i) for i in infos]}))
-            return
-        table = Table("PID", "TAG", "STATE", "AGE", "COMMAND")
-        for i in infos:
-            state = "running" if i.running else f"exited {i.exit_code}"
-            age = f"{time.time() - i.started_at:.0f}s"
-            table.add_row(str(i.pid), i.tag or "", state, age, " ".join(i.argv)[:60])
-        out_console.print(table)
+        print_procs(infos, as_json)
 
     run(main(), as_json)
 
@@ -140,9 +113,8 @@ def sandbox_attach(
             return await remote_procs.attach(sandbox_id, target, replay=not no_replay)
         async with SandboxManager() as manager:
             handle = await processes.connect_process(await manager.guest(sandbox_id), target)
-            async for chunk in handle.output(replay=not no_replay):
-                await asyncio.to_thread(_write, 1, chunk)
-            return _exit_status(await handle.wait())
+            await copy_out(handle.output(replay=not no_replay))
+            return exit_status((await handle.wait()).exit_code)
 
     run_code(main())
 
@@ -189,52 +161,17 @@ async def run_tty(
     manager: object, sandbox_id: str, argv: list[str], env: dict[str, str] | None, cwd: str | None
 ) -> int:
     """An interactive terminal: raw mode here, a PTY there, window size followed."""
-    import termios
-    import tty
-
+    from ironclaw.cli.terminal import raw_terminal, terminal_size
     from ironclaw.host import processes
     from ironclaw.host.manager import SandboxManager
 
     assert isinstance(manager, SandboxManager)
-    if not os.isatty(0):
-        raise ConfigError("-t needs a terminal on stdin: run it from a shell, or drop -t")
-    cols, rows = os.get_terminal_size(0)
+    cols, rows = terminal_size()
     guest = await manager.guest(sandbox_id)
     handle = await processes.start_process(guest, argv, env=env, cwd=cwd, pty=(cols, rows))
-    loop = asyncio.get_running_loop()
-    saved = termios.tcgetattr(0)
-
-    resizes: set[asyncio.Task[None]] = set()
-
-    def on_winch() -> None:
-        size = os.get_terminal_size(0)
-        task = loop.create_task(handle.resize(size.columns, size.lines))
-        resizes.add(task)
-        task.add_done_callback(resizes.discard)
-
-    async def keys() -> AsyncIterator[bytes]:
-        queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=64)
-        loop.add_reader(0, lambda: queue.put_nowait(os.read(0, 4096)) if not queue.full() else None)
-        try:
-            while chunk := await queue.get():
-                yield chunk
-        finally:
-            loop.remove_reader(0)
-
-    tty.setraw(0, termios.TCSANOW)  # not TCSAFLUSH: keys typed ahead are kept
-    loop.add_signal_handler(signal.SIGWINCH, on_winch)
-    feeder = asyncio.ensure_future(handle.stdin_from(keys()))
-    try:
-        async for chunk in handle.output():
-            await asyncio.to_thread(_write, 1, chunk)
-    finally:
-        loop.remove_signal_handler(signal.SIGWINCH)
-        termios.tcsetattr(0, termios.TCSADRAIN, saved)
-        feeder.cancel()
-        with contextlib.suppress(BaseException):
-            await feeder
-    sys.stdout.flush()
-    return _exit_status(await handle.wait())
+    async with raw_terminal(handle.resize, handle.stdin_from):
+        await copy_out(handle.output())
+    return exit_status((await handle.wait()).exit_code)
 
 
 @sandbox_app.command("port")

@@ -3,17 +3,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import os
-import signal
-import sys
-import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from ironclaw.cli.common import out_console
-from ironclaw.errors import ConfigError
+from ironclaw.cli.common import copy_out, exit_status, print_procs
 
 if TYPE_CHECKING:
     from ironclaw.client import ApiClient
@@ -32,16 +27,6 @@ def _client() -> ApiClient:
     from ironclaw.client import ApiClient
 
     return ApiClient()
-
-
-def _write(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _status(code: int | None) -> int:
-    return 0 if code is None else int(code)
 
 
 def _json(info: Any) -> str:
@@ -68,35 +53,21 @@ async def run(
             print(handle.pid)
         if detach:
             return 0
-        async for chunk in handle.output():
-            await asyncio.to_thread(_write, 1, chunk)
-        return _status((await handle.wait()).exit_code)
+        await copy_out(handle.output())
+        return exit_status((await handle.wait()).exit_code)
 
 
 async def ps(sandbox_id: str, *, as_json: bool) -> None:
-    from rich.table import Table
-
-    from ironclaw.proto.methods import to_json
-
     async with _client() as api:
         infos = await _commands(api, sandbox_id).list()
-    if as_json:
-        print(json.dumps({"procs": [to_json(i) for i in infos]}))
-        return
-    table = Table("PID", "TAG", "STATE", "AGE", "COMMAND")
-    for i in infos:
-        state = "running" if i.running else f"exited {i.exit_code}"
-        age = f"{time.time() - i.started_at:.0f}s"
-        table.add_row(str(i.pid), i.tag or "", state, age, " ".join(i.argv)[:60])
-    out_console.print(table)
+    print_procs(infos, as_json)
 
 
 async def attach(sandbox_id: str, target: str, *, replay: bool) -> int:
     async with _client() as api:
         handle = await _commands(api, sandbox_id).connect(target)
-        async for chunk in handle.output(replay=replay):
-            await asyncio.to_thread(_write, 1, chunk)
-        return _status(handle.info.exit_code)
+        await copy_out(handle.output(replay=replay))
+        return exit_status(handle.info.exit_code)
 
 
 async def kill(sandbox_id: str, target: str, signum: int, *, as_json: bool) -> None:
@@ -137,51 +108,22 @@ async def port(
 async def tty(sandbox_id: str, argv: list[str], env: dict[str, str] | None, cwd: str | None) -> int:
     """An interactive terminal over the API's PTY WebSocket: raw mode here, window size
     followed, the command's exit status returned."""
-    import termios
-    import tty as tty_mode
-
+    from ironclaw.cli.terminal import raw_terminal, terminal_size
     from ironclaw.client.procs import RemotePty
 
-    if not os.isatty(0):
-        raise ConfigError("-t needs a terminal on stdin: run it from a shell, or drop -t")
-    cols, rows = os.get_terminal_size(0)
-    loop = asyncio.get_running_loop()
+    cols, rows = terminal_size()
     async with _client() as api:
         term = await RemotePty(api, sandbox_id).create(cols, rows, argv=argv or None, env=env,
                                                        cwd=cwd)  # fmt: skip
-        saved = termios.tcgetattr(0)
-        pending: set[asyncio.Task[None]] = set()
 
-        def on_winch() -> None:
-            size = os.get_terminal_size(0)
-            task = loop.create_task(term.resize(size.columns, size.lines))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
+        async def send_keys(keys: AsyncIterator[bytes]) -> None:  # keys go out in order typed
+            async for chunk in keys:
+                await term.send(chunk)
 
-        keys: asyncio.Queue[bytes] = asyncio.Queue(maxsize=64)
-
-        async def send_keys() -> None:  # one sender: keys go out in the order typed
-            while True:
-                await term.send(await keys.get())
-
-        def on_key() -> None:
-            if not keys.full():
-                keys.put_nowait(os.read(0, 4096))
-
-        tty_mode.setraw(0, termios.TCSANOW)  # not TCSAFLUSH: keys typed ahead are kept
-        loop.add_signal_handler(signal.SIGWINCH, on_winch)
-        loop.add_reader(0, on_key)
-        sender = asyncio.ensure_future(send_keys())
         try:
-            async for chunk in term.output():
-                await asyncio.to_thread(_write, 1, chunk)
+            async with raw_terminal(term.resize, send_keys):
+                await copy_out(term.output())
         finally:
-            loop.remove_reader(0)
-            loop.remove_signal_handler(signal.SIGWINCH)
-            termios.tcsetattr(0, termios.TCSADRAIN, saved)
-            sender.cancel()
-            await asyncio.gather(sender, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await term.close()
-        sys.stdout.flush()
-        return _status(term.info.exit_code)
+        return exit_status(term.info.exit_code)

@@ -14,13 +14,14 @@ import os
 import socket
 from collections.abc import AsyncIterator
 from typing import Any, TypedDict, Unpack
-from urllib.parse import quote
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import ConnectionClosed
 
-from ironclaw.client._errors import from_problem
+from ironclaw.client._http import frame_doc, sse_events
+from ironclaw.client._http import problem as _problem
+from ironclaw.client._http import seg as _seg
 from ironclaw.errors import ApiError, ConfigError, ConnectError, IronclawError
 from ironclaw.proto.lifecycle import AsyncResource
 from ironclaw.proto.surface import ExecOptions, ExecResult, OutputSink, feed
@@ -217,9 +218,7 @@ class ApiClient(AsyncResource):
                                 bufs[i].extend(chunk)
                             await feed(on_stdout if i == 0 else on_stderr, chunk)
                             continue
-                        doc = json.loads(msg)
-                        if doc.get("type") == "error":
-                            raise from_problem(int(doc.get("status", 500)), doc)
+                        doc = frame_doc(msg)
                         if doc.get("type") == "exit":
                             break
                     else:
@@ -319,17 +318,8 @@ class ApiClient(AsyncResource):
         async with self.http.stream("GET", f"/v1/tasks/{_seg(task_id)}/events") as resp:
             if resp.status_code >= 400:
                 raise _problem(resp.status_code, await resp.aread())
-            name, data = "", ""
-            async for line in resp.aiter_lines():
-                if line.startswith("event:"):
-                    name = line[6:].strip()
-                elif line.startswith("data:"):
-                    data += line[5:].strip()
-                elif not line and data:
-                    if name == "end":
-                        return
-                    yield json.loads(data)
-                    name, data = "", ""
+            async for _name, doc in sse_events(resp):
+                yield doc
 
     async def approvals(self) -> list[dict[str, Any]]:
         return await self._objects("GET", "/v1/approvals")
@@ -346,15 +336,3 @@ async def _feed(ws: ClientConnection, stdin: bytes | AsyncIterator[bytes]) -> No
         async for chunk in stdin:
             await ws.send(chunk)
     await ws.send(json.dumps({"type": "eof"}))
-
-
-def _problem(status: int, content: bytes) -> IronclawError:
-    try:
-        doc = json.loads(content)
-    except ValueError:
-        doc = content.decode(errors="replace")
-    return from_problem(status, doc)
-
-
-def _seg(value: str) -> str:
-    return quote(value, safe="")

@@ -7,9 +7,10 @@ Handles return the channel's :class:`~ironclaw.proto.proc_methods.ProcInfo` in b
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Unpack, runtime_checkable
 
 from ironclaw.proto.proc_methods import ProcInfo
+from ironclaw.proto.surface import PtyOptions, StartOptions
 
 __all__ = ["CommandsAPI", "PortLike", "PortsAPI", "ProcessHandleLike", "PtyAPI", "TerminalLike"]
 
@@ -29,15 +30,7 @@ class ProcessHandleLike(Protocol):
 
 @runtime_checkable
 class CommandsAPI(Protocol):
-    async def start(
-        self,
-        argv: list[str],
-        *,
-        tag: str | None = None,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        ring_bytes: int = 2**20,
-    ) -> ProcessHandleLike: ...
+    async def start(self, argv: list[str], **opts: Unpack[StartOptions]) -> ProcessHandleLike: ...
     async def list(self) -> list[ProcInfo]: ...
     async def connect(self, target: int | str) -> ProcessHandleLike: ...
 
@@ -55,14 +48,7 @@ class TerminalLike(Protocol):
 @runtime_checkable
 class PtyAPI(Protocol):
     async def create(
-        self,
-        cols: int = 80,
-        rows: int = 24,
-        *,
-        argv: list[str] | None = None,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        tag: str | None = None,
+        self, cols: int = 80, rows: int = 24, **opts: Unpack[PtyOptions]
     ) -> TerminalLike: ...
 
 

@@ -16,16 +16,20 @@ import json
 import signal as _signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlencode
+from typing import TYPE_CHECKING, Any, Unpack
+from urllib.parse import urlencode
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import ConnectionClosed
 
 from ironclaw.client._errors import from_problem
+from ironclaw.client._http import frame_doc, problem, sse_events
+from ironclaw.client._http import seg as _seg
 from ironclaw.errors import ApiError, ConnectError, IronclawError
 from ironclaw.proto import methods as m
+from ironclaw.proto.proc_methods import ProcView
+from ironclaw.proto.surface import PtyOptions, StartOptions
 
 if TYPE_CHECKING:
     from ironclaw.client.api import ApiClient
@@ -41,10 +45,6 @@ __all__ = [
 ]
 
 MAX_WAIT = 300.0  # the server's longest single wait
-
-
-def _seg(value: str) -> str:
-    return quote(value, safe="")
 
 
 def _info(doc: Any) -> m.ProcInfo:
@@ -63,26 +63,24 @@ def _ws(api: ApiClient, path: str) -> Any:
     return connect(f"{api.base.replace('http', 'ws', 1)}{path}", additional_headers=headers)
 
 
-def _frame_doc(msg: str) -> dict[str, Any]:
-    doc = json.loads(msg)
-    if doc.get("type") == "error":
-        raise from_problem(int(doc.get("status", 500)), doc)
-    return dict(doc)
+async def _until_exit(proc: ProcView, ws: ClientConnection, what: str) -> AsyncIterator[bytes]:
+    """A command's output frames until its exit frame, whose info ``proc`` then holds."""
+    async for msg in ws:
+        if isinstance(msg, bytes):
+            yield msg
+            continue
+        doc = frame_doc(msg)
+        if doc.get("type") == "exit":
+            proc.info = _info(doc)
+            return
+    raise ApiError(f"the server closed the {what} without an exit status")
 
 
-class RemoteProcessHandle:
+class RemoteProcessHandle(ProcView):
     """One detached command in a remote sandbox: output, stdin, signals, exit status."""
 
     def __init__(self, api: ApiClient, sandbox_id: str, info: m.ProcInfo) -> None:
         self.api, self.sandbox_id, self.info = api, sandbox_id, info
-
-    @property
-    def pid(self) -> int:
-        return self.info.pid
-
-    @property
-    def tag(self) -> str | None:
-        return self.info.tag
 
     def _path(self, tail: str = "") -> str:
         return f"{_base(self.api, self.sandbox_id)}/processes/{self.info.pid}{tail}"
@@ -92,15 +90,8 @@ class RemoteProcessHandle:
         query = urlencode({"replay": str(replay).lower()})
         try:
             async with _ws(self.api, self._path(f"/attach?{query}")) as ws:
-                async for msg in ws:
-                    if isinstance(msg, bytes):
-                        yield msg
-                        continue
-                    doc = _frame_doc(msg)
-                    if doc.get("type") == "exit":
-                        self.info = _info(doc)
-                        return
-                raise ApiError("the server closed the attach stream without an exit status")
+                async for chunk in _until_exit(self, ws, "attach stream"):
+                    yield chunk
         except (OSError, ConnectionClosed) as exc:
             raise ConnectError(f"attach to {self.api.base} failed: {exc}") from None
 
@@ -139,16 +130,9 @@ class RemoteCommands:
     def __init__(self, api: ApiClient, sandbox_id: str) -> None:
         self.api, self.sandbox_id = api, sandbox_id
 
-    async def start(
-        self,
-        argv: list[str],
-        *,
-        tag: str | None = None,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        ring_bytes: int = 2**20,
-    ) -> RemoteProcessHandle:
-        body = {"argv": argv, "tag": tag, "env": env, "cwd": cwd, "ring_bytes": ring_bytes}
+    async def start(self, argv: list[str], **opts: Unpack[StartOptions]) -> RemoteProcessHandle:
+        """Start ``argv`` and return at once (the server fills in options not given)."""
+        body = {"argv": argv, **opts}
         path = f"{_base(self.api, self.sandbox_id)}/processes"
         doc = await self.api.request("POST", path, json=body)
         return RemoteProcessHandle(self.api, self.sandbox_id, _info(doc))
@@ -164,7 +148,7 @@ class RemoteCommands:
         return RemoteProcessHandle(self.api, self.sandbox_id, _info(doc))
 
 
-class RemoteTerminal:
+class RemoteTerminal(ProcView):
     """A PTY session over one WebSocket: ``send``, ``resize``, ``output()``, ``kill``.
 
     Closing it (or leaving ``async with``) hangs the terminal up: the shell is killed.
@@ -173,28 +157,13 @@ class RemoteTerminal:
     def __init__(self, ws: ClientConnection, info: m.ProcInfo) -> None:
         self.ws, self.info = ws, info
 
-    @property
-    def pid(self) -> int:
-        return self.info.pid
-
-    @property
-    def tag(self) -> str | None:
-        return self.info.tag
-
     async def output(self) -> AsyncIterator[bytes]:
         """The terminal's bytes until the command ends (then ``info`` has its status)."""
         try:
-            async for msg in self.ws:
-                if isinstance(msg, bytes):
-                    yield msg
-                    continue
-                doc = _frame_doc(msg)
-                if doc.get("type") == "exit":
-                    self.info = _info(doc)
-                    return
+            async for chunk in _until_exit(self, self.ws, "terminal"):
+                yield chunk
         except ConnectionClosed as exc:
             raise ConnectError(f"terminal stream closed: {exc}") from None
-        raise ApiError("the server closed the terminal without an exit status")
 
     async def send(self, data: bytes | str) -> None:
         raw = data.encode() if isinstance(data, str) else data
@@ -226,6 +195,12 @@ class RemoteTerminal:
         await self.close()
 
 
+class RemotePtyOptions(PtyOptions, total=False):
+    """``pty.create``'s options, and ``keep``: the terminal outlives this connection."""
+
+    keep: bool
+
+
 class RemotePty:
     """Interactive terminals: ``t = await sb.pty.create(80, 24)``."""
 
@@ -233,19 +208,10 @@ class RemotePty:
         self.api, self.sandbox_id = api, sandbox_id
 
     async def create(
-        self,
-        cols: int = 80,
-        rows: int = 24,
-        *,
-        argv: list[str] | None = None,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        tag: str | None = None,
-        keep: bool = False,
+        self, cols: int = 80, rows: int = 24, **opts: Unpack[RemotePtyOptions]
     ) -> RemoteTerminal:
         """Start ``argv`` (a shell) on a terminal; ``keep``: it survives the session."""
-        first = {"cols": cols, "rows": rows, "argv": argv, "env": env, "cwd": cwd,
-                 "tag": tag, "keep": keep}  # fmt: skip
+        first = {"cols": cols, "rows": rows, **opts}
         try:
             ws = await _ws(self.api, f"{_base(self.api, self.sandbox_id)}/pty")
         except (OSError, ConnectionClosed) as exc:
@@ -255,7 +221,7 @@ class RemotePty:
             msg = await ws.recv()
             if isinstance(msg, bytes):
                 raise ApiError("the server sent output before the terminal started")
-            return RemoteTerminal(ws, _info(_frame_doc(msg)))
+            return RemoteTerminal(ws, _info(frame_doc(msg)))
         except ConnectionClosed as exc:
             await ws.close()
             raise ConnectError(f"terminal to {self.api.base} failed: {exc}") from None
@@ -325,29 +291,15 @@ class RemoteWatch:
         if resp.status_code >= 400:
             body = await resp.aread()
             await self._stack.aclose()
-            try:
-                doc: Any = json.loads(body)
-            except ValueError:
-                doc = body.decode(errors="replace")
-            raise from_problem(resp.status_code, doc)
+            raise problem(resp.status_code, body)
         self._resp = resp
         self._events = self._parse(resp)
 
     async def _parse(self, resp: httpx.Response) -> AsyncIterator[m.WatchEvent]:
-        name, data = "", ""
-        async for line in resp.aiter_lines():
-            if line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:"):
-                data += line[5:].strip()
-            elif not line and data:
-                doc = json.loads(data)
-                if name == "end":
-                    return
-                if name == "error":
-                    raise from_problem(int(doc.get("status", 500)), doc)
-                yield m.decode(m.WatchEvent, doc, "watch event")
-                name, data = "", ""
+        async for name, doc in sse_events(resp):
+            if name == "error":
+                raise from_problem(int(doc.get("status", 500)), doc)
+            yield m.decode(m.WatchEvent, doc, "watch event")
 
     def __aiter__(self) -> RemoteWatch:
         return self

@@ -20,7 +20,7 @@ from typing import Any
 from ironclaw.errors import ConfigError, ProtocolError
 from ironclaw.host.guest import GuestClient
 from ironclaw.proto import methods as m
-from ironclaw.proto.proc_methods import MAX_WATCH_LINE
+from ironclaw.proto.proc_methods import MAX_WATCH_LINE, ProcView
 from ironclaw.rpc import ByteStream
 
 __all__ = ["ProcessHandle", "connect_process", "list_processes", "start_process", "watch"]
@@ -60,20 +60,12 @@ async def _chunks(stream: ByteStream, call: asyncio.Future[Any]) -> AsyncIterato
         yield chunk
 
 
-class ProcessHandle:
+class ProcessHandle(ProcView):
     """One detached command: its output, stdin, signals and exit status."""
 
     def __init__(self, guest: GuestClient, info: m.ProcInfo) -> None:
         self.guest = guest
         self.info = info
-
-    @property
-    def pid(self) -> int:
-        return self.info.pid
-
-    @property
-    def tag(self) -> str | None:
-        return self.info.tag
 
     @property
     def _ref(self) -> m.ProcRef:

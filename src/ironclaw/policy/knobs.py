@@ -4,7 +4,8 @@ Split from :mod:`ironclaw.policy.limits` so the launcher and the cgroup writer l
 without pydantic (a one-shot ``ironclaw exec`` pays for every import). The functions
 read the limit values through :class:`LimitValues`, which both
 :class:`~ironclaw.policy.limits.ResourceLimits` and the plain default record of
-:mod:`ironclaw.spec_light` satisfy. Pure: nothing here touches the system.
+:mod:`ironclaw.spec_light` satisfy; :class:`DerivedLimits` gives either its byte and
+quota values. Pure: nothing here touches the system.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ __all__ = [
     "CPU_PERIOD_US",
     "MIB",
     "OPTIONAL_FILES",
+    "DerivedLimits",
     "LimitValues",
     "cgroup_v1_settings",
     "cgroup_v2_settings",
@@ -46,6 +48,29 @@ class LimitValues(Protocol):
     def memory_bytes(self) -> int: ...
     @property
     def cpu_quota_us(self) -> int: ...
+
+
+class _Sizes(Protocol):
+    @property
+    def memory_mib(self) -> int: ...
+    @property
+    def cpus(self) -> float: ...
+
+
+class DerivedLimits:
+    """The kernel units of ``memory_mib`` and ``cpus``, computed in one place for every
+    limits record (the validated model and the plain default alike)."""
+
+    __slots__ = ()
+
+    @property
+    def memory_bytes(self: _Sizes) -> int:
+        return self.memory_mib * MIB
+
+    @property
+    def cpu_quota_us(self: _Sizes) -> int:
+        """CFS quota per :data:`CPU_PERIOD_US`, never below the kernel's 1 ms floor."""
+        return cpu_quota_us(self.cpus)
 
 
 def cpu_quota_us(cpus: float) -> int:

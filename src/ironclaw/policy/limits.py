@@ -14,11 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ironclaw.policy.knobs import (
     CPU_PERIOD_US,
-    MIB,
     OPTIONAL_FILES,
+    DerivedLimits,
     cgroup_v1_settings,
     cgroup_v2_settings,
-    cpu_quota_us,
     rlimits,
 )
 
@@ -32,7 +31,7 @@ __all__ = [
 ]
 
 
-class ResourceLimits(BaseModel):
+class ResourceLimits(BaseModel, DerivedLimits):
     """What one sandbox may consume. Frozen so a running sandbox's limits cannot drift."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -45,12 +44,3 @@ class ResourceLimits(BaseModel):
     workspace_mib: int = Field(default=1024, ge=1)
     tmp_mib: int = Field(default=256, ge=1)
     wall_time_s: float | None = Field(default=None, gt=0)
-
-    @property
-    def memory_bytes(self) -> int:
-        return self.memory_mib * MIB
-
-    @property
-    def cpu_quota_us(self) -> int:
-        """CFS quota per :data:`CPU_PERIOD_US`, never below the kernel's 1 ms floor."""
-        return cpu_quota_us(self.cpus)

@@ -32,6 +32,7 @@ __all__ = [
     "ProcSignalRequest",
     "ProcStartRequest",
     "ProcStdinRequest",
+    "ProcView",
     "ProcWaitRequest",
     "WatchEvent",
     "WatchRequest",
@@ -82,6 +83,21 @@ class ProcInfo(Record):
     signal: int | None
     started_at: float
     output_bytes: int
+
+
+class ProcView:
+    """What every handle on one command shows from its latest :class:`ProcInfo` (the
+    in-process and the remote handle, and the remote terminal)."""
+
+    info: ProcInfo
+
+    @property
+    def pid(self) -> int:
+        return self.info.pid
+
+    @property
+    def tag(self) -> str | None:
+        return self.info.tag
 
 
 class ProcListRequest(Record):

@@ -2,9 +2,10 @@
 
 The host's guest client, the in-process SDK (:mod:`ironclaw.sdk`) and the remote SDK
 (:mod:`ironclaw.client`) run commands with the same keyword options and return the same
-:class:`ExecResult`; both SDKs' sandboxes are created through :class:`Creating` and
-destroyed on leaving ``async with`` by :class:`SandboxHandle`. Declaring these once here,
-below both ``client`` and ``host``, keeps the two surfaces from drifting apart.
+:class:`ExecResult`, and start detached commands and terminals with the same options;
+both SDKs' sandboxes are created through :class:`Creating` and destroyed on leaving
+``async with`` by :class:`SandboxHandle`. Declaring these once here, below both
+``client`` and ``host``, keeps the two surfaces from drifting apart.
 Standard library only, like the rest of ``proto``.
 """
 
@@ -19,8 +20,10 @@ __all__ = [
     "ExecOptions",
     "ExecResult",
     "OutputSink",
+    "PtyOptions",
     "SandboxHandle",
     "SandboxPart",
+    "StartOptions",
     "feed",
 ]
 
@@ -47,6 +50,26 @@ class ExecOptions(TypedDict, total=False):
     on_stderr: OutputSink | None
     capture: bool
     keep_background: bool
+
+
+class StartOptions(TypedDict, total=False):
+    """The keyword options of ``commands.start``: ``tag`` (a name to find it by), ``env``,
+    ``cwd``, ``ring_bytes`` (output kept for a later attach; 1 MiB when not given)."""
+
+    tag: str | None
+    env: dict[str, str] | None
+    cwd: str | None
+    ring_bytes: int
+
+
+class PtyOptions(TypedDict, total=False):
+    """The keyword options of ``pty.create``: ``argv`` (a shell when not given), ``env``,
+    ``cwd``, ``tag``."""
+
+    argv: list[str] | None
+    env: dict[str, str] | None
+    cwd: str | None
+    tag: str | None
 
 
 @dataclass

@@ -266,18 +266,12 @@ class ProxyServer:
                 await self._connect(cfg, req, reader, writer, info)
                 return False
             return await self._forward(cfg, req, reader, writer, info)
-        except BadMessage as exc:
-            self.audit("deny", reason=f"bad request: {exc}", **info)
+        except (BadMessage, _Denied) as exc:
+            bad = isinstance(exc, BadMessage)
+            self.audit("deny", reason=f"bad request: {exc}" if bad else str(exc), **info)
             if not info.get("tunnel_open"):
                 with contextlib.suppress(OSError):
-                    _reply(writer, "400 Bad Request", str(exc))
-                    await writer.drain()
-            return False
-        except _Denied as exc:
-            self.audit("deny", reason=str(exc), **info)
-            if not info.get("tunnel_open"):
-                with contextlib.suppress(OSError):
-                    _reply(writer, "403 Forbidden", str(exc))
+                    _reply(writer, "400 Bad Request" if bad else "403 Forbidden", str(exc))
                     await writer.drain()
             return False
 

@@ -17,7 +17,7 @@ from typing import Final
 
 from ironclaw.errors import ChannelClosed, ReadError, WriteError
 
-__all__ = ["DEFAULT_READ_LIMIT", "StreamConnection"]
+__all__ = ["DEFAULT_READ_LIMIT", "StreamConnection", "check_read"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,15 @@ class _Proto(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._conn._resume_writing()
+
+
+def check_read(max_bytes: int, *, busy: bool) -> None:
+    """What every connection's ``read`` refuses: a size below one, or a second reader
+    while one waits (which of the two would get the bytes is undefined)."""
+    if max_bytes <= 0:
+        raise ValueError("max_bytes must be positive")
+    if busy:
+        raise RuntimeError("read() is already being awaited by another task")
 
 
 class StreamConnection:
@@ -163,10 +172,7 @@ class StreamConnection:
 
     async def read(self, max_bytes: int = 262144) -> bytes:
         """Up to ``max_bytes`` bytes; ``b""`` at EOF. Raises ReadError / ChannelClosed."""
-        if max_bytes <= 0:
-            raise ValueError("max_bytes must be positive")
-        if self._reader is not None:
-            raise RuntimeError("read() is already being awaited by another task")
+        check_read(max_bytes, busy=self._reader is not None)
         while not self._chunks:
             if self._closing:
                 raise ChannelClosed("connection closed locally")

@@ -11,6 +11,7 @@ import asyncio
 from collections import deque
 
 from ironclaw.errors import ChannelClosed
+from ironclaw.transport._stream import check_read
 
 __all__ = ["DEFAULT_BUFFER_LIMIT", "MemoryConnection", "pair"]
 
@@ -38,10 +39,7 @@ class MemoryConnection:
         return self._closing or self._eof
 
     async def read(self, max_bytes: int = 262144) -> bytes:
-        if max_bytes <= 0:
-            raise ValueError("max_bytes must be positive")
-        if self._reading:
-            raise RuntimeError("read() is already being awaited by another task")
+        check_read(max_bytes, busy=self._reading)
         self._reading = True
         try:
             while not self._chunks:

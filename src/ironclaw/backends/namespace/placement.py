@@ -68,6 +68,15 @@ def _write_zero(fd: int) -> None:
         raise OSError("short write")
 
 
+def _write_zero_at(path: str | os.PathLike[str]) -> None:
+    """Move the calling thread into the cgroup whose ``tasks`` file is ``path``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        _write_zero(fd)
+    finally:
+        os.close(fd)
+
+
 class ThreadPlacement:
     """Steps the calling thread into a sandbox's v1 cgroups and back (see the module)."""
 
@@ -106,11 +115,7 @@ class ThreadPlacement:
         """Move the calling thread into every v1 directory of the sandbox."""
         try:
             for path in self._inside:
-                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-                try:
-                    _write_zero(fd)
-                finally:
-                    os.close(fd)
+                _write_zero_at(path)
         except OSError as exc:
             self.leave()
             raise BackendError(f"cannot enter the sandbox's cgroup ({exc})") from exc
@@ -127,11 +132,7 @@ class ThreadPlacement:
                 _write_zero(fd)
             except OSError:
                 try:
-                    fd_root = os.open(root, os.O_WRONLY | os.O_CLOEXEC)
-                    try:
-                        _write_zero(fd_root)
-                    finally:
-                        os.close(fd_root)
+                    _write_zero_at(root)
                 except OSError as exc:
                     failed.append(f"{root}: {exc}")
         if failed:

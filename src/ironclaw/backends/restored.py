@@ -19,7 +19,7 @@ from ironclaw.proto import methods
 from ironclaw.rpc import HOST_LIMITS, Peer
 from ironclaw.transport import Connection
 
-__all__ = ["SnapshotCorrupt", "fresh_identity", "reset_identity", "sha256_fd"]
+__all__ = ["SnapshotCorrupt", "fresh_identity", "open_hashed", "reset_identity", "sha256_fd"]
 
 _CHUNK = 1 << 20
 
@@ -36,6 +36,29 @@ def sha256_fd(fd: int) -> str:
         h.update(chunk)
     os.lseek(fd, 0, os.SEEK_SET)
     return h.hexdigest()
+
+
+def open_hashed(path: str | os.PathLike[str], digest: str, what: str, then: str = "") -> int:
+    """Open ``path`` and check its sha256 through that very descriptor (what is hashed is
+    what gets loaded: no swap between check and use); the caller closes it.
+
+    ``what`` names the file in errors, ``then`` says what happens next to a corrupt one.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SnapshotCorrupt(f"{what} cannot be read: {exc}") from None
+    try:
+        found = sha256_fd(fd)
+    except OSError as exc:
+        os.close(fd)
+        raise SnapshotCorrupt(f"{what} cannot be read: {exc}") from None
+    if found != digest:
+        os.close(fd)
+        raise SnapshotCorrupt(
+            f"{what} is corrupt (sha256 {found[:16]}..., recorded {digest[:16]}...){then}"
+        )
+    return fd
 
 
 def fresh_identity(

@@ -326,6 +326,7 @@ async def _restore_workspace(
     ready_timeout: float,
 ) -> SandboxRecord:
     from ironclaw.host.snapshots import SnapshotStore
+    from ironclaw.host.vm_snapshots import finish_restore
 
     store = SnapshotStore(mgr.settings)
     max_bytes = final.limits.workspace_mib * MiB
@@ -334,7 +335,8 @@ async def _restore_workspace(
     record = await mgr.create(
         final, sandbox_id=sandbox_id, use_pool=False, restoring=True, ready_timeout=ready_timeout
     )
-    try:
+
+    async def unpack() -> None:
         result = await mgr.exec(
             record.id,
             ["tar", "--no-same-owner", "--same-permissions", "-C", "/workspace", "-xf", "-"],
@@ -344,12 +346,8 @@ async def _restore_workspace(
             raise SandboxError(
                 f"restoring snapshot {snap.name!r} failed: {result.stderr.decode()[-300:]}"
             )
-        await mgr.store.update(record.id, info={"restoring": False, "snapshot": snap.name})
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await asyncio.shield(mgr.destroy(record.id))
-        raise
-    return await mgr.get(record.id)
+
+    return await finish_restore(mgr, record, snap.name, unpack)
 
 
 # -- live network policy ---------------------------------------------------------------

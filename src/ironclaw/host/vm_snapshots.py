@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -143,8 +143,21 @@ async def restore_vm(
         ) from None
     finally:
         backend.plan_restore(sid, None, {}, {})
+    return await finish_restore(mgr, record, snap.name)
+
+
+async def finish_restore(
+    mgr: SandboxManager,
+    record: SandboxRecord,
+    snapshot: str,
+    fill: Callable[[], Awaitable[None]] | None = None,
+) -> SandboxRecord:
+    """Run ``fill`` (whatever the snapshot still has to put in), then mark the sandbox
+    restored; on any failure it is destroyed, never left half-restored."""
     try:
-        await mgr.store.update(record.id, info={"restoring": False, "snapshot": snap.name})
+        if fill is not None:
+            await fill()
+        await mgr.store.update(record.id, info={"restoring": False, "snapshot": snapshot})
     except BaseException:
         with contextlib.suppress(Exception):
             await asyncio.shield(mgr.destroy(record.id))

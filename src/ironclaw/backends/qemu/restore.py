@@ -49,7 +49,7 @@ from typing import Any
 from ironclaw.backends.base import LaunchContext
 from ironclaw.backends.qemu.cmdline import Accel, qemu_binary
 from ironclaw.backends.qemu.vm import QemuVm
-from ironclaw.backends.restored import SnapshotCorrupt, fresh_identity, sha256_fd
+from ironclaw.backends.restored import SnapshotCorrupt, fresh_identity, open_hashed, sha256_fd
 from ironclaw.backends.vm import kernel_ip
 from ironclaw.config import Settings, safe_join
 from ironclaw.errors import BackendError, ConnectError
@@ -147,22 +147,12 @@ def _qemu_id() -> str:
 
 def open_verified(snap: VmSnapshot) -> int:
     """Open the snapshot and check its sha256 through that descriptor; the caller closes it."""
-    try:
-        fd = os.open(snap.path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise SnapshotCorrupt(f"snapshot {snap.path} cannot be read: {exc}") from exc
-    try:
-        found = sha256_fd(fd)
-    except OSError as exc:
-        os.close(fd)
-        raise SnapshotCorrupt(f"snapshot {snap.path} cannot be read: {exc}") from exc
-    if found != snap.sha256:
-        os.close(fd)
-        raise SnapshotCorrupt(
-            f"snapshot {snap.path} is corrupt (sha256 {found[:16]}..., recorded "
-            f"{snap.sha256[:16]}...): refusing to restore it; it will be rebuilt"
-        )
-    return fd
+    return open_hashed(
+        snap.path,
+        snap.sha256,
+        f"snapshot {snap.path}",
+        "; refusing to restore it; it will be rebuilt",
+    )
 
 
 async def _warm_up(path: Path) -> None:

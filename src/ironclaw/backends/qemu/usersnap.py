@@ -36,7 +36,7 @@ from ironclaw.backends.base import LaunchContext, same_process
 from ironclaw.backends.qemu.cmdline import Accel, qemu_binary
 from ironclaw.backends.qemu.restore import identity_probe
 from ironclaw.backends.qemu.vm import QemuVm
-from ironclaw.backends.restored import SnapshotCorrupt, fresh_identity, sha256_fd
+from ironclaw.backends.restored import SnapshotCorrupt, fresh_identity, open_hashed, sha256_fd
 from ironclaw.backends.vm import kernel_ip
 from ironclaw.config import safe_join
 from ironclaw.errors import BackendError, ConfigError
@@ -259,24 +259,6 @@ def check_compatible(
         )
 
 
-def _open_checked(path: Path, digest: str) -> int:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise SnapshotCorrupt(f"snapshot memory file cannot be read: {exc}") from None
-    try:
-        found = sha256_fd(fd)
-    except OSError as exc:
-        os.close(fd)
-        raise SnapshotCorrupt(f"snapshot memory file cannot be read: {exc}") from None
-    if found != digest:
-        os.close(fd)
-        raise SnapshotCorrupt(
-            f"snapshot memory file is corrupted (sha256 {found[:16]}…, recorded {digest[:16]}…)"
-        )
-    return fd
-
-
 async def restore(
     artifacts: ImageArtifacts,
     ctx: LaunchContext,
@@ -306,7 +288,7 @@ async def restore(
                 f"{str(snap.files.get(DISK))[:16]}…)"
             )
     memory = safe_join(snap.directory, MEMORY)
-    fd = await asyncio.to_thread(_open_checked, memory, snap.files[MEMORY])
+    fd = await asyncio.to_thread(open_hashed, memory, snap.files[MEMORY], "snapshot memory file")
     # The environment disk must be there exactly when the saved VM had one (same
     # devices); the variables themselves travel in identity.reset.
     disk_env = (dict(env) or {"IRONCLAW_RESTORED": "1"}) if snap.vm.get("env_disk") else None

@@ -46,6 +46,7 @@ def _report_marks() -> None:
     """One JSON line on stderr: each step's duration in ms, in order, and the total."""
     if _MARKS is None:
         return
+    import contextlib
     import json
 
     start, prev = _MARKS[0][1], _MARKS[0][1]
@@ -54,10 +55,8 @@ def _report_marks() -> None:
         doc[step] = round((at - prev) * 1000, 2)
         prev = at
     doc["total"] = round((prev - start) * 1000, 2)
-    try:
+    with contextlib.suppress(OSError):
         os.write(2, f"ironclaw-timing: {json.dumps(doc)}\n".encode())
-    except OSError:
-        pass
 
 
 class ExecArgs:

@@ -6,7 +6,14 @@ start, the CLI's imports, create, exec, destroy, exit) and the bare
 instead of ``true``), interleaved so both see the same load, and prints one JSON line:
 the p50 of each and their ``ratio``. IronClaw runs from compiled bytecode, as an
 installed package does (pip compiles it at install): the package is compiled before the
-timed runs, also where the environment sets PYTHONDONTWRITEBYTECODE.
+timed runs, also where the environment sets PYTHONDONTWRITEBYTECODE. The CLI starts the
+way the installed ``ironclaw`` command does: a console script (as pip writes it, for the
+entry point pyproject.toml names) run by this interpreter, not ``python -m``.
+
+Also in the same run: ``python_pass_p50_ms`` (this interpreter's bare start, with its
+site-packages), ``breakdown_p50_ms`` (the CLI's own wall-clock steps, from
+``IRONCLAW_TIMING``: imports, registry open, create, exec, destroy, close, exit; the
+interpreter's start before them is the rest of the total) and the load average.
 
     python benchmarks/oneshot.py --json [--runs 30]
 """
@@ -22,18 +29,56 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from start import RAW_BWRAP, drop, pct
 
 COMMAND = ["python3", "-c", "pass"]
+ROOT = Path(__file__).resolve().parent.parent
+#: What pip writes for a console script (``bin/ironclaw``), for entry point "mod:func".
+CONSOLE_SCRIPT = """#!{python}
+import sys
+from {module} import {func}
+if __name__ == '__main__':
+    sys.argv[0] = sys.argv[0].removesuffix('.exe')
+    sys.exit({func}())
+"""
 
 
-def timed(argv: list[str], env: dict[str, str] | None = None, preexec: object = None) -> float:
+def console_script(directory: Path) -> Path:
+    """The ``ironclaw`` command as an install makes it, from pyproject.toml's entry point."""
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        entry = tomllib.load(f)["project"]["scripts"]["ironclaw"]
+    module, func = entry.split(":")
+    path = directory / "ironclaw"
+    path.write_text(CONSOLE_SCRIPT.format(python=sys.executable, module=module, func=func))
+    path.chmod(0o755)
+    return path
+
+
+def timed(
+    argv: list[str],
+    env: dict[str, str] | None = None,
+    preexec: object = None,
+    marks: list[dict[str, float]] | None = None,
+) -> float:
     t0 = time.perf_counter()
-    subprocess.run(argv, check=True, env=env, preexec_fn=preexec, stdout=subprocess.DEVNULL)  # type: ignore[arg-type]
-    return (time.perf_counter() - t0) * 1000
+    p = subprocess.run(
+        argv,
+        check=True,
+        env=env,
+        preexec_fn=preexec,  # type: ignore[arg-type]
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE if marks is not None else None,
+    )
+    took = (time.perf_counter() - t0) * 1000
+    if marks is not None:
+        for line in p.stderr.decode().splitlines():
+            if line.startswith("ironclaw-timing: "):
+                marks.append(json.loads(line.removeprefix("ironclaw-timing: ")))
+    return took
 
 
 def main() -> int:
@@ -48,15 +93,20 @@ def main() -> int:
     bare = [*RAW_BWRAP[:-1], "/usr/bin/python3", "-c", "pass"]
     cli: list[float] = []
     raw: list[float] = []
+    interp: list[float] = []
+    marks: list[dict[str, float]] = []
+    load = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="ironclaw-bench-") as home:
         os.chmod(home, 0o700)
-        env = {**os.environ, "IRONCLAW_HOME": home}
-        ironclaw = [sys.executable, "-m", "ironclaw.cli", "exec", "--", *COMMAND]
+        env = {**os.environ, "IRONCLAW_HOME": home, "IRONCLAW_TIMING": "1"}
+        ironclaw = [str(console_script(Path(home))), "exec", "--", *COMMAND]
         for _ in range(2):  # warm caches: the guest bundle is built on the first run
-            timed(ironclaw, env)
+            timed(ironclaw, env, marks=[])
         for _ in range(args.runs):
-            cli.append(timed(ironclaw, env))
+            cli.append(timed(ironclaw, env, marks=marks))
             raw.append(timed(bare, preexec=drop))
+            interp.append(timed([sys.executable, "-c", "pass"]))
+    steps = list(marks[0]) if marks else []
     doc = {
         "benchmark": "oneshot",
         "runs": args.runs,
@@ -65,6 +115,9 @@ def main() -> int:
         "ironclaw_exec_p99_ms": round(pct(cli, 0.99), 2),
         "bare_bwrap_p50_ms": round(statistics.median(raw), 2),
         "ratio": round(statistics.median(cli) / statistics.median(raw), 2),
+        "python_pass_p50_ms": round(statistics.median(interp), 2),
+        "breakdown_p50_ms": {k: round(statistics.median(m[k] for m in marks), 2) for k in steps},
+        "loadavg": [round(x, 2) for x in (*load, *os.getloadavg())],
         "target_ratio": 8.0,
         "target_p50_ms": 100.0,
     }

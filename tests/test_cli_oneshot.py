@@ -10,6 +10,7 @@ the command's status and leave nothing behind; a one-shot killed mid-run leaves 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -169,3 +170,52 @@ async def test_an_interrupted_one_shot_exits_130_and_leaves_nothing(ironclaw_hom
         assert await proc.wait() == 130
     assert await registry(ironclaw_home) == []
     assert leftovers(ironclaw_home) == {"cgroups": [], "run_dirs": [], "processes": []}
+
+
+async def test_a_reader_that_leaves_stops_the_one_shot_quietly(ironclaw_home: Path) -> None:
+    """``ironclaw exec -- yes | head -1``: EPIPE ends the command as SIGPIPE would, without
+    a traceback, with a shell's SIGPIPE status, and the sandbox is still removed."""
+    env = {**os.environ, "IRONCLAW_HOME": str(ironclaw_home), "IRONCLAW_CGROUP_ROOT": CGROUP_ROOT}
+    read_end, write_end = os.pipe()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ironclaw.cli", "exec", "--", "yes",
+        stdout=write_end, stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        async with asyncio.timeout(60):
+            first = await asyncio.to_thread(reader.read, 2)
+    assert first == b"y\n"  # and the reader is gone: `yes` would write forever
+    async with asyncio.timeout(60):
+        _, stderr = await proc.communicate()
+    assert (proc.returncode, stderr) == (141, b"")
+    assert await registry(ironclaw_home) == []
+    assert leftovers(ironclaw_home) == {"cgroups": [], "run_dirs": [], "processes": []}
+
+
+def test_a_json_reader_that_leaves_gets_no_traceback(ironclaw_home: Path) -> None:
+    env = {**os.environ, "IRONCLAW_HOME": str(ironclaw_home), "IRONCLAW_CGROUP_ROOT": CGROUP_ROOT}
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will read the result
+    p = subprocess.run(
+        [sys.executable, "-m", "ironclaw.cli", "exec", "--json", "--", "true"],
+        stdout=write_end, stderr=subprocess.PIPE, env=env, timeout=120,
+    )  # fmt: skip
+    os.close(write_end)
+    assert (p.returncode, p.stderr) == (141, b"")
+    assert leftovers(ironclaw_home) == {"cgroups": [], "run_dirs": [], "processes": []}
+
+
+def test_timing_marks_name_each_step(ironclaw_home: Path) -> None:
+    env = {**os.environ, "IRONCLAW_HOME": str(ironclaw_home), "IRONCLAW_CGROUP_ROOT": CGROUP_ROOT,
+           "IRONCLAW_TIMING": "1"}  # fmt: skip
+    p = subprocess.run([sys.executable, "-m", "ironclaw.cli", "exec", "--", "echo", "hi"],
+                       capture_output=True, env=env, timeout=120)  # fmt: skip
+    assert (p.returncode, p.stdout) == (0, b"hi\n")
+    line = p.stderr.decode().strip()
+    assert line.startswith("ironclaw-timing: "), line
+    marks = json.loads(line.removeprefix("ironclaw-timing: "))
+    steps = ["imports", "open", "create", "exec", "destroy", "close", "exit", "total"]
+    assert list(marks) == steps
+    assert all(v >= 0 for v in marks.values())
+    assert abs(sum(marks[s] for s in steps[:-1]) - marks["total"]) < 0.1

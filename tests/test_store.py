@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ironclaw.errors import ConfigError, SandboxNotFound
-from ironclaw.resources.store import Store
+from ironclaw.resources.store import Batch, Store
 
 
 async def test_reserve_get_update_delete(tmp_path: Path) -> None:
@@ -41,6 +41,35 @@ async def test_intents_are_recorded_before_creation(tmp_path: Path) -> None:
         assert (await store.resources("b1"))[0].state == "created"
         await store.removed("b1", "cgroup", "b1")
         assert await store.resources("b1") == []
+
+
+async def test_a_batch_is_one_transaction(tmp_path: Path) -> None:
+    async with Store(tmp_path / "r.sqlite3") as store:
+        await store.reserve("c1", backend="namespace", spec={}, owner_pid=1, one_shot=False)
+        await store.intend("c1", "runtime_dir", "/r")
+        made = Batch().created("c1", "runtime_dir", "/r").intend("c1", "cgroup", "c1")
+        assert await store.write(made) is None
+        rows = await store.resources("c1")
+        assert [(r.kind, r.state) for r in rows] == [
+            ("runtime_dir", "created"),
+            ("cgroup", "intent"),
+        ]
+        rec = await store.write(
+            Batch().created("c1", "cgroup", "c1").update("c1", state="running", info={"p": 1}),
+            then_get="c1",
+        )
+        assert rec is not None and (rec.state, rec.info) == ("running", {"p": 1})
+        # A step that fails undoes the whole batch: no half-written progress.
+        broken = Batch().removed("c1", "cgroup", "c1").intend("c1", "network", None)  # type: ignore[arg-type]
+        with pytest.raises(Exception, match="NOT NULL"):
+            await store.write(broken)
+        assert [r.kind for r in await store.resources("c1")] == ["runtime_dir", "cgroup"]
+        rec, rows = await store.begin_teardown("c1", "destroyed")
+        assert (rec.state, rec.reason, len(rows)) == ("stopping", "destroyed", 2)
+        await store.write(Batch().removed("c1", "cgroup", "c1").delete("c1"))
+        assert await store.resources("c1") == []
+        with pytest.raises(SandboxNotFound):
+            await store.get("c1")
 
 
 def _claim(path: str, prefix: str, n: int, q: multiprocessing.Queue) -> None:  # type: ignore[type-arg]

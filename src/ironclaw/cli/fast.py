@@ -15,6 +15,17 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+
+#: ``IRONCLAW_TIMING=1``: the one-shot prints where its wall-clock time went (ms since this
+#: module loaded, per step) as one JSON line on stderr; ``benchmarks/oneshot.py`` reads it.
+_MARKS: list[tuple[str, float]] | None = (
+    [("loaded", time.perf_counter())] if os.environ.get("IRONCLAW_TIMING") else None
+)
+
+#: The status of a one-shot whose output reader went away (``| head``): what a shell
+#: reports for a command killed by SIGPIPE, as ``yes | head`` gives.
+EXIT_PIPE = 141
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -23,7 +34,29 @@ if TYPE_CHECKING:
     from ironclaw.spec import SandboxSpec
     from ironclaw.spec_light import LightSpec
 
-__all__ = ["main", "parse_exec"]
+__all__ = ["EXIT_PIPE", "main", "parse_exec"]
+
+
+def _mark(step: str) -> None:
+    if _MARKS is not None:
+        _MARKS.append((step, time.perf_counter()))
+
+
+def _report_marks() -> None:
+    """One JSON line on stderr: each step's duration in ms, in order, and the total."""
+    if _MARKS is None:
+        return
+    import contextlib
+    import json
+
+    start, prev = _MARKS[0][1], _MARKS[0][1]
+    doc: dict[str, float] = {}
+    for step, at in _MARKS[1:]:
+        doc[step] = round((at - prev) * 1000, 2)
+        prev = at
+    doc["total"] = round((prev - start) * 1000, 2)
+    with contextlib.suppress(OSError):
+        os.write(2, f"ironclaw-timing: {json.dumps(doc)}\n".encode())
 
 
 class ExecArgs:
@@ -77,19 +110,42 @@ def default_spec() -> LightSpec:
     return DEFAULT_SPEC
 
 
-def _writer(fd: int) -> Callable[[bytes], Awaitable[None]]:
-    import asyncio
-    import os
+class _Output:
+    """The one-shot's stdout and stderr sinks. When a reader goes away (EPIPE: ``| head``
+    has read enough) the command is stopped as SIGPIPE would stop a local one: the run is
+    cancelled (the sandbox is then destroyed as on Ctrl-C), later output is dropped, and
+    the CLI exits :data:`EXIT_PIPE` without a traceback."""
 
-    def write_all(data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+    def __init__(self) -> None:
+        self.gone = False
+        self._stop: Callable[[], object] | None = None
 
-    async def write(chunk: bytes) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, write_all, chunk)
+    def stop_with(self, stop: Callable[[], object]) -> None:
+        self._stop = stop
 
-    return write
+    def reader_gone(self) -> None:
+        if not self.gone:
+            self.gone = True
+            if self._stop is not None:
+                self._stop()
+
+    def writer(self, fd: int) -> Callable[[bytes], Awaitable[None]]:
+        import asyncio
+
+        def write_all(data: bytes) -> None:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+
+        async def write(chunk: bytes) -> None:
+            if self.gone:
+                return
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, write_all, chunk)
+            except BrokenPipeError:
+                self.reader_gone()
+
+        return write
 
 
 def run_exec(args: ExecArgs) -> int:
@@ -107,20 +163,25 @@ def run_exec(args: ExecArgs) -> int:
     from ironclaw.errors import IronclawError
     from ironclaw.host.manager import SandboxManager
 
+    _mark("imports")
     command = args.command
+    output = _Output()
 
     async def run() -> int:
         spec = default_spec()
         loop = asyncio.get_running_loop()
         started = loop.time()
         async with SandboxManager() as manager:
+            _mark("open")
             # A SandboxSpec to mypy: see ironclaw.host.manager._parse.
             as_spec = cast("SandboxSpec", spec)
             record = await manager.create(as_spec, sandbox_id=args.sandbox_id, one_shot=True)
+            _mark("create")
             task = asyncio.current_task()
             assert task is not None
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(signum, task.cancel)
+            output.stop_with(task.cancel)
             try:
                 if args.as_json:
                     result = await manager.exec(record.id, command, timeout=args.timeout)
@@ -129,19 +190,25 @@ def run_exec(args: ExecArgs) -> int:
                         record.id,
                         command,
                         timeout=args.timeout,
-                        on_stdout=_writer(1),
-                        on_stderr=_writer(2),
+                        on_stdout=output.writer(1),
+                        on_stderr=output.writer(2),
                         capture=False,
                     )
                     if result.status != "exited":
                         sys.stderr.write(f"ironclaw: {result.status}\n")
             finally:
+                _mark("exec")
                 await asyncio.shield(manager.destroy(record.id))
+                _mark("destroy")
+        _mark("close")
         if args.as_json:
             doc = result.to_json("namespace")
             doc["total_ms"] = round((loop.time() - started) * 1000, 3)
-            print(json.dumps(doc))
-        return result.exit_code
+            try:
+                print(json.dumps(doc), flush=True)
+            except BrokenPipeError:
+                output.reader_gone()
+        return EXIT_PIPE if output.gone else result.exit_code
 
     try:
         return asyncio.run(run())
@@ -150,7 +217,7 @@ def run_exec(args: ExecArgs) -> int:
 
         return fail(exc, args.as_json)
     except (KeyboardInterrupt, asyncio.CancelledError):
-        return 130
+        return EXIT_PIPE if output.gone else 130
 
 
 def _exit_now(code: int) -> None:
@@ -160,8 +227,12 @@ def _exit_now(code: int) -> None:
     try:
         sys.stdout.flush()
         sys.stderr.flush()
-    except OSError:  # a closed pipe: what Python's own exit reports as status 120
+    except BrokenPipeError:  # the reader left: as a SIGPIPE'd command, quietly
+        code = code or EXIT_PIPE
+    except OSError:  # another write error: what Python's own exit reports as status 120
         code = code or 120
+    _mark("exit")
+    _report_marks()
     os._exit(code)
 
 

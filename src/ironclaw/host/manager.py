@@ -45,7 +45,7 @@ from ironclaw.proto.lifecycle import AsyncResource
 from ironclaw.proto.surface import ExecResult, OutputSink
 from ironclaw.resources.audit import record_async
 from ironclaw.resources.lifetime import read_lifetime
-from ironclaw.resources.store import SandboxRecord, Store
+from ironclaw.resources.store import Batch, SandboxRecord, Store
 from ironclaw.rpc import Peer
 from ironclaw.spec_light import LightSpec
 
@@ -268,7 +268,8 @@ class SandboxManager(Channel, Controls, AsyncResource):
         run_dir = self.settings.sandbox_runtime_dir(sid)
         await self.store.intend(sid, "runtime_dir", str(run_dir))
         await asyncio.to_thread(_make_run_dir, run_dir)
-        await self.store.created(sid, "runtime_dir", str(run_dir))
+        # Each write records what was made and the next intent in one hop (still before it).
+        made = Batch().created(sid, "runtime_dir", str(run_dir))
 
         ctx = LaunchContext(
             sandbox_id=sid,
@@ -281,25 +282,30 @@ class SandboxManager(Channel, Controls, AsyncResource):
         )
         await backend.prepare(ctx)
 
-        await self.store.intend(sid, "cgroup", sid)
+        await self.store.write(made.intend(sid, "cgroup", sid))
         ctx.cgroup = await self.cgroups.create(sid, spec.limits)
-        await self.store.created(sid, "cgroup", sid)
+        made = Batch().created(sid, "cgroup", sid)
 
         if spec.network.needs_network:
-            await self.store.intend(sid, "network", sid)
+            await self.store.write(made.intend(sid, "network", sid))
             ctx.network = await self.net.create(sid, spec.network, slot=record.slot)
-            await self.store.created(sid, "network", sid)
-            await self.store.update(sid, info={"network": dataclasses.asdict(ctx.network)})
+            made = Batch().created(sid, "network", sid)
+            made.update(sid, info={"network": dataclasses.asdict(ctx.network)})
 
-        await self.store.intend(sid, "process", "supervisor")
+        await self.store.write(made.intend(sid, "process", "supervisor"))
         info = await backend.start(ctx)
-        await self.store.update(sid, info={**info.to_json(), "host_uid": ctx.host_uid})
-        await self.store.created(sid, "process", "supervisor")
+        await self.store.write(
+            Batch()
+            .update(sid, info={**info.to_json(), "host_uid": ctx.host_uid})
+            .created(sid, "process", "supervisor")
+        )
 
         peer = await self._wait_ready(sid, backend, info, ready_timeout)
         self._peers[sid] = peer
-        await self.store.update(sid, state="pooled" if pooled else "running")
-        return await self.store.get(sid)
+        done = Batch().update(sid, state="pooled" if pooled else "running")
+        fresh = await self.store.write(done, then_get=sid)
+        assert fresh is not None
+        return fresh
 
     async def _wait_ready(
         self, sid: str, backend: Backend[Any], info: BackendInfo, timeout: float
@@ -398,17 +404,16 @@ class SandboxManager(Channel, Controls, AsyncResource):
 
     async def _teardown(self, record: SandboxRecord, *, reason: str) -> None:
         sid = record.id
-        with contextlib.suppress(SandboxNotFound):
-            await self.store.update(sid, state="stopping", reason=reason)
-        peer = self._peers.pop(sid, None)
-        if peer is not None:
-            await peer.aclose()
-        fresh = await self.store.get(sid)
+        try:
+            fresh, rows = await self.store.begin_teardown(sid, reason)
+        finally:
+            if (peer := self._peers.pop(sid, None)) is not None:
+                await peer.aclose()
         rid = fresh.rid
         if record.state == "paused":
             await _controls.thaw_for_teardown(self, fresh)
         errors: list[str] = []
-        kinds = {r.kind for r in await self.store.resources(sid)}
+        kinds = {r.kind for r in rows}
         if "process" in kinds:
             try:
                 await self._stop_process(fresh)
@@ -438,7 +443,8 @@ class SandboxManager(Channel, Controls, AsyncResource):
         if "runtime_dir" in kinds:
             run_dir = self.settings.sandbox_runtime_dir(rid)
             await asyncio.to_thread(shutil.rmtree, run_dir, True)
-            await self.store.removed(sid, "runtime_dir", str(run_dir))
+            if errors:
+                await self.store.removed(sid, "runtime_dir", str(run_dir))
         self._owned.discard(sid)
         self._rids.pop(sid, None)
         if errors:
@@ -446,7 +452,7 @@ class SandboxManager(Channel, Controls, AsyncResource):
             raise SandboxError(
                 f"sandbox {sid} was not fully removed ({'; '.join(errors)}); `ironclaw gc` retries"
             )
-        await self.store.delete(sid)
+        await self.store.delete(sid)  # with its rows (the runtime directory's too)
 
     async def _stop_process(self, record: SandboxRecord) -> None:
         backend = self.backend(record.backend)

@@ -297,15 +297,28 @@ class CgroupManager:
         ):
             frozen = freezer.path / "freezer.state"
         try:
-            _kill_members(cg)
+            pidfds = _signal_members(cg)
         finally:
             if frozen is not None:
                 _write(frozen, "THAWED")
-        delay = 0.002
-        while cg.pids() and time.monotonic() < deadline:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.05)
-            _kill_members(cg)  # stragglers forked before the freeze / without one
+        # Each killed member's pidfd turns readable as it exits: the loop wakes on that,
+        # not on a timer. Stragglers (forked before the freeze, or without one) get the
+        # same again; the short sleep only paces a member whose pidfd could not be opened.
+        delay = 0.001
+        while time.monotonic() < deadline:
+            try:
+                await _exits(pidfds, deadline)
+            finally:
+                for fd in pidfds:
+                    os.close(fd)
+            if not cg.pids():
+                return
+            pidfds = _signal_members(cg)
+            if not pidfds:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.05)
+        for fd in pidfds:
+            os.close(fd)
 
     def _try_remove(self, dirs: Iterable[CgroupDir]) -> list[Path]:
         """rmdir every directory, children first; returns those still present."""
@@ -325,7 +338,7 @@ async def _freeze_v1(path: Path, deadline: float) -> bool:
     """Freeze, waiting (bounded) until the kernel reports FROZEN; False if it never did."""
     state = path / "freezer.state"
     _write(state, "FROZEN")
-    delay = 0.001
+    delay = 0.0002  # tasks mostly freeze within a scheduler tick or two
     while time.monotonic() < deadline:
         try:
             if state.read_text().strip() == "FROZEN":
@@ -338,23 +351,57 @@ async def _freeze_v1(path: Path, deadline: float) -> bool:
     return False
 
 
-def _kill_members(cg: Cgroup) -> None:
-    """SIGKILL each member through a pidfd that is proven to belong to the cgroup.
+async def _exits(pidfds: list[int], deadline: float) -> None:
+    """Return once every pidfd is readable (its process has exited) or at ``deadline``."""
+    if not pidfds:
+        return
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    pending = set(pidfds)
+
+    def exited(fd: int) -> None:
+        loop.remove_reader(fd)
+        pending.discard(fd)
+        if not pending and not done.done():
+            done.set_result(None)
+
+    for fd in pidfds:
+        loop.add_reader(fd, exited, fd)
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done, max(0.0, deadline - time.monotonic()))
+    finally:
+        for fd in pending:
+            loop.remove_reader(fd)
+
+
+def _signal_members(cg: Cgroup) -> list[int]:
+    """SIGKILL each member through a pidfd that is proven to belong to the cgroup; return
+    the pidfds of those signalled (the caller waits on them and closes them).
 
     Opening the pidfd first and re-reading the member list second means a pid that was
     recycled in between either shows up as not a member, or the pidfd points at the dead
     original and the signal goes nowhere.
     """
     pidfds: dict[int, int] = {}
+    signalled: list[int] = []
     try:
         for pid in cg.pids():
             with contextlib.suppress(ProcessLookupError):
                 pidfds[pid] = os.pidfd_open(pid)
         members = set(cg.pids())
-        for pid, fd in pidfds.items():
+        for pid, fd in list(pidfds.items()):
             if pid in members:
                 with contextlib.suppress(ProcessLookupError):
                     signal.pidfd_send_signal(fd, signal.SIGKILL)
+                signalled.append(pidfds.pop(pid))
     finally:
         for fd in pidfds.values():
             os.close(fd)
+    return signalled
+
+
+def _kill_members(cg: Cgroup) -> None:
+    """:func:`_signal_members` without waiting for the exits."""
+    for fd in _signal_members(cg):
+        os.close(fd)

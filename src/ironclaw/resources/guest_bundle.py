@@ -7,11 +7,18 @@ the sandbox from a file descriptor, and Python imports it with zipimport. The bu
 holds only standard-library-only modules and their bytecode, compiled by the guest's
 own interpreter (so a sandbox never spends its start-up compiling); it is
 content-addressed and built once.
+
+Hashing every guest source costs each process some milliseconds (a one-shot CLI run
+pays it every time), so the digest is remembered in ``guest/index.json`` with what it
+was computed from: every source file's and source directory's identity (inode, size,
+mtime and ctime; a directory's change when a file is added, removed or renamed in it)
+and the interpreter's. A later process stats those instead of reading and hashing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import subprocess
@@ -103,22 +110,69 @@ def bundle_path(state_dir: Path, python: str = GUEST_PYTHON) -> Path:
         return path
 
 
+def _identity(path: str) -> str:
+    """What changes when the file or directory at ``path`` does ("" if it is gone)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def _remembered(index: Path) -> str | None:
+    """The bundle name the index holds if nothing it was computed from has changed."""
+    try:
+        doc = json.loads(index.read_text())
+        seen: dict[str, str] = doc["identities"]
+        name: str = doc["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not seen or any(_identity(path) != ident for path, ident in seen.items()):
+        return None
+    return name
+
+
+def _remember(index: Path, name: str, identities: dict[str, str]) -> None:
+    tmp = index.with_name(f".{index.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp.write_text(json.dumps({"name": name, "identities": identities}))
+    os.replace(tmp, index)
+
+
 def _bundle_path(state_dir: Path, python: str) -> Path:
+    directory = ensure_private_dir(safe_join(state_dir, "guest"))
+    index = safe_join(directory, "index.json")
+    name = _remembered(index)
+    if name is not None and safe_join(directory, name).exists():
+        return safe_join(directory, name)
+    # Identities first, then content: a file changed while it is hashed fails the next
+    # check (its identity no longer matches) rather than pinning a stale digest.
+    dirs = {str(_PACKAGE_DIR / n) for n in GUEST_MODULES if (_PACKAGE_DIR / n).is_dir()}
+    dirs |= {
+        str(p)
+        for d in list(dirs)
+        for p in Path(d).rglob("*")
+        if p.is_dir() and "__pycache__" not in p.parts
+    }
+    identities = {p: _identity(p) for p in sorted(dirs)}
+    identities[python] = _identity(python)
     sources = guest_sources()
+    identities.update((str(path), _identity(str(path))) for _, path in sources)
     digest = hashlib.sha256()
     st = os.stat(python)
     digest.update(f"{os.path.realpath(python)}:{st.st_size}:{st.st_mtime_ns}".encode())
     for arcname, path in sources:
         digest.update(arcname.encode() + b"\0" + path.read_bytes() + b"\0")
     name = f"guest-{digest.hexdigest()[:16]}.zip"
-    directory = ensure_private_dir(safe_join(state_dir, "guest"))
     target = safe_join(directory, name)
-    if target.exists():
-        return target
-    tmp = safe_join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    spec = {"out": str(tmp), "files": [(a, str(p)) for a, p in sources]}
-    import json
+    if not target.exists():
+        _build(directory, target, sources, python)
+    _remember(index, name, identities)
+    return target
 
+
+def _build(directory: Path, target: Path, sources: list[tuple[str, Path]], python: str) -> None:
+    tmp = safe_join(directory, f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    spec = {"out": str(tmp), "files": [(a, str(p)) for a, p in sources]}
     subprocess.run(
         [python, "-I", "-B", "-c", _BUILD],
         input=json.dumps(spec).encode(),
@@ -126,4 +180,3 @@ def _bundle_path(state_dir: Path, python: str) -> Path:
         stdout=sys.stderr,
     )
     os.replace(tmp, target)
-    return target

@@ -30,7 +30,7 @@ from ironclaw.errors import ConfigError, SandboxNotFound
 from ironclaw.ids import validate_sandbox_id
 from ironclaw.proto.lifecycle import AsyncResource
 
-__all__ = ["ResourceRow", "SandboxRecord", "SandboxState", "Store", "TokenRow"]
+__all__ = ["Batch", "ResourceRow", "SandboxRecord", "SandboxState", "Store", "TokenRow"]
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -166,6 +166,44 @@ def _must_be_free(db: sqlite3.Connection, sandbox_id: str) -> None:
             f"a sandbox named {sandbox_id!r} already exists; "
             "pick another id or remove it first (ironclaw sandbox rm)"
         )
+
+
+class Batch:
+    """Registry writes that go together: :meth:`Store.write` runs them in order, in one
+    hop to the store's thread and one transaction (all or none). A batch still keeps the
+    rule of the module: an intent goes in the batch written *before* its resource is
+    made, never in one written after."""
+
+    __slots__ = ("steps",)
+
+    def __init__(self) -> None:
+        self.steps: list[Callable[[Store], object]] = []
+
+    def intend(self, sandbox_id: str, kind: str, name: str) -> Batch:
+        self.steps.append(lambda s: s._intend(sandbox_id, kind, name))
+        return self
+
+    def created(self, sandbox_id: str, kind: str, name: str) -> Batch:
+        self.steps.append(lambda s: s._created(sandbox_id, kind, name))
+        return self
+
+    def removed(self, sandbox_id: str, kind: str, name: str) -> Batch:
+        self.steps.append(lambda s: s._removed(sandbox_id, kind, name))
+        return self
+
+    def update(
+        self,
+        sandbox_id: str,
+        *,
+        state: SandboxState | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> Batch:
+        self.steps.append(lambda s: s._update(sandbox_id, state=state, info=info))
+        return self
+
+    def delete(self, sandbox_id: str) -> Batch:
+        self.steps.append(lambda s: s._forget(sandbox_id))
+        return self
 
 
 def _threaded(
@@ -363,35 +401,61 @@ class Store(AsyncResource):
 
     def _delete(self, sandbox_id: str) -> None:
         """Forget a sandbox whose resources are all gone."""
-        with _immediate(self.db) as db:
-            db.execute("DELETE FROM resources WHERE sandbox_id = ?", (sandbox_id,))
-            db.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
+        with _immediate(self.db):
+            self._forget(sandbox_id)
 
     delete = _threaded(_delete)
 
+    def _forget(self, sandbox_id: str) -> None:
+        self.db.execute("DELETE FROM resources WHERE sandbox_id = ?", (sandbox_id,))
+        self.db.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
+
+    def _write(self, batch: Batch, then_get: str | None) -> SandboxRecord | None:
+        with _immediate(self.db):
+            for step in batch.steps:
+                step(self)
+        return self._get(then_get) if then_get is not None else None
+
+    async def write(self, batch: Batch, *, then_get: str | None = None) -> SandboxRecord | None:
+        """Run ``batch`` (one hop, one transaction); with ``then_get``, return that
+        sandbox's record as it stands after it."""
+        return await self._run(self._write, batch, then_get)
+
+    def _begin_teardown(
+        self, sandbox_id: str, reason: str
+    ) -> tuple[SandboxRecord, list[ResourceRow]]:
+        """Mark ``stopping``; the record and its resources as they then stand (one hop)."""
+        self._update(sandbox_id, state="stopping", reason=reason)
+        return self._get(sandbox_id), self._resources(sandbox_id)
+
+    begin_teardown = _threaded(_begin_teardown)
+
     # -- resources ---------------------------------------------------------------------
 
-    async def intend(self, sandbox_id: str, kind: str, name: str) -> None:
+    def _intend(self, sandbox_id: str, kind: str, name: str) -> None:
         """Record that ``kind``/``name`` is about to be created for ``sandbox_id``."""
-        await self._run(
-            self.db.execute,
+        self.db.execute(
             "INSERT OR REPLACE INTO resources VALUES (?, ?, ?, 'intent', ?)",
             (sandbox_id, kind, name, time.time()),
         )
 
-    async def created(self, sandbox_id: str, kind: str, name: str) -> None:
-        await self._run(
-            self.db.execute,
+    intend = _threaded(_intend)
+
+    def _created(self, sandbox_id: str, kind: str, name: str) -> None:
+        self.db.execute(
             "UPDATE resources SET state = 'created' WHERE sandbox_id = ? AND kind = ? AND name = ?",
             (sandbox_id, kind, name),
         )
 
-    async def removed(self, sandbox_id: str, kind: str, name: str) -> None:
-        await self._run(
-            self.db.execute,
+    created = _threaded(_created)
+
+    def _removed(self, sandbox_id: str, kind: str, name: str) -> None:
+        self.db.execute(
             "DELETE FROM resources WHERE sandbox_id = ? AND kind = ? AND name = ?",
             (sandbox_id, kind, name),
         )
+
+    removed = _threaded(_removed)
 
     def _resources(self, sandbox_id: str | None = None) -> list[ResourceRow]:
         if sandbox_id is None:

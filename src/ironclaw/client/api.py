@@ -13,7 +13,7 @@ import json
 import os
 import socket
 from collections.abc import AsyncIterator
-from typing import Any, TypedDict, Unpack
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 from urllib.parse import quote
 
 import httpx
@@ -24,6 +24,9 @@ from ironclaw.client._errors import from_problem
 from ironclaw.errors import ApiError, ConfigError, ConnectError, IronclawError
 from ironclaw.proto.lifecycle import AsyncResource
 from ironclaw.proto.surface import ExecOptions, ExecResult, OutputSink, feed
+
+if TYPE_CHECKING:
+    from ironclaw.client.controls import RemoteSnapshots
 
 __all__ = ["API_TOKEN_ENV", "API_URL_ENV", "ApiClient", "ExecResult", "SandboxDoc"]
 
@@ -77,6 +80,13 @@ class ApiClient(AsyncResource):
 
     async def aclose(self) -> None:
         await self.http.aclose()
+
+    @property
+    def snapshots(self) -> RemoteSnapshots:
+        """The caller's snapshots: ``list``, ``get``, ``remove`` (and ``create``, ``fork``)."""
+        from ironclaw.client.controls import RemoteSnapshots
+
+        return RemoteSnapshots(self)
 
     # -- plumbing ----------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from ironclaw.api.controls import as_token, sandbox_out, single_host
 from ironclaw.api.sandboxes import SandboxId, SandboxOut
 from ironclaw.api.service import Read, Service, ServiceDep, Write
 from ironclaw.config import safe_join
-from ironclaw.errors import ConfigError, Conflict, InvalidRequest
+from ironclaw.errors import ConfigError, Conflict, InvalidRequest, NotFound
 from ironclaw.host.snapshots import Snapshot, SnapshotCorrupt, SnapshotNotFound, restore_spec
 from ironclaw.ids import new_sandbox_id, validate_sandbox_id
 from ironclaw.resources.store import SandboxRecord
@@ -81,9 +81,11 @@ def _owner(service: Service, name: str) -> str | None:
 async def _visible(service: Service, who: Principal, name: str) -> Snapshot:
     """The snapshot if ``who`` may use it; another token's is simply not found."""
     if not who.admin and await asyncio.to_thread(_owner, service, name) != who.token_id:
-        raise SnapshotNotFound(f"no snapshot named {name!r}; GET /v1/snapshots lists yours")
+        raise NotFound(f"no snapshot named {name!r}; GET /v1/snapshots lists yours")
     try:
         return await asyncio.to_thread(service.manager.snapshots().get, name)
+    except SnapshotNotFound:
+        raise NotFound(f"no snapshot named {name!r}; GET /v1/snapshots lists yours") from None
     except SnapshotCorrupt as exc:
         raise Conflict(str(exc)) from None
 
@@ -138,7 +140,10 @@ async def get_snapshot(name: SnapshotName, who: Read, service: ServiceDep) -> Sn
 async def remove_snapshot(name: SnapshotName, who: Write, service: ServiceDep) -> Response:
     single_host(service, "snapshots")
     await _visible(service, who, name)
-    await asyncio.to_thread(service.manager.snapshots().remove, name)
+    try:
+        await asyncio.to_thread(service.manager.snapshots().remove, name)
+    except SnapshotNotFound:
+        raise NotFound(f"no snapshot named {name!r}") from None  # removed meanwhile
     return Response(status_code=204)
 
 

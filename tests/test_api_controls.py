@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,7 +17,7 @@ import httpx
 import pytest
 from starlette.exceptions import HTTPException
 
-from apiserver import Server, serve
+from apiserver import SRC, Server, serve
 from ironclaw.api.controls import single_host
 from ironclaw.client import ApiClient, Sandbox
 from ironclaw.config import Settings
@@ -300,3 +303,43 @@ def test_cluster_managers_get_a_clear_501() -> None:
         single_host(cluster, "pause")  # type: ignore[arg-type]
     assert info.value.status_code == 501 and "single-host" in str(info.value.detail)
     single_host(SimpleNamespace(manager=SimpleNamespace()), "pause")  # type: ignore[arg-type]
+
+
+def test_cli_through_the_api(server: Server, settings: Settings, tmp_path: Path) -> None:
+    """``ironclaw --api URL``: sandbox pause/resume/timeout/net, snapshot create/ls/rm and
+    ``sandbox create --from``, each through the service (the audit log says so)."""
+    token = server.token("read", "write")
+    # An empty home of its own: only the API knows the server's sandboxes and snapshots.
+    home = tmp_path / "clihome"
+    home.mkdir(mode=0o700)
+    env = {**os.environ, "PYTHONPATH": SRC, "IRONCLAW_HOME": str(home), "IRONCLAW_API_TOKEN": token}
+
+    def cli(*args: str, ok: bool = True) -> Any:
+        proc = subprocess.run(
+            [sys.executable, "-m", "ironclaw.cli", "--api", server.url, *args, "--json"],
+            capture_output=True,
+            env=env,
+        )
+        assert (proc.returncode == 0) == ok, proc.stderr.decode() + proc.stdout.decode()
+        return json.loads(proc.stdout) if ok else proc
+
+    allow = ["--allow", "10.9.9.9:80/tcp"]
+    made = cli("sandbox", "create", "--id", "cli-src", "--label", "role=src", *allow)
+    assert made["id"] == "cli-src"
+    assert cli("sandbox", "pause", "cli-src") == {"id": "cli-src", "state": "paused"}
+    cli("sandbox", "pause", "cli-src", ok=False)  # paused twice: a clear error
+    assert cli("sandbox", "resume", "cli-src") == {"id": "cli-src", "state": "running"}
+    assert cli("sandbox", "timeout", "cli-src", "600")["deadline"] > 0
+    net = cli("sandbox", "net", "cli-src", "--allow", "10.9.9.8:443/tcp")
+    assert [r["port"] for r in net["network"]["allow"]] == [443]
+    snap = cli("snapshot", "create", "cli-src", "cli-snap")
+    assert snap["name"] == "cli-snap" and snap["source"] == "cli-src"
+    assert [s["name"] for s in cli("snapshot", "ls")["snapshots"]] == ["cli-snap"]
+    copy = cli("sandbox", "create", "--from", "cli-snap", "--id", "cli-copy", "--label", "r=c")
+    assert copy["id"] == "cli-copy"
+    via = f"api:{_token_id(token)}"
+    restored = _events(settings, "cli-copy", "sandbox.restore")
+    assert [(e["snapshot"], e["who"]["via"]) for e in restored] == [("cli-snap", via)]
+    assert cli("snapshot", "rm", "cli-snap") == {"removed": ["cli-snap"]}
+    assert cli("snapshot", "ls") == {"snapshots": []}
+    cli("sandbox", "rm", "cli-src", "cli-copy")

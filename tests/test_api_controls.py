@@ -25,6 +25,7 @@ from ironclaw.errors import Conflict, InvalidRequest, NotFound, ScopeError
 from ironclaw.host.snapshots import ARCHIVE, SnapshotStore
 from ironclaw.resources.audit import read_events
 from ironclaw.resources.store import Store
+from ironclaw.sdk import Sandbox as LocalSandbox
 from nethelpers import PROBE, PeerHost
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
@@ -189,6 +190,11 @@ async def test_snapshot_fork_restore_remove_and_tampering(
         async with Sandbox.create(spec, client=api, from_snapshot=snap) as copy:
             assert copy.record["spec"]["labels"] == {"role": "copy"}
             assert await copy.files.read("data/a.txt") == b"alpha"
+        # The in-process SDK's create with api_url restores through the service too.
+        remote = LocalSandbox.create(from_snapshot="base", api_url=server.url, token=token)
+        async with remote as copy2:
+            assert await copy2.files.read("data/a.txt") == b"alpha"
+            assert copy2.record["spec"]["labels"] == {"role": "src"}
 
         # Bad input: nothing is made.
         before = {d["id"] for d in await api.list_sandboxes()}

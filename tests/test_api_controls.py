@@ -207,6 +207,8 @@ async def test_snapshot_fork_restore_remove_and_tampering(
             (f"/v1/sandboxes/{src.id}/snapshots", {"name": "Bad Name"}, 422),
             (f"/v1/sandboxes/{src.id}/snapshots", {"name": "../x"}, 422),
             ("/v1/sandboxes/no-such/snapshots", {"name": "fine"}, 404),
+            ("/v1/snapshots/base/restore", {"id": src.id}, 409),
+            ("/v1/snapshots/base/restore", {"id": "Not An Id"}, 422),
         ):
             r = await api.http.post(path, json=body)
             assert r.status_code == status, (path, body, r.text)

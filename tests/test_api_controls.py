@@ -137,6 +137,11 @@ async def test_set_timeout_ends_a_sandbox_and_bad_values_change_nothing(
         deadline = await sb.set_timeout(3600)
         assert deadline is not None
         assert await sb.set_timeout(None) is None
+        await sb.pause()
+        r = await api.http.post(f"/v1/sandboxes/{sb.id}/resume", json={"timeout": 0})
+        assert r.status_code == 422 and (await api.get(sb.id))["state"] == "paused", r.text
+        await sb.resume(timeout=1800)  # a new deadline, set before it runs again
+        assert sb.record["state"] == "running"
         await sb.set_timeout(0.5)
 
         async def dead() -> bool:
@@ -145,7 +150,7 @@ async def test_set_timeout_ends_a_sandbox_and_bad_values_change_nothing(
         await until(dead)
         assert (await api.get(sb.id))["reason"] == "timeout: deadline reached"
         got = _events(settings, sb.id, "sandbox.set_timeout")
-        assert [e["seconds"] for e in got] == [3600, None, 0.5]
+        assert [e["seconds"] for e in got] == [3600, None, 1800, 0.5]
         assert {e["who"]["via"] for e in got} == {f"api:{_token_id(token)}"}
 
 

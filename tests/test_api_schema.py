@@ -36,6 +36,10 @@ def test_openapi_document_and_schemathesis_finds_no_server_error(
             "/v1/tasks",
             "/v1/tasks/{task_id}/events",
             "/v1/approvals",
+            "/v1/snapshots",
+            "/v1/snapshots/{name}/fork",
+            "/v1/sandboxes/{sandbox_id}/network",
+            "/v1/sandboxes/{sandbox_id}/pause",
             "/healthz",
             "/metrics",
         ):

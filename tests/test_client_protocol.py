@@ -26,6 +26,12 @@ from ironclaw.sdk import Sandbox as Local
 async def use(sb: SandboxAPI) -> bytes:
     async with sb:
         await sb.files.write("a", b"x")
+        await sb.pause()
+        await sb.resume(timeout=5.0)
+        deadline: float | None = await sb.set_timeout(None)
+        digest: str = (await sb.snapshot("s")).sha256
+        policy = await sb.network.update(allow=["10.0.0.1:80"], deny_domains=None)
+        assert deadline is None and digest and policy.allow
         return (await sb.exec(["true"], timeout=1.0)).stdout
 
 def both(local: Local, remote: Remote) -> list[SandboxAPI]:

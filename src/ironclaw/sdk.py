@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack, overload
 
 from ironclaw.config import Settings
-from ironclaw.errors import ConfigError
 from ironclaw.host import ports, processes
 from ironclaw.host.guest import DEFAULT_READ_LIMIT
 from ironclaw.host.manager import SandboxManager
@@ -201,7 +200,7 @@ class Sandbox(SandboxHandle):
     @classmethod
     def create(
         cls, spec: SpecLike = None, *, sandbox_id: str | None = None, api_url: str,
-        token: str | None = None,
+        token: str | None = None, from_snapshot: str | None = None,
     ) -> RemoteCreating: ...  # fmt: skip
 
     @classmethod
@@ -223,12 +222,19 @@ class Sandbox(SandboxHandle):
         through the remote SDK (:mod:`ironclaw.client`), which has the same surface.
         """
         if api_url is not None:
-            if local.get("from_snapshot") is not None:
-                raise ConfigError("from_snapshot is not available through the API yet")
             from ironclaw.client.sandbox import Sandbox as RemoteSandbox
 
-            doc = spec.model_dump() if isinstance(spec, SandboxSpec) else spec
-            return RemoteSandbox.create(doc, sandbox_id=sandbox_id, api_url=api_url, token=token)
+            snap = local.get("from_snapshot")
+            if snap is not None and not isinstance(snap, str):
+                snap = snap.name  # the server's snapshot of that name
+            doc = (  # a restore overrides only the fields that were set
+                spec.model_dump(mode="json", exclude_unset=snap is not None)
+                if isinstance(spec, SandboxSpec)
+                else spec
+            )
+            return RemoteSandbox.create(
+                doc, sandbox_id=sandbox_id, api_url=api_url, token=token, from_snapshot=snap
+            )
         return Creating(lambda: _create(spec, sandbox_id, **local))
 
     @classmethod

@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import ironclaw
 from ironclaw.api import (
+    controls,
     dashboard,
     exec_ws,
     ports,
@@ -22,6 +23,7 @@ from ironclaw.api import (
     proc_ws,
     processes,
     sandboxes,
+    snapshots,
     tasks,
     watch,
 )
@@ -107,6 +109,8 @@ def create_app(
         app.include_router(router)
     for router in (processes.router, proc_ws.router, ports.router, watch.router):
         app.include_router(router)
+    app.include_router(controls.router)  # timeout, pause/resume, live network
+    app.include_router(snapshots.router)  # snapshots, restore, fork
     app.include_router(dashboard.router)  # the web dashboard at /
     app.add_middleware(BodyLimit, max_body=max_body, exempt_suffix=sandboxes.UPLOAD_SUFFIX)
     app.add_middleware(RequestMetrics, metrics=service.metrics)

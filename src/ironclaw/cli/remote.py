@@ -1,7 +1,8 @@
 """The CLI's commands run through ``ironclaw serve`` when ``--api URL`` (or
 ``IRONCLAW_API_URL``) is given: the token comes from ``IRONCLAW_API_TOKEN``.
 
-Routed: ``exec``, ``sandbox create/ls/exec/cp/rm`` and ``run``. Output streams as it is
+Routed: ``exec``, ``sandbox create [--from]/ls/exec/cp/rm/pause/resume/timeout/net``,
+``snapshot create/ls/rm`` and ``run``. Output streams as it is
 printed (over the API's WebSocket), ``cp`` streams files both ways, and ``run`` follows
 the task's trace (Server-Sent Events) and, when interactive, asks about each held RED
 call and answers it through the API (the token then needs the ``approve`` scope).
@@ -13,6 +14,7 @@ import asyncio
 import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -27,7 +29,20 @@ if TYPE_CHECKING:
     from ironclaw.client import ApiClient, ExecResultLike
     from ironclaw.spec import SandboxSpec
 
-__all__ = ["active", "cp", "create", "exec_in", "exec_oneshot", "ls", "rm", "run_task"]
+__all__ = [
+    "active",
+    "control",
+    "cp",
+    "create",
+    "exec_in",
+    "exec_oneshot",
+    "ls",
+    "rm",
+    "run_task",
+    "snapshot_create",
+    "snapshot_ls",
+    "snapshot_rm",
+]
 
 CHUNK = 1024 * 1024
 
@@ -107,9 +122,22 @@ async def exec_oneshot(
     return result.exit_code
 
 
-async def create(spec: SandboxSpec, sandbox_id: str | None, *, as_json: bool) -> None:
+async def create(
+    spec: SandboxSpec,
+    sandbox_id: str | None,
+    *,
+    as_json: bool,
+    from_snapshot: str | None = None,
+    given: dict[str, Any] | None = None,
+) -> None:
+    """Create a sandbox, or restore ``from_snapshot`` with the fields ``given`` on top."""
+    from ironclaw.client.controls import restore_doc
+
     async with _client() as api:
-        record = await api.create(_dump(spec), sandbox_id=sandbox_id)
+        if from_snapshot is not None:
+            record = await restore_doc(api, from_snapshot, given, sandbox_id)
+        else:
+            record = await api.create(_dump(spec), sandbox_id=sandbox_id)
     if as_json:
         print(json.dumps({k: record[k] for k in ("id", "backend", "state")}))
     else:
@@ -132,6 +160,48 @@ async def ls(*, as_json: bool) -> None:
             r["id"], r["backend"], r["state"], r.get("owner") or "", r.get("reason") or ""
         )
     out_console.print(table)
+
+
+async def control(sandbox_id: str, action: str, body: dict[str, Any] | None) -> dict[str, Any]:
+    """``sandbox pause|resume|timeout`` (POST) and ``net`` (PATCH) through the API; the
+    JSON the local commands print."""
+    from ironclaw.client.controls import sandbox_path
+
+    async with _client() as api:
+        method, tail = ("PATCH", "network") if action == "net" else ("POST", action)
+        doc: dict[str, Any] = await api.request(method, sandbox_path(sandbox_id, tail), json=body)
+    if action == "net":
+        return {"id": sandbox_id, "network": doc}
+    if action == "timeout":
+        return {"id": sandbox_id, "deadline": doc["deadline"]}
+    return {"id": sandbox_id, "state": doc["state"]}
+
+
+async def snapshot_create(sandbox_id: str, name: str, *, as_json: bool) -> None:
+    async with _client() as api:
+        snap = await api.snapshots.create(sandbox_id, name)
+    print(json.dumps(asdict(snap)) if as_json else snap.name)
+
+
+async def snapshot_ls(*, as_json: bool) -> None:
+    async with _client() as api:
+        snaps = await api.snapshots.list()
+    if as_json:
+        rows = [{k: v for k, v in asdict(s).items() if k != "spec"} for s in snaps]
+        print(json.dumps({"snapshots": rows}))
+        return
+    table = Table("NAME", "KIND", "SOURCE", "BACKEND", "SIZE", "SHA256")
+    for s in snaps:
+        table.add_row(s.name, s.kind, s.source, s.backend, str(s.size), s.sha256[:16])
+    out_console.print(table)
+
+
+async def snapshot_rm(names: list[str], *, as_json: bool) -> None:
+    async with _client() as api:
+        for name in names:
+            await api.snapshots.remove(name)
+    if as_json:
+        print(json.dumps({"removed": names}))
 
 
 async def exec_in(

@@ -99,7 +99,10 @@ def sandbox_create(
             }
         )
         if via_api.active():
-            return await via_api.create(spec, sandbox_id, as_json=as_json)
+            given = explicit_fields(spec) if from_snapshot is not None else None
+            return await via_api.create(
+                spec, sandbox_id, as_json=as_json, from_snapshot=from_snapshot, given=given
+            )
         async with SandboxManager() as manager:
             with err_console.status("creating sandbox…", spinner="dots"):
                 if from_snapshot is not None:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
+from ironclaw.cli import remote as via_api
 from ironclaw.cli.common import new_app, out_console, run, run_with_manager
 from ironclaw.cli.options import JsonOpt
 
@@ -63,6 +64,8 @@ def snapshot_create(
 ) -> None:
     """Save a sandbox as a snapshot (atomically; hash-stamped): a VM's memory and disks,
     else the workspace. `sandbox create --from NAME` restores it with its recorded spec."""
+    if via_api.active():
+        return run(via_api.snapshot_create(sandbox_id, name, as_json=as_json), as_json)
     snap = run_with_manager(lambda m: m.snapshot(sandbox_id, name), as_json)
     print(json.dumps(snap.to_json()) if as_json else snap.name)
 
@@ -70,6 +73,8 @@ def snapshot_create(
 @snapshot_app.command("ls")
 def snapshot_ls(as_json: JsonOpt = False) -> None:
     """List complete snapshots (half-written ones never appear)."""
+    if via_api.active():
+        return run(via_api.snapshot_ls(as_json=as_json), as_json)
     from ironclaw.config import Settings
     from ironclaw.host.snapshots import SnapshotStore
 
@@ -89,6 +94,8 @@ def snapshot_rm(
     names: Annotated[list[str], typer.Argument(help="Snapshot names.")], as_json: JsonOpt = False
 ) -> None:
     """Remove snapshots."""
+    if via_api.active():
+        return run(via_api.snapshot_rm(names, as_json=as_json), as_json)
     from ironclaw.config import Settings
     from ironclaw.host.snapshots import SnapshotStore
 
@@ -102,12 +109,24 @@ def snapshot_rm(
     run(main(), as_json)
 
 
+def _remote(sandbox_id: str, action: str, body: dict[str, Any] | None, as_json: bool) -> bool:
+    """Run a sandbox control through the API when ``--api`` is given; whether it did."""
+    if not via_api.active():
+        return False
+    doc = run(via_api.control(sandbox_id, action, body), as_json)
+    if as_json:
+        print(json.dumps(doc))
+    return True
+
+
 def register_sandbox_controls(app: typer.Typer) -> None:
     """Add pause, resume, timeout and net to ``ironclaw sandbox``."""
 
     @app.command("pause")
     def sandbox_pause(sandbox_id: SidArg, as_json: JsonOpt = False) -> None:
         """Freeze a sandbox: it keeps its memory and files and uses no CPU."""
+        if _remote(sandbox_id, "pause", None, as_json):
+            return
         run_with_manager(lambda m: m.pause(sandbox_id), as_json)
         if as_json:
             print(json.dumps({"id": sandbox_id, "state": "paused"}))
@@ -121,6 +140,8 @@ def register_sandbox_controls(app: typer.Typer) -> None:
         as_json: JsonOpt = False,
     ) -> None:
         """Continue a paused sandbox."""
+        if _remote(sandbox_id, "resume", {"timeout": timeout}, as_json):
+            return
         run_with_manager(lambda m: m.resume(sandbox_id, timeout=timeout), as_json)
         if as_json:
             print(json.dumps({"id": sandbox_id, "state": "running"}))
@@ -132,6 +153,8 @@ def register_sandbox_controls(app: typer.Typer) -> None:
         as_json: JsonOpt = False,
     ) -> None:
         """Extend or shorten a sandbox's lifetime (its on-timeout action applies then)."""
+        if _remote(sandbox_id, "timeout", {"seconds": seconds}, as_json):
+            return
         deadline = run_with_manager(lambda m: m.set_timeout(sandbox_id, seconds), as_json)
         if as_json:
             print(json.dumps({"id": sandbox_id, "deadline": deadline}))
@@ -152,6 +175,9 @@ def register_sandbox_controls(app: typer.Typer) -> None:
         as_json: JsonOpt = False,
     ) -> None:
         """Change a running sandbox's egress at once (audited)."""
+        change = {"allow": allow, "allow_domains": allow_domain, "deny": deny}
+        if _remote(sandbox_id, "net", {k: v for k, v in change.items() if v is not None}, as_json):
+            return
         policy = run_with_manager(
             lambda m: m.update_network(
                 sandbox_id, allow=allow, allow_domains=allow_domain, deny=deny

@@ -13,7 +13,7 @@ import json
 import os
 import socket
 from collections.abc import AsyncIterator
-from typing import Any, TypedDict, Unpack
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect, unix_connect
@@ -25,6 +25,9 @@ from ironclaw.client._http import seg as _seg
 from ironclaw.errors import ApiError, ConfigError, ConnectError, IronclawError
 from ironclaw.proto.lifecycle import AsyncResource
 from ironclaw.proto.surface import ExecOptions, ExecResult, OutputSink, feed
+
+if TYPE_CHECKING:
+    from ironclaw.client.controls import RemoteSnapshots
 
 __all__ = ["API_TOKEN_ENV", "API_URL_ENV", "ApiClient", "ExecResult", "SandboxDoc"]
 
@@ -78,6 +81,13 @@ class ApiClient(AsyncResource):
 
     async def aclose(self) -> None:
         await self.http.aclose()
+
+    @property
+    def snapshots(self) -> RemoteSnapshots:
+        """The caller's snapshots: ``list``, ``get``, ``remove`` (and ``create``, ``fork``)."""
+        from ironclaw.client.controls import RemoteSnapshots
+
+        return RemoteSnapshots(self)
 
     # -- plumbing ----------------------------------------------------------------------
 

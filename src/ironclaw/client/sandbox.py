@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any, TypedDict, Unpack
 
 from ironclaw.client.api import ApiClient, SandboxDoc
+from ironclaw.client.controls import RemoteNetwork, RemoteSnapshot, restore_doc, sandbox_path
 from ironclaw.client.procs import RemoteCommands, RemotePorts, RemotePty, RemoteWatch
 from ironclaw.proto import surface
 from ironclaw.proto.lifecycle import or_close
@@ -29,6 +30,7 @@ class CreateOptions(TypedDict, total=False):
     sandbox_id: str | None
     api_url: str | None
     token: str | None
+    from_snapshot: str | RemoteSnapshot | None
 
 
 class RemoteFiles(surface.SandboxPart["Sandbox"]):
@@ -71,6 +73,7 @@ class Sandbox(surface.SandboxHandle):
         self.commands = RemoteCommands(api, self.id)
         self.pty = RemotePty(api, self.id)
         self.ports = RemotePorts(api, self.id)
+        self.network = RemoteNetwork(api, self.id)
         self._owns_client = owns
 
     @property
@@ -92,11 +95,17 @@ class Sandbox(surface.SandboxHandle):
         """Create a sandbox: ``await`` it, or use it as ``async with`` (destroyed on exit).
 
         Without ``api_url``/``token``, ``IRONCLAW_API_URL``/``IRONCLAW_API_TOKEN`` apply.
+        ``from_snapshot`` restores that snapshot, its recorded spec with ``spec`` on top.
         """
 
         async def make() -> Sandbox:
             api = client or ApiClient(opts.get("api_url"), opts.get("token"))
-            creating = api.create(spec, sandbox_id=opts.get("sandbox_id"))
+            snap, sid = opts.get("from_snapshot"), opts.get("sandbox_id")
+            creating = (
+                api.create(spec, sandbox_id=sid)
+                if snap is None
+                else restore_doc(api, snap, spec, sid)
+            )
             record = await or_close(api if client is None else None, creating)
             return cls(api, record, owns=client is None)
 
@@ -113,6 +122,24 @@ class Sandbox(surface.SandboxHandle):
         """Short commands go as one request; with sinks (or ``capture=False``) the output
         streams over the WebSocket as it is printed."""
         return await self.api.exec(self.id, argv, **opts)
+
+    async def snapshot(self, name: str) -> RemoteSnapshot:
+        """Save the sandbox on the server as ``name`` (``client.snapshots`` lists them)."""
+        return await self.api.snapshots.create(self.id, name)
+
+    async def pause(self) -> None:
+        """Freeze every process (memory kept, no CPU) until :meth:`resume`."""
+        self.record = await self.api.request("POST", sandbox_path(self.id, "pause"))
+
+    async def resume(self, *, timeout: float | None = None) -> None:
+        body = {"timeout": timeout} if timeout is not None else None
+        self.record = await self.api.request("POST", sandbox_path(self.id, "resume"), json=body)
+
+    async def set_timeout(self, seconds: float | None) -> float | None:
+        """Move the deadline to ``seconds`` from now; return it (epoch seconds)."""
+        path = sandbox_path(self.id, "timeout")
+        doc = await self.api.request("POST", path, json={"seconds": seconds})
+        return None if doc["deadline"] is None else float(doc["deadline"])
 
     async def ping(self) -> dict[str, Any]:
         """The sandbox's agent answers through the server (uid, pid, version)."""

@@ -1,0 +1,113 @@
+"""The remote SDK's lifetimes, pause/resume, snapshots and live network policy: the
+routes of ``api/controls`` and ``api/snapshots``, with the in-process SDK's names
+(``sb.pause()``, ``sb.snapshot(name)``, ``sb.network.update(...)``,
+``client.snapshots.list()``) so code runs against either.
+"""
+
+from __future__ import annotations
+
+import builtins
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Unpack
+from urllib.parse import quote
+
+if TYPE_CHECKING:
+    from ironclaw.client.api import ApiClient, SandboxDoc
+    from ironclaw.policy.network import NetworkChange, NetworkPolicy
+
+__all__ = ["RemoteNetwork", "RemoteSnapshot", "RemoteSnapshots", "restore_doc"]
+
+
+@dataclass(frozen=True)
+class RemoteSnapshot:
+    """A snapshot as the API describes it; the attributes the in-process
+    :class:`~ironclaw.host.snapshots.Snapshot` has too (both fit ``SnapshotInfo``)."""
+
+    name: str
+    kind: str
+    sha256: str
+    size: int
+    created_at: float
+    source: str
+    backend: str
+    spec: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> RemoteSnapshot:
+        return cls(
+            name=str(doc["name"]), kind=str(doc["kind"]), sha256=str(doc["sha256"]),
+            size=int(doc["size"]), created_at=float(doc["created"]), source=str(doc["source"]),
+            backend=str(doc["backend"]), spec=dict(doc.get("spec") or {}),
+        )  # fmt: skip
+
+
+def _seg(value: str) -> str:
+    return quote(value, safe="")
+
+
+def sandbox_path(sandbox_id: str, tail: str) -> str:
+    return f"/v1/sandboxes/{_seg(sandbox_id)}/{tail}"
+
+
+class RemoteSnapshots:
+    """``client.snapshots``: the caller's snapshots on the server."""
+
+    def __init__(self, api: ApiClient) -> None:
+        self._api = api
+
+    async def list(self) -> list[RemoteSnapshot]:
+        return [RemoteSnapshot.from_doc(d) for d in await self._api.request("GET", "/v1/snapshots")]
+
+    async def get(self, name: str) -> RemoteSnapshot:
+        doc = await self._api.request("GET", f"/v1/snapshots/{_seg(name)}")
+        return RemoteSnapshot.from_doc(doc)
+
+    async def remove(self, name: str) -> None:
+        await self._api.request("DELETE", f"/v1/snapshots/{_seg(name)}")
+
+    async def create(self, sandbox_id: str, name: str) -> RemoteSnapshot:
+        doc = await self._api.request(
+            "POST", sandbox_path(sandbox_id, "snapshots"), json={"name": name}
+        )
+        return RemoteSnapshot.from_doc(doc)
+
+    async def fork(
+        self, name: str, count: int, spec: dict[str, Any] | None = None
+    ) -> builtins.list[SandboxDoc]:
+        """``count`` new sandboxes from the snapshot (all made, or none)."""
+        body = {"count": count, "spec": spec or {}}
+        docs: builtins.list[SandboxDoc] = await self._api.request(
+            "POST", f"/v1/snapshots/{_seg(name)}/fork", json=body
+        )
+        return docs
+
+
+async def restore_doc(
+    api: ApiClient,
+    snapshot: str | RemoteSnapshot,
+    spec: dict[str, Any] | None,
+    sandbox_id: str | None,
+) -> SandboxDoc:
+    """A new sandbox from ``snapshot`` with its recorded spec and ``spec`` on top."""
+    name = snapshot if isinstance(snapshot, str) else snapshot.name
+    body: dict[str, Any] = {"spec": spec or {}}
+    if sandbox_id is not None:
+        body["id"] = sandbox_id
+    doc: SandboxDoc = await api.request("POST", f"/v1/snapshots/{_seg(name)}/restore", json=body)
+    return doc
+
+
+class RemoteNetwork:
+    """``sb.network``: the sandbox's egress policy, changeable while it runs."""
+
+    def __init__(self, api: ApiClient, sandbox_id: str) -> None:
+        self._api, self._id = api, sandbox_id
+
+    async def update(self, **change: Unpack[NetworkChange]) -> NetworkPolicy:
+        """Replace ``allow``/``allow_domains``/``deny_domains`` when given; ``deny`` removes
+        allow rules. Applied at once on the server; returns the new policy."""
+        from ironclaw.policy.network import NetworkPolicy
+
+        body = {k: v for k, v in change.items() if v is not None}
+        doc = await self._api.request("PATCH", sandbox_path(self._id, "network"), json=body)
+        return NetworkPolicy.model_validate(doc)

@@ -181,4 +181,3 @@ async def test_the_hosts_hello_carries_a_fresh_nonce_each_time(tmp_path: Path) -
             await connect(path, handshake_s=0.3)
     assert len(seen) == 2 and seen[0] != seen[1]
     assert len(set(seen)) == 2 and all(len(n) == NONCE_SIZE for n in seen)
-

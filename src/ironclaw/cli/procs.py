@@ -99,6 +99,7 @@ def _write(fd: int, data: bytes) -> None:
 @sandbox_app.command("ps")
 def sandbox_ps(sandbox_id: IdArg, as_json: JsonOpt = False) -> None:
     """List the sandbox's detached commands (running and recently ended)."""
+    from ironclaw.agent.render import literal
     from ironclaw.host import processes
     from ironclaw.host.manager import SandboxManager
     from ironclaw.proto.methods import to_json
@@ -117,7 +118,9 @@ def sandbox_ps(sandbox_id: IdArg, as_json: JsonOpt = False) -> None:
         for i in infos:
             state = "running" if i.running else f"exited {i.exit_code}"
             age = f"{time.time() - i.started_at:.0f}s"
-            table.add_row(str(i.pid), i.tag or "", state, age, " ".join(i.argv)[:60])
+            cells = (i.tag or "", " ".join(i.argv)[:60])  # the guest's or a user's text
+            tag, cmd = map(literal, cells)
+            table.add_row(str(i.pid), tag, state, age, cmd)
         out_console.print(table)
 
     run(main(), as_json)

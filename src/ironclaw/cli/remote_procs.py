@@ -76,6 +76,7 @@ async def run(
 async def ps(sandbox_id: str, *, as_json: bool) -> None:
     from rich.table import Table
 
+    from ironclaw.agent.render import literal
     from ironclaw.proto.methods import to_json
 
     async with _client() as api:
@@ -87,7 +88,9 @@ async def ps(sandbox_id: str, *, as_json: bool) -> None:
     for i in infos:
         state = "running" if i.running else f"exited {i.exit_code}"
         age = f"{time.time() - i.started_at:.0f}s"
-        table.add_row(str(i.pid), i.tag or "", state, age, " ".join(i.argv)[:60])
+        cells = (i.tag or "", " ".join(i.argv)[:60])  # the guest's or a user's text
+        tag, cmd = map(literal, cells)
+        table.add_row(str(i.pid), tag, state, age, cmd)
     out_console.print(table)
 
 

@@ -10,7 +10,9 @@ real namespace sandboxes; the hostile client is the ``websockets`` library used 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
 from collections.abc import Iterator
 
 import httpx
@@ -39,21 +41,25 @@ async def test_a_client_that_stops_reading_a_flood_costs_bounded_memory_and_bloc
     server: Server,
 ) -> None:
     token = server.token("read", "write")
-    ws_url = server.url.replace("http://", "ws://")
     async with Sandbox.create(sandbox_id="ws-slow", api_url=server.url, token=token) as sb:
         await sb.commands.start(["cat", "/dev/zero"], tag="flood")
         rss_before, _ = server.rss_kib()
-        async with connect(
-            f"{ws_url}/v1/sandboxes/{sb.id}/processes/flood/attach",
-            additional_headers=_auth(token),
-            max_queue=1,  # the client library itself buffers next to nothing
-            max_size=None,
-        ) as ws:
-            started = json.loads(await ws.recv())
-            assert started["type"] == "started" and started["tag"] == "flood"
-            assert isinstance(await ws.recv(), bytes)  # the flood is flowing
-            # Now this client reads nothing more. Meanwhile the sandbox serves others:
-            # the flood's stream must not stall the channel that every call shares.
+        # A raw client: it upgrades, then never reads a byte (no library reads for it).
+        host, port = server.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            f"GET /v1/sandboxes/{sb.id}/processes/flood/attach HTTP/1.1\r\n"
+            f"Host: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n".encode()
+        )
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 60)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        try:
+            # The sandbox serves others meanwhile: the flood's stream must not stall
+            # the channel that every call to it shares.
             for _ in range(20):
                 r = await asyncio.wait_for(sb.exec(["echo", "still here"]), 60)
                 assert r.stdout == b"still here\n"
@@ -62,6 +68,9 @@ async def test_a_client_that_stops_reading_a_flood_costs_bounded_memory_and_bloc
                 rss, _ = server.rss_kib()
                 assert (rss - rss_before) * 1024 < 256 * MiB, (rss_before, rss)
                 await asyncio.sleep(0.1)
+            assert listed[0].output_bytes > 64 * MiB  # far more than any buffer held
+        finally:
+            writer.close()
         rss, _ = server.rss_kib()
         assert (rss - rss_before) * 1024 < 256 * MiB, (rss_before, rss)
 
@@ -109,3 +118,38 @@ async def test_streams_are_capped_per_token_and_oversized_requests_refused(
             r = await http.get(f"{base}/{'t' * 129}")
             assert r.status_code == 422, r.text
         assert [p.tag for p in await sb.commands.list()] == ["s"]
+
+
+async def test_a_watch_client_that_stops_reading_blocks_no_one(server: Server) -> None:
+    token = server.token("read", "write")
+    async with Sandbox.create(sandbox_id="watch-slow", api_url=server.url, token=token) as sb:
+        await sb.files.mkdir("w")
+        rss_before, _ = server.rss_kib()
+        async with (
+            httpx.AsyncClient(base_url=server.url, headers=_auth(token), timeout=60) as http,
+            http.stream("GET", f"/v1/sandboxes/{sb.id}/watch", params={"path": "w"}) as resp,
+        ):
+            lines = resp.aiter_lines()
+            assert await anext(lines) == ": watching"
+            # Events with long names, far more than any buffer on the way; nobody reads.
+            burst = (
+                "import os\n"
+                "for i in range(20000):\n"
+                "    p = 'w/' + str(i) + 'n' * 200\n"
+                "    os.close(os.open(p, os.O_CREAT)); os.unlink(p)\n"
+            )
+            for _ in range(3):
+                r = await asyncio.wait_for(sb.exec(["python3", "-c", burst]), 120)
+                assert r.exit_code == 0, r.stderr
+                assert (await asyncio.wait_for(sb.exec(["echo", "ok"]), 60)).stdout == b"ok\n"
+                rss, _ = server.rss_kib()
+                assert (rss - rss_before) * 1024 < 256 * MiB, (rss_before, rss)
+            # The reader comes back: the stream is intact, with an overflow marker where
+            # the guest dropped what nobody read.
+            kinds = set()
+            async for line in lines:
+                if line.startswith("data: "):
+                    kinds.add(json.loads(line[len("data: ") :])["type"])
+                    if "overflow" in kinds and "created" in kinds:
+                        break
+            assert {"created", "overflow"} <= kinds

@@ -2,7 +2,8 @@
 
 The forward listens on the host running ``ironclaw serve`` (127.0.0.1 unless ``bind``
 names another address, which must be asked for explicitly and, beyond loopback, by an
-``admin`` token: it opens the server's host to its network), and it
+``admin`` token: it opens the server's host to its network; so must a ``host_port``
+below 1024, which only root could bind there), and it
 reaches only that one port inside the sandbox (see :mod:`ironclaw.host.ports`). The
 returned ``url`` is as seen from that host.
 """
@@ -63,6 +64,8 @@ async def expose(sandbox_id: str, body: PortExpose, who: Write, service: Service
     host = str(body.bind) if body.bind is not None else "127.0.0.1"
     if not ipaddress.ip_address(host).is_loopback:
         who.require("admin")  # beyond loopback opens the server's host to its network
+    if 0 < body.host_port < 1024:
+        who.require("admin")  # only root may bind these: local peers trust them as root's
     try:
         made = await ports.expose(
             service.manager, sandbox_id, body.port, host=host, host_port=body.host_port

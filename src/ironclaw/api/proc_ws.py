@@ -34,6 +34,7 @@ from typing import Any
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from ironclaw.api.streams import (
+    ReadAhead,
     Slot,
     as_ironclaw,
     check_frame,
@@ -51,6 +52,7 @@ __all__ = ["router"]
 
 router = APIRouter(tags=["processes"])
 QUEUE = 16  # stdin frames buffered before the socket is no longer read (backpressure)
+READ_AHEAD = 4 * 2**20  # output held for a client that lags, then skipped
 
 
 def _doc(kind: str, handle: ProcessHandle) -> dict[str, Any]:
@@ -71,13 +73,19 @@ async def _session(ws: WebSocket, handle: ProcessHandle, *, replay: bool) -> boo
 
     async def pump() -> None:
         nonlocal gone
-        async for chunk in handle.output(replay=replay):
-            try:
-                async with send_lock:
-                    await ws.send_bytes(chunk)
-            except (WebSocketDisconnect, RuntimeError, OSError):
-                gone = True  # the client vanished mid-send
-                return
+        # Read on while the client lags (the channel is the sandbox's, shared by every
+        # call); past READ_AHEAD bytes it skips output, as the guest's ring does.
+        ahead = ReadAhead(handle.output(replay=replay), size=len, budget=READ_AHEAD)
+        try:
+            async for chunk in ahead:
+                try:
+                    async with send_lock:
+                        await ws.send_bytes(chunk)
+                except (WebSocketDisconnect, RuntimeError, OSError):
+                    gone = True  # the client vanished mid-send
+                    return
+        finally:
+            await ahead.aclose()
 
     async def receive() -> None:
         nonlocal feeder

@@ -9,12 +9,14 @@ header on the upgrade request (a browser client goes through a proxy that adds i
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import weakref
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import WebSocket
 from starlette.requests import HTTPConnection
@@ -37,6 +39,7 @@ from ironclaw.proto import methods as m
 __all__ = [
     "MAX_CONTROL",
     "MAX_FRAME",
+    "ReadAhead",
     "Slot",
     "StreamSlots",
     "as_ironclaw",
@@ -47,6 +50,8 @@ __all__ = [
     "resolve",
     "slots",
 ]
+
+T = TypeVar("T")
 
 #: Largest stdin/terminal frame a client may send (bigger: close 4413).
 MAX_FRAME = 64 * 1024
@@ -164,3 +169,60 @@ async def resolve(guest: GuestClient, target: str) -> m.ProcInfo:
 
 def as_ironclaw(exc: BaseException) -> IronclawError:
     return exc if isinstance(exc, IronclawError) else ConfigError(str(exc))
+
+
+class ReadAhead(AsyncIterator[T]):
+    """``items`` taken as fast as the guest sends them, whatever the client's pace.
+
+    They arrive on the sandbox's channel, which every call to that sandbox shares, and a
+    stream nobody reads stalls it: a client that stops reading would freeze the sandbox
+    for everyone. So a task reads on from construction; while the client lags, what is
+    past ``budget`` (summed ``size``) is dropped and ``gap`` (if any) marks where, as the
+    guest does for a follower that falls behind. :meth:`aclose` stops it.
+    """
+
+    def __init__(
+        self, items: AsyncIterator[T], *, size: Callable[[T], int], budget: int,
+        gap: T | None = None,
+    ) -> None:  # fmt: skip
+        self._items, self._size, self._budget, self._gap = items, size, budget, gap
+        self._kept: deque[tuple[T, int]] = deque()
+        self._held = 0
+        self._lost = False
+        self._more = asyncio.Event()
+        self._task = asyncio.ensure_future(self._pump())
+
+    async def _pump(self) -> None:
+        async for item in self._items:
+            n = self._size(item)
+            if self._held + n > self._budget:
+                self._lost = True
+            else:
+                if self._lost and self._gap is not None:
+                    self._kept.append((self._gap, 0))
+                self._lost = False
+                self._kept.append((item, n))
+                self._held += n
+            self._more.set()
+
+    async def __anext__(self) -> T:
+        while not self._kept:
+            if self._task.done():
+                self._task.result()
+                if self._lost and self._gap is not None:
+                    self._lost = False
+                    return self._gap
+                raise StopAsyncIteration
+            self._more.clear()
+            waiter = asyncio.ensure_future(self._more.wait())
+            try:
+                await asyncio.wait({self._task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+        item, n = self._kept.popleft()
+        self._held -= n
+        return item
+
+    async def aclose(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)

@@ -5,7 +5,8 @@ the guest's inotify watch is in place (so a change made after the response heade
 arrive is reported) and then sends, in order, one ``event: watch`` per change with the
 JSON of a :class:`~ironclaw.proto.proc_methods.WatchEvent` (``created``, ``modified``,
 ``deleted``, ``moved``, or ``overflow`` where a slow reader lost events: the guest
-keeps ``max_queue`` of them), and ``event: end`` when the watched path goes away.
+keeps ``max_queue`` of them, the server 4 MiB more), and ``event: end`` when the
+watched path goes away.
 A refusal before that is a problem response: 422 for a path outside the workspace,
 404 for a missing one; a failure later is an ``event: error`` with problem details.
 """
@@ -24,7 +25,7 @@ from fastapi.responses import StreamingResponse
 
 from ironclaw.api.problems import status_for
 from ironclaw.api.service import Read, ServiceDep
-from ironclaw.api.streams import Slot, slots
+from ironclaw.api.streams import ReadAhead, Slot, slots
 from ironclaw.errors import ConfigError, InvalidRequest, IronclawError
 from ironclaw.host import processes
 from ironclaw.proto import methods as m
@@ -34,6 +35,8 @@ __all__ = ["router"]
 
 router = APIRouter(tags=["files"])
 WORKSPACE = "/workspace"
+READ_AHEAD = 4 * 2**20
+_OVERFLOW = m.WatchEvent(type="overflow", path="")
 
 
 def _inside(path: str) -> str:
@@ -100,25 +103,41 @@ async def watch(
                              headers={"Cache-Control": "no-store"})  # fmt: skip
 
 
+async def _chain(
+    first: asyncio.Future[m.WatchEvent], events: AsyncIterator[m.WatchEvent]
+) -> AsyncIterator[m.WatchEvent]:
+    try:
+        yield await first
+    except StopAsyncIteration:
+        return
+    async for ev in events:
+        yield ev
+
+
+def _weight(ev: m.WatchEvent) -> int:
+    return 64 + len(ev.path) + len(ev.dest or "")
+
+
 async def _relay(
     first: asyncio.Future[m.WatchEvent], events: AsyncIterator[m.WatchEvent], slot: Slot
 ) -> AsyncIterator[bytes]:
     sent = 0
+    # Read on while this client lags (the channel is the sandbox's, shared by every call);
+    # past READ_AHEAD bytes of events they are dropped for an overflow, as the guest does.
+    ahead = ReadAhead(_chain(first, events), size=_weight, budget=READ_AHEAD, gap=_OVERFLOW)
     try:
         yield b": watching\n\n"  # the headers and a first byte now, not at the first change
         try:
-            ev = await first
-            while True:
+            async for ev in ahead:
                 sent += 1
                 yield _sse("watch", m.to_json(ev))
-                ev = await anext(events)
-        except StopAsyncIteration:
             yield _sse("end", {"events": sent})
         except IronclawError as exc:
             status, title = status_for(exc)
             yield _sse("error", {"status": status, "title": title, "detail": str(exc),
                                  "error": type(exc).__name__})  # fmt: skip
     finally:
+        await ahead.aclose()
         slot.release()
         first.cancel()
         await asyncio.gather(first, return_exceptions=True)

@@ -119,6 +119,7 @@ def print_procs(infos: Sequence[ProcInfo], as_json: bool) -> None:
 
     from rich.table import Table
 
+    from ironclaw.agent.render import literal
     from ironclaw.proto.methods import to_json
 
     if as_json:
@@ -128,5 +129,7 @@ def print_procs(infos: Sequence[ProcInfo], as_json: bool) -> None:
     for i in infos:
         state = "running" if i.running else f"exited {i.exit_code}"
         age = f"{time.time() - i.started_at:.0f}s"
-        table.add_row(str(i.pid), i.tag or "", state, age, " ".join(i.argv)[:60])
+        cells = (i.tag or "", " ".join(i.argv)[:60])  # the guest's or a user's text
+        tag, cmd = map(literal, cells)
+        table.add_row(str(i.pid), tag, state, age, cmd)
     out_console.print(table)

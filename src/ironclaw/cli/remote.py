@@ -302,7 +302,9 @@ async def run_task(
         print(json.dumps({**done, "id": done["sandbox_id"], "task_id": done["id"]}))
     else:
         if done.get("answer"):
-            out_console.print(Panel(str(done["answer"]), title="answer"))
+            from ironclaw.agent.render import literal  # the model's text: never markup
+
+            out_console.print(Panel(literal(done["answer"]), title="answer"), highlight=False)
         err_console.print(f"task {done['id']} in sandbox {done['sandbox_id']}: {done['status']}")
     return 0 if done["status"] == "completed" else 1
 

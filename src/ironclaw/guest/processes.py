@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import os
 import signal
 import struct
@@ -32,6 +33,29 @@ __all__ = ["ProcessTable"]
 
 CHUNK = 64 * 1024
 PIPE_IDLE_S = 0.2  # after the main process ended, stop reading once output is idle this long
+#: JSON bytes of argv that one reported ProcInfo carries: a listing of MAX_PROCS of them
+#: stays under the host's 2 MiB message cap, whatever the arguments hold.
+SHOWN_ARGV = 4096
+
+
+def shown_argv(argv: tuple[str, ...]) -> tuple[str, ...]:
+    """``argv`` as reported: past :data:`SHOWN_ARGV` bytes of JSON it is cut, and its
+    last string ends in "…" (a listing with huge arguments used to exceed the cap, and
+    the host closed the channel on every ``ps``)."""
+    out: list[str] = []
+    used = 0
+    for arg in argv:
+        size = len(json.dumps(arg)) + 2  # with the ", " that joins it to the next
+        if used + size <= SHOWN_ARGV:
+            out.append(arg)
+            used += size
+            continue
+        cut = arg[: max(0, SHOWN_ARGV - used)]
+        while cut and used + len(json.dumps(cut + "…")) > SHOWN_ARGV:
+            cut = cut[: len(cut) // 2]
+        out.append(cut + "…")
+        break
+    return tuple(out)
 
 
 def _winsize(fd: int, cols: int, rows: int) -> None:
@@ -90,7 +114,7 @@ class _Proc:
         return m.ProcInfo(
             pid=self.pid,
             tag=self.request.tag,
-            argv=self.request.argv,
+            argv=shown_argv(self.request.argv),
             pty=self.request.pty,
             running=rc is None,
             exit_code=code,

@@ -66,7 +66,8 @@ class _Watcher:
         self.gone = False
 
     def add(self, path: str, *, announce: bool = False) -> None:
-        wd = _inotify().inotify_add_watch(self.fd, path.encode(), MASK)
+        # fsencode: a name that is not UTF-8 (surrogateescape'd) is a path all the same.
+        wd = _inotify().inotify_add_watch(self.fd, os.fsencode(path), MASK)
         if wd < 0:
             return  # vanished already, or the kernel's watch limit: nothing to follow
         self.paths[wd] = path

@@ -111,6 +111,10 @@ async def test_hostile_program_in_a_sandbox_reaches_only_what_is_allowed(
     assert got["barelf"] == [400]
     assert hits == []
     audit = [json.loads(x) for x in manager.net.audit_path(rec.id).read_text().splitlines()]
-    reasons = {e.get("host"): e.get("reason", "") for e in audit if e["decision"] == "deny"}
+    reasons = {
+        e.get("host"): e.get("reason", "")
+        for e in audit
+        if e["event"] == "net.proxy" and e["decision"] == "deny"
+    }
     assert "IPv4-mapped form of" in reasons["mapped.allowed.test"]
     assert "forbidden address 169.254.169.254: link-local" in reasons["meta.allowed.test"]

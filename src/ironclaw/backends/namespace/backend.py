@@ -207,7 +207,7 @@ class NamespaceBackend:
                 placement = ThreadPlacement.for_thread(ctx.cgroup)
                 moved = ctx.cgroup.dirs
                 if placement is not None:
-                    moved = tuple(d for d in moved if d.version == 2)
+                    moved = tuple(d for d in moved if not placement.places(d))
                 cgroup_fds = replace(ctx.cgroup, dirs=moved).attach_fds()
             wall = spec.limits.wall_time_s
             go_r, go_w = os.pipe2(os.O_CLOEXEC)

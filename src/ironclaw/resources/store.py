@@ -22,23 +22,25 @@ import sqlite3
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from ironclaw.errors import ConfigError, SandboxNotFound
 from ironclaw.ids import validate_sandbox_id
 from ironclaw.proto.lifecycle import AsyncResource
+from ironclaw.resources.store_rows import (
+    ResourceRow,
+    SandboxRecord,
+    SandboxState,
+    TokenRow,
+    record_from_row,
+    token_from_row,
+)
 
 __all__ = ["Batch", "ResourceRow", "SandboxRecord", "SandboxState", "Store", "TokenRow"]
 
 T = TypeVar("T")
 P = ParamSpec("P")
-#: ``lost``: its node (a cluster node) was lost; only the cluster head marks it.
-SandboxState = Literal[
-    "creating", "pooled", "running", "paused", "stopping", "dead", "failed", "lost"
-]
-
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
     id          TEXT PRIMARY KEY,
@@ -84,66 +86,6 @@ CREATE TABLE IF NOT EXISTS api_owners (
     created_at  REAL NOT NULL
 );
 """
-
-
-@dataclass(frozen=True)
-class SandboxRecord:
-    id: str
-    slot: int
-    backend: str
-    state: SandboxState
-    spec: dict[str, Any]
-    info: dict[str, Any] = field(default_factory=dict)
-    reason: str | None = None
-    owner_pid: int | None = None
-    one_shot: bool = False
-    pool_key: str | None = None
-    created_at: float = 0.0
-    updated_at: float = 0.0
-
-    @property
-    def rid(self) -> str:
-        """The id its kernel resources are named after (differs once a pooled one is taken)."""
-        return str(self.info.get("rid", self.id))
-
-
-@dataclass(frozen=True)
-class TokenRow:
-    """An API token as stored: never the secret, only its hash."""
-
-    id: str
-    name: str
-    hash: str
-    scopes: tuple[str, ...]
-    max_sandboxes: int | None
-    max_memory_mib: int | None
-    created_at: float
-    revoked_at: float | None = None
-
-
-@dataclass(frozen=True)
-class ResourceRow:
-    sandbox_id: str
-    kind: str
-    name: str
-    state: Literal["intent", "created"]
-
-
-def _record(row: sqlite3.Row) -> SandboxRecord:
-    return SandboxRecord(
-        id=row["id"],
-        slot=row["slot"],
-        backend=row["backend"],
-        state=row["state"],
-        spec=json.loads(row["spec"]),
-        info=json.loads(row["info"]),
-        reason=row["reason"],
-        owner_pid=row["owner_pid"],
-        one_shot=bool(row["one_shot"]),
-        pool_key=row["pool_key"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-    )
 
 
 @contextlib.contextmanager
@@ -312,13 +254,13 @@ class Store(AsyncResource):
             raise SandboxNotFound(
                 f"no sandbox named {sandbox_id!r}; `ironclaw sandbox ls` lists them"
             )
-        return _record(row)
+        return record_from_row(row)
 
     get = _threaded(_get)
 
     def _all(self) -> list[SandboxRecord]:
         rows = self.db.execute("SELECT * FROM sandboxes ORDER BY created_at").fetchall()
-        return [_record(r) for r in rows]
+        return [record_from_row(r) for r in rows]
 
     all = _threaded(_all)
 
@@ -480,13 +422,13 @@ class Store(AsyncResource):
 
     def _token(self, token_id: str) -> TokenRow | None:
         row = self.db.execute("SELECT * FROM api_tokens WHERE id = ?", (token_id,)).fetchone()
-        return _token_row(row) if row is not None else None
+        return token_from_row(row) if row is not None else None
 
     token = _threaded(_token)
 
     def _tokens(self) -> list[TokenRow]:
         rows = self.db.execute("SELECT * FROM api_tokens ORDER BY created_at").fetchall()
-        return [_token_row(r) for r in rows]
+        return [token_from_row(r) for r in rows]
 
     tokens = _threaded(_tokens)
 
@@ -517,16 +459,3 @@ class Store(AsyncResource):
         await self._run(
             self.db.execute, "DELETE FROM api_owners WHERE sandbox_id = ?", (sandbox_id,)
         )
-
-
-def _token_row(row: sqlite3.Row) -> TokenRow:
-    return TokenRow(
-        id=row["id"],
-        name=row["name"],
-        hash=row["hash"],
-        scopes=tuple(json.loads(row["scopes"])),
-        max_sandboxes=row["max_sandboxes"],
-        max_memory_mib=row["max_memory_mib"],
-        created_at=row["created_at"],
-        revoked_at=row["revoked_at"],
-    )

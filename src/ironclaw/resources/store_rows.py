@@ -1,0 +1,99 @@
+"""The rows the sandbox registry hands out: frozen records, built from SQLite rows.
+
+Split from :mod:`ironclaw.resources.store` so readers of a record (the API, the cluster,
+the CLI) see its fields without the store's transactions.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "ResourceRow",
+    "SandboxRecord",
+    "SandboxState",
+    "TokenRow",
+    "record_from_row",
+    "token_from_row",
+]
+
+#: ``lost``: its node (a cluster node) was lost; only the cluster head marks it.
+SandboxState = Literal[
+    "creating", "pooled", "running", "paused", "stopping", "dead", "failed", "lost"
+]
+
+
+@dataclass(frozen=True)
+class SandboxRecord:
+    id: str
+    slot: int
+    backend: str
+    state: SandboxState
+    spec: dict[str, Any]
+    info: dict[str, Any] = field(default_factory=dict)
+    reason: str | None = None
+    owner_pid: int | None = None
+    one_shot: bool = False
+    pool_key: str | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+    @property
+    def rid(self) -> str:
+        """The id its kernel resources are named after (differs once a pooled one is taken)."""
+        return str(self.info.get("rid", self.id))
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    """An API token as stored: never the secret, only its hash."""
+
+    id: str
+    name: str
+    hash: str
+    scopes: tuple[str, ...]
+    max_sandboxes: int | None
+    max_memory_mib: int | None
+    created_at: float
+    revoked_at: float | None = None
+
+
+@dataclass(frozen=True)
+class ResourceRow:
+    sandbox_id: str
+    kind: str
+    name: str
+    state: Literal["intent", "created"]
+
+
+def record_from_row(row: sqlite3.Row) -> SandboxRecord:
+    return SandboxRecord(
+        id=row["id"],
+        slot=row["slot"],
+        backend=row["backend"],
+        state=row["state"],
+        spec=json.loads(row["spec"]),
+        info=json.loads(row["info"]),
+        reason=row["reason"],
+        owner_pid=row["owner_pid"],
+        one_shot=bool(row["one_shot"]),
+        pool_key=row["pool_key"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def token_from_row(row: sqlite3.Row) -> TokenRow:
+    return TokenRow(
+        id=row["id"],
+        name=row["name"],
+        hash=row["hash"],
+        scopes=tuple(json.loads(row["scopes"])),
+        max_sandboxes=row["max_sandboxes"],
+        max_memory_mib=row["max_memory_mib"],
+        created_at=row["created_at"],
+        revoked_at=row["revoked_at"],
+    )

@@ -38,7 +38,7 @@ from ironclaw.host import reconcile as _reconcile
 from ironclaw.host.channel import Channel
 from ironclaw.host.controls import Controls
 from ironclaw.host.guest import GuestClient
-from ironclaw.host.pool import pool_key
+from ironclaw.host.pool import acquire_pooled, pool_key
 from ironclaw.host.reconcile import GcReport
 from ironclaw.ids import new_sandbox_id, validate_sandbox_id
 from ironclaw.proto.lifecycle import AsyncResource
@@ -210,7 +210,7 @@ class SandboxManager(Channel, Controls, AsyncResource):
         sid = validate_sandbox_id(sandbox_id) if sandbox_id is not None else new_sandbox_id()
         record = None
         if use_pool:
-            record = await self._acquire(spec, sid, one_shot)
+            record = await acquire_pooled(self, spec, sid, one_shot)
         if record is None:
             record = await self._create_cold(
                 spec, sid, one_shot=one_shot, ready_timeout=ready_timeout, restoring=restoring
@@ -360,35 +360,6 @@ class SandboxManager(Channel, Controls, AsyncResource):
             )
             made += 1
         return made
-
-    async def _acquire(self, spec: SandboxSpec, sid: str, one_shot: bool) -> SandboxRecord | None:
-        """Give a pooled sandbox its final id, limits and egress rules, or return None."""
-        key = pool_key(spec)
-        record = await self.store.claim_pooled(
-            key,
-            sid,
-            spec=spec.model_dump(mode="json"),
-            owner=dict(self._me),
-            owner_pid=os.getpid(),
-            one_shot=one_shot,
-        )
-        if record is None:
-            return None
-        self._owned.add(sid)
-        self._rids[sid] = record.rid
-        try:
-            rid = record.rid
-            peer = self._peers.pop(rid, None)
-            if peer is not None:
-                self._peers[sid] = peer
-            await self.cgroups.update(rid, spec.limits)
-            if spec.network.needs_network:
-                await self.net.update_policy(rid, spec.network, slot=record.slot)
-        except BaseException as exc:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._teardown(record, reason=f"failed: {exc}"))
-            raise
-        return record
 
     async def warm(self, spec: SandboxSpec | dict[str, Any] | None = None) -> int:
         """How many ready sandboxes the pool holds for ``spec``'s template."""

@@ -25,7 +25,7 @@ What a snapshot may not carry over, and how a restored VM gets its own:
   hub port; the NIC's backend is not part of the saved state, so each restore plugs the
   sandbox's own tap in its place.
 
-The warm pool of restored VMs is the manager's (``fill_pool``/``_acquire``): with
+The warm pool of restored VMs is the manager's (``fill_pool``, ``host.pool.acquire_pooled``): with
 restoring on, each pooled sandbox is a restored VM with an identity of its own.
 """
 

@@ -29,7 +29,7 @@ def sandbox_value(*, runas: bool) -> str:
 
     QEMU 7.2 installs the filter before ``-runas`` calls setgid/setuid, so with ``deny``
     it kills itself (SIGSYS) at start. After that drop QEMU holds no root id and no
-    capability (``vm.check_dropped``) and runs with no_new_privs, so a set*id call can
+    capability (``process.check_dropped``) and runs with no_new_privs, so a set*id call can
     only trade the sandbox uid for itself.
     """
     elevate = "allow" if runas else "deny"

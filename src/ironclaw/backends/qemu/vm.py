@@ -18,12 +18,11 @@ import contextlib
 import functools
 import logging
 import os
-import select
 import signal
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from ironclaw.backends.qemu.accel import probe_accel
 from ironclaw.backends.qemu.cmdline import (
@@ -36,6 +35,12 @@ from ironclaw.backends.qemu.cmdline import (
     qemu_argv,
     qemu_binary,
 )
+from ironclaw.backends.qemu.process import (
+    AttachedProc,
+    QemuProcess,
+    check_dropped,
+    wait_exit_within,
+)
 from ironclaw.backends.qemu.qmp import QmpClient, QmpError
 from ironclaw.backends.qemu.ready import ReadyProbe, agent_usable, ping_probe, ready_line_probe
 from ironclaw.backends.qemu.seccomp import sandbox_args
@@ -43,7 +48,6 @@ from ironclaw.backends.vm import remove_run_files, spawn_vmm
 from ironclaw.config import Settings, ensure_private_dir, safe_join
 from ironclaw.errors import BackendError, ConfigError, SandboxNotFound, SandboxTimeout
 from ironclaw.images import ImageArtifacts, make_workspace_image
-from ironclaw.resources.procs import wait_readable
 
 __all__ = [
     "AGENT_PORT",
@@ -73,7 +77,7 @@ class QemuVm:
     """One microVM. ``start`` then ``wait_ready``; ``stop`` or ``kill`` ends it."""
 
     def __init__(self) -> None:
-        self._proc: _Proc | None = None
+        self._proc: QemuProcess | None = None
         self._qmp: QmpClient | None = None
         self._run_dir: Path | None = None
         self._agent_in_image = False
@@ -129,7 +133,7 @@ class QemuVm:
             raise SandboxNotFound(f"no running VM in {run_dir}: {exc}") from exc
         if not any(str(vm.qmp_path).encode() in arg for arg in cmdline):
             raise SandboxNotFound(f"pid {pid} in {run_dir} is not this VM's QEMU")
-        vm._proc = _AttachedProc(pid)
+        vm._proc = AttachedProc(pid)
         vm._agent_reconnects = True
         vm._agent_in_image = b"ironclaw.agent=off" not in b" ".join(cmdline)
         vm._qmp = await QmpClient.connect(vm.qmp_path)
@@ -277,7 +281,7 @@ class QemuVm:
         assert proc is not None
         while True:
             if proc.returncode is not None or (
-                await _wait_exit(proc, 0) and proc.returncode is not None
+                await wait_exit_within(proc, 0) and proc.returncode is not None
             ):
                 tail = (await asyncio.to_thread(stderr_path.read_text, errors="replace"))[-2000:]
                 raise BackendError(f"QEMU exited at start (status {proc.returncode}): {tail}")
@@ -369,10 +373,10 @@ class QemuVm:
         if proc.returncode is None and self._qmp is not None and not self._qmp.closed:
             with contextlib.suppress(QmpError):
                 await self._qmp.execute("system_powerdown", limit_s=2)
-            if not await _wait_exit(proc, graceful_timeout):
+            if not await wait_exit_within(proc, graceful_timeout):
                 with contextlib.suppress(QmpError):
                     await self._qmp.execute("quit", limit_s=2)
-                await _wait_exit(proc, 3)
+                await wait_exit_within(proc, 3)
         await self.kill()
 
     async def kill(self) -> None:
@@ -381,7 +385,7 @@ class QemuVm:
         if proc is not None and proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            await _wait_exit(proc, 10)
+            await wait_exit_within(proc, 10)
         if self._qmp is not None:
             await self._qmp.close()
             self._qmp = None
@@ -428,74 +432,3 @@ def _open_fdset(path: Path) -> list[int]:
     except BaseException:
         os.close(rw)
         raise
-
-
-def check_dropped(pid: int, uid: int) -> None:
-    """Raise unless every thread of ``pid`` has only ``uid``/gid ``uid`` and no capabilities.
-
-    Checked per thread: a thread that kept root would be root for the guest it runs.
-    """
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-        for tid in tasks:
-            fields = dict(
-                line.split(":", 1)
-                for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines()
-                if ":" in line
-            )
-            ids = fields["Uid"].split() + fields["Gid"].split()
-            groups = set(fields.get("Groups", "").split()) - {str(uid)}
-            if any(int(i) != uid for i in ids) or groups or int(fields["CapEff"], 16):
-                raise BackendError(
-                    f"QEMU thread {tid} did not drop to uid {uid}: Uid {fields['Uid'].strip()}, "
-                    f"Gid {fields['Gid'].strip()}, CapEff {fields['CapEff'].strip()}"
-                )
-    except (OSError, KeyError, ValueError) as exc:
-        raise BackendError(f"cannot verify that QEMU (pid {pid}) dropped root: {exc}") from exc
-
-
-class _Proc(Protocol):
-    """What QemuVm needs of its QEMU process, spawned (a child) or attached (not)."""
-
-    @property
-    def pid(self) -> int: ...
-
-    @property
-    def returncode(self) -> int | None: ...
-
-    async def wait(self) -> int: ...
-
-
-class _AttachedProc:
-    """A QEMU started by another process (an earlier CLI run), watched through a pidfd.
-
-    Its exit status belongs to its parent; ``returncode`` becomes -1 once it is gone.
-    """
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.returncode: int | None = None
-        self._fd = os.pidfd_open(pid)
-
-    def _check(self) -> bool:
-        if self.returncode is None and select.select([self._fd], [], [], 0)[0]:
-            self.returncode = -1
-            os.close(self._fd)
-        return self.returncode is not None
-
-    async def wait(self) -> int:
-        if not self._check():
-            await wait_readable(self._fd)
-            self._check()
-        return -1
-
-
-async def _wait_exit(proc: _Proc, limit_s: float) -> bool:
-    if proc.returncode is not None:
-        return True
-    try:
-        async with asyncio.timeout(limit_s):
-            await proc.wait()
-    except TimeoutError:
-        return False
-    return True

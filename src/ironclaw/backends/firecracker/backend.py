@@ -51,11 +51,16 @@ from ironclaw.backends.firecracker.api import (
     kernel_boot_args,
     pause_request,
     resume_request,
-    snapshot_create_request,
     snapshot_load_request,
 )
 from ironclaw.backends.firecracker.client import FirecrackerApi, RequestCheck
-from ironclaw.backends.firecracker.jailer import JailLayout, jailer_argv, link_into
+from ironclaw.backends.firecracker.jailer import JailLayout, LaunchPaths, jailer_argv, link_into
+from ironclaw.backends.firecracker.snapshot import (
+    SNAP_MEM,
+    SNAP_STATE,
+    SnapshotFiles,
+    take_snapshot,
+)
 from ironclaw.config import safe_join
 from ironclaw.errors import BackendError, ConfigError, ConnectError, IronclawError
 from ironclaw.images import ImageArtifacts, make_workspace_image
@@ -79,9 +84,6 @@ _JAILED_INITRD = "/initramfs.cpio"
 _JAILED_ROOTFS = "/rootfs.ext4"
 _JAILED_WORKSPACE = "/workspace.ext4"
 _JAILED_VSOCK = "/v.sock"
-_SNAP_STATE = "vm.state"
-_SNAP_MEM = "vm.mem"
-_SNAP_WORKSPACE = "workspace.ext4"
 
 
 def _binary(explicit: str | None, env: str, name: str) -> str | None:
@@ -116,26 +118,6 @@ async def connect_agent(
     return await hybrid_vsock.connect(uds_path, port, deadline=deadline)
 
 
-@dataclass(frozen=True)
-class SnapshotFiles:
-    """A snapshot on the host: VM state, guest memory, and the workspace disk beside them."""
-
-    directory: Path
-    kind: SnapshotType
-
-    @property
-    def state(self) -> Path:
-        return safe_join(self.directory, _SNAP_STATE)
-
-    @property
-    def memory(self) -> Path:
-        return safe_join(self.directory, _SNAP_MEM)
-
-    @property
-    def workspace(self) -> Path:
-        return safe_join(self.directory, _SNAP_WORKSPACE)
-
-
 @dataclass(frozen=True, kw_only=True)
 class FirecrackerInfo(vm.VmInfo):
     """One Firecracker sandbox as the registry keeps it."""
@@ -150,32 +132,6 @@ class FirecrackerInfo(vm.VmInfo):
     jailed: bool = False
     mem_mib: int = 0
     track_dirty_pages: bool = False
-
-
-@dataclass
-class _Plan:
-    """Host and Firecracker views of every path of one launch."""
-
-    layout: JailLayout | None
-    run_dir: Path
-    uid: int
-    gid: int
-
-    def vm_path(self, jailed: str, host: Path) -> str:
-        return jailed if self.layout is not None else str(host)
-
-    def host(self, jailed: str) -> Path:
-        if self.layout is not None:
-            return self.layout.host_path(jailed)
-        return safe_join(self.run_dir, jailed.lstrip("/"))
-
-    @property
-    def api_link(self) -> Path:
-        return safe_join(self.run_dir, "api.sock")
-
-    @property
-    def vsock_link(self) -> Path:
-        return safe_join(self.run_dir, "vsock.sock")
 
 
 class FirecrackerBackend:
@@ -333,27 +289,10 @@ class FirecrackerBackend:
             raise ConfigError("a Diff snapshot needs a VM started with track_dirty_pages")
         plan = self._plan_from(info)
         dest.mkdir(parents=True, exist_ok=True, mode=0o700)
-        snap = SnapshotFiles(dest, kind)
-        state_vm, mem_vm = "/" + _SNAP_STATE, "/" + _SNAP_MEM
         async with self._api(info, timeout=120.0) as api:
-            await api.request(pause_request())
-            try:
-                await api.request(
-                    snapshot_create_request(
-                        plan.vm_path(state_vm, plan.host(state_vm)),
-                        plan.vm_path(mem_vm, plan.host(mem_vm)),
-                        kind,
-                    )
-                )
-                await asyncio.to_thread(shutil.move, plan.host(state_vm), snap.state)
-                await asyncio.to_thread(shutil.move, plan.host(mem_vm), snap.memory)
-                ws = plan.host(_JAILED_WORKSPACE)
-                if ws.exists():
-                    await asyncio.to_thread(shutil.copyfile, ws, snap.workspace)
-            finally:
-                if resume:
-                    await api.request(resume_request())
-        return snap
+            return await take_snapshot(
+                api, plan, dest, kind, workspace=plan.host(_JAILED_WORKSPACE), resume=resume
+            )
 
     # -- internals -----------------------------------------------------------------------
 
@@ -363,11 +302,11 @@ class FirecrackerBackend:
         base = self.chroot_base or safe_join(ctx.settings.state_dir, "jailer")
         return JailLayout(base, ctx.sandbox_id)
 
-    def _plan_from(self, info: FirecrackerInfo) -> _Plan:
+    def _plan_from(self, info: FirecrackerInfo) -> LaunchPaths:
         layout = None
         if info.chroot_base:
             layout = JailLayout(Path(info.chroot_base), str(info.jail_id))
-        return _Plan(layout, Path(info.run_dir), info.uid, info.gid)
+        return LaunchPaths(layout, Path(info.run_dir), info.uid, info.gid)
 
     def _api(self, info: FirecrackerInfo, *, timeout: float | None = None) -> FirecrackerApi:
         return FirecrackerApi(
@@ -379,7 +318,7 @@ class FirecrackerBackend:
         art = vm.find_vm_image(ctx, self.artifacts)
         layout = self.layout_for(ctx)
         uid = gid = ctx.host_uid
-        plan = _Plan(layout, ctx.run_dir, uid, gid)
+        plan = LaunchPaths(layout, ctx.run_dir, uid, gid)
         try:
             cfg = await self._stage(ctx, plan, art, snapshot)
             tap = await vm.attach_sandbox_tap(ctx, uid)
@@ -416,8 +355,8 @@ class FirecrackerBackend:
                 else:
                     await api.request(
                         snapshot_load_request(
-                            "/" + _SNAP_STATE,
-                            "/" + _SNAP_MEM,
+                            "/" + SNAP_STATE,
+                            "/" + SNAP_MEM,
                             resume=True,
                             track_dirty_pages=cfg.track_dirty_pages or None,
                             nic=cfg.nic,
@@ -436,7 +375,11 @@ class FirecrackerBackend:
         return info
 
     async def _stage(
-        self, ctx: LaunchContext, plan: _Plan, art: ImageArtifacts, snapshot: SnapshotFiles | None
+        self,
+        ctx: LaunchContext,
+        plan: LaunchPaths,
+        art: ImageArtifacts,
+        snapshot: SnapshotFiles | None,
     ) -> VmConfig:
         """Put every file where Firecracker will look, and describe the VM."""
         limits = ctx.spec.limits
@@ -452,7 +395,7 @@ class FirecrackerBackend:
             await asyncio.to_thread(link_into, layout, art.initramfs, _JAILED_INITRD)
             await asyncio.to_thread(link_into, layout, art.ext4, _JAILED_ROOTFS)
             if snapshot is not None:
-                for src, name in ((snapshot.state, _SNAP_STATE), (snapshot.memory, _SNAP_MEM)):
+                for src, name in ((snapshot.state, SNAP_STATE), (snapshot.memory, SNAP_MEM)):
                     await asyncio.to_thread(link_into, layout, src, "/" + name, mode=0o400)
                     os.chown(layout.host_path("/" + name), plan.uid, plan.gid)
         workspace: str | None = None
@@ -493,7 +436,7 @@ class FirecrackerBackend:
             guest_cid=3 + ctx.slot,
         )
 
-    async def _spawn(self, ctx: LaunchContext, plan: _Plan) -> asyncio.subprocess.Process:
+    async def _spawn(self, ctx: LaunchContext, plan: LaunchPaths) -> asyncio.subprocess.Process:
         assert self.firecracker is not None
         net = ctx.network
         if plan.layout is not None:

@@ -20,7 +20,14 @@ from pathlib import Path
 from ironclaw.config import safe_join
 from ironclaw.errors import BackendError, ConfigError
 
-__all__ = ["API_SOCKET", "JailLayout", "jailer_argv", "link_into", "validate_jailer_id"]
+__all__ = [
+    "API_SOCKET",
+    "JailLayout",
+    "LaunchPaths",
+    "jailer_argv",
+    "link_into",
+    "validate_jailer_id",
+]
 
 #: Where the jailed Firecracker puts its API socket, relative to the chroot.
 API_SOCKET = "run/firecracker.socket"
@@ -141,3 +148,29 @@ def link_into(layout: JailLayout, source: Path, jailed: str, *, mode: int = 0o44
     if os.stat(dest).st_mode & 0o777 != mode:
         os.chmod(dest, mode)
     return jailed
+
+
+@dataclass
+class LaunchPaths:
+    """Host and Firecracker views of every path of one launch, jailed or not."""
+
+    layout: JailLayout | None
+    run_dir: Path
+    uid: int
+    gid: int
+
+    def vm_path(self, jailed: str, host: Path) -> str:
+        return jailed if self.layout is not None else str(host)
+
+    def host(self, jailed: str) -> Path:
+        if self.layout is not None:
+            return self.layout.host_path(jailed)
+        return safe_join(self.run_dir, jailed.lstrip("/"))
+
+    @property
+    def api_link(self) -> Path:
+        return safe_join(self.run_dir, "api.sock")
+
+    @property
+    def vsock_link(self) -> Path:
+        return safe_join(self.run_dir, "vsock.sock")

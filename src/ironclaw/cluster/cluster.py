@@ -27,13 +27,14 @@ from typing import Any, TypeVar
 
 from ironclaw.cluster.links import rechunk
 from ironclaw.cluster.node import NodeAgent, take_lease, without_ray_labels
+from ironclaw.cluster.node_loss import mark_node_lost, recover_placements
 from ironclaw.cluster.placement import (
     NODE_RESOURCE_PREFIX,
     NodeCapacity,
     choose_node,
     node_selector,
 )
-from ironclaw.cluster.registry import LostSandbox, PlacementRow, PlacementStore, lost_sandbox
+from ironclaw.cluster.registry import LostSandbox, PlacementStore
 from ironclaw.errors import (
     ConfigError,
     IronclawError,
@@ -120,7 +121,7 @@ class Cluster:
                     "no Ray node offers an ironclaw_node_NAME resource; start nodes with "
                     "`ray start ... --resources '{\"ironclaw_node_NAME\": 1}'`"
                 )
-            await self._recover(rows)
+            await recover_placements(self, rows)
         except BaseException:
             if self._lease is not None:
                 self._ray.kill(self._lease)
@@ -150,29 +151,6 @@ class Cluster:
                     f"cannot connect to the Ray cluster at {self.address}: {exc}; "
                     "start one with `ray start --head` (see docs/CLUSTER.md)"
                 ) from None
-
-    async def _recover(self, rows: list[PlacementRow]) -> None:
-        """Placements of a previous service: kept where its node actor lives on (and
-        still has the sandbox), lost where the node or its actor did not survive."""
-        kept: dict[str, set[str]] = {}
-        for name, node in self.nodes.items():
-            if node.adopted:
-                kept[name] = {r.id for r in await self.on(name, node.actor.sandboxes.remote())}
-        for row in rows:
-            if row.lost_reason is not None:
-                self.lost[row.sandbox_id] = lost_sandbox(row.sandbox_id, row.node, row.lost_reason)
-            elif row.sandbox_id in kept.get(row.node, ()):
-                self.placements[row.sandbox_id] = row.node
-            elif row.node in kept:
-                self._store.forget(row.sandbox_id)  # removed while the service was down
-            else:
-                why = f"node {row.node} was lost (its actor did not outlive the service)"
-                self.lost[row.sandbox_id] = lost_sandbox(row.sandbox_id, row.node, why)
-                self._store.lose(row.sandbox_id, row.node, why)
-        for name, ids in kept.items():  # created by a service that died before recording
-            for sid in ids - set(self.placements):
-                with contextlib.suppress(IronclawError):
-                    await self.on(name, self.nodes[name].actor.destroy.remote(sid))
 
     def keep(self, job: Awaitable[None]) -> asyncio.Task[None]:
         """Run ``job`` in the background until it ends or the cluster closes."""
@@ -223,7 +201,7 @@ class Cluster:
                         alive[name] = (n["NodeID"], res, labels)
             for name, node in self.nodes.items():
                 if node.lost_reason is None and alive.get(name, ("",))[0] != node.ray_node_id:
-                    self._mark_lost(name, "Ray reports the node dead")
+                    mark_node_lost(self, name, "Ray reports the node dead")
             for name, (node_id, res, labels) in alive.items():
                 known = self.nodes.get(name)
                 if known is not None and known.lost_reason is None:
@@ -278,18 +256,6 @@ class Cluster:
             return None
         return actor
 
-    def _mark_lost(self, name: str, why: str) -> None:
-        node = self.nodes[name]
-        if node.lost_reason is not None:
-            return
-        node.lost_reason = f"node {name} was lost ({why})"
-        node.capacity.alive = False
-        for sid, where in list(self.placements.items()):
-            if where == name:
-                del self.placements[sid]
-                self.lost[sid] = lost_sandbox(sid, name, node.lost_reason)
-                self._store.lose(sid, name, node.lost_reason)
-
     async def _watch(self) -> None:
         while not self._closing.is_set():
             with contextlib.suppress(TimeoutError):
@@ -317,7 +283,7 @@ class Cluster:
         try:
             return await asyncio.wait_for(call, timeout)
         except RayActorError as exc:
-            self._mark_lost(name, f"its actor died: {type(exc).__name__}")
+            mark_node_lost(self, name, f"its actor died: {type(exc).__name__}")
             raise SandboxLost(self.nodes[name].lost_reason or name) from None
         except RayTaskError as exc:
             cause = exc.cause

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
@@ -132,4 +132,20 @@ def print_procs(infos: Sequence[ProcInfo], as_json: bool) -> None:
         cells = (i.tag or "", " ".join(i.argv)[:60])  # the guest's or a user's text
         tag, cmd = map(literal, cells)
         table.add_row(str(i.pid), tag, state, age, cmd)
+    out_console.print(table)
+
+
+def print_snapshots(snaps: Sequence[Mapping[str, Any]], as_json: bool) -> None:
+    """``snapshot ls``: one table (or JSON object) whether the list came in-process or remote."""
+    from rich.table import Table
+
+    if as_json:
+        rows = [{k: v for k, v in s.items() if k != "spec"} for s in snaps]
+        print(json.dumps({"snapshots": rows}))
+        return
+    table = Table("NAME", "KIND", "SOURCE", "BACKEND", "SIZE", "SHA256")
+    for s in snaps:
+        table.add_row(
+            s["name"], s["kind"], s["source"], s["backend"], str(s["size"]), s["sha256"][:16]
+        )
     out_console.print(table)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from rich.panel import Panel
 from rich.table import Table
 
-from ironclaw.cli.common import err_console, out_console, stream_to
+from ironclaw.cli.common import err_console, out_console, print_snapshots, stream_to
 from ironclaw.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -186,14 +186,7 @@ async def snapshot_create(sandbox_id: str, name: str, *, as_json: bool) -> None:
 async def snapshot_ls(*, as_json: bool) -> None:
     async with _client() as api:
         snaps = await api.snapshots.list()
-    if as_json:
-        rows = [{k: v for k, v in asdict(s).items() if k != "spec"} for s in snaps]
-        print(json.dumps({"snapshots": rows}))
-        return
-    table = Table("NAME", "KIND", "SOURCE", "BACKEND", "SIZE", "SHA256")
-    for s in snaps:
-        table.add_row(s.name, s.kind, s.source, s.backend, str(s.size), s.sha256[:16])
-    out_console.print(table)
+    print_snapshots([asdict(s) for s in snaps], as_json)
 
 
 async def snapshot_rm(names: list[str], *, as_json: bool) -> None:

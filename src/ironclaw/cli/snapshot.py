@@ -7,10 +7,9 @@ import json
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
 from ironclaw.cli import remote as via_api
-from ironclaw.cli.common import new_app, out_console, run, run_with_manager
+from ironclaw.cli.common import new_app, print_snapshots, run, run_with_manager
 from ironclaw.cli.options import JsonOpt
 
 if TYPE_CHECKING:
@@ -79,14 +78,7 @@ def snapshot_ls(as_json: JsonOpt = False) -> None:
     from ironclaw.host.snapshots import SnapshotStore
 
     snaps = SnapshotStore(Settings.from_env()).all()
-    if as_json:
-        rows = [{k: v for k, v in s.to_json().items() if k != "spec"} for s in snaps]
-        print(json.dumps({"snapshots": rows}))
-        return
-    table = Table("NAME", "KIND", "SOURCE", "BACKEND", "SIZE", "SHA256")
-    for s in snaps:
-        table.add_row(s.name, s.kind, s.source, s.backend, str(s.size), s.sha256[:16])
-    out_console.print(table)
+    print_snapshots([s.to_json() for s in snaps], as_json)
 
 
 @snapshot_app.command("rm")

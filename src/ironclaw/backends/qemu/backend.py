@@ -62,7 +62,7 @@ from ironclaw.backends.qemu.accel import probe_accel
 from ironclaw.backends.qemu.cmdline import Accel, qemu_binary
 from ironclaw.backends.qemu.qmp import QmpClient, QmpError
 from ironclaw.backends.qemu.ready import agent_usable
-from ironclaw.backends.qemu.restore import restore_enabled, restore_sandbox
+from ironclaw.backends.qemu.restore import VmLaunch, restore_enabled, restore_sandbox
 from ironclaw.backends.qemu.seccomp import sandbox_args
 from ironclaw.backends.qemu.vm import RUN_FILES, QemuVm
 from ironclaw.backends.vm import (
@@ -174,20 +174,16 @@ class QemuBackend:
         tap = await attach_sandbox_tap(ctx, ctx.host_uid)
         env = {**(net.env if net else {}), **ctx.extra_env, **spec.env}
         cgroup_fds = ctx.cgroup.attach_fds() if ctx.cgroup is not None else []
+        launch = VmLaunch(
+            accel=accel, cpus=_vcpus(lim.cpus), memory_mib=guest_memory_mib(lim.memory_mib),
+            tap_ifname=tap, env=env, cgroup_fds=cgroup_fds,
+        )  # fmt: skip
         vm = QemuVm()
         try:
             if planned is not None:
-                vm = await usersnap.restore(
-                    art, ctx, planned, accel=accel, cpus=_vcpus(lim.cpus),
-                    memory_mib=guest_memory_mib(lim.memory_mib), tap_ifname=tap, env=env,
-                    cgroup_fds=cgroup_fds,
-                )  # fmt: skip
+                vm = await usersnap.restore(art, ctx, planned, launch)
             elif self.restore:
-                vm = await restore_sandbox(
-                    art, ctx, accel=accel, cpus=_vcpus(lim.cpus),
-                    memory_mib=guest_memory_mib(lim.memory_mib), tap_ifname=tap, env=env,
-                    cgroup_fds=cgroup_fds,
-                )  # fmt: skip
+                vm = await restore_sandbox(art, ctx, launch)
             else:
                 await vm.start(
                     art,

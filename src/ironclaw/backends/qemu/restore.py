@@ -63,6 +63,7 @@ __all__ = [
     "SnapshotCorrupt",
     "SnapshotKey",
     "SnapshotStore",
+    "VmLaunch",
     "VmSnapshot",
     "fresh_identity",
     "identity_probe",
@@ -83,6 +84,18 @@ def restore_enabled(env: Mapping[str, str] | None = None) -> bool:
     """On unless turned off (``0``, ``off``, ``no``, ``false``)."""
     value = (os.environ if env is None else env).get(RESTORE_ENV, "")
     return value.strip().lower() not in ("0", "off", "no", "false")
+
+
+@dataclass(frozen=True)
+class VmLaunch:
+    """The VM a restore starts, as the backend decided it (image and user snapshots alike)."""
+
+    accel: Accel
+    cpus: int
+    memory_mib: int
+    tap_ifname: str | None
+    env: Mapping[str, str]
+    cgroup_fds: Sequence[int]
 
 
 @dataclass(frozen=True)
@@ -352,23 +365,19 @@ class SnapshotStore:
 async def restore_sandbox(
     artifacts: ImageArtifacts,
     ctx: LaunchContext,
-    *,
-    accel: Accel,
-    cpus: int,
-    memory_mib: int,
-    tap_ifname: str | None,
-    env: Mapping[str, str],
-    cgroup_fds: Sequence[int],
+    launch: VmLaunch,
 ) -> QemuVm:
     """The QEMU backend's start by restore: the sandbox's own uid, cgroups, netns and tap,
     and its names, address, environment and workspace size through ``identity.reset``."""
     net = ctx.network
-    key = SnapshotKey(accel=accel, cpus=cpus, memory_mib=memory_mib, network=net is not None)
+    key = SnapshotKey(
+        accel=launch.accel, cpus=launch.cpus, memory_mib=launch.memory_mib, network=net is not None
+    )
     identity = fresh_identity(
         ctx.sandbox_id,
         hostname=ctx.spec.hostname or ctx.sandbox_id,
         ip=kernel_ip(ctx),
-        env=env,
+        env=launch.env,
         workspace_mib=ctx.spec.limits.workspace_mib,
     )
     return await SnapshotStore(artifacts, ctx.settings).restore(
@@ -376,7 +385,7 @@ async def restore_sandbox(
         ctx.run_dir,
         identity,
         netns_path=net.netns_path if net else None,
-        tap_ifname=tap_ifname,
+        tap_ifname=launch.tap_ifname,
         run_as=ctx.host_uid,
-        cgroup_fds=cgroup_fds,
+        cgroup_fds=launch.cgroup_fds,
     )

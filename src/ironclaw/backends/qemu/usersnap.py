@@ -27,14 +27,14 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ironclaw.backends.base import LaunchContext, same_process
-from ironclaw.backends.qemu.cmdline import Accel, qemu_binary
-from ironclaw.backends.qemu.restore import identity_probe
+from ironclaw.backends.qemu.cmdline import qemu_binary
+from ironclaw.backends.qemu.restore import VmLaunch, identity_probe
 from ironclaw.backends.qemu.vm import QemuVm
 from ironclaw.backends.restored import SnapshotCorrupt, fresh_identity, open_hashed, sha256_fd
 from ironclaw.backends.vm import kernel_ip
@@ -263,17 +263,13 @@ async def restore(
     artifacts: ImageArtifacts,
     ctx: LaunchContext,
     snap: UserSnapshot,
+    launch: VmLaunch,
     *,
-    accel: Accel,
-    cpus: int,
-    memory_mib: int,
-    tap_ifname: str | None,
-    env: Mapping[str, str],
-    cgroup_fds: Sequence[int],
     timeout: float = 180.0,
 ) -> QemuVm:
     """A running VM for ``ctx``'s sandbox from ``snap``, its identity already its own."""
-    net = ctx.network
+    accel, cpus, memory_mib, env = launch.accel, launch.cpus, launch.memory_mib, launch.env
+    tap_ifname, cgroup_fds, net = launch.tap_ifname, launch.cgroup_fds, ctx.network
     check_compatible(
         snap.vm, image=artifacts.digest, qemu=await asyncio.to_thread(qemu_version),
         accel=accel, cpus=cpus, guest_mib=memory_mib, network=tap_ifname is not None,

@@ -22,15 +22,12 @@ from ironclaw.errors import NetworkError
 from ironclaw.host.doctor import _nftables
 from ironclaw.policy import netlink as nl
 from ironclaw.policy.network import AllowRule, NetworkPolicy, sandbox_names
+from ironclaw.policy.nft_exprs import Element, Lookup, Masquerade, ObjrefMap
 from ironclaw.policy.nftables import (
     ALLOW_SETS,
     IFNAMSIZ,
     PROXY_SET,
     REC_SET,
-    Element,
-    Lookup,
-    Masquerade,
-    ObjrefMap,
     base_table,
     parse_record,
     record_count,

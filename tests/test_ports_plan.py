@@ -16,15 +16,11 @@ import pytest
 from ironclaw.errors import ConfigError
 from ironclaw.host.ports import forward_plan
 from ironclaw.policy.network import NetworkPolicy, sandbox_names
+from ironclaw.policy.nft_exprs import Counter, Lookup, Meta, Payload, Verdict
 from ironclaw.policy.nftables import (
     EXPOSE_SET,
     GUARD_SET,
     IFNAMSIZ,
-    Counter,
-    Lookup,
-    Meta,
-    Payload,
-    Verdict,
     base_table,
     expose_element,
     parse_expose_key,

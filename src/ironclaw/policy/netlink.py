@@ -14,24 +14,8 @@ import struct
 from collections.abc import Iterator
 
 from ironclaw.errors import ConfigError
-from ironclaw.policy.nftables import (
-    TYPE_IFNAME,
-    BaseTable,
-    Bitwise,
-    Cmp,
-    Counter,
-    CtState,
-    Element,
-    Expr,
-    Lookup,
-    Masquerade,
-    Meta,
-    ObjrefMap,
-    Payload,
-    RuleSpec,
-    SetSpec,
-    Verdict,
-)
+from ironclaw.policy import nft_exprs as nx
+from ironclaw.policy.nftables import TYPE_IFNAME
 
 __all__ = [
     "Msg",
@@ -126,33 +110,33 @@ def data(kind: int, value: bytes) -> bytes:
 # --- messages ------------------------------------------------------------------------------
 
 
-def expr(item: Expr) -> bytes:
+def expr(item: nx.Expr) -> bytes:
     """One rule expression as an ``NFTA_LIST_ELEM``."""
     name: str
     body: list[bytes]
     match item:
-        case Meta(key=key, dreg=dreg):
+        case nx.Meta(key=key, dreg=dreg):
             name, body = "meta", [u32(1, dreg), u32(2, key)]
-        case Payload(base=base, offset=offset, length=length, dreg=dreg):
+        case nx.Payload(base=base, offset=offset, length=length, dreg=dreg):
             name, body = "payload", [u32(1, dreg), u32(2, base), u32(3, offset), u32(4, length)]
-        case CtState(dreg=dreg):
+        case nx.CtState(dreg=dreg):
             name, body = "ct", [u32(1, dreg), u32(2, 0)]  # NFT_CT_STATE
-        case Bitwise(reg=reg, mask=mask):
+        case nx.Bitwise(reg=reg, mask=mask):
             body = [u32(1, reg), u32(2, reg), u32(3, len(mask))]
             name, body = "bitwise", [*body, data(4, mask), data(5, bytes(len(mask)))]
-        case Cmp(reg=reg, data=value, negate=negate):
+        case nx.Cmp(reg=reg, data=value, negate=negate):
             name, body = "cmp", [u32(1, reg), u32(2, 1 if negate else 0), data(3, value)]
-        case Lookup(set=name_, sreg=sreg, invert=invert, verdict=verdict):
+        case nx.Lookup(set=name_, sreg=sreg, invert=invert, verdict=verdict):
             body = [strz(1, name_), u32(2, sreg), u32(5, int(invert))]
             name, body = "lookup", body + ([u32(3, 0)] if verdict else [])  # DREG verdict
-        case ObjrefMap(set=name_, sreg=sreg):
+        case nx.ObjrefMap(set=name_, sreg=sreg):
             name, body = "objref", [u32(3, sreg), strz(4, name_)]
-        case Counter():
+        case nx.Counter():
             name, body = "counter", []
-        case Verdict(code=code, chain=chain):
+        case nx.Verdict(code=code, chain=chain):
             target = [i32(1, code)] + ([strz(2, chain)] if chain else [])
             name, body = "immediate", [u32(1, 0), nest(2, nest(2, *target))]
-        case Masquerade():
+        case nx.Masquerade():
             name, body = "masq", []
     return nest(1, strz(1, name), *([nest(2, *body)] if body else []))  # NFTA_LIST_ELEM
 
@@ -161,7 +145,7 @@ def table_msg(table: str) -> Msg:
     return MSG_NEWTABLE, NLM_F_CREATE, strz(1, table)
 
 
-def set_msg(table: str, spec: SetSpec, set_id: int) -> Msg:
+def set_msg(table: str, spec: nx.SetSpec, set_id: int) -> Msg:
     flags = (SET_F_INTERVAL if spec.interval else 0) | (SET_F_OBJECT if spec.counter_map else 0)
     flags |= SET_F_MAP if spec.verdict_map else 0
     attrs = [strz(1, table), strz(2, spec.name), u32(3, flags), u32(10, set_id)]
@@ -175,14 +159,14 @@ def set_msg(table: str, spec: SetSpec, set_id: int) -> Msg:
     return MSG_NEWSET, NLM_F_CREATE, b"".join(attrs)
 
 
-def rule_msg(table: str, rule: RuleSpec) -> Msg:
+def rule_msg(table: str, rule: nx.RuleSpec) -> Msg:
     attrs = [strz(1, table), strz(2, rule.chain), nest(4, *(expr(e) for e in rule.exprs))]
     if rule.comment:
         attrs.append(attr(7, udata_comment(rule.comment)))
     return MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, b"".join(attrs)
 
 
-def base_msgs(table: str, spec: BaseTable) -> list[Msg]:
+def base_msgs(table: str, spec: nx.BaseTable) -> list[Msg]:
     """The idempotent set-up of the whole table: create, flush base rules, refill."""
     msgs = [table_msg(table), *(set_msg(table, s, i + 1) for i, s in enumerate(spec.sets))]
     for chain in spec.chains:
@@ -198,7 +182,7 @@ def base_msgs(table: str, spec: BaseTable) -> list[Msg]:
     return msgs
 
 
-def element(elem: Element, *, end: bool = False) -> bytes:
+def element(elem: nx.Element, *, end: bool = False) -> bytes:
     if end:
         assert elem.last is not None
         bound = (int.from_bytes(elem.last) + 1).to_bytes(len(elem.last))
@@ -214,7 +198,7 @@ def element(elem: Element, *, end: bool = False) -> bytes:
     return nest(1, *attrs)
 
 
-def elements_msgs(table: str, msg_type: int, elems: list[Element]) -> list[Msg]:
+def elements_msgs(table: str, msg_type: int, elems: list[nx.Element]) -> list[Msg]:
     """Add (NEW), delete (DEL) or destroy (DESTROY) elements: one message per set and 60 KB."""
     by_set: dict[str, list[bytes]] = {}
     for e in elems:

@@ -46,6 +46,7 @@ from ironclaw.policy.netlink import (
     MSG_NEWSETELEM,
 )
 from ironclaw.policy.network import TABLE, NetworkPolicy, sandbox_names
+from ironclaw.policy.nft_exprs import Element
 from ironclaw.policy.nftables import (
     ALLOW_SETS,
     EXPOSE_SET,
@@ -54,7 +55,6 @@ from ironclaw.policy.nftables import (
     IFS_SET,
     NAT_SET,
     REC_SET,
-    Element,
     base_table,
     expose_element,
     fixed_elements,

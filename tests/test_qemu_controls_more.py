@@ -64,7 +64,7 @@ async def test_vm_idle_timeout_ends_the_idle_vm_not_the_busy_one_and_connect_is_
     manager: SandboxManager,
     vm_image: ImageArtifacts,  # noqa: F811
 ) -> None:
-    life = {"lifetime": {"idle_timeout_s": 8}}  # room for several connects under TCG
+    life = {"lifetime": {"idle_timeout_s": 12}}  # room for several connects under TCG
     idle = await manager.create({**SPEC, **life}, ready_timeout=READY)
     busy = await manager.create({**SPEC, **life}, ready_timeout=READY)
     # QEMU's channel socket serves one client at a time: this manager lets go of the
@@ -92,7 +92,7 @@ async def test_vm_idle_timeout_ends_the_idle_vm_not_the_busy_one_and_connect_is_
     await until(idle_is_dead)
     assert connects >= 3  # it was connected to throughout its idle time
     dead = await manager.get(idle.id)
-    assert dead.reason == "timeout: idle for 8s"
+    assert dead.reason == "timeout: idle for 12s"
     await until(lambda: _gone(int(idle.info["pid"])), 60)  # its QEMU ended too
     assert (await manager.get(busy.id)).state == "running"
     assert (await manager.exec(busy.id, ["echo", "alive"], timeout=240)).stdout == b"alive\n"

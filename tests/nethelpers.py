@@ -12,6 +12,7 @@ import json
 import secrets
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 PEER_SERVER = r"""
 import socket, sys, threading
@@ -88,6 +89,17 @@ async def probe(
     """Try every target at once from inside ``netns``; ``ok:<reply>`` or ``err:<Exception>``."""
     out = await netns_python(netns, PROBE, json.dumps(targets), str(timeout))
     result: dict[str, str] = json.loads(out)
+    return result
+
+
+async def probe_in_sandbox(
+    mgr: Any, sid: str, targets: list[tuple[str, int]], *, wait: float = 1.5, limit: float = 30
+) -> dict[str, str]:
+    """:func:`probe`, run by the sandbox's own python3 (a namespace jail or a VM guest):
+    ``wait`` bounds each connect, ``limit`` the whole exec."""
+    r = await mgr.exec(sid, ["python3", "-c", PROBE, json.dumps(targets), str(wait)], timeout=limit)
+    assert r.exit_code == 0, r.stderr
+    result: dict[str, str] = json.loads(r.stdout)
     return result
 
 

@@ -27,22 +27,9 @@ from ironclaw.resources.audit import read_events
 from ironclaw.resources.store import Store
 from ironclaw.sdk import Sandbox as LocalSandbox
 from nethelpers import PROBE, PeerHost
+from test_sandbox_controls import WORKSPACE_HASH
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
-
-WORKSPACE_HASH = r"""
-import hashlib, os
-h = hashlib.sha256()
-for root, dirs, files in os.walk("/workspace"):
-    dirs.sort()
-    for name in sorted(dirs + files):
-        p = os.path.join(root, name)
-        st = os.lstat(p)
-        h.update(f"{os.path.relpath(p, '/workspace')} {oct(st.st_mode)}\n".encode())
-        if os.path.isfile(p) and not os.path.islink(p):
-            h.update(open(p, "rb").read())
-print(h.hexdigest())
-"""
 
 
 @pytest.fixture

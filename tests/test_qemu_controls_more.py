@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,7 +20,7 @@ from ironclaw.errors import SandboxError, TransportError
 from ironclaw.host.manager import SandboxManager
 from ironclaw.images import ImageArtifacts
 from ironclaw.sdk import Sandbox
-from nethelpers import PROBE, PeerHost
+from nethelpers import PeerHost, probe_in_sandbox
 from test_qemu_backend import vm_image, vm_snapshots  # noqa: F401  (fixtures)
 from test_sandbox_controls import WORKSPACE_HASH
 
@@ -228,10 +227,7 @@ async def peer() -> AsyncIterator[PeerHost]:
 
 async def probe_in(mgr: SandboxManager, sid: str, targets: list[tuple[str, int]]) -> dict[str, str]:
     """TCP connects from inside the guest (python3 sockets): what each target answered."""
-    r = await mgr.exec(sid, ["python3", "-c", PROBE, json.dumps(targets), "5"], timeout=240)
-    assert r.exit_code == 0, r.stderr
-    result: dict[str, str] = json.loads(r.stdout)
-    return result
+    return await probe_in_sandbox(mgr, sid, targets, wait=5, limit=240)
 
 
 async def test_vm_live_policy_change_opens_one_peer_port_and_closes_another(

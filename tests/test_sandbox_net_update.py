@@ -10,7 +10,7 @@ import pytest
 from ironclaw.errors import ConfigError
 from ironclaw.host.manager import SandboxManager
 from ironclaw.sdk import Sandbox
-from nethelpers import PROBE, PeerHost
+from nethelpers import PeerHost, probe_in_sandbox
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
 
@@ -23,10 +23,7 @@ async def peer() -> AsyncIterator[PeerHost]:
 
 
 async def probe_in(mgr: SandboxManager, sid: str, targets: list[tuple[str, int]]) -> dict[str, str]:
-    r = await mgr.exec(sid, ["python3", "-c", PROBE, json.dumps(targets), "1.5"], timeout=30)
-    assert r.exit_code == 0, r.stderr
-    result: dict[str, str] = json.loads(r.stdout)
-    return result
+    return await probe_in_sandbox(mgr, sid, targets, wait=1.5, limit=30)
 
 
 async def test_live_policy_change_opens_one_port_and_closes_another(

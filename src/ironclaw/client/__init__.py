@@ -8,12 +8,25 @@ and :mod:`ironclaw.sdk` both satisfy.
 from ironclaw.client.api import API_TOKEN_ENV, API_URL_ENV, ApiClient, ExecResult
 from ironclaw.client.protocol import ExecResultLike, FilesAPI, SandboxAPI
 from ironclaw.client.sandbox import RemoteCreating, RemoteFiles, Sandbox
-from ironclaw.client.sync import SyncFiles, SyncSandbox
+from ironclaw.client.sync import (
+    BlockingIterator,
+    SyncCommands,
+    SyncFiles,
+    SyncNetwork,
+    SyncPorts,
+    SyncProcessHandle,
+    SyncPty,
+    SyncSandbox,
+    SyncSnapshots,
+    SyncTerminal,
+    SyncWatch,
+)
 
 __all__ = [
     "API_TOKEN_ENV",
     "API_URL_ENV",
     "ApiClient",
+    "BlockingIterator",
     "ExecResult",
     "ExecResultLike",
     "FilesAPI",
@@ -21,6 +34,14 @@ __all__ = [
     "RemoteFiles",
     "Sandbox",
     "SandboxAPI",
+    "SyncCommands",
     "SyncFiles",
+    "SyncNetwork",
+    "SyncPorts",
+    "SyncProcessHandle",
+    "SyncPty",
     "SyncSandbox",
+    "SyncSnapshots",
+    "SyncTerminal",
+    "SyncWatch",
 ]

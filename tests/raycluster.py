@@ -20,8 +20,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ironclaw
+
+if TYPE_CHECKING:
+    from ironclaw.config import Settings
 
 RAY = str(Path(sys.executable).with_name("ray"))
 SRC = str(Path(ironclaw.__file__).resolve().parents[1])
@@ -199,6 +203,35 @@ class RayCluster:
         cgroups, network namespaces), each with that node's own settings."""
         for node in self.nodes.values():
             _cleanup_node(node)
+
+
+async def until(check: object, what: str, limit: float = 120.0, step: float = 0.5) -> None:
+    """Poll ``check()`` (sync or async) until true; a bounded wait, not a timed check."""
+    deadline = time.monotonic() + limit
+    while True:
+        result = check()  # type: ignore[operator]
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        await asyncio.sleep(step)
+
+
+def node_settings(cluster: RayCluster, name: str) -> Settings:
+    """The IronClaw settings node ``name``'s actor runs with (its own home)."""
+    from ironclaw.config import Settings
+
+    return Settings.from_env(cluster.nodes[name].env)
+
+
+async def node_rows(cluster: RayCluster, name: str) -> set[str]:
+    """The sandbox ids in one node's own registry (read beside its actor)."""
+    from ironclaw.resources.store import Store
+
+    async with Store(node_settings(cluster, name).registry_path) as store:
+        return {r.id for r in await store.all()}
 
 
 def _cleanup_node(node: Node) -> None:

@@ -10,15 +10,12 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
-from starlette.exceptions import HTTPException
 
 from apiserver import SRC, Server, serve
-from ironclaw.api.controls import single_host
 from ironclaw.client import ApiClient, Sandbox
 from ironclaw.config import Settings
 from ironclaw.errors import Conflict, InvalidRequest, NotFound, ScopeError
@@ -294,15 +291,6 @@ async def test_network_patch_opens_one_port_and_closes_another_with_real_packets
         got = _events(settings, sb.id, "network.update")
         assert [e["who"]["via"] for e in got] == [f"api:{_token_id(token)}"]
         assert (await sb.api.get(sb.id))["spec"]["network"]["allow"][0]["port"] == 8081
-
-
-def test_cluster_managers_get_a_clear_501() -> None:
-    """The guard itself (a cluster needs Ray; its relay is what the check looks for)."""
-    cluster = SimpleNamespace(manager=SimpleNamespace(open_exec=object()))
-    with pytest.raises(HTTPException) as info:
-        single_host(cluster, "pause")  # type: ignore[arg-type]
-    assert info.value.status_code == 501 and "single-host" in str(info.value.detail)
-    single_host(SimpleNamespace(manager=SimpleNamespace()), "pause")  # type: ignore[arg-type]
 
 
 def test_cli_through_the_api(server: Server, settings: Settings, tmp_path: Path) -> None:

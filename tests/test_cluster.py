@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from apiserver import start_server
 from ironclaw.cluster.placement import NodeCapacity, choose_node, node_selector
 from ironclaw.config import Settings
 from ironclaw.errors import ConfigError, IronclawError, SandboxError, SandboxLost
-from raycluster import RayCluster
+from raycluster import RayCluster, node_rows, node_settings, until
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -156,29 +157,6 @@ def _procs_of_uid(uid: int) -> list[int]:
     return [p for p in pids if host_uid(p) == uid and _alive(p)]
 
 
-async def _until(check: object, what: str, limit: float = 120.0) -> None:
-    """Poll ``check()`` (sync or async) until true; a bounded wait, not a timed check."""
-    deadline = time.monotonic() + limit
-    while True:
-        result = check()  # type: ignore[operator]
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        await asyncio.sleep(0.5)
-
-
-async def _node_rows(cluster: RayCluster, name: str) -> set[str]:
-    """The sandbox ids in one node's own registry (read beside its actor)."""
-    from ironclaw.config import Settings
-    from ironclaw.resources.store import Store
-
-    async with Store(Settings.from_env(cluster.nodes[name].env).registry_path) as store:
-        return {r.id for r in await store.all()}
-
-
 async def test_serve_cluster_routes_the_api_to_both_nodes(
     ray_cluster: RayCluster, settings: Settings
 ) -> None:
@@ -191,7 +169,7 @@ async def test_serve_cluster_routes_the_api_to_both_nodes(
         token = server.token("read", "write")
         async with ApiClient(server.url, token) as api:
             ids = [(await api.create({"limits": {"memory_mib": 128}}))["id"] for _ in range(2)]
-            a, b = await _node_rows(ray_cluster, "a"), await _node_rows(ray_cluster, "b")
+            a, b = await node_rows(ray_cluster, "a"), await node_rows(ray_cluster, "b")
             assert len(a & set(ids)) == 1 and len(b & set(ids)) == 1, (ids, a, b)
             for sid in ids:
                 result = await api.exec(sid, ["sh", "-c", "echo $0", sid])
@@ -204,7 +182,7 @@ async def test_serve_cluster_routes_the_api_to_both_nodes(
             assert {d["id"] for d in await api.list_sandboxes(state="running")} == set(ids)
             for sid in ids:
                 await api.delete(sid)
-            assert not (await _node_rows(ray_cluster, "a") | await _node_rows(ray_cluster, "b"))
+            assert not (await node_rows(ray_cluster, "a") | await node_rows(ray_cluster, "b"))
         async with Sandbox.create(sandbox_id="cl-sdk", api_url=server.url, token=token) as sb:
             assert (await sb.ping())["uid"] == 1000
             assert await sb.files.write("notes/a.txt", "hello") == 5
@@ -213,7 +191,7 @@ async def test_serve_cluster_routes_the_api_to_both_nodes(
     finally:
         assert server.stop() == 0
     # the service's node actors went with it, and so did their sandboxes
-    assert not (await _node_rows(ray_cluster, "a") | await _node_rows(ray_cluster, "b"))
+    assert not (await node_rows(ray_cluster, "a") | await node_rows(ray_cluster, "b"))
 
 
 async def test_two_nodes_spread_route_lose_and_recover(ray_cluster: RayCluster) -> None:
@@ -253,7 +231,7 @@ async def test_two_nodes_spread_route_lose_and_recover(ray_cluster: RayCluster) 
         for record in b_records.values():
             assert _procs_of_uid(record.info["host_uid"]), "the sandbox should be running"
         assert ray_cluster.kill("b")
-        await _until(lambda: cluster.nodes["b"].lost_reason is not None, "node b lost")
+        await until(lambda: cluster.nodes["b"].lost_reason is not None, "node b lost")
         for sid in on["b"]:
             record = await cluster.get(sid)
             assert record.state == "lost" and "node b was lost" in (record.reason or "")
@@ -273,7 +251,7 @@ async def test_two_nodes_spread_route_lose_and_recover(ray_cluster: RayCluster) 
 
         # node b comes back: its new actor removes everything the dead one left
         ray_cluster.restart("b")
-        await _until(lambda: cluster.nodes["b"].lost_reason is None, "node b back", limit=240)
+        await until(lambda: cluster.nodes["b"].lost_reason is None, "node b back", limit=240)
         node_b = cluster.nodes["b"].actor
         assert await node_b.sandboxes.remote() == []
         cg = Path("/sys/fs/cgroup") / ray_cluster.nodes["b"].cgroup_root
@@ -309,6 +287,80 @@ async def test_ray_client_address(ray_cluster: RayCluster) -> None:
             await cluster.destroy(record.id)
 
 
+def _events(cluster: RayCluster, node: str, sid: str, event: str) -> list[dict[str, Any]]:
+    """A sandbox's audit events as its node wrote them."""
+    from ironclaw.resources.audit import read_events
+
+    return [e for e in read_events(node_settings(cluster, node), sid) if e["event"] == event]
+
+
+async def _state_on(cluster: RayCluster, node: str, sid: str) -> str:
+    from ironclaw.resources.store import Store
+
+    async with Store(node_settings(cluster, node).registry_path) as store:
+        return (await store.get(sid)).state
+
+
+async def test_serve_cluster_controls_and_snapshots_on_node_b(
+    ray_cluster: RayCluster, settings: Settings
+) -> None:
+    """Over HTTP, on a sandbox placed on node b: pause/resume, a deadline, a live network
+    change and a snapshot forked and restored, each done by node b (its registry, audit
+    log and snapshot directory say so); the snapshot lists, and its forks land, there."""
+    from ironclaw.client import ApiClient, Sandbox
+
+    server = start_server(settings, "--cluster", ray_cluster.address)
+    try:
+        token, other = server.token("read", "write"), server.token("read", "write")
+        via = "api:" + token.removeprefix("icw_").split("_", 1)[0]
+        spec = {"labels": {"node/zone": "two"}, "limits": {"memory_mib": 128},
+                "network": {"allow": ["192.0.2.0/24"]}}  # fmt: skip
+        async with Sandbox.create(spec, api_url=server.url, token=token) as sb:
+            assert sb.id in await node_rows(ray_cluster, "b")
+            deadline = await sb.set_timeout(600)
+            assert deadline is not None and deadline > time.time() + 500
+            [ev] = _events(ray_cluster, "b", sb.id, "sandbox.set_timeout")
+            assert ev["seconds"] == 600 and ev["who"]["via"] == via
+            await sb.pause()
+            assert sb.record["state"] == "paused"
+            assert await _state_on(ray_cluster, "b", sb.id) == "paused"
+            await sb.resume()
+            assert await _state_on(ray_cluster, "b", sb.id) == "running"
+            assert (await sb.exec(["echo", "on"])).stdout == b"on\n"
+            for event in ("sandbox.pause", "sandbox.resume"):
+                assert [e["who"]["via"] for e in _events(ray_cluster, "b", sb.id, event)] == [via]
+
+            policy = await sb.network.update(allow=["192.0.2.9:8081"])
+            assert [(str(r.network), r.port) for r in policy.allow] == [("192.0.2.9/32", 8081)]
+            assert (await sb.api.get(sb.id))["spec"]["network"]["allow"][0]["port"] == 8081
+            assert len(_events(ray_cluster, "b", sb.id, "network.update")) == 1
+
+            await sb.files.write("state.txt", "made on b")
+            snap = await sb.snapshot("cl-base")
+            assert snap.source == sb.id
+            snaps = {n: node_settings(ray_cluster, n).state_dir / "snapshots" for n in "ab"}
+            assert (snaps["b"] / "cl-base").is_dir() and not (snaps["a"] / "cl-base").exists()
+            assert [s.name for s in await sb.api.snapshots.list()] == ["cl-base"]
+            assert (await sb.api.snapshots.get("cl-base")).sha256 == snap.sha256
+            with pytest.raises(IronclawError, match="exists"):
+                await sb.snapshot("cl-base")
+            async with ApiClient(server.url, other) as stranger:
+                assert await stranger.snapshots.list() == []  # not its snapshot
+            forks = [d["id"] for d in await sb.api.snapshots.fork("cl-base", 2)]
+            assert set(forks) <= await node_rows(ray_cluster, "b")
+            for sid in forks:
+                assert await sb.api.read_file(sid, "state.txt") == b"made on b"
+                await sb.api.delete(sid)
+            async with Sandbox.create({"labels": {"copy": "1"}}, from_snapshot="cl-base",
+                                      api_url=server.url, token=token) as again:  # fmt: skip
+                assert again.id in await node_rows(ray_cluster, "b")
+                assert await again.files.read("state.txt") == b"made on b"
+            await sb.api.snapshots.remove("cl-base")
+            assert await sb.api.snapshots.list() == [] and not (snaps["b"] / "cl-base").exists()
+    finally:
+        assert server.stop() == 0
+
+
 HELD_TURNS = [  # a RED call (a write outside the workspace) holds the task for a decision
     {"tool_calls": [{"name": "files__write_file",
                      "arguments": {"path": "/tmp/outside.txt", "content": "approved"}}]},
@@ -321,7 +373,7 @@ async def _settled(api: Any, task_id: str) -> dict[str, Any]:
     async def done() -> bool:
         return (await api.task(task_id))["status"] != "running"
 
-    await _until(done, f"task {task_id} to end")
+    await until(done, f"task {task_id} to end")
     return dict(await api.task(task_id))
 
 
@@ -338,8 +390,8 @@ async def test_serve_cluster_tasks_exec_ws_labels_restart_and_node_loss(
         async with ApiClient(server.url, admin) as api:
             on_b = (await api.create(ON_B))["id"]
             on_a = (await api.create({"labels": {"node/disk": "ssd"}}))["id"]
-            assert on_b in await _node_rows(ray_cluster, "b")
-            assert on_a in await _node_rows(ray_cluster, "a")
+            assert on_b in await node_rows(ray_cluster, "b")
+            assert on_a in await node_rows(ray_cluster, "a")
             with pytest.raises(IronclawError, match="no cluster node has the labels zone=three"):
                 await api.create({"labels": {"node/zone": "three"}})
 
@@ -367,15 +419,15 @@ async def test_serve_cluster_tasks_exec_ws_labels_restart_and_node_loss(
                 ps = ["sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"]
                 return b"sleep 1000" not in (await api.exec(on_b, ps)).stdout
 
-            await _until(sleep_gone, "the abandoned command to be killed")
+            await until(sleep_gone, "the abandoned command to be killed")
 
             # an agent task on node b; its RED call is decided through the service
             task = await api.start_task("write outside", script=HELD_TURNS, keep=True,
                                         sandbox=ON_B)  # fmt: skip
-            await _until(api.approvals, "the task's approval")
+            await until(api.approvals, "the task's approval")
             [held] = await api.approvals()
             assert held["task_id"] == task["id"] and "+approved" in held["card"]
-            assert task["sandbox_id"] in await _node_rows(ray_cluster, "b")
+            assert task["sandbox_id"] in await node_rows(ray_cluster, "b")
             await api.decide(held["id"], True)
             done = await _settled(api, task["id"])
             assert (done["status"], done["answer"]) == ("completed", "done"), done
@@ -396,7 +448,7 @@ async def test_serve_cluster_tasks_exec_ws_labels_restart_and_node_loss(
 
             # node b dies while a task holds and a WebSocket exec runs there
             held_task = await api.start_task("hold", script=HELD_TURNS, sandbox=ON_B)
-            await _until(api.approvals, "the second task's approval")
+            await until(api.approvals, "the second task's approval")
             up = asyncio.Event()
             streaming = asyncio.ensure_future(
                 api.exec_stream(
@@ -404,7 +456,19 @@ async def test_serve_cluster_tasks_exec_ws_labels_restart_and_node_loss(
                 )
             )
             await asyncio.wait_for(up.wait(), 60)
+            # and while a snapshot is being written there (a 2 GiB sparse file, read
+            # whole by tar, keeps it under way until the node dies)
+            await api.exec(on_b, ["truncate", "-s", "2G", "sparse"])
+            snapping = asyncio.ensure_future(api.snapshots.create(on_b, "in-flight"))
+            snaps_b = node_settings(ray_cluster, "b").state_dir / "snapshots"
+            await until(lambda: any(snaps_b.glob(".tmp-*-in-flight")) or snapping.done(),
+                        "the snapshot under way on node b", step=0.02)  # fmt: skip
+            assert not snapping.done()
             assert ray_cluster.kill("b")
+            with pytest.raises(IronclawError, match="node b was lost"):
+                await asyncio.wait_for(snapping, 120)
+            for tmp in snaps_b.glob(".tmp-*-in-flight"):
+                shutil.rmtree(tmp)
             failed = await _settled(api, held_task["id"])
             assert failed["status"] == "error" and "node b was lost" in failed["reason"], failed
             with pytest.raises(IronclawError, match="node b was lost"):
@@ -413,6 +477,8 @@ async def test_serve_cluster_tasks_exec_ws_labels_restart_and_node_loss(
             assert (await api.get(on_b))["state"] == "lost"
             with pytest.raises(IronclawError, match="node b was lost"):
                 await api.exec(on_b, ["true"])
+            with pytest.raises(IronclawError, match="node b was lost"):
+                await api.request("POST", f"/v1/sandboxes/{on_b}/pause")
             assert (await api.exec(on_a, ["echo", "a"])).stdout == b"a\n"
     finally:
         assert server.stop() == 0

@@ -4,8 +4,8 @@ and resume, and its egress policy (applied live: one firewall transaction).
 Every change runs under :func:`~ironclaw.resources.audit.acting_as` the calling token,
 so the sandbox's audit log names who asked. Each needs ``write``, the scope that
 creates a sandbox: widening egress gives no more than a new sandbox with those rules.
-Input is checked before anything changes. These act on the host's own sandboxes; under
-``serve --cluster`` they answer 501 (single-host for now: docs/CLUSTER.md).
+Input is checked before anything changes. Under ``serve --cluster`` the manager sends
+each change to the sandbox's node (docs/CLUSTER.md); the routes are the same.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Any
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
-from starlette.exceptions import HTTPException
 
 from ironclaw.api.auth import Principal
 from ironclaw.api.sandboxes import SandboxOut
@@ -63,17 +62,6 @@ class NetworkOut(BaseModel):
     deny_domains: list[str]
 
 
-def single_host(service: Service, what: str) -> None:
-    """Refuse under ``serve --cluster``: the sandbox's cgroup, firewall and snapshot
-    directory are on its node, which the relay does not reach for these yet."""
-    if getattr(service.manager, "open_exec", None) is not None:
-        raise HTTPException(
-            501,
-            f"{what} is single-host for now: not available under `serve --cluster` "
-            "(run it on the sandbox's node: docs/CLUSTER.md)",
-        )
-
-
 @contextlib.contextmanager
 def as_token(who: Principal) -> Iterator[None]:
     """Audit what follows as done through the API by this token."""
@@ -95,7 +83,6 @@ async def set_timeout(
     sandbox_id: str, body: TimeoutBody, who: Write, service: ServiceDep
 ) -> TimeoutOut:
     """End (or pause, per the spec's ``on_timeout``) the sandbox ``seconds`` from now."""
-    single_host(service, "a sandbox's timeout")
     await service.visible(who, sandbox_id)
     with as_token(who):
         deadline = await service.manager.set_timeout(sandbox_id, body.seconds)
@@ -105,7 +92,6 @@ async def set_timeout(
 @router.post("/pause", response_model=SandboxOut)
 async def pause(sandbox_id: str, who: Write, service: ServiceDep) -> SandboxOut:
     """Freeze every process (memory and files kept, no CPU) until ``/resume``."""
-    single_host(service, "pause")
     record = await service.visible(who, sandbox_id)
     if record.state == "paused":
         raise Conflict(f"sandbox {sandbox_id} is already paused; POST its /resume to continue")
@@ -120,7 +106,6 @@ async def resume(
 ) -> SandboxOut:
     """Continue a paused sandbox; ``timeout`` sets a new deadline first (needed when it
     was paused by its own deadline)."""
-    single_host(service, "resume")
     record = await service.visible(who, sandbox_id)
     if record.state != "paused":
         raise Conflict(f"sandbox {sandbox_id} is {record.state}, not paused: nothing to resume")
@@ -136,7 +121,6 @@ async def update_network(
     """Change the sandbox's egress while it runs; returns the new policy. A rule that
     does not parse, or a change that leaves no egress, is refused (422) and nothing
     changes."""
-    single_host(service, "a live network change")
     await service.visible(who, sandbox_id)
     with as_token(who):
         try:

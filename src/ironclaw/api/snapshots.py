@@ -7,6 +7,9 @@ another's workspace; ``admin`` sees every snapshot, those made by the CLI or SDK
 Restore and fork need ``write`` (what create needs) and are charged to the caller's
 quota like a create. A snapshot is checked before anything is made: a tampered one is
 refused (409, with the manager's message) and no sandbox is created.
+
+The snapshots are reached through a shelf (:mod:`ironclaw.cluster.shelf`): this host's
+own, or under ``serve --cluster`` every node's, each snapshot on the node that made it.
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ from fastapi import APIRouter, Path, Response
 from pydantic import BaseModel, Field
 
 from ironclaw.api.auth import Principal
-from ironclaw.api.controls import as_token, sandbox_out, single_host
+from ironclaw.api.controls import as_token, sandbox_out
 from ironclaw.api.sandboxes import SandboxId, SandboxOut
 from ironclaw.api.service import Read, Service, ServiceDep, Write
-from ironclaw.config import safe_join
+from ironclaw.cluster.shelf import Shelf, SnapshotShelf
 from ironclaw.errors import ConfigError, Conflict, InvalidRequest, NotFound
 from ironclaw.host.snapshots import Snapshot, SnapshotCorrupt, SnapshotNotFound, restore_spec
 from ironclaw.ids import new_sandbox_id, validate_sandbox_id
@@ -31,7 +34,6 @@ from ironclaw.resources.store import SandboxRecord
 __all__ = ["ForkBody", "RestoreBody", "SnapshotCreate", "SnapshotOut", "router"]
 
 router = APIRouter(tags=["snapshots"])
-OWNER_FILE = "api-owner"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 SnapshotName = Annotated[str, Path(pattern=NAME_PATTERN, description="The snapshot's name.")]
 
@@ -71,19 +73,21 @@ def _out(snap: Snapshot) -> SnapshotOut:
     )  # fmt: skip
 
 
-def _owner(service: Service, name: str) -> str | None:
-    try:
-        return safe_join(service.manager.snapshots().path(name), OWNER_FILE).read_text().strip()
-    except OSError:
-        return None
+def _shelf(service: Service) -> Shelf:
+    """The cluster manager's shelf (every node's snapshots), else this host's."""
+    shelf: Shelf | None = getattr(service.manager, "snapshot_shelf", None)
+    return shelf if shelf is not None else SnapshotShelf(service.manager)
+
+
+def _mine(who: Principal) -> str | None:
+    """The owner to filter by: the caller's token, or none for admin."""
+    return None if who.admin else who.token_id
 
 
 async def _visible(service: Service, who: Principal, name: str) -> Snapshot:
     """The snapshot if ``who`` may use it; another token's is simply not found."""
-    if not who.admin and await asyncio.to_thread(_owner, service, name) != who.token_id:
-        raise NotFound(f"no snapshot named {name!r}; GET /v1/snapshots lists yours")
     try:
-        return await asyncio.to_thread(service.manager.snapshots().get, name)
+        return await _shelf(service).find(name, _mine(who))
     except SnapshotNotFound:
         raise NotFound(f"no snapshot named {name!r}; GET /v1/snapshots lists yours") from None
     except SnapshotCorrupt as exc:
@@ -101,47 +105,29 @@ async def create_snapshot(
 ) -> SnapshotOut:
     """Save the sandbox as ``name``: its /workspace (a VM: memory, devices and disks).
     409 if the name is taken."""
-    single_host(service, "a snapshot")
     await service.visible(who, sandbox_id)
-    store = service.manager.snapshots()
-    taken = f"a snapshot named {body.name!r} exists; remove it or pick another name"
-    if await asyncio.to_thread(store.path(body.name).exists):
-        raise Conflict(taken)
     with as_token(who):
-        try:
-            snap = await service.manager.snapshot(sandbox_id, body.name)
-        except ConfigError:
-            if await asyncio.to_thread(store.path(body.name).exists):
-                raise Conflict(taken) from None  # another request won the race
-            raise
-    owner = safe_join(store.path(snap.name), OWNER_FILE)
-    await asyncio.to_thread(owner.write_text, who.token_id)
+        snap = await _shelf(service).create(sandbox_id, body.name, who.token_id)
     return _out(snap)
 
 
 @router.get("/v1/snapshots", response_model=list[SnapshotOut])
 async def list_snapshots(who: Read, service: ServiceDep) -> list[SnapshotOut]:
-    """The caller's snapshots (every one for admin), oldest name first."""
-    single_host(service, "snapshots")
-    snaps = await asyncio.to_thread(service.manager.snapshots().all)
-    if not who.admin:
-        owners = await asyncio.to_thread(lambda: [_owner(service, s.name) for s in snaps])
-        snaps = [s for s, o in zip(snaps, owners, strict=True) if o == who.token_id]
-    return [_out(s) for s in snaps]
+    """The caller's snapshots (every one for admin), by name; under ``serve --cluster``
+    every live node's."""
+    return [_out(s) for s in await _shelf(service).listing(_mine(who))]
 
 
 @router.get("/v1/snapshots/{name}", response_model=SnapshotOut)
 async def get_snapshot(name: SnapshotName, who: Read, service: ServiceDep) -> SnapshotOut:
-    single_host(service, "snapshots")
     return _out(await _visible(service, who, name))
 
 
 @router.delete("/v1/snapshots/{name}", status_code=204)
 async def remove_snapshot(name: SnapshotName, who: Write, service: ServiceDep) -> Response:
-    single_host(service, "snapshots")
     await _visible(service, who, name)
     try:
-        await asyncio.to_thread(service.manager.snapshots().remove, name)
+        await _shelf(service).remove(name)
     except SnapshotNotFound:
         raise NotFound(f"no snapshot named {name!r}") from None  # removed meanwhile
     return Response(status_code=204)
@@ -158,7 +144,7 @@ async def _restore(
     await service.claim(who, sid, final)
     try:
         with as_token(who):
-            return await service.manager.restore(snap, spec=overrides, sandbox_id=sid)
+            return await _shelf(service).restore(snap, overrides, sid)
     except SnapshotCorrupt as exc:
         await service.store.drop_owner(sid)
         raise Conflict(str(exc)) from None
@@ -170,12 +156,10 @@ async def _restore(
 async def _checked(service: Service, who: Principal, name: str) -> Snapshot:
     """The snapshot, its hash checked now (before any sandbox or quota is taken)."""
     snap = await _visible(service, who, name)
-    if snap.kind == "workspace":
-        store = service.manager.snapshots()
-        try:
-            await asyncio.to_thread(store.verified_archive, snap, max_bytes=1 << 62)
-        except SnapshotCorrupt as exc:
-            raise Conflict(str(exc)) from None
+    try:
+        await _shelf(service).check(snap)
+    except SnapshotCorrupt as exc:
+        raise Conflict(str(exc)) from None
     return snap
 
 
@@ -183,8 +167,8 @@ async def _checked(service: Service, who: Principal, name: str) -> Snapshot:
 async def restore(
     name: SnapshotName, body: RestoreBody, who: Write, service: ServiceDep
 ) -> SandboxOut:
-    """A new sandbox from the snapshot, with its recorded spec and ``spec`` on top."""
-    single_host(service, "restore")
+    """A new sandbox from the snapshot, with its recorded spec and ``spec`` on top
+    (under ``serve --cluster``, on the node that holds the snapshot)."""
     snap = await _checked(service, who, name)
     sid = validate_sandbox_id(body.id) if body.id else new_sandbox_id()
     if body.id and any(r.id == sid for r in await service.manager.sandboxes()):
@@ -199,8 +183,8 @@ async def fork(
     name: SnapshotName, body: ForkBody, who: Write, service: ServiceDep
 ) -> list[SandboxOut]:
     """``count`` new sandboxes, each with the snapshot's workspace. If one fails, those
-    already made are removed: all or none."""
-    single_host(service, "fork")
+    already made are removed: all or none (under ``serve --cluster``, all on the node
+    that holds the snapshot)."""
     snap = await _checked(service, who, name)
     made: list[str] = []
     try:

@@ -326,20 +326,38 @@ class Cluster:
         target = choose_node(
             self.capacities(), spec.limits.memory_mib, node=node, selector=selector
         )
+        memory = spec.limits.memory_mib
+        return await self._make(target, sid, memory, "create", spec.model_dump(), sid)
+
+    async def make_on(
+        self, node: str, sandbox_id: str, memory_mib: int, method: str, *args: Any
+    ) -> SandboxRecord:
+        """A new sandbox ``sandbox_id`` made on ``node`` by its actor's ``method`` called
+        with ``args`` (a restore from a snapshot that node holds), placed and debited as
+        a create is."""
+        sid = validate_sandbox_id(sandbox_id)
+        if sid in self.placements or sid in self.lost:
+            raise ConfigError(f"sandbox {sid} already exists; choose another id")
+        target = choose_node(self.capacities(), memory_mib, node=node)
+        return await self._make(target, sid, memory_mib, method, *args)
+
+    async def _make(
+        self, target: NodeCapacity, sid: str, memory_mib: int, method: str, *args: Any
+    ) -> SandboxRecord:
         target.sandboxes += 1  # debited now, so concurrent creates spread out
-        target.reserved_mib += spec.limits.memory_mib
+        target.reserved_mib += memory_mib
         self.placements[sid] = target.name
         self._store.place(sid, target.name)
         owner = self.nodes[target.name]
         owner.epoch += 1
         try:
-            return await self.on(target.name, owner.actor.create.remote(spec.model_dump(), sid))
+            return await self.on(target.name, getattr(owner.actor, method).remote(*args))
         except BaseException:
             if self.placements.get(sid) == target.name:
                 del self.placements[sid]
                 self._store.forget(sid)
             target.sandboxes -= 1
-            target.reserved_mib -= spec.limits.memory_mib
+            target.reserved_mib -= memory_mib
             raise
         finally:
             owner.epoch += 1
@@ -381,6 +399,12 @@ class Cluster:
     async def call(self, sandbox_id: str, method: str, params: Any = None) -> Any:
         name, actor = self.route(sandbox_id)
         return await self.on(name, actor.call.remote(sandbox_id, method, params))
+
+    async def ask(self, sandbox_id: str, method: str, *args: Any) -> Any:
+        """The node actor's ``method`` (a control: pause, timeout, ...) on the sandbox's
+        node, with the sandbox's id first."""
+        name, actor = self.route(sandbox_id)
+        return await self.on(name, getattr(actor, method).remote(sandbox_id, *args))
 
     async def exec(
         self,

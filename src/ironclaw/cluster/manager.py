@@ -10,20 +10,29 @@ A sandbox's raw channel stays on its node: :meth:`ClusterManager.peer` and
 :meth:`~ClusterManager.guest` hand out stand-ins over the node actor
 (:mod:`ironclaw.cluster.channel`) that make calls and serve the guest's calls (agent
 tasks), and :meth:`ClusterManager.open_exec` runs an interactive exec there.
+
+The controls (deadline, pause, resume, live egress) go to the owning node as well, and
+snapshots stay on the node that made them (:class:`~ironclaw.cluster.shelf.ClusterShelf`,
+``snapshot_shelf``): a restore or fork runs there.
 """
 
 from __future__ import annotations
 
 import shutil
-from typing import Any, cast
+from typing import Any, Unpack, cast
 
 from ironclaw.cluster.channel import NodeGuest, NodePeer, RemoteExec
 from ironclaw.cluster.cluster import Cluster
 from ironclaw.cluster.links import ExecSession
+from ironclaw.cluster.shelf import ClusterShelf
 from ironclaw.config import Settings, safe_join
 from ironclaw.host.guest import ExecResult, GuestClient
 from ironclaw.host.manager import SandboxManager
 from ironclaw.host.reconcile import GcReport
+from ironclaw.host.snapshots import Snapshot
+from ironclaw.ids import new_sandbox_id
+from ironclaw.policy.network import NetworkChange, NetworkPolicy
+from ironclaw.resources.audit import acting_via
 from ironclaw.resources.store import SandboxRecord
 from ironclaw.rpc import Peer
 from ironclaw.spec import SandboxSpec
@@ -38,6 +47,7 @@ class ClusterManager(SandboxManager):
         super().__init__(settings, reconcile_on_open=False)
         placements = safe_join(self.settings.state_dir, "cluster-placements.sqlite3")
         self.cluster = Cluster(address, registry_path=placements)
+        self.snapshot_shelf = ClusterShelf(self.cluster)
 
     async def open(self) -> None:
         self.settings.ensure()
@@ -92,3 +102,41 @@ class ClusterManager(SandboxManager):
         """On the owning node, whose manager checks the command and names the limits
         that stopped it. (Files need no override: :class:`NodeGuest` routes them.)"""
         return await self.cluster.exec(sandbox_id, argv, **options)
+
+    # -- controls and snapshots, on the sandbox's (or the snapshot's) node ---------------
+
+    async def set_timeout(self, sandbox_id: str, seconds: float | None) -> float | None:
+        deadline = await self.cluster.ask(sandbox_id, "set_timeout", seconds, acting_via())
+        return None if deadline is None else float(deadline)
+
+    async def pause(self, sandbox_id: str) -> None:
+        await self.cluster.ask(sandbox_id, "pause", acting_via())
+
+    async def resume(self, sandbox_id: str, *, timeout: float | None = None) -> None:
+        await self.cluster.ask(sandbox_id, "resume", timeout, acting_via())
+
+    async def update_network(
+        self, sandbox_id: str, **change: Unpack[NetworkChange]
+    ) -> NetworkPolicy:
+        doc = await self.cluster.ask(sandbox_id, "update_network", dict(change), acting_via())
+        return NetworkPolicy.model_validate(doc)
+
+    async def snapshot(self, sandbox_id: str, name: str) -> Snapshot:
+        """On the sandbox's node, where the snapshot stays (owned by no API token)."""
+        return await self.snapshot_shelf.create(sandbox_id, name, None)
+
+    async def restore(
+        self,
+        snap: Snapshot | str,
+        *,
+        spec: SandboxSpec | dict[str, Any] | None = None,
+        sandbox_id: str | None = None,
+        ready_timeout: float = 20.0,
+    ) -> SandboxRecord:
+        """A new sandbox on the snapshot's node (its own manager's ready deadline)."""
+        if isinstance(spec, SandboxSpec):
+            overrides = spec.model_dump(mode="json", exclude_unset=True)
+        else:
+            overrides = dict(spec or {})
+        sid = sandbox_id or new_sandbox_id()
+        return await self.snapshot_shelf.restore(snap, overrides, sid)

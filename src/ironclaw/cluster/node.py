@@ -24,6 +24,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from ironclaw.cluster.links import CHUNK, ExecPipe, GuestLink
+from ironclaw.cluster.node_controls import NodeControls
 from ironclaw.config import Settings
 from ironclaw.errors import ConfigError, SandboxNotFound
 from ironclaw.host.guest import DEFAULT_CAPTURE_LIMIT
@@ -79,9 +80,12 @@ def node_labels() -> dict[str, str]:
     return labels
 
 
+_LIVE = ("running", "creating", "paused")  # a paused sandbox keeps its memory
+
+
 def _reserved_mib(record: SandboxRecord) -> int:
     """The memory a sandbox holds of its node's budget (its limit, while it is live)."""
-    if record.state not in ("running", "creating"):
+    if record.state not in _LIVE:
         return 0
     return int(record.spec.get("limits", {}).get("memory_mib", 512))
 
@@ -155,8 +159,9 @@ def _gone(holder: str) -> bool:
     return False
 
 
-class NodeAgent:
-    """One node's sandboxes, driven by the head through actor calls."""
+class NodeAgent(NodeControls):
+    """One node's sandboxes, driven by the head through actor calls (the controls and
+    snapshots: :class:`~ironclaw.cluster.node_controls.NodeControls`)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -185,7 +190,7 @@ class NodeAgent:
         return {"node": self.name, "removed": left, "gc": report.to_json()}
 
     async def capacity(self) -> dict[str, Any]:
-        live = [r for r in await self.manager.sandboxes() if r.state in ("running", "creating")]
+        live = [r for r in await self.manager.sandboxes() if r.state in _LIVE]
         reserved = sum(_reserved_mib(r) for r in live)
         return {
             "name": self.name,

@@ -23,7 +23,15 @@ from typing import Any
 
 from ironclaw.config import Settings, ensure_private_dir, safe_join
 
-__all__ = ["acting_as", "append_line", "audit_path", "read_events", "record", "record_async"]
+__all__ = [
+    "acting_as",
+    "acting_via",
+    "append_line",
+    "audit_path",
+    "read_events",
+    "record",
+    "record_async",
+]
 
 _via: contextvars.ContextVar[str | None] = contextvars.ContextVar("audit_via", default=None)
 
@@ -54,6 +62,12 @@ def acting_as(via: str) -> Iterator[None]:
         yield
     finally:
         _via.reset(token)
+
+
+def acting_via() -> str | None:
+    """Who :func:`acting_as` names here, if anyone: carried along when the change is
+    made in another process (a cluster node)."""
+    return _via.get()
 
 
 def _who() -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ironclaw.config import safe_join
 from ironclaw.errors import ConfigError, Conflict, SandboxLost
-from ironclaw.host.snapshots import Snapshot, SnapshotNotFound, restore_spec
+from ironclaw.host.snapshots import Snapshot, SnapshotCorrupt, SnapshotNotFound, restore_spec
 from ironclaw.resources.audit import acting_via
 from ironclaw.resources.store import SandboxRecord
 
@@ -147,7 +147,11 @@ class ClusterShelf:
 
     async def create(self, sandbox_id: str, name: str, owner: str | None) -> Snapshot:
         """On the sandbox's node; a name any live node has is taken."""
-        if await self._each("snapshot_find", name, None):
+        try:
+            taken = bool(await self._each("snapshot_find", name, None))
+        except SnapshotCorrupt:
+            taken = True  # a broken one still holds the name
+        if taken:
             raise _taken(name)
         node, actor = self.cluster.route(sandbox_id)
         call = actor.snapshot_create.remote(sandbox_id, name, owner, acting_via())

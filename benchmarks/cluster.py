@@ -11,6 +11,9 @@ one JSON line:
 * ``stdin_echo_p50_ms``: an interactive exec (``cat``, stdin open): one line sent, its
   echo received, on one host (the channel in this process) and through the cluster
   (stdin as an actor call, output from the node's streaming generator);
+* ``controls_p50_ms``: on one sandbox, pause + resume, ``set_timeout``, a workspace
+  snapshot and a restore from it, on one host and through the cluster (one actor hop
+  each; the snapshot stays on the node);
 * ``creates_per_s``: ``--burst`` sandboxes created ``--parallel`` at a time, with one node
   and then with two (both nodes share this machine's cores, so a second node adds
   placement spread, not CPU).
@@ -34,6 +37,7 @@ from typing import Any
 
 from ironclaw.cluster.links import ExecPipe, ExecSession
 from ironclaw.cluster.manager import ClusterManager
+from ironclaw.cluster.shelf import Shelf, SnapshotShelf
 from ironclaw.config import Settings
 from ironclaw.host.manager import SandboxManager
 
@@ -88,6 +92,33 @@ async def echoes(single: SandboxManager, cluster: ClusterManager, rounds: int) -
     return {"single": round(local, 2), "cluster": round(remote, 2)}
 
 
+async def controls(mgr: SandboxManager, rounds: int) -> dict[str, float]:
+    shelf: Shelf = getattr(mgr, "snapshot_shelf", None) or SnapshotShelf(mgr)
+    record = await mgr.create({"limits": {"memory_mib": 128}})
+    times: dict[str, list[float]] = {"pause_resume": [], "set_timeout": [], "snapshot": [],
+                                     "restore": []}  # fmt: skip
+    try:
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            await mgr.pause(record.id)
+            await mgr.resume(record.id)
+            t1 = time.perf_counter()
+            await mgr.set_timeout(record.id, 600)
+            t2 = time.perf_counter()
+            name = f"bench-{secrets.token_hex(4)}"
+            await mgr.snapshot(record.id, name)
+            t3 = time.perf_counter()
+            made = await mgr.restore(name)
+            t4 = time.perf_counter()
+            await mgr.destroy(made.id)
+            await shelf.remove(name)
+            for key, ms in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                times[key].append(ms * 1000)
+    finally:
+        await mgr.destroy(record.id)
+    return {key: round(statistics.median(v), 1) for key, v in times.items()}
+
+
 async def burst(mgr: ClusterManager, count: int, parallel: int) -> tuple[float, dict[str, int]]:
     gate = asyncio.Semaphore(parallel)
 
@@ -125,6 +156,8 @@ async def run(args: argparse.Namespace, base: Path, rc: RayCluster) -> dict[str,
             s_ms.append(await lifecycle(single))
             c_ms.append(await lifecycle(cluster))
         echo = await echoes(single, cluster, 4 * args.rounds)
+        ctl = {"single": await controls(single, max(3, args.rounds // 3)),
+               "cluster": await controls(cluster, max(3, args.rounds // 3))}  # fmt: skip
         one_rate, one_spread = await burst(cluster, args.burst, args.parallel)
         rc.add_node("b", "127.0.0.2")
         deadline = time.monotonic() + 240
@@ -144,6 +177,7 @@ async def run(args: argparse.Namespace, base: Path, rc: RayCluster) -> dict[str,
         "ratio": round(c50 / s50, 2),
         "routing_overhead_ms": round(c50 - s50, 1),
         "stdin_echo_p50_ms": echo,
+        "controls_p50_ms": ctl,
         "creates_per_s": {"one_node": round(one_rate, 2), "two_nodes": round(two_rate, 2)},
         "spread": {"one_node": one_spread, "two_nodes": two_spread},
         "burst": args.burst,

@@ -19,10 +19,29 @@ import typer
 from ironclaw.errors import ConfigError
 from ironclaw.spec import SandboxSpec
 
-__all__ = ["EnvOpt", "JsonOpt", "SandboxOptions", "parse_env", "sandbox_options"]
+__all__ = [
+    "CommandTimeoutOpt",
+    "CwdOpt",
+    "EnvOpt",
+    "JsonOpt",
+    "NewIdOpt",
+    "SandboxIdArg",
+    "SandboxOptions",
+    "parse_env",
+    "sandbox_options",
+]
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 EnvOpt = Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE (repeatable).")]
+# Taken by several commands (exec, sandbox create/exec/run, the controls, ...).
+SandboxIdArg = Annotated[str, typer.Argument(help="Sandbox id.")]
+NewIdOpt = Annotated[
+    str | None, typer.Option("--id", help="Sandbox id to use (default: a new one).")
+]
+CommandTimeoutOpt = Annotated[
+    float | None, typer.Option("--timeout", help="Kill the command after this many seconds.")
+]
+CwdOpt = Annotated[str | None, typer.Option("--cwd", help="Working directory in the sandbox.")]
 _REPEATABLE = frozenset({"allow", "allow_domain", "env", "mount"})
 
 # name -> (annotation, default): the typer declaration of each shared option.

@@ -10,7 +10,7 @@ import typer
 
 from ironclaw.cli import remote as via_api
 from ironclaw.cli.common import new_app, print_snapshots, run, run_with_manager
-from ironclaw.cli.options import JsonOpt
+from ironclaw.cli.options import JsonOpt, SandboxIdArg
 
 if TYPE_CHECKING:
     from ironclaw.spec import SandboxSpec
@@ -21,8 +21,6 @@ snapshot_app = new_app(
     "Snapshots: create, ls, rm (restore: sandbox create --from). A VM sandbox's snapshot "
     "holds its memory and disks, a namespace sandbox's its workspace."
 )
-
-SidArg = Annotated[str, typer.Argument(help="Sandbox id.")]
 
 
 def parse_labels(items: list[str] | None) -> dict[str, str]:
@@ -57,7 +55,7 @@ def explicit_fields(spec: SandboxSpec) -> dict[str, Any]:
 
 @snapshot_app.command("create")
 def snapshot_create(
-    sandbox_id: SidArg,
+    sandbox_id: SandboxIdArg,
     name: Annotated[str, typer.Argument(help="Snapshot name.")],
     as_json: JsonOpt = False,
 ) -> None:
@@ -115,7 +113,7 @@ def register_sandbox_controls(app: typer.Typer) -> None:
     """Add pause, resume, timeout and net to ``ironclaw sandbox``."""
 
     @app.command("pause")
-    def sandbox_pause(sandbox_id: SidArg, as_json: JsonOpt = False) -> None:
+    def sandbox_pause(sandbox_id: SandboxIdArg, as_json: JsonOpt = False) -> None:
         """Freeze a sandbox: it keeps its memory and files and uses no CPU."""
         if _remote(sandbox_id, "pause", None, as_json):
             return
@@ -125,7 +123,7 @@ def register_sandbox_controls(app: typer.Typer) -> None:
 
     @app.command("resume")
     def sandbox_resume(
-        sandbox_id: SidArg,
+        sandbox_id: SandboxIdArg,
         timeout: Annotated[
             float | None, typer.Option("--timeout", help="New deadline, seconds from now.")
         ] = None,
@@ -140,7 +138,7 @@ def register_sandbox_controls(app: typer.Typer) -> None:
 
     @app.command("timeout")
     def sandbox_timeout(
-        sandbox_id: SidArg,
+        sandbox_id: SandboxIdArg,
         seconds: Annotated[float, typer.Argument(help="Deadline, seconds from now.")],
         as_json: JsonOpt = False,
     ) -> None:
@@ -153,7 +151,7 @@ def register_sandbox_controls(app: typer.Typer) -> None:
 
     @app.command("net")
     def sandbox_net(
-        sandbox_id: SidArg,
+        sandbox_id: SandboxIdArg,
         allow: Annotated[
             list[str] | None,
             typer.Option("--allow", help="CIDR[:PORT[/PROTO]]; replaces the allow rules."),

@@ -20,8 +20,11 @@ from ironclaw.errors import ConfigError
 from ironclaw.spec import SandboxSpec
 
 __all__ = [
+    "AllowDomainOpt",
+    "AllowOpt",
     "CommandTimeoutOpt",
     "CwdOpt",
+    "DeadlineOpt",
     "EnvOpt",
     "JsonOpt",
     "NewIdOpt",
@@ -33,6 +36,14 @@ __all__ = [
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 EnvOpt = Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE (repeatable).")]
+AllowOpt = Annotated[
+    list[str] | None,
+    typer.Option("--allow", help="Allow egress to CIDR[:PORT[/PROTO]] (repeatable)."),
+]
+AllowDomainOpt = Annotated[
+    list[str] | None,
+    typer.Option("--allow-domain", help="Allow NAME or *.SUFFIX through the proxy (repeatable)."),
+]
 # Taken by several commands (exec, sandbox create/exec/run, the controls, ...).
 SandboxIdArg = Annotated[str, typer.Argument(help="Sandbox id.")]
 NewIdOpt = Annotated[
@@ -40,6 +51,10 @@ NewIdOpt = Annotated[
 ]
 CommandTimeoutOpt = Annotated[
     float | None, typer.Option("--timeout", help="Kill the command after this many seconds.")
+]
+DeadlineOpt = Annotated[
+    float | None,
+    typer.Option("--timeout", help="The sandbox's deadline, seconds from now (see `timeout`)."),
 ]
 CwdOpt = Annotated[str | None, typer.Option("--cwd", help="Working directory in the sandbox.")]
 _REPEATABLE = frozenset({"allow", "allow_domain", "env", "mount"})
@@ -71,22 +86,8 @@ _OPTIONS: dict[str, tuple[Any, Any]] = {
         ],
         None,
     ),
-    "allow": (
-        Annotated[
-            list[str] | None,
-            typer.Option("--allow", help="Allow egress to CIDR[:PORT[/PROTO]] (repeatable)."),
-        ],
-        None,
-    ),
-    "allow_domain": (
-        Annotated[
-            list[str] | None,
-            typer.Option(
-                "--allow-domain", help="Allow NAME or *.SUFFIX through the proxy (repeatable)."
-            ),
-        ],
-        None,
-    ),
+    "allow": (AllowOpt, None),  # also taken by ``sandbox net``
+    "allow_domain": (AllowDomainOpt, None),
     "env": (EnvOpt, None),  # also taken by ``sandbox exec``
     "mount": (
         Annotated[

@@ -16,6 +16,7 @@ from ironclaw.cli.common import err_console, new_app, out_console, run, run_code
 from ironclaw.cli.options import (
     CommandTimeoutOpt,
     CwdOpt,
+    DeadlineOpt,
     EnvOpt,
     JsonOpt,
     NewIdOpt,
@@ -74,9 +75,7 @@ def sandbox_create(
     *,
     sandbox_id: NewIdOpt = None,
     label: LabelOpt = None,
-    timeout: Annotated[
-        float | None, typer.Option("--timeout", help="Deadline in seconds (see `timeout`).")
-    ] = None,
+    timeout: DeadlineOpt = None,
     idle_timeout: Annotated[
         float | None, typer.Option("--idle-timeout", help="Seconds without exec/file calls.")
     ] = None,

@@ -10,7 +10,7 @@ import typer
 
 from ironclaw.cli import remote as via_api
 from ironclaw.cli.common import new_app, print_snapshots, run, run_with_manager
-from ironclaw.cli.options import JsonOpt, SandboxIdArg
+from ironclaw.cli.options import AllowDomainOpt, AllowOpt, DeadlineOpt, JsonOpt, SandboxIdArg
 
 if TYPE_CHECKING:
     from ironclaw.spec import SandboxSpec
@@ -124,9 +124,7 @@ def register_sandbox_controls(app: typer.Typer) -> None:
     @app.command("resume")
     def sandbox_resume(
         sandbox_id: SandboxIdArg,
-        timeout: Annotated[
-            float | None, typer.Option("--timeout", help="New deadline, seconds from now.")
-        ] = None,
+        timeout: DeadlineOpt = None,
         as_json: JsonOpt = False,
     ) -> None:
         """Continue a paused sandbox."""
@@ -152,19 +150,15 @@ def register_sandbox_controls(app: typer.Typer) -> None:
     @app.command("net")
     def sandbox_net(
         sandbox_id: SandboxIdArg,
-        allow: Annotated[
-            list[str] | None,
-            typer.Option("--allow", help="CIDR[:PORT[/PROTO]]; replaces the allow rules."),
-        ] = None,
-        allow_domain: Annotated[
-            list[str] | None, typer.Option("--allow-domain", help="Replaces the domain list.")
-        ] = None,
+        allow: AllowOpt = None,
+        allow_domain: AllowDomainOpt = None,
         deny: Annotated[
             list[str] | None, typer.Option("--deny", help="Remove this allow rule.")
         ] = None,
         as_json: JsonOpt = False,
     ) -> None:
-        """Change a running sandbox's egress at once (audited)."""
+        """Change a running sandbox's egress at once (audited). --allow and --allow-domain
+        replace the sandbox's lists; --deny removes one allow rule."""
         change = {"allow": allow, "allow_domains": allow_domain, "deny": deny}
         if _remote(sandbox_id, "net", {k: v for k, v in change.items() if v is not None}, as_json):
             return

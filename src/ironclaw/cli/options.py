@@ -3,7 +3,9 @@
 Each option is declared once here. A command takes the ones it offers with
 :func:`sandbox_options`, which adds them to its parameters and hands it one
 :class:`SandboxOptions`; that builds the typed :class:`~ironclaw.spec.SandboxSpec`, so a
-bad value is reported before anything is created.
+bad value is reported before anything is created. The arguments and options several
+other commands take (``--json``, the sandbox id, ``--timeout``, ``--cwd``...) are
+declared here once too, as ``Annotated`` aliases.
 """
 
 from __future__ import annotations
@@ -44,7 +46,6 @@ AllowDomainOpt = Annotated[
     list[str] | None,
     typer.Option("--allow-domain", help="Allow NAME or *.SUFFIX through the proxy (repeatable)."),
 ]
-# Taken by several commands (exec, sandbox create/exec/run, the controls, ...).
 SandboxIdArg = Annotated[str, typer.Argument(help="Sandbox id.")]
 NewIdOpt = Annotated[
     str | None, typer.Option("--id", help="Sandbox id to use (default: a new one).")

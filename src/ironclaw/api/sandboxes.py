@@ -77,15 +77,9 @@ class WriteOut(BaseModel):
 
 
 def _out(record: SandboxRecord, owner: str | None) -> SandboxOut:
-    return SandboxOut(
-        id=record.id,
-        backend=record.backend,
-        state=record.state,
-        reason=record.reason,
-        created_at=record.created_at,
-        owner=owner,
-        spec=record.spec,
-    )
+    """The record's own fields, read by name, and the token that owns it."""
+    out = SandboxOut.model_validate(record, from_attributes=True)
+    return out.model_copy(update={"owner": owner})
 
 
 @router.post("", status_code=201, response_model=SandboxOut)

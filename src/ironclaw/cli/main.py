@@ -26,7 +26,13 @@ from ironclaw.cli.agent import register as register_agent
 from ironclaw.cli.common import err_console, new_app, out_console, run, run_code
 from ironclaw.cli.image import register as register_image
 from ironclaw.cli.mcp import register as register_mcp
-from ironclaw.cli.options import JsonOpt, SandboxOptions, sandbox_options
+from ironclaw.cli.options import (
+    CommandTimeoutOpt,
+    JsonOpt,
+    NewIdOpt,
+    SandboxOptions,
+    sandbox_options,
+)
 from ironclaw.cli.procs import run_tty  # also registers sandbox run/ps/attach/kill
 from ironclaw.cli.sandbox import CommandArg, run_command, sandbox_app, snapshot_app
 from ironclaw.cli.serve import register as register_serve
@@ -73,10 +79,8 @@ def exec_cmd(
     command: CommandArg,
     *,
     as_json: JsonOpt = False,
-    sandbox_id: Annotated[str | None, typer.Option("--id", help="Sandbox id to use.")] = None,
-    timeout: Annotated[
-        float | None, typer.Option("--timeout", help="Kill the command after this many seconds.")
-    ] = None,
+    sandbox_id: NewIdOpt = None,
+    timeout: CommandTimeoutOpt = None,
     opts: SandboxOptions,
 ) -> None:
     """Create a sandbox, run one command in it, destroy it. Exits with the command's status."""

@@ -3,7 +3,9 @@
 Each option is declared once here. A command takes the ones it offers with
 :func:`sandbox_options`, which adds them to its parameters and hands it one
 :class:`SandboxOptions`; that builds the typed :class:`~ironclaw.spec.SandboxSpec`, so a
-bad value is reported before anything is created.
+bad value is reported before anything is created. The arguments and options several
+other commands take (``--json``, the sandbox id, ``--timeout``, ``--cwd``...) are
+declared here once too, as ``Annotated`` aliases.
 """
 
 from __future__ import annotations
@@ -19,10 +21,43 @@ import typer
 from ironclaw.errors import ConfigError
 from ironclaw.spec import SandboxSpec
 
-__all__ = ["EnvOpt", "JsonOpt", "SandboxOptions", "parse_env", "sandbox_options"]
+__all__ = [
+    "AllowDomainOpt",
+    "AllowOpt",
+    "CommandTimeoutOpt",
+    "CwdOpt",
+    "DeadlineOpt",
+    "EnvOpt",
+    "JsonOpt",
+    "NewIdOpt",
+    "SandboxIdArg",
+    "SandboxOptions",
+    "parse_env",
+    "sandbox_options",
+]
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 EnvOpt = Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE (repeatable).")]
+AllowOpt = Annotated[
+    list[str] | None,
+    typer.Option("--allow", help="Allow egress to CIDR[:PORT[/PROTO]] (repeatable)."),
+]
+AllowDomainOpt = Annotated[
+    list[str] | None,
+    typer.Option("--allow-domain", help="Allow NAME or *.SUFFIX through the proxy (repeatable)."),
+]
+SandboxIdArg = Annotated[str, typer.Argument(help="Sandbox id.")]
+NewIdOpt = Annotated[
+    str | None, typer.Option("--id", help="Sandbox id to use (default: a new one).")
+]
+CommandTimeoutOpt = Annotated[
+    float | None, typer.Option("--timeout", help="Kill the command after this many seconds.")
+]
+DeadlineOpt = Annotated[
+    float | None,
+    typer.Option("--timeout", help="The sandbox's deadline, seconds from now (see `timeout`)."),
+]
+CwdOpt = Annotated[str | None, typer.Option("--cwd", help="Working directory in the sandbox.")]
 _REPEATABLE = frozenset({"allow", "allow_domain", "env", "mount"})
 
 # name -> (annotation, default): the typer declaration of each shared option.
@@ -52,22 +87,8 @@ _OPTIONS: dict[str, tuple[Any, Any]] = {
         ],
         None,
     ),
-    "allow": (
-        Annotated[
-            list[str] | None,
-            typer.Option("--allow", help="Allow egress to CIDR[:PORT[/PROTO]] (repeatable)."),
-        ],
-        None,
-    ),
-    "allow_domain": (
-        Annotated[
-            list[str] | None,
-            typer.Option(
-                "--allow-domain", help="Allow NAME or *.SUFFIX through the proxy (repeatable)."
-            ),
-        ],
-        None,
-    ),
+    "allow": (AllowOpt, None),  # also taken by ``sandbox net``
+    "allow_domain": (AllowDomainOpt, None),
     "env": (EnvOpt, None),  # also taken by ``sandbox exec``
     "mount": (
         Annotated[

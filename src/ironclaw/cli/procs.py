@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from ironclaw.cli.common import copy_out, exit_status, print_procs, run, run_code
-from ironclaw.cli.options import EnvOpt, JsonOpt, parse_env
+from ironclaw.cli.options import CwdOpt, EnvOpt, JsonOpt, SandboxIdArg, parse_env
 from ironclaw.cli.sandbox import CommandArg, sandbox_app
 from ironclaw.errors import ConfigError
 
@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 
 __all__ = ["run_tty"]
 
-IdArg = Annotated[str, typer.Argument(help="Sandbox id.")]
 TargetArg = Annotated[str, typer.Argument(help="The command's pid or tag.")]
 
 
@@ -35,12 +34,12 @@ def _api() -> bool:
 
 @sandbox_app.command("run", context_settings={"allow_interspersed_args": False})
 def sandbox_run(
-    sandbox_id: IdArg,
+    sandbox_id: SandboxIdArg,
     command: CommandArg,
     detach: Annotated[bool, typer.Option("-d", "--detach", help="Start and return.")] = False,
     tag: Annotated[str | None, typer.Option("--tag", help="A name to find it by.")] = None,
     env: EnvOpt = None,
-    cwd: Annotated[str | None, typer.Option("--cwd")] = None,
+    cwd: CwdOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Start a command that outlives this CLI (-d), or start it and stay attached."""
@@ -79,7 +78,7 @@ async def _follow(handle: ProcessHandle) -> int:
 
 
 @sandbox_app.command("ps")
-def sandbox_ps(sandbox_id: IdArg, as_json: JsonOpt = False) -> None:
+def sandbox_ps(sandbox_id: SandboxIdArg, as_json: JsonOpt = False) -> None:
     """List the sandbox's detached commands (running and recently ended)."""
     from ironclaw.host import processes
     from ironclaw.host.manager import SandboxManager
@@ -98,7 +97,7 @@ def sandbox_ps(sandbox_id: IdArg, as_json: JsonOpt = False) -> None:
 
 @sandbox_app.command("attach")
 def sandbox_attach(
-    sandbox_id: IdArg,
+    sandbox_id: SandboxIdArg,
     target: TargetArg,
     no_replay: Annotated[bool, typer.Option("--no-replay", help="Live output only.")] = False,
 ) -> None:
@@ -121,7 +120,7 @@ def sandbox_attach(
 
 @sandbox_app.command("kill")
 def sandbox_kill(
-    sandbox_id: IdArg,
+    sandbox_id: SandboxIdArg,
     target: TargetArg,
     sig: Annotated[str, typer.Option("--signal", "-s", help="Name or number.")] = "KILL",
     as_json: JsonOpt = False,
@@ -176,7 +175,7 @@ async def run_tty(
 
 @sandbox_app.command("port")
 def sandbox_port(
-    sandbox_id: IdArg,
+    sandbox_id: SandboxIdArg,
     port: Annotated[int | None, typer.Argument(help="The port inside the sandbox.")] = None,
     host: Annotated[str, typer.Option("--host", help="Host address to listen on.")] = "127.0.0.1",
     host_port: Annotated[int, typer.Option("--host-port", help="0: any free port.")] = 0,

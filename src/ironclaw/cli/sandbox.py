@@ -13,7 +13,18 @@ from rich.table import Table
 
 from ironclaw.cli import remote as via_api
 from ironclaw.cli.common import err_console, new_app, out_console, run, run_code
-from ironclaw.cli.options import EnvOpt, JsonOpt, SandboxOptions, parse_env, sandbox_options
+from ironclaw.cli.options import (
+    CommandTimeoutOpt,
+    CwdOpt,
+    DeadlineOpt,
+    EnvOpt,
+    JsonOpt,
+    NewIdOpt,
+    SandboxIdArg,
+    SandboxOptions,
+    parse_env,
+    sandbox_options,
+)
 from ironclaw.cli.snapshot import (
     explicit_fields,
     parse_labels,
@@ -62,11 +73,9 @@ async def run_command(
 )  # fmt: skip
 def sandbox_create(
     *,
-    sandbox_id: Annotated[str | None, typer.Option("--id", help="Sandbox id.")] = None,
+    sandbox_id: NewIdOpt = None,
     label: LabelOpt = None,
-    timeout: Annotated[
-        float | None, typer.Option("--timeout", help="Deadline in seconds (see `timeout`).")
-    ] = None,
+    timeout: DeadlineOpt = None,
     idle_timeout: Annotated[
         float | None, typer.Option("--idle-timeout", help="Seconds without exec/file calls.")
     ] = None,
@@ -157,12 +166,12 @@ def sandbox_ls(
 
 @sandbox_app.command("exec", context_settings={"allow_interspersed_args": False})
 def sandbox_exec(
-    sandbox_id: Annotated[str, typer.Argument(help="Sandbox id.")],
+    sandbox_id: SandboxIdArg,
     command: CommandArg,
     as_json: JsonOpt = False,
-    timeout: Annotated[float | None, typer.Option("--timeout")] = None,
+    timeout: CommandTimeoutOpt = None,
     env: EnvOpt = None,
-    cwd: Annotated[str | None, typer.Option("--cwd")] = None,
+    cwd: CwdOpt = None,
     tty: Annotated[bool, typer.Option("-t", "--tty", help="An interactive terminal.")] = False,
 ) -> None:
     """Run a command in a running sandbox. Exits with the command's status."""

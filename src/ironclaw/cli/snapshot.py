@@ -10,7 +10,7 @@ import typer
 
 from ironclaw.cli import remote as via_api
 from ironclaw.cli.common import new_app, print_snapshots, run, run_with_manager
-from ironclaw.cli.options import JsonOpt
+from ironclaw.cli.options import AllowDomainOpt, AllowOpt, DeadlineOpt, JsonOpt, SandboxIdArg
 
 if TYPE_CHECKING:
     from ironclaw.spec import SandboxSpec
@@ -21,8 +21,6 @@ snapshot_app = new_app(
     "Snapshots: create, ls, rm (restore: sandbox create --from). A VM sandbox's snapshot "
     "holds its memory and disks, a namespace sandbox's its workspace."
 )
-
-SidArg = Annotated[str, typer.Argument(help="Sandbox id.")]
 
 
 def parse_labels(items: list[str] | None) -> dict[str, str]:
@@ -57,7 +55,7 @@ def explicit_fields(spec: SandboxSpec) -> dict[str, Any]:
 
 @snapshot_app.command("create")
 def snapshot_create(
-    sandbox_id: SidArg,
+    sandbox_id: SandboxIdArg,
     name: Annotated[str, typer.Argument(help="Snapshot name.")],
     as_json: JsonOpt = False,
 ) -> None:
@@ -115,7 +113,7 @@ def register_sandbox_controls(app: typer.Typer) -> None:
     """Add pause, resume, timeout and net to ``ironclaw sandbox``."""
 
     @app.command("pause")
-    def sandbox_pause(sandbox_id: SidArg, as_json: JsonOpt = False) -> None:
+    def sandbox_pause(sandbox_id: SandboxIdArg, as_json: JsonOpt = False) -> None:
         """Freeze a sandbox: it keeps its memory and files and uses no CPU."""
         if _remote(sandbox_id, "pause", None, as_json):
             return
@@ -125,10 +123,8 @@ def register_sandbox_controls(app: typer.Typer) -> None:
 
     @app.command("resume")
     def sandbox_resume(
-        sandbox_id: SidArg,
-        timeout: Annotated[
-            float | None, typer.Option("--timeout", help="New deadline, seconds from now.")
-        ] = None,
+        sandbox_id: SandboxIdArg,
+        timeout: DeadlineOpt = None,
         as_json: JsonOpt = False,
     ) -> None:
         """Continue a paused sandbox."""
@@ -140,7 +136,7 @@ def register_sandbox_controls(app: typer.Typer) -> None:
 
     @app.command("timeout")
     def sandbox_timeout(
-        sandbox_id: SidArg,
+        sandbox_id: SandboxIdArg,
         seconds: Annotated[float, typer.Argument(help="Deadline, seconds from now.")],
         as_json: JsonOpt = False,
     ) -> None:
@@ -153,20 +149,16 @@ def register_sandbox_controls(app: typer.Typer) -> None:
 
     @app.command("net")
     def sandbox_net(
-        sandbox_id: SidArg,
-        allow: Annotated[
-            list[str] | None,
-            typer.Option("--allow", help="CIDR[:PORT[/PROTO]]; replaces the allow rules."),
-        ] = None,
-        allow_domain: Annotated[
-            list[str] | None, typer.Option("--allow-domain", help="Replaces the domain list.")
-        ] = None,
+        sandbox_id: SandboxIdArg,
+        allow: AllowOpt = None,
+        allow_domain: AllowDomainOpt = None,
         deny: Annotated[
             list[str] | None, typer.Option("--deny", help="Remove this allow rule.")
         ] = None,
         as_json: JsonOpt = False,
     ) -> None:
-        """Change a running sandbox's egress at once (audited)."""
+        """Change a running sandbox's egress at once (audited). --allow and --allow-domain
+        replace the sandbox's lists; --deny removes one allow rule."""
         change = {"allow": allow, "allow_domains": allow_domain, "deny": deny}
         if _remote(sandbox_id, "net", {k: v for k, v in change.items() if v is not None}, as_json):
             return

@@ -1,7 +1,9 @@
 """The process, terminal and port surface both SDKs share (``sb.commands``, ``sb.pty``,
 ``sb.ports``), so code written against :mod:`ironclaw.sdk` runs against the remote SDK.
 
-Handles return the channel's :class:`~ironclaw.proto.proc_methods.ProcInfo` in both.
+Handles return the channel's :class:`~ironclaw.proto.proc_methods.ProcInfo` in both, and
+``ports.list()`` the shared :class:`~ironclaw.proto.surface.PortInfo` (the host's adds
+its forwarder).
 """
 
 from __future__ import annotations
@@ -10,9 +12,9 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Protocol, Unpack, runtime_checkable
 
 from ironclaw.proto.proc_methods import ProcInfo
-from ironclaw.proto.surface import PtyOptions, StartOptions
+from ironclaw.proto.surface import PortInfo, PtyOptions, StartOptions
 
-__all__ = ["CommandsAPI", "PortLike", "PortsAPI", "ProcessHandleLike", "PtyAPI", "TerminalLike"]
+__all__ = ["CommandsAPI", "PortsAPI", "ProcessHandleLike", "PtyAPI", "TerminalLike"]
 
 
 @runtime_checkable
@@ -52,17 +54,8 @@ class PtyAPI(Protocol):
     ) -> TerminalLike: ...
 
 
-class PortLike(Protocol):
-    @property
-    def port(self) -> int: ...
-    @property
-    def host_port(self) -> int: ...
-    @property
-    def url(self) -> str: ...
-
-
 @runtime_checkable
 class PortsAPI(Protocol):
     async def expose(self, port: int, *, host: str = "127.0.0.1", host_port: int = 0) -> str: ...
-    async def list(self) -> Sequence[PortLike]: ...
+    async def list(self) -> Sequence[PortInfo]: ...
     async def unexpose(self, port: int) -> None: ...

@@ -15,7 +15,6 @@ import contextlib
 import json
 import signal as _signal
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Unpack
 from urllib.parse import urlencode
 
@@ -29,14 +28,13 @@ from ironclaw.client._http import seg as _seg
 from ironclaw.errors import ApiError, ConnectError, IronclawError
 from ironclaw.proto import methods as m
 from ironclaw.proto.proc_methods import ProcView
-from ironclaw.proto.surface import PtyOptions, StartOptions
+from ironclaw.proto.surface import PortInfo, PtyOptions, StartOptions
 
 if TYPE_CHECKING:
     from ironclaw.client.api import ApiClient
 
 __all__ = [
     "RemoteCommands",
-    "RemotePort",
     "RemotePorts",
     "RemoteProcessHandle",
     "RemotePty",
@@ -230,16 +228,6 @@ class RemotePty:
             raise
 
 
-@dataclass(frozen=True)
-class RemotePort:
-    """An exposed port: ``url`` is as seen from the host the server runs on."""
-
-    port: int
-    host: str
-    host_port: int
-    url: str
-
-
 class RemotePorts:
     """Servers inside reachable on the server's host: ``url = await sb.ports.expose(8000)``."""
 
@@ -251,9 +239,9 @@ class RemotePorts:
         doc = await self.api.request("POST", self.path, json=body)
         return str(doc["url"])
 
-    async def list(self) -> list[RemotePort]:
+    async def list(self) -> list[PortInfo]:
         doc = await self.api.request("GET", self.path)
-        return [RemotePort(**p) for p in doc["ports"]]
+        return [PortInfo(**p) for p in doc["ports"]]
 
     async def unexpose(self, port: int) -> None:
         await self.api.request("DELETE", f"{self.path}/{int(port)}")

@@ -289,13 +289,17 @@ class AgentLoop:
             left = max(0.1, deadline - time.monotonic())
             timeout = min(self.request.budget.tool_timeout_s, left)
             result = await execute_tool(call, client, timeout=timeout)
+        return await self._report(result, executed=decision.approved)
+
+    async def _report(self, result: ToolResult, *, executed: bool) -> ToolResult:
+        """Record the call's outcome in the host's trace; returns ``result``."""
         event = m.AgentEventRequest(
-            call_id=call.id,
-            name=call.name,
+            call_id=result.call_id,
+            name=result.name,
             is_error=result.is_error,
             content=result.content,
             duration_ms=result.duration_ms,
-            executed=decision.approved,
+            executed=executed,
         )
         await m.call(self.peer, event, m.AgentEventResult)
         return result
@@ -325,16 +329,7 @@ class AgentLoop:
             res = HostToolsCallResult(f"tool {call.name} timed out", True, False, "", "")
         ms = round((time.monotonic() - started) * 1000, 3)
         result = ToolResult(call.id, call.name, res.content, res.is_error, ms)
-        event = m.AgentEventRequest(
-            call_id=call.id,
-            name=call.name,
-            is_error=result.is_error,
-            content=result.content,
-            duration_ms=ms,
-            executed=res.executed,
-        )
-        await m.call(self.peer, event, m.AgentEventResult)
-        return result
+        return await self._report(result, executed=res.executed)
 
 
 async def handle_agent_run(request: AgentRunRequest, ctx: CallContext) -> m.AgentRunResult:

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from ironclaw.backends.base import process_start_time, same_process
 from ironclaw.errors import ConfigError, NetworkError
+from ironclaw.proto.surface import PortInfo
 from ironclaw.resources.audit import record_async
 from ironclaw.resources.procs import descendants
 
@@ -64,11 +65,9 @@ _FORWARDER = b"ironclaw.resources.portfwd"
 
 
 @dataclass(frozen=True)
-class ExposedPort:
-    port: int  # inside the sandbox
-    host: str
-    host_port: int
-    url: str
+class ExposedPort(PortInfo):
+    """A port as the host keeps it: the shared record and its forwarder process."""
+
     pid: int  # the forwarder
     pid_start: int | None
 

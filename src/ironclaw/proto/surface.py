@@ -20,6 +20,7 @@ __all__ = [
     "ExecOptions",
     "ExecResult",
     "OutputSink",
+    "PortInfo",
     "PtyOptions",
     "SandboxHandle",
     "SandboxPart",
@@ -103,6 +104,17 @@ class ExecResult:
             "truncated": self.truncated,
             "duration_ms": round(self.duration_ms, 3),
         }
+
+
+@dataclass(frozen=True)
+class PortInfo:
+    """An exposed port as both SDKs list it; ``url`` is as seen from the host the
+    forwarder runs on (the server's, for the remote SDK)."""
+
+    port: int  # inside the sandbox
+    host: str
+    host_port: int
+    url: str
 
 
 class SandboxHandle:

@@ -14,17 +14,26 @@ from pathlib import Path
 from typing import Final, Literal
 
 from ironclaw.errors import BackendError
+from ironclaw.resources.cgroup_layout import Hierarchy
 
 _PROCS: Final = "cgroup.procs"
 
 
 @dataclass(frozen=True)
 class CgroupDir:
-    """One sandbox's directory in one hierarchy."""
+    """One sandbox's directory in one hierarchy; version and controllers are the
+    hierarchy's."""
 
-    version: Literal[1, 2]
+    hierarchy: Hierarchy
     path: Path
-    controllers: frozenset[str]
+
+    @property
+    def version(self) -> Literal[1, 2]:
+        return self.hierarchy.version
+
+    @property
+    def controllers(self) -> frozenset[str]:
+        return self.hierarchy.controllers
 
 
 @dataclass(frozen=True)
@@ -142,10 +151,10 @@ class Cgroup:
     def stats(self) -> CgroupStats:
         mem, pids = self.dir_for("memory"), self.dir_for("pids")
         cpu = self.dir_for("cpuacct") or self.dir_for("cpu")
-        oom_kills = failcnt = current = pids_hits = pids_current = cpu_ns = 0
+        oom_kills, pids_hits = self.limit_hits()
+        failcnt = current = cpu_ns = 0
         peak: int | None = None
         if mem is not None and mem.version == 1:
-            oom_kills = _read_keyed(mem.path / "memory.oom_control").get("oom_kill", 0)
             # With memsw == limit the memory+swap counter trips first and counts there.
             failcnt = sum(
                 _read_int(mem.path / f) or 0 for f in ("memory.failcnt", "memory.memsw.failcnt")
@@ -153,13 +162,10 @@ class Cgroup:
             current = _read_int(mem.path / "memory.usage_in_bytes") or 0
             peak = _read_int(mem.path / "memory.max_usage_in_bytes")
         elif mem is not None:
-            events = _read_keyed(mem.path / "memory.events")
-            oom_kills, failcnt = events.get("oom_kill", 0), events.get("max", 0)
+            failcnt = _read_keyed(mem.path / "memory.events").get("max", 0)
             current = _read_int(mem.path / "memory.current") or 0
             peak = _read_int(mem.path / "memory.peak")
-        if pids is not None:
-            pids_hits = _read_keyed(pids.path / "pids.events").get("max", 0)
-            pids_current = _read_int(pids.path / "pids.current") or 0
+        pids_current = (_read_int(pids.path / "pids.current") or 0) if pids is not None else 0
         if cpu is not None and cpu.version == 1 and "cpuacct" in cpu.controllers:
             cpu_ns = _read_int(cpu.path / "cpuacct.usage") or 0
         elif cpu is not None and cpu.version == 2:

@@ -117,10 +117,7 @@ class CgroupManager:
     def _plan(self, sandbox_id: str) -> tuple[CgroupDir, ...]:
         validate_sandbox_id(sandbox_id)
         layout = self.layout()
-        return tuple(
-            CgroupDir(h.version, safe_join(self._root(h), sandbox_id), h.controllers)
-            for h in layout.hierarchies
-        )
+        return tuple(CgroupDir(h, safe_join(self._root(h), sandbox_id)) for h in layout.hierarchies)
 
     # -- create
 

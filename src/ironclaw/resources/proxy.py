@@ -148,6 +148,15 @@ def _authority_host(authority: str) -> tuple[str, int]:
     return host.rstrip("."), port
 
 
+@dataclass(frozen=True)
+class _Client:
+    """One client connection and the audit fields of the request it is making."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    info: dict[str, Any]
+
+
 class ProxyServer:
     """The proxy's state: listening socket, current policy, audit sink, own addresses."""
 
@@ -240,39 +249,36 @@ class ProxyServer:
         client = f"{peer[0]}:{peer[1]}" if peer else None
         try:
             while True:
-                info: dict[str, Any] = {"client": client}
-                if not await self._one(reader, writer, info):
+                if not await self._one(_Client(reader, writer, {"client": client})):
                     break
         except (ConnectionError, OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
             self.audit("error", reason=f"{type(exc).__name__}: {exc}", client=client)
         finally:
             writer.close()
 
-    async def _one(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, info: dict[str, Any]
-    ) -> bool:
+    async def _one(self, client: _Client) -> bool:
         """Serve one request; True if the connection may carry another."""
         try:
             try:
                 async with asyncio.timeout(_HEAD_TIMEOUT):
-                    req = await read_message(reader, request=True, limit=_HEAD_LIMIT)
+                    req = await read_message(client.reader, request=True, limit=_HEAD_LIMIT)
             except TimeoutError:
                 return False
             if req is None:
                 return False
-            info["method"] = req.start[0]
+            client.info["method"] = req.start[0]
             cfg = self.config()
             if req.start[0] == "CONNECT":
-                await self._connect(cfg, req, reader, writer, info)
+                await self._connect(cfg, req, client)
                 return False
-            return await self._forward(cfg, req, reader, writer, info)
+            return await self._forward(cfg, req, client)
         except (BadMessage, _Denied) as exc:
             bad = isinstance(exc, BadMessage)
-            self.audit("deny", reason=f"bad request: {exc}" if bad else str(exc), **info)
-            if not info.get("tunnel_open"):
+            self.audit("deny", reason=f"bad request: {exc}" if bad else str(exc), **client.info)
+            if not client.info.get("tunnel_open"):
                 with contextlib.suppress(OSError):
-                    _reply(writer, "400 Bad Request" if bad else "403 Forbidden", str(exc))
-                    await writer.drain()
+                    _reply(client.writer, "400 Bad Request" if bad else "403 Forbidden", str(exc))
+                    await client.writer.drain()
             return False
 
     def _check_name(self, cfg: ProxyConfig, host: str) -> None:
@@ -282,14 +288,8 @@ class ProxyServer:
         if not ok:
             raise _Denied(f"{host}: {reason}")
 
-    async def _connect(
-        self,
-        cfg: ProxyConfig,
-        req: Message,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        info: dict[str, Any],
-    ) -> None:
+    async def _connect(self, cfg: ProxyConfig, req: Message, client: _Client) -> None:
+        reader, writer, info = client.reader, client.writer, client.info
         target = req.start[1]
         host, port = _authority_host(target)
         if target.rpartition(":")[2] != "443" or port != 443:
@@ -320,14 +320,8 @@ class ProxyServer:
         finally:
             up_writer.close()
 
-    async def _forward(
-        self,
-        cfg: ProxyConfig,
-        req: Message,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        info: dict[str, Any],
-    ) -> bool:
+    async def _forward(self, cfg: ProxyConfig, req: Message, client: _Client) -> bool:
+        reader, writer, info = client.reader, client.writer, client.info
         method, target, version = req.start
         if not target[:7].lower() == "http://":
             raise _Denied("only CONNECT and absolute http:// requests are proxied")

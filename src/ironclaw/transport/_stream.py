@@ -17,7 +17,7 @@ from typing import Final
 
 from ironclaw.errors import ChannelClosed, ReadError, WriteError
 
-__all__ = ["DEFAULT_READ_LIMIT", "StreamConnection", "check_read"]
+__all__ = ["DEFAULT_READ_LIMIT", "ChunkBuffer", "StreamConnection", "check_read"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,52 @@ def check_read(max_bytes: int, *, busy: bool) -> None:
         raise RuntimeError("read() is already being awaited by another task")
 
 
+class ChunkBuffer:
+    """Received bytes, kept as the chunks they arrived in, and their total (``size``).
+
+    ``take`` returns the front up to a size, joining small chunks and putting back the
+    tail of a large one, so no byte is dropped or copied twice between reads.
+    """
+
+    __slots__ = ("_chunks", "size")
+
+    def __init__(self) -> None:
+        self._chunks: deque[bytes] = deque()
+        self.size = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._chunks)
+
+    def append(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self.size += len(data)
+
+    def appendleft(self, data: bytes) -> None:
+        self._chunks.appendleft(data)
+        self.size += len(data)
+
+    def take(self, max_bytes: int) -> bytes:
+        chunks = self._chunks
+        first = chunks.popleft()
+        if len(first) > max_bytes:
+            chunks.appendleft(first[max_bytes:])
+            first = first[:max_bytes]
+        elif chunks and len(first) + len(chunks[0]) <= max_bytes:
+            parts = [first]
+            size = len(first)
+            while chunks and size + len(chunks[0]) <= max_bytes:
+                nxt = chunks.popleft()
+                parts.append(nxt)
+                size += len(nxt)
+            first = b"".join(parts)
+        self.size -= len(first)
+        return first
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self.size = 0
+
+
 class StreamConnection:
     """A :class:`~ironclaw.transport.Connection` on asyncio transports.
 
@@ -76,8 +122,7 @@ class StreamConnection:
         self.name = name
         self._loop = loop
         self._read_limit = read_limit
-        self._chunks: deque[bytes] = deque()
-        self._buffered = 0
+        self._buffer = ChunkBuffer()
         self._eof = False
         self._read_error: BaseException | None = None
         self._reader: asyncio.Future[None] | None = None
@@ -121,10 +166,9 @@ class StreamConnection:
     def _data(self, data: bytes) -> None:
         if self._closing:
             return
-        self._chunks.append(data)
-        self._buffered += len(data)
+        self._buffer.append(data)
         self._wake()
-        if self._buffered > self._read_limit and not self._reading_paused:
+        if self._buffer.size > self._read_limit and not self._reading_paused:
             rt = self._rtransport
             if rt is not None and not rt.is_closing():
                 self._reading_paused = True
@@ -173,7 +217,7 @@ class StreamConnection:
     async def read(self, max_bytes: int = 262144) -> bytes:
         """Up to ``max_bytes`` bytes; ``b""`` at EOF. Raises ReadError / ChannelClosed."""
         check_read(max_bytes, busy=self._reader is not None)
-        while not self._chunks:
+        while not self._buffer:
             if self._closing:
                 raise ChannelClosed("connection closed locally")
             if self._read_error is not None:
@@ -188,21 +232,8 @@ class StreamConnection:
         return self._take(max_bytes)
 
     def _take(self, max_bytes: int) -> bytes:
-        chunks = self._chunks
-        first = chunks.popleft()
-        if len(first) > max_bytes:
-            chunks.appendleft(first[max_bytes:])
-            first = first[:max_bytes]
-        elif chunks and len(first) + len(chunks[0]) <= max_bytes:
-            parts = [first]
-            size = len(first)
-            while chunks and size + len(chunks[0]) <= max_bytes:
-                nxt = chunks.popleft()
-                parts.append(nxt)
-                size += len(nxt)
-            first = b"".join(parts)
-        self._buffered -= len(first)
-        if self._reading_paused and self._buffered <= self._read_limit // 2:
+        first = self._buffer.take(max_bytes)
+        if self._reading_paused and self._buffer.size <= self._read_limit // 2:
             self._reading_paused = False
             rt = self._rtransport
             if rt is not None and not rt.is_closing():
@@ -212,8 +243,7 @@ class StreamConnection:
     def unread(self, data: bytes) -> None:
         """Put bytes back at the front of the buffer (handshakes consume only their line)."""
         if data:
-            self._chunks.appendleft(data)
-            self._buffered += len(data)
+            self._buffer.appendleft(data)
             self._wake()
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -239,8 +269,7 @@ class StreamConnection:
         """Flush what is queued (bounded wait), then close. Idempotent."""
         if not self._closing:
             self._closing = True
-            self._chunks.clear()
-            self._buffered = 0
+            self._buffer.clear()
             self._wake()
             for tr in (self._wtransport, self._rtransport):
                 if tr is not None and not tr.is_closing():
@@ -258,8 +287,7 @@ class StreamConnection:
     def abort(self) -> None:
         """Drop the connection now, discarding queued writes (a crash, as seen remotely)."""
         self._closing = True
-        self._chunks.clear()
-        self._buffered = 0
+        self._buffer.clear()
         self._wake()
         for tr in (self._wtransport, self._rtransport):
             if tr is None or tr.is_closing():
@@ -274,4 +302,4 @@ class StreamConnection:
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
-        return f"<StreamConnection {self.name or '?'} {state} buffered={self._buffered}>"
+        return f"<StreamConnection {self.name or '?'} {state} buffered={self._buffer.size}>"

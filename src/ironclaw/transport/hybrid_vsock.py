@@ -14,6 +14,7 @@ import os
 
 from ironclaw.errors import ConnectError
 from ironclaw.proto.handshake import HandshakeClient
+from ironclaw.proto.lifecycle import or_close
 
 from . import unix
 from ._socket import SocketConnection
@@ -35,23 +36,23 @@ async def connect_once(
     deadline = loop.time() + timeout
     conn = await unix.connect(uds_path, timeout=timeout)
     try:
-        async with asyncio.timeout_at(deadline):
-            await conn.write(hs.initiate())
-            while True:
-                data = await conn.read(256)
-                if not data:
-                    hs.eof()
-                if hs.receive_data(data):
-                    break
+        await or_close(conn, _handshake(conn, hs, deadline))
     except TimeoutError as exc:
-        await conn.aclose()
         raise ConnectError(f"vsock port {port}: no handshake reply within {timeout}s") from exc
-    except BaseException:
-        await conn.aclose()
-        raise
     conn.unread(hs.leftover)
     conn.name = f"hvsock:{os.fspath(uds_path)}:{port}"
     return conn
+
+
+async def _handshake(conn: SocketConnection, hs: HandshakeClient, deadline: float) -> None:
+    async with asyncio.timeout_at(deadline):
+        await conn.write(hs.initiate())
+        while True:
+            data = await conn.read(256)
+            if not data:
+                hs.eof()
+            if hs.receive_data(data):
+                return
 
 
 async def connect(

@@ -8,10 +8,9 @@ backpressure. Closing one end gives the other EOF after it has read what was sen
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 
 from ironclaw.errors import ChannelClosed
-from ironclaw.transport._stream import check_read
+from ironclaw.transport._stream import ChunkBuffer, check_read
 
 __all__ = ["DEFAULT_BUFFER_LIMIT", "MemoryConnection", "pair"]
 
@@ -23,8 +22,7 @@ class MemoryConnection:
         self.initiator = initiator
         self.name = name
         self._limit = buffer_limit
-        self._chunks: deque[bytes] = deque()
-        self._buffered = 0
+        self._buffer = ChunkBuffer()
         self._closing = False
         self._eof = False  # the other end closed: no more data will arrive
         self._readable = asyncio.Event()
@@ -42,7 +40,7 @@ class MemoryConnection:
         check_read(max_bytes, busy=self._reading)
         self._reading = True
         try:
-            while not self._chunks:
+            while not self._buffer:
                 if self._closing:
                     raise ChannelClosed("connection closed locally")
                 if self._eof:
@@ -51,12 +49,8 @@ class MemoryConnection:
                 await self._readable.wait()
         finally:
             self._reading = False
-        first = self._chunks.popleft()
-        if len(first) > max_bytes:
-            self._chunks.appendleft(first[max_bytes:])
-            first = first[:max_bytes]
-        self._buffered -= len(first)
-        if self._buffered <= self._limit:
+        first = self._buffer.take(max_bytes)
+        if self._buffer.size <= self._limit:
             self._space.set()
         return first
 
@@ -69,11 +63,10 @@ class MemoryConnection:
         if not data:
             return
         chunk = bytes(data)
-        other._chunks.append(chunk)
-        other._buffered += len(chunk)
+        other._buffer.append(chunk)
         self.bytes_written += len(chunk)
         other._readable.set()
-        while other._buffered > other._limit:
+        while other._buffer.size > other._limit:
             other._space.clear()
             await other._space.wait()
             if self._closing or other._closing:
@@ -86,8 +79,7 @@ class MemoryConnection:
         if self._closing:
             return
         self._closing = True
-        self._chunks.clear()
-        self._buffered = 0
+        self._buffer.clear()
         self._readable.set()
         self._space.set()
         other = self._other
@@ -97,7 +89,7 @@ class MemoryConnection:
             other._space.set()
 
     def __repr__(self) -> str:
-        return f"<MemoryConnection {self.name} buffered={self._buffered}>"
+        return f"<MemoryConnection {self.name} buffered={self._buffer.size}>"
 
 
 def pair(*, buffer_limit: int = DEFAULT_BUFFER_LIMIT) -> tuple[MemoryConnection, MemoryConnection]:

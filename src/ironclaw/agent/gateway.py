@@ -15,6 +15,10 @@ Models are named ``PROVIDER:NAME``:
 ``anthropic:NAME``  Anthropic's Messages API: ``ANTHROPIC_API_KEY``, ``ANTHROPIC_BASE_URL``
 ``scripted:FILE``   replays a JSON file of model turns (tests, the offline demo)
 
+A vendor's reply is the model's, so untrusted: :meth:`parse` reads it through bounded,
+checked steps (:func:`~ironclaw.proto.jsonval.json_object`) and a shape it does not
+expect is a :class:`ModelError`, never a stray ``KeyError``.
+
 The neutral conversation (what the guest sends) is a list of messages::
 
     {"role": "user", "content": str}
@@ -31,7 +35,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeAlias
 
 import httpx
 
@@ -44,7 +48,10 @@ from ironclaw.agent.budget import (
     TaskUsage,
     Usage,
 )
-from ironclaw.errors import ConfigError, ConnectError, ModelError
+from ironclaw.errors import ConfigError, ConnectError, InvalidParams, ModelError
+from ironclaw.proto.agent_methods import ToolCall
+from ironclaw.proto.jsonval import JsonObject, JsonValue, json_object, json_value
+from ironclaw.proto.records import to_json
 from ironclaw.rpc import CallContext
 
 __all__ = [
@@ -63,6 +70,39 @@ __all__ = [
 
 DEFAULT_MAX_TOKENS = 4096
 ANTHROPIC_VERSION = "2023-06-01"
+#: A message of the neutral conversation, or a tool offered to the model: free-form JSON
+#: the guest sends (bounded by ``model.complete``'s decode), passed on to the vendor.
+Message: TypeAlias = "Mapping[str, JsonValue]"
+Tool: TypeAlias = "Mapping[str, JsonValue]"
+
+
+def _obj(value: JsonValue, what: str) -> JsonObject:
+    if not isinstance(value, dict):
+        raise TypeError(f"{what} is not an object")
+    return value
+
+
+def _list(value: JsonValue, what: str) -> list[JsonValue]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise TypeError(f"{what} is not a list")
+    return value
+
+
+def _int(value: JsonValue) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise TypeError(f"a token count is not a number: {value!r:.40}")
+    return int(value)
+
+
+def _call(call_id: str, name: JsonValue, arguments: JsonValue) -> ToolCall:
+    """A tool call the model asked for; its arguments must be a bounded JSON object."""
+    if not isinstance(name, str):
+        raise TypeError("a tool call's name is not a string")
+    return ToolCall(id=call_id, name=name, arguments=json_object(arguments or {}, "arguments"))
 
 
 @dataclass(frozen=True)
@@ -70,16 +110,20 @@ class ModelReply:
     """One assistant turn in the neutral format, with what it cost."""
 
     content: str | None
-    tool_calls: tuple[dict[str, Any], ...]
+    tool_calls: tuple[ToolCall, ...]
     usage: Usage
     stop_reason: str
 
-    def to_json(self) -> dict[str, Any]:
+    def calls_json(self) -> list[JsonValue]:
+        return [to_json(c) for c in self.tool_calls]
+
+    def to_json(self) -> JsonObject:
+        """The JSON of ``model.complete``'s result (its decode checks it on the way out)."""
         return {
             "message": {
                 "role": "assistant",
                 "content": self.content,
-                "tool_calls": list(self.tool_calls),
+                "tool_calls": self.calls_json(),
             },
             "usage": {
                 "input_tokens": self.usage.input_tokens,
@@ -94,7 +138,7 @@ class Provider(Protocol):
     model: str
 
     async def complete(
-        self, system: str, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]
+        self, system: str, messages: Sequence[Message], tools: Sequence[Tool]
     ) -> ModelReply: ...
 
     async def aclose(self) -> None: ...
@@ -140,11 +184,14 @@ class _HttpProvider:
         self.max_tokens = max_tokens
         self._client = httpx.AsyncClient(timeout=timeout)
 
-    async def _post(self, url: str, headers: dict[str, str], body: dict[str, Any]) -> Any:
+    async def _post(self, url: str, headers: dict[str, str], body: JsonObject) -> JsonValue:
+        """The vendor's answer, checked to be bounded JSON (its shape is :meth:`parse`'s)."""
         try:
             resp = await self._client.post(url, headers=headers, json=body)
             resp.raise_for_status()
-            return resp.json()
+            return json_value(resp.json(), "the response")
+        except InvalidParams as exc:
+            raise _model_error(self.name, text=f"unexpected response: {exc}") from None
         except httpx.ConnectError as exc:
             raise ConnectError(f"{self.name}: cannot reach {url}: {exc}") from None
         except (httpx.HTTPError, ValueError) as exc:
@@ -157,7 +204,7 @@ class _HttpProvider:
 
     _path: ClassVar[str]
 
-    def _body(self, system: str, messages: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    def _body(self, system: str, messages: Sequence[Message]) -> JsonObject:
         raise NotImplementedError
 
     def _headers(self) -> dict[str, str]:
@@ -165,7 +212,7 @@ class _HttpProvider:
 
     _schema_key: ClassVar[str]  # where a tool's JSON schema goes
 
-    def wire_tool(self, tool: Mapping[str, Any]) -> dict[str, Any]:
+    def wire_tool(self, tool: Tool) -> JsonObject:
         return {
             "name": tool["name"],
             "description": tool.get("description", ""),
@@ -173,11 +220,11 @@ class _HttpProvider:
         }
 
     @staticmethod
-    def parse(doc: Any) -> ModelReply:
+    def parse(doc: JsonValue) -> ModelReply:
         raise NotImplementedError
 
     async def complete(
-        self, system: str, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]
+        self, system: str, messages: Sequence[Message], tools: Sequence[Tool]
     ) -> ModelReply:
         """One model turn: the provider's body, the tools in its wire form, one POST."""
         body = self._body(system, messages)
@@ -198,13 +245,13 @@ class OpenAIProvider(_HttpProvider):
     _key_env = "OPENAI_API_KEY"
 
     @staticmethod
-    def wire_messages(system: str, messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    def wire_messages(system: str, messages: Sequence[Message]) -> list[JsonValue]:
+        out: list[JsonValue] = [{"role": "system", "content": system}] if system else []
         for m in messages:
             role = m.get("role")
             if role == "assistant":
-                msg: dict[str, Any] = {"role": "assistant", "content": m.get("content")}
-                calls = m.get("tool_calls") or []
+                msg: JsonObject = {"role": "assistant", "content": m.get("content")}
+                calls = [_obj(c, "a tool call") for c in _list(m.get("tool_calls"), "tool_calls")]
                 if calls:
                     msg["tool_calls"] = [
                         {
@@ -229,33 +276,34 @@ class OpenAIProvider(_HttpProvider):
                 out.append({"role": "user", "content": str(m.get("content", ""))})
         return out
 
-    def wire_tool(self, tool: Mapping[str, Any]) -> dict[str, Any]:
+    def wire_tool(self, tool: Tool) -> JsonObject:
         return {"type": "function", "function": super().wire_tool(tool)}
 
     @staticmethod
-    def parse(doc: Any) -> ModelReply:
+    def parse(doc: JsonValue) -> ModelReply:
         try:
-            choice = doc["choices"][0]
-            msg = choice["message"]
+            top = _obj(doc, "the response")
+            choice = _obj(_list(top["choices"], "choices")[0], "a choice")
+            msg = _obj(choice["message"], "the message")
             calls = []
-            for c in msg.get("tool_calls") or []:
-                raw = c["function"].get("arguments") or "{}"
+            for raw_call in _list(msg.get("tool_calls"), "tool_calls"):
+                c = _obj(raw_call, "a tool call")
+                fn = _obj(c["function"], "a function call")
+                raw = fn.get("arguments") or "{}"
                 args = json.loads(raw) if isinstance(raw, str) else raw
-                calls.append({"id": c.get("id") or "", "name": c["function"]["name"],
-                              "arguments": args})  # fmt: skip
-            usage = doc.get("usage") or {}
+                calls.append(_call(str(c.get("id") or ""), fn["name"], args))
+            usage = _obj(top.get("usage") or {}, "usage")
+            content = msg.get("content")
             return ModelReply(
-                content=msg.get("content"),
+                content=None if content is None else str(content),
                 tool_calls=tuple(calls),
-                usage=Usage(
-                    int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
-                ),
+                usage=Usage(_int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))),
                 stop_reason=str(choice.get("finish_reason") or ""),
             )
-        except (KeyError, IndexError, TypeError, ValueError) as exc:
+        except (KeyError, IndexError, TypeError, ValueError, InvalidParams) as exc:
             raise _model_error("openai", text=f"unexpected response shape: {exc!r}") from None
 
-    def _body(self, system: str, messages: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    def _body(self, system: str, messages: Sequence[Message]) -> JsonObject:
         return {
             "model": self.model,
             "messages": self.wire_messages(system, messages),
@@ -278,21 +326,22 @@ class AnthropicProvider(_HttpProvider):
     _key_required = True
 
     @staticmethod
-    def wire_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    def wire_messages(messages: Sequence[Message]) -> list[JsonObject]:
         """Tool results become ``tool_result`` blocks of one user turn, as the API wants."""
-        out: list[dict[str, Any]] = []
+        out: list[JsonObject] = []
         for m in messages:
             role = m.get("role")
             if role == "assistant":
-                blocks: list[dict[str, Any]] = []
+                blocks: list[JsonValue] = []
                 if m.get("content"):
                     blocks.append({"type": "text", "text": m["content"]})
-                for c in m.get("tool_calls") or []:
+                for raw in _list(m.get("tool_calls"), "tool_calls"):
+                    c = _obj(raw, "a tool call")
                     blocks.append({"type": "tool_use", "id": c["id"], "name": c["name"],
                                    "input": c.get("arguments") or {}})  # fmt: skip
                 out.append({"role": "assistant", "content": blocks})
             elif role == "tool":
-                block = {
+                block: JsonObject = {
                     "type": "tool_result",
                     "tool_use_id": m.get("tool_call_id"),
                     "content": str(m.get("content", "")),
@@ -308,32 +357,30 @@ class AnthropicProvider(_HttpProvider):
         return out
 
     @staticmethod
-    def parse(doc: Any) -> ModelReply:
+    def parse(doc: JsonValue) -> ModelReply:
         try:
+            top = _obj(doc, "the response")
             texts: list[str] = []
-            calls: list[dict[str, Any]] = []
-            for block in doc["content"]:
+            calls: list[ToolCall] = []
+            for raw in _list(top["content"], "content"):
+                block = _obj(raw, "a content block")
                 if block.get("type") == "text":
-                    texts.append(block.get("text", ""))
+                    texts.append(str(block.get("text", "")))
                 elif block.get("type") == "tool_use":
-                    calls.append({"id": block["id"], "name": block["name"],
-                                  "arguments": block.get("input") or {}})  # fmt: skip
-            usage = doc.get("usage") or {}
+                    calls.append(_call(str(block["id"]), block["name"], block.get("input")))
+            usage = _obj(top.get("usage") or {}, "usage")
             return ModelReply(
                 content="\n".join(texts) if texts else None,
                 tool_calls=tuple(calls),
-                usage=Usage(int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))),
-                stop_reason=str(doc.get("stop_reason") or ""),
+                usage=Usage(_int(usage.get("input_tokens")), _int(usage.get("output_tokens"))),
+                stop_reason=str(top.get("stop_reason") or ""),
             )
-        except (KeyError, TypeError, AttributeError) as exc:
+        except (KeyError, TypeError, AttributeError, InvalidParams) as exc:
             raise _model_error("anthropic", text=f"unexpected response shape: {exc!r}") from None
 
-    def _body(self, system: str, messages: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "model": self.model,
-            "max_tokens": self.max_tokens,
-            "messages": self.wire_messages(messages),
-        }
+    def _body(self, system: str, messages: Sequence[Message]) -> JsonObject:
+        wired: list[JsonValue] = list(self.wire_messages(messages))
+        body: JsonObject = {"model": self.model, "max_tokens": self.max_tokens, "messages": wired}
         if system:
             body["system"] = system
         return body
@@ -354,15 +401,15 @@ class ScriptedProvider:
 
     name = "scripted"
 
-    def __init__(self, turns: Sequence[Mapping[str, Any]], *, loop: bool = False,
+    def __init__(self, turns: Sequence[Message], *, loop: bool = False,
                  model: str = "scripted") -> None:  # fmt: skip
         if not turns:
             raise ConfigError("a scripted model needs at least one turn")
         self.model = model
-        self.turns = [dict(t) for t in turns]
+        self.turns: list[JsonObject] = [dict(t) for t in turns]
         self.loop = loop
         self.position = 0
-        self.requests: list[dict[str, Any]] = []
+        self.requests: list[JsonObject] = []
 
     @classmethod
     def from_file(cls, path: str | Path) -> ScriptedProvider:
@@ -378,29 +425,35 @@ class ScriptedProvider:
         return cls(doc["turns"], loop=bool(doc.get("loop")), model=p.name)
 
     async def complete(
-        self, system: str, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]
+        self, system: str, messages: Sequence[Message], tools: Sequence[Tool]
     ) -> ModelReply:
-        self.requests.append({"system": system, "messages": list(messages), "tools": list(tools)})
+        self.requests.append({"system": system, "messages": [dict(m) for m in messages],
+                              "tools": [dict(t) for t in tools]})  # fmt: skip
         if self.position >= len(self.turns):
             if not self.loop:
                 raise _model_error("scripted", text=f"script ended after {len(self.turns)} turns")
             self.position = 0
         turn = self.turns[self.position]
         self.position += 1
-        calls = []
-        for i, c in enumerate(turn.get("tool_calls") or []):
-            calls.append({"id": c.get("id") or f"call_{len(self.requests)}_{i}",
-                          "name": c["name"], "arguments": c.get("arguments") or {}})  # fmt: skip
-        usage = turn.get("usage") or {}
-        # Without counts in the script, estimate (4 characters a token) so budgets work.
-        in_tokens = usage.get("input_tokens", len(json.dumps(list(messages))) // 4)
-        out_tokens = usage.get("output_tokens", len(json.dumps(turn)) // 4)
-        return ModelReply(
-            content=turn.get("content"),
-            tool_calls=tuple(calls),
-            usage=Usage(int(in_tokens), int(out_tokens)),
-            stop_reason="tool_use" if calls else "end_turn",
-        )
+        try:
+            calls = []
+            for i, raw in enumerate(_list(turn.get("tool_calls"), "tool_calls")):
+                c = _obj(raw, "a tool call")
+                call_id = str(c.get("id") or f"call_{len(self.requests)}_{i}")
+                calls.append(_call(call_id, c["name"], c.get("arguments")))
+            usage = _obj(turn.get("usage") or {}, "usage")
+            # Without counts in the script, estimate (4 characters a token) so budgets work.
+            in_tokens = usage.get("input_tokens", len(json.dumps(list(messages))) // 4)
+            out_tokens = usage.get("output_tokens", len(json.dumps(turn)) // 4)
+            content = turn.get("content")
+            return ModelReply(
+                content=None if content is None else str(content),
+                tool_calls=tuple(calls),
+                usage=Usage(_int(in_tokens), _int(out_tokens)),
+                stop_reason="tool_use" if calls else "end_turn",
+            )
+        except (KeyError, TypeError, ValueError, InvalidParams) as exc:
+            raise _model_error("scripted", text=f"turn {self.position}: {exc!r}") from None
 
     async def aclose(self) -> None:
         return None
@@ -441,7 +494,9 @@ class Gateway:
         if self.on_event is not None:
             await self.on_event(event, **fields)
 
-    async def complete(self, params: Any, ctx: CallContext | None = None) -> dict[str, Any]:
+    async def complete(self, params: Any, ctx: CallContext | None = None) -> JsonObject:
+        """``model.complete``: ``params`` as its decode left them; the reply is the JSON of
+        :class:`~ironclaw.proto.agent_methods.ModelCompleteResult`."""
         if not isinstance(params, dict) or not isinstance(params.get("messages"), list):
             raise ConfigError("model.complete needs {'messages': [...]}")
         system = str(params.get("system") or "")
@@ -480,7 +535,7 @@ class Gateway:
             await self.on_event(
                 "model.response",
                 content=reply.content,
-                tool_calls=list(reply.tool_calls),
+                tool_calls=reply.calls_json(),
                 input_tokens=usage.input_tokens,
                 output_tokens=usage.output_tokens,
                 estimated=estimated,

@@ -44,8 +44,8 @@ __all__ = [
     "ExecResult",
     "FileDoc",
     "SandboxDoc",
-    "TaskDoc",
     "TaskFields",
+    "TaskInfo",
 ]
 
 API_URL_ENV = "IRONCLAW_API_URL"
@@ -73,8 +73,8 @@ class SandboxDoc(TypedDict):
 
 
 @with_config(_OPEN)
-class TaskDoc(TypedDict):
-    """An agent task (``GET /v1/tasks/{id}``): the API's ``TaskOut``."""
+class TaskInfo(TypedDict):
+    """An agent task (``GET /v1/tasks/{id}``); the task routes answer with this type."""
 
     id: str
     sandbox_id: str
@@ -88,8 +88,8 @@ class TaskDoc(TypedDict):
 
 @with_config(_OPEN)
 class ApprovalDoc(TypedDict):
-    """A RED call waiting for a decision (``GET /v1/approvals``): the API's ``ApprovalOut``;
-    ``arguments`` are the tool call's, free-form JSON."""
+    """A RED call waiting for a decision (``GET /v1/approvals``, which answers with this
+    type); ``arguments`` are the tool call's, free-form JSON."""
 
     id: str
     task_id: str
@@ -129,7 +129,7 @@ class TaskFields(TypedDict, total=False):
 
 _SANDBOX = TypeAdapter(SandboxDoc)
 _SANDBOXES = TypeAdapter(list[SandboxDoc])
-_TASK = TypeAdapter(TaskDoc)
+_TASK = TypeAdapter(TaskInfo)
 _APPROVALS = TypeAdapter(list[ApprovalDoc])
 _FILE = TypeAdapter(FileDoc)
 _FILES = TypeAdapter(list[FileDoc])
@@ -205,6 +205,10 @@ class ApiClient(AsyncResource):
 
     async def _typed(self, adapter: TypeAdapter[T], method: str, path: str, **kwargs: Any) -> T:
         return _decode(adapter, await self.request(method, path, **kwargs), f"{method} {path}")
+
+    async def request_object(self, method: str, path: str, **kwargs: Any) -> JsonObject:
+        """A route whose answer is a JSON object the caller reads itself (else ApiError)."""
+        return await self._typed(_OBJECT, method, path, **kwargs)
 
     # -- sandboxes ---------------------------------------------------------------------
 
@@ -408,14 +412,14 @@ class ApiClient(AsyncResource):
 
     # -- agent tasks and approvals -----------------------------------------------------
 
-    async def start_task(self, task: str, **fields: Unpack[TaskFields]) -> TaskDoc:
+    async def start_task(self, task: str, **fields: Unpack[TaskFields]) -> TaskInfo:
         """Start an agent task (fields: model, script, sandbox, budget, approve, keep)."""
         return await self._typed(_TASK, "POST", "/v1/tasks", json={"task": task, **fields})
 
-    async def task(self, task_id: str) -> TaskDoc:
+    async def task(self, task_id: str) -> TaskInfo:
         return await self._typed(_TASK, "GET", f"/v1/tasks/{_seg(task_id)}")
 
-    async def cancel_task(self, task_id: str) -> TaskDoc:
+    async def cancel_task(self, task_id: str) -> TaskInfo:
         return await self._typed(_TASK, "POST", f"/v1/tasks/{_seg(task_id)}/cancel")
 
     async def events(self, task_id: str) -> AsyncIterator[JsonObject]:

@@ -40,7 +40,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 from ironclaw.policy.addresses import (
     AddressRule,
@@ -114,6 +114,17 @@ class ProxyConfig:
             block=tuple(ipaddress.ip_network(b) for b in doc.get("block", ())),
             allow_addresses=tuple(AddressRule.from_json(r) for r in doc.get("allow_addresses", ())),
         )
+
+
+class _Request(TypedDict, total=False):
+    """What the audit line says of one request, filled in as the request is read."""
+
+    client: str | None
+    method: str
+    host: str
+    port: str
+    addr: str
+    tunnel_open: bool
 
 
 class _Denied(Exception):
@@ -240,7 +251,7 @@ class ProxyServer:
         client = f"{peer[0]}:{peer[1]}" if peer else None
         try:
             while True:
-                info: dict[str, Any] = {"client": client}
+                info: _Request = {"client": client}
                 if not await self._one(reader, writer, info):
                     break
         except (ConnectionError, OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
@@ -249,7 +260,7 @@ class ProxyServer:
             writer.close()
 
     async def _one(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, info: dict[str, Any]
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, info: _Request
     ) -> bool:
         """Serve one request; True if the connection may carry another."""
         try:
@@ -288,14 +299,14 @@ class ProxyServer:
         req: Message,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        info: dict[str, Any],
+        info: _Request,
     ) -> None:
         target = req.start[1]
         host, port = _authority_host(target)
         if target.rpartition(":")[2] != "443" or port != 443:
-            info.update(host=host, port=str(port))
+            info["host"], info["port"] = host, str(port)
             raise _Denied("CONNECT is allowed to port 443 only")
-        info.update(host=host, port="443")
+        info["host"], info["port"] = host, "443"
         hosts = req.get_all("host")
         if len(hosts) > 1:
             raise BadMessage("more than one Host header")
@@ -326,14 +337,14 @@ class ProxyServer:
         req: Message,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        info: dict[str, Any],
+        info: _Request,
     ) -> bool:
         method, target, version = req.start
         if not target[:7].lower() == "http://":
             raise _Denied("only CONNECT and absolute http:// requests are proxied")
         host, port, path = split_absolute(target)
         host = host.rstrip(".")
-        info.update(host=host, port=str(port))
+        info["host"], info["port"] = host, str(port)
         hosts = req.get_all("host")
         if len(hosts) != 1:
             raise BadMessage("more than one Host header" if hosts else "no Host header")
@@ -404,7 +415,7 @@ class ProxyServer:
             raise _Denied("no TLS ClientHello received") from None
 
     async def _open(
-        self, addrs: Sequence[IPAddress], port: int, info: dict[str, Any]
+        self, addrs: Sequence[IPAddress], port: int, info: _Request
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Connect to the first reachable checked address: by address, no second lookup."""
         loop = asyncio.get_running_loop()

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, TypedDict, Unpack
 
-from ironclaw.client.api import ApiClient, FileDoc, SandboxDoc
+from ironclaw.client.api import ApiClient, SandboxDoc
 from ironclaw.client.controls import RemoteNetwork, RemoteSnapshot, restore_doc, sandbox_path
 from ironclaw.client.procs import RemoteCommands, RemotePorts, RemotePty, RemoteWatch
 from ironclaw.proto import surface
@@ -44,11 +44,11 @@ class RemoteFiles(surface.SandboxPart["Sandbox"]):
     async def read(self, path: str, sink: OutputSink | None = None) -> bytes:
         return await self._sb.api.read_file(self._sb.id, path, sink)
 
-    async def list(self, path: str = ".") -> list[FileDoc]:
-        return await self._sb.api.list_files(self._sb.id, path)
+    async def list(self, path: str = ".") -> list[dict[str, Any]]:
+        return [dict[str, Any](e) for e in await self._sb.api.list_files(self._sb.id, path)]
 
-    async def stat(self, path: str) -> FileDoc:
-        return await self._sb.api.stat(self._sb.id, path)
+    async def stat(self, path: str) -> dict[str, Any]:
+        return dict[str, Any](await self._sb.api.stat(self._sb.id, path))
 
     async def remove(self, path: str, *, recursive: bool = False) -> None:
         await self._sb.api.remove(self._sb.id, path, recursive=recursive)

@@ -129,16 +129,16 @@ class TaskOutcome:
     events: list[TraceEvent] = field(default_factory=list)
 
     def to_json(self) -> TaskDoc:
-        return TaskDoc(
-            id=self.sandbox_id,
-            status=self.status,
-            reason=self.reason,
-            answer=self.answer,
-            steps=self.steps,
-            tool_calls=self.tool_calls,
-            usage=self.usage,
-            trace=str(self.trace_path),
-        )
+        return {
+            "id": self.sandbox_id,
+            "status": self.status,
+            "reason": self.reason,
+            "answer": self.answer,
+            "steps": self.steps,
+            "tool_calls": self.tool_calls,
+            "usage": self.usage,
+            "trace": str(self.trace_path),
+        }
 
 
 async def run_task(

@@ -28,9 +28,11 @@ from websockets.exceptions import ConnectionClosed
 from ironclaw.client._http import frame_doc, sse_events
 from ironclaw.client._http import problem as _problem
 from ironclaw.client._http import seg as _seg
-from ironclaw.errors import ApiError, ConfigError, ConnectError, IronclawError
+from ironclaw.errors import ApiError, ConfigError, ConnectError, InvalidParams, IronclawError
+from ironclaw.proto import records
 from ironclaw.proto.jsonval import JsonObject, JsonValue
 from ironclaw.proto.lifecycle import AsyncResource
+from ironclaw.proto.sandbox_methods import FileEntry
 from ironclaw.proto.surface import ExecOptions, ExecResult, OutputSink, feed
 
 if TYPE_CHECKING:
@@ -42,7 +44,6 @@ __all__ = [
     "ApiClient",
     "ApprovalDoc",
     "ExecResult",
-    "FileDoc",
     "SandboxDoc",
     "TaskFields",
     "TaskInfo",
@@ -101,19 +102,6 @@ class ApprovalDoc(TypedDict):
     card: str
 
 
-@with_config(_OPEN)
-class FileDoc(TypedDict):
-    """One entry of ``GET .../files`` or the answer of ``.../files/stat``: the JSON of
-    :class:`~ironclaw.proto.sandbox_methods.FileEntry` (lstat: links not followed)."""
-
-    name: str
-    path: str
-    type: str
-    size: int
-    mode: int
-    mtime: float
-
-
 class TaskFields(TypedDict, total=False):
     """What ``POST /v1/tasks`` takes besides the task: ``script`` (scripted model turns)
     and ``sandbox`` (a spec) are free-form JSON, ``budget`` a Budget's fields."""
@@ -131,8 +119,6 @@ _SANDBOX = TypeAdapter(SandboxDoc)
 _SANDBOXES = TypeAdapter(list[SandboxDoc])
 _TASK = TypeAdapter(TaskInfo)
 _APPROVALS = TypeAdapter(list[ApprovalDoc])
-_FILE = TypeAdapter(FileDoc)
-_FILES = TypeAdapter(list[FileDoc])
 _OBJECT = TypeAdapter(JsonObject)
 
 
@@ -147,6 +133,15 @@ def _decode(adapter: TypeAdapter[T], doc: JsonValue, route: str) -> T:
             f"{route}: the server's answer does not fit ({where}: {first['msg']}); "
             "is the server a matching IronClaw version?"
         ) from None
+
+
+def _entry(doc: JsonValue, route: str) -> JsonObject:
+    """A file entry, checked as the channel's :class:`FileEntry` record (the one
+    definition of that shape) and given back as its JSON."""
+    try:
+        return records.to_json(records.decode(FileEntry, doc, route))
+    except InvalidParams as exc:
+        raise ApiError(f"{route}: the server's answer does not fit ({exc})") from None
 
 
 class ApiClient(AsyncResource):
@@ -396,12 +391,17 @@ class ApiClient(AsyncResource):
             raise ConnectError(f"download from {self.base} failed: {exc}") from None
         return bytes(buf)
 
-    async def list_files(self, sandbox_id: str, path: str = ".") -> list[FileDoc]:
-        return await self._typed(_FILES, "GET", self._files(sandbox_id), params={"path": path})
+    async def list_files(self, sandbox_id: str, path: str = ".") -> list[JsonObject]:
+        """The directory's entries (``FileEntry`` fields: name, path, type, size, ...)."""
+        route = self._files(sandbox_id)
+        doc = await self.request("GET", route, params={"path": path})
+        if not isinstance(doc, list):
+            raise ApiError(f"GET {route}: the server's answer is not a list")
+        return [_entry(item, f"GET {route}") for item in doc]
 
-    async def stat(self, sandbox_id: str, path: str) -> FileDoc:
-        tail = self._files(sandbox_id, "/stat")
-        return await self._typed(_FILE, "GET", tail, params={"path": path})
+    async def stat(self, sandbox_id: str, path: str) -> JsonObject:
+        route = self._files(sandbox_id, "/stat")
+        return _entry(await self.request("GET", route, params={"path": path}), f"GET {route}")
 
     async def remove(self, sandbox_id: str, path: str, *, recursive: bool = False) -> None:
         params: dict[str, str | bool] = {"path": path, "recursive": recursive}

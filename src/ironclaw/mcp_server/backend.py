@@ -1,13 +1,15 @@
-"""What the MCP tools do: :class:`Backend`, over the in-process manager (:class:`LocalBackend`)
-or over ``ironclaw serve`` (:class:`~ironclaw.mcp_server.remote.RemoteBackend`).
+"""What the MCP tools do: :class:`SandboxTools`, over the in-process manager
+(:class:`LocalBackend`) or over ``ironclaw serve``
+(:class:`~ironclaw.mcp_server.remote.RemoteBackend`).
 
 The tools of ``ironclaw mcp`` are thin wrappers over a backend: it remembers the
 sandboxes it created (the tools act on those only: an MCP client, often a model, should
 not reach sandboxes that other programs run) and removes them when the server stops
 unless told to keep them. The argument checks, output bounds and encodings live in the
-base class once; a subclass supplies the primitives. Every answer is a JSON-ready dict;
-errors stay :class:`~ironclaw.errors.IronclawError` and become MCP tool errors one
-layer up.
+base class once, over the calls the manager and the API client share
+(:class:`SandboxService`); a subclass supplies the rest. Every answer is a ``TypedDict``
+the MCP SDK publishes as the tool's output schema; errors stay
+:class:`~ironclaw.errors.IronclawError` and become MCP tool errors one layer up.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import binascii
 import contextlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, Unpack
+from typing import Any, Generic, Protocol, TypeAlias, TypeVar, Unpack
 
 from typing_extensions import TypedDict
 
@@ -46,6 +48,7 @@ __all__ = [
     "LocalBackend",
     "Progress",
     "SandboxService",
+    "SandboxTools",
     "SandboxView",
     "TaskRun",
     "TaskSummary",
@@ -124,11 +127,20 @@ class TaskSummary(TaskDoc):
     decisions: list[ToolDecision]
 
 
-class SandboxService(Protocol):
-    """What the manager and the API client both offer, under the same names: the tools'
-    I/O runs through it once, whichever side the sandboxes are on."""
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+
+
+class SandboxService(Protocol[R_co]):
+    """What the manager and the API client both offer, under the same names (``R_co``:
+    how each describes a sandbox): the tools run through it once, whichever side the
+    sandboxes are on."""
 
     async def aclose(self) -> None: ...
+
+    async def create(self, spec: JsonObject) -> R_co: ...
+
+    async def get(self, sandbox_id: str) -> R_co: ...
 
     async def exec(
         self, sandbox_id: str, argv: list[str], **opts: Unpack[ExecOptions]
@@ -216,7 +228,7 @@ def task_summary(doc: TaskDoc, events: list[TraceEvent], keep: bool) -> TaskSumm
 
 @dataclass(frozen=True)
 class ExecRun:
-    """One command for :meth:`Backend._exec`, its output going to the bounded buffers."""
+    """One command for :meth:`SandboxTools._exec`, its output going to the bounded buffers."""
 
     sandbox_id: str
     argv: list[str]
@@ -230,7 +242,7 @@ class ExecRun:
 
 @dataclass(frozen=True)
 class TaskRun:
-    """One agent task for :meth:`Backend._task`; ``on_event`` hears each trace event.
+    """One agent task for :meth:`SandboxTools._task`; ``on_event`` hears each trace event.
     ``script`` and ``sandbox`` are free-form JSON, checked where they are used (the
     scripted provider, :func:`ironclaw.spec.parse_spec`)."""
 
@@ -244,12 +256,16 @@ class TaskRun:
     on_event: Callable[[TraceEvent], None]
 
 
-class Backend:
-    """The tools' operations over a :class:`SandboxService`; a subclass adds what the two
-    sides name differently (``_create``, ``_list``, ``_get``, ``_destroy``, ``_task``)."""
+class SandboxTools(Generic[R]):
+    """The tools' operations over a :class:`SandboxService` whose sandboxes ``view``
+    shows; a subclass adds what the two sides name differently (``open``, ``_list``,
+    ``_destroy``) and how an agent task runs (``_task``)."""
 
-    def __init__(self, service: SandboxService, *, keep: bool = False) -> None:
+    def __init__(
+        self, service: SandboxService[R], view: Callable[[R], SandboxView], *, keep: bool = False
+    ) -> None:
         self.service = service
+        self.view = view
         self.keep = keep
         self.owned: set[str] = set()
 
@@ -258,13 +274,7 @@ class Backend:
     async def open(self) -> None:
         raise NotImplementedError
 
-    async def _create(self, spec: JsonObject) -> SandboxView:
-        raise NotImplementedError
-
     async def _list(self) -> list[SandboxView]:
-        raise NotImplementedError
-
-    async def _get(self, sandbox_id: str) -> SandboxView:
         raise NotImplementedError
 
     async def _destroy(self, sandbox_id: str) -> None:
@@ -306,7 +316,7 @@ class Backend:
         return sandbox_id
 
     async def create(self, spec: JsonObject) -> SandboxView:
-        doc = await self._create(spec)
+        doc = self.view(await self.service.create(spec))
         self.owned.add(doc["id"])
         return doc
 
@@ -314,7 +324,7 @@ class Backend:
         return [doc for doc in await self._list() if doc["id"] in self.owned]
 
     async def get(self, sandbox_id: str) -> SandboxView:
-        return await self._get(self._mine(sandbox_id))
+        return self.view(await self.service.get(self._mine(sandbox_id)))
 
     async def exec(
         self,
@@ -441,24 +451,22 @@ class Backend:
         return task_summary(doc, events, keep)
 
 
-class LocalBackend(Backend):
+#: Either backend, whatever its sandboxes' record type.
+Backend: TypeAlias = SandboxTools[Any]
+
+
+class LocalBackend(SandboxTools[SandboxRecord]):
     """In this process, over a :class:`~ironclaw.host.manager.SandboxManager`."""
 
     def __init__(self, settings: Settings | None = None, *, keep: bool = False) -> None:
         self.manager = SandboxManager(settings)
-        super().__init__(self.manager, keep=keep)
+        super().__init__(self.manager, _record_view, keep=keep)
 
     async def open(self) -> None:
         await self.manager.open()
 
-    async def _create(self, spec: JsonObject) -> SandboxView:
-        return _record_view(await self.manager.create(spec))
-
     async def _list(self) -> list[SandboxView]:
         return [_record_view(r) for r in await self.manager.sandboxes()]
-
-    async def _get(self, sandbox_id: str) -> SandboxView:
-        return _record_view(await self.manager.get(sandbox_id))
 
     async def _destroy(self, sandbox_id: str) -> None:
         await self.manager.destroy(sandbox_id)

@@ -2,7 +2,7 @@
 
 The same tools as in-process, through the remote SDK: the service's token decides what
 this server may do (its scopes and quotas), and the service holds the model keys. The
-exec and file tools run through :class:`~ironclaw.mcp_server.backend.Backend` itself,
+exec and file tools run through :class:`~ironclaw.mcp_server.backend.SandboxTools` itself,
 as the client offers them under the manager's names.
 """
 
@@ -12,9 +12,8 @@ from ironclaw.agent.tasks import TaskDoc
 from ironclaw.agent.trace import TraceEvent
 from ironclaw.client import ApiClient
 from ironclaw.client.api import SandboxDoc, TaskFields
-from ironclaw.mcp_server.backend import Backend, SandboxView, TaskRun, sandbox_view
+from ironclaw.mcp_server.backend import SandboxTools, SandboxView, TaskRun, sandbox_view
 from ironclaw.proto import methods
-from ironclaw.proto.jsonval import JsonObject
 
 __all__ = ["RemoteBackend"]
 
@@ -25,26 +24,20 @@ def _view(doc: SandboxDoc) -> SandboxView:
     )
 
 
-class RemoteBackend(Backend):
+class RemoteBackend(SandboxTools[SandboxDoc]):
     """Over the HTTP API with one :class:`~ironclaw.client.ApiClient`."""
 
     def __init__(
         self, api_url: str | None = None, token: str | None = None, *, keep: bool = False
     ) -> None:
         self.api = ApiClient(api_url, token)
-        super().__init__(self.api, keep=keep)
+        super().__init__(self.api, _view, keep=keep)
 
     async def open(self) -> None:
         await self.api.list_sandboxes()  # fail now on a bad URL or token
 
-    async def _create(self, spec: JsonObject) -> SandboxView:
-        return _view(await self.api.create(spec))
-
     async def _list(self) -> list[SandboxView]:
         return [_view(d) for d in await self.api.list_sandboxes()]
-
-    async def _get(self, sandbox_id: str) -> SandboxView:
-        return _view(await self.api.get(sandbox_id))
 
     async def _destroy(self, sandbox_id: str) -> None:
         await self.api.delete(sandbox_id)

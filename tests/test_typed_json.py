@@ -12,6 +12,7 @@ import pytest
 from pydantic import TypeAdapter
 
 from ironclaw.agent.gateway import AnthropicProvider, Gateway, OpenAIProvider, ScriptedProvider
+from ironclaw.agent.providers import MAX_REPLY_BYTES
 from ironclaw.agent.trace import TraceWriter, read_trace
 from ironclaw.client import ApiClient
 from ironclaw.config import Settings
@@ -103,6 +104,16 @@ async def test_junk_from_a_model_server_is_a_model_error_over_http(
         monkeypatch.setenv("OPENAI_BASE_URL", server.url + "/v1")
         gw = Gateway(OpenAIProvider("gpt-4o-mini"))
         with pytest.raises(ModelError, match="unexpected response shape"):
+            await gw.complete({"messages": [{"role": "user", "content": "hi"}]})
+        await gw.aclose()
+
+
+async def test_a_model_reply_past_the_bound_is_not_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    huge = {"choices": [{"message": {"content": "x" * (MAX_REPLY_BYTES + 1)}}]}
+    async with FakeModelServer([huge]) as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.url + "/v1")
+        gw = Gateway(OpenAIProvider("gpt-4o-mini"))
+        with pytest.raises(ModelError, match="over .* bytes: not read"):
             await gw.complete({"messages": [{"role": "user", "content": "hi"}]})
         await gw.aclose()
 

@@ -48,6 +48,8 @@ __all__ = [
 ]
 
 DEFAULT_MAX_TOKENS = 4096
+#: The largest reply read from a vendor: a turn is kilobytes, so past this it is not one.
+MAX_REPLY_BYTES = 16 * 2**20
 ANTHROPIC_VERSION = "2023-06-01"
 #: A message of the neutral conversation, or a tool offered to the model: free-form JSON
 #: the guest sends (bounded by ``model.complete``'s decode), passed on to the vendor.
@@ -125,14 +127,8 @@ class Provider(Protocol):
 
 def _model_error(provider: str, exc: BaseException | None = None, *, text: str = "") -> ModelError:
     """Say what failed without echoing request headers (they carry the key)."""
-    if isinstance(exc, httpx.HTTPStatusError):
-        body = exc.response.text[:300].replace("\n", " ")
-        msg = f"{provider}: HTTP {exc.response.status_code} from {exc.request.url}: {body}"
-    elif exc is not None:
-        msg = f"{provider}: {type(exc).__name__}: {exc}"
-    else:
-        msg = f"{provider}: {text}"
-    return ModelError(msg)
+    detail = f"{type(exc).__name__}: {exc}" if exc is not None else text
+    return ModelError(f"{provider}: {detail}")
 
 
 class _HttpProvider:
@@ -164,16 +160,28 @@ class _HttpProvider:
         self._client = httpx.AsyncClient(timeout=timeout)
 
     async def _post(self, url: str, headers: dict[str, str], body: JsonObject) -> JsonValue:
-        """The vendor's answer, checked to be bounded JSON (its shape is :meth:`parse`'s)."""
+        """The vendor's answer, read up to :data:`MAX_REPLY_BYTES` and checked to be
+        bounded JSON (its shape is :meth:`parse`'s)."""
         try:
-            resp = await self._client.post(url, headers=headers, json=body)
-            resp.raise_for_status()
-            return json_value(resp.json(), "the response")
+            async with self._client.stream("POST", url, headers=headers, json=body) as resp:
+                data = bytearray()
+                async for chunk in resp.aiter_bytes():
+                    data += chunk
+                    if len(data) > MAX_REPLY_BYTES:
+                        raise _model_error(
+                            self.name, text=f"a reply over {MAX_REPLY_BYTES} bytes: not read"
+                        )
+            if resp.status_code >= 400:
+                shown = data[:300].decode(errors="replace").replace("\n", " ")
+                raise _model_error(
+                    self.name, text=f"HTTP {resp.status_code} from {resp.request.url}: {shown}"
+                )
+            return json_value(json.loads(data), "the response")
         except InvalidParams as exc:
             raise _model_error(self.name, text=f"unexpected response: {exc}") from None
         except httpx.ConnectError as exc:
             raise ConnectError(f"{self.name}: cannot reach {url}: {exc}") from None
-        except (httpx.HTTPError, ValueError) as exc:
+        except (httpx.HTTPError, ValueError, RecursionError) as exc:
             raise _model_error(self.name, exc) from None
 
     async def aclose(self) -> None:

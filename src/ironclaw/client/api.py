@@ -196,7 +196,10 @@ class ApiClient(AsyncResource):
             raise _problem(resp.status_code, resp.content)
         if resp.status_code == 204 or not resp.content:
             return None
-        return resp.json()
+        try:
+            return resp.json()
+        except (ValueError, RecursionError):
+            raise ApiError(f"{method} {path}: the server's answer is not JSON") from None
 
     async def _typed(self, adapter: TypeAdapter[T], method: str, path: str, **kwargs: Any) -> T:
         return _decode(adapter, await self.request(method, path, **kwargs), f"{method} {path}")

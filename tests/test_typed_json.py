@@ -113,7 +113,7 @@ async def test_a_model_reply_past_the_bound_is_not_read(monkeypatch: pytest.Monk
     async with FakeModelServer([huge]) as server:
         monkeypatch.setenv("OPENAI_BASE_URL", server.url + "/v1")
         gw = Gateway(OpenAIProvider("gpt-4o-mini"))
-        with pytest.raises(ModelError, match="over .* bytes: not read"):
+        with pytest.raises(ModelError, match=r"over \d+ bytes: not read"):
             await gw.complete({"messages": [{"role": "user", "content": "hi"}]})
         await gw.aclose()
 

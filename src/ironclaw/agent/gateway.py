@@ -1,39 +1,21 @@
 """The model gateway: the only place that holds model credentials, on the host.
 
 The agent loop inside the sandbox asks for each turn with ``model.complete``; the
-gateway translates IronClaw's neutral conversation into a vendor's wire format, calls
-the vendor over HTTP (httpx), translates the answer (text and tool calls) back, and
-counts and enforces the task's budget (:mod:`ironclaw.agent.budget`: the guest's own
-count is only a courtesy). Keys are read from the host's environment, as the
-vendors' SDKs read them, and never leave this process: not in a reply, not in an
-error, not in the trace.
-
-Models are named ``PROVIDER:NAME``:
-
-``openai:NAME``     any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM,
-                    Ollama, llama.cpp server): ``OPENAI_API_KEY``, ``OPENAI_BASE_URL``
-``anthropic:NAME``  Anthropic's Messages API: ``ANTHROPIC_API_KEY``, ``ANTHROPIC_BASE_URL``
-``scripted:FILE``   replays a JSON file of model turns (tests, the offline demo)
-
-The neutral conversation (what the guest sends) is a list of messages::
-
-    {"role": "user", "content": str}
-    {"role": "assistant", "content": str | None, "tool_calls": [{id, name, arguments}]}
-    {"role": "tool", "tool_call_id": str, "name": str, "content": str, "is_error": bool}
+gateway hands IronClaw's neutral conversation to a provider
+(:mod:`ironclaw.agent.providers`), which calls the vendor over HTTP (httpx) and
+translates the answer (text and tool calls) back, and counts and enforces the task's
+budget (:mod:`ironclaw.agent.budget`: the guest's own count is only a courtesy). Keys
+are read from the host's environment, as the vendors' SDKs read them, and never leave
+this process: not in a reply, not in an error, not in the trace.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, ClassVar, Protocol
-
-import httpx
+from typing import Any
 
 from ironclaw.agent.budget import (
     CHARS_PER_TOKEN_ESTIMATE,
@@ -44,7 +26,16 @@ from ironclaw.agent.budget import (
     TaskUsage,
     Usage,
 )
-from ironclaw.errors import ConfigError, ConnectError, ModelError
+from ironclaw.agent.providers import (
+    AnthropicProvider,
+    ModelReply,
+    OpenAIProvider,
+    Provider,
+    ScriptedProvider,
+    provider_from_name,
+)
+from ironclaw.errors import ConfigError
+from ironclaw.proto.jsonval import JsonObject
 from ironclaw.rpc import CallContext
 
 __all__ = [
@@ -60,364 +51,6 @@ __all__ = [
     "Usage",
     "provider_from_name",
 ]
-
-DEFAULT_MAX_TOKENS = 4096
-ANTHROPIC_VERSION = "2023-06-01"
-
-
-@dataclass(frozen=True)
-class ModelReply:
-    """One assistant turn in the neutral format, with what it cost."""
-
-    content: str | None
-    tool_calls: tuple[dict[str, Any], ...]
-    usage: Usage
-    stop_reason: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "message": {
-                "role": "assistant",
-                "content": self.content,
-                "tool_calls": list(self.tool_calls),
-            },
-            "usage": {
-                "input_tokens": self.usage.input_tokens,
-                "output_tokens": self.usage.output_tokens,
-            },
-            "stop_reason": self.stop_reason,
-        }
-
-
-class Provider(Protocol):
-    name: str
-    model: str
-
-    async def complete(
-        self, system: str, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]
-    ) -> ModelReply: ...
-
-    async def aclose(self) -> None: ...
-
-
-def _model_error(provider: str, exc: BaseException | None = None, *, text: str = "") -> ModelError:
-    """Say what failed without echoing request headers (they carry the key)."""
-    if isinstance(exc, httpx.HTTPStatusError):
-        body = exc.response.text[:300].replace("\n", " ")
-        msg = f"{provider}: HTTP {exc.response.status_code} from {exc.request.url}: {body}"
-    elif exc is not None:
-        msg = f"{provider}: {type(exc).__name__}: {exc}"
-    else:
-        msg = f"{provider}: {text}"
-    return ModelError(msg)
-
-
-class _HttpProvider:
-    """What the HTTP providers share: where the URL and key come from, and one client."""
-
-    name = "http"
-    _url_env: ClassVar[str]
-    _default_url: ClassVar[str]
-    _key_env: ClassVar[str]
-    _key_required: ClassVar[bool] = False
-
-    def __init__(
-        self,
-        model: str,
-        *,
-        api_key: str | None = None,
-        base_url: str | None = None,
-        timeout: float = 120.0,
-        max_tokens: int = DEFAULT_MAX_TOKENS,
-    ) -> None:
-        key = api_key if api_key is not None else os.environ.get(self._key_env, "")
-        if self._key_required and not key:
-            raise ConfigError(f"{self.name} models need {self._key_env} in the host's environment")
-        self.model = model
-        url = base_url or os.environ.get(self._url_env) or self._default_url
-        self.base_url = url.rstrip("/")
-        self._key = key
-        self.max_tokens = max_tokens
-        self._client = httpx.AsyncClient(timeout=timeout)
-
-    async def _post(self, url: str, headers: dict[str, str], body: dict[str, Any]) -> Any:
-        try:
-            resp = await self._client.post(url, headers=headers, json=body)
-            resp.raise_for_status()
-            return resp.json()
-        except httpx.ConnectError as exc:
-            raise ConnectError(f"{self.name}: cannot reach {url}: {exc}") from None
-        except (httpx.HTTPError, ValueError) as exc:
-            raise _model_error(self.name, exc) from None
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
-
-    # -- what a provider's wire format supplies ------------------------------------------
-
-    _path: ClassVar[str]
-
-    def _body(self, system: str, messages: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def _headers(self) -> dict[str, str]:
-        raise NotImplementedError
-
-    _schema_key: ClassVar[str]  # where a tool's JSON schema goes
-
-    def wire_tool(self, tool: Mapping[str, Any]) -> dict[str, Any]:
-        return {
-            "name": tool["name"],
-            "description": tool.get("description", ""),
-            self._schema_key: tool.get("input_schema") or {"type": "object"},
-        }
-
-    @staticmethod
-    def parse(doc: Any) -> ModelReply:
-        raise NotImplementedError
-
-    async def complete(
-        self, system: str, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]
-    ) -> ModelReply:
-        """One model turn: the provider's body, the tools in its wire form, one POST."""
-        body = self._body(system, messages)
-        if tools:
-            body["tools"] = [self.wire_tool(t) for t in tools]
-        return self.parse(await self._post(f"{self.base_url}{self._path}", self._headers(), body))
-
-
-class OpenAIProvider(_HttpProvider):
-    """Chat completions, as OpenAI, vLLM, Ollama and llama.cpp's server speak it."""
-
-    name = "openai"
-    _path = "/chat/completions"
-    _schema_key = "parameters"
-    _url_env = "OPENAI_BASE_URL"
-    _default_url = "https://api.openai.com/v1"
-    # Local servers (Ollama, llama.cpp) need no key; OpenAI itself answers 401.
-    _key_env = "OPENAI_API_KEY"
-
-    @staticmethod
-    def wire_messages(system: str, messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
-        for m in messages:
-            role = m.get("role")
-            if role == "assistant":
-                msg: dict[str, Any] = {"role": "assistant", "content": m.get("content")}
-                calls = m.get("tool_calls") or []
-                if calls:
-                    msg["tool_calls"] = [
-                        {
-                            "id": c["id"],
-                            "type": "function",
-                            "function": {
-                                "name": c["name"],
-                                "arguments": json.dumps(c.get("arguments") or {}),
-                            },
-                        }
-                        for c in calls
-                    ]
-                out.append(msg)
-            elif role == "tool":
-                content = str(m.get("content", ""))
-                if m.get("is_error"):
-                    content = f"ERROR: {content}"
-                out.append(
-                    {"role": "tool", "tool_call_id": m.get("tool_call_id"), "content": content}
-                )
-            else:
-                out.append({"role": "user", "content": str(m.get("content", ""))})
-        return out
-
-    def wire_tool(self, tool: Mapping[str, Any]) -> dict[str, Any]:
-        return {"type": "function", "function": super().wire_tool(tool)}
-
-    @staticmethod
-    def parse(doc: Any) -> ModelReply:
-        try:
-            choice = doc["choices"][0]
-            msg = choice["message"]
-            calls = []
-            for c in msg.get("tool_calls") or []:
-                raw = c["function"].get("arguments") or "{}"
-                args = json.loads(raw) if isinstance(raw, str) else raw
-                calls.append({"id": c.get("id") or "", "name": c["function"]["name"],
-                              "arguments": args})  # fmt: skip
-            usage = doc.get("usage") or {}
-            return ModelReply(
-                content=msg.get("content"),
-                tool_calls=tuple(calls),
-                usage=Usage(
-                    int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
-                ),
-                stop_reason=str(choice.get("finish_reason") or ""),
-            )
-        except (KeyError, IndexError, TypeError, ValueError) as exc:
-            raise _model_error("openai", text=f"unexpected response shape: {exc!r}") from None
-
-    def _body(self, system: str, messages: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "messages": self.wire_messages(system, messages),
-            "max_tokens": self.max_tokens,
-        }
-
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self._key}"} if self._key else {}
-
-
-class AnthropicProvider(_HttpProvider):
-    """Anthropic's Messages API (``POST /v1/messages``)."""
-
-    name = "anthropic"
-    _path = "/v1/messages"
-    _schema_key = "input_schema"
-    _url_env = "ANTHROPIC_BASE_URL"
-    _default_url = "https://api.anthropic.com"
-    _key_env = "ANTHROPIC_API_KEY"
-    _key_required = True
-
-    @staticmethod
-    def wire_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """Tool results become ``tool_result`` blocks of one user turn, as the API wants."""
-        out: list[dict[str, Any]] = []
-        for m in messages:
-            role = m.get("role")
-            if role == "assistant":
-                blocks: list[dict[str, Any]] = []
-                if m.get("content"):
-                    blocks.append({"type": "text", "text": m["content"]})
-                for c in m.get("tool_calls") or []:
-                    blocks.append({"type": "tool_use", "id": c["id"], "name": c["name"],
-                                   "input": c.get("arguments") or {}})  # fmt: skip
-                out.append({"role": "assistant", "content": blocks})
-            elif role == "tool":
-                block = {
-                    "type": "tool_result",
-                    "tool_use_id": m.get("tool_call_id"),
-                    "content": str(m.get("content", "")),
-                    "is_error": bool(m.get("is_error")),
-                }
-                last = out[-1] if out else None
-                if last and last["role"] == "user" and isinstance(last["content"], list):
-                    last["content"].append(block)
-                else:
-                    out.append({"role": "user", "content": [block]})
-            else:
-                out.append({"role": "user", "content": str(m.get("content", ""))})
-        return out
-
-    @staticmethod
-    def parse(doc: Any) -> ModelReply:
-        try:
-            texts: list[str] = []
-            calls: list[dict[str, Any]] = []
-            for block in doc["content"]:
-                if block.get("type") == "text":
-                    texts.append(block.get("text", ""))
-                elif block.get("type") == "tool_use":
-                    calls.append({"id": block["id"], "name": block["name"],
-                                  "arguments": block.get("input") or {}})  # fmt: skip
-            usage = doc.get("usage") or {}
-            return ModelReply(
-                content="\n".join(texts) if texts else None,
-                tool_calls=tuple(calls),
-                usage=Usage(int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))),
-                stop_reason=str(doc.get("stop_reason") or ""),
-            )
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise _model_error("anthropic", text=f"unexpected response shape: {exc!r}") from None
-
-    def _body(self, system: str, messages: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "model": self.model,
-            "max_tokens": self.max_tokens,
-            "messages": self.wire_messages(messages),
-        }
-        if system:
-            body["system"] = system
-        return body
-
-    def _headers(self) -> dict[str, str]:
-        return {"x-api-key": self._key, "anthropic-version": ANTHROPIC_VERSION}
-
-
-class ScriptedProvider:
-    """Replays model turns from a file (or a list): deterministic, offline, no key.
-
-    The file is JSON: ``{"turns": [turn, ...], "loop": false}`` where a turn is
-    ``{"content": str | null, "tool_calls": [{"name", "arguments", "id"?}],
-    "usage": {"input_tokens", "output_tokens"}?}``. With ``loop`` the turns repeat
-    forever (a model that never stops, for budget tests); otherwise running out of turns
-    is an error.
-    """
-
-    name = "scripted"
-
-    def __init__(self, turns: Sequence[Mapping[str, Any]], *, loop: bool = False,
-                 model: str = "scripted") -> None:  # fmt: skip
-        if not turns:
-            raise ConfigError("a scripted model needs at least one turn")
-        self.model = model
-        self.turns = [dict(t) for t in turns]
-        self.loop = loop
-        self.position = 0
-        self.requests: list[dict[str, Any]] = []
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> ScriptedProvider:
-        p = Path(path)
-        try:
-            doc = json.loads(p.read_text())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read scripted turns from {p}: {exc}") from None
-        if isinstance(doc, list):
-            doc = {"turns": doc}
-        if not isinstance(doc, dict) or not isinstance(doc.get("turns"), list):
-            raise ConfigError(f"{p}: expected {{'turns': [...]}}")
-        return cls(doc["turns"], loop=bool(doc.get("loop")), model=p.name)
-
-    async def complete(
-        self, system: str, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]
-    ) -> ModelReply:
-        self.requests.append({"system": system, "messages": list(messages), "tools": list(tools)})
-        if self.position >= len(self.turns):
-            if not self.loop:
-                raise _model_error("scripted", text=f"script ended after {len(self.turns)} turns")
-            self.position = 0
-        turn = self.turns[self.position]
-        self.position += 1
-        calls = []
-        for i, c in enumerate(turn.get("tool_calls") or []):
-            calls.append({"id": c.get("id") or f"call_{len(self.requests)}_{i}",
-                          "name": c["name"], "arguments": c.get("arguments") or {}})  # fmt: skip
-        usage = turn.get("usage") or {}
-        # Without counts in the script, estimate (4 characters a token) so budgets work.
-        in_tokens = usage.get("input_tokens", len(json.dumps(list(messages))) // 4)
-        out_tokens = usage.get("output_tokens", len(json.dumps(turn)) // 4)
-        return ModelReply(
-            content=turn.get("content"),
-            tool_calls=tuple(calls),
-            usage=Usage(int(in_tokens), int(out_tokens)),
-            stop_reason="tool_use" if calls else "end_turn",
-        )
-
-    async def aclose(self) -> None:
-        return None
-
-
-def provider_from_name(name: str) -> Provider:
-    """``openai:NAME``, ``anthropic:NAME`` or ``scripted:FILE``."""
-    kind, sep, rest = name.partition(":")
-    if not sep or not rest:
-        raise ConfigError(f"model {name!r}: use openai:NAME, anthropic:NAME or scripted:FILE")
-    if kind == "openai":
-        return OpenAIProvider(rest)
-    if kind == "anthropic":
-        return AnthropicProvider(rest)
-    if kind == "scripted":
-        return ScriptedProvider.from_file(rest)
-    raise ConfigError(f"unknown model provider {kind!r}: use openai, anthropic or scripted")
 
 
 @dataclass
@@ -441,7 +74,9 @@ class Gateway:
         if self.on_event is not None:
             await self.on_event(event, **fields)
 
-    async def complete(self, params: Any, ctx: CallContext | None = None) -> dict[str, Any]:
+    async def complete(self, params: Any, ctx: CallContext | None = None) -> JsonObject:
+        """``model.complete``: ``params`` as its decode left them; the reply is the JSON of
+        :class:`~ironclaw.proto.agent_methods.ModelCompleteResult`."""
         if not isinstance(params, dict) or not isinstance(params.get("messages"), list):
             raise ConfigError("model.complete needs {'messages': [...]}")
         system = str(params.get("system") or "")
@@ -480,7 +115,7 @@ class Gateway:
             await self.on_event(
                 "model.response",
                 content=reply.content,
-                tool_calls=list(reply.tool_calls),
+                tool_calls=reply.calls_json(),
                 input_tokens=usage.input_tokens,
                 output_tokens=usage.output_tokens,
                 estimated=estimated,

@@ -21,23 +21,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 from ironclaw.agent.approval import Approver, CardReader, Decision
 from ironclaw.agent.gateway import Gateway
-from ironclaw.agent.trace import TraceWriter
+from ironclaw.agent.trace import TraceEvent, TraceWriter
 from ironclaw.errors import BudgetExceeded, ConfigError
 from ironclaw.host.guest import GuestClient
+from ironclaw.proto.jsonval import JsonObject, JsonValue
 from ironclaw.rpc import CallContext, Peer
 
-__all__ = ["GUEST_STATUSES", "TaskHandlers", "await_guest", "host_outcome"]
+__all__ = ["GUEST_STATUSES", "HostOutcome", "TaskHandlers", "await_guest", "host_outcome"]
 
-EventCallback = Callable[[dict[str, Any]], None]
+EventCallback = Callable[[TraceEvent], None]
 #: What a guest may say about how its run ended; anything else is recorded as an error.
 GUEST_STATUSES = frozenset({"completed", "budget_exceeded", "error"})
 #: How long a guest has to wind down once the host has refused it for its budget.
 BUDGET_GRACE_S = 5.0
 MAX_REASON_CHARS = 500
+
+
+class HostOutcome(TypedDict):
+    """How a task ended, as the host records it (see :func:`host_outcome`)."""
+
+    status: str
+    reason: str | None
+    answer: str | None
+    steps: int
+    tool_calls: int
+    guest_reported: NotRequired[JsonObject]
+    enforced_by: NotRequired[str]
 
 
 class TaskHandlers:
@@ -61,11 +74,11 @@ class TaskHandlers:
         self.tool_calls = 0
         self._deciding = asyncio.Lock()
 
-    async def emit(self, event: str, /, **fields: Any) -> None:
+    async def emit(self, event: str, /, **fields: JsonValue) -> None:
         """Record a host event (and show it live)."""
         self._show(self.trace.emit(event, **fields))
 
-    def _show(self, record: dict[str, Any] | None) -> None:
+    def _show(self, record: TraceEvent | None) -> None:
         if record is not None and self.on_event is not None:
             self.on_event(record)
 
@@ -76,10 +89,12 @@ class TaskHandlers:
         guest.serve("tool.authorize", self.authorize)
         guest.serve("agent.event", self.agent_event)
 
-    async def model_complete(self, params: Any, ctx: CallContext | None = None) -> dict[str, Any]:
+    # Each reply is the JSON of the method's result record; GuestClient.serve checks it.
+
+    async def model_complete(self, params: Any, ctx: CallContext | None = None) -> JsonObject:
         return await self.gateway.complete(params, ctx)
 
-    async def authorize(self, params: Any, ctx: CallContext | None = None) -> dict[str, Any]:
+    async def authorize(self, params: Any, ctx: CallContext | None = None) -> JsonObject:
         call = params.get("call") if isinstance(params, Mapping) else None
         if not isinstance(call, Mapping) or not isinstance(call.get("name"), str):
             raise ConfigError("tool.authorize needs {'call': {'name': str, 'arguments': {}}}")
@@ -92,9 +107,9 @@ class TaskHandlers:
         async with self._deciding:
             return await self._decide(str(call.get("id") or "")[:200], name, args)
 
-    async def _decide(self, call_id: str, name: str, args: Mapping[str, Any]) -> dict[str, Any]:
+    async def _decide(self, call_id: str, name: str, args: Mapping[str, Any]) -> JsonObject:
         self.tool_calls += 1
-        await self.emit("tool.call", call_id=call_id, name=name, arguments=args)
+        await self.emit("tool.call", call_id=call_id, name=name, arguments=dict(args))
         cls = self.approver.policy.classify(name, args)
         await self.emit("tool.classified", call_id=call_id, color=cls.color.value,
                         reason=cls.reason)  # fmt: skip
@@ -108,7 +123,7 @@ class TaskHandlers:
         await self.emit("tool.decision", call_id=call_id, card=card, **decision.to_json())
         return decision.to_json()
 
-    async def agent_event(self, params: Any, ctx: CallContext | None = None) -> dict[str, Any]:
+    async def agent_event(self, params: Any, ctx: CallContext | None = None) -> JsonObject:
         self._show(self.trace.emit_guest(params))
         return {"ok": True}
 
@@ -142,26 +157,27 @@ async def await_guest(
         over.cancel()
 
 
-def host_outcome(claimed: Any, gateway: Gateway, handlers: TaskHandlers) -> dict[str, Any]:
+def host_outcome(claimed: JsonValue, gateway: Gateway, handlers: TaskHandlers) -> HostOutcome:
     """How the task ended, as the host records it.
 
     The counts are the host's; the guest's answer is kept as text; its status is taken
     only from :data:`GUEST_STATUSES`, and a budget the host enforced overrides it.
     """
-    doc = claimed if isinstance(claimed, Mapping) else {}
+    doc = claimed if isinstance(claimed, dict) else {}
     status = doc.get("status")
     reason = doc.get("reason") or doc.get("error")
-    if status not in GUEST_STATUSES:
+    if not isinstance(status, str) or status not in GUEST_STATUSES:
         status, reason = "error", f"the guest reported no valid status ({str(status)[:80]!r})"
     answer = doc.get("answer")
-    out: dict[str, Any] = {
-        "status": status,
-        "reason": str(reason)[:MAX_REASON_CHARS] if reason else None,
-        "answer": None if answer is None else str(answer),
-        "steps": gateway.meter.steps,
-        "tool_calls": handlers.tool_calls,
-        "guest_reported": {k: doc.get(k) for k in ("status", "steps", "tool_calls", "tokens")},
-    }
+    out = HostOutcome(
+        status=status,
+        reason=str(reason)[:MAX_REASON_CHARS] if reason else None,
+        answer=None if answer is None else str(answer),
+        steps=gateway.meter.steps,
+        tool_calls=handlers.tool_calls,
+        guest_reported={k: doc.get(k) for k in ("status", "steps", "tool_calls", "tokens")},
+    )
     if gateway.meter.exceeded is not None:
-        out.update(status="budget_exceeded", reason=gateway.meter.exceeded, enforced_by="host")
+        out["status"], out["reason"] = "budget_exceeded", gateway.meter.exceeded
+        out["enforced_by"] = "host"
     return out

@@ -15,23 +15,27 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import NotRequired
+
+from typing_extensions import TypedDict
 
 from ironclaw.agent.approval import CARD_READ_LIMIT, Approver, FilePrefix
 from ironclaw.agent.gateway import Gateway, GatewayLimits, Provider, provider_from_name
-from ironclaw.agent.handlers import TaskHandlers, await_guest, host_outcome
+from ironclaw.agent.handlers import HostOutcome, TaskHandlers, await_guest, host_outcome
 from ironclaw.agent.host_tools import HostServerSpec, HostTools
-from ironclaw.agent.trace import TraceWriter, merge_network_audit, state_trace_path
+from ironclaw.agent.trace import TraceEvent, TraceWriter, merge_network_audit, state_trace_path
 from ironclaw.config import safe_join
 from ironclaw.errors import ConfigError, IronclawError, ResourceLimitExceeded
 from ironclaw.host.manager import SandboxManager
 from ironclaw.mcp_servers import BUILTIN_SERVERS
 from ironclaw.proto import methods
 from ironclaw.proto.host_tools_methods import HOSTTOOLS_CALL, HOSTTOOLS_LIST
-from ironclaw.proto.methods import Budget
+from ironclaw.proto.jsonval import JsonObject, JsonValue
+from ironclaw.proto.methods import Budget, ServerSpec
 
 __all__ = [
     "DEFAULT_SYSTEM",
+    "TaskDoc",
     "TaskOutcome",
     "TaskSpec",
     "bounded_card_read",
@@ -46,10 +50,10 @@ DEFAULT_SYSTEM = (
     "/workspace. Use the tools to act; when done, answer without calling a tool. Some "
     "actions need approval and may be refused: adapt instead of retrying them."
 )
-EventCallback = Callable[[dict[str, Any]], None]
+EventCallback = Callable[[TraceEvent], None]
 
 
-def builtin_server(name: str, runtime: Path) -> dict[str, Any]:
+def builtin_server(name: str, runtime: Path) -> ServerSpec:
     """The stdio command of a built-in MCP server over the agent runtime."""
     module = BUILTIN_SERVERS.get(name)
     if module is None:
@@ -58,10 +62,10 @@ def builtin_server(name: str, runtime: Path) -> dict[str, Any]:
         f"import sys; sys.path.insert(0, {str(runtime)!r}); import runpy; "
         f"runpy.run_module({module!r}, run_name='__main__')"
     )
-    return {"name": name, "command": GUEST_PYTHON, "args": ["-I", "-B", "-c", boot]}
+    return ServerSpec(name=name, command=GUEST_PYTHON, args=("-I", "-B", "-c", boot))
 
 
-def parse_mcp(text: str, index: int) -> dict[str, Any]:
+def parse_mcp(text: str, index: int) -> ServerSpec:
     """``--mcp 'cmd args'`` (optionally ``NAME=cmd args``) as a server spec."""
     name, sep, rest = text.partition("=")
     if not sep or " " in name or not name:
@@ -73,7 +77,8 @@ def parse_mcp(text: str, index: int) -> dict[str, Any]:
     if not argv:
         raise ConfigError(f"--mcp {text!r}: give a command")
     name = name.replace("__", "_")
-    return {"name": name, "command": argv[0], "args": argv[1:]}
+    doc = {"name": name, "command": argv[0], "args": argv[1:]}
+    return methods.decode(ServerSpec, doc, f"--mcp {text[:80]!r}")
 
 
 @dataclass
@@ -82,9 +87,10 @@ class TaskSpec:
 
     task: str
     model: str = "openai:gpt-4o-mini"
-    sandbox: dict[str, Any] = field(default_factory=dict)
+    #: The sandbox spec as given (free-form until :func:`ironclaw.spec.parse_spec`).
+    sandbox: JsonObject = field(default_factory=dict)
     builtin_servers: tuple[str, ...] = ("shell", "files", "python")
-    mcp: list[dict[str, Any]] = field(default_factory=list)
+    mcp: list[ServerSpec] = field(default_factory=list)
     #: MCP servers run on the host with their secrets (see ironclaw.agent.host_tools).
     host_tools: list[HostServerSpec] = field(default_factory=list)
     budget: Budget = field(default_factory=Budget)
@@ -94,6 +100,22 @@ class TaskSpec:
     max_concurrent_model_calls: int = 2
 
 
+class TaskDoc(TypedDict):
+    """How a task ended, as ``ironclaw run --json`` prints it and the MCP tool returns it
+    (``id`` is the sandbox's; ``trace`` is there when run here, ``task_id`` when run by a
+    service). ``usage`` is :meth:`TaskUsage.to_json`'s, free-form to its readers."""
+
+    id: str
+    status: str
+    reason: str | None
+    answer: str | None
+    steps: int
+    tool_calls: int
+    usage: JsonObject | None
+    trace: NotRequired[str]
+    task_id: NotRequired[str]
+
+
 @dataclass
 class TaskOutcome:
     sandbox_id: str
@@ -101,12 +123,12 @@ class TaskOutcome:
     answer: str | None
     steps: int
     tool_calls: int
-    usage: dict[str, Any]
+    usage: JsonObject
     trace_path: Path
     reason: str | None = None
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[TraceEvent] = field(default_factory=list)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> TaskDoc:
         return {
             "id": self.sandbox_id,
             "status": self.status,
@@ -140,9 +162,9 @@ async def run_task(
     approver = approver or Approver()
     servers = [builtin_server(n, runtime) for n in spec.builtin_servers]
     servers += spec.mcp
-    if len({s["name"] for s in servers}) != len(servers):
+    if len({s.name for s in servers}) != len(servers):
         raise ConfigError("two MCP servers share a name")
-    if spec.host_tools and any(s["name"] == "host" for s in servers):
+    if spec.host_tools and any(s.name == "host" for s in servers):
         raise ConfigError("an MCP server in the sandbox cannot be named 'host' with host tools")
     # Built before the sandbox: a missing secret is reported before anything exists.
     host_tools = HostTools(spec.host_tools, approver, max_call_s=spec.budget.tool_timeout_s)
@@ -177,7 +199,8 @@ async def run_task(
         on_event=on_event,
     )
     emit = handlers.emit
-    outcome: dict[str, Any] = {"status": "error", "reason": None, "steps": 0, "tool_calls": 0}
+    outcome: HostOutcome = {"status": "error", "reason": None, "answer": None, "steps": 0,
+                            "tool_calls": 0}  # fmt: skip
     try:
         guest = await manager.guest(sid)
         handlers.register(guest.peer)
@@ -190,17 +213,17 @@ async def run_task(
             task=spec.task,
             model=f"{provider.name}:{provider.model}",
             sandbox_id=sid,
-            servers=[s["name"] for s in servers],
+            servers=[s.name for s in servers],
             budget=methods.to_json(spec.budget),
             limits=limits.__dict__,
-            network={"allow": [str(a) for a in _policy_allow(spec.sandbox)],
-                     "allow_domains": list(_policy_domains(spec.sandbox))},
+            network={"allow": _policy_list(spec.sandbox, "allow"),
+                     "allow_domains": _policy_list(spec.sandbox, "allow_domains")},
         )  # fmt: skip
         request = methods.AgentRunRequest(
             task=spec.task,
             system=spec.system,
             runtime=str(runtime),
-            servers=tuple(methods.decode(methods.ServerSpec, s, "server") for s in servers),
+            servers=tuple(servers),
             budget=spec.budget,
         )
         await host_tools.start()
@@ -214,15 +237,23 @@ async def run_task(
         claimed = None if ran is None else methods.to_json(ran)
         outcome = host_outcome(claimed, gateway, handlers)
     except TimeoutError:
-        outcome = {**host_outcome({"status": "budget_exceeded"}, gateway, handlers),
-                   "reason": "wall_time (host)", "enforced_by": "host"}  # fmt: skip
+        outcome = host_outcome({"status": "budget_exceeded"}, gateway, handlers)
+        outcome["reason"], outcome["enforced_by"] = "wall_time (host)", "host"
     except IronclawError as exc:
         outcome = host_outcome({"status": "error", "error": f"{type(exc).__name__}: {exc}"},
                                gateway, handlers)  # fmt: skip
     finally:
         usage = gateway.usage.to_json()
-        end_fields = {k: outcome.get(k) for k in _END_FIELDS}
-        end_fields["usage"] = usage
+        end_fields: JsonObject = {
+            "status": outcome["status"],
+            "reason": outcome["reason"],
+            "answer": outcome["answer"],
+            "steps": outcome["steps"],
+            "tool_calls": outcome["tool_calls"],
+            "enforced_by": outcome.get("enforced_by"),
+            "guest_reported": outcome.get("guest_reported"),
+            "usage": usage,
+        }
         with contextlib.suppress(Exception):
             await gateway.aclose()
         with contextlib.suppress(Exception):
@@ -235,10 +266,10 @@ async def run_task(
         await emit("task.end", **end_fields)
     return TaskOutcome(
         sandbox_id=sid,
-        status=str(outcome.get("status")),
-        answer=outcome.get("answer"),
-        steps=int(outcome.get("steps") or 0),
-        tool_calls=int(outcome.get("tool_calls") or 0),
+        status=outcome["status"],
+        answer=outcome["answer"],
+        steps=outcome["steps"],
+        tool_calls=outcome["tool_calls"],
         usage=usage,
         trace_path=paths[-1],
         reason=str(end_fields["reason"]) if end_fields["reason"] else None,
@@ -246,7 +277,6 @@ async def run_task(
     )
 
 
-_END_FIELDS = ("status", "reason", "answer", "steps", "tool_calls", "enforced_by", "guest_reported")
 #: How long the host waits for the file behind an approval card (a FIFO never answers).
 CARD_READ_TIMEOUT_S = 10.0
 
@@ -295,11 +325,8 @@ async def _running(manager: SandboxManager, sandbox_id: str) -> bool:
     return record.state == "running"
 
 
-def _policy_allow(sandbox: dict[str, Any]) -> list[Any]:
+def _policy_list(sandbox: JsonObject, key: str) -> list[JsonValue]:
+    """What the spec's ``network`` lists under ``key`` (for the trace; parse_spec checks it)."""
     net = sandbox.get("network") or {}
-    return list(net.get("allow") or []) if isinstance(net, dict) else []
-
-
-def _policy_domains(sandbox: dict[str, Any]) -> list[str]:
-    net = sandbox.get("network") or {}
-    return [str(d) for d in net.get("allow_domains") or []] if isinstance(net, dict) else []
+    items: JsonValue = net.get(key) if isinstance(net, dict) else None
+    return [str(a) for a in items] if isinstance(items, list) else []

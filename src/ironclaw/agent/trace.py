@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from rich.console import Console
 from rich.panel import Panel
@@ -40,12 +40,14 @@ from ironclaw.agent.render import literal
 from ironclaw.config import Settings, ensure_private_dir, safe_join
 from ironclaw.errors import ConfigError, SandboxNotFound
 from ironclaw.ids import validate_sandbox_id
+from ironclaw.proto.jsonval import JsonObject, JsonValue
 
 __all__ = [
     "GUEST_KINDS",
     "MAX_EVENT_BYTES",
     "MAX_TRACE_BYTES",
     "MAX_TRACE_EVENTS",
+    "TraceEvent",
     "TraceWriter",
     "event_line",
     "merge_network_audit",
@@ -63,25 +65,30 @@ MAX_TRACE_EVENTS = 20_000
 MAX_TRACE_BYTES = 32 * 2**20
 _ALWAYS = frozenset({"task.end"})
 
+#: One event: ``seq`` (int), ``ts`` (float), ``source`` and ``event`` (str), stamped here
+#: (:func:`read_trace` checks them), and the event's own fields, free-form JSON: what a
+#: model said, a tool's arguments, a guest's report.
+TraceEvent: TypeAlias = JsonObject
+
 
 def state_trace_path(settings: Settings, sandbox_id: str) -> Path:
     return safe_join(settings.state_dir, "traces", f"{validate_sandbox_id(sandbox_id)}.jsonl")
 
 
-def _dumps(record: Mapping[str, Any]) -> bytes:
+def _dumps(record: Mapping[str, JsonValue]) -> bytes:
     return (json.dumps(record, default=str) + "\n").encode()
 
 
-def _shrink(value: Any, cap: int, depth: int = 0) -> Any:
+def _shrink(value: JsonValue, cap: int, depth: int = 0) -> JsonValue:
     """``value`` with strings cut to ``cap`` characters and containers to 64 items."""
     if isinstance(value, str):
         return value if len(value) <= cap else value[:cap] + f"…[{len(value) - cap} chars cut]"
     if depth > 8:
         return "…[nested too deep]"
-    if isinstance(value, Mapping):
+    if isinstance(value, dict):
         items = list(value.items())[:64]
         return {str(k)[:cap]: _shrink(v, cap, depth + 1) for k, v in items}
-    if isinstance(value, list | tuple):
+    if isinstance(value, list):
         return [_shrink(v, cap, depth + 1) for v in list(value)[:64]]
     return value
 
@@ -98,7 +105,7 @@ class TraceWriter:
         max_bytes: int = MAX_TRACE_BYTES,
     ) -> None:
         self.paths = list(paths)
-        self.events: list[dict[str, Any]] = []
+        self.events: list[TraceEvent] = []
         self.max_event_bytes = max_event_bytes
         self.max_events = max_events
         self.max_bytes = max_bytes
@@ -109,11 +116,11 @@ class TraceWriter:
         for p in self.paths:
             ensure_private_dir(p.parent)
 
-    def emit(self, event: str, /, **fields: Any) -> dict[str, Any] | None:
+    def emit(self, event: str, /, **fields: JsonValue) -> TraceEvent | None:
         """Record a host event; None if the trace is full and it was dropped."""
         return self._append(event, "host", fields)
 
-    def emit_guest(self, doc: Any) -> dict[str, Any] | None:
+    def emit_guest(self, doc: Any) -> TraceEvent | None:
         """Record what a guest reported (``{"type": kind, ...}``) as a ``source: guest`` event.
 
         Refused with :class:`ConfigError` (the guest's call fails): a kind outside
@@ -135,21 +142,25 @@ class TraceWriter:
         fields = {str(k): v for k, v in doc.items() if k != "type"}
         return self._append(kind, "guest", fields)
 
-    def _fit(self, record: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+    def _fit(self, record: TraceEvent) -> tuple[TraceEvent, bytes]:
         line = _dumps(record)
         if len(line) <= self.max_event_bytes:
             return record, line
         stamp = {k: record[k] for k in ("seq", "ts", "source", "event")}
         rest = {k: v for k, v in record.items() if k not in stamp}
-        shrunk = {**stamp, **_shrink(rest, max(64, self.max_event_bytes // 16))}
+        cut = _shrink(rest, max(64, self.max_event_bytes // 16))
+        shrunk = {**stamp, **(cut if isinstance(cut, dict) else {})}
         shrunk["oversize_bytes"] = len(line)
         small = _dumps(shrunk)
         if len(small) <= self.max_event_bytes:
             return shrunk, small
-        keep = {**stamp, "oversize_bytes": len(line), "fields": sorted(rest)[:32]}
+        names: list[JsonValue] = list(sorted(rest)[:32])
+        keep: TraceEvent = {**stamp, "oversize_bytes": len(line), "fields": names}
         return keep, _dumps(keep)
 
-    def _append(self, event: str, source: str, fields: Mapping[str, Any]) -> dict[str, Any] | None:
+    def _append(
+        self, event: str, source: str, fields: Mapping[str, JsonValue]
+    ) -> TraceEvent | None:
         with self._lock:
             full = len(self.events) >= self.max_events or self.bytes >= self.max_bytes
             if full and event not in _ALWAYS:
@@ -164,9 +175,9 @@ class TraceWriter:
                 fields = {**fields, "trace_dropped": self.dropped}
             return self._write(event, source, fields)
 
-    def _write(self, event: str, source: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+    def _write(self, event: str, source: str, fields: Mapping[str, JsonValue]) -> TraceEvent:
         self._seq += 1
-        record = {"seq": self._seq, "ts": round(time.time(), 6), "source": source,
+        record: TraceEvent = {"seq": self._seq, "ts": round(time.time(), 6), "source": source,
                   "event": event}  # fmt: skip
         record.update((k, v) for k, v in fields.items() if k not in STAMPED)
         record, line = self._fit(record)
@@ -184,19 +195,33 @@ class TraceWriter:
         return record
 
 
-def read_trace(path: Path) -> list[dict[str, Any]]:
-    """Events of a trace file; a torn last line (a crash mid-write) is skipped."""
+def _stamped(doc: JsonValue) -> bool:
+    """Whether a line read back has the host's four stamps with their types."""
+    if not isinstance(doc, dict):
+        return False
+    seq, ts = doc.get("seq"), doc.get("ts")
+    return (
+        isinstance(seq, int)
+        and isinstance(ts, int | float)
+        and isinstance(doc.get("source"), str)
+        and isinstance(doc.get("event"), str)
+    )
+
+
+def read_trace(path: Path) -> list[TraceEvent]:
+    """Events of a trace file; a torn last line (a crash mid-write) is skipped, and so
+    is a line without the host's stamps (``seq``, ``ts``, ``source``, ``event``)."""
     try:
         text = path.read_text()
     except FileNotFoundError:
         raise SandboxNotFound(f"no trace at {path}: was a task run in that sandbox?") from None
-    out: list[dict[str, Any]] = []
+    out: list[TraceEvent] = []
     for line in text.splitlines():
         try:
-            doc = json.loads(line)
+            doc: JsonValue = json.loads(line)
         except ValueError:
             continue
-        if isinstance(doc, dict):
+        if isinstance(doc, dict) and _stamped(doc):
             out.append(doc)
     return out
 
@@ -217,7 +242,10 @@ def merge_network_audit(trace: TraceWriter, audit_path: Path, *, since: float = 
             doc = json.loads(line)
         except ValueError:
             continue
-        if not isinstance(doc, dict) or float(doc.get("ts", since) or since) < since:
+        if not isinstance(doc, dict):
+            continue
+        ts = doc.get("ts", since)
+        if (ts if isinstance(ts, int | float) else since) < since:
             continue
         fields = {k: v for k, v in doc.items() if k not in STAMPED}
         fields["audit"] = doc.get("event", "net")
@@ -227,7 +255,7 @@ def merge_network_audit(trace: TraceWriter, audit_path: Path, *, since: float = 
     return n
 
 
-def _short(value: Any, limit: int = 160) -> str:
+def _short(value: JsonValue, limit: int = 160) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     text = text.replace("\n", "⏎ ")
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -242,7 +270,15 @@ def _t(*parts: str | Text | tuple[str, str]) -> Text:
     return Text.assemble(*parts)
 
 
-def _body(ev: dict[str, Any]) -> Text:
+def _num(value: JsonValue, default: float) -> float:
+    return float(value) if isinstance(value, int | float) else default
+
+
+def _items(value: JsonValue) -> list[JsonValue]:
+    return value if isinstance(value, list) else []
+
+
+def _body(ev: TraceEvent) -> Text:
     kind = str(ev.get("event", "?"))
     if kind == "task.start":
         return _t(("task ", "bold"), literal(_short(ev.get("task", ""), 200)),
@@ -254,7 +290,7 @@ def _body(ev: dict[str, Any]) -> Text:
         return _t(("model ✗ ", "red"), literal(ev.get("reason", "")))
     if kind == "model.response":
         calls = ", ".join(str(c.get("name", "?")) if isinstance(c, dict) else "?"
-                          for c in ev.get("tool_calls") or [])  # fmt: skip
+                          for c in _items(ev.get("tool_calls")))  # fmt: skip
         what = f"calls {calls}" if calls else f"answers: {_short(ev.get('content') or '')}"
         tokens = f" ({ev.get('input_tokens')}+{ev.get('output_tokens')} tokens)"
         return _t(("model → ", "blue"), literal(what), literal(tokens, "dim"))
@@ -274,7 +310,7 @@ def _body(ev: dict[str, Any]) -> Text:
         return _t("  ", mark, " ", literal(ev.get("name", "")), " ",
                   literal(_short(ev.get("content", ""), 200)))  # fmt: skip
     if kind == "network" and ev.get("audit") == "net.summary":
-        dropped = int(ev.get("dropped_packets") or 0)
+        dropped = int(_num(ev.get("dropped_packets"), 0.0))
         style = "red" if dropped else "green"
         return _t(("net ", "magenta"), "firewall dropped ", (str(dropped), style),
                   " packet(s) in all")  # fmt: skip
@@ -294,7 +330,7 @@ def _body(ev: dict[str, Any]) -> Text:
     return _t(literal(kind), " ", literal(_short(rest)))
 
 
-def event_line(ev: dict[str, Any]) -> Text:
+def event_line(ev: TraceEvent) -> Text:
     """One event as a line: who it is from (``host``/``guest``) and what it says."""
     source = ev.get("source")
     tag = ("guest ", "yellow") if source == "guest" else ("host  ", "dim")
@@ -303,21 +339,21 @@ def event_line(ev: dict[str, Any]) -> Text:
     return _t(tag, _body(ev))
 
 
-def render_timeline(events: list[dict[str, Any]], console: Console | None = None) -> None:
+def render_timeline(events: list[TraceEvent], console: Console | None = None) -> None:
     """Print the trace as a timeline with offsets from the task's start."""
     console = console or Console()
     if not events:
         console.print("(empty trace)")
         return
-    t0 = float(events[0].get("ts", 0.0))
+    t0 = _num(events[0].get("ts"), 0.0)
     for ev in events:
-        offset = float(ev.get("ts", t0)) - t0
+        offset = _num(ev.get("ts"), t0) - t0
         console.print(_t((f"{offset:8.3f}s ", "dim"), event_line(ev)), highlight=False)
         if ev.get("event") == "tool.decision" and ev.get("card"):
             console.print(Panel(literal(ev["card"]), title=Text("diff card"), expand=False))
     end = next((e for e in reversed(events) if e.get("event") == "task.end"), None)
-    if end is not None and isinstance(end.get("usage"), dict):
-        u = end["usage"]
+    u = end.get("usage") if end is not None else None
+    if isinstance(u, dict):
         cost = u.get("cost_usd")
         money = "unknown" if not isinstance(cost, int | float) else f"${cost:.4f}"
         console.print(literal(f"usage: {u.get('requests')} requests, "

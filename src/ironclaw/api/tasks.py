@@ -27,10 +27,13 @@ from pydantic import BaseModel, Field
 from ironclaw.agent.approval import Approver
 from ironclaw.agent.gateway import Provider, ScriptedProvider, provider_from_name
 from ironclaw.agent.tasks import TaskOutcome, TaskSpec, run_task
+from ironclaw.agent.trace import TraceEvent
 from ironclaw.api.auth import Principal
 from ironclaw.api.service import Approve, Read, Service, ServiceDep, Write
+from ironclaw.client.api import ApprovalDoc, TaskInfo
 from ironclaw.errors import ConfigError, IronclawError, NotFound
 from ironclaw.ids import new_sandbox_id
+from ironclaw.proto.jsonval import JsonObject
 from ironclaw.proto.methods import Budget
 from ironclaw.spec import parse_spec
 
@@ -40,42 +43,28 @@ router = APIRouter(tags=["tasks"])
 
 
 class TaskCreate(BaseModel):
+    """``POST /v1/tasks``. The script's turns, the sandbox spec and the budget are JSON
+    here, read by the scripted provider, :func:`parse_spec` and :meth:`Budget.from_json`."""
+
     task: str = Field(min_length=1, max_length=100_000)
     model: str = "openai:gpt-4o-mini"
-    script: list[dict[str, Any]] | None = Field(
+    script: list[JsonObject] | None = Field(
         default=None, description="Scripted model turns (instead of a real model)"
     )
     script_loop: bool = Field(default=False, description="Repeat the scripted turns forever")
-    sandbox: dict[str, Any] = Field(default_factory=dict)
-    budget: dict[str, Any] | None = None
+    sandbox: JsonObject = Field(default_factory=dict)
+    budget: JsonObject | None = None
     approve: Literal["prompt", "green-only", "all", "never"] = "prompt"
     keep: bool = False
 
 
-class TaskOut(BaseModel):
-    id: str
-    sandbox_id: str
-    status: str
-    answer: str | None = None
-    reason: str | None = None
-    steps: int = 0
-    tool_calls: int = 0
-    events: int = 0
+#: What the task routes answer: the one definition the remote SDK reads too.
+TaskOut = TaskInfo
+ApprovalOut = ApprovalDoc
 
 
 class Decide(BaseModel):
     approve: bool
-
-
-class ApprovalOut(BaseModel):
-    id: str
-    task_id: str
-    sandbox_id: str
-    name: str
-    arguments: dict[str, Any]
-    color: str
-    reason: str
-    card: str
 
 
 @dataclass
@@ -84,13 +73,13 @@ class TaskRun:
     owner: str
     sandbox_id: str
     approver: Approver
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[TraceEvent] = field(default_factory=list)
     status: str = "running"
     outcome: TaskOutcome | None = None
     job: asyncio.Task[None] | None = None
     _waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
-    def add(self, event: dict[str, Any]) -> None:
+    def add(self, event: TraceEvent) -> None:
         self.events.append(event)
         self.wake()
 

@@ -27,6 +27,7 @@ from ironclaw.errors import ConfigError
 
 if TYPE_CHECKING:
     from ironclaw.client import ApiClient, ExecResultLike
+    from ironclaw.proto.jsonval import JsonObject
     from ironclaw.spec import SandboxSpec
 
 __all__ = [
@@ -92,8 +93,9 @@ async def run_with(
     return result
 
 
-def _dump(spec: SandboxSpec) -> dict[str, Any]:
-    return spec.model_dump(mode="json")
+def _dump(spec: SandboxSpec) -> JsonObject:
+    doc: JsonObject = spec.model_dump(mode="json")
+    return doc
 
 
 async def exec_oneshot(
@@ -128,7 +130,7 @@ async def create(
     *,
     as_json: bool,
     from_snapshot: str | None = None,
-    given: dict[str, Any] | None = None,
+    given: JsonObject | None = None,
 ) -> None:
     """Create a sandbox, or restore ``from_snapshot`` with the fields ``given`` on top."""
     from ironclaw.client.controls import restore_doc
@@ -162,14 +164,14 @@ async def ls(*, as_json: bool) -> None:
     out_console.print(table)
 
 
-async def control(sandbox_id: str, action: str, body: dict[str, Any] | None) -> dict[str, Any]:
+async def control(sandbox_id: str, action: str, body: JsonObject | None) -> JsonObject:
     """``sandbox pause|resume|timeout`` (POST) and ``net`` (PATCH) through the API; the
     JSON the local commands print."""
     from ironclaw.client.controls import sandbox_path
 
     async with _client() as api:
         method, tail = ("PATCH", "network") if action == "net" else ("POST", action)
-        doc: dict[str, Any] = await api.request(method, sandbox_path(sandbox_id, tail), json=body)
+        doc = await api.request_object(method, sandbox_path(sandbox_id, tail), json=body)
     if action == "net":
         return {"id": sandbox_id, "network": doc}
     if action == "timeout":
@@ -255,21 +257,17 @@ async def run_task(
     *,
     model: str,
     approve: str,
-    sandbox: dict[str, Any],
-    budget: dict[str, Any],
+    sandbox: JsonObject,
+    budget: JsonObject,
     keep: bool,
     as_json: bool,
-    progress: Callable[[dict[str, Any]], None] | None,
+    progress: Callable[[JsonObject], None] | None,
     ask: Callable[[Any], Awaitable[bool]] | None,
 ) -> int:
     """``ironclaw run`` through the API; returns the exit status (0: completed)."""
-    body: dict[str, Any] = {
-        "model": model,
-        "approve": approve,
-        "sandbox": sandbox,
-        "budget": budget,
-        "keep": keep,
-    }
+    from ironclaw.client.api import TaskFields
+
+    body = TaskFields(model=model, approve=approve, sandbox=sandbox, budget=budget, keep=keep)
     if model.startswith("scripted:"):
         # The server never reads a client's file: the turns travel inline.
         path = Path(model.removeprefix("scripted:"))
@@ -278,7 +276,10 @@ async def run_task(
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read scripted turns from {path}: {exc}") from None
         doc = {"turns": doc} if isinstance(doc, list) else doc
-        body["script"], body["script_loop"] = doc.get("turns"), bool(doc.get("loop"))
+        turns = doc.get("turns") if isinstance(doc, dict) else None
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            raise ConfigError(f"{path}: expected {{'turns': [{{...}}, ...]}}")
+        body["script"], body["script_loop"] = turns, bool(doc.get("loop"))
     async with _client() as api:
         started = await api.start_task(task, **body)
         async for event in api.events(started["id"]):

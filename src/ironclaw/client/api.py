@@ -3,6 +3,10 @@
 ``api_url`` is ``http(s)://host:port`` or ``unix:/path/to.sock``; without arguments
 the client reads ``IRONCLAW_API_URL`` and ``IRONCLAW_API_TOKEN``. Failures raise the
 exception the server raised (the class travels in the problem details).
+
+Answers are the server's, so checked: each JSON body is decoded against its
+``TypedDict`` (:func:`_decode`, with pydantic) and one that does not fit is an
+:class:`~ironclaw.errors.ApiError` naming the route, never a ``KeyError`` later.
 """
 
 from __future__ import annotations
@@ -13,31 +17,52 @@ import json
 import os
 import socket
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, TypedDict, Unpack
+from typing import TYPE_CHECKING, Any, TypeVar, Unpack
 
 import httpx
+from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
+from typing_extensions import TypedDict
 from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import ConnectionClosed
 
 from ironclaw.client._http import frame_doc, sse_events
 from ironclaw.client._http import problem as _problem
 from ironclaw.client._http import seg as _seg
-from ironclaw.errors import ApiError, ConfigError, ConnectError, IronclawError
+from ironclaw.errors import ApiError, ConfigError, ConnectError, InvalidParams, IronclawError
+from ironclaw.proto import records
+from ironclaw.proto.jsonval import JsonObject, JsonValue
 from ironclaw.proto.lifecycle import AsyncResource
+from ironclaw.proto.sandbox_methods import FileEntry
 from ironclaw.proto.surface import ExecOptions, ExecResult, OutputSink, feed
 
 if TYPE_CHECKING:
     from ironclaw.client.controls import RemoteSnapshots
 
-__all__ = ["API_TOKEN_ENV", "API_URL_ENV", "ApiClient", "ExecResult", "SandboxDoc"]
+__all__ = [
+    "API_TOKEN_ENV",
+    "API_URL_ENV",
+    "ApiClient",
+    "ApprovalDoc",
+    "ExecResult",
+    "SandboxDoc",
+    "TaskFields",
+    "TaskInfo",
+]
 
 API_URL_ENV = "IRONCLAW_API_URL"
 API_TOKEN_ENV = "IRONCLAW_API_TOKEN"  # noqa: S105 - a variable name, not a secret
 CHUNK = 256 * 1024
 
 
+T = TypeVar("T")
+# Fields a newer server adds are kept (extra="allow"): the client checks what it reads.
+_OPEN = ConfigDict(extra="allow")
+
+
+@with_config(_OPEN)
 class SandboxDoc(TypedDict):
-    """A sandbox as the API describes it (``GET /v1/sandboxes/{id}``)."""
+    """A sandbox as the API describes it (``GET /v1/sandboxes/{id}``); ``spec`` is the
+    spec as given, free-form JSON."""
 
     id: str
     backend: str
@@ -45,7 +70,78 @@ class SandboxDoc(TypedDict):
     reason: str | None
     created_at: float
     owner: str | None
-    spec: dict[str, Any]
+    spec: JsonObject
+
+
+@with_config(_OPEN)
+class TaskInfo(TypedDict):
+    """An agent task (``GET /v1/tasks/{id}``); the task routes answer with this type."""
+
+    id: str
+    sandbox_id: str
+    status: str
+    answer: str | None
+    reason: str | None
+    steps: int
+    tool_calls: int
+    events: int
+
+
+@with_config(_OPEN)
+class ApprovalDoc(TypedDict):
+    """A RED call waiting for a decision (``GET /v1/approvals``, which answers with this
+    type); ``arguments`` are the tool call's, free-form JSON."""
+
+    id: str
+    task_id: str
+    sandbox_id: str
+    name: str
+    arguments: JsonObject
+    color: str
+    reason: str
+    card: str
+
+
+class TaskFields(TypedDict, total=False):
+    """What ``POST /v1/tasks`` takes besides the task: ``script`` (scripted model turns)
+    and ``sandbox`` (a spec) are free-form JSON, ``budget`` a Budget's fields."""
+
+    model: str
+    script: list[JsonObject]
+    script_loop: bool
+    sandbox: JsonObject
+    budget: JsonObject
+    approve: str
+    keep: bool
+
+
+_SANDBOX = TypeAdapter(SandboxDoc)
+_SANDBOXES = TypeAdapter(list[SandboxDoc])
+_TASK = TypeAdapter(TaskInfo)
+_APPROVALS = TypeAdapter(list[ApprovalDoc])
+_OBJECT = TypeAdapter(JsonObject)
+
+
+def _decode(adapter: TypeAdapter[T], doc: JsonValue, route: str) -> T:
+    """``doc`` as the type ``route`` answers with, or :class:`ApiError` saying what differs."""
+    try:
+        return adapter.validate_python(doc)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "the body"
+        raise ApiError(
+            f"{route}: the server's answer does not fit ({where}: {first['msg']}); "
+            "is the server a matching IronClaw version?"
+        ) from None
+
+
+def _entry(doc: JsonValue, route: str) -> JsonObject:
+    """A file entry, checked as the channel's :class:`FileEntry` record (the one
+    definition of that shape) and given back as its JSON."""
+    try:
+        return records.to_json(records.decode(FileEntry, doc, route))
+    except InvalidParams as exc:
+        raise ApiError(f"{route}: the server's answer does not fit ({exc})") from None
 
 
 class ApiClient(AsyncResource):
@@ -100,26 +196,27 @@ class ApiClient(AsyncResource):
             raise _problem(resp.status_code, resp.content)
         if resp.status_code == 204 or not resp.content:
             return None
-        return resp.json()
+        try:
+            return resp.json()
+        except (ValueError, RecursionError):
+            raise ApiError(f"{method} {path}: the server's answer is not JSON") from None
 
-    async def _object(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        doc: dict[str, Any] = await self.request(method, path, **kwargs)
-        return doc
+    async def _typed(self, adapter: TypeAdapter[T], method: str, path: str, **kwargs: Any) -> T:
+        return _decode(adapter, await self.request(method, path, **kwargs), f"{method} {path}")
 
-    async def _objects(self, method: str, path: str, **kwargs: Any) -> list[dict[str, Any]]:
-        docs: list[dict[str, Any]] = await self.request(method, path, **kwargs)
-        return docs
+    async def request_object(self, method: str, path: str, **kwargs: Any) -> JsonObject:
+        """A route whose answer is a JSON object the caller reads itself (else ApiError)."""
+        return await self._typed(_OBJECT, method, path, **kwargs)
 
     # -- sandboxes ---------------------------------------------------------------------
 
     async def create(
-        self, spec: dict[str, Any] | None = None, *, sandbox_id: str | None = None
+        self, spec: JsonObject | None = None, *, sandbox_id: str | None = None
     ) -> SandboxDoc:
-        body: dict[str, Any] = {"spec": spec or {}}
+        body: JsonObject = {"spec": spec or {}}
         if sandbox_id is not None:
             body["id"] = sandbox_id
-        doc: SandboxDoc = await self.request("POST", "/v1/sandboxes", json=body)
-        return doc
+        return await self._typed(_SANDBOX, "POST", "/v1/sandboxes", json=body)
 
     async def list_sandboxes(
         self, state: str | None = None, labels: dict[str, str] | None = None
@@ -127,18 +224,17 @@ class ApiClient(AsyncResource):
         """The caller's sandboxes in ``state`` carrying every one of ``labels``."""
         params: list[tuple[str, str]] = [("state", state)] if state else []
         params += [("label", f"{k}={v}") for k, v in (labels or {}).items()]
-        docs: list[SandboxDoc] = await self.request("GET", "/v1/sandboxes", params=params or None)
-        return docs
+        return await self._typed(_SANDBOXES, "GET", "/v1/sandboxes", params=params or None)
 
     async def get(self, sandbox_id: str) -> SandboxDoc:
-        doc: SandboxDoc = await self.request("GET", f"/v1/sandboxes/{_seg(sandbox_id)}")
-        return doc
+        return await self._typed(_SANDBOX, "GET", f"/v1/sandboxes/{_seg(sandbox_id)}")
 
     async def delete(self, sandbox_id: str) -> None:
         await self.request("DELETE", f"/v1/sandboxes/{_seg(sandbox_id)}")
 
-    async def ping(self, sandbox_id: str) -> dict[str, Any]:
-        return await self._object("POST", f"/v1/sandboxes/{_seg(sandbox_id)}/ping")
+    async def ping(self, sandbox_id: str) -> JsonObject:
+        """The guest's ping answer, as the server passes it on (free-form)."""
+        return await self._typed(_OBJECT, "POST", f"/v1/sandboxes/{_seg(sandbox_id)}/ping")
 
     # -- exec --------------------------------------------------------------------------
 
@@ -151,9 +247,9 @@ class ApiClient(AsyncResource):
         if on_stdout is not None or on_stderr is not None or not opts.get("capture", True):
             return await self.exec_stream(sandbox_id, argv, **opts)
         stdin = opts.get("stdin")
-        body: dict[str, Any] = {
-            "argv": argv,
-            "env": opts.get("env"),
+        body: JsonObject = {
+            "argv": list[JsonValue](argv),
+            "env": dict[str, JsonValue](env) if (env := opts.get("env")) is not None else None,
             "cwd": opts.get("cwd"),
             "timeout": opts.get("timeout"),
             "keep_background": opts.get("keep_background", False),
@@ -298,14 +394,20 @@ class ApiClient(AsyncResource):
             raise ConnectError(f"download from {self.base} failed: {exc}") from None
         return bytes(buf)
 
-    async def list_files(self, sandbox_id: str, path: str = ".") -> list[dict[str, Any]]:
-        return await self._objects("GET", self._files(sandbox_id), params={"path": path})
+    async def list_files(self, sandbox_id: str, path: str = ".") -> list[JsonObject]:
+        """The directory's entries (``FileEntry`` fields: name, path, type, size, ...)."""
+        route = self._files(sandbox_id)
+        doc = await self.request("GET", route, params={"path": path})
+        if not isinstance(doc, list):
+            raise ApiError(f"GET {route}: the server's answer is not a list")
+        return [_entry(item, f"GET {route}") for item in doc]
 
-    async def stat(self, sandbox_id: str, path: str) -> dict[str, Any]:
-        return await self._object("GET", self._files(sandbox_id, "/stat"), params={"path": path})
+    async def stat(self, sandbox_id: str, path: str) -> JsonObject:
+        route = self._files(sandbox_id, "/stat")
+        return _entry(await self.request("GET", route, params={"path": path}), f"GET {route}")
 
     async def remove(self, sandbox_id: str, path: str, *, recursive: bool = False) -> None:
-        params: dict[str, Any] = {"path": path, "recursive": recursive}
+        params: dict[str, str | bool] = {"path": path, "recursive": recursive}
         await self.request("DELETE", self._files(sandbox_id), params=params)
 
     async def mkdir(self, sandbox_id: str, path: str) -> None:
@@ -313,26 +415,28 @@ class ApiClient(AsyncResource):
 
     # -- agent tasks and approvals -----------------------------------------------------
 
-    async def start_task(self, task: str, **fields: Any) -> dict[str, Any]:
+    async def start_task(self, task: str, **fields: Unpack[TaskFields]) -> TaskInfo:
         """Start an agent task (fields: model, script, sandbox, budget, approve, keep)."""
-        return await self._object("POST", "/v1/tasks", json={"task": task, **fields})
+        return await self._typed(_TASK, "POST", "/v1/tasks", json={"task": task, **fields})
 
-    async def task(self, task_id: str) -> dict[str, Any]:
-        return await self._object("GET", f"/v1/tasks/{_seg(task_id)}")
+    async def task(self, task_id: str) -> TaskInfo:
+        return await self._typed(_TASK, "GET", f"/v1/tasks/{_seg(task_id)}")
 
-    async def cancel_task(self, task_id: str) -> dict[str, Any]:
-        return await self._object("POST", f"/v1/tasks/{_seg(task_id)}/cancel")
+    async def cancel_task(self, task_id: str) -> TaskInfo:
+        return await self._typed(_TASK, "POST", f"/v1/tasks/{_seg(task_id)}/cancel")
 
-    async def events(self, task_id: str) -> AsyncIterator[dict[str, Any]]:
+    async def events(self, task_id: str) -> AsyncIterator[JsonObject]:
         """The task's trace events (Server-Sent Events), from the first until the end."""
         async with self.http.stream("GET", f"/v1/tasks/{_seg(task_id)}/events") as resp:
             if resp.status_code >= 400:
                 raise _problem(resp.status_code, await resp.aread())
-            async for _name, doc in sse_events(resp):
+            async for name, doc in sse_events(resp):
+                if not isinstance(doc, dict):
+                    raise ApiError(f"task {task_id}: event {name!r} is not a JSON object")
                 yield doc
 
-    async def approvals(self) -> list[dict[str, Any]]:
-        return await self._objects("GET", "/v1/approvals")
+    async def approvals(self) -> list[ApprovalDoc]:
+        return await self._typed(_APPROVALS, "GET", "/v1/approvals")
 
     async def decide(self, approval_id: str, approve: bool) -> None:
         await self.request("POST", f"/v1/approvals/{_seg(approval_id)}", json={"approve": approve})

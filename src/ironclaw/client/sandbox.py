@@ -45,10 +45,10 @@ class RemoteFiles(surface.SandboxPart["Sandbox"]):
         return await self._sb.api.read_file(self._sb.id, path, sink)
 
     async def list(self, path: str = ".") -> list[dict[str, Any]]:
-        return await self._sb.api.list_files(self._sb.id, path)
+        return [dict(e) for e in await self._sb.api.list_files(self._sb.id, path)]
 
     async def stat(self, path: str) -> dict[str, Any]:
-        return await self._sb.api.stat(self._sb.id, path)
+        return dict(await self._sb.api.stat(self._sb.id, path))
 
     async def remove(self, path: str, *, recursive: bool = False) -> None:
         await self._sb.api.remove(self._sb.id, path, recursive=recursive)

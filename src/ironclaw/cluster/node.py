@@ -20,8 +20,8 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from typing import Any, TypedDict
 
 from ironclaw.cluster.links import CHUNK, ExecPipe, GuestLink
 from ironclaw.cluster.node_controls import NodeControls
@@ -30,6 +30,7 @@ from ironclaw.errors import ConfigError, SandboxNotFound
 from ironclaw.host.guest import DEFAULT_CAPTURE_LIMIT
 from ironclaw.host.manager import SandboxManager
 from ironclaw.proto import methods
+from ironclaw.proto.jsonval import JsonObject
 from ironclaw.resources.store import SandboxRecord
 
 __all__ = [
@@ -57,7 +58,16 @@ def node_memory_mib() -> int:
     raise ConfigError("cannot read MemTotal from /proc/meminfo; set IRONCLAW_NODE_MEMORY_MIB")
 
 
-def without_ray_labels(labels: dict[str, Any]) -> dict[str, str]:
+class NodeOpened(TypedDict):
+    """What a node actor's ``open`` removed: the sandboxes a previous actor left, and
+    the scanning reconcile's report (``gc``, as ``ironclaw gc --json`` prints it)."""
+
+    node: str
+    removed: list[str]
+    gc: JsonObject
+
+
+def without_ray_labels(labels: Mapping[str, object]) -> dict[str, str]:
     """A Ray node's labels without Ray's own (``ray.io/...``)."""
     return {k: str(v) for k, v in labels.items() if not k.startswith("ray.io/")}
 
@@ -174,7 +184,7 @@ class NodeAgent(NodeControls):
         self._pipes: dict[str, ExecPipe] = {}
         self._pulls: dict[str, AsyncGenerator[Any, None]] = {}
 
-    async def open(self) -> dict[str, Any]:
+    async def open(self) -> NodeOpened:
         """Open the registry and remove every sandbox a previous actor of this node left.
 
         The head declared those lost when that actor died and will never route to them
@@ -187,7 +197,7 @@ class NodeAgent(NodeControls):
             with contextlib.suppress(SandboxNotFound):
                 await self.manager.destroy(sid)
         report = await self.manager.reconcile(scan=True)
-        return {"node": self.name, "removed": left, "gc": report.to_json()}
+        return NodeOpened(node=self.name, removed=left, gc=report.to_json())
 
     async def capacity(self) -> dict[str, Any]:
         live = [r for r in await self.manager.sandboxes() if r.state in _LIVE]
@@ -201,7 +211,7 @@ class NodeAgent(NodeControls):
             "labels": self.labels,
         }
 
-    async def create(self, spec: dict[str, Any], sandbox_id: str) -> SandboxRecord:
+    async def create(self, spec: JsonObject, sandbox_id: str) -> SandboxRecord:
         return await self.manager.create(spec, sandbox_id=sandbox_id)
 
     async def get(self, sandbox_id: str) -> SandboxRecord:

@@ -39,6 +39,7 @@ from ironclaw.proto.host_tools_methods import (
     HostToolsCallResult,
     HostToolsListResult,
 )
+from ironclaw.proto.jsonval import JsonObject
 from ironclaw.proto.methods import AgentRunRequest, ServerSpec, ToolCall
 from ironclaw.rpc import CallContext, Peer
 
@@ -72,7 +73,7 @@ class ToolResult:
     is_error: bool = False
     duration_ms: float = 0.0
 
-    def to_message(self) -> dict[str, Any]:
+    def to_message(self) -> JsonObject:
         return {
             "role": "tool",
             "tool_call_id": self.call_id,
@@ -86,9 +87,9 @@ class ToolResult:
 class ToolInfo:
     name: str
     description: str
-    input_schema: dict[str, Any]
+    input_schema: JsonObject
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return {
             "name": self.name,
             "description": self.description,
@@ -166,7 +167,7 @@ class McpClient:
         return self._tools.get(exposed)
 
     async def call(
-        self, server: str, tool: str, arguments: dict[str, Any], *, timeout: float | None
+        self, server: str, tool: str, arguments: JsonObject, *, timeout: float | None
     ) -> tuple[str, bool]:
         """Call one tool; returns (text, is_error). Transport failures raise."""
         session = self._sessions[server]
@@ -209,7 +210,7 @@ class AgentLoop:
         self.request = request
         self.peer = peer
         self.workdir = workdir
-        self.messages: list[dict[str, Any]] = [{"role": "user", "content": request.task}]
+        self.messages: list[JsonObject] = [{"role": "user", "content": request.task}]
         self.steps = 0
         self.tokens = 0
         self.tool_calls = 0
@@ -304,7 +305,7 @@ class AgentLoop:
         await m.call(self.peer, event, m.AgentEventResult)
         return result
 
-    async def _list_host_tools(self) -> list[dict[str, Any]]:
+    async def _list_host_tools(self) -> list[JsonObject]:
         """The host's tools, offered to the model next to the sandbox's (none on old hosts)."""
         try:
             listing = HostToolsListResult.from_json(await self.peer.call(HOSTTOOLS_LIST, {}))

@@ -1,13 +1,15 @@
-"""What the MCP tools do: :class:`Backend`, over the in-process manager (:class:`LocalBackend`)
-or over ``ironclaw serve`` (:class:`~ironclaw.mcp_server.remote.RemoteBackend`).
+"""What the MCP tools do: :class:`SandboxTools`, over the in-process manager
+(:class:`LocalBackend`) or over ``ironclaw serve``
+(:class:`~ironclaw.mcp_server.remote.RemoteBackend`).
 
 The tools of ``ironclaw mcp`` are thin wrappers over a backend: it remembers the
 sandboxes it created (the tools act on those only: an MCP client, often a model, should
 not reach sandboxes that other programs run) and removes them when the server stops
 unless told to keep them. The argument checks, output bounds and encodings live in the
-base class once; a subclass supplies the primitives. Every answer is a JSON-ready dict;
-errors stay :class:`~ironclaw.errors.IronclawError` and become MCP tool errors one
-layer up.
+base class once, over the calls the manager and the API client share
+(:class:`SandboxService`); a subclass supplies the rest. Every answer is a ``TypedDict``
+the MCP SDK publishes as the tool's output schema; errors stay
+:class:`~ironclaw.errors.IronclawError` and become MCP tool errors one layer up.
 """
 
 from __future__ import annotations
@@ -18,12 +20,19 @@ import binascii
 import contextlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, Protocol, TypeAlias, TypeVar, Unpack
 
+from typing_extensions import TypedDict
+
+from ironclaw.agent.tasks import TaskDoc
+from ironclaw.agent.trace import TraceEvent
 from ironclaw.client.protocol import ExecResultLike
 from ironclaw.config import Settings
 from ironclaw.errors import ConfigError, IronclawError, SandboxNotFound
 from ironclaw.host.manager import SandboxManager
+from ironclaw.proto.jsonval import JsonObject, JsonValue
+from ironclaw.proto.methods import Budget
+from ironclaw.proto.surface import ExecOptions, OutputSink
 from ironclaw.resources.store import SandboxRecord
 
 __all__ = [
@@ -31,10 +40,19 @@ __all__ = [
     "MAX_OUTPUT_LIMIT",
     "Backend",
     "BoundedBuffer",
+    "Destroyed",
+    "ExecOutput",
     "ExecRun",
+    "FileRead",
+    "FileWritten",
     "LocalBackend",
     "Progress",
+    "SandboxService",
+    "SandboxTools",
+    "SandboxView",
     "TaskRun",
+    "TaskSummary",
+    "ToolDecision",
 ]
 
 #: Largest output one ``exec`` or ``read`` returns (a model's context is the scarce part).
@@ -42,7 +60,97 @@ MAX_OUTPUT_LIMIT = 1024 * 1024
 #: RED calls with nobody to ask: refused (``green-only``) or nothing runs (``never``).
 APPROVE_MODES = ("green-only", "never")
 #: Told of each trace event of an agent task: (its number, the event).
-Progress = Callable[[int, dict[str, Any]], Awaitable[None]]
+Progress = Callable[[int, TraceEvent], Awaitable[None]]
+
+# What the tools answer. TypedDicts (from typing_extensions, which pydantic reads on
+# Python 3.11) so that the MCP SDK publishes each tool's output schema and checks it.
+
+
+class SandboxView(TypedDict):
+    """What a tool shows of a sandbox (``sandbox_create``, ``sandbox_list``, resources)."""
+
+    id: str
+    backend: str | None
+    state: str | None
+    reason: str | None
+    created_at: float | None
+    image: str | None
+    memory_mib: int | None
+
+
+class ExecOutput(TypedDict):
+    """``sandbox_exec``: the result, each stream cut at ``max_output`` bytes."""
+
+    exit_code: int
+    signal: int | None
+    status: str
+    timed_out: bool
+    duration_ms: float
+    stdout: str
+    stderr: str
+    stdout_bytes: int
+    stderr_bytes: int
+    truncated: bool
+
+
+class FileWritten(TypedDict):
+    path: str
+    size: int
+
+
+class FileRead(TypedDict):
+    path: str
+    encoding: str
+    content: str
+    size: int
+    truncated: bool
+
+
+class Destroyed(TypedDict):
+    id: str
+    destroyed: bool
+
+
+class ToolDecision(TypedDict):
+    """One RED/GREEN decision of an agent task, as the calling model sees it."""
+
+    name: str | None
+    color: str | None
+    approved: bool | None
+    reason: str | None
+
+
+class TaskSummary(TaskDoc):
+    """``agent_run``: the task's outcome, whether its sandbox was kept, each decision."""
+
+    kept: bool
+    decisions: list[ToolDecision]
+
+
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+
+
+class SandboxService(Protocol[R_co]):
+    """What the manager and the API client both offer, under the same names (``R_co``:
+    how each describes a sandbox): the tools run through it once, whichever side the
+    sandboxes are on."""
+
+    async def aclose(self) -> None: ...
+
+    async def create(self, spec: JsonObject) -> R_co: ...
+
+    async def get(self, sandbox_id: str) -> R_co: ...
+
+    async def exec(
+        self, sandbox_id: str, argv: list[str], **opts: Unpack[ExecOptions]
+    ) -> ExecResultLike: ...
+
+    async def write_file(self, sandbox_id: str, path: str, data: bytes) -> int: ...
+
+    async def read_file(
+        self, sandbox_id: str, path: str, sink: OutputSink | None = None
+    ) -> bytes: ...
 
 
 @dataclass
@@ -70,56 +178,57 @@ def _limit(value: int) -> int:
     return value
 
 
-def sandbox_json(doc: Mapping[str, Any]) -> dict[str, Any]:
+def _str(value: JsonValue) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def sandbox_view(
+    sandbox_id: str,
+    backend: str,
+    state: str,
+    reason: str | None,
+    created_at: float,
+    spec: Mapping[str, JsonValue],
+) -> SandboxView:
     """What a tool shows of a sandbox, from a record's fields (local or over the API)."""
-    spec = doc.get("spec") or {}
-    limits = spec.get("limits") or {}
-    return {
-        "id": doc["id"],
-        "backend": doc.get("backend"),
-        "state": doc.get("state"),
-        "reason": doc.get("reason"),
-        "created_at": doc.get("created_at"),
-        "image": spec.get("image"),
-        "memory_mib": limits.get("memory_mib"),
-    }
-
-
-def _record_json(record: SandboxRecord) -> dict[str, Any]:
-    return sandbox_json(
-        {
-            "id": record.id,
-            "backend": record.backend,
-            "state": record.state,
-            "reason": record.reason,
-            "created_at": record.created_at,
-            "spec": record.spec,
-        }
+    limits = spec.get("limits")
+    memory = limits.get("memory_mib") if isinstance(limits, dict) else None
+    return SandboxView(
+        id=sandbox_id,
+        backend=backend,
+        state=state,
+        reason=reason,
+        created_at=created_at,
+        image=_str(spec.get("image")),
+        memory_mib=memory if isinstance(memory, int) and not isinstance(memory, bool) else None,
     )
 
 
-def task_summary(doc: dict[str, Any], events: list[dict[str, Any]], keep: bool) -> dict[str, Any]:
+def _record_view(record: SandboxRecord) -> SandboxView:
+    return sandbox_view(
+        record.id, record.backend, record.state, record.reason, record.created_at, record.spec
+    )
+
+
+def task_summary(doc: TaskDoc, events: list[TraceEvent], keep: bool) -> TaskSummary:
     """An agent task's outcome for the model: answer, status and each tool decision."""
     names = {e.get("call_id"): e.get("name") for e in events if e.get("event") == "tool.call"}
-    return {
-        **doc,
-        "kept": keep,
-        "decisions": [
-            {
-                "name": names.get(e.get("call_id")),
-                "color": e.get("color"),
-                "approved": e.get("approved"),
-                "reason": e.get("reason"),
-            }
-            for e in events
-            if e.get("event") == "tool.decision"
-        ],
-    }
+    decisions = [
+        ToolDecision(
+            name=_str(names.get(_str(e.get("call_id")))),
+            color=_str(e.get("color")),
+            approved=approved if isinstance(approved := e.get("approved"), bool) else None,
+            reason=_str(e.get("reason")),
+        )
+        for e in events
+        if e.get("event") == "tool.decision"
+    ]
+    return TaskSummary(**doc, kept=keep, decisions=decisions)
 
 
 @dataclass(frozen=True)
 class ExecRun:
-    """One command for :meth:`Backend._exec`, its output going to the bounded buffers."""
+    """One command for :meth:`SandboxTools._exec`, its output going to the bounded buffers."""
 
     sandbox_id: str
     argv: list[str]
@@ -133,22 +242,30 @@ class ExecRun:
 
 @dataclass(frozen=True)
 class TaskRun:
-    """One agent task for :meth:`Backend._task`; ``on_event`` hears each trace event."""
+    """One agent task for :meth:`SandboxTools._task`; ``on_event`` hears each trace event.
+    ``script`` and ``sandbox`` are free-form JSON, checked where they are used (the
+    scripted provider, :func:`ironclaw.spec.parse_spec`)."""
 
     task: str
     model: str
-    script: list[dict[str, Any]] | None
+    script: list[JsonObject] | None
     approve: str
-    sandbox: dict[str, Any]
-    budget: dict[str, Any]
+    sandbox: JsonObject
+    budget: Budget
     keep: bool
-    on_event: Callable[[dict[str, Any]], None]
+    on_event: Callable[[TraceEvent], None]
 
 
-class Backend:
-    """The tools' operations; subclasses provide the ``_`` primitives."""
+class SandboxTools(Generic[R]):
+    """The tools' operations over a :class:`SandboxService` whose sandboxes ``view``
+    shows; a subclass adds what the two sides name differently (``open``, ``_list``,
+    ``_destroy``) and how an agent task runs (``_task``)."""
 
-    def __init__(self, *, keep: bool = False) -> None:
+    def __init__(
+        self, service: SandboxService[R], view: Callable[[R], SandboxView], *, keep: bool = False
+    ) -> None:
+        self.service = service
+        self.view = view
         self.keep = keep
         self.owned: set[str] = set()
 
@@ -157,36 +274,24 @@ class Backend:
     async def open(self) -> None:
         raise NotImplementedError
 
-    async def _close(self) -> None:
-        raise NotImplementedError
-
-    async def _create(self, spec: dict[str, Any]) -> dict[str, Any]:
-        raise NotImplementedError
-
-    async def _list(self) -> list[dict[str, Any]]:
-        raise NotImplementedError
-
-    async def _get(self, sandbox_id: str) -> dict[str, Any]:
+    async def _list(self) -> list[SandboxView]:
         raise NotImplementedError
 
     async def _destroy(self, sandbox_id: str) -> None:
         raise NotImplementedError
 
+    async def _task(self, run: TaskRun) -> tuple[TaskDoc, list[TraceEvent]]:
+        """Run an agent task to its end, calling ``run.on_event`` with each trace event as
+        it happens: (its outcome, its events)."""
+        raise NotImplementedError
+
     async def _exec(self, run: ExecRun) -> ExecResultLike:
         """Run; stream output into ``run.out``/``run.err``; return the result (its own
         output left empty)."""
-        raise NotImplementedError
-
-    async def _write(self, sandbox_id: str, path: str, data: bytes) -> int:
-        raise NotImplementedError
-
-    async def _read(self, sandbox_id: str, path: str, sink: BoundedBuffer) -> None:
-        raise NotImplementedError
-
-    async def _task(self, run: TaskRun) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """Run an agent task to its end, calling ``run.on_event`` with each trace event as
-        it happens: (outcome with id/status/answer..., events)."""
-        raise NotImplementedError
+        return await self.service.exec(
+            run.sandbox_id, run.argv, cwd=run.cwd, env=run.env, timeout=run.timeout,
+            stdin=run.stdin, on_stdout=run.out, on_stderr=run.err, capture=False,
+        )  # fmt: skip
 
     # -- the tools' operations ---------------------------------------------------------
 
@@ -199,7 +304,7 @@ class Backend:
                         await self._destroy(sid)
                 self.owned.clear()
         finally:
-            await self._close()
+            await self.service.aclose()
 
     def _mine(self, sandbox_id: str) -> str:
         if sandbox_id not in self.owned:
@@ -210,16 +315,16 @@ class Backend:
             )
         return sandbox_id
 
-    async def create(self, spec: dict[str, Any]) -> dict[str, Any]:
-        doc = await self._create(spec)
+    async def create(self, spec: JsonObject) -> SandboxView:
+        doc = self.view(await self.service.create(spec))
         self.owned.add(doc["id"])
         return doc
 
-    async def sandboxes(self) -> list[dict[str, Any]]:
+    async def sandboxes(self) -> list[SandboxView]:
         return [doc for doc in await self._list() if doc["id"] in self.owned]
 
-    async def get(self, sandbox_id: str) -> dict[str, Any]:
-        return await self._get(self._mine(sandbox_id))
+    async def get(self, sandbox_id: str) -> SandboxView:
+        return self.view(await self.service.get(self._mine(sandbox_id)))
 
     async def exec(
         self,
@@ -231,7 +336,7 @@ class Backend:
         stdin: str | None = None,
         timeout: float = 60.0,
         max_output: int = 64 * 1024,
-    ) -> dict[str, Any]:
+    ) -> ExecOutput:
         """Run a command: a string through ``/bin/sh -c``, a list as argv. Output beyond
         ``max_output`` bytes per stream is dropped and ``truncated`` says so."""
         argv = ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
@@ -244,22 +349,22 @@ class Backend:
         result = await self._exec(
             ExecRun(self._mine(sandbox_id), argv, cwd, env, stdin_bytes, timeout, out, err)
         )
-        return {
-            "exit_code": result.exit_code,
-            "signal": result.signal,
-            "status": result.status,
-            "timed_out": result.timed_out,
-            "duration_ms": round(result.duration_ms, 1),
-            "stdout": out.data.decode(errors="replace"),
-            "stderr": err.data.decode(errors="replace"),
-            "stdout_bytes": out.total,
-            "stderr_bytes": err.total,
-            "truncated": out.truncated or err.truncated,
-        }
+        return ExecOutput(
+            exit_code=result.exit_code,
+            signal=result.signal,
+            status=result.status,
+            timed_out=result.timed_out,
+            duration_ms=round(result.duration_ms, 1),
+            stdout=out.data.decode(errors="replace"),
+            stderr=err.data.decode(errors="replace"),
+            stdout_bytes=out.total,
+            stderr_bytes=err.total,
+            truncated=out.truncated or err.truncated,
+        )
 
     async def write_file(
         self, sandbox_id: str, path: str, content: str, *, encoding: str = "text"
-    ) -> dict[str, Any]:
+    ) -> FileWritten:
         if encoding == "text":
             data = content.encode()
         elif encoding == "base64":
@@ -269,16 +374,16 @@ class Backend:
                 raise ConfigError("content is not valid base64 (encoding='base64')") from None
         else:
             raise ConfigError(f"encoding {encoding!r}: use 'text' or 'base64'")
-        size = await self._write(self._mine(sandbox_id), path, data)
-        return {"path": path, "size": size}
+        size = await self.service.write_file(self._mine(sandbox_id), path, data)
+        return FileWritten(path=path, size=size)
 
     async def read_file(
         self, sandbox_id: str, path: str, *, encoding: str = "text", max_bytes: int = 256 * 1024
-    ) -> dict[str, Any]:
+    ) -> FileRead:
         if encoding not in ("text", "base64"):
             raise ConfigError(f"encoding {encoding!r}: use 'text' or 'base64'")
         buf = BoundedBuffer(_limit(max_bytes))
-        await self._read(self._mine(sandbox_id), path, buf)
+        await self.service.read_file(self._mine(sandbox_id), path, buf)
         data = bytes(buf.data)
         if encoding == "base64":
             content = base64.b64encode(data).decode()
@@ -291,31 +396,27 @@ class Backend:
                         f"{path} is not UTF-8 text; read it with encoding='base64'"
                     ) from None
                 content = data.decode(errors="ignore")  # a character cut at the limit
-        return {
-            "path": path,
-            "encoding": encoding,
-            "content": content,
-            "size": buf.total,
-            "truncated": buf.truncated,
-        }
+        return FileRead(
+            path=path, encoding=encoding, content=content, size=buf.total, truncated=buf.truncated
+        )
 
-    async def destroy(self, sandbox_id: str) -> dict[str, Any]:
+    async def destroy(self, sandbox_id: str) -> Destroyed:
         await self._destroy(self._mine(sandbox_id))
         self.owned.discard(sandbox_id)
-        return {"id": sandbox_id, "destroyed": True}
+        return Destroyed(id=sandbox_id, destroyed=True)
 
     async def run_task(
         self,
         task: str,
         *,
         model: str,
-        script: list[dict[str, Any]] | None,
+        script: list[JsonObject] | None,
         approve: str,
-        sandbox: dict[str, Any],
-        budget: dict[str, Any],
+        sandbox: JsonObject,
+        budget: JsonObject,
         keep: bool,
         progress: Progress | None = None,
-    ) -> dict[str, Any]:
+    ) -> TaskSummary:
         """An agent task in a fresh sandbox; the model is reached through the host's
         gateway, which alone holds the API key. RED calls follow ``approve``.
         ``progress`` hears of each trace event, in order (MCP progress notifications keep
@@ -326,7 +427,8 @@ class Backend:
             )
         if script is None and model.startswith("scripted"):
             raise ConfigError("a scripted model takes its turns inline in 'script'")
-        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        limits = Budget.from_json(budget)
+        queue: asyncio.Queue[TraceEvent | None] = asyncio.Queue()
 
         async def forward() -> None:
             n = 0
@@ -339,7 +441,7 @@ class Backend:
         forwarder = asyncio.ensure_future(forward())
         try:
             doc, events = await self._task(
-                TaskRun(task, model, script, approve, sandbox, budget, keep, queue.put_nowait)
+                TaskRun(task, model, script, approve, sandbox, limits, keep, queue.put_nowait)
             )
         finally:
             queue.put_nowait(None)
@@ -349,48 +451,30 @@ class Backend:
         return task_summary(doc, events, keep)
 
 
-class LocalBackend(Backend):
+#: Either backend, whatever its sandboxes' record type.
+Backend: TypeAlias = SandboxTools[Any]
+
+
+class LocalBackend(SandboxTools[SandboxRecord]):
     """In this process, over a :class:`~ironclaw.host.manager.SandboxManager`."""
 
     def __init__(self, settings: Settings | None = None, *, keep: bool = False) -> None:
-        super().__init__(keep=keep)
         self.manager = SandboxManager(settings)
+        super().__init__(self.manager, _record_view, keep=keep)
 
     async def open(self) -> None:
         await self.manager.open()
 
-    async def _close(self) -> None:
-        await self.manager.aclose()
-
-    async def _create(self, spec: dict[str, Any]) -> dict[str, Any]:
-        return _record_json(await self.manager.create(spec))
-
-    async def _list(self) -> list[dict[str, Any]]:
-        return [_record_json(r) for r in await self.manager.sandboxes()]
-
-    async def _get(self, sandbox_id: str) -> dict[str, Any]:
-        return _record_json(await self.manager.get(sandbox_id))
+    async def _list(self) -> list[SandboxView]:
+        return [_record_view(r) for r in await self.manager.sandboxes()]
 
     async def _destroy(self, sandbox_id: str) -> None:
         await self.manager.destroy(sandbox_id)
 
-    async def _exec(self, run: ExecRun) -> ExecResultLike:
-        return await self.manager.exec(
-            run.sandbox_id, run.argv, cwd=run.cwd, env=run.env, timeout=run.timeout,
-            stdin=run.stdin, on_stdout=run.out, on_stderr=run.err, capture=False,
-        )  # fmt: skip
-
-    async def _write(self, sandbox_id: str, path: str, data: bytes) -> int:
-        return await self.manager.write_file(sandbox_id, path, data)
-
-    async def _read(self, sandbox_id: str, path: str, sink: BoundedBuffer) -> None:
-        await self.manager.read_file(sandbox_id, path, sink)
-
-    async def _task(self, run: TaskRun) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    async def _task(self, run: TaskRun) -> tuple[TaskDoc, list[TraceEvent]]:
         from ironclaw.agent.approval import Approver
         from ironclaw.agent.gateway import Provider, ScriptedProvider, provider_from_name
         from ironclaw.agent.tasks import TaskSpec, run_task
-        from ironclaw.proto.methods import Budget
 
         provider: Provider = ScriptedProvider(run.script) if run.script is not None else (
             provider_from_name(run.model)
@@ -399,7 +483,7 @@ class LocalBackend(Backend):
             task=run.task,
             model=f"{provider.name}:{provider.model}",
             sandbox=run.sandbox,
-            budget=Budget.from_json(run.budget),
+            budget=run.budget,
         )
         outcome = await run_task(
             self.manager, spec, provider=provider, approver=Approver(mode=run.approve),

@@ -27,8 +27,18 @@ from mcp_types import Resource as MCPResource
 from pydantic import Field
 
 import ironclaw
+from ironclaw.agent.trace import TraceEvent
 from ironclaw.errors import ConfigError, IronclawError
-from ironclaw.mcp_server.backend import Backend
+from ironclaw.mcp_server.backend import (
+    Backend,
+    Destroyed,
+    ExecOutput,
+    FileRead,
+    FileWritten,
+    SandboxView,
+    TaskSummary,
+)
+from ironclaw.proto.jsonval import JsonObject, JsonValue
 from ironclaw.transport._socket import listen_tcp
 
 __all__ = ["IronclawMCP", "build_server", "serve_http", "serve_stdio"]
@@ -51,7 +61,7 @@ async def _tool_errors() -> AsyncIterator[None]:
         raise ToolError(f"{type(exc).__name__}: {exc}") from exc
 
 
-def _event_line(event: dict[str, Any]) -> str:
+def _event_line(event: TraceEvent) -> str:
     """A short progress message for one trace event."""
     kind = str(event.get("event", "event"))
     if kind in ("tool.call", "tool.decision", "tool.result"):
@@ -88,6 +98,14 @@ class IronclawMCP(MCPServer[Any]):
         return listed
 
 
+def _member(doc: JsonObject, key: str) -> JsonObject:
+    """``doc[key]`` as an object, made if missing."""
+    value = doc.setdefault(key, {})
+    if not isinstance(value, dict):
+        raise ToolError(f"spec.{key} must be an object")
+    return value
+
+
 def build_server(backend: Backend) -> IronclawMCP:
     """The MCP server with its tools and resources bound to ``backend``."""
     mcp = IronclawMCP(backend)
@@ -100,19 +118,19 @@ def build_server(backend: Backend) -> IronclawMCP:
             list[str] | None, Field(description="Egress allowed: CIDR[:PORT[/tcp|udp]] rules.")
         ] = None,
         spec: Annotated[
-            dict[str, Any] | None,
+            JsonObject | None,
             Field(description="A full sandbox spec (limits, env, network, backend, ...)."),
         ] = None,
-    ) -> dict[str, Any]:
+    ) -> SandboxView:
         """Create and start a sandbox; returns its id. No network unless allowed."""
-        doc = dict(spec or {})
+        doc: JsonObject = dict(spec or {})
         if doc.get("mounts"):
             raise ToolError("host mounts are not offered over MCP: copy files in instead")
         doc.setdefault("image", image)
         if memory_mib is not None:
-            doc.setdefault("limits", {})["memory_mib"] = memory_mib
+            _member(doc, "limits")["memory_mib"] = memory_mib
         if allow:
-            doc.setdefault("network", {})["allow"] = allow
+            _member(doc, "network")["allow"] = list[JsonValue](allow)
         async with _tool_errors():
             return await backend.create(doc)
 
@@ -130,7 +148,7 @@ def build_server(backend: Backend) -> IronclawMCP:
         max_output: Annotated[
             int, Field(ge=1, le=1024 * 1024, description="Bytes kept per stream.")
         ] = 64 * 1024,
-    ) -> dict[str, Any]:
+    ) -> ExecOutput:
         """Run a command in a sandbox: exit code, stdout, stderr. Output past
         max_output bytes is cut and 'truncated' is true."""
         async with _tool_errors():
@@ -150,7 +168,7 @@ def build_server(backend: Backend) -> IronclawMCP:
         path: Annotated[str, Field(description="Relative to /workspace, or absolute.")],
         content: str,
         encoding: Literal["text", "base64"] = "text",
-    ) -> dict[str, Any]:
+    ) -> FileWritten:
         """Write a file in a sandbox (text as UTF-8, or bytes given as base64)."""
         async with _tool_errors():
             return await backend.write_file(sandbox_id, path, content, encoding=encoding)
@@ -161,19 +179,19 @@ def build_server(backend: Backend) -> IronclawMCP:
         path: str,
         encoding: Literal["text", "base64"] = "text",
         max_bytes: Annotated[int, Field(ge=1, le=1024 * 1024)] = 256 * 1024,
-    ) -> dict[str, Any]:
+    ) -> FileRead:
         """Read a file from a sandbox; binary files need encoding='base64'."""
         async with _tool_errors():
             return await backend.read_file(sandbox_id, path, encoding=encoding, max_bytes=max_bytes)
 
     @mcp.tool()
-    async def sandbox_destroy(sandbox_id: str) -> dict[str, Any]:
+    async def sandbox_destroy(sandbox_id: str) -> Destroyed:
         """Stop a sandbox and remove everything it had."""
         async with _tool_errors():
             return await backend.destroy(sandbox_id)
 
     @mcp.tool()
-    async def sandbox_list() -> list[dict[str, Any]]:
+    async def sandbox_list() -> list[SandboxView]:
         """The sandboxes this server created and still has."""
         async with _tool_errors():
             return await backend.sandboxes()
@@ -185,25 +203,25 @@ def build_server(backend: Backend) -> IronclawMCP:
             str, Field(description="openai:NAME or anthropic:NAME (keys stay on the host).")
         ] = "openai:gpt-4o-mini",
         script: Annotated[
-            list[dict[str, Any]] | None,
+            list[JsonObject] | None,
             Field(description="Scripted model turns instead of a real model (for tests)."),
         ] = None,
         approve: Annotated[
             Literal["green-only", "never"],
             Field(description="RED calls: refused (green-only) or nothing runs (never)."),
         ] = "green-only",
-        sandbox: dict[str, Any] | None = None,
+        sandbox: JsonObject | None = None,
         max_steps: Annotated[int, Field(ge=1, le=200)] = 20,
         wall_time_s: Annotated[float, Field(gt=0, le=3600)] = 600.0,
         keep: Annotated[bool, Field(description="Keep the sandbox afterwards.")] = False,
         ctx: Context | None = None,
-    ) -> dict[str, Any]:
+    ) -> TaskSummary:
         """Run an AI agent on TASK in a fresh sandbox and return its answer and trace
         summary. Nobody is asked about RED calls here: they are refused."""
         if (sandbox or {}).get("mounts"):
             raise ToolError("host mounts are not offered over MCP: copy files in instead")
 
-        async def progress(n: int, event: dict[str, Any]) -> None:
+        async def progress(n: int, event: TraceEvent) -> None:
             if ctx is not None:
                 await ctx.report_progress(n, None, _event_line(event))
 

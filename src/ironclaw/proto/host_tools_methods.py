@@ -10,17 +10,19 @@ from inside, and the guest should not feed the model a malformed answer.
                     -> {content, is_error, executed, color, reason}
 
 A request that does not decode raises :class:`ConfigError` (it crosses the channel as
-"invalid params"); a result that does not decode raises :class:`ProtocolError`.
+"invalid params"); a result that does not decode raises :class:`ProtocolError`. A tool's
+arguments and input schema are free-form JSON (:data:`~ironclaw.proto.jsonval.JsonObject`),
+checked to be JSON within the channel's bounds.
 Standard library only: the guest imports this module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from ironclaw.errors import ConfigError, IronclawError, ProtocolError
+from ironclaw.errors import ConfigError, InvalidParams, IronclawError, ProtocolError
+from ironclaw.proto.jsonval import JsonObject, json_object
 
 __all__ = [
     "HOSTTOOLS_CALL",
@@ -37,7 +39,7 @@ HOSTTOOLS_CALL: Final = "hosttools.call"
 _Err = type[IronclawError]
 
 
-def _fields(doc: Any, what: str, required: frozenset[str], err: _Err) -> Mapping[str, Any]:
+def _fields(doc: Any, what: str, required: frozenset[str], err: _Err) -> JsonObject:
     if not isinstance(doc, dict):
         raise err(f"{what}: expected an object, got {type(doc).__name__}")
     unknown = set(doc) - required
@@ -46,35 +48,39 @@ def _fields(doc: Any, what: str, required: frozenset[str], err: _Err) -> Mapping
     missing = required - set(doc)
     if missing:
         raise err(f"{what}: missing field(s) {', '.join(sorted(missing))}")
-    return doc
+    checked: JsonObject = doc  # each field is checked by the caller
+    return checked
 
 
-def _str(doc: Mapping[str, Any], key: str, what: str, err: _Err) -> str:
+def _str(doc: JsonObject, key: str, what: str, err: _Err) -> str:
     value = doc[key]
     if not isinstance(value, str):
         raise err(f"{what}: {key!r} must be a string")
     return value
 
 
-def _bool(doc: Mapping[str, Any], key: str, what: str, err: _Err) -> bool:
+def _bool(doc: JsonObject, key: str, what: str, err: _Err) -> bool:
     value = doc[key]
     if not isinstance(value, bool):
         raise err(f"{what}: {key!r} must be true or false")
     return value
 
 
-def _object(doc: Mapping[str, Any], key: str, what: str, err: _Err) -> dict[str, Any]:
+def _object(doc: JsonObject, key: str, what: str, err: _Err) -> JsonObject:
     value = doc[key]
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise err(f"{what}: {key!r} must be an object")
-    return value
+    try:
+        return json_object(value, f"{what}: {key!r}")
+    except InvalidParams as exc:
+        raise err(str(exc)) from None
 
 
 @dataclass(frozen=True)
 class HostToolsListRequest:
     """``hosttools.list`` takes no parameters."""
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return {}
 
     @classmethod
@@ -89,11 +95,11 @@ class HostTool:
 
     name: str
     description: str
-    input_schema: dict[str, Any] = field(hash=False)
+    input_schema: JsonObject = field(hash=False)
 
     _KEYS = frozenset({"name", "description", "input_schema"})
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return {"name": self.name, "description": self.description,
                 "input_schema": self.input_schema}  # fmt: skip
 
@@ -112,7 +118,7 @@ class HostTool:
 class HostToolsListResult:
     tools: tuple[HostTool, ...]
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return {"tools": [t.to_json() for t in self.tools]}
 
     @classmethod
@@ -132,12 +138,12 @@ class HostToolsCallRequest:
 
     call_id: str
     name: str
-    arguments: dict[str, Any] = field(hash=False)
+    arguments: JsonObject = field(hash=False)
     timeout_s: float
 
     _KEYS = frozenset({"call_id", "name", "arguments", "timeout_s"})
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return {"call_id": self.call_id, "name": self.name, "arguments": self.arguments,
                 "timeout_s": self.timeout_s}  # fmt: skip
 
@@ -168,7 +174,7 @@ class HostToolsCallResult:
 
     _KEYS = frozenset({"content", "is_error", "executed", "color", "reason"})
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return {"content": self.content, "is_error": self.is_error, "executed": self.executed,
                 "color": self.color, "reason": self.reason}  # fmt: skip
 

@@ -40,7 +40,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 from ironclaw.policy.addresses import (
     AddressRule,
@@ -116,6 +116,17 @@ class ProxyConfig:
         )
 
 
+class _Request(TypedDict, total=False):
+    """What the audit line says of one request, filled in as the request is read."""
+
+    client: str | None
+    method: str
+    host: str
+    port: str
+    addr: str
+    tunnel_open: bool
+
+
 class _Denied(Exception):
     """A request refused by policy; the message goes to the audit log and the client."""
 
@@ -154,7 +165,7 @@ class _Client:
 
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
-    info: dict[str, Any]
+    info: _Request
 
 
 class ProxyServer:
@@ -293,9 +304,9 @@ class ProxyServer:
         target = req.start[1]
         host, port = _authority_host(target)
         if target.rpartition(":")[2] != "443" or port != 443:
-            info.update(host=host, port=str(port))
+            info["host"], info["port"] = host, str(port)
             raise _Denied("CONNECT is allowed to port 443 only")
-        info.update(host=host, port="443")
+        info["host"], info["port"] = host, "443"
         hosts = req.get_all("host")
         if len(hosts) > 1:
             raise BadMessage("more than one Host header")
@@ -327,7 +338,7 @@ class ProxyServer:
             raise _Denied("only CONNECT and absolute http:// requests are proxied")
         host, port, path = split_absolute(target)
         host = host.rstrip(".")
-        info.update(host=host, port=str(port))
+        info["host"], info["port"] = host, str(port)
         hosts = req.get_all("host")
         if len(hosts) != 1:
             raise BadMessage("more than one Host header" if hosts else "no Host header")
@@ -398,7 +409,7 @@ class ProxyServer:
             raise _Denied("no TLS ClientHello received") from None
 
     async def _open(
-        self, addrs: Sequence[IPAddress], port: int, info: dict[str, Any]
+        self, addrs: Sequence[IPAddress], port: int, info: _Request
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Connect to the first reachable checked address: by address, no second lookup."""
         loop = asyncio.get_running_loop()

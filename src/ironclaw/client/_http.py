@@ -3,17 +3,20 @@ segments, problem bodies, JSON frames and Server-Sent Events."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
 import httpx
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
 
 from ironclaw.client._errors import from_problem
 from ironclaw.errors import IronclawError
 
-__all__ = ["frame_doc", "problem", "seg", "sse_events"]
+__all__ = ["frame_doc", "problem", "seg", "send_opening", "sse_events"]
 
 
 def seg(value: str) -> str:
@@ -28,6 +31,15 @@ def problem(status: int, content: bytes) -> IronclawError:
     except ValueError:
         doc = content.decode(errors="replace")
     return from_problem(status, doc)
+
+
+async def send_opening(ws: ClientConnection, message: str) -> None:
+    """Send a stream's opening message. A server that refuses the stream (unknown
+    sandbox, scope) sends an ``error`` frame and closes at once, which can beat this
+    send: the refusal is then read by the caller's next receive (the frame stays
+    buffered), so the user sees the server's error, not a closed connection."""
+    with contextlib.suppress(ConnectionClosed):
+        await ws.send(message)
 
 
 def frame_doc(msg: str) -> dict[str, Any]:

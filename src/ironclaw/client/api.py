@@ -25,7 +25,7 @@ from typing_extensions import TypedDict
 from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import ConnectionClosed
 
-from ironclaw.client._http import frame_doc, sse_events
+from ironclaw.client._http import frame_doc, send_opening, sse_events
 from ironclaw.client._http import problem as _problem
 from ironclaw.client._http import seg as _seg
 from ironclaw.errors import ApiError, ConfigError, ConnectError, InvalidParams, IronclawError
@@ -301,7 +301,8 @@ class ApiClient(AsyncResource):
         counts = [0, 0]
         try:
             async with self._ws(sandbox_id) as ws:
-                await ws.send(
+                await send_opening(
+                    ws,
                     json.dumps(
                         {
                             "argv": argv,
@@ -311,7 +312,7 @@ class ApiClient(AsyncResource):
                             "stdin": stdin is not None,
                             "keep_background": keep_background,
                         }
-                    )
+                    ),
                 )
                 feeder = asyncio.ensure_future(_feed(ws, stdin)) if stdin is not None else None
                 try:

@@ -23,7 +23,7 @@ from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import ConnectionClosed
 
 from ironclaw.client._errors import from_problem
-from ironclaw.client._http import frame_doc, problem, sse_events
+from ironclaw.client._http import frame_doc, problem, send_opening, sse_events
 from ironclaw.client._http import seg as _seg
 from ironclaw.errors import ApiError, ConnectError, IronclawError
 from ironclaw.proto import methods as m
@@ -215,7 +215,7 @@ class RemotePty:
         except (OSError, ConnectionClosed) as exc:
             raise ConnectError(f"terminal to {self.api.base} failed: {exc}") from None
         try:
-            await ws.send(json.dumps(first))
+            await send_opening(ws, json.dumps(first))
             msg = await ws.recv()
             if isinstance(msg, bytes):
                 raise ApiError("the server sent output before the terminal started")

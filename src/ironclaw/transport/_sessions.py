@@ -19,8 +19,9 @@ sending), so the byte stream itself must say where a host session begins:
   payload ends with hello bytes, which is no reason to end a session: the host sends a
   new hello when no ack comes (the next one is at a frame boundary).
 
-The hello and the ack are shaped like channel frames (the 9-byte header of :mod:`ironclaw.proto.frames`)
-of types the rpc decoder does not know, so neither can pass for a frame of a session.
+The hello and the ack are shaped like channel frames (the 9-byte header of
+:mod:`ironclaw.proto.frames`) of types the rpc decoder does not know, so neither can pass
+for a frame of a session.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import socket
 import stat
 from typing import Protocol
 
-from ironclaw.errors import ConnectError
+from ironclaw.errors import ChannelClosed, ConnectError
 
 from ._port import PortSessions
 from ._sessions import NONCE_SIZE, AckScanner, hello_frame
@@ -72,6 +72,8 @@ async def serve_port(
 
 
 class _Duplex(Protocol):
+    """What :func:`handshake` needs of a connection (a test's stand-in has it too)."""
+
     async def read(self, max_bytes: int = ...) -> bytes: ...
     async def write(self, data: bytes | bytearray | memoryview) -> None: ...
 
@@ -98,7 +100,7 @@ async def connect(
             f"{os.fspath(path)}: the guest agent did not answer the channel handshake within "
             f"{handshake_s}s (is the VM paused or overloaded?)"
         ) from None
-    except EOFError:
+    except ChannelClosed:
         await conn.aclose()
         raise ConnectError(f"{os.fspath(path)}: channel closed during the handshake") from None
     except BaseException:
@@ -113,7 +115,7 @@ async def handshake(conn: _Duplex, *, rehello_s: float = 1.0, nonce: bytes | Non
 
     Returns what followed the ack (what came before it, an earlier session's output, is
     dropped); nothing else is sent before (see :mod:`._port`: the guest relies on it).
-    EOFError if ``conn`` ends first; unbounded in time (the caller bounds it). ``nonce``
+    ChannelClosed if ``conn`` ends first; unbounded in time (the caller bounds it). ``nonce``
     is the first hello's (a test's choice); a fresh random one by default.
 
     With no ack ``rehello_s`` after a hello, another one with a new nonce follows (the
@@ -140,7 +142,7 @@ async def handshake(conn: _Duplex, *, rehello_s: float = 1.0, nonce: bytes | Non
             next_hello = loop.time() + wait
             continue
         if not data:
-            raise EOFError("channel closed during the handshake")
+            raise ChannelClosed("channel closed during the handshake")
         rest = scan.feed(data)
         if rest is not None:
             return rest

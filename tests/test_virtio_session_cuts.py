@@ -216,7 +216,7 @@ def previous_sessions(draw: st.DrawFn) -> bytes:
     return data[: draw(st.integers(0, len(data)))]
 
 
-@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     previous=previous_sessions(),
     cuts=st.lists(st.integers(0, 400), max_size=8),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from ironclaw.transport._sessions import (
     ack_frame,
     hello_frame,
 )
-from ironclaw.transport.virtio_serial import PortSessions
+from ironclaw.transport.virtio_serial import PortSessions, handshake
 
 NONCE = bytes(range(16))
 REQUEST = encode_frame(FrameType.MESSAGE, 0, b'{"jsonrpc":"2.0","id":1,"method":"ping"}')
@@ -119,28 +120,26 @@ class StandIn:
         assert self.writer is not None
         os.write(self.writer, data)
 
-    async def host(self, *, first: bytes = b"") -> _Duplex:
-        """A host session the way :func:`virtio_serial.connect` begins one: a hello into
-        the FIFO (after ``first``, bytes of the previous host), the ack awaited on the
-        socket, what preceded it dropped."""
+    async def host(
+        self, *, first: bytes = b"", nonce: bytes | None = None, rehello_s: float = 1.0
+    ) -> _Duplex:
+        """A host session begun by :func:`virtio_serial.handshake`, as ``connect`` does:
+        a hello into the FIFO (in one write after ``first``, bytes of the previous host),
+        the ack awaited on the socket, what preceded it dropped."""
         self.connect()
-        nonce = os.urandom(16)
-        self.send(first + hello_frame(nonce))
-        duplex = _Duplex(self)
-        scan = AckScanner(nonce)
-        while (rest := scan.feed(await duplex.sock.read())) is None:
-            pass
-        duplex.sock.unread(rest)
+        duplex = _Duplex(self, first)
+        duplex.sock.unread(await handshake(duplex, nonce=nonce, rehello_s=rehello_s))
         return duplex
 
 
 class _Duplex:
     """The host's end of the stand-in as one connection."""
 
-    def __init__(self, stand: StandIn) -> None:
+    def __init__(self, stand: StandIn, first: bytes = b"") -> None:
         from ironclaw.transport.unix import from_socket
 
         self.stand = stand
+        self.first = first  # sent with the first write
         self.sock = from_socket(
             socket.socket(fileno=os.dup(stand.host_in.fileno())), initiator=True
         )
@@ -155,7 +154,8 @@ class _Duplex:
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.stand.writer is not None:
-            self.stand.send(bytes(data))
+            self.stand.send(self.first + bytes(data))
+            self.first = b""
 
     async def aclose(self) -> None:
         await self.sock.aclose()
@@ -267,6 +267,60 @@ async def test_a_hello_swallowed_by_the_previous_hosts_unfinished_frame_is_found
         stand.disconnect()
         await served2
     assert sessions.sessions == 2
+
+
+def _spilling(length: int, ftype: int) -> bytes:
+    """A nonce whose bytes 4-8 are read as a frame header when its hello completes
+    REQUEST cut at 20 (the hello's last 12 bytes spill into the next header)."""
+    return bytes(4) + struct.pack(">IB", length, ftype) + bytes(range(7))
+
+
+_FAKE = hello_frame(b"F" * 16)
+
+
+@pytest.mark.parametrize(
+    ("previous", "nonce", "exact"),
+    [
+        # Read as a MESSAGE header of 2 GiB: the old session's reader closes it on that.
+        (REQUEST[:20], _spilling(2**31, FrameType.MESSAGE), False),
+        (REQUEST[:20], _spilling(3, FrameType.DATA), True),  # a frame ending exactly
+        (REQUEST[:20], _spilling(32, 0x68), False),  # the hello's type, not its header
+        # The hello completes a frame exactly, as if it were its payload.
+        (encode_frame(FrameType.DATA, 2, b"d" * 100)[:-HELLO_SIZE], None, True),
+        # A hostile host: a fake hello in a frame claiming 4 GiB, or bare.
+        (struct.pack(">IBI", 2**32 - 1, FrameType.DATA, 2) + _FAKE + b"x", None, False),
+        (encode_frame(FrameType.DATA, 2, b"x" + _FAKE)[:-1], None, False),
+        (_FAKE[:24], None, False),
+    ],
+    ids=["huge-message", "exact-spill", "hello-type", "exact", "hostile-4g", "fake", "border"],
+)
+async def test_a_swallowed_hello_of_any_shape_begins_the_next_session(
+    port: tuple[StandIn, PortSessions], previous: bytes, nonce: bytes | None, exact: bool
+) -> None:
+    """As above, with the placements that once hung: the new session begins (one
+    re-hello later where the hello ends a frame exactly) and its first request is
+    answered."""
+    stand, sessions = port
+    async with asyncio.timeout(30):
+        first = asyncio.ensure_future(stand.host())
+        served1 = asyncio.ensure_future(_serve(await sessions.accept()))
+        await first
+        old = stand.writer
+        # Only a hello that ends a frame exactly needs the host's second hello.
+        rehello_s = 0.5 if exact else 60.0
+        second = asyncio.ensure_future(stand.host(first=previous, nonce=nonce, rehello_s=rehello_s))
+        conns = [await sessions.accept()]
+        assert old is not None
+        os.close(old)
+        await served1
+        host = await second
+        while len(conns) < sessions.sessions - 1:  # a fake hello's, or the first hello's
+            conns.append(await sessions.accept())
+        served2 = asyncio.ensure_future(_serve(conns[-1]))
+        assert await _ping(host)
+        stand.disconnect()
+        await served2
+    assert sessions.sessions == 1 + len(conns) <= 4
 
 
 async def test_a_host_leaving_a_paused_session_ends_it_and_its_unread_bytes(

@@ -19,10 +19,12 @@ session's reading is paused (backpressure), SIGIO and POLLHUP alone end it.
 
 A host may also leave and the next one connect before the guest reads anything in
 between (both notices are handled at once): then the new hello arrives inside the old
-session. At a frame boundary it is seen as such (``FrameTracker``). Inside a frame the
-old host left unfinished it is swallowed as payload; but a host sends nothing after its
-hello until the ack, so a session whose bytes end with a whole hello, inside an
-unfinished frame, with nothing more for ``settle_s``, is taken to be a new host's.
+session. Which bytes belong to which session is decided by a ``SessionTracker`` (sans-IO):
+at a frame boundary the hello is seen at once. Inside a frame the old host left
+unfinished it is swallowed as payload (and handed to the old session, whose reader may
+then close it); but a host sends nothing after its hello until the ack, so when the
+port's last bytes are a whole hello that began no session and nothing more comes for
+``settle_s``, it is taken to be a new host's.
 
 Each session is a :class:`StreamConnection` whose writes go through a descriptor of its
 own (a dup of the port): ending a session aborts it, so nothing the old session queued
@@ -40,7 +42,7 @@ import select
 import signal
 from typing import Any
 
-from ._sessions import FrameTracker, HelloScanner, ack_frame
+from ._sessions import SessionTracker, ack_frame
 from ._stream import DEFAULT_READ_LIMIT, StreamConnection
 
 __all__ = ["PortSessions"]
@@ -54,17 +56,16 @@ _SIGIO_POLL_S = 1.0
 class _Session(asyncio.ReadTransport):
     """One host session: the read transport of its connection, fed by the port reader."""
 
-    def __init__(self, port: PortSessions, conn: StreamConnection) -> None:
+    def __init__(self, port: PortSessions, conn: StreamConnection, number: int) -> None:
         super().__init__()
         self.port = port
         self.conn = conn
-        self.tracker = FrameTracker()
+        self.number = number  # the SessionTracker's number of this session
         self.proto: asyncio.Protocol | None = None
         self.wtransport: asyncio.WriteTransport | None = None
         self.paused = False
         self.ended = False
         self.seen_connected = False  # the host end was reported connected during it
-        self.suspect: float | None = None  # since when it ends with a swallowed hello
 
     def pause_reading(self) -> None:
         self.paused = True
@@ -83,8 +84,7 @@ class _Session(asyncio.ReadTransport):
         self.port._end(self)
 
     def deliver(self, data: bytes) -> None:
-        if self.proto is not None and data:
-            self.suspect = None
+        if self.proto is not None and data and not self.ended:
             self.proto.data_received(data)
 
 
@@ -113,7 +113,8 @@ class PortSessions:
         self._loop = asyncio.get_running_loop()
         self._pending: asyncio.Queue[StreamConnection] = asyncio.Queue()
         self._current: _Session | None = None
-        self._scanner = HelloScanner()
+        self._tracker = SessionTracker()
+        self._last_data = 0.0  # loop time of the last bytes read
         self._wake = asyncio.Event()
         self._poll = select.poll()
         self._poll.register(fd, select.POLLIN)
@@ -207,22 +208,22 @@ class PortSessions:
             try:
                 data = os.read(self._fd, _CHUNK)
             except BlockingIOError:
-                nonce = sess.tracker.trailing_hello() if sess is not None else None
-                if sess is None or nonce is None:
+                if self._tracker.swallowed() is None:
                     await self._wait(readable=True)
                     continue
-                # Nothing after a hello inside an unfinished frame: once that stays so
-                # for a moment, it is a new host's (which waits for its ack).
-                now = self._loop.time()
-                sess.suspect = now if sess.suspect is None else sess.suspect
-                if now - sess.suspect < self._settle_s:
-                    await self._wait(readable=True, timeout=self._settle_s - (now - sess.suspect))
+                # The port ends with a hello that began no session: once nothing more
+                # comes for a moment, it is a new host's (which waits for its ack).
+                left = self._last_data + self._settle_s - self._loop.time()
+                if left > 0:
+                    await self._wait(readable=True, timeout=left)
                     continue
-                self._end(sess)
-                await self._open(nonce)
+                nonce = self._tracker.idle()
+                assert nonce is not None
+                await self._open(nonce)  # ends the current session first
                 continue
             if data:
                 empty_reads = 0
+                self._last_data = self._loop.time()
                 await self._feed(data)
                 continue
             # Nothing buffered and no host: the session (if it had its host) is over.
@@ -245,31 +246,27 @@ class PortSessions:
             self._current.seen_connected = True
 
     async def _feed(self, data: bytes) -> None:
-        while data:
+        # The tracker's events follow the stream: a session ends at a new host's hello
+        # (its end went unnoticed) or at a header no frame has, and a session begins.
+        for kind, value in self._tracker.feed(data):
             sess = self._current
-            if sess is None:
-                found = self._scanner.feed(data)
-                if found is None:
-                    return
-                nonce, data = found
-                await self._open(nonce)
-                continue
-            at = sess.tracker.find_hello(data)
-            if at < 0:
-                sess.deliver(data)
-                return
-            # A new host's hello inside a session whose end went unnoticed, or a header no
-            # frame has (the rest is scanned for a hello, from the bytes it may begin in).
-            sess.deliver(data[:at])
-            data = sess.tracker.carry + data[at:]
-            self._end(sess)
+            if kind == "data":
+                if sess is not None:
+                    sess.deliver(value)
+            elif kind == "end":
+                if sess is not None:
+                    self._end(sess, by_tracker=True)
+            else:
+                await self._open(value)
 
     async def _open(self, nonce: bytes) -> None:
+        if self._current is not None:
+            self._end(self._current, by_tracker=True)
         self.sessions += 1
         conn = StreamConnection(
             initiator=False, read_limit=self._read_limit, name=f"virtio-session{self.sessions}"
         )
-        sess = _Session(self, conn)
+        sess = _Session(self, conn, self.sessions)  # the tracker counts them alike
         wfile = os.fdopen(os.dup(self._wfd), "wb", buffering=0, closefd=True)
         try:
             wt, _ = await self._loop.connect_write_pipe(conn.write_protocol, wfile)
@@ -286,14 +283,18 @@ class PortSessions:
         await conn.write(ack_frame(nonce))  # first on this session's own descriptor
         self._pending.put_nowait(conn)
 
-    def _end(self, sess: _Session) -> None:
-        """End ``sess`` now: its queued writes are dropped, its reader sees EOF."""
+    def _end(self, sess: _Session, *, by_tracker: bool = False) -> None:
+        """End ``sess`` now: its queued writes are dropped, its reader sees EOF.
+
+        Unless the tracker ended it, the tracker is told (and scans for a hello next).
+        """
         if sess.ended:
             return
         sess.ended = True
+        if not by_tracker:
+            self._tracker.end(sess.number)
         if self._current is sess:
             self._current = None
-            self._scanner = HelloScanner()
         wt = sess.wtransport
         # A transport closing with bytes left would still flush them, maybe after the
         # next session's ack; one closing with none has its connection_lost scheduled.

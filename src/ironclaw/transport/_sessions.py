@@ -9,13 +9,19 @@ sending), so the byte stream itself must say where a host session begins:
 * the guest answers with an **ack** carrying the same nonce before anything else of
   that session, and the host discards whatever reaches it first (output of an earlier
   session still in flight);
-* once the guest knows a session ended it discards bytes up to the next hello
-  (:class:`HelloScanner`: the old connection may have left half a frame); inside a
-  session whose end it missed (a reconnect before it noticed the disconnect) it finds
-  the hello at a frame boundary (:class:`FrameTracker`).
+* the guest splits the port's bytes into sessions with :class:`SessionTracker`: once it
+  knows a session ended it discards bytes up to the next hello (:class:`HelloScanner`:
+  the old connection may have left half a frame); inside a session whose end it missed
+  (a reconnect before it noticed the disconnect) it finds the hello at a frame boundary
+  (:class:`FrameTracker`), or, swallowed by a frame the old host left unfinished, as the
+  last bytes on the port, unclaimed, while nothing more comes (:meth:`SessionTracker.idle`);
+* a hello that completes an unfinished frame exactly looks like the end of a frame whose
+  payload ends with hello bytes, which is no reason to end a session: the host sends a
+  new hello when no ack comes (the next one is at a frame boundary).
 
-Both are shaped like channel frames (the 9-byte header of :mod:`ironclaw.proto.frames`)
-of types the rpc decoder does not know, so neither can pass for a frame of a session.
+The hello and the ack are shaped like channel frames (the 9-byte header of
+:mod:`ironclaw.proto.frames`) of types the rpc decoder does not know, so neither can pass
+for a frame of a session.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ __all__ = [
     "AckScanner",
     "FrameTracker",
     "HelloScanner",
+    "SessionTracker",
     "ack_frame",
     "hello_frame",
 ]
@@ -45,7 +52,8 @@ NONCE_SIZE: Final = 16
 _ID: Final = 0x49434C57
 _HELLO_MAGIC: Final = b"\x00ironclaw-hello\x00"
 _ACK_MAGIC: Final = b"\x00ironclaw-ack\x00\x00\x00"
-_HELLO_PREFIX: Final = _HEADER.pack(32, HELLO_TYPE, _ID) + _HELLO_MAGIC
+_HELLO_HEADER: Final = _HEADER.pack(32, HELLO_TYPE, _ID)
+_HELLO_PREFIX: Final = _HELLO_HEADER + _HELLO_MAGIC
 HELLO_SIZE: Final = len(_HELLO_PREFIX) + NONCE_SIZE
 
 
@@ -94,9 +102,8 @@ class FrameTracker:
     """Guest side inside a session: follow frame boundaries to spot the next host's hello.
 
     Only headers are looked at (payloads are skipped by length), so this costs next to
-    nothing for bulk data. The last :data:`HELLO_SIZE` bytes are kept: a hello swallowed
-    by a frame the previous host left unfinished is seen at the end of them
-    (:meth:`trailing_hello`), and a broken header is rescanned with the bytes before it.
+    nothing for bulk data. The last :data:`HELLO_SIZE` bytes are kept, so that a broken
+    header can be rescanned with the bytes before it.
     """
 
     __slots__ = ("_head", "_need", "_tail", "carry", "lost")
@@ -109,12 +116,19 @@ class FrameTracker:
         #: After :meth:`find_hello`: the bytes to scan for a hello from (see there).
         self.carry = b""
 
+    @property
+    def at_boundary(self) -> bool:
+        """Whether the bytes so far end exactly at the end of a frame."""
+        return not (self._need or self._head or self.lost)
+
     def find_hello(self, data: bytes) -> int:
         """Where in ``data`` the session ends, or -1 (all of ``data`` is the session's).
 
-        At a frame boundary a hello ends it (its first bytes, from earlier chunks, are
-        in :attr:`carry`); so does a header no frame can have (:attr:`lost`), and then
-        :attr:`carry` holds the bytes before it that a hello cut by it may start in.
+        At a frame boundary a hello's header ends it (its first bytes, from earlier
+        chunks, are in :attr:`carry`); so does a header no frame can have (:attr:`lost`),
+        and then :attr:`carry` holds the bytes before it that a hello cut by it may start
+        in. A header of the hello's type but not the hello's (bytes of a nonce that
+        completed a swallowing frame) is such a header.
         """
         if self.lost:
             return -1
@@ -137,8 +151,9 @@ class FrameTracker:
             if len(head) < _HEADER.size:
                 return -1
             length, ftype, _ = _HEADER.unpack(head)
+            hello = head == _HELLO_HEADER
             head.clear()
-            if ftype == HELLO_TYPE:
+            if hello:
                 self.carry = carried
                 return begun
             if ftype not in _SESSION_TYPES:
@@ -148,18 +163,97 @@ class FrameTracker:
             self._need = length
         return -1
 
-    def trailing_hello(self) -> bytes | None:
-        """The nonce of a hello the session's bytes end with, inside an unfinished frame.
 
-        A host never leaves a frame unfinished on its own: this is the next host's hello
-        landing in what its predecessor did not finish (when it stays the last thing
-        received for a moment, which the port driver waits for).
-        """
-        inside = self._need or self._head
+#: What :meth:`SessionTracker.feed` reports, in stream order: ``("data", bytes)`` of the
+#: current session, ``("end", b"")`` of it, ``("begin", nonce)`` of a new one.
+Event = tuple[str, bytes]
+
+
+class SessionTracker:
+    """Guest side of a whole port: which of its bytes belong to which host session.
+
+    A session begins at a hello found by a :class:`HelloScanner` (between sessions) or by
+    the session's :class:`FrameTracker` (at a frame boundary, ending the session before).
+    A hello swallowed as payload by a frame the previous host left unfinished is seen by
+    :meth:`idle`: a host sends nothing after its hello until the ack, so the port's last
+    :data:`HELLO_SIZE` bytes are then that hello. Positions on the port tell it apart from
+    the hello that began the current session; a session whose bytes end exactly at a
+    frame's end is left alone (those may be a frame's payload: the host's next hello,
+    sent when no ack comes, is then at a frame boundary).
+    """
+
+    __slots__ = ("_claimed", "_frames", "_pos", "_scanner", "_tail", "session")
+
+    def __init__(self) -> None:
+        self._frames: FrameTracker | None = None  # None: between sessions
+        self._scanner = HelloScanner()
+        self._tail = bytearray()  # the port's last HELLO_SIZE bytes
+        self._pos = 0  # bytes read from the port so far
+        self._claimed = -1  # where (port position) the last hello that began a session ends
+        #: The number of sessions begun so far: the current one's, while in one.
+        self.session = 0
+
+    @property
+    def in_session(self) -> bool:
+        return self._frames is not None
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Split the port's next bytes into events (see :data:`Event`)."""
+        self._pos += len(data)
         tail = self._tail
-        if inside and len(tail) == HELLO_SIZE and tail.startswith(_HELLO_PREFIX):
-            return bytes(tail[len(_HELLO_PREFIX) :])
-        return None
+        tail += data
+        del tail[:-HELLO_SIZE]
+        events: list[Event] = []
+        while True:
+            frames = self._frames
+            if frames is None:
+                found = self._scanner.feed(data)
+                if found is None:
+                    return events
+                nonce, data = found  # ``data`` is a suffix of what was read
+                self._begin(nonce, self._pos - len(data), events)
+                continue
+            at = frames.find_hello(data)
+            if at < 0:
+                if data:
+                    events.append(("data", data))
+                return events
+            if at:
+                events.append(("data", data[:at]))
+            events.append(("end", b""))
+            data = frames.carry + data[at:]
+            self._frames, self._scanner = None, HelloScanner()
+
+    def end(self, session: int) -> None:
+        """Session ``session`` ended off the stream (its host left, its reader closed)."""
+        if self._frames is not None and session == self.session:
+            self._frames, self._scanner = None, HelloScanner()
+
+    def swallowed(self) -> bytes | None:
+        """The nonce of a hello the port's bytes end with that began no session, if it
+        can only be a new host's: between sessions, or inside an unfinished frame."""
+        tail = self._tail
+        if self._pos == self._claimed or not tail.startswith(_HELLO_PREFIX):
+            return None
+        if len(tail) < HELLO_SIZE or (self._frames is not None and self._frames.at_boundary):
+            return None
+        return bytes(tail[len(_HELLO_PREFIX) :])
+
+    def idle(self) -> bytes | None:
+        """The port has stayed quiet for a moment: begin the session of a swallowed hello
+        (:meth:`swallowed`; the current one, if any, ends) and return its nonce."""
+        nonce = self.swallowed()
+        if nonce is not None:
+            self._begin(nonce, self._pos, [])
+        return nonce
+
+    def _begin(self, nonce: bytes, at: int, events: list[Event]) -> None:
+        if self._frames is not None:
+            events.append(("end", b""))
+        events.append(("begin", nonce))
+        self._frames, self._scanner = FrameTracker(), HelloScanner()
+        self._claimed = at
+        self.session += 1
 
 
 class AckScanner:
@@ -176,6 +270,11 @@ class AckScanner:
         self._buf = bytearray()
         self._limit = limit
         self.discarded = 0
+
+    def expect(self, nonce: bytes) -> None:
+        """A new hello was sent: only its ack counts now (what is buffered came before)."""
+        self._want = ack_frame(nonce)
+        self._buf.clear()
 
     def feed(self, data: bytes | bytearray | memoryview) -> bytes | None:
         """The bytes after the ack once it has arrived, else None."""

@@ -16,8 +16,9 @@ import asyncio
 import os
 import socket
 import stat
+from typing import Protocol
 
-from ironclaw.errors import ConnectError
+from ironclaw.errors import ChannelClosed, ConnectError
 
 from ._port import PortSessions
 from ._sessions import NONCE_SIZE, AckScanner, hello_frame
@@ -32,11 +33,13 @@ __all__ = [
     "connect",
     "device_path",
     "from_fd",
+    "handshake",
     "open_port",
     "serve_port",
 ]
 
 DEVICE_DIR = "/dev/virtio-ports"
+_REHELLO_MAX_S = 8.0
 
 
 def device_path(name: str) -> str:
@@ -68,39 +71,81 @@ async def serve_port(
     return port
 
 
-async def connect(
-    path: str | os.PathLike[str], *, timeout: float = 5.0, handshake_s: float | None = 30.0
-) -> SocketConnection:
-    """Host side: connect to the port's socket and begin a session.
+class _Duplex(Protocol):
+    """What :func:`handshake` needs of a connection (a test's stand-in has it too)."""
 
-    Sends a hello with a fresh nonce and returns once the agent's ack of it has arrived
-    (what came before it, an earlier session's output, is dropped); nothing else is
-    sent before (see :mod:`._port`: the guest relies on it). ``handshake_s`` bounds the
-    wait for the ack (None: as long as it takes, for a caller that bounds it itself).
+    async def read(self, max_bytes: int = ...) -> bytes: ...
+    async def write(self, data: bytes | bytearray | memoryview) -> None: ...
+
+
+async def connect(
+    path: str | os.PathLike[str],
+    *,
+    timeout: float = 5.0,
+    handshake_s: float | None = 30.0,
+    rehello_s: float = 1.0,
+) -> SocketConnection:
+    """Host side: connect to the port's socket and begin a session (:func:`handshake`).
+
+    ``handshake_s`` bounds the wait for the ack (None: as long as it takes, for a caller
+    that bounds it itself).
     """
     conn = await unix_connect(path, timeout=timeout)
-    nonce = os.urandom(NONCE_SIZE)
-    scan = AckScanner(nonce)
     try:
-        await conn.write(hello_frame(nonce))
         async with asyncio.timeout(handshake_s):
-            rest = None
-            while rest is None:
-                data = await conn.read()
-                if not data:
-                    raise ConnectError(f"{os.fspath(path)}: channel closed during the handshake")
-                rest = scan.feed(data)
+            rest = await handshake(conn, rehello_s=rehello_s)
     except TimeoutError:
         await conn.aclose()
         raise ConnectError(
             f"{os.fspath(path)}: the guest agent did not answer the channel handshake within "
             f"{handshake_s}s (is the VM paused or overloaded?)"
         ) from None
+    except ChannelClosed:
+        await conn.aclose()
+        raise ConnectError(f"{os.fspath(path)}: channel closed during the handshake") from None
     except BaseException:
         await conn.aclose()
         raise
     conn.unread(rest)
     return conn
+
+
+async def handshake(conn: _Duplex, *, rehello_s: float = 1.0, nonce: bytes | None = None) -> bytes:
+    """Begin a host session on ``conn``: a hello with a fresh nonce, then its ack.
+
+    Returns what followed the ack (what came before it, an earlier session's output, is
+    dropped); nothing else is sent before (see :mod:`._port`: the guest relies on it).
+    ChannelClosed if ``conn`` ends first; unbounded in time (the caller bounds it). ``nonce``
+    is the first hello's (a test's choice); a fresh random one by default.
+
+    With no ack ``rehello_s`` after a hello, another one with a new nonce follows (the
+    wait doubling up to 8 s), and only its ack counts: a hello that exactly completed a
+    frame the previous host left unfinished looks like that frame's payload to the
+    guest, and the next one is at a frame boundary. A guest that acked the earlier hello
+    meanwhile begins a session at the later one as well.
+    """
+    loop = asyncio.get_running_loop()
+    nonce = os.urandom(NONCE_SIZE) if nonce is None else nonce
+    scan = AckScanner(nonce)
+    await conn.write(hello_frame(nonce))
+    wait = rehello_s
+    next_hello = loop.time() + wait
+    while True:
+        try:
+            async with asyncio.timeout_at(next_hello):
+                data = await conn.read()
+        except TimeoutError:
+            nonce = os.urandom(NONCE_SIZE)
+            scan.expect(nonce)
+            await conn.write(hello_frame(nonce))
+            wait = min(_REHELLO_MAX_S, wait * 2)
+            next_hello = loop.time() + wait
+            continue
+        if not data:
+            raise ChannelClosed("channel closed during the handshake")
+        rest = scan.feed(data)
+        if rest is not None:
+            return rest
 
 
 async def open_port(

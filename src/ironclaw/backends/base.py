@@ -11,7 +11,6 @@ back, so the manager never looks inside it.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import os
 import time
@@ -21,7 +20,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar, runtime_checkable
 
 from ironclaw.errors import BackendError, ConnectError, IronclawError
-from ironclaw.resources.procs import wait_readable
 
 if TYPE_CHECKING:
     from ironclaw.config import Settings
@@ -202,6 +200,10 @@ async def wait_gone(
     itself (no polling); the start time is checked again after opening it, so a pid
     recycled in between is never waited on.
     """
+    import asyncio  # here: the one-shot CLI reads this module's records without asyncio
+
+    from ironclaw.resources.procs import wait_readable
+
     if pid is None or not same_process(pid, start_time):
         return True
     try:

@@ -1,0 +1,289 @@
+"""How a namespace jail is launched: the one definition both ways of running one share.
+
+:class:`~.backend.NamespaceBackend` launches a jail whose process is the guest agent;
+the one-shot ``ironclaw exec`` (:mod:`ironclaw.cli.oneshot`) launches the same jail with
+the user's command as its process instead. Everything that makes the jail (the exec
+chain's cgroups, rlimits, network namespace and uid drop, the ``timeout`` supervisor,
+bubblewrap's argv, the seccomp program from the cache, the synthetic ``/etc`` and the
+hostname) is built here, once, by :func:`launch`; the two callers differ only in the
+payload (:class:`Payload`) and in how the process is started (``subprocess.Popen`` on the
+backend's spawner thread; ``os.posix_spawn`` in the CLI, which cannot afford to import
+subprocess). Standard library and the resources layer only: no asyncio at import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from ironclaw.backends.base import BackendInfo, process_start_time
+from ironclaw.backends.namespace.cmdline import JailFds, bwrap_argv, etc_files, launch_chain
+from ironclaw.backends.namespace.placement import ThreadPlacement
+from ironclaw.config import safe_join
+from ironclaw.errors import BackendError
+from ironclaw.policy.knobs import rlimits
+from ironclaw.resources.seccomp_cache import seccomp_program
+
+if TYPE_CHECKING:
+    from ironclaw.resources.cgroups import Cgroup
+
+__all__ = [
+    "AGENT_OOM_SCORE_ADJ",
+    "COMMAND_OOM_SCORE_ADJ",
+    "Jail",
+    "NamespaceInfo",
+    "Payload",
+    "Tools",
+    "launch",
+]
+
+#: Memory pressure kills the command, not the agent: the agent's floor is set here,
+#: commands raise theirs (see ironclaw.guest.agent), to this.
+AGENT_OOM_SCORE_ADJ = -500
+COMMAND_OOM_SCORE_ADJ = 1000
+#: The launcher's own environment (the jail's is set by bubblewrap's ``--setenv``).
+LAUNCH_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class NamespaceInfo(BackendInfo):
+    """One jail as the registry keeps it: its supervisor (``pid``) and its files."""
+
+    socket: str
+    status_file: str
+    log: str
+    host_uid: int
+    wall_time_s: float | None = None
+
+
+def _which(name: str, default: str) -> str:
+    """``shutil.which`` without importing shutil (it loads compression modules)."""
+    for d in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        path = os.path.join(d or ".", name)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return default
+
+
+@dataclass(frozen=True)
+class Tools:
+    """The host programs a launch runs, found once per process."""
+
+    bwrap: str
+    timeout: str
+    nsenter: str
+    setpriv: str
+
+    @classmethod
+    def find(cls, *, bwrap: str | None = None, timeout_bin: str | None = None) -> Tools:
+        return cls(
+            bwrap=bwrap or _which("bwrap", "/usr/bin/bwrap"),
+            timeout=timeout_bin or _which("timeout", "/usr/bin/timeout"),
+            nsenter=_which("nsenter", "/usr/bin/nsenter"),
+            setpriv=_which("setpriv", "/usr/bin/setpriv"),
+        )
+
+    def check(self, *, agent: bool) -> None:
+        """Raise what to install when one is missing (``agent``: its interpreter too)."""
+        if not os.access(self.bwrap, os.X_OK):
+            raise BackendError(
+                "bubblewrap is not installed: run `apt-get install bubblewrap` "
+                "(or `ironclaw doctor` for everything this host lacks)"
+            )
+        for tool in (self.timeout, self.nsenter, self.setpriv):
+            if not os.access(tool, os.X_OK):
+                raise BackendError(
+                    f"{os.path.basename(tool)} is missing: apt-get install coreutils util-linux"
+                )
+        if agent and not os.access("/usr/bin/python3", os.X_OK):
+            raise BackendError("the guest agent needs /usr/bin/python3: apt-get install python3")
+
+
+@dataclass
+class Jail:
+    """One jail to launch, as its creator prepared it (registry slot, cgroup, network).
+
+    ``spec`` is a ``SandboxSpec`` or the one-shot's pydantic-free ``LightSpec`` (which has
+    every attribute read here).
+    """
+
+    spec: Any
+    sandbox_id: str
+    host_uid: int
+    run_dir: Path
+    state_dir: Path
+    one_shot: bool
+    cgroup: Cgroup | None = None
+    netns_path: str | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def hostname(self) -> str:
+        return str(self.spec.hostname or self.sandbox_id)
+
+    @property
+    def status_path(self) -> Path:
+        """bubblewrap's ``--json-status-fd`` lines: the payload's exit code at the end."""
+        return safe_join(self.run_dir, "status.json")
+
+
+@dataclass
+class Payload:
+    """What runs in the jail and where its output goes.
+
+    ``argv`` None is the guest agent, serving ``listen`` with its code from ``guest_zip``.
+    """
+
+    stdout: int
+    stderr: int
+    oom_score_adj: int
+    argv: list[str] | None = None
+    guest_zip: Path | None = None
+    listen: int | None = None
+
+
+class Process(Protocol):
+    """The started launcher: ``subprocess.Popen`` or the CLI's own handle."""
+
+    @property
+    def pid(self) -> int: ...
+    def kill(self) -> None: ...
+    def wait(self) -> int: ...
+
+
+P = TypeVar("P", bound=Process)
+#: Starts the launcher: argv, (stdin, stdout, stderr), descriptors it must inherit, and
+#: its environment; always in a new session (not the caller's terminal's group).
+Spawn = Callable[[list[str], tuple[int, int, int], list[int], dict[str, str]], P]
+
+
+def _memfd(name: str, data: bytes) -> int:
+    fd = os.memfd_create(name, 0)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def launch(jail: Jail, tools: Tools, payload: Payload, spawn: Spawn[P]) -> tuple[P, NamespaceInfo]:
+    """Start the jail (blocking): the launcher, placed in the jail's cgroups, told to go.
+
+    Returns the launcher, which becomes the supervisor (``timeout``), and the record the
+    registry keeps. On a failure nothing is left running.
+    """
+    spec = jail.spec
+    status_path = jail.status_path
+    bpf = seccomp_program(jail.state_dir, spec.seccomp, allow_inet=jail.netns_path is not None)
+    fds: JailFds | None = None
+    go_r = go_w = -1
+    cgroup_fds: list[int] = []
+    placement: ThreadPlacement | None = None
+    try:
+        etc = {k: _memfd(f"ironclaw-etc-{k}", v) for k, v in etc_files(jail.hostname).items()}
+        zip_path = payload.guest_zip
+        fds = JailFds(
+            seccomp=_memfd("ironclaw-seccomp", bpf),
+            etc=etc,
+            status=os.open(status_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+            guest_zip=None if zip_path is None else os.open(zip_path, os.O_RDONLY),
+            listen=payload.listen,
+        )
+        if jail.cgroup is not None:
+            # v1 directories by birth (this thread steps in for the fork), the rest
+            # (v2, or v1 when the way back is unknown) by writing the child's pid.
+            placement = ThreadPlacement.for_thread(jail.cgroup)
+            moved = jail.cgroup.dirs
+            if placement is not None:
+                moved = tuple(d for d in moved if not placement.places(d))
+            cgroup_fds = replace(jail.cgroup, dirs=moved).attach_fds()
+        wall = spec.limits.wall_time_s
+        go_r, go_w = os.pipe2(os.O_CLOEXEC)
+        argv = [
+            *launch_chain(
+                uid=jail.host_uid,
+                limits=rlimits(spec.limits),
+                netns_path=jail.netns_path,
+                die_with_parent=jail.one_shot,
+                nsenter=tools.nsenter,
+                setpriv=tools.setpriv,
+            ),
+            tools.timeout,
+            "--signal=KILL",
+            f"{wall:.3f}s" if wall else "0",
+            *bwrap_argv(
+                spec,
+                hostname=jail.hostname,
+                fds=fds,
+                share_net=jail.netns_path is not None,
+                extra_env=jail.extra_env,
+                bwrap=tools.bwrap,
+                payload=payload.argv,
+            ),
+        ]
+        stdio = (go_r, payload.stdout, payload.stderr)
+        proc = _spawn(spawn, argv, stdio, fds.all(), placement)
+        try:
+            pid = str(proc.pid).encode()
+            for fd in cgroup_fds:
+                os.write(fd, pid)
+            with (
+                contextlib.suppress(OSError),
+                open(f"/proc/{proc.pid}/oom_score_adj", "w") as f,
+            ):
+                f.write(str(payload.oom_score_adj))  # lowering it needs CAP_SYS_RESOURCE
+            os.write(go_w, b"go\n")
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    finally:
+        if placement is not None:
+            placement.close()
+        if fds is not None:
+            fds.close()
+        for fd in [go_r, go_w, *cgroup_fds]:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+    info = NamespaceInfo(
+        pid=proc.pid,
+        pid_start=process_start_time(proc.pid),
+        socket=str(safe_join(jail.run_dir, "agent.sock")),
+        status_file=str(status_path),
+        log=str(safe_join(jail.run_dir, "sandbox.log")),
+        host_uid=jail.host_uid,
+        started_at=time.time(),
+        wall_time_s=spec.limits.wall_time_s,
+    )
+    return proc, info
+
+
+def _spawn(
+    spawn: Spawn[P],
+    argv: list[str],
+    stdio: tuple[int, int, int],
+    pass_fds: list[int],
+    placement: ThreadPlacement | None,
+) -> P:
+    """``spawn``, with the calling thread inside the sandbox's v1 cgroups for the fork."""
+    if placement is None:
+        return spawn(argv, stdio, pass_fds, dict(LAUNCH_ENV))
+    placement.enter()
+    try:
+        proc = spawn(argv, stdio, pass_fds, dict(LAUNCH_ENV))
+    except BaseException:
+        placement.leave()
+        raise
+    try:
+        placement.leave()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc

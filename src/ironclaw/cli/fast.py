@@ -244,7 +244,12 @@ def main() -> None:
         parsed = parse_exec(argv[1:])
         if parsed is not None:
             sys.stdout.flush()
-            _exit_now(run_exec(parsed))
+            code = None
+            if os.environ.get("IRONCLAW_ONESHOT") != "agent":
+                from ironclaw.cli.oneshot import run as run_direct
+
+                code = run_direct(parsed, _mark)
+            _exit_now(run_exec(parsed) if code is None else code)
     from ironclaw.cli.main import main as full_main
 
     full_main()

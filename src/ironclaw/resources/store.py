@@ -525,6 +525,10 @@ class BlockingStore:
     def delete(self, sandbox_id: str) -> None:
         self._store._delete(sandbox_id)
 
+    def failed(self, sandbox_id: str, reason: str) -> None:
+        """Mark a sandbox whose teardown left something (``gc`` retries it)."""
+        self._store._update(sandbox_id, state="failed", reason=reason)
+
     def has_pooled(self) -> bool:
         """Whether any warm sandbox waits in the pool (of any template)."""
         row = self._store.db.execute("SELECT 1 FROM sandboxes WHERE state = 'pooled' LIMIT 1")

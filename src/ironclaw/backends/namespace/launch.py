@@ -171,11 +171,14 @@ def _memfd(name: str, data: bytes) -> int:
     return fd
 
 
-def launch(jail: Jail, tools: Tools, payload: Payload, spawn: Spawn[P]) -> tuple[P, NamespaceInfo]:
+def launch(
+    jail: Jail, tools: Tools, payload: Payload, spawn: Spawn[P], *, place_cpu: bool = False
+) -> tuple[P, NamespaceInfo]:
     """Start the jail (blocking): the launcher, placed in the jail's cgroups, told to go.
 
     Returns the launcher, which becomes the supervisor (``timeout``), and the record the
-    registry keeps. On a failure nothing is left running.
+    registry keeps. On a failure nothing is left running. ``place_cpu``: the calling
+    thread steps into the v1 CPU hierarchy too (see :meth:`.ThreadPlacement.places`).
     """
     spec = jail.spec
     status_path = jail.status_path
@@ -197,10 +200,10 @@ def launch(jail: Jail, tools: Tools, payload: Payload, spawn: Spawn[P]) -> tuple
         if jail.cgroup is not None:
             # v1 directories by birth (this thread steps in for the fork), the rest
             # (v2, or v1 when the way back is unknown) by writing the child's pid.
-            placement = ThreadPlacement.for_thread(jail.cgroup)
+            placement = ThreadPlacement.for_thread(jail.cgroup, cpu=place_cpu)
             moved = jail.cgroup.dirs
             if placement is not None:
-                moved = tuple(d for d in moved if not placement.places(d))
+                moved = tuple(d for d in moved if not placement.places(d, cpu=place_cpu))
             cgroup_fds = replace(jail.cgroup, dirs=moved).attach_fds()
         wall = spec.limits.wall_time_s
         go_r, go_w = os.pipe2(os.O_CLOEXEC)

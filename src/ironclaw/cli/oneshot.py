@@ -442,38 +442,40 @@ def _run(args: ExecArgs, mark: Callable[[str], None]) -> int | None:
     settings = Settings.from_env()
     settings.ensure()
     mark("imports")
-    with BlockingStore(settings.registry_path) as store:
-        mark("open")
-        if store.has_pooled():
-            return None  # a warm sandbox may serve it: the manager knows which
-        shot = _OneShot(settings, store, sid)
-        streams = _Streams(args.command[0], capture=args.as_json)
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        interrupted = False
-        previous = signal.signal(signal.SIGTERM, _interrupt)
+    # Not closed: all is committed, and the exit follows (see BlockingStore.close).
+    store = BlockingStore(settings.registry_path).open()
+    mark("open")
+    if store.has_pooled():
+        store.close()
+        return None  # a warm sandbox may serve it: the manager knows which
+    shot = _OneShot(settings, store, sid)
+    streams = _Streams(args.command[0], capture=args.as_json)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    interrupted = False
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
         try:
             try:
-                try:
-                    shot.create(args.command, out_w, err_w)
-                finally:
-                    os.close(out_w)
-                    os.close(err_w)
-                mark("create")
-                result = shot.run(out_r, err_r, streams, args.timeout)
+                shot.create(args.command, out_w, err_w)
             finally:
-                # Not interrupted half-way: the agent path shields its destroy too.
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)
-                mark("exec")
-                os.close(out_r)
-                os.close(err_r)
-                shot.destroy()
-                mark("destroy")
-        except (KeyboardInterrupt, _Interrupted):
-            interrupted = True
+                os.close(out_w)
+                os.close(err_w)
+            mark("create")
+            result = shot.run(out_r, err_r, streams, args.timeout)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            # Not interrupted half-way: the agent path shields its destroy too.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            mark("exec")
+            os.close(out_r)
+            os.close(err_r)
+            shot.destroy()
+            mark("destroy")
+    except (KeyboardInterrupt, _Interrupted):
+        interrupted = True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     mark("close")
     if interrupted:
         return EXIT_PIPE if streams.gone else 130

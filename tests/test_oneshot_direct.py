@@ -268,6 +268,14 @@ async def test_registered_while_it_runs_never_host_root_and_gc_removes_a_killed_
         uids = re.search(r"^Uid:\s+(.*)$", status, re.M)
         assert uids is not None
         assert {int(u) for u in uids[1].split()} == {host_uid}, (pid, status)
+    listing = subprocess.run(
+        [sys.executable, "-m", "ironclaw.cli", "sandbox", "ls", "--json"],
+        capture_output=True,
+        env=env_for("direct", ironclaw_home),
+        timeout=120,
+    )
+    [shown] = json.loads(listing.stdout)["sandboxes"]
+    assert (shown["id"], shown["state"], shown["pid"]) == ("crash-1", "running", row.info["pid"])
     proc.send_signal(signal.SIGKILL)
     await proc.wait()
     left = leftovers(ironclaw_home)

@@ -3,12 +3,18 @@
 Building the typer app imports typer, click and rich (over 100 ms), which a one-shot
 ``ironclaw exec -- CMD`` pays on every run although it needs none of them. So the entry
 point looks at argv first: ``exec`` with only ``--json``, ``--timeout S`` and ``--id ID``
-before the command runs here, with the same code path as the typer command
-(:func:`ironclaw.cli.main.exec_cmd`); anything else (``--help``, other options, a
-malformed value, another command) goes to the full app, so help and errors stay exactly
-the app's. This module imports nothing outside the standard library at load time, and
-the path imports neither pydantic (the default spec is :mod:`ironclaw.spec_light`'s
-record) nor anything the one-shot does not use.
+before the command runs here; anything else (``--help``, other options, a malformed
+value, another command) goes to the full app, so help and errors stay exactly the app's.
+
+Such a one-shot runs *directly* (:mod:`ironclaw.cli.oneshot`): the same jail, with the
+command as its process instead of the guest agent, and no event loop, manager or RPC.
+What that path cannot answer exactly as the agent path would (a warm pool to take from,
+an unusual ``--timeout``) comes back here and runs as the typer command does
+(:func:`ironclaw.cli.main.exec_cmd`): :func:`run_exec`, through the manager and the
+agent. ``IRONCLAW_ONESHOT=agent`` always takes that way. This module imports nothing
+outside the standard library at load time, and neither path imports pydantic (the
+default spec is :mod:`ironclaw.spec_light`'s record) nor anything it does not use; the
+direct one imports no asyncio either.
 """
 
 from __future__ import annotations

@@ -37,8 +37,10 @@ from ironclaw.backends.namespace.launch import (
     COMMAND_OOM_SCORE_ADJ,
     Jail,
     Payload,
+    SpawnedChild,
     Tools,
     launch,
+    spawn_here,
 )
 from ironclaw.cli.fast import EXIT_PIPE, ExecArgs
 from ironclaw.config import DEFAULT_UID_BASE, Settings, ensure_private_dir
@@ -71,70 +73,6 @@ class _Interrupted(Exception):
 
 def _interrupt(signum: int, frame: object) -> None:
     raise _Interrupted
-
-
-class _Child:
-    """The launcher started with ``posix_spawn`` (the shape ``subprocess.Popen`` has)."""
-
-    __slots__ = ("_status", "pid")
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self._status: int | None = None
-
-    def kill(self) -> None:
-        if self._status is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-
-    def wait(self) -> int:
-        if self._status is None:
-            self._status = os.waitpid(self.pid, 0)[1]
-        return os.waitstatus_to_exitcode(self._status)
-
-
-def _above_stdio(fd: int) -> int:
-    """``fd`` itself, or a copy numbered 3 or more (a closed stdin made it 0)."""
-    if fd > 2:
-        return fd
-    import fcntl
-
-    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
-
-
-def _posix_spawn(
-    argv: list[str], stdio: tuple[int, int, int], pass_fds: list[int], env: dict[str, str]
-) -> _Child:
-    """Start the launcher with vfork semantics and without importing subprocess.
-
-    Only ``pass_fds`` and the three stdio descriptors reach it: every other descriptor
-    of this (single-threaded) process is marked close-on-exec first, as
-    ``close_fds=True`` would close them, inherited ones included.
-    """
-    keep = set(pass_fds)
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd > 2 and fd not in keep:
-            with contextlib.suppress(OSError):  # the listing's own descriptor, closed by now
-                os.set_inheritable(fd, False)
-    for fd in pass_fds:
-        os.set_inheritable(fd, True)
-    src = [_above_stdio(fd) for fd in stdio]
-    actions = [(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(src)]
-    try:
-        pid = os.posix_spawn(
-            argv[0],
-            argv,
-            env,
-            file_actions=actions,
-            setsid=True,
-            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),  # Python ignores them; commands not
-        )
-    finally:
-        for new, old in zip(src, stdio, strict=True):
-            if new != old:
-                os.close(new)
-    return _Child(pid)
 
 
 class _Streams:
@@ -249,7 +187,7 @@ class _OneShot:
         self.cgroups = CgroupManager(os.environ.get("IRONCLAW_CGROUP_ROOT", "ironclaw"))
         self.run_dir = settings.sandbox_runtime_dir(sandbox_id)
         self.reserved = False
-        self.child: _Child | None = None
+        self.child: SpawnedChild | None = None
         self.cgroup: Cgroup | None = None
         self.info: NamespaceInfo | None = None
 
@@ -294,7 +232,7 @@ class _OneShot:
         )
         # This process has one thread and no loop to stall: it steps into every v1
         # hierarchy for the fork, the CPU one too (no grace period moving the child).
-        self.child, self.info = launch(jail, tools, payload, _posix_spawn, place_cpu=True)
+        self.child, self.info = launch(jail, tools, payload, spawn_here, place_cpu=True)
         store.write(
             Batch()
             .created(sid, "runtime_dir", run_dir)

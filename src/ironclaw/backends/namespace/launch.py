@@ -7,14 +7,16 @@ chain's cgroups, rlimits, network namespace and uid drop, the ``timeout`` superv
 bubblewrap's argv, the seccomp program from the cache, the synthetic ``/etc`` and the
 hostname) is built here, once, by :func:`launch`; the two callers differ only in the
 payload (:class:`Payload`) and in how the process is started (``subprocess.Popen`` on the
-backend's spawner thread; ``os.posix_spawn`` in the CLI, which cannot afford to import
-subprocess). Standard library and the resources layer only: no asyncio at import.
+backend's spawner thread; :func:`spawn_here`, ``os.posix_spawn``, in the CLI, which cannot
+afford to import subprocess). Standard library and the resources layer only: no asyncio
+at import.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -38,8 +40,10 @@ __all__ = [
     "Jail",
     "NamespaceInfo",
     "Payload",
+    "SpawnedChild",
     "Tools",
     "launch",
+    "spawn_here",
 ]
 
 #: Memory pressure kills the command, not the agent: the agent's floor is set here,
@@ -160,6 +164,72 @@ P = TypeVar("P", bound=Process)
 #: Starts the launcher: argv, (stdin, stdout, stderr), descriptors it must inherit, and
 #: its environment; always in a new session (not the caller's terminal's group).
 Spawn = Callable[[list[str], tuple[int, int, int], list[int], dict[str, str]], P]
+
+
+class SpawnedChild:
+    """The launcher started with ``posix_spawn`` (the shape ``subprocess.Popen`` has)."""
+
+    __slots__ = ("_status", "pid")
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._status: int | None = None
+
+    def kill(self) -> None:
+        if self._status is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+    def wait(self) -> int:
+        if self._status is None:
+            self._status = os.waitpid(self.pid, 0)[1]
+        return os.waitstatus_to_exitcode(self._status)
+
+
+def _above_stdio(fd: int) -> int:
+    """``fd`` itself, or a copy numbered 3 or more (a closed stdin made it 0)."""
+    if fd > 2:
+        return fd
+    import fcntl
+
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+
+
+def spawn_here(
+    argv: list[str], stdio: tuple[int, int, int], pass_fds: list[int], env: dict[str, str]
+) -> SpawnedChild:
+    """A :data:`Spawn` for a single-threaded caller: ``posix_spawn`` (vfork semantics,
+    and no subprocess import, which the one-shot CLI cannot afford).
+
+    Only ``pass_fds`` and the three stdio descriptors reach the launcher: every other
+    descriptor of this process is marked close-on-exec first, as ``close_fds=True``
+    would close them, inherited ones included. That flips flags process-wide, hence
+    single-threaded callers only (the backend's spawner thread uses Popen).
+    """
+    keep = set(pass_fds)
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            with contextlib.suppress(OSError):  # the listing's own descriptor, closed by now
+                os.set_inheritable(fd, False)
+    for fd in pass_fds:
+        os.set_inheritable(fd, True)
+    src = [_above_stdio(fd) for fd in stdio]
+    actions = [(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(src)]
+    try:
+        pid = os.posix_spawn(
+            argv[0],
+            argv,
+            env,
+            file_actions=actions,
+            setsid=True,
+            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),  # Python ignores them; commands not
+        )
+    finally:
+        for new, old in zip(src, stdio, strict=True):
+            if new != old:
+                os.close(new)
+    return SpawnedChild(pid)
 
 
 def _memfd(name: str, data: bytes) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,19 +60,30 @@ def etc_files(hostname: str) -> dict[str, bytes]:
     }
 
 
-@dataclass(frozen=True)
 class JailFds:
     """Descriptors handed to bubblewrap; closed in the parent once it started.
 
     ``guest_zip`` and ``listen`` are the agent's: a jail that runs the user's command
-    directly (the one-shot ``ironclaw exec``) has neither.
+    directly (the one-shot ``ironclaw exec``) has neither. (A plain class: a dataclass
+    costs the one-shot CLI's start-up about a millisecond.)
     """
 
-    seccomp: int
-    etc: dict[str, int]
-    status: int
-    guest_zip: int | None = None
-    listen: int | None = None
+    __slots__ = ("etc", "guest_zip", "listen", "seccomp", "status")
+
+    def __init__(
+        self,
+        *,
+        seccomp: int,
+        etc: dict[str, int],
+        status: int,
+        guest_zip: int | None = None,
+        listen: int | None = None,
+    ) -> None:
+        self.seccomp = seccomp
+        self.etc = etc
+        self.status = status
+        self.guest_zip = guest_zip
+        self.listen = listen
 
     def all(self) -> list[int]:
         extra = [fd for fd in (self.guest_zip, self.listen) if fd is not None]

@@ -19,7 +19,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -74,14 +74,20 @@ def _which(name: str, default: str) -> str:
     return default
 
 
-@dataclass(frozen=True)
 class Tools:
-    """The host programs a launch runs, found once per process."""
+    """The host programs a launch runs, found once per process.
 
-    bwrap: str
-    timeout: str
-    nsenter: str
-    setpriv: str
+    This module's records are plain classes, not dataclasses: each dataclass costs the
+    one-shot CLI's start-up about a millisecond (its methods are generated with exec).
+    """
+
+    __slots__ = ("bwrap", "nsenter", "setpriv", "timeout")
+
+    def __init__(self, *, bwrap: str, timeout: str, nsenter: str, setpriv: str) -> None:
+        self.bwrap = bwrap
+        self.timeout = timeout
+        self.nsenter = nsenter
+        self.setpriv = setpriv
 
     @classmethod
     def find(cls, *, bwrap: str | None = None, timeout_bin: str | None = None) -> Tools:
@@ -108,7 +114,6 @@ class Tools:
             raise BackendError("the guest agent needs /usr/bin/python3: apt-get install python3")
 
 
-@dataclass
 class Jail:
     """One jail to launch, as its creator prepared it (registry slot, cgroup, network).
 
@@ -116,15 +121,40 @@ class Jail:
     every attribute read here).
     """
 
-    spec: Any
-    sandbox_id: str
-    host_uid: int
-    run_dir: Path
-    state_dir: Path
-    one_shot: bool
-    cgroup: Cgroup | None = None
-    netns_path: str | None = None
-    extra_env: dict[str, str] = field(default_factory=dict)
+    __slots__ = (
+        "cgroup",
+        "extra_env",
+        "host_uid",
+        "netns_path",
+        "one_shot",
+        "run_dir",
+        "sandbox_id",
+        "spec",
+        "state_dir",
+    )
+
+    def __init__(
+        self,
+        *,
+        spec: Any,
+        sandbox_id: str,
+        host_uid: int,
+        run_dir: Path,
+        state_dir: Path,
+        one_shot: bool,
+        cgroup: Cgroup | None = None,
+        netns_path: str | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.sandbox_id = sandbox_id
+        self.host_uid = host_uid
+        self.run_dir = run_dir
+        self.state_dir = state_dir
+        self.one_shot = one_shot
+        self.cgroup = cgroup
+        self.netns_path = netns_path
+        self.extra_env = extra_env or {}
 
     @property
     def hostname(self) -> str:
@@ -136,19 +166,30 @@ class Jail:
         return safe_join(self.run_dir, "status.json")
 
 
-@dataclass
 class Payload:
     """What runs in the jail and where its output goes.
 
     ``argv`` None is the guest agent, serving ``listen`` with its code from ``guest_zip``.
     """
 
-    stdout: int
-    stderr: int
-    oom_score_adj: int
-    argv: list[str] | None = None
-    guest_zip: Path | None = None
-    listen: int | None = None
+    __slots__ = ("argv", "guest_zip", "listen", "oom_score_adj", "stderr", "stdout")
+
+    def __init__(
+        self,
+        *,
+        stdout: int,
+        stderr: int,
+        oom_score_adj: int,
+        argv: list[str] | None = None,
+        guest_zip: Path | None = None,
+        listen: int | None = None,
+    ) -> None:
+        self.stdout = stdout
+        self.stderr = stderr
+        self.oom_score_adj = oom_score_adj
+        self.argv = argv
+        self.guest_zip = guest_zip
+        self.listen = listen
 
 
 class Process(Protocol):

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from conftest import CGROUP_ROOT, UID_BASE
+from ironclaw.backends.namespace import NamespaceInfo
 from ironclaw.config import Settings
 from ironclaw.host.manager import SandboxManager
 from ironclaw.resources.procs import processes_with_uid_in
@@ -259,6 +260,10 @@ async def test_registered_while_it_runs_never_host_root_and_gc_removes_a_killed_
     )
     host_uid = row.info["host_uid"]
     assert host_uid == UID_BASE + row.slot
+    # The row is the backend's own record: the manager (ls, gc) reads it as it reads its own.
+    info = NamespaceInfo.from_json(row.info)
+    assert (info.host_uid, info.pid, info.wall_time_s) == (host_uid, row.info["pid"], None)
+    assert info.pid_start is not None and info.status_file.endswith("/crash-1/status.json")
     # Invariant 7, seen from the host: every process of the sandbox runs as its own
     # unprivileged uid (all four of real, effective, saved and filesystem uid).
     inside = members("crash-1")

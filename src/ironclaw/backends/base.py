@@ -11,6 +11,7 @@ back, so the manager never looks inside it.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar, runtime_checkable
 
 from ironclaw.errors import BackendError, ConnectError, IronclawError
+from ironclaw.resources.procs import process_start_time, wait_readable
 
 if TYPE_CHECKING:
     from ironclaw.config import Settings
@@ -157,24 +159,6 @@ class Pausable(Protocol):
         """Continue a paused sandbox."""
 
 
-def process_start_time(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (field 22 of /proc/PID/stat).
-
-    Stored beside a pid so that a recycled pid is never mistaken for our process.
-    """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    # The command name may hold spaces and parentheses: split after the last ')'.
-    fields = data[data.rfind(b")") + 2 :].split()
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
 def same_process(pid: int | None, start_time: int | None) -> bool:
     """True if ``pid`` is alive and is the very process that had ``start_time``."""
     if not pid or start_time is None:
@@ -200,10 +184,6 @@ async def wait_gone(
     itself (no polling); the start time is checked again after opening it, so a pid
     recycled in between is never waited on.
     """
-    import asyncio  # here: the one-shot CLI reads this module's records without asyncio
-
-    from ironclaw.resources.procs import wait_readable
-
     if pid is None or not same_process(pid, start_time):
         return True
     try:

@@ -32,7 +32,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
-from ironclaw.backends.base import process_start_time
 from ironclaw.backends.namespace.launch import (
     COMMAND_OOM_SCORE_ADJ,
     Jail,
@@ -48,11 +47,12 @@ from ironclaw.errors import BackendError, ConfigError, IronclawError, SandboxErr
 from ironclaw.ids import new_sandbox_id, validate_sandbox_id
 from ironclaw.resources import audit
 from ironclaw.resources.cgroups import CgroupManager
+from ironclaw.resources.procs import process_start_time
 from ironclaw.resources.store import Batch, BlockingStore
 from ironclaw.spec_light import DEFAULT_SPEC
 
 if TYPE_CHECKING:
-    from ironclaw.backends.namespace.launch import NamespaceInfo
+    from ironclaw.backends.namespace.launch import JailRecord
     from ironclaw.policy.limits import ResourceLimits
     from ironclaw.resources.cgroups import Cgroup
 
@@ -189,7 +189,7 @@ class _OneShot:
         self.reserved = False
         self.child: SpawnedChild | None = None
         self.cgroup: Cgroup | None = None
-        self.info: NamespaceInfo | None = None
+        self.info: JailRecord | None = None
 
     def create(self, command: list[str], stdout: int, stderr: int) -> None:
         sid, store = self.sid, self.store
@@ -237,7 +237,7 @@ class _OneShot:
             Batch()
             .created(sid, "runtime_dir", run_dir)
             .created(sid, "cgroup", sid)
-            .update(sid, state="running", info={**self.info.to_json(), "host_uid": host_uid})
+            .update(sid, state="running", info=dict(self.info))
             .created(sid, "process", "supervisor")
         )
         audit.record(self.settings, sid, "sandbox.create", backend="namespace")
@@ -289,7 +289,7 @@ class _OneShot:
         result.duration_ms = (time.monotonic() - started) * 1000
         # bubblewrap's last status line has the command's exit code; without one,
         # bubblewrap itself ended: it could not exec the command, or it was killed.
-        code = _exit_code_from(info.status_file)
+        code = _exit_code_from(info["status_file"])
         supervisor = child.wait()
         failure = streams.spawn_failure(supervisor) if code is None else None
         streams.flush_held()  # what was held back and is the command's own

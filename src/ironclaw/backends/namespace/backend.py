@@ -39,10 +39,12 @@ import subprocess
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ironclaw.backends.base import (
+    BackendInfo,
     BackendStatus,
     LaunchContext,
     agent_unreachable,
@@ -51,20 +53,25 @@ from ironclaw.backends.base import (
     wait_gone,
     wall_time_reached,
 )
-from ironclaw.backends.namespace.launch import (
-    AGENT_OOM_SCORE_ADJ,
-    Jail,
-    NamespaceInfo,
-    Payload,
-    Tools,
-    launch,
-)
+from ironclaw.backends.namespace.launch import AGENT_OOM_SCORE_ADJ, Jail, Payload, Tools, launch
 from ironclaw.config import safe_join
 from ironclaw.errors import BackendError, ConnectError, IronclawError
 from ironclaw.resources.guest_bundle import bundle_path
 from ironclaw.transport import Connection, unix
 
 __all__ = ["AGENT_OOM_SCORE_ADJ", "NamespaceBackend", "NamespaceInfo"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class NamespaceInfo(BackendInfo):
+    """One jail as the registry keeps it: its supervisor (``pid``) and its files (the
+    fields of :class:`.launch.JailRecord`, which the direct one-shot writes)."""
+
+    socket: str
+    status_file: str
+    log: str
+    host_uid: int
+    wall_time_s: float | None = None
 
 
 def _popen(
@@ -158,7 +165,8 @@ class NamespaceBackend:
                 guest_zip=bundle_path(ctx.settings.state_dir),
                 listen=listener.fileno(),
             )
-            return launch(jail, self.tools, payload, _popen)
+            proc, record = launch(jail, self.tools, payload, _popen)
+            return proc, NamespaceInfo(**record)
         finally:
             listener.close()
             if log_fd >= 0:

@@ -19,26 +19,35 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
-from ironclaw.backends.base import BackendInfo, process_start_time
 from ironclaw.backends.namespace.cmdline import JailFds, bwrap_argv, etc_files, launch_chain
 from ironclaw.backends.namespace.placement import ThreadPlacement
 from ironclaw.config import safe_join
 from ironclaw.errors import BackendError
 from ironclaw.policy.knobs import rlimits
+from ironclaw.resources.cgroupfs import Cgroup
+from ironclaw.resources.procs import process_start_time
 from ironclaw.resources.seccomp_cache import seccomp_program
 
 if TYPE_CHECKING:
-    from ironclaw.resources.cgroups import Cgroup
+    from typing import Protocol
+
+    class Process(Protocol):
+        """The started launcher: ``subprocess.Popen`` or :class:`SpawnedChild`."""
+
+        @property
+        def pid(self) -> int: ...
+        def kill(self) -> None: ...
+        def wait(self) -> int: ...
+
 
 __all__ = [
     "AGENT_OOM_SCORE_ADJ",
     "COMMAND_OOM_SCORE_ADJ",
     "Jail",
-    "NamespaceInfo",
+    "JailRecord",
     "Payload",
     "SpawnedChild",
     "Tools",
@@ -54,15 +63,20 @@ COMMAND_OOM_SCORE_ADJ = 1000
 LAUNCH_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 
 
-@dataclass(frozen=True, kw_only=True)
-class NamespaceInfo(BackendInfo):
-    """One jail as the registry keeps it: its supervisor (``pid``) and its files."""
+class JailRecord(TypedDict):
+    """What the registry keeps of a launched jail: the fields of the backend's
+    ``NamespaceInfo`` (its supervisor, ``pid``, with its start time, and its files).
+    A TypedDict rather than that record: the one-shot CLI writes it without loading
+    the backends' base module (its records and protocols cost start-up time)."""
 
+    pid: int
+    pid_start: int | None
+    started_at: float
     socket: str
     status_file: str
     log: str
     host_uid: int
-    wall_time_s: float | None = None
+    wall_time_s: float | None
 
 
 def _which(name: str, default: str) -> str:
@@ -192,16 +206,7 @@ class Payload:
         self.listen = listen
 
 
-class Process(Protocol):
-    """The started launcher: ``subprocess.Popen`` or the CLI's own handle."""
-
-    @property
-    def pid(self) -> int: ...
-    def kill(self) -> None: ...
-    def wait(self) -> int: ...
-
-
-P = TypeVar("P", bound=Process)
+P = TypeVar("P", bound="Process")
 #: Starts the launcher: argv, (stdin, stdout, stderr), descriptors it must inherit, and
 #: its environment; always in a new session (not the caller's terminal's group).
 Spawn = Callable[[list[str], tuple[int, int, int], list[int], dict[str, str]], P]
@@ -284,7 +289,7 @@ def _memfd(name: str, data: bytes) -> int:
 
 def launch(
     jail: Jail, tools: Tools, payload: Payload, spawn: Spawn[P], *, place_cpu: bool = False
-) -> tuple[P, NamespaceInfo]:
+) -> tuple[P, JailRecord]:
     """Start the jail (blocking): the launcher, placed in the jail's cgroups, told to go.
 
     Returns the launcher, which becomes the supervisor (``timeout``), and the record the
@@ -315,7 +320,7 @@ def launch(
             moved = jail.cgroup.dirs
             if placement is not None:
                 moved = tuple(d for d in moved if not placement.places(d, cpu=place_cpu))
-            cgroup_fds = replace(jail.cgroup, dirs=moved).attach_fds()
+            cgroup_fds = Cgroup(jail.cgroup.sandbox_id, moved).attach_fds()
         wall = spec.limits.wall_time_s
         go_r, go_w = os.pipe2(os.O_CLOEXEC)
         argv = [
@@ -365,17 +370,17 @@ def launch(
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-    info = NamespaceInfo(
+    record = JailRecord(
         pid=proc.pid,
         pid_start=process_start_time(proc.pid),
+        started_at=time.time(),
         socket=str(safe_join(jail.run_dir, "agent.sock")),
         status_file=str(status_path),
         log=str(safe_join(jail.run_dir, "sandbox.log")),
         host_uid=jail.host_uid,
-        started_at=time.time(),
         wall_time_s=spec.limits.wall_time_s,
     )
-    return proc, info
+    return proc, record
 
 
 def _spawn(

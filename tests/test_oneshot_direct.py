@@ -153,6 +153,8 @@ def test_probes_answer_the_same_on_both_paths(ironclaw_home: Path) -> None:
         ["/etc/passwd"],  # exists, not executable
         ["sh", "-c", "printf 'bwrap: execvp' >&2; exit 1"],  # looks like bubblewrap's words
         ["sh", "-c", "head -c 20000000 /dev/zero; head -c 5 /dev/zero >&2"],
+        ["python3", "-c", "x = bytearray(700 * 2**20)"],  # past the 512 MiB default
+        ["sh", "-c", "for i in $(seq 300); do sleep 5 & done; wait"],  # past 256 pids
     ],
 )
 def test_exit_statuses_and_output_agree(ironclaw_home: Path, command: list[str]) -> None:
@@ -169,6 +171,10 @@ def test_exit_statuses_and_output_agree(ironclaw_home: Path, command: list[str])
     if command == ["no-such-command"]:
         assert plain["direct"].returncode == 127
         assert plain["direct"].stderr == b"no-such-command: command not found\n"
+    if command[0] == "python3":
+        assert comparable(got["direct"])["status"] == "memory limit exceeded"
+    if "seq 300" in command[-1]:
+        assert plain["direct"].stderr.endswith(b"ironclaw: pids limit\n")
     if command[-1].startswith("head -c 20000000"):  # past the 16 MiB capture limit
         doc = comparable(got["direct"])
         assert (doc["stdout_bytes"], doc["truncated"]) == (20_000_000, True)
@@ -367,3 +373,14 @@ def test_what_the_direct_path_cannot_match_goes_to_the_agent(ironclaw_home: Path
     assert p.returncode == 0 and json.loads(p.stdout)["exit_code"] == 0
     assert "ironclaw.host.manager" in p.stderr.decode()  # IRONCLAW_ONESHOT=agent
     assert "ironclaw.cli.oneshot" not in p.stderr.decode()
+
+
+def test_both_paths_audit_the_same_events(ironclaw_home: Path) -> None:
+    from ironclaw.resources.audit import read_events
+
+    settings = Settings.from_env({"IRONCLAW_HOME": str(ironclaw_home)})
+    for mode in MODES:
+        assert run(mode, "--id", f"audit-{mode}", "--", "true", home=ironclaw_home).returncode == 0
+        events = read_events(settings, f"audit-{mode}")
+        assert [e["event"] for e in events] == ["sandbox.create", "sandbox.destroy"], mode
+        assert events[0]["backend"] == "namespace" and events[0]["who"]["uid"] == 0

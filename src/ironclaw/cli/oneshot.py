@@ -187,6 +187,7 @@ class _OneShot:
         self.cgroups = CgroupManager(os.environ.get("IRONCLAW_CGROUP_ROOT", "ironclaw"))
         self.run_dir = settings.sandbox_runtime_dir(sandbox_id)
         self.reserved = False
+        self.created = False  # and audited: its destroy is audited too
         self.child: SpawnedChild | None = None
         self.cgroup: Cgroup | None = None
         self.info: JailRecord | None = None
@@ -241,6 +242,7 @@ class _OneShot:
             .created(sid, "process", "supervisor")
         )
         audit.record(self.settings, sid, "sandbox.create", backend="namespace")
+        self.created = True
 
     def run(self, out_r: int, err_r: int, streams: _Streams, timeout: float | None) -> _Result:
         """Copy the output until the command ended; its status as the agent reports it."""
@@ -343,7 +345,8 @@ class _OneShot:
                 f"sandbox {sid} was not fully removed ({'; '.join(errors)}); `ironclaw gc` retries"
             )
         self.store.delete(sid)
-        audit.record(self.settings, sid, "sandbox.destroy")
+        if self.created:  # as the manager: a create that failed is undone, not destroyed
+            audit.record(self.settings, sid, "sandbox.destroy")
 
 
 def _remove_run_dir(path: os.PathLike[str]) -> None:

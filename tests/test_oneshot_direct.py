@@ -25,7 +25,9 @@ import pytest
 
 from conftest import CGROUP_ROOT, UID_BASE
 from ironclaw.backends.namespace import NamespaceInfo
+from ironclaw.cli.oneshot import CAPTURE_LIMIT
 from ironclaw.config import Settings
+from ironclaw.host.guest import DEFAULT_CAPTURE_LIMIT
 from ironclaw.host.manager import SandboxManager
 from ironclaw.resources.procs import processes_with_uid_in
 
@@ -176,6 +178,7 @@ def test_exit_statuses_and_output_agree(ironclaw_home: Path, command: list[str])
     if "seq 300" in command[-1]:
         assert plain["direct"].stderr.endswith(b"ironclaw: pids limit\n")
     if command[-1].startswith("head -c 20000000"):  # past the 16 MiB capture limit
+        assert CAPTURE_LIMIT == DEFAULT_CAPTURE_LIMIT == 16 * 2**20
         doc = comparable(got["direct"])
         assert (doc["stdout_bytes"], doc["truncated"]) == (20_000_000, True)
         assert len(doc["stdout"]) == 16 * 2**20

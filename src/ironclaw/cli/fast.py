@@ -29,6 +29,9 @@ _MARKS: list[tuple[str, float]] | None = (
     [("loaded", time.perf_counter())] if os.environ.get("IRONCLAW_TIMING") else None
 )
 
+#: ``IRONCLAW_ONESHOT=agent`` sends every one-shot through the manager and the agent.
+MODE_ENV = "IRONCLAW_ONESHOT"
+
 #: The status of a one-shot whose output reader went away (``| head``): what a shell
 #: reports for a command killed by SIGPIPE, as ``yes | head`` gives.
 EXIT_PIPE = 141
@@ -40,7 +43,7 @@ if TYPE_CHECKING:
     from ironclaw.spec import SandboxSpec
     from ironclaw.spec_light import LightSpec
 
-__all__ = ["EXIT_PIPE", "main", "parse_exec"]
+__all__ = ["EXIT_PIPE", "MODE_ENV", "main", "parse_exec"]
 
 
 def _mark(step: str) -> None:
@@ -251,7 +254,7 @@ def main() -> None:
         if parsed is not None:
             sys.stdout.flush()
             code = None
-            if os.environ.get("IRONCLAW_ONESHOT") != "agent":
+            if os.environ.get(MODE_ENV) != "agent":
                 from ironclaw.cli.oneshot import run as run_direct
 
                 code = run_direct(parsed, _mark)

@@ -56,15 +56,14 @@ if TYPE_CHECKING:
     from ironclaw.policy.limits import ResourceLimits
     from ironclaw.resources.cgroups import Cgroup
 
-__all__ = ["CAPTURE_LIMIT", "MODE_ENV", "run"]
+__all__ = ["CAPTURE_LIMIT", "run"]
 
-#: ``IRONCLAW_ONESHOT=agent`` sends every one-shot through the manager and the agent.
-MODE_ENV = "IRONCLAW_ONESHOT"
-#: What ``--json`` keeps of each stream: the agent path's (host.guest's) default.
+#: What ``--json`` keeps of each stream: the agent path's default (host.guest's, which
+#: loads asyncio; a test holds the two equal).
 CAPTURE_LIMIT = 16 * 2**20
 READ = 64 * 1024
 PIPE_IDLE_S = 0.2  # as the agent: output pipes held open once the command has ended
-MAX_UID = 2**31 - 1
+MAX_UID = 2**31 - 1  # as the manager: user-namespace maps refuse larger ids
 
 
 class _Interrupted(Exception):

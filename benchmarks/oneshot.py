@@ -10,12 +10,18 @@ timed runs, also where the environment sets PYTHONDONTWRITEBYTECODE. The CLI sta
 way the installed ``ironclaw`` command does: a console script (as pip writes it, for the
 entry point pyproject.toml names) run by this interpreter, not ``python -m``.
 
+The CLI takes its direct path (the command as the jail's process, no agent: see
+``ironclaw.cli.oneshot``); ``--agent`` times the path through the manager and the guest
+agent instead (``IRONCLAW_ONESHOT=agent``), for comparison.
+
 Also in the same run: ``python_pass_p50_ms`` (this interpreter's bare start, with its
 site-packages), ``breakdown_p50_ms`` (the CLI's own wall-clock steps, from
-``IRONCLAW_TIMING``: imports, registry open, create, exec, destroy, close, exit; the
-interpreter's start before them is the rest of the total) and the load average.
+``IRONCLAW_TIMING``: imports, registry open, create (register, cgroups, launch), exec
+(the command, to its end), destroy, close (the registry, and printing ``--json``), exit;
+the interpreter's start before them is the rest of the total) and the load average, at
+the start and at the end.
 
-    python benchmarks/oneshot.py --json [--runs 30]
+    python benchmarks/oneshot.py --json [--runs 30] [--agent]
 """
 
 from __future__ import annotations
@@ -85,6 +91,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--agent", action="store_true", help="through the guest agent")
     args = parser.parse_args()
 
     import ironclaw  # the package the CLI below runs (PYTHONPATH applies to both)
@@ -99,6 +106,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ironclaw-bench-") as home:
         os.chmod(home, 0o700)
         env = {**os.environ, "IRONCLAW_HOME": home, "IRONCLAW_TIMING": "1"}
+        env.pop("IRONCLAW_ONESHOT", None)
+        if args.agent:
+            env["IRONCLAW_ONESHOT"] = "agent"
         ironclaw = [str(console_script(Path(home))), "exec", "--", *COMMAND]
         for _ in range(2):  # warm caches: the guest bundle is built on the first run
             timed(ironclaw, env, marks=[])
@@ -110,6 +120,7 @@ def main() -> int:
     doc = {
         "benchmark": "oneshot",
         "runs": args.runs,
+        "path": "agent" if args.agent else "direct",
         "command": " ".join(COMMAND),
         "ironclaw_exec_p50_ms": round(statistics.median(cli), 2),
         "ironclaw_exec_p99_ms": round(pct(cli, 0.99), 2),

@@ -80,15 +80,20 @@ def test_parse_exec_leaves_the_rest_to_typer(argv: list[str]) -> None:
 
 
 @pytest.mark.root
-def test_exec_fast_path_imports_neither_typer_nor_rich(ironclaw_home: Path) -> None:
-    p = ironclaw(
-        "exec", "--json", "--", "sh", "-c", "echo hi; exit 3", home=ironclaw_home, importtime=True
-    )
+@pytest.mark.parametrize("mode", ["direct", "agent"])
+def test_exec_fast_path_imports_neither_typer_nor_rich(ironclaw_home: Path, mode: str) -> None:
+    os.environ["IRONCLAW_ONESHOT"] = mode  # "agent": through the manager and the agent
+    try:
+        argv = ["exec", "--json", "--", "sh", "-c", "echo hi; exit 3"]
+        p = ironclaw(*argv, home=ironclaw_home, importtime=True)
+    finally:
+        del os.environ["IRONCLAW_ONESHOT"]
     assert p.returncode == 3, p.stderr[-2000:]
     doc = json.loads(p.stdout)
     assert doc["stdout"] == "hi\n" and doc["exit_code"] == 3 and doc["backend"] == "namespace"
     modules = imported(p.stderr)
-    assert "ironclaw.host.manager" in modules  # the measurement itself works
+    runner = "ironclaw.host.manager" if mode == "agent" else "ironclaw.cli.oneshot"
+    assert runner in modules  # the measurement itself works
     heavy = {m for m in modules if m.split(".")[0] in {"typer", "click", "rich"}}
     assert not heavy, sorted(heavy)
 

@@ -54,8 +54,21 @@ UNUSED = (
 )
 
 
-def cli(*args: str, home: Path, importtime: bool = False) -> subprocess.CompletedProcess[bytes]:
+#: The two ways a one-shot runs: directly (the default), or through the manager and the
+#: guest agent (``IRONCLAW_ONESHOT=agent``; also what a warm pool gets).
+MODES = ("direct", "agent")
+
+
+def env_for(mode: str, home: Path) -> dict[str, str]:
     env = {**os.environ, "IRONCLAW_HOME": str(home), "IRONCLAW_CGROUP_ROOT": CGROUP_ROOT}
+    env.pop("IRONCLAW_ONESHOT", None)
+    return {**env, "IRONCLAW_ONESHOT": "agent"} if mode == "agent" else env
+
+
+def cli(
+    *args: str, home: Path, importtime: bool = False, mode: str = "direct"
+) -> subprocess.CompletedProcess[bytes]:
+    env = env_for(mode, home)
     flags = ["-X", "importtime"] if importtime else []
     return subprocess.run(
         [sys.executable, *flags, "-m", "ironclaw.cli", *args],
@@ -91,34 +104,40 @@ async def registry(home: Path) -> list[str]:
         await mgr.aclose()
 
 
-def test_one_shot_imports_only_what_it_uses(ironclaw_home: Path) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_one_shot_imports_only_what_it_uses(ironclaw_home: Path, mode: str) -> None:
     # The first run builds the caches (guest bundle, seccomp programs): later ones read them.
-    assert cli("exec", "--", "true", home=ironclaw_home).returncode == 0
-    p = cli("exec", "--", "sh", "-c", "echo hi; exit 4", home=ironclaw_home, importtime=True)
+    assert cli("exec", "--", "true", home=ironclaw_home, mode=mode).returncode == 0
+    p = cli("exec", "--", "sh", "-c", "echo hi; exit 4", home=ironclaw_home, importtime=True,
+            mode=mode)  # fmt: skip
     assert p.returncode == 4, p.stderr[-2000:]
     assert p.stdout == b"hi\n"
     modules = set(re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)", p.stderr.decode(), re.M))
-    assert {"ironclaw.host.manager", "ironclaw.backends.namespace"} <= modules  # it measures
+    runner = "ironclaw.host.manager" if mode == "agent" else "ironclaw.cli.oneshot"
+    assert {runner, "ironclaw.backends.namespace"} <= modules  # it measures
     loaded = sorted(m for m in modules if m.split(".")[0] in UNUSED or m in UNUSED
                     or any(m.startswith(f"{u}.") for u in UNUSED))  # fmt: skip
     assert loaded == [], loaded
 
 
-async def test_one_shots_print_everything_and_leave_nothing(ironclaw_home: Path) -> None:
+@pytest.mark.parametrize("mode", MODES)
+async def test_one_shots_print_everything_and_leave_nothing(ironclaw_home: Path, mode: str) -> None:
     before = leftovers(ironclaw_home)
     big = 3 * 1024 * 1024
     p = cli("exec", "--", "sh", "-c", f"head -c {big} /dev/zero; echo done >&2; exit 9",
-            home=ironclaw_home)  # fmt: skip
+            home=ironclaw_home, mode=mode)  # fmt: skip
     assert (p.returncode, len(p.stdout), p.stderr) == (9, big, b"done\n")
     # A process left running in the background dies with the sandbox, not after the CLI.
-    p = cli("exec", "--json", "--", "sh", "-c", "sleep 300 & echo started", home=ironclaw_home)
+    p = cli("exec", "--json", "--", "sh", "-c", "sleep 300 & echo started", home=ironclaw_home,
+            mode=mode)  # fmt: skip
     assert p.returncode == 0 and b'"stdout": "started\\n"' in p.stdout, p.stderr
     assert leftovers(ironclaw_home) == before == {"cgroups": [], "run_dirs": [], "processes": []}
     assert await registry(ironclaw_home) == []
 
 
-async def test_gc_removes_what_a_killed_one_shot_left(ironclaw_home: Path) -> None:
-    env = {**os.environ, "IRONCLAW_HOME": str(ironclaw_home), "IRONCLAW_CGROUP_ROOT": CGROUP_ROOT}
+@pytest.mark.parametrize("mode", MODES)
+async def test_gc_removes_what_a_killed_one_shot_left(ironclaw_home: Path, mode: str) -> None:
+    env = env_for(mode, ironclaw_home)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "ironclaw.cli", "exec", "--", "sh", "-c", "echo up; sleep 300",
         stdout=asyncio.subprocess.PIPE, env=env,
@@ -157,8 +176,11 @@ async def test_a_warm_sandbox_of_the_default_spec_serves_the_one_shot(ironclaw_h
     assert leftovers(ironclaw_home) == {"cgroups": [], "run_dirs": [], "processes": []}
 
 
-async def test_an_interrupted_one_shot_exits_130_and_leaves_nothing(ironclaw_home: Path) -> None:
-    env = {**os.environ, "IRONCLAW_HOME": str(ironclaw_home), "IRONCLAW_CGROUP_ROOT": CGROUP_ROOT}
+@pytest.mark.parametrize("mode", MODES)
+async def test_an_interrupted_one_shot_exits_130_and_leaves_nothing(
+    ironclaw_home: Path, mode: str
+) -> None:
+    env = env_for(mode, ironclaw_home)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "ironclaw.cli", "exec", "--", "sh", "-c", "echo up; sleep 300",
         stdout=asyncio.subprocess.PIPE, env=env,
@@ -172,10 +194,13 @@ async def test_an_interrupted_one_shot_exits_130_and_leaves_nothing(ironclaw_hom
     assert leftovers(ironclaw_home) == {"cgroups": [], "run_dirs": [], "processes": []}
 
 
-async def test_a_reader_that_leaves_stops_the_one_shot_quietly(ironclaw_home: Path) -> None:
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_reader_that_leaves_stops_the_one_shot_quietly(
+    ironclaw_home: Path, mode: str
+) -> None:
     """``ironclaw exec -- yes | head -1``: EPIPE ends the command as SIGPIPE would, without
     a traceback, with a shell's SIGPIPE status, and the sandbox is still removed."""
-    env = {**os.environ, "IRONCLAW_HOME": str(ironclaw_home), "IRONCLAW_CGROUP_ROOT": CGROUP_ROOT}
+    env = env_for(mode, ironclaw_home)
     read_end, write_end = os.pipe()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "ironclaw.cli", "exec", "--", "yes",
@@ -193,8 +218,9 @@ async def test_a_reader_that_leaves_stops_the_one_shot_quietly(ironclaw_home: Pa
     assert leftovers(ironclaw_home) == {"cgroups": [], "run_dirs": [], "processes": []}
 
 
-def test_a_json_reader_that_leaves_gets_no_traceback(ironclaw_home: Path) -> None:
-    env = {**os.environ, "IRONCLAW_HOME": str(ironclaw_home), "IRONCLAW_CGROUP_ROOT": CGROUP_ROOT}
+@pytest.mark.parametrize("mode", MODES)
+def test_a_json_reader_that_leaves_gets_no_traceback(ironclaw_home: Path, mode: str) -> None:
+    env = env_for(mode, ironclaw_home)
     read_end, write_end = os.pipe()
     os.close(read_end)  # nobody will read the result
     p = subprocess.run(
@@ -206,9 +232,9 @@ def test_a_json_reader_that_leaves_gets_no_traceback(ironclaw_home: Path) -> Non
     assert leftovers(ironclaw_home) == {"cgroups": [], "run_dirs": [], "processes": []}
 
 
-def test_timing_marks_name_each_step(ironclaw_home: Path) -> None:
-    env = {**os.environ, "IRONCLAW_HOME": str(ironclaw_home), "IRONCLAW_CGROUP_ROOT": CGROUP_ROOT,
-           "IRONCLAW_TIMING": "1"}  # fmt: skip
+@pytest.mark.parametrize("mode", MODES)
+def test_timing_marks_name_each_step(ironclaw_home: Path, mode: str) -> None:
+    env = {**env_for(mode, ironclaw_home), "IRONCLAW_TIMING": "1"}
     p = subprocess.run([sys.executable, "-m", "ironclaw.cli", "exec", "--", "echo", "hi"],
                        capture_output=True, env=env, timeout=120)  # fmt: skip
     assert (p.returncode, p.stdout) == (0, b"hi\n")

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from ironclaw.errors import ConfigError
 from ironclaw.ids import validate_sandbox_id
@@ -55,8 +55,7 @@ def ensure_private_dir(path: Path, mode: int = 0o700) -> Path:
     return path
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(NamedTuple):
     """Directory layout. Build with :meth:`from_env`."""
 
     runtime_dir: Path

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar, runtime_checkable
 
 from ironclaw.errors import BackendError, ConnectError, IronclawError
-from ironclaw.resources.procs import wait_readable
+from ironclaw.resources.procs import process_start_time, wait_readable
 
 if TYPE_CHECKING:
     from ironclaw.config import Settings
@@ -157,24 +157,6 @@ class Pausable(Protocol):
 
     async def resume(self, info: Any) -> None:
         """Continue a paused sandbox."""
-
-
-def process_start_time(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (field 22 of /proc/PID/stat).
-
-    Stored beside a pid so that a recycled pid is never mistaken for our process.
-    """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    # The command name may hold spaces and parentheses: split after the last ')'.
-    fields = data[data.rfind(b")") + 2 :].split()
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
 
 
 def same_process(pid: int | None, start_time: int | None) -> bool:

@@ -3,12 +3,18 @@
 Building the typer app imports typer, click and rich (over 100 ms), which a one-shot
 ``ironclaw exec -- CMD`` pays on every run although it needs none of them. So the entry
 point looks at argv first: ``exec`` with only ``--json``, ``--timeout S`` and ``--id ID``
-before the command runs here, with the same code path as the typer command
-(:func:`ironclaw.cli.main.exec_cmd`); anything else (``--help``, other options, a
-malformed value, another command) goes to the full app, so help and errors stay exactly
-the app's. This module imports nothing outside the standard library at load time, and
-the path imports neither pydantic (the default spec is :mod:`ironclaw.spec_light`'s
-record) nor anything the one-shot does not use.
+before the command runs here; anything else (``--help``, other options, a malformed
+value, another command) goes to the full app, so help and errors stay exactly the app's.
+
+Such a one-shot runs *directly* (:mod:`ironclaw.cli.oneshot`): the same jail, with the
+command as its process instead of the guest agent, and no event loop, manager or RPC.
+What that path cannot answer exactly as the agent path would (a warm pool to take from,
+an unusual ``--timeout``) comes back here and runs as the typer command does
+(:func:`ironclaw.cli.main.exec_cmd`): :func:`run_exec`, through the manager and the
+agent. ``IRONCLAW_ONESHOT=agent`` always takes that way. This module imports nothing
+outside the standard library at load time, and neither path imports pydantic (the
+default spec is :mod:`ironclaw.spec_light`'s record) nor anything it does not use; the
+direct one imports no asyncio either.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ _MARKS: list[tuple[str, float]] | None = (
     [("loaded", time.perf_counter())] if os.environ.get("IRONCLAW_TIMING") else None
 )
 
+#: ``IRONCLAW_ONESHOT=agent`` sends every one-shot through the manager and the agent.
+MODE_ENV = "IRONCLAW_ONESHOT"
+
 #: The status of a one-shot whose output reader went away (``| head``): what a shell
 #: reports for a command killed by SIGPIPE, as ``yes | head`` gives.
 EXIT_PIPE = 141
@@ -34,7 +43,7 @@ if TYPE_CHECKING:
     from ironclaw.spec import SandboxSpec
     from ironclaw.spec_light import LightSpec
 
-__all__ = ["EXIT_PIPE", "main", "parse_exec"]
+__all__ = ["EXIT_PIPE", "MODE_ENV", "main", "parse_exec"]
 
 
 def _mark(step: str) -> None:
@@ -244,7 +253,12 @@ def main() -> None:
         parsed = parse_exec(argv[1:])
         if parsed is not None:
             sys.stdout.flush()
-            _exit_now(run_exec(parsed))
+            code = None
+            if os.environ.get(MODE_ENV) != "agent":
+                from ironclaw.cli.oneshot import run as run_direct
+
+                code = run_direct(parsed, _mark)
+            _exit_now(run_exec(parsed) if code is None else code)
     from ironclaw.cli.main import main as full_main
 
     full_main()

@@ -9,7 +9,6 @@ The log lives in the sandbox's state directory, which outlives the sandbox.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import contextvars
 import json
@@ -88,6 +87,8 @@ def record(settings: Settings, sandbox_id: str, event: str, **details: Any) -> N
 
 async def record_async(settings: Settings, sandbox_id: str, event: str, **details: Any) -> None:
     """:func:`record` off the event loop (``to_thread`` keeps the caller's ``acting_as``)."""
+    import asyncio  # here: the one-shot CLI records without an event loop
+
     await asyncio.to_thread(record, settings, sandbox_id, event, **details)
 
 

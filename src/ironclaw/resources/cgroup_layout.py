@@ -6,9 +6,8 @@ root's ``cgroup.controllers``, so every host shape is tested from fixed mountinf
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final, Literal, NamedTuple
 
 #: Without these the sandbox's limits could not be enforced, so create() refuses.
 REQUIRED_CONTROLLERS: Final = ("memory", "pids", "cpu")
@@ -18,8 +17,7 @@ _WANTED: Final = REQUIRED_CONTROLLERS + OPTIONAL_CONTROLLERS
 _V2_BUILTIN: Final = frozenset({"cpuacct", "freezer"})
 
 
-@dataclass(frozen=True)
-class Hierarchy:
+class Hierarchy(NamedTuple):
     """One mounted cgroup tree and the controllers we use from it."""
 
     version: Literal[1, 2]
@@ -27,8 +25,7 @@ class Hierarchy:
     controllers: frozenset[str]
 
 
-@dataclass(frozen=True)
-class CgroupLayout:
+class CgroupLayout(NamedTuple):
     """What this host offers: controller -> hierarchy, and why the rest is unusable."""
 
     controllers: dict[str, Hierarchy]
@@ -62,8 +59,7 @@ class CgroupLayout:
         return not self.missing_required
 
 
-@dataclass(frozen=True)
-class _Mount:
+class _Mount(NamedTuple):
     fstype: str
     mount_point: Path
     super_options: frozenset[str]

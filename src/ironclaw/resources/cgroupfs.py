@@ -9,9 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final, Literal, NamedTuple
 
 from ironclaw.errors import BackendError
 from ironclaw.resources.cgroup_layout import Hierarchy
@@ -19,8 +18,7 @@ from ironclaw.resources.cgroup_layout import Hierarchy
 _PROCS: Final = "cgroup.procs"
 
 
-@dataclass(frozen=True)
-class CgroupDir:
+class CgroupDir(NamedTuple):
     """One sandbox's directory in one hierarchy; version and controllers are the
     hierarchy's."""
 
@@ -36,8 +34,7 @@ class CgroupDir:
         return self.hierarchy.controllers
 
 
-@dataclass(frozen=True)
-class CgroupStats:
+class CgroupStats(NamedTuple):
     """Counters since the cgroup was created; the v1/v2 source file is named per field."""
 
     oom_kills: int  # v1 memory.oom_control oom_kill; v2 memory.events oom_kill
@@ -98,14 +95,13 @@ def _walk_bottom_up(top: Path) -> Iterator[Path]:
     yield top
 
 
-@dataclass(frozen=True)
-class Cgroup:
+class Cgroup(NamedTuple):
     """One sandbox's cgroups, one directory per hierarchy in use."""
 
     sandbox_id: str
     dirs: tuple[CgroupDir, ...]
     #: settings the kernel lacked and were skipped (e.g. memsw without swap accounting)
-    skipped: tuple[str, ...] = field(default=())
+    skipped: tuple[str, ...] = ()
 
     def dir_for(self, controller: str) -> CgroupDir | None:
         return next((d for d in self.dirs if controller in d.controllers), None)

@@ -21,7 +21,6 @@ directories and their files in :mod:`.cgroupfs`.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
@@ -60,6 +59,8 @@ from .cgroupfs import _read_ints as _read_ints
 from .cgroupfs import _read_keyed as _read_keyed
 
 if TYPE_CHECKING:  # the model is pydantic: a one-shot launch does without it
+    import asyncio  # the async methods import it where they run: the one-shot CLI has no loop
+
     from ironclaw.policy.limits import ResourceLimits
 
 __all__ = [
@@ -127,12 +128,23 @@ class CgroupManager:
         Refuses an id that already has a cgroup in any hierarchy: that is a sandbox still
         running or the remains of one that crashed, and :meth:`destroy` clears it.
         """
+        import asyncio
+
         dirs = self._plan(sandbox_id)
+        self._require_limits()
+        return await asyncio.to_thread(self._create_sync, sandbox_id, dirs, limits)
+
+    def create_blocking(self, sandbox_id: str, limits: ResourceLimits) -> Cgroup:
+        """:meth:`create` on the calling thread (for a caller without an event loop)."""
+        dirs = self._plan(sandbox_id)
+        self._require_limits()
+        return self._create_sync(sandbox_id, dirs, limits)
+
+    def _require_limits(self) -> None:
         missing = self.layout().missing_required
         if missing:
             why = "; ".join(f"{c}: {r}" for c, r in missing.items())
             raise BackendError(f"cgroups cannot enforce limits on this host ({why})")
-        return await asyncio.to_thread(self._create_sync, sandbox_id, dirs, limits)
 
     def _create_sync(
         self, sandbox_id: str, dirs: tuple[CgroupDir, ...], limits: ResourceLimits
@@ -209,6 +221,8 @@ class CgroupManager:
 
     async def update(self, sandbox_id: str, limits: ResourceLimits) -> None:
         """Apply new limits to a live sandbox (a warm-pool sandbox taking its real limits)."""
+        import asyncio
+
         cg = self.open(sandbox_id)
         await asyncio.to_thread(self._update_sync, cg, limits)
 
@@ -260,6 +274,8 @@ class CgroupManager:
         Idempotent: an id without cgroups is done already. Raises :class:`BackendError`
         if processes survive ``wait_s`` seconds (e.g. stuck in uninterruptible sleep).
         """
+        import asyncio
+
         dirs = tuple(d for d in self._plan(sandbox_id) if d.path.is_dir())
         if not dirs:
             return
@@ -280,7 +296,33 @@ class CgroupManager:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.05)
 
+    def destroy_blocking(self, sandbox_id: str, *, wait_s: float = 10.0) -> None:
+        """:meth:`destroy` for a caller without an event loop whose sandbox is already
+        ending: its pid namespace's init is gone, so the kernel is killing every member
+        and none can fork any more (no freezer step is needed). Members left are
+        SIGKILLed again until the directories can be removed."""
+        dirs = tuple(d for d in self._plan(sandbox_id) if d.path.is_dir())
+        if not dirs:
+            return
+        cg = Cgroup(sandbox_id, dirs)
+        deadline = time.monotonic() + wait_s
+        delay = 0.0005
+        while True:
+            left = self._try_remove(dirs)
+            if not left:
+                return
+            if time.monotonic() >= deadline:
+                raise BackendError(
+                    f"sandbox {sandbox_id!r}: cgroups still busy after {wait_s:.1f}s "
+                    f"(pids {cg.pids()}, dirs {', '.join(map(str, left))})"
+                )
+            _kill_members(cg)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
     async def _kill_all(self, cg: Cgroup, deadline: float) -> None:
+        import asyncio
+
         v2 = next((d for d in cg.dirs if d.version == 2), None)
         if v2 is not None and (v2.path / "cgroup.kill").exists():
             _write(v2.path / "cgroup.kill", "1")  # kills the whole subtree (Linux 5.14+)
@@ -333,6 +375,8 @@ class CgroupManager:
 
 async def _freeze_v1(path: Path, deadline: float) -> bool:
     """Freeze, waiting (bounded) until the kernel reports FROZEN; False if it never did."""
+    import asyncio
+
     state = path / "freezer.state"
     _write(state, "FROZEN")
     delay = 0.0002  # tasks mostly freeze within a scheduler tick or two
@@ -350,6 +394,8 @@ async def _freeze_v1(path: Path, deadline: float) -> bool:
 
 async def _exits(pidfds: list[int], deadline: float) -> None:
     """Return once every pidfd is readable (its process has exited) or at ``deadline``."""
+    import asyncio
+
     if not pidfds:
         return
     loop = asyncio.get_running_loop()

@@ -3,15 +3,23 @@ waiting on a pidfd without blocking the event loop."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 
-__all__ = ["descendants", "host_uid", "is_zombie", "processes_with_uid_in", "wait_readable"]
+__all__ = [
+    "descendants",
+    "host_uid",
+    "is_zombie",
+    "process_start_time",
+    "processes_with_uid_in",
+    "wait_readable",
+]
 
 
 async def wait_readable(fd: int) -> None:
     """Return once ``fd`` is readable (a pidfd: once its process has exited). The loop
     wakes on the event itself, no polling; cancelling stops the wait cleanly."""
+    import asyncio  # here: the one-shot CLI reads /proc facts without an event loop
+
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[None] = loop.create_future()
     loop.add_reader(fd, lambda: None if ready.done() else ready.set_result(None))
@@ -19,6 +27,24 @@ async def wait_readable(fd: int) -> None:
         await ready
     finally:
         loop.remove_reader(fd)
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (field 22 of /proc/PID/stat).
+
+    Stored beside a pid so that a recycled pid is never mistaken for our process.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: split after the last ')'.
+    fields = data[data.rfind(b")") + 2 :].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
 
 
 def _parent_map() -> dict[int, list[int]]:

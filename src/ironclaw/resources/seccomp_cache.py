@@ -11,11 +11,11 @@ The directory is private to the orchestrator (0700, checked), like the guest bun
 
 from __future__ import annotations
 
+import _thread
 import hashlib
 import importlib.util
 import os
 import secrets
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = ["seccomp_program"]
 
-_lock = threading.Lock()
+_lock = _thread.allocate_lock()  # threading's Lock, without loading threading
 _memo: dict[tuple[Path, SeccompProfile, bool], bytes] = {}
 
 

@@ -9,21 +9,21 @@ registry is the one source of truth they share. Two rules make it crash-safe:
   an ``IMMEDIATE`` transaction, so two processes never get the same one.
 
 SQLite calls block, so each :class:`Store` runs them on one private worker thread; the
-event loop never waits on the disk.
+event loop never waits on the disk. A caller without an event loop (the one-shot CLI,
+which cannot afford to import asyncio) uses :class:`BlockingStore`: the same steps, run
+on its own thread.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import json
 import sqlite3
 import time
 from collections.abc import Callable, Coroutine, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from ironclaw.errors import ConfigError, SandboxNotFound
 from ironclaw.ids import validate_sandbox_id
@@ -36,6 +36,9 @@ from ironclaw.resources.store_rows import (
     record_from_row,
     token_from_row,
 )
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 __all__ = ["Batch", "ResourceRow", "SandboxRecord", "SandboxState", "Store", "TokenRow"]
 
@@ -167,7 +170,7 @@ class Store(AsyncResource):
     def __init__(self, path: Path, *, max_slots: int = 16384) -> None:
         self.path = path
         self.max_slots = max_slots
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ironclaw-store")
+        self._pool: ThreadPoolExecutor | None = None  # made on first use (see _run)
         self._db: sqlite3.Connection | None = None
 
     async def open(self) -> None:
@@ -177,7 +180,8 @@ class Store(AsyncResource):
         if self._db is not None:
             await self._run(self._db.close)
             self._db = None
-        self._pool.shutdown(wait=False)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
 
     def _open(self) -> None:
         db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
@@ -195,6 +199,12 @@ class Store(AsyncResource):
         self._db = db
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        import asyncio  # here, not at the top: BlockingStore's users do without it
+
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ironclaw-store")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, fn, *args)
 
@@ -459,3 +469,69 @@ class Store(AsyncResource):
         await self._run(
             self.db.execute, "DELETE FROM api_owners WHERE sandbox_id = ?", (sandbox_id,)
         )
+
+
+class BlockingStore:
+    """The registry's steps on the calling thread, for a process without an event loop.
+
+    The one-shot CLI registers its sandbox with the very steps :class:`Store` runs
+    (reserve, intents, batches, teardown), so a crash leaves exactly what reconcile
+    already knows how to finish. :meth:`open` it; :meth:`close` is optional for a
+    process about to exit (see there).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._store = Store(path)
+
+    def open(self) -> BlockingStore:
+        self._store._open()
+        return self
+
+    def close(self) -> None:
+        """Close the connection. A process that exits right after may skip this: every
+        transaction is committed already, and closing the last connection checkpoints
+        the write-ahead log (an fsync, and the next writer's first commit syncs a new
+        log header: 10-25 ms here), which the next checkpoint does anyway."""
+        if self._store._db is not None:
+            self._store._db.close()
+            self._store._db = None
+
+    def reserve(
+        self,
+        sandbox_id: str,
+        *,
+        backend: str,
+        spec: dict[str, Any],
+        owner_pid: int | None,
+        one_shot: bool,
+        info: dict[str, Any] | None = None,
+    ) -> SandboxRecord:
+        return self._store._reserve(
+            sandbox_id,
+            backend=backend,
+            spec=spec,
+            owner_pid=owner_pid,
+            one_shot=one_shot,
+            info=info,
+        )
+
+    def write(self, batch: Batch, *, then_get: str | None = None) -> SandboxRecord | None:
+        return self._store._write(batch, then_get)
+
+    def begin_teardown(
+        self, sandbox_id: str, reason: str
+    ) -> tuple[SandboxRecord, list[ResourceRow]]:
+        with _immediate(self._store.db):
+            return self._store._begin_teardown(sandbox_id, reason)
+
+    def delete(self, sandbox_id: str) -> None:
+        self._store._delete(sandbox_id)
+
+    def failed(self, sandbox_id: str, reason: str) -> None:
+        """Mark a sandbox whose teardown left something (``gc`` retries it)."""
+        self._store._update(sandbox_id, state="failed", reason=reason)
+
+    def has_pooled(self) -> bool:
+        """Whether any warm sandbox waits in the pool (of any template)."""
+        row = self._store.db.execute("SELECT 1 FROM sandboxes WHERE state = 'pooled' LIMIT 1")
+        return row.fetchone() is not None

@@ -1,5 +1,9 @@
 """The rows the sandbox registry hands out: frozen records, built from SQLite rows.
 
+Named tuples rather than dataclasses: a dataclass costs about a millisecond to define
+(its methods are generated with exec) and loads ``inspect``, which the one-shot CLI's
+start-up cannot afford; these records only need fields, equality and a repr.
+
 Split from :mod:`ironclaw.resources.store` so readers of a record (the API, the cluster,
 the CLI) see its fields without the store's transactions.
 """
@@ -8,8 +12,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 __all__ = [
     "ResourceRow",
@@ -26,14 +29,13 @@ SandboxState = Literal[
 ]
 
 
-@dataclass(frozen=True)
-class SandboxRecord:
+class SandboxRecord(NamedTuple):
     id: str
     slot: int
     backend: str
     state: SandboxState
     spec: dict[str, Any]
-    info: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = {}  # shared default: records are read, never changed
     reason: str | None = None
     owner_pid: int | None = None
     one_shot: bool = False
@@ -47,8 +49,7 @@ class SandboxRecord:
         return str(self.info.get("rid", self.id))
 
 
-@dataclass(frozen=True)
-class TokenRow:
+class TokenRow(NamedTuple):
     """An API token as stored: never the secret, only its hash."""
 
     id: str
@@ -61,8 +62,7 @@ class TokenRow:
     revoked_at: float | None = None
 
 
-@dataclass(frozen=True)
-class ResourceRow:
+class ResourceRow(NamedTuple):
     sandbox_id: str
     kind: str
     name: str

@@ -21,6 +21,10 @@ How a sandbox is launched, and why:
   inherits all of it. No Python runs between fork and exec, so the child is started
   with vfork, and all the launch's blocking work happens on a spawner thread. On cgroup
   v1 the child is born in the sandbox's cgroups rather than moved (see :mod:`.placement`).
+
+The jail itself is built by :func:`.launch.launch`, which the one-shot ``ironclaw exec``
+shares (its jail runs the user's command instead of the agent); this module adds what
+only an agent's jail has: the listening socket, the agent's code, its log, the channel.
 """
 
 from __future__ import annotations
@@ -29,14 +33,13 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,30 +49,23 @@ from ironclaw.backends.base import (
     LaunchContext,
     agent_unreachable,
     log_tail,
-    process_start_time,
     same_process,
     wait_gone,
     wall_time_reached,
 )
-from ironclaw.backends.namespace.cmdline import JailFds, bwrap_argv, etc_files, launch_chain
-from ironclaw.backends.namespace.placement import ThreadPlacement
+from ironclaw.backends.namespace.launch import AGENT_OOM_SCORE_ADJ, Jail, Payload, Tools, launch
 from ironclaw.config import safe_join
 from ironclaw.errors import BackendError, ConnectError, IronclawError
-from ironclaw.policy.knobs import rlimits
 from ironclaw.resources.guest_bundle import bundle_path
-from ironclaw.resources.seccomp_cache import seccomp_program
 from ironclaw.transport import Connection, unix
 
 __all__ = ["AGENT_OOM_SCORE_ADJ", "NamespaceBackend", "NamespaceInfo"]
 
-# Memory pressure kills the command, not the agent: the agent's floor is set here,
-# commands raise theirs (see ironclaw.guest.agent).
-AGENT_OOM_SCORE_ADJ = -500
-
 
 @dataclass(frozen=True, kw_only=True)
 class NamespaceInfo(BackendInfo):
-    """One jail as the registry keeps it: its supervisor (``pid``) and its files."""
+    """One jail as the registry keeps it: its supervisor (``pid``) and its files (the
+    fields of :class:`.launch.JailRecord`, which the direct one-shot writes)."""
 
     socket: str
     status_file: str
@@ -78,34 +74,19 @@ class NamespaceInfo(BackendInfo):
     wall_time_s: float | None = None
 
 
-def _spawn(
-    argv: list[str], kwargs: dict[str, Any], placement: ThreadPlacement | None
+def _popen(
+    argv: list[str], stdio: tuple[int, int, int], pass_fds: list[int], env: dict[str, str]
 ) -> subprocess.Popen[Any]:
-    """Popen, with the calling thread inside the sandbox's v1 cgroups for the fork."""
-    if placement is None:
-        return subprocess.Popen(argv, **kwargs)
-    placement.enter()
-    try:
-        proc = subprocess.Popen(argv, **kwargs)
-    except BaseException:
-        placement.leave()
-        raise
-    try:
-        placement.leave()
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    return proc
-
-
-def _memfd(name: str, data: bytes) -> int:
-    fd = os.memfd_create(name, 0)
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-    os.lseek(fd, 0, os.SEEK_SET)
-    return fd
+    stdin, stdout, stderr = stdio
+    return subprocess.Popen(
+        argv,
+        stdin=stdin,
+        stdout=stdout,
+        stderr=stderr,
+        pass_fds=pass_fds,
+        start_new_session=True,
+        env=env,
+    )
 
 
 class NamespaceBackend:
@@ -114,10 +95,7 @@ class NamespaceBackend:
     name = "namespace"
 
     def __init__(self, *, bwrap: str | None = None, timeout_bin: str | None = None) -> None:
-        self.bwrap = bwrap or shutil.which("bwrap") or "/usr/bin/bwrap"
-        self.timeout_bin = timeout_bin or shutil.which("timeout") or "/usr/bin/timeout"
-        self.nsenter = shutil.which("nsenter") or "/usr/bin/nsenter"
-        self.setpriv = shutil.which("setpriv") or "/usr/bin/setpriv"
+        self.tools = Tools.find(bwrap=bwrap, timeout_bin=timeout_bin)
         # Supervisors this process started, by pid: resolved (and reaped) when they exit.
         self._children: dict[int, asyncio.Future[int]] = {}
         # Spawning happens here; a one-shot sandbox's PDEATHSIG follows this thread, which
@@ -142,20 +120,7 @@ class NamespaceBackend:
     def _check_host(self, ctx: LaunchContext) -> None:
         """Tools once per backend, mount sources every time (blocking: spawner thread)."""
         if not self._tools_ok:
-            if not os.access(self.bwrap, os.X_OK):
-                raise BackendError(
-                    "bubblewrap is not installed: run `apt-get install bubblewrap` "
-                    "(or `ironclaw doctor` for everything this host lacks)"
-                )
-            for tool in (self.timeout_bin, self.nsenter, self.setpriv):
-                if not os.access(tool, os.X_OK):
-                    raise BackendError(
-                        f"{os.path.basename(tool)} is missing: apt-get install coreutils util-linux"
-                    )
-            if not os.access("/usr/bin/python3", os.X_OK):
-                raise BackendError(
-                    "the guest agent needs /usr/bin/python3: apt-get install python3"
-                )
+            self.tools.check(agent=True)
             self._tools_ok = True
         for m in ctx.spec.mounts:
             if not os.path.exists(m.source):
@@ -174,108 +139,38 @@ class NamespaceBackend:
         return info
 
     def _launch(self, ctx: LaunchContext) -> tuple[subprocess.Popen[Any], NamespaceInfo]:
-        """Start the jail (blocking; on the spawner thread). Returns the supervisor."""
-        spec = ctx.spec
-        hostname = spec.hostname or ctx.sandbox_id
-        sock_path = safe_join(ctx.run_dir, "agent.sock")
-        status_path = safe_join(ctx.run_dir, "status.json")
-        log_path = safe_join(ctx.run_dir, "sandbox.log")
-        zip_path = bundle_path(ctx.settings.state_dir)
-        allow_inet = ctx.network is not None
-        bpf = seccomp_program(ctx.settings.state_dir, spec.seccomp, allow_inet=allow_inet)
-
+        """Start the jail with the agent inside (blocking; on the spawner thread)."""
+        jail = Jail(
+            spec=ctx.spec,
+            sandbox_id=ctx.sandbox_id,
+            host_uid=ctx.host_uid,
+            run_dir=ctx.run_dir,
+            state_dir=ctx.settings.state_dir,
+            one_shot=ctx.one_shot,
+            cgroup=ctx.cgroup,
+            netns_path=ctx.network.netns_path if ctx.network else None,
+            extra_env={**(ctx.network.env if ctx.network else {}), **ctx.extra_env},
+        )
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        fds: JailFds | None = None
-        go_r = go_w = -1
-        cgroup_fds: list[int] = []
-        placement: ThreadPlacement | None = None
         log_fd = -1
         try:
-            listener.bind(str(sock_path))
+            listener.bind(str(safe_join(ctx.run_dir, "agent.sock")))
             listener.listen(128)
-            fds = JailFds(
-                seccomp=_memfd("ironclaw-seccomp", bpf),
-                guest_zip=os.open(zip_path, os.O_RDONLY),
-                etc={k: _memfd(f"ironclaw-etc-{k}", v) for k, v in etc_files(hostname).items()},
-                listen=listener.fileno(),
-                status=os.open(status_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
-            )
+            log_path = safe_join(ctx.run_dir, "sandbox.log")
             log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            if ctx.cgroup is not None:
-                # v1 directories by birth (this thread steps in for the fork), the rest
-                # (v2, or v1 when the way back is unknown) by writing the child's pid.
-                placement = ThreadPlacement.for_thread(ctx.cgroup)
-                moved = ctx.cgroup.dirs
-                if placement is not None:
-                    moved = tuple(d for d in moved if not placement.places(d))
-                cgroup_fds = replace(ctx.cgroup, dirs=moved).attach_fds()
-            wall = spec.limits.wall_time_s
-            go_r, go_w = os.pipe2(os.O_CLOEXEC)
-            argv = [
-                *launch_chain(
-                    uid=ctx.host_uid,
-                    limits=rlimits(spec.limits),
-                    netns_path=ctx.network.netns_path if ctx.network else None,
-                    die_with_parent=ctx.one_shot,
-                    nsenter=self.nsenter,
-                    setpriv=self.setpriv,
-                ),
-                self.timeout_bin,
-                "--signal=KILL",
-                f"{wall:.3f}s" if wall else "0",
-                *bwrap_argv(
-                    spec,
-                    hostname=hostname,
-                    fds=fds,
-                    share_net=ctx.network is not None,
-                    extra_env={**(ctx.network.env if ctx.network else {}), **ctx.extra_env},
-                    bwrap=self.bwrap,
-                ),
-            ]
-            popen_args: dict[str, Any] = {
-                "stdin": go_r,
-                "stdout": log_fd,
-                "stderr": log_fd,
-                "pass_fds": fds.all(),
-                "start_new_session": True,
-                "env": {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-            }
-            proc = _spawn(argv, popen_args, placement)
-            try:
-                pid = str(proc.pid).encode()
-                for fd in cgroup_fds:
-                    os.write(fd, pid)
-                with (
-                    contextlib.suppress(OSError),
-                    open(f"/proc/{proc.pid}/oom_score_adj", "w") as f,
-                ):
-                    f.write(str(AGENT_OOM_SCORE_ADJ))  # needs CAP_SYS_RESOURCE
-                os.write(go_w, b"go\n")
-            except BaseException:
-                proc.kill()
-                proc.wait()
-                raise
+            payload = Payload(
+                stdout=log_fd,
+                stderr=log_fd,
+                oom_score_adj=AGENT_OOM_SCORE_ADJ,
+                guest_zip=bundle_path(ctx.settings.state_dir),
+                listen=listener.fileno(),
+            )
+            proc, record = launch(jail, self.tools, payload, _popen)
+            return proc, NamespaceInfo(**record)
         finally:
             listener.close()
-            if placement is not None:
-                placement.close()
-            if fds is not None:
-                fds.close()
-            for fd in [go_r, go_w, log_fd, *cgroup_fds]:
-                if fd >= 0:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-        info = NamespaceInfo(
-            pid=proc.pid,
-            pid_start=process_start_time(proc.pid),
-            socket=str(sock_path),
-            status_file=str(status_path),
-            log=str(log_path),
-            host_uid=ctx.host_uid,
-            started_at=time.time(),
-            wall_time_s=spec.limits.wall_time_s,
-        )
-        return proc, info
+            if log_fd >= 0:
+                os.close(log_fd)
 
     def _watch_exit(self, proc: subprocess.Popen[Any]) -> asyncio.Future[int]:
         """Reap the supervisor when it exits (a pidfd on the loop: no thread, no zombie)."""

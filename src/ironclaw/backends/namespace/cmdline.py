@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,18 +60,34 @@ def etc_files(hostname: str) -> dict[str, bytes]:
     }
 
 
-@dataclass(frozen=True)
 class JailFds:
-    """Descriptors handed to bubblewrap; closed in the parent once it started."""
+    """Descriptors handed to bubblewrap; closed in the parent once it started.
 
-    seccomp: int
-    guest_zip: int
-    etc: dict[str, int]
-    listen: int
-    status: int
+    ``guest_zip`` and ``listen`` are the agent's: a jail that runs the user's command
+    directly (the one-shot ``ironclaw exec``) has neither. (A plain class: a dataclass
+    costs the one-shot CLI's start-up about a millisecond.)
+    """
+
+    __slots__ = ("etc", "guest_zip", "listen", "seccomp", "status")
+
+    def __init__(
+        self,
+        *,
+        seccomp: int,
+        etc: dict[str, int],
+        status: int,
+        guest_zip: int | None = None,
+        listen: int | None = None,
+    ) -> None:
+        self.seccomp = seccomp
+        self.etc = etc
+        self.status = status
+        self.guest_zip = guest_zip
+        self.listen = listen
 
     def all(self) -> list[int]:
-        return [self.seccomp, self.guest_zip, self.listen, self.status, *self.etc.values()]
+        extra = [fd for fd in (self.guest_zip, self.listen) if fd is not None]
+        return [self.seccomp, *extra, self.status, *self.etc.values()]
 
     def close(self) -> None:
         # ``listen`` belongs to its socket object, which closes it exactly once: closing
@@ -91,8 +106,13 @@ def bwrap_argv(
     share_net: bool,
     extra_env: dict[str, str] | None = None,
     bwrap: str = "bwrap",
+    payload: list[str] | None = None,
 ) -> list[str]:
-    """The full bubblewrap command line for ``spec`` (pure: golden-testable)."""
+    """The full bubblewrap command line for ``spec`` (pure: golden-testable).
+
+    It runs the guest agent (on ``fds.listen``, its code from ``fds.guest_zip``), or with
+    ``payload`` that command instead: the same jail, the user's command as its process.
+    """
     lim = spec.limits
     a: list[str] = [
         bwrap,
@@ -127,8 +147,9 @@ def bwrap_argv(
             a += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
     for name, fd in sorted(fds.etc.items()):
         a += ["--perms", "0444", "--file", str(fd), f"/etc/{name}"]
-    a += ["--perms", "0555", "--dir", "/opt/ironclaw"]
-    a += ["--perms", "0444", "--file", str(fds.guest_zip), GUEST_ZIP]
+    if fds.guest_zip is not None:
+        a += ["--perms", "0555", "--dir", "/opt/ironclaw"]
+        a += ["--perms", "0444", "--file", str(fds.guest_zip), GUEST_ZIP]
     a += ["--perms", "1777", "--size", str(lim.tmp_mib * MiB), "--tmpfs", "/tmp"]
     a += ["--perms", "0755", "--size", str(lim.workspace_mib * MiB), "--tmpfs", WORKSPACE]
     a += ["--symlink", "/tmp", "/var/tmp"]
@@ -148,6 +169,10 @@ def bwrap_argv(
     }
     for k, v in env.items():
         a += ["--setenv", k, v]
+    if payload is not None:
+        return [*a, "--", *payload]
+    if fds.listen is None or fds.guest_zip is None:
+        raise ValueError("the guest agent needs its listening socket and its code")
     a += [
         "--",
         "/usr/bin/python3",

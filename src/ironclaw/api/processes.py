@@ -10,7 +10,7 @@ follows it live.
 from __future__ import annotations
 
 import base64
-from typing import Annotated, Any, get_type_hints
+from typing import Annotated, Any, get_args, get_origin, get_type_hints
 
 from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel, Field, create_model
@@ -44,9 +44,15 @@ class ProcessStart(BaseModel):
 
 def _model_of(record: type[Record], name: str, doc: str) -> type[BaseModel]:
     """``record``'s fields as a pydantic model, for the OpenAPI schema and the response
-    check (the record is standard library only: the guest imports it)."""
+    check (the record is standard library only: the guest imports it). A tuple field is
+    a list here, as :func:`~ironclaw.proto.records.to_json` writes it."""
     hints = get_type_hints(record)
-    fields: dict[str, Any] = {f: (hints[f], ...) for f in record._fields}
+    fields: dict[str, Any] = {}
+    for field in record._fields:
+        hint = hints[field]
+        if get_origin(hint) is tuple:
+            hint = list[get_args(hint)[0]]  # type: ignore[misc]  # an item type read at run time
+        fields[field] = (hint, ...)
     return create_model(name, __doc__=doc, **fields)
 
 

@@ -18,10 +18,9 @@ from ironclaw.backends.firecracker.api import (
     ctrl_alt_del_request,
     guest_mac,
     kernel_boot_args,
-    pause_request,
-    resume_request,
     snapshot_create_request,
     snapshot_load_request,
+    vm_state_request,
 )
 from ironclaw.backends.firecracker.client import FirecrackerApi
 from ironclaw.backends.firecracker.jailer import JailLayout, jailer_argv
@@ -64,7 +63,7 @@ def all_configurations() -> list[tuple[str, list[ApiRequest]]]:
         )
         name = f"jailed={jailed} net={net} ws={ws} console={console} dirty={dirty} smt={smt}"
         out.append((name, boot_requests(cfg)))
-    controls = [pause_request(), resume_request(), ctrl_alt_del_request()]
+    controls = [vm_state_request("Paused"), vm_state_request("Resumed"), ctrl_alt_del_request()]
     kinds: list[Any] = ["Full", "Diff"]
     for kind in kinds:
         controls.append(snapshot_create_request("/vm.state", "/vm.mem", kind))
@@ -230,7 +229,7 @@ async def test_client_round_trips_and_reports_fault_messages(
         with pytest.raises(BackendError, match="cannot open /nope"):
             await api.put("/boot-source", {"kernel_image_path": "/nope"})
         with pytest.raises(BackendError, match="not started"):
-            await api.request(pause_request())
+            await api.request(vm_state_request("Paused"))
         assert (await api.get("/vm/config"))["boot-source"]["kernel_image_path"].endswith("vmlinux")
     # A client-side check refuses before sending: nothing reaches the server.
     async with FirecrackerApi(tmp_path / "api.sock", check=spec.validate_request) as api:

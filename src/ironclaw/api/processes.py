@@ -10,10 +10,10 @@ follows it live.
 from __future__ import annotations
 
 import base64
-from typing import Annotated
+from typing import Annotated, Any, get_args, get_origin, get_type_hints
 
 from fastapi import APIRouter, Path, Query
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 
 from ironclaw.api.service import Read, ServiceDep, Write
 from ironclaw.api.streams import resolve
@@ -22,6 +22,7 @@ from ironclaw.host import processes
 from ironclaw.host.processes import ProcessHandle
 from ironclaw.proto import methods as m
 from ironclaw.proto.proc_methods import MAX_RING
+from ironclaw.proto.records import Record
 
 __all__ = ["ProcessOut", "ProcessStart", "router"]
 
@@ -41,26 +42,29 @@ class ProcessStart(BaseModel):
     )
 
 
-class ProcessOut(BaseModel):
-    """One command; ``exit_code`` is null while it runs (128+N when killed by signal N).
-
-    The channel's :class:`~ironclaw.proto.proc_methods.ProcInfo` as an OpenAPI schema
-    (that record is standard library only: the guest imports it); a test keeps the two
-    field lists equal."""
-
-    pid: int
-    tag: str | None
-    argv: list[str]
-    pty: bool
-    running: bool
-    exit_code: int | None
-    signal: int | None
-    started_at: float
-    output_bytes: int
+def _model_of(record: type[Record], name: str, doc: str) -> type[BaseModel]:
+    """``record``'s fields as a pydantic model, for the OpenAPI schema and the response
+    check (the record is standard library only: the guest imports it). A tuple field is
+    a list here, as :func:`~ironclaw.proto.records.to_json` writes it."""
+    hints = get_type_hints(record)
+    fields: dict[str, Any] = {}
+    for field in record._fields:
+        hint = hints[field]
+        if get_origin(hint) is tuple:
+            hint = list[get_args(hint)[0]]  # type: ignore[misc]  # an item type read at run time
+        fields[field] = (hint, ...)
+    return create_model(name, __doc__=doc, **fields)
 
 
-class ProcessList(BaseModel):
-    processes: list[ProcessOut]
+ProcessOut = _model_of(
+    m.ProcInfo,
+    "ProcessOut",
+    "One command; ``exit_code`` is null while it runs (128+N when killed by signal N).",
+)
+ProcessList = create_model(
+    "ProcessList",
+    processes=(list[ProcessOut], ...),  # type: ignore[valid-type]  # a model made at import
+)
 
 
 class KillRequest(BaseModel):
@@ -74,7 +78,7 @@ class StdinRequest(BaseModel):
     close: bool = Field(default=False, description="Close stdin afterwards (EOF).")
 
 
-def out(info: m.ProcInfo) -> ProcessOut:
+def out(info: m.ProcInfo) -> BaseModel:
     return ProcessOut.model_validate(m.to_json(info))
 
 
@@ -84,7 +88,7 @@ async def _handle(service: ServiceDep, sandbox_id: str, target: str) -> ProcessH
 
 
 @router.post("", status_code=201, response_model=ProcessOut)
-async def start(sandbox_id: str, body: ProcessStart, who: Write, service: ServiceDep) -> ProcessOut:
+async def start(sandbox_id: str, body: ProcessStart, who: Write, service: ServiceDep) -> BaseModel:
     """Start a command detached: it runs on after this request (and after the client)."""
     await service.visible(who, sandbox_id)
     await service.peer(sandbox_id)
@@ -96,7 +100,7 @@ async def start(sandbox_id: str, body: ProcessStart, who: Write, service: Servic
 
 
 @router.get("", response_model=ProcessList)
-async def list_(sandbox_id: str, who: Read, service: ServiceDep) -> ProcessList:
+async def list_(sandbox_id: str, who: Read, service: ServiceDep) -> BaseModel:
     """The sandbox's detached commands, running and recently ended."""
     await service.visible(who, sandbox_id)
     await service.peer(sandbox_id)
@@ -113,7 +117,7 @@ async def get(
     wait: Annotated[
         float, Query(ge=0, le=MAX_WAIT, description="Wait up to this long for it to end.")
     ] = 0.0,
-) -> ProcessOut:
+) -> BaseModel:
     """One command; with ``wait``, as it is once it ended or the wait ran out."""
     await service.visible(who, sandbox_id)
     await service.peer(sandbox_id)
@@ -128,7 +132,7 @@ async def kill(
     who: Write,
     service: ServiceDep,
     body: KillRequest | None = None,
-) -> ProcessOut:
+) -> BaseModel:
     """Signal the command's process group (its children too); SIGKILL unless told."""
     body = body or KillRequest()
     await service.visible(who, sandbox_id)
@@ -141,7 +145,7 @@ async def kill(
 @router.post("/{target}/stdin", response_model=ProcessOut)
 async def stdin(
     sandbox_id: str, target: Target, body: StdinRequest, who: Write, service: ServiceDep
-) -> ProcessOut:
+) -> BaseModel:
     """Write to the command's stdin (bounded by the request size), then close it if asked."""
     data = body.data.encode()
     if body.data_b64 is not None:

@@ -5,28 +5,16 @@ reaches every route (tasks, approvals too). ``SandboxAPI`` is the protocol this 
 and :mod:`ironclaw.sdk` both satisfy.
 """
 
+from ironclaw.client import sync
 from ironclaw.client.api import API_TOKEN_ENV, API_URL_ENV, ApiClient, ExecResult
 from ironclaw.client.protocol import ExecResultLike, FilesAPI, SandboxAPI
 from ironclaw.client.sandbox import RemoteCreating, RemoteFiles, Sandbox
-from ironclaw.client.sync import (
-    BlockingIterator,
-    SyncCommands,
-    SyncFiles,
-    SyncNetwork,
-    SyncPorts,
-    SyncProcessHandle,
-    SyncPty,
-    SyncSandbox,
-    SyncSnapshots,
-    SyncTerminal,
-    SyncWatch,
-)
+from ironclaw.client.sync import *  # noqa: F403  # the blocking twins: its __all__
 
 __all__ = [
     "API_TOKEN_ENV",
     "API_URL_ENV",
     "ApiClient",
-    "BlockingIterator",
     "ExecResult",
     "ExecResultLike",
     "FilesAPI",
@@ -34,14 +22,5 @@ __all__ = [
     "RemoteFiles",
     "Sandbox",
     "SandboxAPI",
-    "SyncCommands",
-    "SyncFiles",
-    "SyncNetwork",
-    "SyncPorts",
-    "SyncProcessHandle",
-    "SyncPty",
-    "SyncSandbox",
-    "SyncSnapshots",
-    "SyncTerminal",
-    "SyncWatch",
 ]
+__all__ += sync.__all__

@@ -7,9 +7,11 @@ routes of ``api/controls`` and ``api/snapshots``, with the in-process SDK's name
 from __future__ import annotations
 
 import builtins
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Unpack
 from urllib.parse import quote
+
+from ironclaw.proto.surface import SnapshotInfo
 
 if TYPE_CHECKING:
     from ironclaw.client.api import ApiClient, SandboxDoc
@@ -19,18 +21,8 @@ __all__ = ["RemoteNetwork", "RemoteSnapshot", "RemoteSnapshots", "restore_doc"]
 
 
 @dataclass(frozen=True)
-class RemoteSnapshot:
-    """A snapshot as the API describes it; the attributes the in-process
-    :class:`~ironclaw.host.snapshots.Snapshot` has too (both fit ``SnapshotInfo``)."""
-
-    name: str
-    kind: str
-    sha256: str
-    size: int
-    created_at: float
-    source: str
-    backend: str
-    spec: dict[str, Any] = field(default_factory=dict)
+class RemoteSnapshot(SnapshotInfo):
+    """A snapshot as the API describes it (the in-process SDK's has its files too)."""
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> RemoteSnapshot:

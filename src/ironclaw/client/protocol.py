@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Unpack, runtime_checkable
 
 from ironclaw.client.proc_protocol import CommandsAPI, PortsAPI, PtyAPI
 from ironclaw.proto.proc_methods import WatchEvent
-from ironclaw.proto.surface import ExecOptions, ExecResult, OutputSink
+from ironclaw.proto.surface import ExecOptions, ExecResult, OutputSink, SnapshotInfo
 
 if TYPE_CHECKING:
     from ironclaw.policy.network import NetworkChange, NetworkPolicy
@@ -37,23 +37,6 @@ class FilesAPI(Protocol):
     def watch(
         self, path: str = ".", *, recursive: bool = True, max_queue: int = 4096
     ) -> AsyncIterator[WatchEvent]: ...
-
-
-class SnapshotInfo(Protocol):
-    """What both SDKs' ``sb.snapshot(name)`` return describes."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def kind(self) -> str: ...
-    @property
-    def sha256(self) -> str: ...
-    @property
-    def size(self) -> int: ...
-    @property
-    def created_at(self) -> float: ...
-    @property
-    def source(self) -> str: ...
 
 
 @runtime_checkable

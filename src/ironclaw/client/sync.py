@@ -32,6 +32,7 @@ from ironclaw.client.procs import (
 )
 from ironclaw.client.sandbox import CreateOptions, RemoteFiles, Sandbox
 from ironclaw.proto import methods as m
+from ironclaw.proto.proc_methods import ProcView
 
 __all__ = [
     "BlockingIterator",
@@ -52,6 +53,7 @@ A = TypeVar("A")
 W = TypeVar("W")
 R = TypeVar("R")
 P = ParamSpec("P")
+V = TypeVar("V", RemoteProcessHandle, RemoteTerminal)
 
 
 class _Blocking(Generic[R]):
@@ -171,20 +173,17 @@ class SyncFiles(_Blocking[RemoteFiles]):
     watch = _wrapped(RemoteFiles.watch, SyncWatch)
 
 
-class SyncProcessHandle(_Blocking[RemoteProcessHandle]):
-    """One detached command: output, stdin, signals, exit status (as its async twin)."""
+class _SyncProcView(_Blocking[V], ProcView):
+    """A blocking handle on one command: ``info`` (and so ``pid`` and ``tag``, from
+    :class:`ProcView`) is its async twin's latest."""
 
     @property
-    def info(self) -> m.ProcInfo:
+    def info(self) -> m.ProcInfo:  # type: ignore[override]  # read-only: the twin updates it
         return self.remote.info
 
-    @property
-    def pid(self) -> int:
-        return self.remote.pid
 
-    @property
-    def tag(self) -> str | None:
-        return self.remote.tag
+class SyncProcessHandle(_SyncProcView[RemoteProcessHandle]):
+    """One detached command: output, stdin, signals, exit status (as its async twin)."""
 
     output = _wrapped(RemoteProcessHandle.output, BlockingIterator[bytes])
     send_stdin = _blocking(RemoteProcessHandle.send_stdin)
@@ -200,20 +199,8 @@ class SyncCommands(_Blocking[RemoteCommands]):
     connect = _blocking(RemoteCommands.connect, SyncProcessHandle)
 
 
-class SyncTerminal(_Blocking[RemoteTerminal]):
+class SyncTerminal(_SyncProcView[RemoteTerminal]):
     """A PTY session; closing it (or leaving ``with``) hangs up: the shell is killed."""
-
-    @property
-    def info(self) -> m.ProcInfo:
-        return self.remote.info
-
-    @property
-    def pid(self) -> int:
-        return self.remote.pid
-
-    @property
-    def tag(self) -> str | None:
-        return self.remote.tag
 
     output = _wrapped(RemoteTerminal.output, BlockingIterator[bytes])
     send = _blocking(RemoteTerminal.send)

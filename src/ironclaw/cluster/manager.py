@@ -26,6 +26,7 @@ from ironclaw.cluster.cluster import Cluster
 from ironclaw.cluster.links import ExecSession
 from ironclaw.cluster.shelf import ClusterShelf
 from ironclaw.config import Settings, safe_join
+from ironclaw.host.controls import RestoreOptions
 from ironclaw.host.guest import ExecResult, GuestClient
 from ironclaw.host.manager import SandboxManager
 from ironclaw.host.reconcile import GcReport
@@ -125,18 +126,12 @@ class ClusterManager(SandboxManager):
         """On the sandbox's node, where the snapshot stays (owned by no API token)."""
         return await self.snapshot_shelf.create(sandbox_id, name, None)
 
-    async def restore(
-        self,
-        snap: Snapshot | str,
-        *,
-        spec: SandboxSpec | dict[str, Any] | None = None,
-        sandbox_id: str | None = None,
-        ready_timeout: float = 20.0,
-    ) -> SandboxRecord:
+    async def restore(self, snap: Snapshot | str, **opts: Unpack[RestoreOptions]) -> SandboxRecord:
         """A new sandbox on the snapshot's node (its own manager's ready deadline)."""
+        spec = opts.get("spec")
         if isinstance(spec, SandboxSpec):
             overrides = spec.model_dump(mode="json", exclude_unset=True)
         else:
             overrides = dict(spec or {})
-        sid = sandbox_id or new_sandbox_id()
+        sid = opts.get("sandbox_id") or new_sandbox_id()
         return await self.snapshot_shelf.restore(snap, overrides, sid)

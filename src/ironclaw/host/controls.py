@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Unpack, cast
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack, cast
 
 from ironclaw.backends.base import Pausable
 from ironclaw.errors import ConfigError, SandboxError
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Controls",
+    "RestoreOptions",
     "arm_lifetime",
     "matches",
     "pause",
@@ -49,6 +50,14 @@ __all__ = [
 ]
 
 MiB = 1 << 20
+
+
+class RestoreOptions(TypedDict, total=False):
+    """A restore's options after the snapshot (the manager's and the cluster's)."""
+
+    spec: SandboxSpec | dict[str, Any] | None
+    sandbox_id: str | None
+    ready_timeout: float
 
 
 def run_dir(mgr: SandboxManager, record: SandboxRecord) -> Path:
@@ -450,18 +459,9 @@ class Controls:
         """Sandboxes that carry every label given and are in ``state`` (if given)."""
         return [r for r in await self._mgr().sandboxes() if matches(r, labels, state)]
 
-    async def restore(
-        self,
-        snap: Snapshot | str,
-        *,
-        spec: SandboxSpec | dict[str, Any] | None = None,
-        sandbox_id: str | None = None,
-        ready_timeout: float = 20.0,
-    ) -> SandboxRecord:
+    async def restore(self, snap: Snapshot | str, **opts: Unpack[RestoreOptions]) -> SandboxRecord:
         """A new sandbox from the snapshot (see :func:`restore`)."""
-        return await restore(
-            self._mgr(), snap, spec=spec, sandbox_id=sandbox_id, ready_timeout=ready_timeout
-        )
+        return await restore(self._mgr(), snap, **opts)
 
     async def update_network(
         self, sandbox_id: str, **change: Unpack[NetworkChange]

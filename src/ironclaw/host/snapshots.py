@@ -31,6 +31,7 @@ from typing import Any
 
 from ironclaw.config import Settings, ensure_private_dir, safe_join
 from ironclaw.errors import ConfigError, SandboxError, SandboxNotFound
+from ironclaw.proto.surface import SnapshotInfo
 from ironclaw.spec import SandboxSpec, parse_spec
 
 __all__ = [
@@ -69,7 +70,7 @@ def validate_snapshot_name(name: str) -> str:
 
 
 @dataclass(frozen=True)
-class Snapshot:
+class Snapshot(SnapshotInfo):
     """One saved sandbox; pass it to ``Sandbox.create(from_snapshot=...)``.
 
     ``kind`` is "workspace" (an archive of /workspace) or "vm" (memory, devices and
@@ -77,14 +78,6 @@ class Snapshot:
     on: image digest, QEMU version, VM size).
     """
 
-    name: str
-    sha256: str
-    size: int
-    created_at: float
-    source: str
-    backend: str
-    spec: dict[str, Any]
-    kind: str = "workspace"
     files: dict[str, str] = field(default_factory=dict)
     vm: dict[str, Any] = field(default_factory=dict)
 

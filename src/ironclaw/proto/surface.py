@@ -4,8 +4,9 @@ The host's guest client, the in-process SDK (:mod:`ironclaw.sdk`) and the remote
 (:mod:`ironclaw.client`) run commands with the same keyword options and return the same
 :class:`ExecResult`, and start detached commands and terminals with the same options;
 both SDKs' sandboxes are created through :class:`Creating` and destroyed on leaving
-``async with`` by :class:`SandboxHandle`. Declaring these once here, below both
-``client`` and ``host``, keeps the two surfaces from drifting apart.
+``async with`` by :class:`SandboxHandle`, and describe a snapshot as a
+:class:`SnapshotInfo`. Declaring these once here, below both ``client`` and ``host``,
+keeps the two surfaces from drifting apart.
 Standard library only, like the rest of ``proto``.
 """
 
@@ -24,6 +25,7 @@ __all__ = [
     "PtyOptions",
     "SandboxHandle",
     "SandboxPart",
+    "SnapshotInfo",
     "StartOptions",
     "feed",
 ]
@@ -38,6 +40,22 @@ async def feed(sink: OutputSink | None, chunk: bytes) -> None:
         res = sink(chunk)
         if res is not None:
             await res
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """A saved sandbox as both SDKs describe it (what ``sb.snapshot(name)`` returns): the
+    host's :class:`~ironclaw.host.snapshots.Snapshot` adds its files, the remote SDK's
+    :class:`~ironclaw.client.controls.RemoteSnapshot` is read from the API."""
+
+    name: str
+    sha256: str
+    size: int
+    created_at: float
+    source: str
+    backend: str
+    spec: dict[str, Any]
+    kind: str = "workspace"
 
 
 class ExecOptions(TypedDict, total=False):

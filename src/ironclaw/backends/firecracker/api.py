@@ -44,10 +44,9 @@ __all__ = [
     "ctrl_alt_del_request",
     "guest_mac",
     "kernel_boot_args",
-    "pause_request",
-    "resume_request",
     "snapshot_create_request",
     "snapshot_load_request",
+    "vm_state_request",
 ]
 
 #: Guest vsock port the agent listens on; the host reaches it with ``CONNECT 1024``.
@@ -301,12 +300,9 @@ def boot_requests(cfg: VmConfig) -> list[ApiRequest]:
     return reqs
 
 
-def pause_request() -> ApiRequest:
-    return ApiRequest("PATCH", "/vm", _build(VmState, state="Paused"))
-
-
-def resume_request() -> ApiRequest:
-    return ApiRequest("PATCH", "/vm", _build(VmState, state="Resumed"))
+def vm_state_request(state: Literal["Paused", "Resumed"]) -> ApiRequest:
+    """Pause or resume the vCPUs (a snapshot is taken of a paused VM)."""
+    return ApiRequest("PATCH", "/vm", _build(VmState, state=state))
 
 
 def ctrl_alt_del_request() -> ApiRequest:

@@ -49,9 +49,8 @@ from ironclaw.backends.firecracker.api import (
     ctrl_alt_del_request,
     guest_mac,
     kernel_boot_args,
-    pause_request,
-    resume_request,
     snapshot_load_request,
+    vm_state_request,
 )
 from ironclaw.backends.firecracker.client import FirecrackerApi, RequestCheck
 from ironclaw.backends.firecracker.jailer import JailLayout, LaunchPaths, jailer_argv, link_into
@@ -272,11 +271,11 @@ class FirecrackerBackend:
 
     async def pause(self, info: FirecrackerInfo) -> None:
         async with self._api(info) as api:
-            await api.request(pause_request())
+            await api.request(vm_state_request("Paused"))
 
     async def resume(self, info: FirecrackerInfo) -> None:
         async with self._api(info) as api:
-            await api.request(resume_request())
+            await api.request(vm_state_request("Resumed"))
 
     async def snapshot(
         self, info: FirecrackerInfo, dest: Path, *, kind: SnapshotType = "Full", resume: bool = True

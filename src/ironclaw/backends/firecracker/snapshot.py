@@ -13,9 +13,8 @@ from pathlib import Path
 
 from ironclaw.backends.firecracker.api import (
     SnapshotType,
-    pause_request,
-    resume_request,
     snapshot_create_request,
+    vm_state_request,
 )
 from ironclaw.backends.firecracker.client import FirecrackerApi
 from ironclaw.backends.firecracker.jailer import LaunchPaths
@@ -61,7 +60,7 @@ async def take_snapshot(
     """Pause, write state and memory, move them (and copy ``workspace``) into ``dest``."""
     snap = SnapshotFiles(dest, kind)
     state_vm, mem_vm = "/" + SNAP_STATE, "/" + SNAP_MEM
-    await api.request(pause_request())
+    await api.request(vm_state_request("Paused"))
     try:
         await api.request(
             snapshot_create_request(
@@ -76,5 +75,5 @@ async def take_snapshot(
             await asyncio.to_thread(shutil.copyfile, workspace, snap.workspace)
     finally:
         if resume:
-            await api.request(resume_request())
+            await api.request(vm_state_request("Resumed"))
     return snap

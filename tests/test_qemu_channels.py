@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pty
 import signal
 import subprocess
 import sys
 import time
+import tty
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -29,12 +31,14 @@ from ironclaw.backends.qemu.channels import (
     socket_path,
     try_claim,
 )
-from ironclaw.errors import ConnectError
+from ironclaw.backends.qemu.usersnap import check_compatible
+from ironclaw.errors import ConfigError, ConnectError
 from ironclaw.host.manager import SandboxManager
 from ironclaw.proto import methods
 from ironclaw.proto.frames import FrameType, encode_frame
 from ironclaw.rpc import HOST_LIMITS, Peer
-from ironclaw.transport._sessions import HELLO_SIZE, ack_frame
+from ironclaw.transport import Connection, virtio_serial
+from ironclaw.transport._sessions import HELLO_SIZE, ack_frame, hello_frame
 from test_qemu_backend import _spec, vm_image, vm_snapshots  # noqa: F401  (fixtures)
 
 # -- unit layer: names, claims ------------------------------------------------------------
@@ -160,6 +164,73 @@ async def test_a_failed_connect_lets_its_claim_go(tmp_path: Path) -> None:
     fd = try_claim(first)
     assert fd is not None
     os.close(fd)
+
+
+def test_a_user_snapshot_of_a_vm_with_other_channels_is_refused() -> None:
+    vm = {"image": "i", "qemu": "q", "accel": "tcg", "cpus": 1, "guest_mib": 288, "nic": False}
+
+    def check(doc: dict[str, object]) -> None:
+        check_compatible(doc, image="i", qemu="q", accel="tcg", cpus=1, guest_mib=288,
+                         network=False)  # fmt: skip
+
+    with pytest.raises(ConfigError, match=r"1 agent channel.*take a new snapshot"):
+        check(vm)  # taken of a one-port VM: no "channels" recorded
+    check({**vm, "channels": AGENT_CHANNELS})
+
+
+# -- unit layer: the guest's side, on real character devices (ptys) ---------------------
+
+
+def test_the_agent_finds_a_ports_siblings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("org.x", "org.x.1", "org.x.10", "org.x.2", "org.x.01", "org.xy.1", "org.x.a"):
+        (tmp_path / name).touch()
+    monkeypatch.setattr(virtio_serial, "DEVICE_DIR", str(tmp_path))
+    assert virtio_serial.port_family("org.x") == [
+        str(tmp_path / n) for n in ("org.x", "org.x.1", "org.x.2", "org.x.10")
+    ]
+    assert virtio_serial.port_family("org.z") == [str(tmp_path / "org.z")]
+
+
+async def _read_exactly(conn: Connection, n: int) -> bytes:
+    buf = b""
+    async with asyncio.timeout(10):
+        while len(buf) < n:
+            chunk = await conn.read(n - len(buf))
+            assert chunk, buf
+            buf += chunk
+    return buf
+
+
+async def test_the_agent_serves_ports_side_by_side_and_closes_them_safely() -> None:
+    pairs = [pty.openpty() for _ in range(2)]
+    for _, slave in pairs:
+        tty.setraw(slave)  # a virtio port is a raw byte pipe, no line discipline
+    ports = await virtio_serial.serve_ports([os.ttyname(s) for _, s in pairs])
+    for _, slave in pairs:
+        os.close(slave)
+    hosts = [await virtio_serial.from_fd(master, initiator=True) for master, _ in pairs]
+    try:
+        nonces = [os.urandom(16) for _ in hosts]
+        for host, nonce in zip(hosts, nonces, strict=True):
+            await host.write(hello_frame(nonce))
+        sessions = [await asyncio.wait_for(port.accept(), 10) for port in ports]
+        for host, nonce in zip(hosts, nonces, strict=True):
+            assert await _read_exactly(host, len(ack_frame(nonce))) == ack_frame(nonce)
+        # Port 0's host stops mid-frame; port 1's session carries whole frames both ways.
+        frame = encode_frame(FrameType.MESSAGE, 0, os.urandom(300))
+        await hosts[0].write(frame[:50])
+        await hosts[1].write(frame)
+        assert await _read_exactly(sessions[1], len(frame)) == frame
+        await sessions[1].write(b"reply")
+        assert await _read_exactly(hosts[1], 5) == b"reply"
+        await hosts[0].write(frame[50:])  # and port 0's frame completes on its own session
+        assert await _read_exactly(sessions[0], len(frame)) == frame
+    finally:
+        await virtio_serial.close_ports(ports)
+        for host in hosts:
+            await host.aclose()
+    # The shared SIGIO handler is gone with the ports, and no port can raise SIGIO.
+    assert signal.getsignal(signal.SIGIO) == signal.SIG_DFL
 
 
 # -- real VMs -----------------------------------------------------------------------------

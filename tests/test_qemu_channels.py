@@ -24,6 +24,7 @@ from ironclaw.backends.qemu.channels import (
     AGENT_PORT,
     ChannelsBusy,
     channel_run_files,
+    channels_of,
     connect_channel,
     holders,
     lock_path,
@@ -55,6 +56,13 @@ def test_channel_files_sit_beside_channel_0(tmp_path: Path) -> None:
     assert lock_path(first).name == "agent.sock.lock"
     files = channel_run_files()
     assert len(files) == 2 * AGENT_CHANNELS and "agent.3.sock.lock" in files
+    # A VM's channels are counted by their sockets: one started before there were
+    # several has agent.sock alone.
+    first.touch()
+    assert channels_of(first) == 1
+    for i in range(1, AGENT_CHANNELS + 2):
+        socket_path(first, i).touch()
+    assert channels_of(first) == AGENT_CHANNELS
 
 
 def test_a_claim_is_exclusive_until_closed(tmp_path: Path) -> None:
@@ -133,8 +141,9 @@ async def test_connections_take_free_channels_then_wait_then_say_who_holds_them(
     fake_channels: tuple[Path, list[int]],
 ) -> None:
     first, sessions = fake_channels
-    a = await connect_channel(first, 2, timeout=5, wait_s=0)
-    b = await connect_channel(first, 2, timeout=5, wait_s=0)
+    assert channels_of(first) == 2
+    a = await connect_channel(first, timeout=5, wait_s=0)
+    b = await connect_channel(first, timeout=5, wait_s=0)
     assert sessions == [1, 1]
     with pytest.raises(ChannelsBusy) as busy:
         await connect_channel(first, 2, timeout=5, wait_s=0.5)
@@ -246,7 +255,7 @@ async def _spawn_exec(sid: str, script: str) -> asyncio.subprocess.Process:
 async def _holders_include(info: QemuInfo, pids: set[int], limit_s: float = 240) -> None:
     """Until every pid in ``pids`` holds one of the VM's channels (bounded)."""
     async with asyncio.timeout(limit_s):
-        while not pids <= set(holders(info.socket, info.channels)):
+        while not pids <= set(holders(info.socket, AGENT_CHANNELS)):
             await asyncio.sleep(0.1)
 
 
@@ -269,7 +278,7 @@ async def test_four_processes_use_one_vm_at_once_and_a_fifth_is_told_who(
 ) -> None:
     rec = await manager.create(_spec(), ready_timeout=120)
     info = QemuInfo.of(rec.info)
-    assert info.channels == AGENT_CHANNELS
+    assert channels_of(info.socket) == AGENT_CHANNELS
     await manager.exec(rec.id, ["true"])  # this manager holds a channel from now on
     # One exec through a second process while this one holds its channel.
     started = time.monotonic()
@@ -347,7 +356,7 @@ async def test_a_session_cut_mid_frame_leaves_another_channels_exec_alone(
         manager.exec(rec.id, ["/bin/sh", "-c", "cat /tmp/gate 2>/dev/null || sleep 3; echo ok"])
     )
     for _ in range(3):  # cut sessions on another channel, mid-frame, while it runs
-        raw = await connect_channel(info.socket, info.channels, timeout=10, handshake_s=120)
+        raw = await connect_channel(info.socket, timeout=10, handshake_s=120)
         frame = encode_frame(FrameType.MESSAGE, 0, b'{"jsonrpc":"2.0","id":1,"method":"ping"}')
         await raw.write(frame[: len(frame) // 2])
         raw.abort()

@@ -62,7 +62,7 @@ from ironclaw.backends.base import (
 )
 from ironclaw.backends.qemu import usersnap
 from ironclaw.backends.qemu.accel import probe_accel
-from ironclaw.backends.qemu.channels import AGENT_CHANNELS, ChannelsBusy, connect_channel
+from ironclaw.backends.qemu.channels import ChannelsBusy, connect_channel
 from ironclaw.backends.qemu.cmdline import Accel, qemu_binary
 from ironclaw.backends.qemu.qmp import QmpClient, QmpError
 from ironclaw.backends.qemu.ready import agent_usable
@@ -110,8 +110,6 @@ class QemuInfo(VmInfo):
     kernel_release: str = ""
     accel: Accel = "tcg"
     guest_mib: int = 0
-    #: Agent channels (a row written before VMs had several has the one).
-    channels: int = 1
 
 
 def guest_memory_mib(memory_mib: int) -> int:
@@ -246,7 +244,6 @@ class QemuBackend:
             tap=tap,
             host_uid=ctx.host_uid,
             started_at=time.time(),
-            channels=AGENT_CHANNELS,
         )
 
     async def wait_exited(self, info: QemuInfo) -> None:
@@ -270,7 +267,7 @@ class QemuBackend:
         while True:
             try:
                 return await connect_channel(
-                    info.socket, max(1, info.channels), timeout=max(0.1, timeout),
+                    info.socket, timeout=max(0.1, timeout),
                     handshake_s=max(timeout, 30.0), wait_s=max(0.0, deadline - time.monotonic()),
                 )  # fmt: skip
             except ChannelsBusy:

@@ -15,7 +15,8 @@ directory, and the agent serves them all at once, each an independent session st
   told by whom (:class:`ChannelsBusy`), after waiting a bounded time for one to free.
 
 Port 0 keeps the name and socket of the single-port VMs before it (:data:`AGENT_PORT`,
-``agent.sock``): a VM whose registry row has no channel count has that one channel.
+``agent.sock``), and how many channels a VM has is read from the sockets in its run
+directory (:func:`channels_of`): a VM started before there were several has its one.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = [
     "CHANNEL_SOCKET",
     "ChannelsBusy",
     "channel_run_files",
+    "channels_of",
     "connect_channel",
     "holders",
     "lock_path",
@@ -70,6 +72,15 @@ def socket_path(first: Path | str, index: int) -> Path:
         return first
     stem, dot, suffix = first.name.rpartition(".")
     return first.with_name(f"{stem}.{index}.{suffix}" if dot else f"{first.name}.{index}")
+
+
+def channels_of(first: Path | str) -> int:
+    """How many agent channels the VM whose channel 0 is ``first`` has: its sockets in the
+    run directory (only root, and QEMU before it drops root, can make them there)."""
+    count = 1
+    while count < AGENT_CHANNELS and socket_path(first, count).exists():
+        count += 1
+    return count
 
 
 def lock_path(sock: Path) -> Path:
@@ -137,7 +148,7 @@ def busy_error(first: Path | str, channels: int, waited_s: float) -> ChannelsBus
 
 async def connect_channel(
     first: Path | str,
-    channels: int,
+    channels: int | None = None,
     *,
     timeout: float = 5.0,
     handshake_s: float | None = 30.0,
@@ -145,14 +156,16 @@ async def connect_channel(
 ) -> SocketConnection:
     """A session on the first free channel, holding its claim until closed.
 
-    ``timeout`` and ``handshake_s`` are :func:`virtio_serial.connect`'s; with every
-    channel held, one is waited for up to ``wait_s``, then :class:`ChannelsBusy`.
+    ``channels`` defaults to :func:`channels_of`. ``timeout`` and ``handshake_s`` are
+    :func:`virtio_serial.connect`'s; with every channel held, one is waited for up to
+    ``wait_s``, then :class:`ChannelsBusy`.
     A channel whose socket is missing or refuses (QEMU not up yet) raises that
     :class:`ConnectError` at once; its claim is released.
     """
     deadline = time.monotonic() + wait_s
     while True:
-        for i in range(channels):
+        count = channels_of(first) if channels is None else channels
+        for i in range(count):
             sock = socket_path(first, i)
             try:  # an open and a non-blocking flock in the private run directory
                 claim = try_claim(sock)
@@ -163,5 +176,5 @@ async def connect_channel(
                     sock, timeout=timeout, handshake_s=handshake_s, claim=claim
                 )
         if time.monotonic() >= deadline:
-            raise busy_error(first, channels, wait_s)
+            raise busy_error(first, count, wait_s)
         await asyncio.sleep(_POLL_S)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ironclaw.backends.qemu.channels import AGENT_CHANNELS, port_name, socket_path
 from ironclaw.backends.qemu.cmdline import AGENT_PORT, QemuPaths, qemu_argv
 from ironclaw.images import ImageArtifacts
 
@@ -79,3 +80,14 @@ def test_qemus_own_seccomp_sandbox_is_on_the_command_line(tmp_path: Path) -> Non
     sandbox = ("-sandbox", "on,obsolete=deny,spawn=deny")
     argv = _argv(tmp_path, sandbox=sandbox)
     assert argv[1:3] == list(sandbox)
+
+
+def test_the_agent_gets_one_port_and_socket_per_channel(tmp_path: Path) -> None:
+    argv = _argv(tmp_path)
+    ports = [d for d in _after(argv, "-device") if d.startswith("virtserialport,")]
+    assert [p.rsplit("name=", 1)[1] for p in ports] == [port_name(i) for i in range(AGENT_CHANNELS)]
+    chardevs = _after(argv, "-chardev")
+    for i in range(AGENT_CHANNELS):
+        assert any(f"path={socket_path(tmp_path / 'agent.sock', i)}," in c for c in chardevs)
+    # virtio-serial keeps port number 0 for a console: max_ports must exceed the count.
+    assert f"virtio-serial-device,max_ports={AGENT_CHANNELS + 1}" in _after(argv, "-device")

@@ -2,7 +2,8 @@
 
 The listening socket is normally created by the host and inherited (the namespace
 backend), so the agent needs no path on the host and the host never waits for a
-socket file to appear. VMs use ``--virtio-port NAME`` (QEMU) or ``--vsock-port P``.
+socket file to appear. VMs use ``--virtio-port NAME`` (QEMU: ``NAME.1``, ``NAME.2``...
+too, where the VM has them) or ``--vsock-port P``.
 """
 
 from __future__ import annotations
@@ -95,30 +96,46 @@ async def _serve_listener(agent: GuestAgent, sock: socket.socket) -> None:
 
 
 async def _serve_virtio(agent: GuestAgent, name: str) -> None:
+    """Serve port ``name`` and its siblings ``name.1``... side by side (one host
+    connection each), until the agent stops or every port's reader has failed."""
     import asyncio
 
     from ironclaw.transport import virtio_serial
 
-    # The port stays open for the agent's life: each host connection is a session on it
-    # (see ironclaw.transport._port), served like a socket connection.
-    port = await virtio_serial.serve_port(name)
+    # Each port stays open for the agent's life: each host connection is a session on
+    # it (see ironclaw.transport._port), served like a socket connection. All are open
+    # before any is served: a snapshot taken once the agent answers has them all.
+    ports = await virtio_serial.serve_ports(virtio_serial.port_family(name))
     serving: set[asyncio.Future[None]] = set()
-    stopped = asyncio.ensure_future(agent.wait_stopped())
-    try:
+
+    async def accept_loop(port: virtio_serial.PortSessions) -> None:
         while True:
-            nxt = asyncio.ensure_future(port.accept())
-            await asyncio.wait({nxt, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            if not nxt.done():
-                nxt.cancel()
-                break
-            task = asyncio.ensure_future(agent.serve_connection(nxt.result()))
+            conn = await port.accept()
+            task = asyncio.ensure_future(agent.serve_connection(conn))
             serving.add(task)
             task.add_done_callback(serving.discard)
+
+    loops = [asyncio.ensure_future(accept_loop(port)) for port in ports]
+    stopped = asyncio.ensure_future(agent.wait_stopped())
+    try:
+        pending = set(loops)
+        while pending and not stopped.done():
+            done, pending = await asyncio.wait(
+                pending | {stopped}, return_when=asyncio.FIRST_COMPLETED
+            )
+            pending.discard(stopped)
+            for loop in done - {stopped}:  # one port gone: the others serve on
+                print(f"ironclaw agent: a virtio port stopped: {loop.exception()!r}",
+                      file=sys.stderr)  # fmt: skip
+        if not stopped.done():  # every port failed: the agent cannot be reached
+            loops[0].result()
     finally:
         stopped.cancel()
+        for loop in loops:
+            loop.cancel()
         if serving:  # they end with the agent; their replies are flushed as they close
             await asyncio.wait(serving, timeout=3.0)
-        await port.close()
+        await virtio_serial.close_ports(ports)
 
 
 async def _serve_vsock(agent: GuestAgent, port: int) -> None:

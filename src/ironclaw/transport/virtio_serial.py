@@ -5,6 +5,8 @@ QEMU exposes the port to the guest as ``/dev/virtio-ports/<name>`` and to the ho
 come and go, so each host connection is a session that begins with a hello and is
 answered by an ack (:mod:`._sessions`): the host side is :func:`connect`, the guest side
 :func:`serve_port`, which keeps the device open across sessions (:mod:`._port`).
+A VM may give its agent several ports (one host connection each: QEMU's socket serves
+one client at a time); :func:`serve_ports` serves them side by side in one process.
 :func:`open_port` opens the device as one plain connection (no sessions).
 The guest side drives the device with asyncio pipe transports, so writes get the same
 drain-based backpressure as a socket.
@@ -13,9 +15,13 @@ drain-based backpressure as a socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import os
+import signal
 import socket
 import stat
+from collections.abc import Sequence
 from typing import Protocol
 
 from ironclaw.errors import ChannelClosed, ConnectError
@@ -30,12 +36,15 @@ from .unix import from_socket
 __all__ = [
     "DEVICE_DIR",
     "PortSessions",
+    "close_ports",
     "connect",
     "device_path",
     "from_fd",
     "handshake",
     "open_port",
+    "port_family",
     "serve_port",
+    "serve_ports",
 ]
 
 DEVICE_DIR = "/dev/virtio-ports"
@@ -71,6 +80,97 @@ async def serve_port(
     return port
 
 
+def port_family(name: str) -> list[str]:
+    """The device paths of port ``name`` and its siblings ``name.1``, ``name.2``, ...
+    (a VM's several agent ports), in order; just ``name``'s when it has none."""
+    found: list[tuple[int, str]] = []
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(DEVICE_DIR):
+            head, _, index = entry.rpartition(".")
+            if (
+                head == name
+                and index.isascii()
+                and index.isdigit()
+                and index[0] != "0"
+                and len(index) < 4
+            ):
+                found.append((int(index), entry))
+    return [device_path(name), *(device_path(entry) for _, entry in sorted(found))]
+
+
+async def serve_ports(
+    paths: Sequence[str | os.PathLike[str]], *, read_limit: int = DEFAULT_READ_LIMIT
+) -> list[PortSessions]:
+    """:func:`serve_port` for each of a VM's agent ports, all opened before any is served.
+
+    Every port's reader wakes on SIGIO (the host end came or went), and a process has
+    one SIGIO handler: it is shared here, waking every port's reader (each checks its
+    own). Close them with :func:`close_ports`.
+    """
+    ports: list[PortSessions] = []
+    try:
+        for path in paths:
+            ports.append(await serve_port(path, read_limit=read_limit))
+    except BaseException:
+        await close_ports(ports)
+        raise
+    armed = [p for p in ports if p._sigio]
+    if len(armed) > 1:
+
+        def wake_all() -> None:
+            for port in armed:
+                port._wake.set()
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGIO, wake_all)
+    return ports
+
+
+async def close_ports(ports: Sequence[PortSessions]) -> None:
+    """Close ports served together: none signals SIGIO once the first has removed the
+    shared handler (SIGIO's default action ends the process)."""
+    for port in ports:
+        if port._sigio:
+            with contextlib.suppress(OSError):
+                flags = fcntl.fcntl(port._fd, fcntl.F_GETFL)
+                fcntl.fcntl(port._fd, fcntl.F_SETFL, flags & ~os.O_ASYNC)
+    for port in ports:
+        await port.close()
+
+
+class _ClaimedConnection(SocketConnection):
+    """A host session that holds its port's claim (a descriptor) until it is closed."""
+
+    def __init__(self, sock: socket.socket, *, claim: int, name: str) -> None:
+        super().__init__(sock, initiator=True, name=name)
+        self._claim = claim
+
+    def abort(self) -> None:
+        try:
+            super().abort()
+        finally:  # after the socket: the next claimant finds the port let go
+            claim, self._claim = self._claim, -1
+            if claim >= 0:
+                os.close(claim)
+
+
+async def _connect_claimed(path: str, claim: int, timeout: float) -> SocketConnection:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.get_running_loop().sock_connect(sock, path)
+    except TimeoutError as exc:
+        sock.close()
+        raise ConnectError(f"connect to {path}: timed out after {timeout}s") from exc
+    except OSError as exc:
+        sock.close()
+        raise ConnectError(f"connect to {path}: {exc.strerror or exc}") from exc
+    except BaseException:
+        sock.close()
+        raise
+    return _ClaimedConnection(sock, claim=claim, name=path)
+
+
 class _Duplex(Protocol):
     """What :func:`handshake` needs of a connection (a test's stand-in has it too)."""
 
@@ -84,13 +184,23 @@ async def connect(
     timeout: float = 5.0,
     handshake_s: float | None = 30.0,
     rehello_s: float = 1.0,
+    claim: int | None = None,
 ) -> SocketConnection:
     """Host side: connect to the port's socket and begin a session (:func:`handshake`).
 
     ``handshake_s`` bounds the wait for the ack (None: as long as it takes, for a caller
-    that bounds it itself).
+    that bounds it itself). ``claim`` (a descriptor, owned from now on) is closed with
+    the session, or at once if it cannot begin: a lock that says which process uses the
+    port.
     """
-    conn = await unix_connect(path, timeout=timeout)
+    if claim is None:
+        conn = await unix_connect(path, timeout=timeout)
+    else:
+        try:
+            conn = await _connect_claimed(os.fspath(path), claim, timeout)
+        except BaseException:
+            os.close(claim)
+            raise
     try:
         async with asyncio.timeout(handshake_s):
             rest = await handshake(conn, rehello_s=rehello_s)

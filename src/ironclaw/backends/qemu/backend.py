@@ -32,10 +32,13 @@ How a sandbox is launched, and why:
 * **User snapshots.** :meth:`QemuBackend.save_snapshot` saves a running sandbox's
   memory, devices and workspace disk; a sandbox whose start was given a snapshot with
   :meth:`QemuBackend.plan_restore` is restored from it (:mod:`.usersnap`).
-* **Channel.** The agent serves a virtio-serial port whose host end is a UNIX socket in
-  the run directory; each host connection is a session that starts with a hello the
-  agent acknowledges (``transport.virtio_serial.connect``), so nothing of an earlier
-  connection, or of the one a snapshot was saved in, can leak into it.
+* **Channel.** The agent serves :data:`~.channels.AGENT_CHANNELS` virtio-serial ports,
+  each with a UNIX socket in the run directory that takes one host connection at a
+  time; a connection claims a free one with a lock the kernel drops when its holder
+  ends (:mod:`.channels`), so several processes use one VM at once. Each connection is
+  a session that starts with a hello the agent acknowledges
+  (``transport.virtio_serial.connect``), so nothing of an earlier connection, or of the
+  one a snapshot was saved in, can leak into it.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from ironclaw.backends.base import (
 )
 from ironclaw.backends.qemu import usersnap
 from ironclaw.backends.qemu.accel import probe_accel
+from ironclaw.backends.qemu.channels import ChannelsBusy, connect_channel
 from ironclaw.backends.qemu.cmdline import Accel, qemu_binary
 from ironclaw.backends.qemu.qmp import QmpClient, QmpError
 from ironclaw.backends.qemu.ready import agent_usable
@@ -81,7 +85,7 @@ from ironclaw.errors import BackendError, ConfigError, ConnectError, IronclawErr
 from ironclaw.images import ImageArtifacts, find_image
 from ironclaw.resources.watchdog import spawn_watchdog
 from ironclaw.spec import SandboxSpec
-from ironclaw.transport import Connection, virtio_serial
+from ironclaw.transport import Connection
 
 __all__ = ["MIN_GUEST_MIB", "QEMU_OVERHEAD_MIB", "QemuBackend", "QemuInfo", "guest_memory_mib"]
 
@@ -251,18 +255,23 @@ class QemuBackend:
     async def open_channel(
         self, info: QemuInfo | Mapping[str, Any], *, timeout: float = 5.0
     ) -> Connection:
-        """Connect to the agent's virtio-serial socket, retrying while QEMU creates it.
+        """Connect to a free agent channel of the VM, retrying while QEMU creates it.
 
         Bytes sent before the guest opens its port wait in the socket, so a booting VM
-        is simply slow to answer, not unreachable.
+        is simply slow to answer, not unreachable. With every channel held by other
+        connections (of this process or others), one is waited for up to ``timeout``,
+        then :class:`~.channels.ChannelsBusy` says by whom.
         """
         info = QemuInfo.of(info)
         deadline = time.monotonic() + timeout
         while True:
             try:
-                return await virtio_serial.connect(
-                    info.socket, timeout=max(0.1, timeout), handshake_s=max(timeout, 30.0)
-                )
+                return await connect_channel(
+                    info.socket, timeout=max(0.1, timeout),
+                    handshake_s=max(timeout, 30.0), wait_s=max(0.0, deadline - time.monotonic()),
+                )  # fmt: skip
+            except ChannelsBusy:
+                raise
             except ConnectError as exc:
                 alive = same_process(info.pid, info.pid_start)
                 if not alive or time.monotonic() >= deadline:

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from ironclaw.backends.qemu.channels import AGENT_CHANNELS, AGENT_PORT, port_name, socket_path
 from ironclaw.errors import ConfigError
 from ironclaw.images import ImageArtifacts, require_tool
 
 __all__ = [
+    "AGENT_CHANNELS",
     "AGENT_PORT",
     "TCG_TB_MIB",
     "Accel",
@@ -32,7 +34,6 @@ __all__ = [
 ]
 
 Accel = Literal["kvm", "tcg"]
-AGENT_PORT = "org.ironclaw.agent"
 _QEMU = "qemu-system-x86_64"
 _QEMU_PACKAGE = "qemu-system-x86"
 #: TCG's translation cache, bounded: QEMU's default (up to 1 GiB, filled as code is
@@ -124,7 +125,7 @@ def boot_argv(
 class QemuPaths:
     """The host files of one VM, all in its run directory."""
 
-    channel: Path
+    channel: Path  # channel 0's socket; channel i's is beside it (channels.socket_path)
     qmp: Path
     console_log: Path
     pid_file: Path
@@ -148,6 +149,7 @@ def qemu_argv(
     run_as: int | None = None,
     sandbox: Sequence[str] = (),
     nic_placeholder: bool = False,
+    channels: int = AGENT_CHANNELS,
 ) -> list[str]:
     """The whole QEMU command line of one sandbox VM.
 
@@ -157,6 +159,7 @@ def qemu_argv(
     and start paused (``-S``); ``sandbox`` is QEMU's own seccomp option (:mod:`.seccomp`).
     ``nic_placeholder`` (no ``tap_ifname``) gives the guest its NIC on an unconnected hub
     port: a snapshot built so can be restored onto a real tap (the backend is not saved).
+    The agent gets ``channels`` virtio-serial ports, each behind a socket of its own.
     """
     argv = [
         *boot_argv(
@@ -180,11 +183,18 @@ def qemu_argv(
         "-device",
         "virtio-blk-device,drive=root,serial=ironclaw-root",
         "-device",
-        "virtio-serial-device,max_ports=4",
-        "-chardev",
-        f"socket,id=agent,path={paths.channel},server=on,wait=off",
-        "-device",
-        f"virtserialport,chardev=agent,name={AGENT_PORT}",
+        # Port number 0 is kept for a console: the agent's ports are 1..channels.
+        f"virtio-serial-device,max_ports={channels + 1}",
+    ]
+    for i in range(channels):
+        chardev = "agent" if i == 0 else f"agent{i}"
+        argv += [
+            "-chardev",
+            f"socket,id={chardev},path={socket_path(paths.channel, i)},server=on,wait=off",
+            "-device",
+            f"virtserialport,chardev={chardev},name={port_name(i)}",
+        ]
+    argv += [
         "-qmp",
         f"unix:{paths.qmp},server=on,wait=off",
         "-pidfile",

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from ironclaw.backends.base import LaunchContext
+from ironclaw.backends.qemu.channels import AGENT_CHANNELS
 from ironclaw.backends.qemu.cmdline import Accel, qemu_binary
 from ironclaw.backends.qemu.vm import QemuVm
 from ironclaw.backends.restored import SnapshotCorrupt, fresh_identity, open_hashed, sha256_fd
@@ -100,16 +101,22 @@ class VmLaunch:
 
 @dataclass(frozen=True)
 class SnapshotKey:
-    """What a restore must match exactly: QEMU rebuilds the same machine, then loads RAM."""
+    """What a restore must match exactly: QEMU rebuilds the same machine, then loads RAM.
+
+    The agent's channel count is part of the name: a snapshot of a VM with other ports
+    is never found (so never loaded into mismatched devices); a new one is built.
+    """
 
     accel: Accel
     cpus: int
     memory_mib: int
     network: bool
+    channels: int = AGENT_CHANNELS
 
     @property
     def name(self) -> str:
-        return f"{self.accel}-c{self.cpus}-m{self.memory_mib}-{'net' if self.network else 'nonet'}"
+        net = "net" if self.network else "nonet"
+        return f"{self.accel}-c{self.cpus}-m{self.memory_mib}-{net}-p{self.channels}"
 
 
 @dataclass(frozen=True)

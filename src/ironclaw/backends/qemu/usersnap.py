@@ -5,8 +5,8 @@
 disk and memory are one instant), and lets it run again. The root disk is the image's
 read-only ext4: only its digest is recorded. What a restore must match is recorded too:
 image digest, QEMU version, accelerator, vCPUs, guest memory, and which devices the VM
-had (workspace disk, NIC, environment disk): QEMU rebuilds the same machine, then loads
-the saved state into it.
+had (workspace disk, NIC, environment disk, how many agent channels): QEMU rebuilds the
+same machine, then loads the saved state into it.
 
 :func:`restore` starts a new VM from such a snapshot for a new sandbox: its own copy of
 the workspace disk (hashed as it is copied: what is checked is what is used), the
@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ironclaw.backends.base import LaunchContext, same_process
+from ironclaw.backends.qemu.channels import AGENT_CHANNELS
 from ironclaw.backends.qemu.cmdline import qemu_binary
 from ironclaw.backends.qemu.restore import VmLaunch, identity_probe
 from ironclaw.backends.qemu.vm import QemuVm
@@ -105,7 +106,7 @@ def copy_hashing(src: Path, dst: Path) -> str:
     return str(h.hexdigest())
 
 
-def _devices(pid: int) -> dict[str, bool]:
+def _devices(pid: int) -> dict[str, bool | int]:
     """Which optional devices the running QEMU has, from its command line."""
     try:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -115,6 +116,7 @@ def _devices(pid: int) -> dict[str, bool]:
         "workspace": any(b"serial=ironclaw-ws" in a for a in args),
         "env_disk": any(b"serial=ironclaw-cfg" in a for a in args),
         "nic": any(b"virtio-net-device" in a for a in args),
+        "channels": sum(a.startswith(b"virtserialport,") for a in args),
     }
 
 
@@ -250,6 +252,12 @@ def check_compatible(
         raise ConfigError(
             f"the snapshot is of a VM with {vm.get('cpus')} vCPUs and {vm.get('guest_mib')} MiB; "
             f"this spec gives {cpus} and {guest_mib}: keep the snapshot's memory and cpus limits"
+        )
+    if vm.get("channels", 1) != AGENT_CHANNELS:
+        raise ConfigError(
+            f"the snapshot's VM had {vm.get('channels', 1)} agent channel(s), this version's "
+            f"VMs have {AGENT_CHANNELS}: its devices differ, so it cannot be loaded; take a "
+            "new snapshot (of a sandbox started by this version)"
         )
     if bool(vm.get("nic")) != network:
         have = "a network" if vm.get("nic") else "no network"

@@ -2,8 +2,9 @@
 
 The VM boots the image's uncompressed ``vmlinux`` and initramfs directly (no firmware
 walk), mounts the image read-only under a tmpfs overlay, and talks to the host over a
-named virtio-serial port backed by a host UNIX socket (``channel_path``): vsock would
-need ``/dev/vhost-vsock``, which many hosts lack. QEMU runs in its own session so it
+few named virtio-serial ports, each backed by a host UNIX socket (``channel_paths``,
+one host connection each: :mod:`.channels`): vsock would need ``/dev/vhost-vsock``,
+which many hosts lack. QEMU runs in its own session so it
 outlives the CLI that started it; ``stop`` ends it for good and removes its sockets.
 
 KVM is used when a real boot under it works: some hosts expose ``/dev/kvm`` but cannot
@@ -25,6 +26,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ironclaw.backends.qemu.accel import probe_accel
+from ironclaw.backends.qemu.channels import (
+    AGENT_CHANNELS,
+    CHANNEL_SOCKET,
+    channel_run_files,
+    socket_path,
+)
 from ironclaw.backends.qemu.cmdline import (
     AGENT_PORT,
     TCG_TB_MIB,
@@ -68,7 +75,7 @@ log = logging.getLogger(__name__)
 
 #: What QEMU leaves in the run directory and ``stop`` removes (QEMU, run unprivileged,
 #: cannot remove them itself).
-RUN_FILES = ("agent.sock", "qmp.sock", "qemu.pid")
+RUN_FILES = (*channel_run_files(), "qmp.sock", "qemu.pid")
 _SUN_PATH_MAX = 107
 _warned_tcg: list[bool] = []  # warn once per process, not once per VM
 
@@ -94,8 +101,13 @@ class QemuVm:
 
     @property
     def channel_path(self) -> Path:
-        """Host UNIX socket of the guest agent's virtio-serial port."""
-        return self._path("agent.sock")
+        """Host UNIX socket of the guest agent's first virtio-serial port (channel 0)."""
+        return self._path(CHANNEL_SOCKET)
+
+    @property
+    def channel_paths(self) -> list[Path]:
+        """The sockets of every agent channel (:mod:`.channels`), channel 0 first."""
+        return [socket_path(self.channel_path, i) for i in range(AGENT_CHANNELS)]
 
     @property
     def qmp_path(self) -> Path:
@@ -190,7 +202,7 @@ class QemuVm:
         qemu = qemu_binary()
         sandbox = await asyncio.to_thread(sandbox_args, qemu, runas=run_as is not None)
         self._run_dir = ensure_private_dir(run_dir)
-        for sock in (self.channel_path, self.qmp_path):
+        for sock in (*self.channel_paths, self.qmp_path):
             if len(os.fsencode(sock)) > _SUN_PATH_MAX:
                 raise ConfigError(f"socket path too long for AF_UNIX: {sock}")
             with contextlib.suppress(FileNotFoundError):

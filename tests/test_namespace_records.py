@@ -1,6 +1,6 @@
 """The namespace launch's records: keyword-only, defaults from the class, no dataclasses.
 
-They are built on :class:`ironclaw.backends.namespace.cmdline.Record` so the one-shot
+They are built on :class:`ironclaw.backends.namespace.cmdline.PlainRecord` so the one-shot
 CLI's start-up generates no methods (the import test in test_oneshot_direct.py guards
 that); these checks hold what a dataclass would have given for free.
 """

@@ -23,7 +23,7 @@ __all__ = [
     "LAUNCH_SCRIPT",
     "WORKSPACE",
     "JailFds",
-    "Record",
+    "PlainRecord",
     "bwrap_argv",
     "etc_files",
     "launch_chain",
@@ -62,11 +62,12 @@ def etc_files(hostname: str) -> dict[str, bytes]:
 
 
 @dataclass_transform(kw_only_default=True)
-class Record:
+class PlainRecord:
     """A keyword-only record: its fields are its class's annotations, a default is a
     class attribute. The launch path's records (here and in :mod:`.launch`) are these,
     not dataclasses: each dataclass costs the one-shot CLI's start-up about a
-    millisecond (its methods are generated with exec). Type checkers read the fields
+    millisecond (its methods are generated with exec), and :mod:`ironclaw.proto.records`
+    loads the channel's frame module with it (tens of ms). Type checkers read the fields
     as a dataclass's; at run time the constructor only stores what it is given.
     """
 
@@ -77,7 +78,7 @@ class Record:
             setattr(self, name, value)
 
 
-class JailFds(Record):
+class JailFds(PlainRecord):
     """Descriptors handed to bubblewrap; closed in the parent once it started.
 
     ``guest_zip`` and ``listen`` are the agent's: a jail that runs the user's command

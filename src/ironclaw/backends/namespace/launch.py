@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
 from ironclaw.backends.namespace.cmdline import (
     JailFds,
-    Record,
+    PlainRecord,
     bwrap_argv,
     etc_files,
     launch_chain,
@@ -94,7 +94,7 @@ def _which(name: str, default: str) -> str:
     return default
 
 
-class Tools(Record):
+class Tools(PlainRecord):
     """The host programs a launch runs, found once per process."""
 
     bwrap: str
@@ -127,7 +127,7 @@ class Tools(Record):
             raise BackendError("the guest agent needs /usr/bin/python3: apt-get install python3")
 
 
-class Jail(Record):
+class Jail(PlainRecord):
     """One jail to launch, as its creator prepared it (registry slot, cgroup, network).
 
     ``spec`` is a ``SandboxSpec`` or the one-shot's pydantic-free ``LightSpec`` (which has
@@ -154,7 +154,7 @@ class Jail(Record):
         return safe_join(self.run_dir, "status.json")
 
 
-class Payload(Record):
+class Payload(PlainRecord):
     """What runs in the jail and where its output goes.
 
     ``argv`` None is the guest agent, serving ``listen`` with its code from ``guest_zip``.

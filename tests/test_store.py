@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ironclaw.errors import ConfigError, SandboxNotFound
-from ironclaw.resources.store import Batch, Store
+from ironclaw.resources.store import Batch, BlockingStore, Store
 
 
 async def test_reserve_get_update_delete(tmp_path: Path) -> None:
@@ -70,6 +70,26 @@ async def test_a_batch_is_one_transaction(tmp_path: Path) -> None:
         assert await store.resources("c1") == []
         with pytest.raises(SandboxNotFound):
             await store.get("c1")
+
+
+def test_the_blocking_store_runs_the_same_steps_on_the_calling_thread(tmp_path: Path) -> None:
+    store = BlockingStore(tmp_path / "r.sqlite3").open()
+    try:
+        assert (store.reserve.__name__, store.write.__name__) == ("reserve", "write")
+        rec = store.reserve("d1", backend="namespace", spec={}, owner_pid=1, one_shot=True)
+        assert (rec.slot, rec.state, rec.one_shot) == (0, "creating", True)
+        with pytest.raises(ConfigError, match="already exists"):
+            store.reserve("d1", backend="namespace", spec={}, owner_pid=1, one_shot=True)
+        assert store.write(Batch().intend("d1", "cgroup", "d1")) is None
+        got = store.write(Batch().update("d1", state="running"), then_get="d1")
+        assert got is not None and got.state == "running"
+        rec, rows = store.begin_teardown("d1", "destroyed")
+        assert (rec.state, [r.kind for r in rows]) == ("stopping", ["cgroup"])
+        store.delete("d1")
+        again = store.reserve("d2", backend="namespace", spec={}, owner_pid=1, one_shot=True)
+        assert again.slot == 0  # the slot was freed
+    finally:
+        store.close()
 
 
 def _claim(path: str, prefix: str, n: int, q: multiprocessing.Queue) -> None:  # type: ignore[type-arg]

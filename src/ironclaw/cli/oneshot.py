@@ -46,7 +46,7 @@ from ironclaw.config import DEFAULT_UID_BASE, Settings, ensure_private_dir
 from ironclaw.errors import BackendError, ConfigError, IronclawError, SandboxError
 from ironclaw.ids import new_sandbox_id, validate_sandbox_id
 from ironclaw.resources import audit
-from ironclaw.resources.cgroups import CgroupManager
+from ironclaw.resources.cgroups import CgroupManager, limit_status
 from ironclaw.resources.procs import process_start_time
 from ironclaw.resources.store import Batch, BlockingStore
 from ironclaw.spec_light import DEFAULT_SPEC
@@ -313,11 +313,7 @@ class _OneShot:
             raise SandboxError(f"sandbox {self.sid} went away during the command: killed")
         if result.timed_out:
             result.status = "timeout"
-        oom, pids = cg.limit_hits()
-        if oom > before[0]:
-            result.status = "memory limit exceeded"
-        elif pids > before[1]:
-            result.status = "pids limit"
+        result.status = limit_status(cg, before) or result.status
         return result
 
     def destroy(self) -> None:

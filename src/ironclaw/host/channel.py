@@ -19,6 +19,7 @@ from ironclaw.errors import ChannelClosed, ConfigError, IronclawError, SandboxEr
 from ironclaw.host.guest import DEFAULT_CAPTURE_LIMIT, DEFAULT_READ_LIMIT, GuestClient
 from ironclaw.proto.surface import ExecOptions, ExecResult, OutputSink
 from ironclaw.resources.audit import append_line
+from ironclaw.resources.cgroups import limit_status
 from ironclaw.resources.lifetime import read_lifetime, touch_activity
 from ironclaw.resources.store import SandboxRecord, Store
 from ironclaw.rpc import HOST_LIMITS, Peer
@@ -129,11 +130,7 @@ class Channel:
                 + (f": {record.reason}" if record.reason else "")
             ) from None
         if cg is not None and before is not None:
-            oom, pids = cg.limit_hits()
-            if oom > before[0]:
-                result.status = "memory limit exceeded"
-            elif pids > before[1]:
-                result.status = "pids limit"
+            result.status = limit_status(cg, before) or result.status
         return result
 
     async def _rid(self, sandbox_id: str) -> str:

@@ -73,12 +73,27 @@ __all__ = [
     "CgroupStats",
     "Hierarchy",
     "detect_layout",
+    "limit_status",
     "parse_mountinfo",
 ]
 
 #: Weight of IronClaw's root cgroup against its siblings (v1 default 1024, v2 default 100).
 ROOT_CPU_SHARES: Final = 256
 ROOT_CPU_WEIGHT: Final = 25
+
+
+def limit_status(cg: Cgroup, before: tuple[int, int]) -> str | None:
+    """The limit a command ran into, as an exec result's ``status`` names it, or None.
+
+    ``before`` is ``cg.limit_hits()`` taken as the command started; the agent path and
+    the direct one-shot both report through this.
+    """
+    oom, pids = cg.limit_hits()
+    if oom > before[0]:
+        return "memory limit exceeded"
+    if pids > before[1]:
+        return "pids limit"
+    return None
 
 
 class CgroupManager:
@@ -241,10 +256,14 @@ class CgroupManager:
 
     def open(self, sandbox_id: str) -> Cgroup:
         """The existing cgroups of ``sandbox_id`` (for a process that did not create them)."""
-        dirs = tuple(d for d in self._plan(sandbox_id) if d.path.is_dir())
-        if not dirs:
+        cg = self._existing(sandbox_id)
+        if cg is None:
             raise SandboxNotFound(f"no cgroup for sandbox {sandbox_id!r}")
-        return Cgroup(sandbox_id, dirs)
+        return cg
+
+    def _existing(self, sandbox_id: str) -> Cgroup | None:
+        dirs = tuple(d for d in self._plan(sandbox_id) if d.path.is_dir())
+        return Cgroup(sandbox_id, dirs) if dirs else None
 
     def list_owned(self) -> list[str]:
         """Sandbox ids that have a cgroup in any hierarchy now (from the filesystem)."""
@@ -276,44 +295,32 @@ class CgroupManager:
         """
         import asyncio
 
-        dirs = tuple(d for d in self._plan(sandbox_id) if d.path.is_dir())
-        if not dirs:
+        cg = self._existing(sandbox_id)
+        if cg is None:
             return
-        cg = Cgroup(sandbox_id, dirs)
         deadline = time.monotonic() + wait_s
         await self._kill_all(cg, deadline)
-        delay = 0.002
-        while True:
-            left = await asyncio.to_thread(self._try_remove, dirs)
-            if not left:
-                return
-            if time.monotonic() >= deadline:
-                raise BackendError(
-                    f"sandbox {sandbox_id!r}: cgroups still busy after {wait_s:.1f}s "
-                    f"(pids {cg.pids()}, dirs {', '.join(map(str, left))})"
-                )
-            _kill_members(cg)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        await asyncio.to_thread(self._remove, cg, deadline, wait_s, 0.002)
 
     def destroy_blocking(self, sandbox_id: str, *, wait_s: float = 10.0) -> None:
         """:meth:`destroy` for a caller without an event loop whose sandbox is already
         ending: its pid namespace's init is gone, so the kernel is killing every member
         and none can fork any more (no freezer step is needed). Members left are
         SIGKILLed again until the directories can be removed."""
-        dirs = tuple(d for d in self._plan(sandbox_id) if d.path.is_dir())
-        if not dirs:
-            return
-        cg = Cgroup(sandbox_id, dirs)
-        deadline = time.monotonic() + wait_s
-        delay = 0.0005
+        cg = self._existing(sandbox_id)
+        if cg is not None:
+            self._remove(cg, time.monotonic() + wait_s, wait_s, 0.0005)
+
+    def _remove(self, cg: Cgroup, deadline: float, wait_s: float, delay: float) -> None:
+        """Remove the directories (blocking), SIGKILLing members again between tries,
+        ``delay`` doubling up to 50 ms; both destroys end here."""
         while True:
-            left = self._try_remove(dirs)
+            left = self._try_remove(cg.dirs)
             if not left:
                 return
             if time.monotonic() >= deadline:
                 raise BackendError(
-                    f"sandbox {sandbox_id!r}: cgroups still busy after {wait_s:.1f}s "
+                    f"sandbox {cg.sandbox_id!r}: cgroups still busy after {wait_s:.1f}s "
                     f"(pids {cg.pids()}, dirs {', '.join(map(str, left))})"
                 )
             _kill_members(cg)

@@ -44,6 +44,7 @@ __all__ = ["Batch", "ResourceRow", "SandboxRecord", "SandboxState", "Store", "To
 
 T = TypeVar("T")
 P = ParamSpec("P")
+M = TypeVar("M", bound=Callable[..., Any])
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
     id          TEXT PRIMARY KEY,
@@ -159,6 +160,22 @@ def _threaded(
     async def method(self: Store, /, *args: P.args, **kwargs: P.kwargs) -> T:
         return await self._run(functools.partial(fn, self, *args, **kwargs))
 
+    return _named_after(fn, method)
+
+
+def _direct(
+    fn: Callable[Concatenate[Store, P], T],
+) -> Callable[Concatenate[BlockingStore, P], T]:
+    """The :class:`BlockingStore` method that runs ``fn`` on the calling thread."""
+
+    def method(self: BlockingStore, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return fn(self._store, *args, **kwargs)
+
+    return _named_after(fn, method)
+
+
+def _named_after(fn: Callable[..., Any], method: M) -> M:
+    """``method`` as the public name of the step ``fn``, with its docstring."""
     method.__name__ = method.__qualname__ = fn.__name__.lstrip("_")
     method.__doc__ = fn.__doc__
     return method
@@ -362,7 +379,7 @@ class Store(AsyncResource):
         self.db.execute("DELETE FROM resources WHERE sandbox_id = ?", (sandbox_id,))
         self.db.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
 
-    def _write(self, batch: Batch, then_get: str | None) -> SandboxRecord | None:
+    def _write(self, batch: Batch, then_get: str | None = None) -> SandboxRecord | None:
         with _immediate(self.db):
             for step in batch.steps:
                 step(self)
@@ -496,36 +513,15 @@ class BlockingStore:
             self._store._db.close()
             self._store._db = None
 
-    def reserve(
-        self,
-        sandbox_id: str,
-        *,
-        backend: str,
-        spec: dict[str, Any],
-        owner_pid: int | None,
-        one_shot: bool,
-        info: dict[str, Any] | None = None,
-    ) -> SandboxRecord:
-        return self._store._reserve(
-            sandbox_id,
-            backend=backend,
-            spec=spec,
-            owner_pid=owner_pid,
-            one_shot=one_shot,
-            info=info,
-        )
-
-    def write(self, batch: Batch, *, then_get: str | None = None) -> SandboxRecord | None:
-        return self._store._write(batch, then_get)
+    reserve = _direct(Store._reserve)
+    write = _direct(Store._write)
+    delete = _direct(Store._delete)
 
     def begin_teardown(
         self, sandbox_id: str, reason: str
     ) -> tuple[SandboxRecord, list[ResourceRow]]:
         with _immediate(self._store.db):
             return self._store._begin_teardown(sandbox_id, reason)
-
-    def delete(self, sandbox_id: str) -> None:
-        self._store._delete(sandbox_id)
 
     def failed(self, sandbox_id: str, reason: str) -> None:
         """Mark a sandbox whose teardown left something (``gc`` retries it)."""

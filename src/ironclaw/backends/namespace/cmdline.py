@@ -11,7 +11,7 @@ import contextlib
 import os
 import resource
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, dataclass_transform
 
 if TYPE_CHECKING:  # annotations only: the launch path loads without pydantic
     from ironclaw.spec import SandboxSpec
@@ -23,6 +23,7 @@ __all__ = [
     "LAUNCH_SCRIPT",
     "WORKSPACE",
     "JailFds",
+    "PlainRecord",
     "bwrap_argv",
     "etc_files",
     "launch_chain",
@@ -60,30 +61,35 @@ def etc_files(hostname: str) -> dict[str, bytes]:
     }
 
 
-class JailFds:
+@dataclass_transform(kw_only_default=True)
+class PlainRecord:
+    """A keyword-only record: its fields are its class's annotations, a default is a
+    class attribute. The launch path's records (here and in :mod:`.launch`) are these,
+    not dataclasses: each dataclass costs the one-shot CLI's start-up about a
+    millisecond (its methods are generated with exec), and :mod:`ironclaw.proto.records`
+    loads the channel's frame module with it (tens of ms). Type checkers read the fields
+    as a dataclass's; at run time the constructor only stores what it is given.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, **fields: object) -> None:
+        for name, value in fields.items():
+            setattr(self, name, value)
+
+
+class JailFds(PlainRecord):
     """Descriptors handed to bubblewrap; closed in the parent once it started.
 
     ``guest_zip`` and ``listen`` are the agent's: a jail that runs the user's command
-    directly (the one-shot ``ironclaw exec``) has neither. (A plain class: a dataclass
-    costs the one-shot CLI's start-up about a millisecond.)
+    directly (the one-shot ``ironclaw exec``) has neither.
     """
 
-    __slots__ = ("etc", "guest_zip", "listen", "seccomp", "status")
-
-    def __init__(
-        self,
-        *,
-        seccomp: int,
-        etc: dict[str, int],
-        status: int,
-        guest_zip: int | None = None,
-        listen: int | None = None,
-    ) -> None:
-        self.seccomp = seccomp
-        self.etc = etc
-        self.status = status
-        self.guest_zip = guest_zip
-        self.listen = listen
+    seccomp: int
+    etc: dict[str, int]
+    status: int
+    guest_zip: int | None = None
+    listen: int | None = None
 
     def all(self) -> list[int]:
         extra = [fd for fd in (self.guest_zip, self.listen) if fd is not None]

@@ -22,7 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
-from ironclaw.backends.namespace.cmdline import JailFds, bwrap_argv, etc_files, launch_chain
+from ironclaw.backends.namespace.cmdline import (
+    JailFds,
+    PlainRecord,
+    bwrap_argv,
+    etc_files,
+    launch_chain,
+)
 from ironclaw.backends.namespace.placement import ThreadPlacement
 from ironclaw.config import safe_join
 from ironclaw.errors import BackendError
@@ -88,20 +94,13 @@ def _which(name: str, default: str) -> str:
     return default
 
 
-class Tools:
-    """The host programs a launch runs, found once per process.
+class Tools(PlainRecord):
+    """The host programs a launch runs, found once per process."""
 
-    This module's records are plain classes, not dataclasses: each dataclass costs the
-    one-shot CLI's start-up about a millisecond (its methods are generated with exec).
-    """
-
-    __slots__ = ("bwrap", "nsenter", "setpriv", "timeout")
-
-    def __init__(self, *, bwrap: str, timeout: str, nsenter: str, setpriv: str) -> None:
-        self.bwrap = bwrap
-        self.timeout = timeout
-        self.nsenter = nsenter
-        self.setpriv = setpriv
+    bwrap: str
+    timeout: str
+    nsenter: str
+    setpriv: str
 
     @classmethod
     def find(cls, *, bwrap: str | None = None, timeout_bin: str | None = None) -> Tools:
@@ -128,47 +127,22 @@ class Tools:
             raise BackendError("the guest agent needs /usr/bin/python3: apt-get install python3")
 
 
-class Jail:
+class Jail(PlainRecord):
     """One jail to launch, as its creator prepared it (registry slot, cgroup, network).
 
     ``spec`` is a ``SandboxSpec`` or the one-shot's pydantic-free ``LightSpec`` (which has
     every attribute read here).
     """
 
-    __slots__ = (
-        "cgroup",
-        "extra_env",
-        "host_uid",
-        "netns_path",
-        "one_shot",
-        "run_dir",
-        "sandbox_id",
-        "spec",
-        "state_dir",
-    )
-
-    def __init__(
-        self,
-        *,
-        spec: Any,
-        sandbox_id: str,
-        host_uid: int,
-        run_dir: Path,
-        state_dir: Path,
-        one_shot: bool,
-        cgroup: Cgroup | None = None,
-        netns_path: str | None = None,
-        extra_env: dict[str, str] | None = None,
-    ) -> None:
-        self.spec = spec
-        self.sandbox_id = sandbox_id
-        self.host_uid = host_uid
-        self.run_dir = run_dir
-        self.state_dir = state_dir
-        self.one_shot = one_shot
-        self.cgroup = cgroup
-        self.netns_path = netns_path
-        self.extra_env = extra_env or {}
+    spec: Any
+    sandbox_id: str
+    host_uid: int
+    run_dir: Path
+    state_dir: Path
+    one_shot: bool
+    cgroup: Cgroup | None = None
+    netns_path: str | None = None
+    extra_env: dict[str, str] | None = None
 
     @property
     def hostname(self) -> str:
@@ -180,30 +154,18 @@ class Jail:
         return safe_join(self.run_dir, "status.json")
 
 
-class Payload:
+class Payload(PlainRecord):
     """What runs in the jail and where its output goes.
 
     ``argv`` None is the guest agent, serving ``listen`` with its code from ``guest_zip``.
     """
 
-    __slots__ = ("argv", "guest_zip", "listen", "oom_score_adj", "stderr", "stdout")
-
-    def __init__(
-        self,
-        *,
-        stdout: int,
-        stderr: int,
-        oom_score_adj: int,
-        argv: list[str] | None = None,
-        guest_zip: Path | None = None,
-        listen: int | None = None,
-    ) -> None:
-        self.stdout = stdout
-        self.stderr = stderr
-        self.oom_score_adj = oom_score_adj
-        self.argv = argv
-        self.guest_zip = guest_zip
-        self.listen = listen
+    stdout: int
+    stderr: int
+    oom_score_adj: int
+    argv: list[str] | None = None
+    guest_zip: Path | None = None
+    listen: int | None = None
 
 
 P = TypeVar("P", bound="Process")

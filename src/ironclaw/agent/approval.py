@@ -90,6 +90,9 @@ _PY_INSTALL = re.compile(r"\b(pip|ensurepip)\b")
 
 @dataclass(frozen=True)
 class Classification:
+    """A call's color and the reason for it, which the approval card and the decision
+    both carry, so a person (and the trace) sees why the call was stopped or let through."""
+
     color: Color
     reason: str
 

@@ -258,6 +258,9 @@ class ApprovalRequest:
 
 @dataclass(frozen=True)
 class Decision:
+    """The verdict on one tool call; :meth:`to_json` is the wire's
+    :class:`~ironclaw.proto.agent_methods.Decision`, the guest's ``tool.authorize`` answer."""
+
     approved: bool
     color: Color
     reason: str

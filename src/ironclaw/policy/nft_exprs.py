@@ -3,8 +3,8 @@
 Kept apart from :mod:`ironclaw.policy.nftables` (which builds them from a policy) so the
 netlink encoder and the golden tests can name the shapes without the compiler.
 
-Each expression record is one kernel expression (``net/netfilter/nft_*.c``), named in
-its docstring with the attributes :func:`ironclaw.policy.netlink.expr` sends. Registers
+Each expression record is one kernel expression (``net/netfilter/nft_*.c``, named first
+in its docstring); its fields are what :func:`ironclaw.policy.netlink.expr` sends. Registers
 are ``NFT_REG32_*`` numbers (8 to 23, four bytes each): a key longer than four bytes
 (an interface name, a concatenation) fills consecutive registers from the one given.
 """

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from ironclaw.policy.knobs import MIB, cpu_quota_us
+from ironclaw.policy.knobs import DerivedLimits
 
 __all__ = ["DEFAULT_SPEC", "LightSpec"]
 
 
-class _Limits:
-    """``ResourceLimits()``."""
+class _Limits(DerivedLimits):
+    """``ResourceLimits()``; byte and quota values from :class:`DerivedLimits`, as the model."""
 
     __slots__ = ()
     memory_mib = 512
@@ -30,14 +30,6 @@ class _Limits:
     workspace_mib = 1024
     tmp_mib = 256
     wall_time_s: float | None = None
-
-    @property
-    def memory_bytes(self) -> int:
-        return self.memory_mib * MIB
-
-    @property
-    def cpu_quota_us(self) -> int:
-        return cpu_quota_us(self.cpus)
 
 
 class _Network:

@@ -30,7 +30,7 @@ from ironclaw.agent.approval import (
     build_card,
 )
 from ironclaw.agent.budget import GatewayLimits
-from ironclaw.agent.gateway import Gateway, ModelReply, ScriptedProvider, Usage
+from ironclaw.agent.gateway import Gateway, ModelReply, ScriptedProvider, TokenUsage
 from ironclaw.agent.handlers import TaskHandlers, await_guest, host_outcome
 from ironclaw.agent.render import escape_controls, literal
 from ironclaw.agent.tasks import TaskSpec, bounded_card_read, run_task
@@ -209,7 +209,7 @@ class SilentProvider:
     async def complete(
         self, system: str, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]
     ) -> ModelReply:
-        return ModelReply("x" * 3000, (), Usage(0, 0), "end_turn")
+        return ModelReply("x" * 3000, (), TokenUsage(0, 0), "end_turn")
 
     async def aclose(self) -> None:
         return None
@@ -256,7 +256,7 @@ class GatedProvider:
             await self.release.wait()
         finally:
             self.inflight -= 1
-        return ModelReply("ok", (), Usage(1, 1), "end_turn")
+        return ModelReply("ok", (), TokenUsage(1, 1), "end_turn")
 
     async def aclose(self) -> None:
         return None

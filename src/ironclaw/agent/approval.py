@@ -90,6 +90,9 @@ _PY_INSTALL = re.compile(r"\b(pip|ensurepip)\b")
 
 @dataclass(frozen=True)
 class Classification:
+    """A call's color and the reason for it, which the approval card and the decision
+    both carry, so a person (and the trace) sees why the call was stopped or let through."""
+
     color: Color
     reason: str
 
@@ -255,6 +258,9 @@ class ApprovalRequest:
 
 @dataclass(frozen=True)
 class Decision:
+    """The verdict on one tool call; :meth:`to_json` is the wire's
+    :class:`~ironclaw.proto.agent_methods.Decision`, the guest's ``tool.authorize`` answer."""
+
     approved: bool
     color: Color
     reason: str

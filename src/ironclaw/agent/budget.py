@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ironclaw.errors import BudgetExceeded, ConfigError
+from ironclaw.proto.agent_methods import TokenUsage
 
 __all__ = [
     "CHARS_PER_TOKEN_ESTIMATE",
@@ -23,7 +24,6 @@ __all__ = [
     "EventSink",
     "GatewayLimits",
     "TaskUsage",
-    "Usage",
 ]
 
 #: USD per million (input, output) tokens; unknown models cost 0 (reported as unknown).
@@ -44,12 +44,6 @@ CHARS_PER_TOKEN_ESTIMATE = 3
 EventSink = Callable[..., Awaitable[None]]
 
 
-@dataclass(frozen=True)
-class Usage:
-    input_tokens: int = 0
-    output_tokens: int = 0
-
-
 @dataclass
 class TaskUsage:
     """Per-task accounting, in the units bills use."""
@@ -64,7 +58,7 @@ class TaskUsage:
     def unit_price(self) -> tuple[float, float] | None:
         return self.price if self.price is not None else PRICES.get(self.model)
 
-    def add(self, usage: Usage) -> None:
+    def add(self, usage: TokenUsage) -> None:
         self.requests += 1
         self.input_tokens += usage.input_tokens
         self.output_tokens += usage.output_tokens

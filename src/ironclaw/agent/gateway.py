@@ -24,7 +24,6 @@ from ironclaw.agent.budget import (
     EventSink,
     GatewayLimits,
     TaskUsage,
-    Usage,
 )
 from ironclaw.agent.providers import (
     AnthropicProvider,
@@ -35,7 +34,9 @@ from ironclaw.agent.providers import (
     provider_from_name,
 )
 from ironclaw.errors import ConfigError
+from ironclaw.proto.agent_methods import TokenUsage
 from ironclaw.proto.jsonval import JsonObject
+from ironclaw.proto.records import to_json
 from ironclaw.rpc import CallContext
 
 __all__ = [
@@ -48,7 +49,7 @@ __all__ = [
     "Provider",
     "ScriptedProvider",
     "TaskUsage",
-    "Usage",
+    "TokenUsage",
     "provider_from_name",
 ]
 
@@ -107,10 +108,10 @@ class Gateway:
             sent = len(json.dumps([system, messages, tools], default=str))
             got = len(json.dumps(reply.to_json()["message"], default=str))
             per = CHARS_PER_TOKEN_ESTIMATE
-            usage, estimated = Usage(sent // per + 1, got // per + 1), True
+            usage, estimated = TokenUsage(sent // per + 1, got // per + 1), True
         self.usage.add(usage)
         doc = reply.to_json()
-        doc["usage"] = {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}
+        doc["usage"] = to_json(usage)
         if self.on_event is not None:
             await self.on_event(
                 "model.response",

@@ -30,9 +30,8 @@ from typing import ClassVar, Protocol, TypeAlias
 
 import httpx
 
-from ironclaw.agent.budget import Usage
 from ironclaw.errors import ConfigError, ConnectError, InvalidParams, ModelError
-from ironclaw.proto.agent_methods import ToolCall
+from ironclaw.proto.agent_methods import TokenUsage, ToolCall
 from ironclaw.proto.jsonval import JsonObject, JsonValue, json_object, json_value
 from ironclaw.proto.records import to_json
 
@@ -92,7 +91,7 @@ class ModelReply:
 
     content: str | None
     tool_calls: tuple[ToolCall, ...]
-    usage: Usage
+    usage: TokenUsage
     stop_reason: str
 
     def calls_json(self) -> list[JsonValue]:
@@ -106,10 +105,7 @@ class ModelReply:
                 "content": self.content,
                 "tool_calls": self.calls_json(),
             },
-            "usage": {
-                "input_tokens": self.usage.input_tokens,
-                "output_tokens": self.usage.output_tokens,
-            },
+            "usage": to_json(self.usage),
             "stop_reason": self.stop_reason,
         }
 
@@ -284,7 +280,9 @@ class OpenAIProvider(_HttpProvider):
             return ModelReply(
                 content=None if content is None else str(content),
                 tool_calls=tuple(calls),
-                usage=Usage(_int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))),
+                usage=TokenUsage(
+                    _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
+                ),
                 stop_reason=str(choice.get("finish_reason") or ""),
             )
         except (KeyError, IndexError, TypeError, ValueError, InvalidParams) as exc:
@@ -359,7 +357,7 @@ class AnthropicProvider(_HttpProvider):
             return ModelReply(
                 content="\n".join(texts) if texts else None,
                 tool_calls=tuple(calls),
-                usage=Usage(_int(usage.get("input_tokens")), _int(usage.get("output_tokens"))),
+                usage=TokenUsage(_int(usage.get("input_tokens")), _int(usage.get("output_tokens"))),
                 stop_reason=str(top.get("stop_reason") or ""),
             )
         except (KeyError, TypeError, AttributeError, InvalidParams) as exc:
@@ -436,7 +434,7 @@ class ScriptedProvider:
             return ModelReply(
                 content=None if content is None else str(content),
                 tool_calls=tuple(calls),
-                usage=Usage(_int(in_tokens), _int(out_tokens)),
+                usage=TokenUsage(_int(in_tokens), _int(out_tokens)),
                 stop_reason="tool_use" if calls else "end_turn",
             )
         except (KeyError, TypeError, ValueError, InvalidParams) as exc:

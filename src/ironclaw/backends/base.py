@@ -63,9 +63,11 @@ class LaunchContext:
 
 @dataclass(frozen=True)
 class BackendStatus:
+    """What :meth:`Backend.inspect` found: the sandbox's processes alive, or gone and why
+    (the manager records ``reason`` on the sandbox it marks dead)."""
+
     alive: bool
     reason: str | None = None
-    exit_code: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

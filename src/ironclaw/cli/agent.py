@@ -70,10 +70,16 @@ def run_cmd(
         typer.Option("--host-tools", help="Host MCP servers with secrets (JSON/YAML file)."),
     ] = None,
     policy: Annotated[Path | None, typer.Option("--policy", help="Approval rules (JSON).")] = None,
-    max_steps: Annotated[int, typer.Option("--max-steps")] = 20,
-    max_tokens: Annotated[int, typer.Option("--max-tokens")] = 200_000,
+    max_steps: Annotated[
+        int, typer.Option("--max-steps", help="Model calls the agent may make.")
+    ] = 20,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", help="Tokens, sent and received, the task may use.")
+    ] = 200_000,
     wall_time: Annotated[float, typer.Option("--wall-time", help="Task time limit (s).")] = 600.0,
-    tool_timeout: Annotated[float, typer.Option("--tool-timeout")] = 120.0,
+    tool_timeout: Annotated[
+        float, typer.Option("--tool-timeout", help="Time limit of one tool call (s).")
+    ] = 120.0,
     keep: Annotated[bool, typer.Option("--keep", help="Keep the sandbox afterwards.")] = False,
     as_json: JsonOpt = False,
     opts: SandboxOptions,

@@ -26,6 +26,8 @@ ExecResultLike = ExecResult
 
 @runtime_checkable
 class FilesAPI(Protocol):
+    """``sb.files``: the sandbox's files, read and written through its guest agent."""
+
     async def write(
         self, path: str, data: bytes | str | AsyncIterator[bytes], *, mode: int = 0o644
     ) -> int: ...
@@ -41,11 +43,15 @@ class FilesAPI(Protocol):
 
 @runtime_checkable
 class NetworkAPI(Protocol):
+    """``sb.network``: the running sandbox's egress policy."""
+
     async def update(self, **change: Unpack[NetworkChange]) -> NetworkPolicy: ...
 
 
 @runtime_checkable
 class SandboxAPI(Protocol):
+    """One sandbox, local or remote: what code may use to run against either SDK."""
+
     @property
     def id(self) -> str: ...
     @property

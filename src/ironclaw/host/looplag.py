@@ -29,6 +29,9 @@ log = logging.getLogger("ironclaw.looplag")
 
 @dataclass(frozen=True)
 class Stall:
+    """A stall the watchdog caught while it lasted: how long the loop had gone without a
+    tick by then (so at least this long), and the loop thread's stack at that moment."""
+
     lag_ms: float
     stack: str
 

@@ -30,6 +30,9 @@ SandboxState = Literal[
 
 
 class SandboxRecord(NamedTuple):
+    """One sandbox as the registry holds it: its spec, its backend's ``info``, its
+    ``state`` and why it is in it (``reason``: who paused it, what it died of...)."""
+
     id: str
     slot: int
     backend: str
@@ -63,6 +66,10 @@ class TokenRow(NamedTuple):
 
 
 class ResourceRow(NamedTuple):
+    """One resource made for a sandbox (a cgroup, its network, its runtime directory, its
+    supervisor process): ``intent`` until it is known to exist, so reconcile finds and
+    removes what a crash left half-made."""
+
     sandbox_id: str
     kind: str
     name: str

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -64,18 +64,45 @@ SnapshotType = Literal["Full", "Diff"]
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    #: The endpoint a body is sent to; a ``{field}`` in its path is that field's value
+    #: (``/drives/{drive_id}``). Unset on the parts of another body.
+    endpoint: ClassVar[tuple[Literal["PUT", "PATCH"], str]]
+
     def body(self) -> dict[str, Any]:
         """The JSON object Firecracker receives (unset optional fields left out)."""
         return self.model_dump(mode="json", exclude_none=True)
 
+    @classmethod
+    def request(cls, **fields: Any) -> ApiRequest:
+        """The call that sends a body of ``fields`` to :attr:`endpoint`; a value
+        Firecracker would refuse is a :class:`ConfigError` naming the field."""
+        try:
+            body = cls(**fields).body()
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = ".".join(str(p) for p in first.get("loc", ()))
+            raise ConfigError(
+                f"invalid Firecracker {cls.__name__}: {loc + ': ' if loc else ''}{first['msg']}"
+            ) from None
+        method, path = cls.endpoint
+        return ApiRequest(method, path.format(**body), body)
+
 
 class BootSource(_Body):
+    """The guest kernel, its initramfs and its command line."""
+
+    endpoint = ("PUT", "/boot-source")
+
     kernel_image_path: str = Field(min_length=1)
     initrd_path: str | None = None
     boot_args: str | None = Field(default=None, max_length=MAX_BOOT_ARGS)
 
 
 class Drive(_Body):
+    """One virtio-blk disk; drives appear in the guest in the order they are put."""
+
+    endpoint = ("PUT", "/drives/{drive_id}")
+
     drive_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     is_root_device: bool
     is_read_only: bool
@@ -85,6 +112,10 @@ class Drive(_Body):
 
 
 class MachineConfig(_Body):
+    """vCPUs and memory; ``track_dirty_pages`` makes ``Diff`` snapshots possible."""
+
+    endpoint = ("PUT", "/machine-config")
+
     vcpu_count: int = Field(ge=1, le=32)
     mem_size_mib: int = Field(ge=64)
     smt: bool = False
@@ -99,45 +130,78 @@ class MachineConfig(_Body):
 
 
 class NetworkInterface(_Body):
+    """A virtio-net NIC backed by the host tap ``host_dev_name``."""
+
+    endpoint = ("PUT", "/network-interfaces/{iface_id}")
+
     iface_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     host_dev_name: str = Field(min_length=1, max_length=15)
     guest_mac: str | None = Field(default=None, pattern=r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 
 
 class Vsock(_Body):
+    """The virtio-vsock device; the host side is the Unix socket ``uds_path`` (hybrid
+    vsock: the host writes ``CONNECT <port>`` to reach a guest port)."""
+
+    endpoint = ("PUT", "/vsock")
+
     guest_cid: int = Field(ge=3, le=2**32 - 2)
     uds_path: str = Field(min_length=1)
 
 
 class InstanceAction(_Body):
+    """Boot the configured VM, or press Ctrl-Alt-Del in it."""
+
+    endpoint = ("PUT", "/actions")
+
     action_type: Literal["InstanceStart", "SendCtrlAltDel", "FlushMetrics"]
 
 
 class VmState(_Body):
+    """Pause or resume the vCPUs."""
+
+    endpoint = ("PATCH", "/vm")
+
     state: Literal["Paused", "Resumed"]
 
 
 class SnapshotCreate(_Body):
+    """Write a paused VM's device state to ``snapshot_path`` and its memory to
+    ``mem_file_path``."""
+
+    endpoint = ("PUT", "/snapshot/create")
+
     snapshot_path: str = Field(min_length=1)
     mem_file_path: str = Field(min_length=1)
     snapshot_type: SnapshotType = "Full"
 
 
 class MemoryBackend(_Body):
+    """Part of :class:`SnapshotLoad`: where the guest memory comes from, a file or the
+    socket of a userfaultfd page-fault handler."""
+
     backend_type: Literal["File", "Uffd"]
     backend_path: str = Field(min_length=1)
 
 
 class NetworkOverride(_Body):
+    """Part of :class:`SnapshotLoad`: the restored NIC ``iface_id`` on another tap."""
+
     iface_id: str
     host_dev_name: str = Field(min_length=1, max_length=15)
 
 
 class VsockOverride(_Body):
+    """Part of :class:`SnapshotLoad`: the restored vsock device on another socket."""
+
     uds_path: str = Field(min_length=1)
 
 
 class SnapshotLoad(_Body):
+    """Restore a snapshot into a Firecracker process that has nothing configured yet."""
+
+    endpoint = ("PUT", "/snapshot/load")
+
     snapshot_path: str = Field(min_length=1)
     # Always mem_backend: Firecracker deprecates mem_file_path and refuses both at once.
     mem_backend: MemoryBackend
@@ -186,27 +250,10 @@ class VmConfig:
     guest_cid: int = 3
 
 
-def _build(model: type[_Body], **fields: Any) -> dict[str, Any]:
-    try:
-        return model(**fields).body()
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first.get("loc", ()))
-        raise ConfigError(
-            f"invalid Firecracker {model.__name__}: {loc + ': ' if loc else ''}{first['msg']}"
-        ) from None
-
-
-def _put(path: str, model: type[_Body], **fields: Any) -> ApiRequest:
-    return ApiRequest("PUT", path, _build(model, **fields))
-
-
 def _drive(drive_id: str, path: str, *, read_only: bool, **extra: Any) -> ApiRequest:
     """A disk, attached in call order (``/dev/vda``, ``/dev/vdb``); never the kernel's
     root device: the initramfs mounts the root."""
-    return _put(
-        f"/drives/{drive_id}",
-        Drive,
+    return Drive.request(
         drive_id=drive_id,
         is_root_device=False,
         is_read_only=read_only,
@@ -266,16 +313,10 @@ def boot_requests(cfg: VmConfig) -> list[ApiRequest]:
     initramfs, not the kernel, mounts the root (read-only, under a tmpfs overlay).
     """
     reqs = [
-        _put(
-            "/boot-source",
-            BootSource,
-            kernel_image_path=cfg.kernel,
-            initrd_path=cfg.initrd,
-            boot_args=cfg.boot_args,
+        BootSource.request(
+            kernel_image_path=cfg.kernel, initrd_path=cfg.initrd, boot_args=cfg.boot_args
         ),
-        _put(
-            "/machine-config",
-            MachineConfig,
+        MachineConfig.request(
             vcpu_count=cfg.vcpus,
             mem_size_mib=cfg.mem_mib,
             smt=cfg.smt,
@@ -286,28 +327,25 @@ def boot_requests(cfg: VmConfig) -> list[ApiRequest]:
     if cfg.workspace is not None:
         reqs.append(_drive(WORKSPACE_DRIVE, cfg.workspace, read_only=False, cache_type="Unsafe"))
     if cfg.nic is not None:
+        nic = cfg.nic
         reqs.append(
-            _put(
-                f"/network-interfaces/{cfg.nic.iface_id}",
-                NetworkInterface,
-                iface_id=cfg.nic.iface_id,
-                host_dev_name=cfg.nic.tap,
-                guest_mac=cfg.nic.mac,
+            NetworkInterface.request(
+                iface_id=nic.iface_id, host_dev_name=nic.tap, guest_mac=nic.mac
             )
         )
-    reqs.append(_put("/vsock", Vsock, guest_cid=cfg.guest_cid, uds_path=cfg.vsock_uds))
-    reqs.append(_put("/actions", InstanceAction, action_type="InstanceStart"))
+    reqs.append(Vsock.request(guest_cid=cfg.guest_cid, uds_path=cfg.vsock_uds))
+    reqs.append(InstanceAction.request(action_type="InstanceStart"))
     return reqs
 
 
 def vm_state_request(state: Literal["Paused", "Resumed"]) -> ApiRequest:
     """Pause or resume the vCPUs (a snapshot is taken of a paused VM)."""
-    return ApiRequest("PATCH", "/vm", _build(VmState, state=state))
+    return VmState.request(state=state)
 
 
 def ctrl_alt_del_request() -> ApiRequest:
     """Ask the guest to reboot, which ``reboot=k`` plus Firecracker turn into an exit."""
-    return _put("/actions", InstanceAction, action_type="SendCtrlAltDel")
+    return InstanceAction.request(action_type="SendCtrlAltDel")
 
 
 def snapshot_create_request(
@@ -318,10 +356,9 @@ def snapshot_create_request(
     A ``Diff`` snapshot holds only pages dirtied since the last one and needs
     ``track_dirty_pages`` in the machine config.
     """
-    body = _build(
-        SnapshotCreate, snapshot_path=snapshot_path, mem_file_path=mem_path, snapshot_type=kind
+    return SnapshotCreate.request(
+        snapshot_path=snapshot_path, mem_file_path=mem_path, snapshot_type=kind
     )
-    return ApiRequest("PUT", "/snapshot/create", body)
 
 
 def snapshot_load_request(
@@ -340,8 +377,7 @@ def snapshot_load_request(
     overridden with the new sandbox's; ``Uffd`` makes ``mem_path`` the socket of a
     page-fault handler instead of a memory file.
     """
-    body = _build(
-        SnapshotLoad,
+    return SnapshotLoad.request(
         snapshot_path=snapshot_path,
         mem_backend={"backend_type": mem_backend, "backend_path": mem_path},
         track_dirty_pages=track_dirty_pages,
@@ -351,4 +387,3 @@ def snapshot_load_request(
         ),
         vsock_override=None if vsock_uds is None else {"uds_path": vsock_uds},
     )
-    return ApiRequest("PUT", "/snapshot/load", body)

@@ -285,7 +285,8 @@ class OpenAIProvider(_HttpProvider):
                 ),
                 stop_reason=str(choice.get("finish_reason") or ""),
             )
-        except (KeyError, IndexError, TypeError, ValueError, InvalidParams) as exc:
+        except (KeyError, IndexError, TypeError, ValueError, RecursionError, InvalidParams) as exc:
+            # RecursionError: arguments nested past what json.loads can follow.
             raise _model_error("openai", text=f"unexpected response shape: {exc!r}") from None
 
     def _body(self, system: str, messages: Sequence[Message]) -> JsonObject:
@@ -360,7 +361,8 @@ class AnthropicProvider(_HttpProvider):
                 usage=TokenUsage(_int(usage.get("input_tokens")), _int(usage.get("output_tokens"))),
                 stop_reason=str(top.get("stop_reason") or ""),
             )
-        except (KeyError, TypeError, AttributeError, InvalidParams) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, InvalidParams) as exc:
+            # ValueError: a token count that is a string but no number.
             raise _model_error("anthropic", text=f"unexpected response shape: {exc!r}") from None
 
     def _body(self, system: str, messages: Sequence[Message]) -> JsonObject:

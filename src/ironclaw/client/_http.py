@@ -28,7 +28,7 @@ def problem(status: int, content: bytes) -> IronclawError:
     """The exception an error response's body stands for (JSON or not)."""
     try:
         doc = json.loads(content)
-    except ValueError:
+    except (ValueError, RecursionError):
         doc = content.decode(errors="replace")
     return from_problem(status, doc)
 

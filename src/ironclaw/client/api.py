@@ -30,7 +30,7 @@ from ironclaw.client._http import problem as _problem
 from ironclaw.client._http import seg as _seg
 from ironclaw.errors import ApiError, ConfigError, ConnectError, InvalidParams, IronclawError
 from ironclaw.proto import records
-from ironclaw.proto.jsonval import JsonObject, JsonValue
+from ironclaw.proto.jsonval import JsonObject, JsonValue, json_value
 from ironclaw.proto.lifecycle import AsyncResource
 from ironclaw.proto.sandbox_methods import FileEntry
 from ironclaw.proto.surface import ExecOptions, ExecResult, OutputSink, feed
@@ -52,6 +52,10 @@ __all__ = [
 API_URL_ENV = "IRONCLAW_API_URL"
 API_TOKEN_ENV = "IRONCLAW_API_TOKEN"  # noqa: S105 - a variable name, not a secret
 CHUNK = 256 * 1024
+#: The largest answer read whole: far above any the server gives (an exec's output at
+#: its 16 MiB capture limit per stream, base64, is under 45 MiB). A server sending more
+#: is not an IronClaw server, and the client must not hold all it sends.
+MAX_ANSWER_BYTES = 128 * 2**20
 
 
 T = TypeVar("T")
@@ -123,7 +127,16 @@ _OBJECT = TypeAdapter(JsonObject)
 
 
 def _decode(adapter: TypeAdapter[T], doc: JsonValue, route: str) -> T:
-    """``doc`` as the type ``route`` answers with, or :class:`ApiError` saying what differs."""
+    """``doc`` as the type ``route`` answers with, or :class:`ApiError` saying what differs.
+
+    First within the channel's JSON bounds (depth, values, string length; each item of a
+    listing on its own), which pydantic's schema of the free-form fields does not impose.
+    """
+    try:
+        for item in doc if isinstance(doc, list) else (doc,):
+            json_value(item, route)
+    except InvalidParams as exc:
+        raise ApiError(f"{route}: the server's answer does not fit ({exc})") from None
     try:
         return adapter.validate_python(doc)
     except ValidationError as exc:
@@ -189,15 +202,23 @@ class ApiClient(AsyncResource):
 
     async def request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
-            resp = await self.http.request(method, path, **kwargs)
+            async with self.http.stream(method, path, **kwargs) as resp:
+                content = bytearray()
+                async for chunk in resp.aiter_bytes(CHUNK):
+                    content += chunk
+                    if len(content) > MAX_ANSWER_BYTES:
+                        raise ApiError(
+                            f"{method} {path}: the server's answer is over {MAX_ANSWER_BYTES} "
+                            "bytes: not read (is the URL an IronClaw API?)"
+                        )
         except httpx.HTTPError as exc:
             raise ConnectError(f"cannot reach the IronClaw API at {self.base}: {exc}") from None
         if resp.status_code >= 400:
-            raise _problem(resp.status_code, resp.content)
-        if resp.status_code == 204 or not resp.content:
+            raise _problem(resp.status_code, bytes(content))
+        if resp.status_code == 204 or not content:
             return None
         try:
-            return resp.json()
+            return json.loads(content)
         except (ValueError, RecursionError):
             raise ApiError(f"{method} {path}: the server's answer is not JSON") from None
 
@@ -256,20 +277,26 @@ class ApiClient(AsyncResource):
         }
         if stdin is not None:
             body["stdin_b64"] = base64.b64encode(stdin).decode()
-        doc = await self.request("POST", f"/v1/sandboxes/{_seg(sandbox_id)}/exec", json=body)
-        out, err = base64.b64decode(doc["stdout_b64"]), base64.b64decode(doc["stderr_b64"])
-        return ExecResult(
-            sandbox_id=sandbox_id,
-            exit_code=int(doc["exit_code"]),
-            signal=doc.get("signal"),
-            stdout=out,
-            stderr=err,
-            duration_ms=float(doc["duration_ms"]),
-            status=str(doc["status"]),
-            timed_out=bool(doc["timed_out"]),
-            stdout_bytes=len(out),
-            stderr_bytes=len(err),
-        )
+        route = f"/v1/sandboxes/{_seg(sandbox_id)}/exec"
+        doc = await self.request("POST", route, json=body)
+        try:
+            out, err = base64.b64decode(doc["stdout_b64"]), base64.b64decode(doc["stderr_b64"])
+            sig = doc.get("signal")
+            return ExecResult(
+                sandbox_id=sandbox_id,
+                exit_code=int(doc["exit_code"]),
+                signal=None if sig is None else int(sig),
+                stdout=out,
+                stderr=err,
+                duration_ms=float(doc["duration_ms"]),
+                status=str(doc["status"]),
+                timed_out=bool(doc["timed_out"]),
+                stdout_bytes=len(out),
+                stderr_bytes=len(err),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            why = f"{exc!r:.200}"
+            raise ApiError(f"POST {route}: the server's answer does not fit ({why})") from None
 
     def _ws(self, sandbox_id: str) -> Any:
         path = f"/v1/sandboxes/{_seg(sandbox_id)}/exec/ws"

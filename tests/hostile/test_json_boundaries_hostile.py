@@ -1,0 +1,132 @@
+"""The typed JSON boundaries against a hostile other side (invariant 8).
+
+A model vendor's reply and a remote API server's answers are read by the host: each must
+come back as the one error its boundary promises (:class:`ModelError`, :class:`ApiError`)
+whatever is sent, within the channel's JSON bounds, and a body is never read past its
+bound. Real HTTP servers on loopback speaking raw bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+
+from ironclaw.agent.gateway import AnthropicProvider, Gateway, OpenAIProvider
+from ironclaw.client import ApiClient
+from ironclaw.client import api as client_api
+from ironclaw.errors import ApiError, ModelError
+from ironclaw.proto.records import MAX_JSON_DEPTH
+from test_gateway_http import FakeModelServer
+
+pytestmark = pytest.mark.timeout(60)
+
+#: Nested past what json.loads can follow (RecursionError), yet only 100 kB of text.
+DEEP_TEXT = "[" * 50_000 + "]" * 50_000
+
+
+def _nested(depth: int) -> Any:
+    doc: Any = {}
+    for _ in range(depth):
+        doc = {"a": doc}
+    return doc
+
+
+@asynccontextmanager
+async def raw_server(status: int, body: bytes, *, repeat: int = 1) -> AsyncIterator[str]:
+    """Answers every request with ``body`` sent ``repeat`` times, chunked (no length said
+    up front, as an endless stream begins); yields its URL."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.decode().split("\r\n"):
+                if line.lower().startswith("content-length:"):
+                    length = int(line.split(":", 1)[1])
+            await reader.readexactly(length)
+            writer.write(
+                f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
+                "Transfer-Encoding: chunked\r\n\r\n".encode()
+            )
+            for _ in range(repeat):
+                writer.write(f"{len(body):x}\r\n".encode() + body + b"\r\n")
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_tool_call_arguments_nested_past_the_parser_are_a_model_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "x", "arguments": DEEP_TEXT}}
+    reply = {"choices": [{"message": {"content": None, "tool_calls": [call]}}]}
+    async with FakeModelServer([reply]) as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.url + "/v1")
+        gw = Gateway(OpenAIProvider("gpt-4o-mini"))
+        with pytest.raises(ModelError, match="unexpected response shape: RecursionError"):
+            await gw.complete({"messages": [{"role": "user", "content": "hi"}]})
+        await gw.aclose()
+
+
+async def test_a_token_count_that_is_no_number_is_a_model_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reply = {"content": [{"type": "text", "text": "hi"}], "usage": {"input_tokens": "many"}}
+    async with FakeModelServer([reply]) as server:
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", server.url)
+        gw = Gateway(AnthropicProvider("claude", api_key="k"))
+        with pytest.raises(ModelError, match="unexpected response shape: ValueError"):
+            await gw.complete({"messages": [{"role": "user", "content": "hi"}]})
+        await gw.aclose()
+
+
+async def test_api_answers_nested_past_the_channels_depth_are_refused() -> None:
+    deep = _nested(MAX_JSON_DEPTH + 2)
+    sandbox = {"id": "s", "backend": "namespace", "state": "running", "reason": None,
+               "created_at": 1.0, "owner": None, "spec": deep}  # fmt: skip
+    async with FakeModelServer([deep, sandbox, [sandbox]]) as server, ApiClient(server.url) as api:
+        with pytest.raises(ApiError, match="deeper"):
+            await api.request_object("POST", "/v1/sandboxes/s/pause")
+        with pytest.raises(ApiError, match=r"GET /v1/sandboxes/s: .*deeper"):
+            await api.get("s")
+        with pytest.raises(ApiError, match="deeper"):
+            await api.list_sandboxes()
+
+
+async def test_an_exec_answer_of_the_wrong_shape_is_an_api_error() -> None:
+    answers: list[Any] = [{}, {"stdout_b64": "!!", "stderr_b64": "", "exit_code": 0}, [1]]
+    async with FakeModelServer(answers) as server, ApiClient(server.url) as api:
+        for _ in answers:
+            with pytest.raises(ApiError, match="does not fit"):
+                await api.exec("s", ["true"])
+
+
+async def test_an_answer_past_the_bound_is_not_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    limit = 2 * 2**20
+    monkeypatch.setattr(client_api, "MAX_ANSWER_BYTES", limit)
+    chunk = b" " * 2**20
+    for status in (200, 500):  # an answer, and an error's body
+        async with raw_server(status, chunk, repeat=8) as url, ApiClient(url) as api:
+            with pytest.raises(ApiError, match=rf"over {limit} bytes: not read"):
+                await api.request_object("GET", "/v1/anything")
+
+
+async def test_an_error_body_nested_past_the_parser_is_an_api_error() -> None:
+    async with raw_server(500, DEEP_TEXT.encode()) as url, ApiClient(url) as api:
+        with pytest.raises(ApiError, match="HTTP 500"):
+            await api.request_object("GET", "/v1/anything")

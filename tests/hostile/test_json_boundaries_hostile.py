@@ -9,16 +9,18 @@ bound. Real HTTP servers on loopback speaking raw bytes.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+from websockets.asyncio.server import ServerConnection, serve
 
 from ironclaw.agent.gateway import AnthropicProvider, Gateway, OpenAIProvider
 from ironclaw.client import ApiClient
 from ironclaw.client import api as client_api
-from ironclaw.errors import ApiError, ModelError
+from ironclaw.errors import ApiError, ConnectError, ModelError
 from ironclaw.proto.records import MAX_JSON_DEPTH
 from test_gateway_http import FakeModelServer
 
@@ -130,3 +132,44 @@ async def test_an_error_body_nested_past_the_parser_is_an_api_error() -> None:
     async with raw_server(500, DEEP_TEXT.encode()) as url, ApiClient(url) as api:
         with pytest.raises(ApiError, match="HTTP 500"):
             await api.request_object("GET", "/v1/anything")
+
+
+def _exec_ws_server(frames: list[bytes]) -> Any:
+    """A WebSocket server that answers an exec's opening message with ``frames`` (binary
+    output frames) and then an exit frame."""
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.recv()
+        for frame in frames:
+            await ws.send(frame)
+        await ws.send(json.dumps({"type": "exit", "exit_code": 0, "timed_out": False}))
+        await ws.wait_closed()
+
+    return serve(handler, "127.0.0.1", 0, max_size=None)
+
+
+async def test_an_exec_streams_capture_is_bounded_and_every_byte_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    limit = 2**20
+    monkeypatch.setattr(client_api, "CAPTURE_LIMIT", limit)
+    chunk = b"\x01" + b"o" * (limit // 2)
+    async with _exec_ws_server([chunk] * 5) as server:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        async with ApiClient(url) as api:
+            seen: list[int] = []
+            result = await api.exec_stream("s", ["yes"], on_stdout=lambda b: seen.append(len(b)))
+    assert len(result.stdout) == limit
+    assert result.stdout_bytes == sum(seen) == 5 * (limit // 2)
+    assert result.truncated
+
+
+async def test_an_exec_stream_message_past_the_bound_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(client_api, "WS_MAX_MESSAGE", 2**20)
+    async with _exec_ws_server([b"\x01" + b"o" * 2**21]) as server:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        async with ApiClient(url) as api:
+            with pytest.raises(ConnectError, match="exec stream"):
+                await api.exec_stream("s", ["yes"])

@@ -32,6 +32,7 @@ from ironclaw.errors import ApiError, ConfigError, ConnectError, InvalidParams, 
 from ironclaw.proto import records
 from ironclaw.proto.jsonval import JsonObject, JsonValue, json_value
 from ironclaw.proto.lifecycle import AsyncResource
+from ironclaw.proto.limits import DEFAULT_MAX_FRAME
 from ironclaw.proto.sandbox_methods import FileEntry
 from ironclaw.proto.surface import ExecOptions, ExecResult, OutputSink, feed
 
@@ -56,6 +57,11 @@ CHUNK = 256 * 1024
 #: its 16 MiB capture limit per stream, base64, is under 45 MiB). A server sending more
 #: is not an IronClaw server, and the client must not hold all it sends.
 MAX_ANSWER_BYTES = 128 * 2**20
+#: The largest WebSocket message taken: an output chunk is at most a channel frame.
+WS_MAX_MESSAGE = DEFAULT_MAX_FRAME + 1024
+#: What :meth:`ApiClient.exec_stream` keeps of each stream (every byte is counted), as the
+#: agent path and the server's one-request exec keep.
+CAPTURE_LIMIT = 16 * 2**20
 
 
 T = TypeVar("T")
@@ -303,10 +309,13 @@ class ApiClient(AsyncResource):
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         if self.uds is not None:
             return unix_connect(
-                self.uds, f"ws://ironclaw{path}", additional_headers=headers, max_size=None
+                self.uds,
+                f"ws://ironclaw{path}",
+                additional_headers=headers,
+                max_size=WS_MAX_MESSAGE,
             )
         ws_base = self.base.replace("http", "ws", 1)
-        return connect(f"{ws_base}{path}", additional_headers=headers, max_size=None)
+        return connect(f"{ws_base}{path}", additional_headers=headers, max_size=WS_MAX_MESSAGE)
 
     async def exec_stream(
         self,
@@ -348,8 +357,8 @@ class ApiClient(AsyncResource):
                             i = 0 if msg[:1] == b"\x01" else 1
                             chunk = msg[1:]
                             counts[i] += len(chunk)
-                            if capture:
-                                bufs[i].extend(chunk)
+                            if capture and len(bufs[i]) < CAPTURE_LIMIT:
+                                bufs[i].extend(chunk[: CAPTURE_LIMIT - len(bufs[i])])
                             await feed(on_stdout if i == 0 else on_stderr, chunk)
                             continue
                         doc = frame_doc(msg)
@@ -378,6 +387,7 @@ class ApiClient(AsyncResource):
             timed_out=bool(doc.get("timed_out")),
             stdout_bytes=counts[0],
             stderr_bytes=counts[1],
+            truncated=capture and (len(bufs[0]) < counts[0] or len(bufs[1]) < counts[1]),
         )
 
     # -- files -------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from ironclaw.agent.gateway import AnthropicProvider, Gateway, OpenAIProvider
 from ironclaw.client import ApiClient
+from ironclaw.client import _http as client_http
 from ironclaw.client import api as client_api
 from ironclaw.errors import ApiError, ConnectError, ModelError
 from ironclaw.proto.records import MAX_JSON_DEPTH
@@ -38,9 +39,12 @@ def _nested(depth: int) -> Any:
 
 
 @asynccontextmanager
-async def raw_server(status: int, body: bytes, *, repeat: int = 1) -> AsyncIterator[str]:
+async def raw_server(
+    status: int, body: bytes, *, repeat: int = 1, sent: list[int] | None = None
+) -> AsyncIterator[str]:
     """Answers every request with ``body`` sent ``repeat`` times, chunked (no length said
-    up front, as an endless stream begins); yields its URL."""
+    up front, as an endless stream begins); yields its URL. ``sent`` gets the size of each
+    chunk the client's socket took."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -57,6 +61,8 @@ async def raw_server(status: int, body: bytes, *, repeat: int = 1) -> AsyncItera
             for _ in range(repeat):
                 writer.write(f"{len(body):x}\r\n".encode() + body + b"\r\n")
                 await writer.drain()
+                if sent is not None:
+                    sent.append(len(body))
             writer.write(b"0\r\n\r\n")
             await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -173,3 +179,32 @@ async def test_an_exec_stream_message_past_the_bound_is_refused(
         async with ApiClient(url) as api:
             with pytest.raises(ConnectError, match="exec stream"):
                 await api.exec_stream("s", ["yes"])
+
+
+async def test_task_events_past_the_bound_or_not_json_are_api_errors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    limit = 2**20
+    monkeypatch.setattr(client_http, "MAX_EVENT_BYTES", limit)
+    endless_line = b"data: " + b"x" * limit
+    not_json = b"event: x\ndata: " + DEEP_TEXT.encode() + b"\n\n"
+    for body, repeat, match in (
+        (endless_line, 8, rf"over {limit} bytes: not read"),
+        (not_json, 1, "event 'x' from the server is not JSON"),
+    ):
+        async with raw_server(200, body, repeat=repeat) as url, ApiClient(url) as api:
+            with pytest.raises(ApiError, match=match):
+                async for _ in api.events("t1"):
+                    pass
+
+
+async def test_a_streamed_error_body_is_read_only_in_part() -> None:
+    """Of 256 MiB of error body only the head is read: the client hangs up long before
+    the server could send it all (socket buffers hold a few MiB)."""
+    sent: list[int] = []
+    chunk = b"y" * 2**20
+    async with raw_server(500, chunk, repeat=256, sent=sent) as url, ApiClient(url) as api:
+        with pytest.raises(ApiError, match=r"HTTP 500: y{300}$"):
+            async for _ in api.events("t1"):
+                pass
+    assert sum(sent) < 64 * len(chunk)

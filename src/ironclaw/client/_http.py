@@ -14,9 +14,23 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from ironclaw.client._errors import from_problem
-from ironclaw.errors import IronclawError
+from ironclaw.errors import ApiError, IronclawError
 
-__all__ = ["frame_doc", "problem", "seg", "send_opening", "sse_events"]
+__all__ = [
+    "MAX_EVENT_BYTES",
+    "MAX_PROBLEM_BYTES",
+    "frame_doc",
+    "problem",
+    "problem_of",
+    "seg",
+    "send_opening",
+    "sse_events",
+]
+
+#: What is read of a streamed error's body: a problem document is a few hundred bytes.
+MAX_PROBLEM_BYTES = 64 * 1024
+#: The largest Server-Sent Event taken: a trace or watch event is kilobytes.
+MAX_EVENT_BYTES = 16 * 2**20
 
 
 def seg(value: str) -> str:
@@ -31,6 +45,17 @@ def problem(status: int, content: bytes) -> IronclawError:
     except (ValueError, RecursionError):
         doc = content.decode(errors="replace")
     return from_problem(status, doc)
+
+
+async def problem_of(resp: httpx.Response) -> IronclawError:
+    """:func:`problem` for a streamed response, reading at most :data:`MAX_PROBLEM_BYTES`
+    of its body (a server that sends more is cut off, not held)."""
+    body = bytearray()
+    async for chunk in resp.aiter_bytes():
+        body += chunk
+        if len(body) >= MAX_PROBLEM_BYTES:
+            break
+    return problem(resp.status_code, bytes(body[:MAX_PROBLEM_BYTES]))
 
 
 async def send_opening(ws: ClientConnection, message: str) -> None:
@@ -51,15 +76,32 @@ def frame_doc(msg: str) -> dict[str, Any]:
 
 
 async def sse_events(resp: httpx.Response) -> AsyncIterator[tuple[str, Any]]:
-    """Server-Sent Events as (name, decoded data), until an ``end`` event or the stream's end."""
-    name, data = "", ""
-    async for line in resp.aiter_lines():
-        if line.startswith("event:"):
-            name = line[6:].strip()
-        elif line.startswith("data:"):
-            data += line[5:].strip()
-        elif not line and data:
-            if name == "end":
-                return
-            yield name, json.loads(data)
-            name, data = "", ""
+    """Server-Sent Events as (name, decoded data), until an ``end`` event or the stream's end.
+
+    Lines are split here rather than by httpx, which holds a line however long it grows:
+    an event past :data:`MAX_EVENT_BYTES`, or data that is not JSON, is an ApiError.
+    """
+    name, data = "", bytearray()
+    pending = bytearray()
+    async for chunk in resp.aiter_bytes():
+        pending += chunk
+        start = 0
+        while (end := pending.find(b"\n", start)) >= 0:
+            line = bytes(pending[start:end]).rstrip(b"\r")
+            start = end + 1
+            if line.startswith(b"event:"):
+                name = line[6:].strip().decode(errors="replace")
+            elif line.startswith(b"data:"):
+                data += line[5:].strip()
+            elif not line and data:
+                if name == "end":
+                    return
+                try:
+                    doc = json.loads(data)
+                except (ValueError, RecursionError):
+                    raise ApiError(f"event {name!r} from the server is not JSON") from None
+                yield name, doc
+                name, data = "", bytearray()
+        del pending[:start]
+        if len(pending) + len(data) > MAX_EVENT_BYTES:
+            raise ApiError(f"an event from the server is over {MAX_EVENT_BYTES} bytes: not read")

@@ -25,7 +25,7 @@ from typing_extensions import TypedDict
 from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import ConnectionClosed
 
-from ironclaw.client._http import frame_doc, send_opening, sse_events
+from ironclaw.client._http import frame_doc, problem_of, send_opening, sse_events
 from ironclaw.client._http import problem as _problem
 from ironclaw.client._http import seg as _seg
 from ironclaw.errors import ApiError, ConfigError, ConnectError, InvalidParams, IronclawError
@@ -422,7 +422,7 @@ class ApiClient(AsyncResource):
                 "GET", self._files(sandbox_id, "/content"), params={"path": path}
             ) as resp:
                 if resp.status_code >= 400:
-                    raise _problem(resp.status_code, await resp.aread())
+                    raise await problem_of(resp)
                 async for chunk in resp.aiter_bytes(CHUNK):
                     if sink is None:
                         buf.extend(chunk)
@@ -467,7 +467,7 @@ class ApiClient(AsyncResource):
         """The task's trace events (Server-Sent Events), from the first until the end."""
         async with self.http.stream("GET", f"/v1/tasks/{_seg(task_id)}/events") as resp:
             if resp.status_code >= 400:
-                raise _problem(resp.status_code, await resp.aread())
+                raise await problem_of(resp)
             async for name, doc in sse_events(resp):
                 if not isinstance(doc, dict):
                     raise ApiError(f"task {task_id}: event {name!r} is not a JSON object")

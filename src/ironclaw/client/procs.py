@@ -23,7 +23,7 @@ from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import ConnectionClosed
 
 from ironclaw.client._errors import from_problem
-from ironclaw.client._http import frame_doc, problem, send_opening, sse_events
+from ironclaw.client._http import frame_doc, problem_of, send_opening, sse_events
 from ironclaw.client._http import seg as _seg
 from ironclaw.errors import ApiError, ConnectError, IronclawError
 from ironclaw.proto import methods as m
@@ -277,9 +277,9 @@ class RemoteWatch:
         except httpx.HTTPError as exc:
             raise ConnectError(f"watch at {self.api.base} failed: {exc}") from None
         if resp.status_code >= 400:
-            body = await resp.aread()
+            exc = await problem_of(resp)
             await self._stack.aclose()
-            raise problem(resp.status_code, body)
+            raise exc
         self._resp = resp
         self._events = self._parse(resp)
 

@@ -277,9 +277,9 @@ class RemoteWatch:
         except httpx.HTTPError as exc:
             raise ConnectError(f"watch at {self.api.base} failed: {exc}") from None
         if resp.status_code >= 400:
-            exc = await problem_of(resp)
+            refusal = await problem_of(resp)
             await self._stack.aclose()
-            raise exc
+            raise refusal
         self._resp = resp
         self._events = self._parse(resp)
 

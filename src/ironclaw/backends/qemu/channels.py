@@ -132,7 +132,16 @@ def _describe(pid: int | None) -> str:
     words = [os.path.basename(argv[0].decode(errors="replace"))]
     words += [a.decode(errors="replace") for a in argv[1:]]
     text = " ".join(words)
-    return f"pid {pid} ({text[:60] + '…' if len(text) > 60 else text})"
+    return f"pid {pid} ({_literal(text[:60]) + '…' if len(text) > 60 else _literal(text)})"
+
+
+def _literal(text: str) -> str:
+    """``text`` with each control or invisible character written out as an escape: a
+    command line is anyone's text, and the error reaches a terminal."""
+    return "".join(
+        c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+        for c in text
+    )
 
 
 def busy_error(first: Path | str, channels: int, waited_s: float) -> ChannelsBusy:

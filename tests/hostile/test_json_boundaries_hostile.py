@@ -22,7 +22,7 @@ from ironclaw.client import ApiClient
 from ironclaw.client import _http as client_http
 from ironclaw.client import api as client_api
 from ironclaw.errors import ApiError, ConnectError, ModelError
-from ironclaw.proto.records import MAX_JSON_DEPTH
+from ironclaw.proto.records import MAX_JSON_DEPTH, MAX_STR
 from test_gateway_http import FakeModelServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -208,3 +208,16 @@ async def test_a_streamed_error_body_is_read_only_in_part() -> None:
             async for _ in api.events("t1"):
                 pass
     assert sum(sent) < 64 * len(chunk)
+
+
+async def test_an_object_key_past_the_string_bound_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A key is a string like any other: the bound on strings holds for it too."""
+    call = {"type": "tool_use", "id": "t", "name": "x", "input": {"k" * (MAX_STR + 1): 1}}
+    async with FakeModelServer([{"content": [call]}]) as server:
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", server.url)
+        gw = Gateway(AnthropicProvider("claude", api_key="k"))
+        with pytest.raises(ModelError, match=f"strings must be at most {MAX_STR} characters"):
+            await gw.complete({"messages": [{"role": "user", "content": "hi"}]})
+        await gw.aclose()

@@ -232,6 +232,8 @@ def _check_json(value: Any, where: str, depth: int, budget: list[int]) -> None:
         for k, v in value.items():
             if not isinstance(k, str):
                 raise _bad(where, "object keys must be strings", k)
+            if len(k) > MAX_STR:  # a key is a string too
+                raise _bad(where, f"strings must be at most {MAX_STR} characters", k)
             _check_json(v, where, depth + 1, budget)
     else:
         raise _bad(where, "must be JSON", value)

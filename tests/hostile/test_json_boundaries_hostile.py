@@ -21,6 +21,7 @@ from ironclaw.agent.gateway import AnthropicProvider, Gateway, OpenAIProvider
 from ironclaw.client import ApiClient
 from ironclaw.client import _http as client_http
 from ironclaw.client import api as client_api
+from ironclaw.client.controls import RemoteNetwork, restore_doc
 from ironclaw.errors import ApiError, ConnectError, ModelError
 from ironclaw.proto.records import MAX_JSON_DEPTH, MAX_STR
 from test_gateway_http import FakeModelServer
@@ -221,3 +222,28 @@ async def test_an_object_key_past_the_string_bound_is_refused(
         with pytest.raises(ModelError, match=f"strings must be at most {MAX_STR} characters"):
             await gw.complete({"messages": [{"role": "user", "content": "hi"}]})
         await gw.aclose()
+
+
+async def test_snapshot_and_network_answers_of_the_wrong_shape_are_api_errors() -> None:
+    snapshot = {"name": "n", "kind": "k", "sha256": "s", "size": 1, "created": 1.0,
+                "source": "s", "backend": "namespace"}  # fmt: skip
+    answers: list[Any] = [
+        {},  # get
+        [{**snapshot, "size": "big"}],  # list
+        {"list": "instead"},  # list
+        [{"id": 3}],  # fork
+        {"id": "s"},  # restore
+        {"allow": 5},  # network update
+    ]
+    async with FakeModelServer(answers) as server, ApiClient(server.url) as api:
+        with pytest.raises(ApiError, match=r"GET /v1/snapshots/n: .*no snapshot"):
+            await api.snapshots.get("n")
+        for _ in range(2):
+            with pytest.raises(ApiError, match="GET /v1/snapshots"):
+                await api.snapshots.list()
+        with pytest.raises(ApiError, match=r"POST /v1/snapshots/n/fork: .*does not fit"):
+            await api.snapshots.fork("n", 1)
+        with pytest.raises(ApiError, match=r"POST /v1/snapshots/n/restore: .*does not fit"):
+            await restore_doc(api, "n", None, None)
+        with pytest.raises(ApiError, match="no network policy"):
+            await RemoteNetwork(api, "s").update(allow=["10.0.0.1"])

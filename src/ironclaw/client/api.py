@@ -235,6 +235,14 @@ class ApiClient(AsyncResource):
         """A route whose answer is a JSON object the caller reads itself (else ApiError)."""
         return await self._typed(_OBJECT, method, path, **kwargs)
 
+    async def request_sandbox(self, method: str, path: str, **kwargs: Any) -> SandboxDoc:
+        """A route whose answer is a sandbox (a snapshot's restore), else ApiError."""
+        return await self._typed(_SANDBOX, method, path, **kwargs)
+
+    async def request_sandboxes(self, method: str, path: str, **kwargs: Any) -> list[SandboxDoc]:
+        """A route whose answer is a list of sandboxes (a snapshot's fork), else ApiError."""
+        return await self._typed(_SANDBOXES, method, path, **kwargs)
+
     # -- sandboxes ---------------------------------------------------------------------
 
     async def create(

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Unpack
 from urllib.parse import quote
 
+from ironclaw.errors import ApiError
 from ironclaw.proto.surface import SnapshotInfo
 
 if TYPE_CHECKING:
@@ -25,12 +26,18 @@ class RemoteSnapshot(SnapshotInfo):
     """A snapshot as the API describes it (the in-process SDK's has its files too)."""
 
     @classmethod
-    def from_doc(cls, doc: dict[str, Any]) -> RemoteSnapshot:
-        return cls(
-            name=str(doc["name"]), kind=str(doc["kind"]), sha256=str(doc["sha256"]),
-            size=int(doc["size"]), created_at=float(doc["created"]), source=str(doc["source"]),
-            backend=str(doc["backend"]), spec=dict(doc.get("spec") or {}),
-        )  # fmt: skip
+    def from_doc(cls, doc: dict[str, Any], route: str = "the server") -> RemoteSnapshot:
+        """The server's answer read as a snapshot; :class:`ApiError` if it is none."""
+        try:
+            return cls(
+                name=str(doc["name"]), kind=str(doc["kind"]), sha256=str(doc["sha256"]),
+                size=int(doc["size"]), created_at=float(doc["created"]),
+                source=str(doc["source"]), backend=str(doc["backend"]),
+                spec=dict(doc.get("spec") or {}),
+            )  # fmt: skip
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            why = f"{exc!r:.200}"
+            raise ApiError(f"{route}: the server's answer is no snapshot ({why})") from None
 
 
 def _seg(value: str) -> str:
@@ -48,30 +55,30 @@ class RemoteSnapshots:
         self._api = api
 
     async def list(self) -> list[RemoteSnapshot]:
-        return [RemoteSnapshot.from_doc(d) for d in await self._api.request("GET", "/v1/snapshots")]
+        docs = await self._api.request("GET", "/v1/snapshots")
+        if not isinstance(docs, builtins.list):
+            raise ApiError("GET /v1/snapshots: the server's answer is not a list")
+        return [RemoteSnapshot.from_doc(d, "GET /v1/snapshots") for d in docs]
 
     async def get(self, name: str) -> RemoteSnapshot:
-        doc = await self._api.request("GET", f"/v1/snapshots/{_seg(name)}")
-        return RemoteSnapshot.from_doc(doc)
+        route = f"/v1/snapshots/{_seg(name)}"
+        return RemoteSnapshot.from_doc(await self._api.request("GET", route), f"GET {route}")
 
     async def remove(self, name: str) -> None:
         await self._api.request("DELETE", f"/v1/snapshots/{_seg(name)}")
 
     async def create(self, sandbox_id: str, name: str) -> RemoteSnapshot:
-        doc = await self._api.request(
-            "POST", sandbox_path(sandbox_id, "snapshots"), json={"name": name}
-        )
-        return RemoteSnapshot.from_doc(doc)
+        route = sandbox_path(sandbox_id, "snapshots")
+        doc = await self._api.request("POST", route, json={"name": name})
+        return RemoteSnapshot.from_doc(doc, f"POST {route}")
 
     async def fork(
         self, name: str, count: int, spec: dict[str, Any] | None = None
     ) -> builtins.list[SandboxDoc]:
         """``count`` new sandboxes from the snapshot (all made, or none)."""
         body = {"count": count, "spec": spec or {}}
-        docs: builtins.list[SandboxDoc] = await self._api.request(
-            "POST", f"/v1/snapshots/{_seg(name)}/fork", json=body
-        )
-        return docs
+        route = f"/v1/snapshots/{_seg(name)}/fork"
+        return await self._api.request_sandboxes("POST", route, json=body)
 
 
 async def restore_doc(
@@ -85,8 +92,7 @@ async def restore_doc(
     body: dict[str, Any] = {"spec": spec or {}}
     if sandbox_id is not None:
         body["id"] = sandbox_id
-    doc: SandboxDoc = await api.request("POST", f"/v1/snapshots/{_seg(name)}/restore", json=body)
-    return doc
+    return await api.request_sandbox("POST", f"/v1/snapshots/{_seg(name)}/restore", json=body)
 
 
 class RemoteNetwork:
@@ -101,5 +107,12 @@ class RemoteNetwork:
         from ironclaw.policy.network import NetworkPolicy
 
         body = {k: v for k, v in change.items() if v is not None}
-        doc = await self._api.request("PATCH", sandbox_path(self._id, "network"), json=body)
-        return NetworkPolicy.model_validate(doc)
+        route = sandbox_path(self._id, "network")
+        doc = await self._api.request("PATCH", route, json=body)
+        try:
+            return NetworkPolicy.model_validate(doc)
+        except ValueError as exc:  # pydantic's ValidationError
+            why = f"{exc!s:.300}"
+            raise ApiError(
+                f"PATCH {route}: the server's answer is no network policy ({why})"
+            ) from None

@@ -141,7 +141,10 @@ async def test_an_error_body_nested_past_the_parser_is_an_api_error() -> None:
             await api.request_object("GET", "/v1/anything")
 
 
-def _exec_ws_server(frames: list[bytes]) -> Any:
+EXIT = {"type": "exit", "exit_code": 0, "timed_out": False}
+
+
+def _exec_ws_server(frames: list[bytes], exit_doc: Any = EXIT) -> Any:
     """A WebSocket server that answers an exec's opening message with ``frames`` (binary
     output frames) and then an exit frame."""
 
@@ -149,7 +152,7 @@ def _exec_ws_server(frames: list[bytes]) -> Any:
         await ws.recv()
         for frame in frames:
             await ws.send(frame)
-        await ws.send(json.dumps({"type": "exit", "exit_code": 0, "timed_out": False}))
+        await ws.send(json.dumps(exit_doc))
         await ws.wait_closed()
 
     return serve(handler, "127.0.0.1", 0, max_size=None)
@@ -247,3 +250,17 @@ async def test_snapshot_and_network_answers_of_the_wrong_shape_are_api_errors() 
             await restore_doc(api, "n", None, None)
         with pytest.raises(ApiError, match="no network policy"):
             await RemoteNetwork(api, "s").update(allow=["10.0.0.1"])
+
+
+@pytest.mark.parametrize(
+    "exit_doc",
+    [{"type": "exit"}, {**EXIT, "exit_code": "zero"}, {**EXIT, "signal": [9]}],
+)
+async def test_an_exec_streams_exit_frame_of_the_wrong_shape_is_an_api_error(
+    exit_doc: Any,
+) -> None:
+    async with _exec_ws_server([], exit_doc) as server:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        async with ApiClient(url) as api:
+            with pytest.raises(ApiError, match="exit frame does not fit"):
+                await api.exec_stream("s", ["true"])

@@ -384,13 +384,20 @@ class ApiClient(AsyncResource):
             raise
         except Exception as exc:  # websockets' handshake errors (a 4xx on upgrade)
             raise ApiError(f"exec stream to {self.base} failed: {exc}") from None
+        try:
+            exit_code, sig = int(doc["exit_code"]), doc.get("signal")
+            duration_ms = float(doc.get("duration_ms") or 0.0)
+            sig = None if sig is None else int(sig)
+        except (KeyError, TypeError, ValueError) as exc:
+            why = f"{exc!r:.200}"
+            raise ApiError(f"exec stream: the server's exit frame does not fit ({why})") from None
         return ExecResult(
             sandbox_id=sandbox_id,
-            exit_code=int(doc["exit_code"]),
-            signal=doc.get("signal"),
+            exit_code=exit_code,
+            signal=sig,
             stdout=bytes(bufs[0]),
             stderr=bytes(bufs[1]),
-            duration_ms=float(doc.get("duration_ms") or 0.0),
+            duration_ms=duration_ms,
             status="timeout" if doc.get("timed_out") else "exited",
             timed_out=bool(doc.get("timed_out")),
             stdout_bytes=counts[0],

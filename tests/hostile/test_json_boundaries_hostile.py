@@ -264,3 +264,16 @@ async def test_an_exec_streams_exit_frame_of_the_wrong_shape_is_an_api_error(
         async with ApiClient(url) as api:
             with pytest.raises(ApiError, match="exit frame does not fit"):
                 await api.exec_stream("s", ["true"])
+
+
+@pytest.mark.parametrize(
+    ("frame", "match"),
+    [
+        ("[" * 50_000 + "]" * 50_000, "not JSON"),
+        ("[1, 2]", "not a JSON object"),
+        ('{"type": "error", "status": "teapot", "detail": "no"}', "HTTP 500: no"),
+    ],
+)
+def test_a_websocket_text_frame_of_the_wrong_shape_is_an_api_error(frame: str, match: str) -> None:
+    with pytest.raises(ApiError, match=match):
+        client_http.frame_doc(frame)

@@ -68,11 +68,18 @@ async def send_opening(ws: ClientConnection, message: str) -> None:
 
 
 def frame_doc(msg: str) -> dict[str, Any]:
-    """A WebSocket text frame as a dict; an ``error`` frame raised as its exception."""
-    doc = json.loads(msg)
+    """A WebSocket text frame as a dict; an ``error`` frame raised as its exception, and
+    one that is no JSON object (or an error frame without a numeric status) as ApiError."""
+    try:
+        doc = json.loads(msg)
+    except (ValueError, RecursionError):
+        raise ApiError("a frame from the server is not JSON") from None
+    if not isinstance(doc, dict):
+        raise ApiError("a frame from the server is not a JSON object")
     if doc.get("type") == "error":
-        raise from_problem(int(doc.get("status", 500)), doc)
-    return dict(doc)
+        status = doc.get("status", 500)
+        raise from_problem(status if type(status) is int else 500, doc)
+    return doc
 
 
 async def sse_events(resp: httpx.Response) -> AsyncIterator[tuple[str, Any]]:

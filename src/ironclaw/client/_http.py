@@ -22,6 +22,7 @@ __all__ = [
     "frame_doc",
     "problem",
     "problem_of",
+    "read_body",
     "seg",
     "send_opening",
     "sse_events",
@@ -45,6 +46,19 @@ def problem(status: int, content: bytes) -> IronclawError:
     except (ValueError, RecursionError):
         doc = content.decode(errors="replace")
     return from_problem(status, doc)
+
+
+async def read_body(resp: httpx.Response, limit: int, route: str) -> bytes:
+    """The whole body, or ApiError once it passes ``limit`` bytes (the rest not read)."""
+    body = bytearray()
+    async for chunk in resp.aiter_bytes():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(
+                f"{route}: the server's answer is over {limit} bytes: not read "
+                "(is the URL an IronClaw API?)"
+            )
+    return bytes(body)
 
 
 async def problem_of(resp: httpx.Response) -> IronclawError:

@@ -25,7 +25,7 @@ from typing_extensions import TypedDict
 from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import ConnectionClosed
 
-from ironclaw.client._http import frame_doc, problem_of, send_opening, sse_events
+from ironclaw.client._http import frame_doc, problem_of, read_body, send_opening, sse_events
 from ironclaw.client._http import problem as _problem
 from ironclaw.client._http import seg as _seg
 from ironclaw.errors import ApiError, ConfigError, ConnectError, InvalidParams, IronclawError
@@ -209,18 +209,11 @@ class ApiClient(AsyncResource):
     async def request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             async with self.http.stream(method, path, **kwargs) as resp:
-                content = bytearray()
-                async for chunk in resp.aiter_bytes(CHUNK):
-                    content += chunk
-                    if len(content) > MAX_ANSWER_BYTES:
-                        raise ApiError(
-                            f"{method} {path}: the server's answer is over {MAX_ANSWER_BYTES} "
-                            "bytes: not read (is the URL an IronClaw API?)"
-                        )
+                content = await read_body(resp, MAX_ANSWER_BYTES, f"{method} {path}")
         except httpx.HTTPError as exc:
             raise ConnectError(f"cannot reach the IronClaw API at {self.base}: {exc}") from None
         if resp.status_code >= 400:
-            raise _problem(resp.status_code, bytes(content))
+            raise _problem(resp.status_code, content)
         if resp.status_code == 204 or not content:
             return None
         try:

@@ -22,6 +22,7 @@ from ironclaw.client import ApiClient
 from ironclaw.client import _http as client_http
 from ironclaw.client import api as client_api
 from ironclaw.client.controls import RemoteNetwork, restore_doc
+from ironclaw.client.procs import RemoteWatch
 from ironclaw.errors import ApiError, ConnectError, ModelError
 from ironclaw.proto.records import MAX_JSON_DEPTH, MAX_STR
 from test_gateway_http import FakeModelServer
@@ -277,3 +278,19 @@ async def test_an_exec_streams_exit_frame_of_the_wrong_shape_is_an_api_error(
 def test_a_websocket_text_frame_of_the_wrong_shape_is_an_api_error(frame: str, match: str) -> None:
     with pytest.raises(ApiError, match=match):
         client_http.frame_doc(frame)
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [(b"[1]", r"HTTP 500: \[1\]"), (b'{"status": "x", "detail": "gone"}', "HTTP 500: gone")],
+)
+async def test_a_watch_error_event_of_the_wrong_shape_is_an_api_error(
+    data: bytes, match: str
+) -> None:
+    body = b"event: error\ndata: " + data + b"\n\n"
+    async with raw_server(200, body) as url, ApiClient(url) as api:
+        watch = RemoteWatch(api, "s", "/workspace", False, 16)
+        with pytest.raises(ApiError, match=match):
+            async for _ in watch:
+                pass
+        await watch.aclose()

@@ -286,7 +286,8 @@ class RemoteWatch:
     async def _parse(self, resp: httpx.Response) -> AsyncIterator[m.WatchEvent]:
         async for name, doc in sse_events(resp):
             if name == "error":
-                raise from_problem(int(doc.get("status", 500)), doc)
+                status = doc.get("status", 500) if isinstance(doc, dict) else 500
+                raise from_problem(status if type(status) is int else 500, doc)
             yield m.decode(m.WatchEvent, doc, "watch event")
 
     def __aiter__(self) -> RemoteWatch:

@@ -64,6 +64,11 @@ class _Watcher:
         self.dropped = 0
         self.ready = asyncio.Event()
         self.gone = False
+        # Paths a scan of a new directory announced. Between its watch being added and
+        # the scan, a file can be made: the kernel then reports it too, and the second
+        # "created" is dropped here. Every such event was queued before the scan ended,
+        # so the set lives until the inotify queue has been drained once.
+        self.announced: set[str] = set()
 
     def add(self, path: str, *, announce: bool = False) -> None:
         # fsencode: a name that is not UTF-8 (surrogateescape'd) is a path all the same.
@@ -77,6 +82,7 @@ class _Watcher:
                     is_dir = entry.is_dir(follow_symlinks=False)
                     if announce:  # made before its directory's watch existed
                         self.push({"type": "created", "path": entry.path, "is_dir": is_dir})
+                        self.announced.add(entry.path)
                     if is_dir:
                         self.add(entry.path, announce=announce)
 
@@ -110,6 +116,7 @@ class _Watcher:
                             moves)  # fmt: skip
         for ev in moves.values():  # moved out of the tree
             self.push({"type": "deleted", "path": ev["path"], "is_dir": ev["is_dir"]})
+        self.announced.clear()
         self.ready.set()
 
     def _event(self, wd: int, mask: int, cookie: int, name: str, moves: dict[int, Any]) -> None:
@@ -125,6 +132,10 @@ class _Watcher:
             return
         path = os.path.join(base, name) if name else base
         is_dir = bool(mask & IN_ISDIR)
+        if mask & (IN_CREATE | IN_MOVED_TO) and path in self.announced:
+            self.announced.discard(path)  # the scan reported it (and followed a directory)
+            return
+        self.announced.discard(path)
         if mask & IN_CREATE:
             self.push({"type": "created", "path": path, "is_dir": is_dir})
             if is_dir and self.recursive:

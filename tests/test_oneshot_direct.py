@@ -332,8 +332,8 @@ async def test_two_at_once_share_nothing(ironclaw_home: Path) -> None:
     async with asyncio.timeout(60):
         for proc in procs:
             assert proc.stdout is not None
-            while (await proc.stdout.readline()) != b"up\n":
-                pass
+            while (line := await proc.stdout.readline()) != b"up\n":
+                assert line, "a one-shot ended before its command printed up"
     both_rows = {r.id: r for r in await rows(ironclaw_home)}
     assert set(both_rows) == {"pair-a", "pair-b"}
     a, b = both_rows["pair-a"], both_rows["pair-b"]

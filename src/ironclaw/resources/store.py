@@ -181,6 +181,24 @@ def _named_after(fn: Callable[..., Any], method: M) -> M:
     return method
 
 
+def _use_wal(db: sqlite3.Connection, *, deadline: float) -> None:
+    """Put the registry in write-ahead-log mode (once per file; later opens find it so).
+
+    Processes that open a new registry at the same moment race for that switch, and
+    SQLite answers the losers "database is locked" at once, without its busy handler:
+    they retry until the busy timeout's deadline, by which time the winner has switched.
+    """
+    while True:
+        try:
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
+
+
 class Store(AsyncResource):
     """Async facade over the registry file. Use as ``async with Store(path) as store``."""
 
@@ -203,9 +221,9 @@ class Store(AsyncResource):
     def _open(self) -> None:
         db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
         db.row_factory = sqlite3.Row
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA busy_timeout=30000")
+        _use_wal(db, deadline=time.monotonic() + 30.0)
+        db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(_SCHEMA)
         # Registries written before the warm pool existed lack its column.
         columns = {row[1] for row in db.execute("PRAGMA table_info(sandboxes)")}

@@ -380,9 +380,16 @@ class SocketConnection:
 
 
 async def connect_socket(
-    sock: socket.socket, address: Any, *, what: str, name: str, timeout: float
+    sock: socket.socket,
+    address: Any,
+    *,
+    what: str,
+    name: str,
+    timeout: float,
+    wrap: Callable[[socket.socket], SocketConnection] | None = None,
 ) -> SocketConnection:
-    """Connect ``sock`` and wrap it; on any failure it is closed, and ``what`` says where to."""
+    """Connect ``sock`` and wrap it (``wrap``, or a plain :class:`SocketConnection`); on
+    any failure it is closed, and ``what`` says where to."""
     loop = asyncio.get_running_loop()
     sock.setblocking(False)
     try:
@@ -397,6 +404,8 @@ async def connect_socket(
     except BaseException:
         sock.close()
         raise
+    if wrap is not None:
+        return wrap(sock)
     return SocketConnection(sock, initiator=True, name=name)
 
 

@@ -28,7 +28,7 @@ from ironclaw.errors import ChannelClosed, ConnectError
 
 from ._port import PortSessions
 from ._sessions import NONCE_SIZE, AckScanner, hello_frame
-from ._socket import SocketConnection
+from ._socket import SocketConnection, connect_socket
 from ._stream import DEFAULT_READ_LIMIT, StreamConnection
 from .unix import connect as unix_connect
 from .unix import from_socket
@@ -154,21 +154,14 @@ class _ClaimedConnection(SocketConnection):
 
 
 async def _connect_claimed(path: str, claim: int, timeout: float) -> SocketConnection:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    sock.setblocking(False)
-    try:
-        async with asyncio.timeout(timeout):
-            await asyncio.get_running_loop().sock_connect(sock, path)
-    except TimeoutError as exc:
-        sock.close()
-        raise ConnectError(f"connect to {path}: timed out after {timeout}s") from exc
-    except OSError as exc:
-        sock.close()
-        raise ConnectError(f"connect to {path}: {exc.strerror or exc}") from exc
-    except BaseException:
-        sock.close()
-        raise
-    return _ClaimedConnection(sock, claim=claim, name=path)
+    return await connect_socket(
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC),
+        path,
+        what=f"connect to {path}",
+        name=path,
+        timeout=timeout,
+        wrap=lambda sock: _ClaimedConnection(sock, claim=claim, name=path),
+    )
 
 
 class _Duplex(Protocol):

@@ -586,14 +586,13 @@ async def test_first_message_behind_the_vsock_ok_line_is_delivered(tmp_path: Pat
                 assert await anext(ready) == {"version": 1}
 
 
-def test_channel_modules_import_only_the_standard_library() -> None:
-    """The guest agent runs these with a bare python3 and no site-packages."""
+def modules_outside_the_stdlib(statements: str) -> str:
+    """Run ``statements`` in a bare python3 (no site-packages, as the guest has) with
+    ``src`` on the path; the top-level modules it loaded that are not the standard
+    library's or IronClaw's, comma-separated ("" when none)."""
     src = str(Path(__file__).resolve().parents[1] / "src")
     code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); "
-        "import ironclaw.proto, ironclaw.rpc, ironclaw.transport.unix, ironclaw.transport.vsock, "
-        "ironclaw.transport.hybrid_vsock, ironclaw.transport.virtio_serial, "
-        "ironclaw.transport.memory; "
+        f"import sys; sys.path.insert(0, sys.argv[1]); {statements}; "
         "bad = sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names) "
         "- {'ironclaw', '__main__'} - set(sys.builtin_module_names)); print(','.join(bad))"
     )
@@ -604,4 +603,14 @@ def test_channel_modules_import_only_the_standard_library() -> None:
         check=True,
         timeout=30,
     )
-    assert out.stdout.strip() == ""
+    return out.stdout.strip()
+
+
+def test_channel_modules_import_only_the_standard_library() -> None:
+    """The guest agent runs these with a bare python3 and no site-packages."""
+    loaded = modules_outside_the_stdlib(
+        "import ironclaw.proto, ironclaw.rpc, ironclaw.transport.unix, ironclaw.transport.vsock, "
+        "ironclaw.transport.hybrid_vsock, ironclaw.transport.virtio_serial, "
+        "ironclaw.transport.memory"
+    )
+    assert loaded == ""

@@ -5,8 +5,6 @@ decoded against that shape, junk failing with a typed error that says where."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from ironclaw.proto.host_tools_methods import HostToolsCallRequest, HostToolsLis
 from ironclaw.proto.jsonval import JsonObject, json_object, json_value
 from ironclaw.proto.records import MAX_JSON_DEPTH
 from test_gateway_http import FakeModelServer
+from test_rpc import modules_outside_the_stdlib
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -189,20 +188,9 @@ async def test_mcp_tools_publish_their_output_types(settings: Settings) -> None:
 
 def test_the_json_types_load_in_the_guests_bare_python() -> None:
     """The guest imports them with no site-packages: the alias falls back, the checks work."""
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); "
+    loaded = modules_outside_the_stdlib(
         "from ironclaw.proto.jsonval import json_object; "
         "import ironclaw.proto.host_tools_methods; "
-        "assert json_object({'a': [1]}, 'x') == {'a': [1]}; "
-        "bad = sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names) "
-        "- {'ironclaw', '__main__'} - set(sys.builtin_module_names)); print(','.join(bad))"
+        "assert json_object({'a': [1]}, 'x') == {'a': [1]}"
     )
-    out = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", code, src],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    )
-    assert out.stdout.strip() == ""
+    assert loaded == ""
